@@ -1,0 +1,38 @@
+# One command for the main job, one for the tests; both create the environment they need.
+PYTHON ?= python3
+VENV ?= .venv
+DEMO_DIR ?= demo-data
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test test-fast ui validate clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+## The whole pipeline on a generated sample dataset in $(DEMO_DIR), through Dagster.
+demo: $(STAMP)
+	$(BIN)/python -m imgemb_assets.demo --data-dir $(DEMO_DIR)
+
+## The test suite, slow end-to-end tests included (CI runs this).
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+## The tests without the slow end-to-end ones.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow"
+
+## The Dagster UI on the demo's instance and data (run `make demo` first).
+ui: $(STAMP)
+	set -a && . $(DEMO_DIR)/demo.env && set +a && $(BIN)/dagster dev -w workspace.yaml
+
+validate: $(STAMP)
+	$(BIN)/dagster definitions validate -w workspace.yaml
+
+clean:
+	rm -rf $(DEMO_DIR) $(VENV) *.egg-info

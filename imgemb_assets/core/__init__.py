@@ -1,0 +1,1 @@
+"""Pure compute: images, embeddings, storage and Delta tables. Never imports Dagster."""

@@ -1,0 +1,85 @@
+"""The rows of the manifest and thumbnail tables for a partition, computed from their inputs.
+
+The Dagster assets call these and write what they return; keeping them here
+lets tests and benchmarks run the pipeline without Dagster.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from imgemb_assets.core.images import ImageRejected, Thumbnail, downscale, image_id_from_key
+from imgemb_assets.core.storage import ObjectStore
+from imgemb_assets.core.tables import (
+    DOWNSCALED_IMAGES_SCHEMA,
+    PARTITION_COLUMN,
+    RAW_IMAGE_MANIFEST_SCHEMA,
+    REJECTED_IMAGES_SCHEMA,
+)
+
+
+def build_manifest(store: ObjectStore, prefix: str) -> pa.Table:
+    """One row per object under the prefix, in key order."""
+    rows = [
+        {
+            "image_id": image_id_from_key(obj.key),
+            PARTITION_COLUMN: prefix,
+            "uri": obj.uri,
+            "size_bytes": obj.size_bytes,
+            "etag": obj.etag,
+            "last_modified": obj.last_modified,
+        }
+        for obj in store.list_objects(prefix)
+    ]
+    return pa.Table.from_pylist(rows, schema=RAW_IMAGE_MANIFEST_SCHEMA)
+
+
+@dataclass(frozen=True)
+class DownscaledPartition:
+    images: pa.Table  # DOWNSCALED_IMAGES_SCHEMA
+    rejected: pa.Table  # REJECTED_IMAGES_SCHEMA
+
+
+def downscale_partition(store: ObjectStore, manifest: pa.Table, max_workers: int | None = None) -> DownscaledPartition:
+    """Every manifest row ends in exactly one of the two tables returned."""
+    entries = manifest.to_pylist()
+    with ThreadPoolExecutor(max_workers=max_workers) as pool:  # I/O and Pillow both release the GIL
+        outcomes = list(pool.map(lambda entry: _thumbnail_or_reason(store, entry), entries))
+    images: list[dict[str, Any]] = []
+    rejected: list[dict[str, Any]] = []
+    kept_uri_by_id: dict[str, str] = {}
+    for entry, outcome in zip(entries, outcomes):
+        if isinstance(outcome, Thumbnail) and entry["image_id"] in kept_uri_by_id:
+            # Two files with one image_id would each join every sales row of that id.
+            outcome = f"duplicate image_id {entry['image_id']!r}: {kept_uri_by_id[entry['image_id']]} has the same name"
+        if isinstance(outcome, str):
+            rejected.append({key: entry[key] for key in ("image_id", PARTITION_COLUMN, "uri")} | {"reason": outcome})
+            continue
+        kept_uri_by_id[entry["image_id"]] = entry["uri"]
+        images.append(
+            {
+                "image_id": entry["image_id"],
+                PARTITION_COLUMN: entry[PARTITION_COLUMN],
+                "etag": entry["etag"],
+                "width": outcome.width,
+                "height": outcome.height,
+                "image_jpeg": outcome.jpeg,
+            }
+        )
+    return DownscaledPartition(
+        images=pa.Table.from_pylist(images, schema=DOWNSCALED_IMAGES_SCHEMA),
+        rejected=pa.Table.from_pylist(rejected, schema=REJECTED_IMAGES_SCHEMA),
+    )
+
+
+def _thumbnail_or_reason(store: ObjectStore, entry: dict[str, Any]) -> Thumbnail | str:
+    if entry["image_id"] is None:
+        return "object name has no extension, so no image_id can be derived from it"
+    try:
+        return downscale(store.read_bytes(entry["uri"]))
+    except ImageRejected as exc:
+        return exc.reason

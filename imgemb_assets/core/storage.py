@@ -1,0 +1,145 @@
+"""Listing and reading the objects under a root: a local folder now, `s3://` later.
+
+Assets only see the `ObjectStore` protocol and `open_object_store`, so another
+scheme slots in here without touching them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import urlparse
+
+# Read local files in chunks when fingerprinting, so a large file never sits in memory twice.
+_HASH_CHUNK_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One object under a root. `key` is its '/'-separated path relative to the root."""
+
+    uri: str
+    key: str
+    size_bytes: int
+    etag: str
+    last_modified: datetime
+
+
+class ObjectStore(Protocol):
+    root_uri: str
+
+    def list_prefixes(self) -> list[str]:
+        """The partition keys: first path segments under the root that hold objects, sorted."""
+        ...
+
+    def list_objects(self, prefix: str) -> Iterator[ObjectInfo]:
+        """Every object whose key starts with `prefix/` (every object for ""), in key order."""
+        ...
+
+    def read_bytes(self, uri: str) -> bytes: ...
+
+
+class StorageError(Exception):
+    """An object or root cannot be used; the message says which and why."""
+
+
+def partition_key_of(key: str) -> str | None:
+    """The partition a key belongs to: its first path segment, or None directly under the root."""
+    head, sep, _ = key.partition("/")
+    return head if sep and head else None
+
+
+def local_path_of(uri: str) -> Path | None:
+    """The filesystem path of a local URI (plain path or file://), or None for remote schemes."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        return Path(parsed.path)
+    if parsed.scheme == "" or (len(parsed.scheme) == 1 and os.name == "nt"):
+        return Path(uri)
+    return None
+
+
+def _md5_of_file(path: Path) -> str:
+    # md5 of the content is what S3 reports as the ETag of a single-part upload,
+    # so a local root and a bucket fingerprint the same file the same way.
+    digest = hashlib.md5(usedforsecurity=False)
+    with path.open("rb") as f:
+        while chunk := f.read(_HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class LocalObjectStore:
+    """Objects are the regular files below a folder; symlinks are not followed."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        # Resolve once so containment checks and relative keys compare like with like.
+        object.__setattr__(self, "root", self.root.resolve())
+
+    @property
+    def root_uri(self) -> str:
+        return str(self.root)
+
+    def list_prefixes(self) -> list[str]:
+        if not self.root.is_dir():
+            raise StorageError(f"raw-images root {self.root} is not a folder")
+        return sorted(
+            entry.name
+            for entry in os.scandir(self.root)
+            if entry.is_dir(follow_symlinks=False) and any(self._walk_files(Path(entry.path)))
+        )
+
+    def list_objects(self, prefix: str) -> Iterator[ObjectInfo]:
+        folder = self._inside_root(self.root / prefix)
+        if not folder.is_dir():
+            return
+        for path in sorted(self._walk_files(folder)):
+            stat = path.stat()
+            yield ObjectInfo(
+                uri=str(path),
+                key=path.relative_to(self.root).as_posix(),
+                size_bytes=stat.st_size,
+                etag=_md5_of_file(path),
+                last_modified=datetime.fromtimestamp(stat.st_mtime, tz=timezone.utc),
+            )
+
+    def list_root_files(self) -> list[str]:
+        """Files directly under the root: they belong to no partition."""
+        return sorted(e.name for e in os.scandir(self.root) if e.is_file(follow_symlinks=False))
+
+    def read_bytes(self, uri: str) -> bytes:
+        path = local_path_of(uri)
+        if path is None:
+            raise StorageError(f"{uri!r} is not a local path")
+        return self._inside_root(path).read_bytes()
+
+    def _walk_files(self, folder: Path) -> Iterator[Path]:
+        for dirpath, _dirnames, filenames in os.walk(folder, followlinks=False):
+            for name in filenames:
+                path = Path(dirpath) / name
+                if path.is_file() and not path.is_symlink():
+                    yield path
+
+    def _inside_root(self, path: Path) -> Path:
+        # A key such as '../x' must never make a run read outside its root.
+        resolved = path.resolve()
+        if not resolved.is_relative_to(self.root):
+            raise StorageError(f"{path} is outside the root {self.root}")
+        return resolved
+
+
+def open_object_store(root_uri: str) -> ObjectStore:
+    """The store for a root URI; the scheme picks the implementation."""
+    path = local_path_of(root_uri)
+    if path is not None:
+        return LocalObjectStore(path)
+    scheme = urlparse(root_uri).scheme
+    raise StorageError(f"unsupported storage scheme {scheme!r} in {root_uri!r}; local paths are supported")

@@ -1,0 +1,97 @@
+"""The Arrow schema of every Delta table the pipeline writes, in one place.
+
+Tables whose columns depend on the sales export (`images_with_sales`,
+`image_embeddings`) are built from a fixed part defined here plus the validated
+sales schema, so the fixed part still has exactly one definition.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import pyarrow as pa
+
+# Every partitioned table carries the partition key in this column and is
+# physically partitioned by it in Delta.
+PARTITION_COLUMN: Final = "prefix"
+
+RAW_IMAGE_MANIFEST: Final = "raw_image_manifest"
+DOWNSCALED_IMAGES: Final = "downscaled_images"
+REJECTED_IMAGES: Final = "rejected_images"
+SALES: Final = "sales"
+IMAGES_WITH_SALES: Final = "images_with_sales"
+IMAGE_EMBEDDINGS: Final = "image_embeddings"
+
+ALL_TABLES: Final = (
+    RAW_IMAGE_MANIFEST,
+    DOWNSCALED_IMAGES,
+    REJECTED_IMAGES,
+    SALES,
+    IMAGES_WITH_SALES,
+    IMAGE_EMBEDDINGS,
+)
+
+RAW_IMAGE_MANIFEST_SCHEMA: Final = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=True),  # null when the name has no extension
+        pa.field(PARTITION_COLUMN, pa.string(), nullable=False),
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("size_bytes", pa.int64(), nullable=False),
+        pa.field("etag", pa.string(), nullable=False),
+        pa.field("last_modified", pa.timestamp("us", tz="UTC"), nullable=False),
+    ]
+)
+
+# Columns of a downscaled image that travel on to the joined and embedding tables.
+_IMAGE_KEY_FIELDS: Final = [
+    pa.field("image_id", pa.string(), nullable=False),
+    pa.field(PARTITION_COLUMN, pa.string(), nullable=False),
+    pa.field("etag", pa.string(), nullable=False),
+]
+_IMAGE_PIXEL_FIELDS: Final = [
+    pa.field("width", pa.int32(), nullable=False),  # of the original image
+    pa.field("height", pa.int32(), nullable=False),
+    pa.field("image_jpeg", pa.binary(), nullable=False),  # 224x224 RGB, JPEG-encoded
+]
+
+DOWNSCALED_IMAGES_SCHEMA: Final = pa.schema(_IMAGE_KEY_FIELDS + _IMAGE_PIXEL_FIELDS)
+
+REJECTED_IMAGES_SCHEMA: Final = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=True),
+        pa.field(PARTITION_COLUMN, pa.string(), nullable=False),
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("reason", pa.string(), nullable=False),
+    ]
+)
+
+# The sales columns every export must have; others are kept as they come.
+SALES_REQUIRED_FIELDS: Final = [
+    pa.field("image_id", pa.string(), nullable=False),
+    pa.field("sales", pa.float64(), nullable=True),
+]
+
+EMBEDDING_TYPE: Final = pa.list_(pa.float32())
+_EMBEDDING_FIELDS: Final = [
+    # Delta has no fixed-size list: stored as list<float32>, width checked on write.
+    pa.field("embedding", EMBEDDING_TYPE, nullable=False),
+    pa.field("model_id", pa.string(), nullable=False),
+]
+
+# Names the sales export may not use, because the joined tables own them.
+RESERVED_SALES_COLUMNS: Final = frozenset(
+    f.name for f in _IMAGE_KEY_FIELDS + _IMAGE_PIXEL_FIELDS + _EMBEDDING_FIELDS
+) - {"image_id"}
+
+
+def sales_value_fields(sales_schema: pa.Schema) -> list[pa.Field]:
+    """The sales columns that are joined onto images: all but `image_id`."""
+    return [f for f in sales_schema if f.name != "image_id"]
+
+
+def images_with_sales_schema(sales_schema: pa.Schema) -> pa.Schema:
+    return pa.schema(_IMAGE_KEY_FIELDS + _IMAGE_PIXEL_FIELDS + sales_value_fields(sales_schema))
+
+
+def image_embeddings_schema(sales_schema: pa.Schema) -> pa.Schema:
+    return pa.schema(_IMAGE_KEY_FIELDS + sales_value_fields(sales_schema) + _EMBEDDING_FIELDS)

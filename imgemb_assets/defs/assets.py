@@ -1,0 +1,189 @@
+"""The five assets (plus `rejected_images`), each a Delta table under the lake root.
+
+Each asset computes its rows with a function from `imgemb_assets.core.pipeline`
+or `core.sales` and writes one partition (or, for `sales`, the whole table).
+"""
+
+# No `from __future__ import annotations` here: Dagster inspects the type of
+# `context` when the asset is defined.
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import pyarrow as pa
+from dagster import (
+    AssetExecutionContext,
+    AssetSpec,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+    multi_asset,
+)
+
+from imgemb_assets.core import tables
+from imgemb_assets.core.lake import Lake
+from imgemb_assets.core.pipeline import build_manifest, downscale_partition
+from imgemb_assets.core.sales import join_with_sales, list_sales_files, read_sales
+from imgemb_assets.defs.partitions import s3_prefix_partitions
+from imgemb_assets.defs.resources import EmbeddingModelResource, StorageResource
+
+_KINDS = {"delta"}
+
+
+def _table_metadata(lake: Lake, name: str, rows: int, **extra: Any) -> dict[str, Any]:
+    return {"dagster/row_count": rows, "table_uri": MetadataValue.path(lake.table_uri(name)), **extra}
+
+
+@asset(
+    partitions_def=s3_prefix_partitions,
+    kinds=_KINDS,
+    group_name="images",
+    description="One row per object under the partition's prefix of the raw-images root.",
+)
+def raw_image_manifest(context: AssetExecutionContext, storage: StorageResource) -> MaterializeResult:
+    prefix = context.partition_key
+    manifest = build_manifest(storage.raw_images(), prefix)
+    if manifest.num_rows == 0:
+        context.log.warning(f"no objects under prefix {prefix!r} of {storage.raw_images_uri}")
+    lake = storage.lake()
+    lake.write_partition(tables.RAW_IMAGE_MANIFEST, manifest, prefix)
+    return MaterializeResult(metadata=_table_metadata(lake, tables.RAW_IMAGE_MANIFEST, manifest.num_rows))
+
+
+@multi_asset(
+    specs=[
+        AssetSpec(
+            tables.DOWNSCALED_IMAGES,
+            deps=[raw_image_manifest],
+            kinds=_KINDS,
+            group_name="images",
+            description="Each decodable image, oriented, RGB and resized to 224x224, stored as JPEG bytes.",
+        ),
+        AssetSpec(
+            tables.REJECTED_IMAGES,
+            deps=[raw_image_manifest],
+            kinds=_KINDS,
+            group_name="images",
+            description="Each manifest object that could not become a thumbnail, with the reason.",
+        ),
+    ],
+    partitions_def=s3_prefix_partitions,
+    can_subset=False,
+)
+def downscaled_images(context: AssetExecutionContext, storage: StorageResource) -> Iterator[MaterializeResult]:
+    prefix = context.partition_key
+    lake = storage.lake()
+    manifest = lake.read(tables.RAW_IMAGE_MANIFEST, prefix)
+    result = downscale_partition(storage.raw_images(), manifest)
+    lake.write_partition(tables.DOWNSCALED_IMAGES, result.images, prefix)
+    lake.write_partition(tables.REJECTED_IMAGES, result.rejected, prefix)
+    for row in result.rejected.to_pylist():
+        context.log.warning(f"rejected {row['uri']}: {row['reason']}")
+    yield MaterializeResult(
+        asset_key=tables.DOWNSCALED_IMAGES,
+        metadata=_table_metadata(lake, tables.DOWNSCALED_IMAGES, result.images.num_rows),
+    )
+    yield MaterializeResult(
+        asset_key=tables.REJECTED_IMAGES,
+        metadata=_table_metadata(
+            lake,
+            tables.REJECTED_IMAGES,
+            result.rejected.num_rows,
+            reasons=MetadataValue.md(_reasons_markdown(result.rejected)),
+        ),
+    )
+
+
+@asset(
+    kinds=_KINDS,
+    group_name="sales",
+    description="Every parquet file under the sales root, validated: string image_id, numeric sales, other columns kept.",
+)
+def sales(storage: StorageResource) -> MaterializeResult:
+    store = storage.sales()
+    table = read_sales(store)
+    lake = storage.lake()
+    lake.overwrite(tables.SALES, table)
+    return MaterializeResult(
+        metadata=_table_metadata(
+            lake,
+            tables.SALES,
+            table.num_rows,
+            source_files=MetadataValue.json([obj.uri for obj in list_sales_files(store)]),
+        )
+    )
+
+
+@asset(
+    deps=[tables.DOWNSCALED_IMAGES, sales],
+    partitions_def=s3_prefix_partitions,
+    kinds=_KINDS,
+    group_name="embeddings",
+    description="Inner join of the partition's thumbnails with sales on image_id.",
+)
+def images_with_sales(context: AssetExecutionContext, storage: StorageResource) -> MaterializeResult:
+    prefix = context.partition_key
+    lake = storage.lake()
+    sales_table = lake.read(tables.SALES)
+    joined = join_with_sales(
+        lake.read(tables.DOWNSCALED_IMAGES, prefix),
+        sales_table,
+        tables.images_with_sales_schema(sales_table.schema),
+    )
+    lake.write_partition(tables.IMAGES_WITH_SALES, joined, prefix)
+    return MaterializeResult(metadata=_table_metadata(lake, tables.IMAGES_WITH_SALES, joined.num_rows))
+
+
+@asset(
+    deps=[images_with_sales],
+    partitions_def=s3_prefix_partitions,
+    kinds={"delta", "pytorch"},
+    group_name="embeddings",
+    description="ResNet50 (classifier removed) embedding of every joined image, with its sales columns.",
+)
+def image_embeddings(
+    context: AssetExecutionContext, storage: StorageResource, embedding_model: EmbeddingModelResource
+) -> MaterializeResult:
+    # torch is imported here, by the one step that needs it, rather than by
+    # every process that loads the code location (several seconds each).
+    from imgemb_assets.core.embedding import embed_partition, load_model
+
+    prefix = context.partition_key
+    lake = storage.lake()
+    settings = embedding_model.settings()
+    model = load_model(settings)
+    if model.is_random:
+        context.log.warning(f"embedding with {model.weights_description}")
+    joined = lake.read(tables.IMAGES_WITH_SALES, prefix)
+    schema = tables.image_embeddings_schema(_sales_schema_of(joined.schema))
+    embedded = embed_partition(joined, model, settings.batch_size, schema)
+    lake.write_partition(tables.IMAGE_EMBEDDINGS, embedded.table, prefix)
+    return MaterializeResult(
+        metadata=_table_metadata(
+            lake,
+            tables.IMAGE_EMBEDDINGS,
+            embedded.table.num_rows,
+            model_id=model.model_id,
+            weights=model.weights_description,
+            embedding_width=model.width,
+            device=str(model.device),
+            batch_size=settings.batch_size,
+            embedding_seconds=round(embedded.seconds, 3),
+            images_per_second=round(embedded.images_per_second, 2),
+        )
+    )
+
+
+def _sales_schema_of(joined_schema: pa.Schema) -> pa.Schema:
+    """The sales columns carried by a joined table, as a sales schema (image_id first)."""
+    image_columns = set(tables.DOWNSCALED_IMAGES_SCHEMA.names)
+    return pa.schema([joined_schema.field("image_id")] + [f for f in joined_schema if f.name not in image_columns])
+
+
+def _reasons_markdown(rejected: pa.Table) -> str:
+    if rejected.num_rows == 0:
+        return "No rejected objects."
+    counts = Counter(rejected.column("reason").to_pylist())
+    lines = ["| reason | objects |", "| --- | --- |"]
+    lines += [f"| {reason.replace('|', '/')} | {count} |" for reason, count in counts.most_common()]
+    return "\n".join(lines)

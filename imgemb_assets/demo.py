@@ -1,0 +1,204 @@
+"""The main job on the embedded default: `python -m imgemb_assets.demo [--data-dir DIR]`.
+
+Generates a sample dataset in a local folder, registers its prefixes as
+partitions in a persistent Dagster instance inside that folder, materializes
+every asset for every partition through Dagster, checks the tables against the
+dataset, and prints a summary with the command that opens the UI on the same
+instance. Running it again reuses the dataset and gives the same tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import polars as pl
+from dagster import DagsterInstance, ExecuteInProcessResult
+
+from imgemb_assets.core import tables
+from imgemb_assets.core.embedding import pretrained_weights_cached
+from imgemb_assets.core.lake import Lake
+from imgemb_assets.core.sample_data import SampleDataset, generate_sample_dataset
+from imgemb_assets.core.storage import open_object_store
+from imgemb_assets.definitions import defs
+from imgemb_assets.defs.jobs import PREFIX_JOB_NAME, SALES_JOB_NAME
+from imgemb_assets.defs.partitions import S3_PREFIX_PARTITIONS_NAME
+
+_RANDOM_WEIGHTS_BANNER = """
+!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
+!!  RANDOM WEIGHTS: torchvision's pretrained ResNet50 weights are not in the
+!!  local cache ({cache}) and this machine may be offline,
+!!  so the demo runs ResNet50 with RANDOM-initialised weights (seed 0).
+!!  The pipeline is exercised end to end, but the embeddings mean nothing.
+!!  For real embeddings: IMGEMB_MODEL_WEIGHTS=DEFAULT (downloads once) or a
+!!  path to a ResNet50 state-dict file.
+!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
+"""
+
+
+def choose_weights(environ: Mapping[str, str]) -> tuple[str, bool]:
+    """The weights setting for the demo, and whether it fell back to random weights."""
+    configured = environ.get("IMGEMB_MODEL_WEIGHTS")
+    if configured:
+        return configured, False
+    if pretrained_weights_cached("DEFAULT"):
+        return "DEFAULT", False
+    return "random", True
+
+
+def demo_environment(data_dir: Path, dataset: SampleDataset, weights: str) -> dict[str, str]:
+    """The variables the code location reads, pointing at the demo folder."""
+    return {
+        "DAGSTER_HOME": str(data_dir / "dagster_home"),
+        "IMGEMB_RAW_IMAGES_URI": dataset.raw_images_uri,
+        "IMGEMB_SALES_URI": dataset.sales_uri,
+        "IMGEMB_LAKE_URI": str(data_dir / "lake"),
+        "IMGEMB_MODEL_WEIGHTS": weights,
+    }
+
+
+def prepare_dagster_home(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    config = path / "dagster.yaml"
+    if not config.exists():
+        # Offline machines should not try to send telemetry.
+        config.write_text("telemetry:\n  enabled: false\n")
+
+
+def register_partitions(instance: DagsterInstance, raw_images_uri: str) -> list[str]:
+    prefixes = open_object_store(raw_images_uri).list_prefixes()
+    known = set(instance.get_dynamic_partitions(S3_PREFIX_PARTITIONS_NAME))
+    instance.add_dynamic_partitions(S3_PREFIX_PARTITIONS_NAME, [p for p in prefixes if p not in known])
+    return prefixes
+
+
+# The console shows warnings (such as rejected files) and errors; every event is in the instance.
+_QUIET_CONSOLE = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+
+
+def materialize_all(instance: DagsterInstance, prefixes: list[str]) -> list[ExecuteInProcessResult]:
+    print("materializing sales ...", flush=True)
+    results = [defs.resolve_job_def(SALES_JOB_NAME).execute_in_process(instance=instance, run_config=_QUIET_CONSOLE)]
+    prefix_job = defs.resolve_job_def(PREFIX_JOB_NAME)
+    for prefix in prefixes:
+        print(f"materializing partition {prefix} ...", flush=True)
+        results.append(
+            prefix_job.execute_in_process(instance=instance, partition_key=prefix, run_config=_QUIET_CONSOLE)
+        )
+    return results
+
+
+def embedding_throughput(results: list[ExecuteInProcessResult]) -> tuple[int, float]:
+    """(images embedded, seconds spent embedding) over all runs, from the asset's metadata."""
+    images, seconds = 0, 0.0
+    for result in results:
+        for event in result.get_asset_materialization_events():
+            materialization = event.step_materialization_data.materialization
+            if materialization.asset_key.to_user_string() == tables.IMAGE_EMBEDDINGS:
+                images += int(materialization.metadata["dagster/row_count"].value)
+                seconds += float(materialization.metadata["embedding_seconds"].value)
+    return images, seconds
+
+
+def table_counts(lake: Lake, prefixes: list[str]) -> pl.DataFrame:
+    """Rows per table, in total and per prefix, read back with polars."""
+    rows = []
+    for name in tables.ALL_TABLES:
+        frame = pl.scan_delta(lake.table_uri(name))
+        row: dict[str, object] = {"table": name, "total": frame.select(pl.len()).collect().item()}
+        if name != tables.SALES:  # sales is not partitioned
+            per_prefix = dict(frame.group_by(tables.PARTITION_COLUMN).agg(pl.len()).collect().iter_rows())
+            row |= {prefix: per_prefix.get(prefix, 0) for prefix in prefixes}
+        rows.append(row)
+    return pl.DataFrame(rows, schema={"table": pl.String, "total": pl.UInt32} | {p: pl.UInt32 for p in prefixes})
+
+
+def consistency_problems(lake: Lake, dataset: SampleDataset) -> list[str]:
+    """What the tables disagree on with each other or with the generated dataset."""
+
+    def rows(name: str, prefix: str) -> int:
+        return pl.scan_delta(lake.table_uri(name)).filter(pl.col("prefix") == prefix).select(pl.len()).collect().item()
+
+    problems = []
+    for prefix in dataset.prefixes:
+        manifest, images, rejected = (
+            rows(name, prefix) for name in (tables.RAW_IMAGE_MANIFEST, tables.DOWNSCALED_IMAGES, tables.REJECTED_IMAGES)
+        )
+        joined, embedded = rows(tables.IMAGES_WITH_SALES, prefix), rows(tables.IMAGE_EMBEDDINGS, prefix)
+        expected = dataset.expected_joined(prefix)
+        if manifest != images + rejected:
+            problems.append(f"{prefix}: manifest {manifest} != downscaled {images} + rejected {rejected}")
+        if rejected != len(dataset.broken_files[prefix]):
+            problems.append(f"{prefix}: rejected {rejected} != broken files {len(dataset.broken_files[prefix])}")
+        if not embedded == joined == expected:
+            problems.append(f"{prefix}: embeddings {embedded}, joined {joined}, expected {expected}")
+    return problems
+
+
+def print_summary(
+    lake: Lake, dataset: SampleDataset, results: list[ExecuteInProcessResult], env: dict[str, str], wall_s: float
+) -> None:
+    with pl.Config(tbl_rows=100, tbl_cols=20, fmt_str_lengths=120, tbl_hide_dataframe_shape=True):
+        print("\nRows per table and prefix:")
+        print(table_counts(lake, dataset.prefixes))
+        rejected = pl.read_delta(lake.table_uri(tables.REJECTED_IMAGES)).sort("uri")
+        print(f"\nRejected files ({rejected.height}):")
+        for row in rejected.iter_rows(named=True):
+            print(f"  {row['uri']}\n      -> {row['reason']}")
+    images, seconds = embedding_throughput(results)
+    rate = images / seconds if seconds else 0.0
+    print(f"\nEmbedding step: {images} images in {seconds:.1f} s = {rate:.1f} images/s ({env['IMGEMB_MODEL_WEIGHTS']} weights)")
+    print(f"Delta tables under: {lake.root_uri}")
+    for name in tables.ALL_TABLES:
+        print(f"  {name:20s} {lake.table_uri(name)}")
+    print(f"Wall time: {wall_s:.1f} s")
+    exports = " ".join(f"{key}={shlex.quote(value)}" for key, value in env.items())
+    print("\nOpen the Dagster UI on the same instance (the runs above are there):")
+    print(f"  {exports} dagster dev -w workspace.yaml")
+    print(f"  or: make ui DEMO_DIR={shlex.quote(dataset.root)}")
+
+
+def write_env_file(path: Path, env: dict[str, str]) -> None:
+    path.write_text("".join(f"{key}={shlex.quote(value)}\n" for key, value in env.items()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", type=Path, default=Path("demo-data"), help="folder for data, lake and instance")
+    parser.add_argument("--images-per-prefix", type=int, default=100)
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    data_dir = args.data_dir.resolve()
+    dataset = generate_sample_dataset(data_dir, images_per_prefix=args.images_per_prefix)
+    weights, fell_back_to_random = choose_weights(os.environ)
+    if fell_back_to_random:
+        import torch
+
+        print(_RANDOM_WEIGHTS_BANNER.format(cache=torch.hub.get_dir()), file=sys.stderr, flush=True)
+    env = demo_environment(data_dir, dataset, weights)
+    os.environ.update(env)  # read by Dagster's EnvVar when each run starts
+    write_env_file(data_dir / "demo.env", env)
+    prepare_dagster_home(Path(env["DAGSTER_HOME"]))
+    with DagsterInstance.get() as instance:
+        prefixes = register_partitions(instance, dataset.raw_images_uri)
+        print(f"partitions of {S3_PREFIX_PARTITIONS_NAME}: {prefixes}", flush=True)
+        results = materialize_all(instance, prefixes)
+    lake = Lake(env["IMGEMB_LAKE_URI"])
+    print_summary(lake, dataset, results, env, time.perf_counter() - started)
+    if fell_back_to_random:
+        print("\nNOTE: embeddings above come from RANDOM weights (see the banner at the start).")
+    problems = consistency_problems(lake, dataset)
+    for problem in problems:
+        print(f"INCONSISTENT: {problem}", file=sys.stderr)
+    if not problems:
+        print("Consistency: manifest = downscaled + rejected; embeddings = joined = images with a sales row. OK")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

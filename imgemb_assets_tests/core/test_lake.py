@@ -1,0 +1,84 @@
+"""Delta writes: replacing one partition leaves the others untouched, and a key cannot widen the predicate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+from deltalake import DeltaTable
+
+from imgemb_assets.core.lake import Lake, LakeError, partition_predicate
+from imgemb_assets.core.tables import REJECTED_IMAGES, REJECTED_IMAGES_SCHEMA
+
+
+def _rows(prefix: str, ids: list[str]) -> pa.Table:
+    return pa.table(
+        {
+            "image_id": ids,
+            "prefix": [prefix] * len(ids),
+            "uri": [f"{prefix}/{i}.jpg" for i in ids],
+            "reason": ["r"] * len(ids),
+        },
+        schema=REJECTED_IMAGES_SCHEMA,
+    )
+
+
+def _ids_by_prefix(lake: Lake) -> dict[str, list[str]]:
+    table = lake.read(REJECTED_IMAGES).to_pylist()
+    out: dict[str, list[str]] = {}
+    for row in table:
+        out.setdefault(row["prefix"], []).append(row["image_id"])
+    return {prefix: sorted(ids) for prefix, ids in out.items()}
+
+
+def test_writing_one_partition_leaves_the_others_untouched(tmp_path: Path) -> None:
+    lake = Lake(str(tmp_path))
+    lake.write_partition(REJECTED_IMAGES, _rows("a", ["1", "2"]), "a")
+    lake.write_partition(REJECTED_IMAGES, _rows("b", ["3"]), "b")
+    lake.write_partition(REJECTED_IMAGES, _rows("a", ["4"]), "a")
+    lake.write_partition(REJECTED_IMAGES, _rows("a", ["4"]), "a")  # a rerun replaces, never appends
+    assert _ids_by_prefix(lake) == {"a": ["4"], "b": ["3"]}
+    assert DeltaTable(lake.table_uri(REJECTED_IMAGES)).version() == 3  # one commit per write
+
+
+def test_an_empty_write_empties_only_its_partition(tmp_path: Path) -> None:
+    lake = Lake(str(tmp_path))
+    lake.write_partition(REJECTED_IMAGES, _rows("a", ["1"]), "a")
+    lake.write_partition(REJECTED_IMAGES, _rows("b", ["2"]), "b")
+    lake.write_partition(REJECTED_IMAGES, _rows("a", []), "a")
+    assert _ids_by_prefix(lake) == {"b": ["2"]}
+    assert lake.read(REJECTED_IMAGES, "a").num_rows == 0
+
+
+@pytest.mark.parametrize("hostile", ["x' OR '1'='1", "it's", "a' OR prefix <> 'zz", "100% off + tax=0"])
+def test_a_quoted_key_cannot_widen_the_predicate(tmp_path: Path, hostile: str) -> None:
+    lake = Lake(str(tmp_path))
+    lake.write_partition(REJECTED_IMAGES, _rows("keep", ["1"]), "keep")
+    lake.write_partition(REJECTED_IMAGES, _rows(hostile, ["2"]), hostile)
+    lake.write_partition(REJECTED_IMAGES, _rows(hostile, ["3"]), hostile)
+    assert _ids_by_prefix(lake) == {"keep": ["1"], hostile: ["3"]}
+    assert lake.read(REJECTED_IMAGES, hostile).column("image_id").to_pylist() == ["3"]
+
+
+def test_predicate_doubles_quotes() -> None:
+    assert partition_predicate("it's") == "prefix = 'it''s'"
+
+
+def test_rows_of_another_partition_are_refused(tmp_path: Path) -> None:
+    lake = Lake(str(tmp_path))
+    with pytest.raises(LakeError, match="carry prefix values"):
+        lake.write_partition(REJECTED_IMAGES, _rows("b", ["1"]), "a")
+    assert not lake.exists(REJECTED_IMAGES)
+
+
+def test_overwrite_replaces_a_whole_table_and_its_schema(tmp_path: Path) -> None:
+    lake = Lake(str(tmp_path))
+    lake.overwrite("sales", pa.table({"image_id": ["a", "b"], "sales": [1.0, 2.0]}))
+    lake.overwrite("sales", pa.table({"image_id": ["c"], "sales": [3.0], "region": ["eu"]}))
+    assert lake.read("sales").to_pylist() == [{"image_id": "c", "sales": 3.0, "region": "eu"}]
+
+
+def test_reading_a_missing_table_names_the_asset_to_materialize(tmp_path: Path) -> None:
+    with pytest.raises(LakeError, match="materialize sales first"):
+        Lake(str(tmp_path)).read("sales")
