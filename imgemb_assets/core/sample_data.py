@@ -154,10 +154,15 @@ def _write_sales(
     coverage: float,
     ids_without_image: int,
 ) -> list[str]:
-    all_ids = [image_id for ids in image_ids.values() for image_id in ids]
-    covered = sorted(image_id for image_id in all_ids if rng.random() < coverage)
+    # Every prefix gets at least one image without a sales row, so the inner
+    # join visibly drops images however small the sample is.
+    covered: list[str] = []
+    for ids in image_ids.values():
+        missing = max(1, round(len(ids) * (1 - coverage)))
+        left_out = set(rng.choice(ids, size=missing, replace=False).tolist())
+        covered += [image_id for image_id in ids if image_id not in left_out]
     orphans = [f"img_orphan_{number:04d}" for number in range(ids_without_image)]
-    sales_ids = covered + orphans
+    sales_ids = sorted(covered) + orphans
     table = pa.table(
         {
             "image_id": pa.array(sales_ids, pa.string()),

@@ -1,9 +1,8 @@
-"""Jobs: the sales refresh, and everything one prefix needs, partitioned by prefix."""
+"""Jobs: the sales refresh, and everything one prefix needs (partitioned by prefix, as its assets are)."""
 
 from dagster import AssetSelection, define_asset_job
 
 from imgemb_assets.core import tables
-from imgemb_assets.defs.partitions import s3_prefix_partitions
 
 SALES_JOB_NAME = "refresh_sales"
 PREFIX_JOB_NAME = "embed_prefix"
@@ -23,6 +22,5 @@ embed_prefix_job = define_asset_job(
         tables.IMAGES_WITH_SALES,
         tables.IMAGE_EMBEDDINGS,
     ),
-    partitions_def=s3_prefix_partitions,
     description="List, downscale, join and embed one prefix (requires the sales table).",
 )

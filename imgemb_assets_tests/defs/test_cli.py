@@ -1,0 +1,53 @@
+"""`dagster asset materialize` from the CLI materializes a partition given only the IMGEMB_* variables and DAGSTER_HOME."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from dagster import AssetKey, DagsterInstance
+
+from imgemb_assets.core import tables
+from imgemb_assets.core.lake import Lake
+from imgemb_assets.core.sample_data import SampleDataset
+from imgemb_assets.defs.partitions import S3_PREFIX_PARTITIONS_NAME
+from imgemb_assets_tests.conftest import code_location_env
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_asset_materialize_cli_runs_every_asset_for_one_partition(
+    small_dataset: SampleDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    location_env = code_location_env(small_dataset, tmp_path / "lake", dagster_home=home)
+    prefix = small_dataset.prefixes[1]
+    # No dagster CLI command adds dynamic partitions: register it the way the sensor will.
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    with DagsterInstance.get() as instance:
+        instance.add_dynamic_partitions(S3_PREFIX_PARTITIONS_NAME, [prefix])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMGEMB_")} | location_env
+    dagster = Path(sys.executable).with_name("dagster")
+    done = subprocess.run(
+        [str(dagster), "asset", "materialize", "-m", "imgemb_assets.definitions", "--select", "*", "--partition", prefix],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    lake = Lake(location_env["IMGEMB_LAKE_URI"])
+    assert lake.read(tables.RAW_IMAGE_MANIFEST).column("prefix").unique().to_pylist() == [prefix]
+    assert lake.read(tables.DOWNSCALED_IMAGES, prefix).num_rows == len(small_dataset.image_ids[prefix])
+    assert lake.read(tables.REJECTED_IMAGES, prefix).num_rows == len(small_dataset.broken_files[prefix])
+    assert lake.read(tables.IMAGE_EMBEDDINGS, prefix).num_rows == small_dataset.expected_joined(prefix)
+    with DagsterInstance.get() as instance:
+        latest = instance.get_latest_materialization_event(AssetKey(tables.IMAGE_EMBEDDINGS))
+    assert latest is not None, "the run is recorded in the instance the UI reads"

@@ -1,0 +1,73 @@
+"""The code location's Definitions load and validate, with the expected assets, jobs and resources."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from dagster import AssetKey, Definitions, DynamicPartitionsDefinition
+
+from imgemb_assets.core import tables
+from imgemb_assets.definitions import defs
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_definitions_validate() -> None:
+    Definitions.validate_loadable(defs)
+
+
+def test_every_table_is_an_asset_and_partitioned_by_prefix_except_sales() -> None:
+    graph = defs.resolve_asset_graph()
+    assert {key.to_user_string() for key in graph.get_all_asset_keys()} == set(tables.ALL_TABLES)
+    for name in tables.ALL_TABLES:
+        partitions = graph.get(AssetKey(name)).partitions_def
+        if name == tables.SALES:
+            assert partitions is None
+        else:
+            assert isinstance(partitions, DynamicPartitionsDefinition)
+            assert partitions.name == "s3_prefix"
+
+
+def test_lineage_follows_the_article() -> None:
+    graph = defs.resolve_asset_graph()
+
+    def parents(name: str) -> set[str]:
+        return {key.to_user_string() for key in graph.get(AssetKey(name)).parent_keys}
+
+    assert parents(tables.DOWNSCALED_IMAGES) == {tables.RAW_IMAGE_MANIFEST}
+    assert parents(tables.REJECTED_IMAGES) == {tables.RAW_IMAGE_MANIFEST}
+    assert parents(tables.IMAGES_WITH_SALES) == {tables.DOWNSCALED_IMAGES, tables.SALES}
+    assert parents(tables.IMAGE_EMBEDDINGS) == {tables.IMAGES_WITH_SALES}
+
+
+def test_jobs_exist() -> None:
+    assert defs.resolve_job_def("embed_prefix").partitions_def is not None
+    assert defs.resolve_job_def("refresh_sales").partitions_def is None
+
+
+def test_loading_the_code_location_does_not_import_torch() -> None:
+    # Every step process, sensor evaluation and code server loads the location;
+    # only the embedding step should pay for torch.
+    code = "import sys, imgemb_assets.definitions; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
+
+
+@pytest.mark.slow
+def test_dagster_cli_validates_the_workspace() -> None:
+    dagster = Path(sys.executable).with_name("dagster")
+    done = subprocess.run(
+        [str(dagster), "definitions", "validate", "-w", "workspace.yaml"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        env={k: v for k, v in os.environ.items() if not k.startswith("IMGEMB_")},
+        check=False,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Validation successful" in done.stdout + done.stderr

@@ -1,0 +1,72 @@
+"""The README's main job: the demo runs end to end on a fresh folder, and a second run changes nothing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from imgemb_assets.core import tables
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run_demo(data_dir: Path, torch_home: Path) -> str:
+    # An empty torch cache and no weights setting: the offline case, which must fall back loudly.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("IMGEMB_", "DAGSTER_"))}
+    env["TORCH_HOME"] = str(torch_home)
+    done = subprocess.run(
+        [sys.executable, "-m", "imgemb_assets.demo", "--data-dir", str(data_dir)],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout + done.stderr
+
+
+def _counts(lake: Path) -> dict[str, dict[str, int]]:
+    """Rows per table and prefix, read back with polars."""
+    out = {}
+    for name in tables.ALL_TABLES:
+        frame = pl.read_delta(str(lake / name))
+        if name == tables.SALES:
+            out[name] = {"*": frame.height}
+        else:
+            out[name] = dict(frame.group_by("prefix").len().iter_rows())
+    return out
+
+
+@pytest.mark.slow
+def test_demo_runs_twice_with_consistent_and_unchanged_tables(tmp_path: Path) -> None:
+    data_dir = tmp_path / "demo"
+    output = _run_demo(data_dir, tmp_path / "torch")
+    assert "RANDOM WEIGHTS" in output
+    assert "images/s" in output
+    assert "dagster dev -w workspace.yaml" in output
+    assert "DAGSTER_HOME=" + str(data_dir / "dagster_home") in output
+    first = _counts(data_dir / "lake")
+    prefixes = sorted(first[tables.RAW_IMAGE_MANIFEST])
+    assert len(prefixes) >= 3
+    for prefix in prefixes:
+        manifest = first[tables.RAW_IMAGE_MANIFEST][prefix]
+        downscaled = first[tables.DOWNSCALED_IMAGES][prefix]
+        rejected = first[tables.REJECTED_IMAGES].get(prefix, 0)
+        assert manifest == downscaled + rejected
+        assert first[tables.IMAGE_EMBEDDINGS][prefix] == first[tables.IMAGES_WITH_SALES][prefix] < downscaled
+    assert sum(first[tables.REJECTED_IMAGES].values()) == 5  # the sample's broken files
+    embeddings = pl.read_delta(str(data_dir / "lake" / tables.IMAGE_EMBEDDINGS))
+    assert embeddings["embedding"].list.len().unique().to_list() == [2048]
+    assert embeddings["model_id"].unique().to_list() == ["torchvision/resnet50/random-seed0"]
+
+    _run_demo(data_dir, tmp_path / "torch")
+    assert _counts(data_dir / "lake") == first
+    again = pl.read_delta(str(data_dir / "lake" / tables.IMAGE_EMBEDDINGS))
+    assert again.sort("image_id").equals(embeddings.sort("image_id")), "same tables on a second run"
