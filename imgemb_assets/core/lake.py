@@ -42,7 +42,11 @@ class Lake:
         return DeltaTable.is_deltatable(self.table_uri(name), storage_options=self.storage_options)
 
     def write_partition(self, name: str, data: pa.Table, partition_key: str) -> None:
-        """Replace one partition of a table with `data` (which may be empty) in one commit."""
+        """Replace one partition of a table with `data` (which may be empty) in one commit.
+
+        New columns (a sales export that gained one) are merged into the table
+        schema; other partitions read them as null until they are rewritten.
+        """
         _require_single_partition(data, partition_key)
         self._ensure_local_parent()
         write_deltalake(
@@ -51,6 +55,7 @@ class Lake:
             mode="overwrite",
             predicate=partition_predicate(partition_key),
             partition_by=[PARTITION_COLUMN],
+            schema_mode="merge",
             storage_options=self.storage_options,
         )
 

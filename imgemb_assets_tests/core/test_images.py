@@ -118,3 +118,11 @@ def test_truncated_jpeg_is_rejected_not_padded() -> None:
 def test_image_over_the_pixel_limit_is_refused_before_decoding() -> None:
     with pytest.raises(ImageRejected, match="too large"):
         downscale(_encode(_noise(100, 100), "PNG"), max_pixels=5_000)
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # Pillow warns, then we refuse
+@pytest.mark.parametrize("pixels", [1_500, 3_000])  # Pillow's warning band, and past its hard limit
+def test_decompression_bombs_are_refused_under_pillows_limit(monkeypatch: pytest.MonkeyPatch, pixels: int) -> None:
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000)
+    with pytest.raises(ImageRejected, match="too large"):
+        downscale(_encode(_noise(pixels // 10, 10), "PNG"))

@@ -61,6 +61,17 @@ def test_a_quoted_key_cannot_widen_the_predicate(tmp_path: Path, hostile: str) -
     assert lake.read(REJECTED_IMAGES, hostile).column("image_id").to_pylist() == ["3"]
 
 
+def test_a_partition_with_a_new_column_merges_into_the_schema(tmp_path: Path) -> None:
+    lake = Lake(str(tmp_path))
+    lake.write_partition("joined", pa.table({"image_id": ["1"], "prefix": ["a"]}), "a")
+    lake.write_partition("joined", pa.table({"image_id": ["2"], "prefix": ["b"], "region": ["eu"]}), "b")
+    rows = sorted(lake.read("joined").to_pylist(), key=lambda row: row["image_id"])
+    assert rows == [
+        {"image_id": "1", "prefix": "a", "region": None},
+        {"image_id": "2", "prefix": "b", "region": "eu"},
+    ]
+
+
 def test_predicate_doubles_quotes() -> None:
     assert partition_predicate("it's") == "prefix = 'it''s'"
 
