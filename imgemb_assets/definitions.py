@@ -13,7 +13,7 @@ from imgemb_assets.defs.assets import (
     sales,
 )
 from imgemb_assets.defs.jobs import embed_prefix_job, refresh_sales_job
-from imgemb_assets.defs.resources import EmbeddingModelResource, StorageResource
+from imgemb_assets.defs.resources import EmbeddingModelResource, ImgembS3Resource, StorageResource
 
 defs = Definitions(
     assets=[raw_image_manifest, downscaled_images, sales, images_with_sales, image_embeddings],
@@ -23,6 +23,8 @@ defs = Definitions(
             raw_images_uri=EnvVar("IMGEMB_RAW_IMAGES_URI"),
             sales_uri=EnvVar("IMGEMB_SALES_URI"),
             lake_uri=EnvVar("IMGEMB_LAKE_URI"),
+            # Endpoint, region and credentials come from the standard AWS variables and chain.
+            s3=ImgembS3Resource(),
         ),
         "embedding_model": EmbeddingModelResource(weights=EnvVar("IMGEMB_MODEL_WEIGHTS")),
     },

@@ -1,12 +1,18 @@
-"""Shared fixtures: a small generated sample dataset and the environment that points the code location at it."""
+"""Shared fixtures: a small generated sample dataset, the environment that points the code location at it,
+and a moto S3 server subprocess with the AWS variables that reach it."""
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from imgemb_assets.core.s3 import S3Settings
 from imgemb_assets.core.sample_data import SampleDataset, generate_sample_dataset
+from imgemb_assets_tests.moto_server import running_moto_server
 
 SMALL_PREFIXES = ("2026-11-01", "2026-11-02")
 
@@ -19,7 +25,7 @@ def small_dataset(tmp_path_factory: pytest.TempPathFactory) -> SampleDataset:
     )
 
 
-def code_location_env(dataset: SampleDataset, lake: Path, dagster_home: Path | None = None) -> dict[str, str]:
+def code_location_env(dataset: SampleDataset, lake: str | Path, dagster_home: Path | None = None) -> dict[str, str]:
     """The IMGEMB_* variables (and DAGSTER_HOME) a user sets to run the code location on `dataset`."""
     env = {
         "IMGEMB_RAW_IMAGES_URI": dataset.raw_images_uri,
@@ -30,3 +36,55 @@ def code_location_env(dataset: SampleDataset, lake: Path, dagster_home: Path | N
     if dagster_home is not None:
         env["DAGSTER_HOME"] = str(dagster_home)
     return env
+
+
+# --- a real S3 API: moto's server in a subprocess on 127.0.0.1 -------------------
+
+MOTO_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing-key-id", "AWS_SECRET_ACCESS_KEY": "testing-secret-key-0123456789"}
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    """The URL of a moto S3 server subprocess, stopped at the end of the session."""
+    with running_moto_server() as url:
+        yield url
+
+
+@pytest.fixture
+def s3_env(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """The standard AWS variables pointing every client at the moto server."""
+    for key in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(key, raising=False)
+    env = {
+        "AWS_ENDPOINT_URL": moto_endpoint,
+        "AWS_REGION": "us-east-1",
+        "AWS_ALLOW_HTTP": "true",
+        # no shared config or credentials files from the machine running the tests
+        "AWS_CONFIG_FILE": "/nonexistent/aws-config",
+        "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/aws-credentials",
+        **MOTO_CREDENTIALS,
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return env
+
+
+@pytest.fixture
+def bucket(s3_env: dict[str, str]) -> str:
+    """A new, empty bucket on the moto server."""
+    name = f"imgemb-{uuid.uuid4().hex[:12]}"
+    S3Settings().client().create_bucket(Bucket=name)
+    return name
+
+
+def upload_tree(client: object, local_root: Path, bucket: str, key_prefix: str) -> None:
+    for path in sorted(p for p in local_root.rglob("*") if p.is_file()):
+        client.upload_file(str(path), bucket, f"{key_prefix}/{path.relative_to(local_root).as_posix()}")
+
+
+def dataset_on_s3(dataset: SampleDataset, bucket: str) -> SampleDataset:
+    """Upload a generated dataset in the production layout; the same dataset, with s3:// roots."""
+    client = S3Settings().client()
+    upload_tree(client, Path(dataset.raw_images_uri), bucket, "raw-images")
+    upload_tree(client, Path(dataset.sales_uri), bucket, "sales-data")
+    return replace(dataset, raw_images_uri=f"s3://{bucket}/raw-images", sales_uri=f"s3://{bucket}/sales-data")

@@ -1,7 +1,7 @@
-"""Listing and reading the objects under a root: a local folder now, `s3://` later.
+"""Listing and reading the objects under a root: a local folder or an `s3://` prefix.
 
-Assets only see the `ObjectStore` protocol and `open_object_store`, so another
-scheme slots in here without touching them.
+Assets only see the `ObjectStore` protocol and `open_object_store`, so a scheme
+slots in here without touching them.
 """
 
 from __future__ import annotations
@@ -9,11 +9,13 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import urlparse
+
+from imgemb_assets.core.s3 import S3Settings, split_s3_uri
 
 # Read local files in chunks when fingerprinting, so a large file never sits in memory twice.
 _HASH_CHUNK_BYTES = 1 << 20
@@ -39,6 +41,10 @@ class ObjectStore(Protocol):
 
     def list_objects(self, prefix: str) -> Iterator[ObjectInfo]:
         """Every object whose key starts with `prefix/` (every object for ""), in key order."""
+        ...
+
+    def list_root_files(self) -> list[str]:
+        """Objects directly under the root: they belong to no partition."""
         ...
 
     def read_bytes(self, uri: str) -> bytes: ...
@@ -112,7 +118,6 @@ class LocalObjectStore:
             )
 
     def list_root_files(self) -> list[str]:
-        """Files directly under the root: they belong to no partition."""
         return sorted(e.name for e in os.scandir(self.root) if e.is_file(follow_symlinks=False))
 
     def read_bytes(self, uri: str) -> bytes:
@@ -136,10 +141,74 @@ class LocalObjectStore:
         return resolved
 
 
-def open_object_store(root_uri: str) -> ObjectStore:
+@dataclass(frozen=True)
+class S3ObjectStore:
+    """Objects under `s3://bucket/root_key/`, listed with paginated ListObjectsV2."""
+
+    client: Any = field(repr=False)
+    bucket: str
+    root_key: str  # no leading or trailing slash; "" for the whole bucket
+
+    @property
+    def root_uri(self) -> str:
+        return f"s3://{self.bucket}/{self.root_key}".rstrip("/")
+
+    def list_prefixes(self) -> list[str]:
+        return sorted(
+            common["Prefix"][len(self._key_prefix("")) :].rstrip("/")
+            for page in self._pages(self._key_prefix(""), delimiter="/")
+            for common in page.get("CommonPrefixes", [])
+        )
+
+    def list_objects(self, prefix: str) -> Iterator[ObjectInfo]:
+        start = self._key_prefix(prefix)
+        for page in self._pages(start):
+            for entry in page.get("Contents", []):
+                key = entry["Key"]
+                if key.endswith("/"):
+                    continue  # a "folder" marker made by consoles, not an object with content
+                yield ObjectInfo(
+                    uri=f"s3://{self.bucket}/{key}",
+                    key=key[len(self._key_prefix("")) :],
+                    size_bytes=int(entry["Size"]),
+                    etag=entry["ETag"].strip('"'),
+                    last_modified=entry["LastModified"].astimezone(timezone.utc),
+                )
+
+    def list_root_files(self) -> list[str]:
+        root = self._key_prefix("")
+        return sorted(
+            entry["Key"][len(root) :]
+            for page in self._pages(root, delimiter="/")
+            for entry in page.get("Contents", [])
+            if not entry["Key"].endswith("/")
+        )
+
+    def read_bytes(self, uri: str) -> bytes:
+        bucket, key = split_s3_uri(uri)
+        if bucket != self.bucket or not key.startswith(self._key_prefix("")):
+            raise StorageError(f"{uri} is outside the root {self.root_uri}")
+        return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+    def _key_prefix(self, prefix: str) -> str:
+        parts = [part for part in (self.root_key, prefix) if part]
+        return "".join(f"{part}/" for part in parts)
+
+    def _pages(self, key_prefix: str, delimiter: str | None = None) -> Iterator[dict[str, Any]]:
+        arguments = {"Bucket": self.bucket, "Prefix": key_prefix}
+        if delimiter:
+            arguments["Delimiter"] = delimiter
+        # The paginator follows continuation tokens: a prefix may hold far more than 1,000 objects.
+        yield from self.client.get_paginator("list_objects_v2").paginate(**arguments)
+
+
+def open_object_store(root_uri: str, s3: S3Settings | None = None) -> ObjectStore:
     """The store for a root URI; the scheme picks the implementation."""
     path = local_path_of(root_uri)
     if path is not None:
         return LocalObjectStore(path)
     scheme = urlparse(root_uri).scheme
-    raise StorageError(f"unsupported storage scheme {scheme!r} in {root_uri!r}; local paths are supported")
+    if scheme == "s3":
+        bucket, root_key = split_s3_uri(root_uri)
+        return S3ObjectStore(client=(s3 or S3Settings()).client(), bucket=bucket, root_key=root_key)
+    raise StorageError(f"unsupported storage scheme {scheme!r} in {root_uri!r}; use a local path or s3://")

@@ -1,28 +1,70 @@
 """Where the data lives and how the model is built, as Dagster resources."""
 
 
+from typing import Any, Literal
+
 from dagster import ConfigurableResource
+from dagster_aws.s3 import S3Resource
 from pydantic import Field
 
-from imgemb_assets.core.model_config import DEFAULT_BATCH_SIZE, EmbeddingSettings
 from imgemb_assets.core.lake import Lake
+from imgemb_assets.core.model_config import DEFAULT_BATCH_SIZE, EmbeddingSettings
+from imgemb_assets.core.s3 import S3Settings
 from imgemb_assets.core.storage import ObjectStore, open_object_store
 
 
+class ImgembS3Resource(S3Resource):
+    """dagster-aws's S3 resource, with the retry mode, connection pool and plain-http switch added.
+
+    Unset values fall back to the standard AWS variables (AWS_ENDPOINT_URL,
+    AWS_REGION, AWS_ALLOW_HTTP, the credential chain). The same settings build
+    the boto3 client and the delta-rs storage options (`imgemb_assets.core.s3`).
+    """
+
+    retry_mode: Literal["standard", "adaptive"] = Field(default="standard", description="botocore retry mode.")
+    max_pool_connections: int = Field(default=32, description="Concurrent connections (and GETs) per client.")
+    allow_http: bool | None = Field(
+        default=None, description="Allow a plain-http endpoint; default: AWS_ALLOW_HTTP, else true for http://."
+    )
+
+    def settings(self) -> S3Settings:
+        return S3Settings(
+            endpoint_url=self.endpoint_url,
+            region_name=self.region_name,
+            profile_name=self.profile_name,
+            aws_access_key_id=self.aws_access_key_id,
+            aws_secret_access_key=self.aws_secret_access_key,
+            aws_session_token=self.aws_session_token,
+            allow_http=self.allow_http,
+            max_attempts=self.max_attempts,
+            retry_mode=self.retry_mode,
+            max_pool_connections=self.max_pool_connections,
+        )
+
+    def get_client(self) -> Any:
+        return self.settings().client()
+
+
 class StorageResource(ConfigurableResource):
-    """The three roots: raw images (one folder or S3 prefix per partition), sales parquet, Delta lake."""
+    """The three roots: raw images (one folder or S3 prefix per partition), sales parquet, Delta lake.
+
+    Each root is a local path or an s3:// URI; `s3` says how to reach S3.
+    """
 
     raw_images_uri: str = Field(description="Root holding <prefix>/<image_id>.<ext> objects.")
     sales_uri: str = Field(description="Root holding the sales export as .parquet files.")
     lake_uri: str = Field(description="Root under which each asset writes its Delta table.")
+    s3: ImgembS3Resource
 
     def raw_images(self) -> ObjectStore:
-        return open_object_store(self.raw_images_uri)
+        return open_object_store(self.raw_images_uri, self.s3.settings())
 
     def sales(self) -> ObjectStore:
-        return open_object_store(self.sales_uri)
+        return open_object_store(self.sales_uri, self.s3.settings())
 
     def lake(self) -> Lake:
+        if self.lake_uri.startswith("s3://"):
+            return Lake(self.lake_uri, storage_options=self.s3.settings().delta_storage_options())
         return Lake(self.lake_uri)
 
 

@@ -1,4 +1,5 @@
-"""`dagster asset materialize` from the CLI materializes a partition given only the IMGEMB_* variables and DAGSTER_HOME."""
+"""`dagster asset materialize` from the CLI materializes a partition given only the IMGEMB_* variables
+(plus the AWS ones for s3:// roots) and a DAGSTER_HOME, on a local folder and on the moto S3 server."""
 
 from __future__ import annotations
 
@@ -12,21 +13,30 @@ from dagster import AssetKey, DagsterInstance
 
 from imgemb_assets.core import tables
 from imgemb_assets.core.lake import Lake
+from imgemb_assets.core.s3 import S3Settings
 from imgemb_assets.core.sample_data import SampleDataset
 from imgemb_assets.defs.partitions import S3_PREFIX_PARTITIONS_NAME
-from imgemb_assets_tests.conftest import code_location_env
+from imgemb_assets_tests.conftest import code_location_env, dataset_on_s3
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("where", ["local", "s3"])
 def test_asset_materialize_cli_runs_every_asset_for_one_partition(
-    small_dataset: SampleDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    where: str, small_dataset: SampleDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
 ) -> None:
     home = tmp_path / "dagster_home"
     home.mkdir()
-    location_env = code_location_env(small_dataset, tmp_path / "lake", dagster_home=home)
-    prefix = small_dataset.prefixes[1]
+    if where == "s3":
+        bucket = request.getfixturevalue("bucket")  # also sets the AWS variables for the moto server
+        dataset, lake_uri = dataset_on_s3(small_dataset, bucket), f"s3://{bucket}/delta"
+        lake = Lake(lake_uri, storage_options=S3Settings().delta_storage_options())
+    else:
+        dataset, lake_uri = small_dataset, str(tmp_path / "lake")
+        lake = Lake(lake_uri)
+    location_env = code_location_env(dataset, lake_uri, dagster_home=home)
+    prefix = dataset.prefixes[1]
     # No dagster CLI command adds dynamic partitions: register it the way the sensor will.
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     with DagsterInstance.get() as instance:
@@ -43,7 +53,6 @@ def test_asset_materialize_cli_runs_every_asset_for_one_partition(
         check=False,
     )
     assert done.returncode == 0, done.stderr[-4000:]
-    lake = Lake(location_env["IMGEMB_LAKE_URI"])
     assert lake.read(tables.RAW_IMAGE_MANIFEST).column("prefix").unique().to_pylist() == [prefix]
     assert lake.read(tables.DOWNSCALED_IMAGES, prefix).num_rows == len(small_dataset.image_ids[prefix])
     assert lake.read(tables.REJECTED_IMAGES, prefix).num_rows == len(small_dataset.broken_files[prefix])

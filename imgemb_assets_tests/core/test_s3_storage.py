@@ -1,0 +1,161 @@
+"""Objects and Delta tables on a real S3 API (the moto server subprocess): pagination, prefixes, odd keys, one config for every client."""
+
+from __future__ import annotations
+
+import multiprocessing
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+from deltalake import DeltaTable
+
+from imgemb_assets.core.lake import Lake
+from imgemb_assets.core.s3 import S3ConfigError, S3Settings, split_s3_uri
+from imgemb_assets.core.storage import S3ObjectStore, StorageError, open_object_store
+from imgemb_assets.core.tables import REJECTED_IMAGES_SCHEMA
+from imgemb_assets_tests.conftest import MOTO_CREDENTIALS
+
+# Keys as they occur in real buckets.
+ODD_PREFIXES = ["2026-11-01", "summer sale", "café ☕", "a+b=c", "100%", "it's", "x' OR '1'='1"]
+ODD_NAMES = ["img 1.jpg", "été.png", "a+b=c.jpg", "50%.jpg", "o'neil.jpg"]
+
+
+def _put(client: object, bucket: str, key: str, body: bytes = b"x") -> None:
+    client.put_object(Bucket=bucket, Key=key, Body=body)
+
+
+def test_a_prefix_with_more_than_1000_objects_is_listed_completely(bucket: str) -> None:
+    client = S3Settings().client()
+    keys = [f"raw-images/big/img_{number:05d}.jpg" for number in range(1_234)]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda key: _put(client, bucket, key), keys))
+    store = open_object_store(f"s3://{bucket}/raw-images")
+    listed = list(store.list_objects("big"))
+    assert [obj.key for obj in listed] == [key.removeprefix("raw-images/") for key in keys]
+    assert all(obj.size_bytes == 1 and obj.etag and obj.uri.startswith(f"s3://{bucket}/raw-images/big/") for obj in listed)
+
+
+def test_prefixes_root_objects_and_folder_markers(bucket: str) -> None:
+    client = S3Settings().client()
+    for key in ["raw-images/p1/a.jpg", "raw-images/p2/deep/b.jpg", "raw-images/stray.jpg", "raw-images/p1/"]:
+        _put(client, bucket, key, b"" if key.endswith("/") else b"data")
+    _put(client, bucket, "elsewhere/p3/c.jpg")
+    store = open_object_store(f"s3://{bucket}/raw-images/")
+    assert store.list_prefixes() == ["p1", "p2"]
+    assert store.list_root_files() == ["stray.jpg"]
+    assert [obj.key for obj in store.list_objects("p1")] == ["p1/a.jpg"]  # the "p1/" marker is no object
+    assert [obj.key for obj in store.list_objects("p2")] == ["p2/deep/b.jpg"]
+
+
+def test_odd_keys_round_trip(bucket: str) -> None:
+    client = S3Settings().client()
+    expected = {}
+    for prefix in ODD_PREFIXES:
+        for name in ODD_NAMES:
+            body = f"{prefix}/{name}".encode()
+            _put(client, bucket, f"raw-images/{prefix}/{name}", body)
+            expected[f"{prefix}/{name}"] = body
+    store = open_object_store(f"s3://{bucket}/raw-images")
+    assert store.list_prefixes() == sorted(ODD_PREFIXES)
+    for prefix in ODD_PREFIXES:
+        objects = list(store.list_objects(prefix))
+        assert sorted(obj.key for obj in objects) == sorted(f"{prefix}/{name}" for name in ODD_NAMES)
+        for obj in objects:
+            assert store.read_bytes(obj.uri) == expected[obj.key]
+
+
+def test_reading_outside_the_root_is_refused(bucket: str) -> None:
+    _put(S3Settings().client(), bucket, "secrets/key.txt")
+    store = open_object_store(f"s3://{bucket}/raw-images")
+    with pytest.raises(StorageError, match="outside the root"):
+        store.read_bytes(f"s3://{bucket}/secrets/key.txt")
+    with pytest.raises(StorageError, match="outside the root"):
+        store.read_bytes(f"s3://{bucket}/raw-images-other/x.jpg")
+
+
+def _rows(prefix: str, ids: list[str]) -> pa.Table:
+    return pa.table(
+        {"image_id": ids, "prefix": [prefix] * len(ids), "uri": ids, "reason": ["r"] * len(ids)},
+        schema=REJECTED_IMAGES_SCHEMA,
+    )
+
+
+def test_delta_partitions_with_odd_keys_on_s3(bucket: str) -> None:
+    lake = Lake(f"s3://{bucket}/delta", storage_options=S3Settings().delta_storage_options())
+    for number, prefix in enumerate(ODD_PREFIXES):
+        lake.write_partition("t", _rows(prefix, [f"{number}a", f"{number}b"]), prefix)
+    lake.write_partition("t", _rows("it's", ["replaced"]), "it's")
+    for number, prefix in enumerate(ODD_PREFIXES):
+        ids = sorted(lake.read("t", prefix).column("image_id").to_pylist())
+        assert ids == (["replaced"] if prefix == "it's" else [f"{number}a", f"{number}b"])
+    assert lake.read("t").num_rows == 2 * len(ODD_PREFIXES) - 1
+
+
+def _write_partition_in_child(storage_options: dict[str, str], uri: str, prefix: str, count: int) -> None:
+    Lake(uri, storage_options=storage_options).write_partition("t", _rows(prefix, [f"{prefix}-{i}" for i in range(count)]), prefix)
+
+
+def test_concurrent_writers_of_different_partitions_both_land(bucket: str) -> None:
+    options = S3Settings().delta_storage_options()
+    root = f"s3://{bucket}/delta"
+    Lake(root, storage_options=options).write_partition("t", _rows("seed", ["0"]), "seed")
+    # deltalake must not run in a forked child: spawn, as Dagster's multiprocess executor does.
+    context = multiprocessing.get_context("spawn")
+    for _round in range(3):
+        children = [
+            context.Process(target=_write_partition_in_child, args=(options, root, prefix, 50)) for prefix in ("left", "right")
+        ]
+        for child in children:
+            child.start()
+        for child in children:
+            child.join(timeout=120)
+            assert child.exitcode == 0
+    table = Lake(root, storage_options=options).read("t")
+    counts = {prefix: table.column("prefix").to_pylist().count(prefix) for prefix in ("seed", "left", "right")}
+    assert counts == {"seed": 1, "left": 50, "right": 50}  # no lost commit, no duplicate rows
+    assert DeltaTable(f"{root}/t", storage_options=options).version() == 6
+
+
+def test_one_config_feeds_boto3_and_delta(s3_env: dict[str, str]) -> None:
+    settings = S3Settings()
+    options = settings.delta_storage_options()
+    assert options["AWS_ENDPOINT_URL"] == s3_env["AWS_ENDPOINT_URL"]
+    assert options["AWS_ALLOW_HTTP"] == "true"
+    assert options["AWS_REGION"] == "us-east-1"
+    assert options["AWS_ACCESS_KEY_ID"] == MOTO_CREDENTIALS["AWS_ACCESS_KEY_ID"]
+    client = settings.client()
+    assert client.meta.endpoint_url == s3_env["AWS_ENDPOINT_URL"]
+    assert client.meta.config.retries == {"total_max_attempts": 5, "mode": "standard"}
+    explicit = S3Settings(endpoint_url="http://other:9000", region_name="eu-west-1", retry_mode="adaptive", max_attempts=9)
+    assert explicit.delta_storage_options()["AWS_ENDPOINT_URL"] == "http://other:9000"
+    assert explicit.delta_storage_options()["AWS_REGION"] == "eu-west-1"
+    assert explicit.client().meta.config.retries == {"total_max_attempts": 9, "mode": "adaptive"}
+
+
+def test_allow_http_follows_the_variable_or_the_endpoint_scheme() -> None:
+    assert S3Settings(endpoint_url="http://minio:9000").delta_storage_options({})["AWS_ALLOW_HTTP"] == "true"
+    assert "AWS_ALLOW_HTTP" not in S3Settings(endpoint_url="https://minio:9000").delta_storage_options({})
+    assert "AWS_ALLOW_HTTP" not in S3Settings(endpoint_url="http://m:9000").delta_storage_options({"AWS_ALLOW_HTTP": "false"})
+
+
+def test_credentials_stay_out_of_reprs_and_errors(bucket: str) -> None:
+    secret = MOTO_CREDENTIALS["AWS_SECRET_ACCESS_KEY"]
+    settings = S3Settings(aws_access_key_id="AKIAEXAMPLE", aws_secret_access_key=secret)
+    lake = Lake(f"s3://{bucket}/delta", storage_options=settings.delta_storage_options())
+    assert secret not in repr(settings) and secret not in repr(lake)
+    store = open_object_store(f"s3://{bucket}/raw", settings)
+    assert secret not in repr(store)
+    missing = Lake("s3://no-such-bucket-imgemb/delta", storage_options=settings.delta_storage_options())
+    with pytest.raises(Exception) as error:
+        missing.write_partition("t", _rows("p", ["1"]), "p")
+    assert secret not in str(error.value)
+
+
+def test_invalid_settings_and_uris_are_clear_errors() -> None:
+    with pytest.raises(S3ConfigError, match="retry mode"):
+        S3Settings(retry_mode="legacy")
+    with pytest.raises(S3ConfigError, match="names no bucket"):
+        split_s3_uri("s3:///raw")
+    assert split_s3_uri("s3://b/a/b/") == ("b", "a/b")
+    assert isinstance(open_object_store("s3://b"), S3ObjectStore)
