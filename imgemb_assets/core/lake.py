@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import random
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Final
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from deltalake import DeltaTable, write_deltalake
+from deltalake import DeltaTable, QueryBuilder, write_deltalake
+from deltalake.exceptions import CommitFailedError
 
 from imgemb_assets.core.storage import local_path_of
 from imgemb_assets.core.tables import PARTITION_COLUMN
+
+
+# Two writers of the same partition: delta-rs commits one and fails the other
+# with CommitFailedError; the loser rewrites on top of the winner's version.
+_COMMIT_ATTEMPTS: Final = 6
+_COMMIT_RETRY_BASE_S: Final = 0.2
 
 
 class LakeError(Exception):
@@ -49,15 +59,25 @@ class Lake:
         """
         _require_single_partition(data, partition_key)
         self._ensure_local_parent()
-        write_deltalake(
-            self.table_uri(name),
-            data,
-            mode="overwrite",
-            predicate=partition_predicate(partition_key),
-            partition_by=[PARTITION_COLUMN],
-            schema_mode="merge",
-            storage_options=self.storage_options,
-        )
+        for attempt in range(1, _COMMIT_ATTEMPTS + 1):
+            try:
+                write_deltalake(
+                    self.table_uri(name),
+                    data,
+                    mode="overwrite",
+                    predicate=partition_predicate(partition_key),
+                    partition_by=[PARTITION_COLUMN],
+                    schema_mode="merge",
+                    storage_options=self.storage_options,
+                )
+                return
+            except CommitFailedError as exc:
+                if attempt == _COMMIT_ATTEMPTS:
+                    raise LakeError(
+                        f"partition {partition_key!r} of {name} kept conflicting with concurrent writers "
+                        f"after {attempt} attempts; nothing of this write was committed"
+                    ) from exc
+                time.sleep(_COMMIT_RETRY_BASE_S * attempt * (1 + random.random()))
 
     def overwrite(self, name: str, data: pa.Table) -> None:
         """Replace the whole content (and schema) of an unpartitioned table in one commit."""
@@ -71,12 +91,19 @@ class Lake:
         )
 
     def read(self, name: str, partition_key: str | None = None, columns: list[str] | None = None) -> pa.Table:
-        """A whole table, or one partition of it."""
+        """A whole table, or one partition of it.
+
+        Read through delta-rs's own query engine: reading through a pyarrow
+        dataset over delta-rs's filesystem aborts the process at exit now and
+        then ("terminate called without an active exception").
+        """
         if not self.exists(name):
             raise LakeError(f"Delta table {self.table_uri(name)} does not exist; materialize {name} first")
         table = DeltaTable(self.table_uri(name), storage_options=self.storage_options)
-        filters = None if partition_key is None else [(PARTITION_COLUMN, "=", partition_key)]
-        return table.to_pyarrow_table(filters=filters, columns=columns)
+        selected = "*" if columns is None else ", ".join(_quote_identifier(column) for column in columns)
+        where = "" if partition_key is None else f" WHERE {partition_predicate(partition_key)}"
+        batches = QueryBuilder().register("t", table).execute(f"SELECT {selected} FROM t{where}")
+        return _without_view_types(pa.table(batches))
 
     def schema(self, name: str) -> pa.Schema:
         table = DeltaTable(self.table_uri(name), storage_options=self.storage_options)
@@ -86,6 +113,22 @@ class Lake:
         local = local_path_of(self.root_uri)
         if local is not None:
             Path(local).mkdir(parents=True, exist_ok=True)
+
+
+def _quote_identifier(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _without_view_types(table: pa.Table) -> pa.Table:
+    """The query engine returns string_view / binary_view columns; the schemas here use string / binary."""
+    fields = []
+    for field_ in table.schema:
+        if pa.types.is_string_view(field_.type):
+            field_ = field_.with_type(pa.string())
+        elif pa.types.is_binary_view(field_.type):
+            field_ = field_.with_type(pa.binary())
+        fields.append(field_)
+    return table.cast(pa.schema(fields, metadata=table.schema.metadata))
 
 
 def _require_single_partition(data: pa.Table, partition_key: str) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -93,3 +95,24 @@ def test_overwrite_replaces_a_whole_table_and_its_schema(tmp_path: Path) -> None
 def test_reading_a_missing_table_names_the_asset_to_materialize(tmp_path: Path) -> None:
     with pytest.raises(LakeError, match="materialize sales first"):
         Lake(str(tmp_path)).read("sales")
+
+
+_READ_THEN_EXIT = """
+import sys
+import pyarrow as pa
+from imgemb_assets.core.lake import Lake
+lake = Lake(sys.argv[1])
+for attempt in range(10):
+    lake.write_partition("t", pa.table({"prefix": ["p"], "x": [attempt]}), "p")
+    assert lake.read("t", "p").column("x").to_pylist() == [attempt]
+"""
+
+
+def test_a_process_that_read_tables_exits_cleanly(tmp_path: Path) -> None:
+    # Reading through a pyarrow dataset over delta-rs aborted processes at exit
+    # (often, not always), which fails Dagster steps and CLI runs after their work.
+    for run in range(3):
+        done = subprocess.run(
+            [sys.executable, "-c", _READ_THEN_EXIT, str(tmp_path / f"lake{run}")], capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
