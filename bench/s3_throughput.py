@@ -53,7 +53,7 @@ def main() -> None:
             client.upload_file(str(path), "bench", f"raw/p/{path.name}")
         results = {}
         for name, source in (("local", local_store), ("s3", store)):
-            manifest = build_manifest(source, "p")
+            manifest = build_manifest(list(source.list_objects("p")), "p")
             out, seconds = _timed(lambda: downscale_partition(source, manifest))
             results[name] = (out.images.num_rows + out.rejected.num_rows) / seconds
     summary = {

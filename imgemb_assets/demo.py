@@ -93,16 +93,17 @@ def materialize_all(instance: DagsterInstance, prefixes: list[str]) -> list[Exec
     return results
 
 
-def embedding_throughput(results: list[ExecuteInProcessResult]) -> tuple[int, float]:
-    """(images embedded, seconds spent embedding) over all runs, from the asset's metadata."""
-    images, seconds = 0, 0.0
+def embedding_throughput(results: list[ExecuteInProcessResult]) -> tuple[int, int, float]:
+    """(images embedded, vectors reused, seconds spent embedding) over all runs, from the asset's metadata."""
+    embedded, reused, seconds = 0, 0, 0.0
     for result in results:
         for event in result.get_asset_materialization_events():
             materialization = event.step_materialization_data.materialization
             if materialization.asset_key.to_user_string() == tables.IMAGE_EMBEDDINGS:
-                images += int(materialization.metadata["dagster/row_count"].value)
+                embedded += int(materialization.metadata["images_embedded"].value)
+                reused += int(materialization.metadata["images_reused"].value)
                 seconds += float(materialization.metadata["embedding_seconds"].value)
-    return images, seconds
+    return embedded, reused, seconds
 
 
 def table_counts(lake: Lake, prefixes: list[str]) -> pl.DataFrame:
@@ -150,9 +151,13 @@ def print_summary(
         print(f"\nRejected files ({rejected.height}):")
         for row in rejected.iter_rows(named=True):
             print(f"  {row['uri']}\n      -> {row['reason']}")
-    images, seconds = embedding_throughput(results)
-    rate = images / seconds if seconds else 0.0
-    print(f"\nEmbedding step: {images} images in {seconds:.1f} s = {rate:.1f} images/s ({env['IMGEMB_MODEL_WEIGHTS']} weights)")
+    embedded, reused, seconds = embedding_throughput(results)
+    weights = env["IMGEMB_MODEL_WEIGHTS"]
+    if embedded:
+        print(f"\nEmbedding step: {embedded} images in {seconds:.1f} s = {embedded / seconds:.1f} images/s ({weights} weights)")
+    else:
+        print("\nEmbedding step: no image needed the model")
+    print(f"  vectors reused from the stored tables (same image content and model): {reused}")
     print(f"Delta tables under: {lake.root_uri}")
     for name in tables.ALL_TABLES:
         print(f"  {name:20s} {lake.table_uri(name)}")

@@ -18,6 +18,7 @@ from typing import Final
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from torchvision.models import ResNet50_Weights, resnet50
 
@@ -47,22 +48,38 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def model_id_for(settings: EmbeddingSettings) -> str:
+    """The id recorded on every embedding row, known without building the model.
+
+    Stored vectors are reused only under the same id, so changing the weights
+    (or the state-dict file's content) recomputes every vector.
+    """
+    seed = parse_random_seed(settings.weights)
+    if seed is not None:
+        weights_id = f"random-seed{seed}"
+    elif Path(settings.weights).is_file():
+        weights_id = f"state-dict-sha256-{_sha256_prefix(Path(settings.weights))}"
+    else:
+        weights_id = _weights_enum(settings.weights).name
+    return f"torchvision/{_MODEL_NAME}/{weights_id}"
+
+
 def load_model(settings: EmbeddingSettings) -> EmbeddingModel:
     """ResNet50 without its classifier, with the configured weights, ready for inference."""
     seed = parse_random_seed(settings.weights)
     if seed is not None:
-        module, weights_id, description = _random_resnet50(seed)
+        module, description = _random_resnet50(seed)
     elif Path(settings.weights).is_file():
-        module, weights_id, description = _resnet50_from_state_dict(Path(settings.weights))
+        module, description = _resnet50_from_state_dict(Path(settings.weights))
     else:
-        module, weights_id, description = _pretrained_resnet50(settings.weights)
+        module, description = _pretrained_resnet50(settings.weights)
     width = module.fc.in_features
     module.fc = torch.nn.Identity()
     device = resolve_device(settings.device)
     module = module.eval().to(device)
     return EmbeddingModel(
         module=module,
-        model_id=f"torchvision/{_MODEL_NAME}/{weights_id}",
+        model_id=model_id_for(settings),
         weights_description=description,
         is_random=seed is not None,
         device=device,
@@ -106,24 +123,72 @@ def embed_thumbnails(model: EmbeddingModel, jpegs: Sequence[bytes], batch_size: 
 @dataclass(frozen=True)
 class EmbeddedPartition:
     table: pa.Table
-    seconds: float  # time spent decoding thumbnails and running the model
+    images_embedded: int  # went through the model
+    images_reused: int  # kept their stored vector
+    seconds: float  # decoding and inference of the embedded images
+    model: EmbeddingModel | None  # None when every vector was reused and no model was loaded
 
     @property
     def images_per_second(self) -> float:
-        return self.table.num_rows / self.seconds if self.seconds > 0 else 0.0
+        return self.images_embedded / self.seconds if self.seconds > 0 else 0.0
 
 
 def embed_partition(
-    joined: pa.Table, model: EmbeddingModel, batch_size: int, schema: pa.Schema
+    joined: pa.Table, previous: pa.Table | None, settings: EmbeddingSettings, schema: pa.Schema
 ) -> EmbeddedPartition:
-    """The joined rows with their image replaced by its embedding and the model's id."""
-    started = time.perf_counter()
-    vectors = embed_thumbnails(model, joined.column("image_jpeg").to_pylist(), batch_size)
-    seconds = time.perf_counter() - started
+    """The joined rows with their image replaced by its embedding and the model's id.
+
+    A row whose image_id, content fingerprint (etag) and model_id match a row of
+    `previous` (the partition as stored) keeps that vector; only new or changed
+    images go through the model, which is loaded only if there are any.
+    """
+    model_id = model_id_for(settings)
+    stored = _stored_vectors(previous, model_id)
+    keys = list(zip(joined.column("image_id").to_pylist(), joined.column("etag").to_pylist()))
+    to_embed = [row for row, key in enumerate(keys) if key not in stored.index]
+    model, seconds, fresh = None, 0.0, np.empty((0, 0), np.float32)
+    if to_embed:
+        model = load_model(settings)
+        started = time.perf_counter()
+        jpegs = joined.column("image_jpeg").take(pa.array(to_embed)).to_pylist()
+        fresh = embed_thumbnails(model, jpegs, settings.batch_size)
+        seconds = time.perf_counter() - started
+    width = model.width if model else stored.vectors.shape[1]
+    vectors = np.empty((joined.num_rows, width), dtype=np.float32)
+    if to_embed:
+        vectors[to_embed] = fresh
+    reused = [row for row, key in enumerate(keys) if key in stored.index]
+    if reused:
+        vectors[reused] = stored.vectors[[stored.index[keys[row]] for row in reused]]
     table = joined.append_column("embedding", embedding_array(vectors)).append_column(
-        "model_id", pa.array([model.model_id] * joined.num_rows, pa.string())
+        "model_id", pa.array([model_id] * joined.num_rows, pa.string())
     )
-    return EmbeddedPartition(table=table.select(schema.names).cast(schema), seconds=seconds)
+    return EmbeddedPartition(
+        table=table.select(schema.names).cast(schema),
+        images_embedded=len(to_embed),
+        images_reused=len(reused),
+        seconds=seconds,
+        model=model,
+    )
+
+
+@dataclass(frozen=True)
+class _StoredVectors:
+    index: dict[tuple[str, str], int]  # (image_id, etag) -> row of `vectors`
+    vectors: np.ndarray
+
+
+def _stored_vectors(previous: pa.Table | None, model_id: str) -> _StoredVectors:
+    if previous is None or previous.num_rows == 0:
+        return _StoredVectors({}, np.empty((0, 0), np.float32))
+    same_model = previous.filter(pc.equal(previous.column("model_id"), model_id))
+    if same_model.num_rows == 0:
+        return _StoredVectors({}, np.empty((0, 0), np.float32))
+    embeddings = same_model.column("embedding").combine_chunks()
+    width = len(embeddings[0])
+    vectors = embeddings.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
+    keys = zip(same_model.column("image_id").to_pylist(), same_model.column("etag").to_pylist())
+    return _StoredVectors({key: row for row, key in enumerate(keys)}, vectors)
 
 
 def embedding_array(vectors: np.ndarray) -> pa.Array:
@@ -133,16 +198,23 @@ def embedding_array(vectors: np.ndarray) -> pa.Array:
     return pa.FixedSizeListArray.from_arrays(flat, width).cast(EMBEDDING_TYPE)
 
 
-def _random_resnet50(seed: int) -> tuple[torch.nn.Module, str, str]:
+def _sha256_prefix(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def _random_resnet50(seed: int) -> tuple[torch.nn.Module, str]:
     # Seed a forked RNG so building the model never disturbs the caller's random state.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         module = resnet50(weights=None)
-    return module, f"random-seed{seed}", f"RANDOM-initialised weights (seed {seed}): embeddings are not meaningful"
+    return module, f"RANDOM-initialised weights (seed {seed}): embeddings are not meaningful"
 
 
-def _resnet50_from_state_dict(path: Path) -> tuple[torch.nn.Module, str, str]:
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+def _resnet50_from_state_dict(path: Path) -> tuple[torch.nn.Module, str]:
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict):
         raise ModelConfigError(f"{path} holds a {type(state).__name__}, not a ResNet50 state dict")
@@ -156,10 +228,10 @@ def _resnet50_from_state_dict(path: Path) -> tuple[torch.nn.Module, str, str]:
         raise ModelConfigError(
             f"{path} is not a ResNet50 state dict: missing {missing_backbone[:5]}, unexpected {unexpected[:5]}"
         )
-    return module, f"state-dict-sha256-{digest}", f"state dict {path} (sha256 {digest}...)"
+    return module, f"state dict {path} (sha256 {_sha256_prefix(path)}...)"
 
 
-def _pretrained_resnet50(name: str) -> tuple[torch.nn.Module, str, str]:
+def _pretrained_resnet50(name: str) -> tuple[torch.nn.Module, str]:
     weights = _weights_enum(name)
     try:
         module = resnet50(weights=weights)
@@ -170,7 +242,7 @@ def _pretrained_resnet50(name: str) -> tuple[torch.nn.Module, str, str]:
             "Put them in that cache, set the weights to a state-dict path, "
             "or set them to 'random' for explicitly random weights."
         ) from exc
-    return module, weights.name, f"pretrained torchvision weights {weights.name}"
+    return module, f"pretrained torchvision weights {weights.name}"
 
 
 def _weights_enum(name: str) -> ResNet50_Weights:

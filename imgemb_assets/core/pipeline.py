@@ -6,6 +6,7 @@ lets tests and benchmarks run the pipeline without Dagster.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 import pyarrow as pa
 
 from imgemb_assets.core.images import ImageRejected, Thumbnail, downscale, image_id_from_key
-from imgemb_assets.core.storage import ObjectStore
+from imgemb_assets.core.storage import ObjectInfo, ObjectStore
 from imgemb_assets.core.tables import (
     DOWNSCALED_IMAGES_SCHEMA,
     PARTITION_COLUMN,
@@ -22,8 +23,8 @@ from imgemb_assets.core.tables import (
 )
 
 
-def build_manifest(store: ObjectStore, prefix: str) -> pa.Table:
-    """One row per object under the prefix, in key order."""
+def build_manifest(objects: Iterable[ObjectInfo], prefix: str) -> pa.Table:
+    """One row per object listed under the prefix."""
     rows = [
         {
             "image_id": image_id_from_key(obj.key),
@@ -33,7 +34,7 @@ def build_manifest(store: ObjectStore, prefix: str) -> pa.Table:
             "etag": obj.etag,
             "last_modified": obj.last_modified,
         }
-        for obj in store.list_objects(prefix)
+        for obj in objects
     ]
     return pa.Table.from_pylist(rows, schema=RAW_IMAGE_MANIFEST_SCHEMA)
 

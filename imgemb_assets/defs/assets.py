@@ -21,6 +21,7 @@ from dagster import (
 )
 
 from imgemb_assets.core import tables
+from imgemb_assets.core.discovery import listing_fingerprint
 from imgemb_assets.core.lake import Lake
 from imgemb_assets.core.pipeline import build_manifest, downscale_partition
 from imgemb_assets.core.sales import join_with_sales, list_sales_files, read_sales
@@ -28,6 +29,7 @@ from imgemb_assets.defs.partitions import s3_prefix_partitions
 from imgemb_assets.defs.resources import EmbeddingModelResource, StorageResource
 
 _KINDS = {"delta"}
+LISTING_FINGERPRINT_KEY = "listing_fingerprint"
 
 
 def _table_metadata(lake: Lake, name: str, rows: int, **extra: Any) -> dict[str, Any]:
@@ -42,12 +44,21 @@ def _table_metadata(lake: Lake, name: str, rows: int, **extra: Any) -> dict[str,
 )
 def raw_image_manifest(context: AssetExecutionContext, storage: StorageResource) -> MaterializeResult:
     prefix = context.partition_key
-    manifest = build_manifest(storage.raw_images(), prefix)
-    if manifest.num_rows == 0:
+    objects = list(storage.raw_images().list_objects(prefix))
+    if not objects:
         context.log.warning(f"no objects under prefix {prefix!r} of {storage.raw_images_uri}")
+    manifest = build_manifest(objects, prefix)
     lake = storage.lake()
     lake.write_partition(tables.RAW_IMAGE_MANIFEST, manifest, prefix)
-    return MaterializeResult(metadata=_table_metadata(lake, tables.RAW_IMAGE_MANIFEST, manifest.num_rows))
+    return MaterializeResult(
+        metadata=_table_metadata(
+            lake,
+            tables.RAW_IMAGE_MANIFEST,
+            manifest.num_rows,
+            # compared by the full reconciliation schedule with a fresh listing
+            **{LISTING_FINGERPRINT_KEY: listing_fingerprint(objects)},
+        )
+    )
 
 
 @multi_asset(
@@ -146,30 +157,43 @@ def image_embeddings(
 ) -> MaterializeResult:
     # torch is imported here, by the one step that needs it, rather than by
     # every process that loads the code location (several seconds each).
-    from imgemb_assets.core.embedding import embed_partition, load_model
+    from imgemb_assets.core.embedding import embed_partition, model_id_for
 
     prefix = context.partition_key
     lake = storage.lake()
     settings = embedding_model.settings()
-    model = load_model(settings)
-    if model.is_random:
-        context.log.warning(f"embedding with {model.weights_description}")
     joined = lake.read(tables.IMAGES_WITH_SALES, prefix)
+    previous = (
+        lake.read(tables.IMAGE_EMBEDDINGS, prefix, columns=["image_id", "etag", "model_id", "embedding"])
+        if lake.exists(tables.IMAGE_EMBEDDINGS)
+        else None
+    )
     schema = tables.image_embeddings_schema(_sales_schema_of(joined.schema))
-    embedded = embed_partition(joined, model, settings.batch_size, schema)
+    embedded = embed_partition(joined, previous, settings, schema)
+    if embedded.model is not None and embedded.model.is_random:
+        context.log.warning(f"embedding with {embedded.model.weights_description}")
     lake.write_partition(tables.IMAGE_EMBEDDINGS, embedded.table, prefix)
+    model_metadata = (
+        {
+            "weights": embedded.model.weights_description,
+            "embedding_width": embedded.model.width,
+            "device": str(embedded.model.device),
+        }
+        if embedded.model is not None
+        else {"weights": "model not loaded: every vector was reused"}
+    )
     return MaterializeResult(
         metadata=_table_metadata(
             lake,
             tables.IMAGE_EMBEDDINGS,
             embedded.table.num_rows,
-            model_id=model.model_id,
-            weights=model.weights_description,
-            embedding_width=model.width,
-            device=str(model.device),
+            model_id=model_id_for(settings),
+            images_embedded=embedded.images_embedded,
+            images_reused=embedded.images_reused,
             batch_size=settings.batch_size,
             embedding_seconds=round(embedded.seconds, 3),
             images_per_second=round(embedded.images_per_second, 2),
+            **model_metadata,
         )
     )
 

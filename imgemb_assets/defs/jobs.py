@@ -24,3 +24,11 @@ embed_prefix_job = define_asset_job(
     ),
     description="List, downscale, join and embed one prefix (requires the sales table).",
 )
+
+REJOIN_JOB_NAME = "rejoin_sales"
+
+rejoin_sales_job = define_asset_job(
+    REJOIN_JOB_NAME,
+    selection=AssetSelection.assets(tables.IMAGES_WITH_SALES, tables.IMAGE_EMBEDDINGS),
+    description="Re-join one prefix with the current sales table; stored vectors are reused, not recomputed.",
+)

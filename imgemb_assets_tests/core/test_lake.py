@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import subprocess
 import sys
 from pathlib import Path
@@ -116,3 +117,25 @@ def test_a_process_that_read_tables_exits_cleanly(tmp_path: Path) -> None:
             [sys.executable, "-c", _READ_THEN_EXIT, str(tmp_path / f"lake{run}")], capture_output=True, text=True
         )
         assert done.returncode == 0, done.stderr[-2000:]
+
+
+def _write_same_partition(root: str, tag: str, barrier: object) -> None:
+    barrier.wait()  # type: ignore[attr-defined]
+    Lake(root).write_partition(REJECTED_IMAGES, _rows("p", [f"{tag}{i}" for i in range(40)]), "p")
+
+
+def test_concurrent_writers_of_one_partition_leave_exactly_one_copy(tmp_path: Path) -> None:
+    root = str(tmp_path)
+    Lake(root).write_partition(REJECTED_IMAGES, _rows("p", ["seed"]), "p")
+    context = multiprocessing.get_context("spawn")  # deltalake must not run in a forked child
+    for _round in range(3):
+        barrier = context.Barrier(2)
+        writers = [context.Process(target=_write_same_partition, args=(root, tag, barrier)) for tag in ("a", "b")]
+        for writer in writers:
+            writer.start()
+        for writer in writers:
+            writer.join(timeout=120)
+        # the loser of the commit race retried on top of the winner: both succeed
+        assert [writer.exitcode for writer in writers] == [0, 0]
+        ids = Lake(root).read(REJECTED_IMAGES, "p").column("image_id").to_pylist()
+        assert len(ids) == 40 and len({image_id[0] for image_id in ids}) == 1, "one writer's rows, once"

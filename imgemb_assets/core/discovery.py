@@ -1,0 +1,74 @@
+"""Finding partitions and noticing when their objects change.
+
+A prefix's fingerprint is a hash of its listing (key, ETag, size of every
+object), so adding, removing or replacing an object changes it, and an
+unchanged prefix keeps it. A tick lists the prefixes (one cheap delimited
+listing), then fingerprints only new prefixes and the most recent few; a full
+reconciliation fingerprints them all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from imgemb_assets.core.storage import ObjectInfo, ObjectStore
+
+
+def listing_fingerprint(objects: Iterable[ObjectInfo]) -> str:
+    digest = hashlib.sha256()
+    for obj in sorted(objects, key=lambda o: o.key):
+        digest.update(f"{obj.key}\0{obj.etag}\0{obj.size_bytes}\n".encode())
+    return digest.hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class DiscoveryCursor:
+    """The fingerprint of each prefix as last requested."""
+
+    fingerprints: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, text: str | None) -> DiscoveryCursor:
+        return cls(dict(json.loads(text))) if text else cls()
+
+    def to_json(self) -> str:
+        return json.dumps(self.fingerprints, sort_keys=True, ensure_ascii=False)
+
+
+@dataclass(frozen=True)
+class DiscoveryPlan:
+    new_prefixes: list[str]  # to register as partitions
+    changed: dict[str, str]  # prefix -> new fingerprint: to (re)materialize
+    root_objects: list[str]  # directly under the root: in no partition
+    cursor: DiscoveryCursor
+    prefixes_listed: int  # how many prefixes were fingerprinted this tick
+
+
+def prefixes_to_fingerprint(current: list[str], known: Mapping[str, str], recent: int) -> list[str]:
+    """New prefixes, plus the `recent` greatest known ones (date prefixes sort by recency)."""
+    new = [prefix for prefix in current if prefix not in known]
+    existing = sorted(prefix for prefix in current if prefix in known)
+    return sorted(set(new) | set(existing[-recent:] if recent > 0 else []))
+
+
+def plan_discovery(store: ObjectStore, cursor: DiscoveryCursor, recent: int, full: bool = False) -> DiscoveryPlan:
+    """What a tick must register and request, and the cursor to store after it.
+
+    With `full`, every prefix is fingerprinted, including known prefixes that
+    vanished from the root (their partitions are requested so they empty out).
+    """
+    current = store.list_prefixes()
+    known = cursor.fingerprints
+    to_list = sorted(set(current) | set(known)) if full else prefixes_to_fingerprint(current, known, recent)
+    fingerprints = {prefix: listing_fingerprint(store.list_objects(prefix)) for prefix in to_list}
+    changed = {prefix: fp for prefix, fp in fingerprints.items() if known.get(prefix) != fp}
+    return DiscoveryPlan(
+        new_prefixes=[prefix for prefix in current if prefix not in known],
+        changed=changed,
+        root_objects=store.list_root_files(),
+        cursor=DiscoveryCursor({**known, **fingerprints}),
+        prefixes_listed=len(to_list),
+    )

@@ -1,0 +1,79 @@
+"""Prefix fingerprints and the discovery plan: new prefixes, changed ones, recent-only re-listing, full reconciliation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from imgemb_assets.core.discovery import DiscoveryCursor, listing_fingerprint, plan_discovery, prefixes_to_fingerprint
+from imgemb_assets.core.storage import open_object_store
+
+
+def _tree(root: Path, files: dict[str, bytes]) -> None:
+    for key, body in files.items():
+        (root / key).parent.mkdir(parents=True, exist_ok=True)
+        (root / key).write_bytes(body)
+
+
+def test_fingerprint_changes_when_an_object_is_added_removed_or_replaced(tmp_path: Path) -> None:
+    _tree(tmp_path, {"p/a.jpg": b"a", "p/b.jpg": b"b"})
+    store = open_object_store(str(tmp_path))
+    original = listing_fingerprint(store.list_objects("p"))
+    assert listing_fingerprint(store.list_objects("p")) == original
+    (tmp_path / "p" / "c.jpg").write_bytes(b"c")
+    added = listing_fingerprint(store.list_objects("p"))
+    (tmp_path / "p" / "c.jpg").unlink()
+    assert listing_fingerprint(store.list_objects("p")) == original
+    (tmp_path / "p" / "a.jpg").write_bytes(b"A")
+    replaced = listing_fingerprint(store.list_objects("p"))
+    (tmp_path / "p" / "b.jpg").unlink()
+    removed = listing_fingerprint(store.list_objects("p"))
+    assert len({original, added, replaced, removed}) == 4
+
+
+def test_second_tick_with_the_returned_cursor_requests_nothing(tmp_path: Path) -> None:
+    _tree(tmp_path, {"2026-11-01/a.jpg": b"a", "2026-11-02/b.jpg": b"b", "stray.jpg": b"s"})
+    store = open_object_store(str(tmp_path))
+    first = plan_discovery(store, DiscoveryCursor(), recent=3)
+    assert first.new_prefixes == ["2026-11-01", "2026-11-02"]
+    assert sorted(first.changed) == ["2026-11-01", "2026-11-02"]
+    assert first.root_objects == ["stray.jpg"]
+    second = plan_discovery(store, DiscoveryCursor.from_json(first.cursor.to_json()), recent=3)
+    assert second.new_prefixes == [] and second.changed == {}
+
+
+def test_a_changed_recent_prefix_is_requested_again(tmp_path: Path) -> None:
+    _tree(tmp_path, {"2026-11-01/a.jpg": b"a", "2026-11-02/b.jpg": b"b"})
+    store = open_object_store(str(tmp_path))
+    cursor = plan_discovery(store, DiscoveryCursor(), recent=3).cursor
+    (tmp_path / "2026-11-02" / "c.jpg").write_bytes(b"c")
+    plan = plan_discovery(store, cursor, recent=3)
+    assert list(plan.changed) == ["2026-11-02"]
+    assert plan.new_prefixes == []
+
+
+def test_only_new_and_recent_prefixes_are_listed_and_full_reconciliation_lists_all(tmp_path: Path) -> None:
+    _tree(tmp_path, {f"2026-10-{day:02d}/a.jpg": b"a" for day in range(1, 11)})
+    store = open_object_store(str(tmp_path))
+    cursor = plan_discovery(store, DiscoveryCursor(), recent=2).cursor
+    (tmp_path / "2026-10-01" / "late.jpg").write_bytes(b"late")  # an old prefix changes
+    _tree(tmp_path, {"2026-10-11/a.jpg": b"a"})
+    tick = plan_discovery(store, cursor, recent=2)
+    assert tick.prefixes_listed == 3  # the new one and the two most recent known ones
+    assert list(tick.changed) == ["2026-10-11"]
+    full = plan_discovery(store, tick.cursor, recent=2, full=True)
+    assert full.prefixes_listed == 11
+    assert list(full.changed) == ["2026-10-01"]
+
+
+def test_a_vanished_prefix_is_requested_by_full_reconciliation(tmp_path: Path) -> None:
+    _tree(tmp_path, {"keep/a.jpg": b"a", "gone/b.jpg": b"b"})
+    store = open_object_store(str(tmp_path))
+    cursor = plan_discovery(store, DiscoveryCursor(), recent=5).cursor
+    (tmp_path / "gone" / "b.jpg").unlink()
+    assert plan_discovery(store, cursor, recent=5).changed == {}
+    assert list(plan_discovery(store, cursor, recent=5, full=True).changed) == ["gone"]
+
+
+def test_prefixes_to_fingerprint() -> None:
+    assert prefixes_to_fingerprint(["a", "b", "c", "d"], {"a": "1", "b": "1", "c": "1"}, recent=1) == ["c", "d"]
+    assert prefixes_to_fingerprint(["a", "b"], {"a": "1", "b": "1"}, recent=0) == []

@@ -1,0 +1,136 @@
+"""Sensors and the reconciliation schedule, evaluated against a real instance and a local root, cursor fed back."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from dagster import (
+    DagsterInstance,
+    SensorResult,
+    SkipReason,
+    build_schedule_context,
+    build_sensor_context,
+    instance_for_test,
+)
+
+from imgemb_assets.core.sample_data import SampleDataset
+from imgemb_assets.definitions import defs
+from imgemb_assets.defs.jobs import PREFIX_JOB_NAME, SALES_JOB_NAME
+from imgemb_assets.defs.partitions import S3_PREFIX_PARTITIONS_NAME
+from imgemb_assets.defs.resources import ImgembS3Resource, StorageResource
+from imgemb_assets.defs.schedules import full_reconciliation_schedule
+from imgemb_assets.defs.sensors import build_raw_prefix_sensor, sales_change_sensor
+from imgemb_assets_tests.conftest import code_location_env
+
+
+@pytest.fixture
+def raw_root(small_dataset: SampleDataset, tmp_path: Path) -> Path:
+    """A private copy of the sample's raw images, free to change."""
+    root = tmp_path / "raw-images"
+    shutil.copytree(small_dataset.raw_images_uri, root)
+    return root
+
+
+@pytest.fixture
+def storage(small_dataset: SampleDataset, raw_root: Path, tmp_path: Path) -> StorageResource:
+    return StorageResource(
+        raw_images_uri=str(raw_root), sales_uri=small_dataset.sales_uri, lake_uri=str(tmp_path / "lake"), s3=ImgembS3Resource()
+    )
+
+
+@pytest.fixture
+def instance() -> Iterator[DagsterInstance]:
+    with instance_for_test() as instance:
+        yield instance
+
+
+def _tick(instance: DagsterInstance, storage: StorageResource, cursor: str | None) -> SensorResult:
+    with build_sensor_context(instance=instance, cursor=cursor, resources={"storage": storage}) as context:
+        result = build_raw_prefix_sensor()(context)
+    assert isinstance(result, SensorResult)
+    return result
+
+
+def _materialize_sales(storage: StorageResource, instance: DagsterInstance, monkeypatch: pytest.MonkeyPatch, dataset: SampleDataset) -> None:
+    for key, value in code_location_env(dataset, storage.lake_uri).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("IMGEMB_RAW_IMAGES_URI", storage.raw_images_uri)
+    assert defs.resolve_job_def(SALES_JOB_NAME).execute_in_process(instance=instance).success
+
+
+def test_sensor_waits_for_sales_then_requests_each_prefix_once(
+    instance: DagsterInstance, storage: StorageResource, small_dataset: SampleDataset, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    waiting = _tick(instance, storage, None)
+    assert waiting.run_requests == []
+    (added,) = waiting.dynamic_partitions_requests
+    assert list(added.partition_keys) == small_dataset.prefixes
+
+    _materialize_sales(storage, instance, monkeypatch, small_dataset)
+    first = _tick(instance, storage, waiting.cursor)
+    assert sorted(r.partition_key for r in first.run_requests) == small_dataset.prefixes
+    assert all(r.run_key.startswith(f"{r.partition_key}:") for r in first.run_requests)
+
+    second = _tick(instance, storage, first.cursor)
+    assert second.run_requests == [] and second.dynamic_partitions_requests == []
+
+
+def test_a_changed_prefix_is_requested_again_and_a_new_one_registered(
+    instance: DagsterInstance, storage: StorageResource, raw_root: Path, small_dataset: SampleDataset, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _materialize_sales(storage, instance, monkeypatch, small_dataset)
+    cursor = _tick(instance, storage, None).cursor
+    changed_prefix = small_dataset.prefixes[0]
+    next(p for p in (raw_root / changed_prefix).iterdir() if p.suffix == ".jpg").unlink()
+    shutil.copytree(raw_root / changed_prefix, raw_root / "2026-12-01")
+    result = _tick(instance, storage, cursor)
+    assert sorted(r.partition_key for r in result.run_requests) == [changed_prefix, "2026-12-01"]
+    (added,) = result.dynamic_partitions_requests
+    assert list(added.partition_keys) == ["2026-12-01"]
+
+
+def test_objects_directly_under_the_root_are_reported(
+    instance: DagsterInstance, storage: StorageResource, raw_root: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    (raw_root / "stray.jpg").write_bytes(b"x")
+    _tick(instance, storage, None)
+    captured = capfd.readouterr()
+    assert "1 objects lie directly under the raw-images root and belong to no partition: stray.jpg" in captured.err + captured.out
+
+
+def test_sales_sensor_requests_a_refresh_only_when_the_files_change(
+    instance: DagsterInstance, storage: StorageResource, small_dataset: SampleDataset, tmp_path: Path
+) -> None:
+    sales_root = tmp_path / "sales"
+    shutil.copytree(small_dataset.sales_uri, sales_root)
+    storage = StorageResource(raw_images_uri=storage.raw_images_uri, sales_uri=str(sales_root), lake_uri=storage.lake_uri, s3=ImgembS3Resource())
+
+    def tick(cursor: str | None) -> SensorResult | SkipReason:
+        with build_sensor_context(instance=instance, cursor=cursor, resources={"storage": storage}) as context:
+            return sales_change_sensor(context)
+
+    first = tick(None)
+    assert isinstance(first, SensorResult) and len(first.run_requests) == 1
+    assert isinstance(tick(first.cursor), SkipReason)
+    (sales_root / "extra.parquet").write_bytes((sales_root / "sales.parquet").read_bytes())
+    assert isinstance(tick(first.cursor), SensorResult)
+
+
+def test_reconciliation_requests_partitions_whose_listing_differs_from_their_last_manifest(
+    instance: DagsterInstance, storage: StorageResource, raw_root: Path, small_dataset: SampleDataset, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _materialize_sales(storage, instance, monkeypatch, small_dataset)
+    instance.add_dynamic_partitions(S3_PREFIX_PARTITIONS_NAME, small_dataset.prefixes)
+    done, never_run = small_dataset.prefixes
+    assert defs.resolve_job_def(PREFIX_JOB_NAME).execute_in_process(instance=instance, partition_key=done).success
+
+    def requested() -> list[str]:
+        with build_schedule_context(instance=instance, resources={"storage": storage}) as context:
+            return sorted(r.partition_key for r in full_reconciliation_schedule(context))
+
+    assert requested() == [never_run]
+    (raw_root / done / "added.jpg").write_bytes(b"any new object changes the listing")
+    assert requested() == [done, never_run]
