@@ -62,12 +62,15 @@ def demo_environment(data_dir: Path, dataset: SampleDataset, weights: str) -> di
     }
 
 
+# The instance settings shipped at the repository root (no telemetry, runs launched without the daemon's queue).
+_SHIPPED_INSTANCE_CONFIG = Path(__file__).resolve().parents[1] / "dagster.yaml"
+
+
 def prepare_dagster_home(path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
     config = path / "dagster.yaml"
     if not config.exists():
-        # Offline machines should not try to send telemetry.
-        config.write_text("telemetry:\n  enabled: false\n")
+        config.write_text(_SHIPPED_INSTANCE_CONFIG.read_text())
 
 
 def register_partitions(instance: DagsterInstance, raw_images_uri: str) -> list[str]:

@@ -17,7 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -39,7 +40,7 @@ def _wait_until_listening(url: str, process: subprocess.Popen, timeout_s: float 
 @contextmanager
 def running_moto_server() -> Iterator[str]:
     """The URL of a moto S3 server subprocess, stopped on exit."""
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     moto_server = Path(sys.executable).with_name("moto_server")
     process = subprocess.Popen(

@@ -1,0 +1,126 @@
+"""The running system: `dagster dev` (webserver and daemon) against the moto S3 server with the sensors on.
+
+A prefix dropped into the bucket gets its embeddings without anyone touching
+anything; a materialization launched through the GraphQL API the UI uses
+succeeds; the server stops by its process group with no process left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from dagster import DagsterRunStatus
+from dagster_graphql import DagsterGraphQLClient
+
+from imgemb_assets.core import tables
+from imgemb_assets.core.lake import Lake, LakeError
+from imgemb_assets.core.s3 import S3Settings
+from imgemb_assets.core.sample_data import SampleDataset
+from imgemb_assets_tests.conftest import code_location_env, upload_tree
+from imgemb_assets_tests.moto_server import free_port
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEADLINE_S = 420
+
+
+def _wait_for(what: str, check: Callable[[], bool], timeout_s: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(2)
+    pytest.fail(f"timed out after {timeout_s} s waiting for {what}; dagster dev log tail:\n{log.read_text()[-6000:]}")
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture
+def dagster_dev(small_dataset: SampleDataset, bucket: str, tmp_path: Path) -> Iterator[tuple[int, Path, Lake]]:
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copy(REPO_ROOT / "dagster.yaml", home / "dagster.yaml")
+    client = S3Settings().client()
+    upload_tree(client, Path(small_dataset.sales_uri), bucket, "sales-data")
+    client.put_object(Bucket=bucket, Key="raw-images/", Body=b"")  # the root exists, with no prefix yet
+    location = code_location_env(small_dataset, f"s3://{bucket}/delta", dagster_home=home)
+    location |= {"IMGEMB_RAW_IMAGES_URI": f"s3://{bucket}/raw-images", "IMGEMB_SALES_URI": f"s3://{bucket}/sales-data"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMGEMB_")} | location
+    port = free_port()
+    log = tmp_path / "dagster-dev.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [str(Path(sys.executable).with_name("dagster")), "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, so one signal reaches every child
+        )
+    pgid = os.getpgid(process.pid)
+    try:
+        _wait_for("the webserver", lambda: _answers(f"http://127.0.0.1:{port}/server_info"), 180, log)
+        yield port, log, Lake(f"s3://{bucket}/delta", storage_options=S3Settings().delta_storage_options())
+    finally:
+        os.killpg(pgid, signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(pgid, signal.SIGKILL)
+            pytest.fail("dagster dev did not stop on SIGTERM")
+        deadline = time.monotonic() + 30
+        while _group_alive(pgid) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        leftover = _group_alive(pgid)
+        if leftover:
+            os.killpg(pgid, signal.SIGKILL)
+        assert not leftover, "processes of dagster dev were left behind"
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def _embedded_rows(lake: Lake, prefix: str) -> int:
+    try:
+        return lake.read(tables.IMAGE_EMBEDDINGS, prefix, columns=["image_id"]).num_rows
+    except LakeError:
+        return 0
+
+
+@pytest.mark.slow
+def test_sensor_embeds_a_dropped_prefix_and_the_ui_api_launches_a_run(
+    dagster_dev: tuple[int, Path, Lake], small_dataset: SampleDataset, bucket: str
+) -> None:
+    port, log, lake = dagster_dev
+    prefix = small_dataset.prefixes[0]
+    upload_tree(S3Settings().client(), Path(small_dataset.raw_images_uri) / prefix, bucket, f"raw-images/{prefix}")
+    expected = small_dataset.expected_joined(prefix)
+    _wait_for(f"embeddings of {prefix}", lambda: _embedded_rows(lake, prefix) == expected, DEADLINE_S, log)
+
+    client = DagsterGraphQLClient("127.0.0.1", port_number=port)
+    run_id = client.submit_job_execution(
+        "embed_prefix", repository_location_name="imgemb", tags={"dagster/partition": prefix}
+    )
+    finished = {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}
+    _wait_for(f"run {run_id}", lambda: client.get_run_status(run_id) in finished, 300, log)
+    assert client.get_run_status(run_id) == DagsterRunStatus.SUCCESS
+    assert _embedded_rows(lake, prefix) == expected
