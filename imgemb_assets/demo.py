@@ -25,7 +25,7 @@ from imgemb_assets.core.embedding import pretrained_weights_cached
 from imgemb_assets.core.lake import Lake
 from imgemb_assets.core.sample_data import SampleDataset, generate_sample_dataset
 from imgemb_assets.core.storage import open_object_store
-from imgemb_assets.definitions import defs
+from imgemb_assets.definitions import defs as location_definitions
 from imgemb_assets.defs.jobs import PREFIX_JOB_NAME, SALES_JOB_NAME
 from imgemb_assets.defs.partitions import S3_PREFIX_PARTITIONS_NAME
 
@@ -85,6 +85,7 @@ _QUIET_CONSOLE = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
 
 def materialize_all(instance: DagsterInstance, prefixes: list[str]) -> list[ExecuteInProcessResult]:
+    defs = location_definitions()  # as Dagster loads the code location
     print("materializing sales ...", flush=True)
     results = [defs.resolve_job_def(SALES_JOB_NAME).execute_in_process(instance=instance, run_config=_QUIET_CONSOLE)]
     prefix_job = defs.resolve_job_def(PREFIX_JOB_NAME)

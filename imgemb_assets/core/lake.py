@@ -16,7 +16,6 @@ from deltalake.exceptions import CommitFailedError
 from imgemb_assets.core.storage import local_path_of
 from imgemb_assets.core.tables import PARTITION_COLUMN
 
-
 # Two writers of the same partition: delta-rs commits one and fails the other
 # with CommitFailedError; the loser rewrites on top of the winner's version.
 _COMMIT_ATTEMPTS: Final = 6

@@ -7,12 +7,13 @@ or `core.sales` and writes one partition (or, for `sales`, the whole table).
 # No `from __future__ import annotations` here: Dagster inspects the type of
 # `context` when the asset is defined.
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import pyarrow as pa
 from dagster import (
     AssetExecutionContext,
+    AssetsDefinition,
     AssetSpec,
     MaterializeResult,
     MetadataValue,
@@ -26,6 +27,7 @@ from imgemb_assets.core.lake import Lake
 from imgemb_assets.core.pipeline import build_manifest, downscale_partition
 from imgemb_assets.core.sales import join_with_sales, list_sales_files, read_sales
 from imgemb_assets.defs.partitions import s3_prefix_partitions
+from imgemb_assets.defs.placement import GPU_POOL
 from imgemb_assets.defs.resources import EmbeddingModelResource, StorageResource
 
 _KINDS = {"delta"}
@@ -145,14 +147,28 @@ def images_with_sales(context: AssetExecutionContext, storage: StorageResource) 
     return MaterializeResult(metadata=_table_metadata(lake, tables.IMAGES_WITH_SALES, joined.num_rows))
 
 
-@asset(
-    deps=[images_with_sales],
-    partitions_def=s3_prefix_partitions,
-    kinds={"delta", "pytorch"},
-    group_name="embeddings",
-    description="ResNet50 (classifier removed) embedding of every joined image, with its sales columns.",
-)
-def image_embeddings(
+def build_image_embeddings(gpu_tags: Mapping[str, str]) -> AssetsDefinition:
+    """The embedding asset: the only step in the `gpu` pool, carrying the GPU request in its tags."""
+
+    @asset(
+        name=tables.IMAGE_EMBEDDINGS,
+        deps=[images_with_sales],
+        partitions_def=s3_prefix_partitions,
+        kinds={"delta", "pytorch"},
+        group_name="embeddings",
+        pool=GPU_POOL,
+        op_tags=dict(gpu_tags),
+        description="ResNet50 (classifier removed) embedding of every joined image, with its sales columns.",
+    )
+    def image_embeddings(
+        context: AssetExecutionContext, storage: StorageResource, embedding_model: EmbeddingModelResource
+    ) -> MaterializeResult:
+        return _materialize_embeddings(context, storage, embedding_model)
+
+    return image_embeddings
+
+
+def _materialize_embeddings(
     context: AssetExecutionContext, storage: StorageResource, embedding_model: EmbeddingModelResource
 ) -> MaterializeResult:
     # torch is imported here, by the one step that needs it, rather than by

@@ -61,18 +61,21 @@ def build_raw_prefix_sensor(
     return raw_prefix_sensor
 
 
-@sensor(
-    name="sales_change_sensor",
-    job=refresh_sales_job,
-    minimum_interval_seconds=DEFAULT_MINIMUM_INTERVAL_S,
-    default_status=DefaultSensorStatus.RUNNING,
-    description="Re-materializes sales when the sales files change (their keys, ETags or sizes).",
-)
-def sales_change_sensor(context: SensorEvaluationContext, storage: StorageResource) -> SensorResult | SkipReason:
-    fingerprint = listing_fingerprint(list_sales_files(storage.sales()))
-    if fingerprint == context.cursor:
-        return SkipReason("sales files unchanged")
-    return SensorResult(run_requests=[RunRequest(run_key=f"sales:{fingerprint}")], cursor=fingerprint)
+def build_sales_change_sensor(minimum_interval_seconds: int = DEFAULT_MINIMUM_INTERVAL_S) -> SensorDefinition:
+    @sensor(
+        name="sales_change_sensor",
+        job=refresh_sales_job,
+        minimum_interval_seconds=minimum_interval_seconds,
+        default_status=DefaultSensorStatus.RUNNING,
+        description="Re-materializes sales when the sales files change (their keys, ETags or sizes).",
+    )
+    def sales_change_sensor(context: SensorEvaluationContext, storage: StorageResource) -> SensorResult | SkipReason:
+        fingerprint = listing_fingerprint(list_sales_files(storage.sales()))
+        if fingerprint == context.cursor:
+            return SkipReason("sales files unchanged")
+        return SensorResult(run_requests=[RunRequest(run_key=f"sales:{fingerprint}")], cursor=fingerprint)
+
+    return sales_change_sensor
 
 
 @asset_sensor(

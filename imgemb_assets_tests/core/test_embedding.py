@@ -20,8 +20,8 @@ from imgemb_assets.core.embedding import (
     load_model,
     pretrained_weights_cached,
 )
-from imgemb_assets.core.model_config import EmbeddingSettings, ModelConfigError
 from imgemb_assets.core.images import downscale
+from imgemb_assets.core.model_config import EmbeddingSettings, ModelConfigError
 
 
 @pytest.fixture(scope="module")

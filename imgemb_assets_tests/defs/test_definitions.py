@@ -11,7 +11,10 @@ import pytest
 from dagster import AssetKey, Definitions, DynamicPartitionsDefinition
 
 from imgemb_assets.core import tables
-from imgemb_assets.definitions import defs
+from imgemb_assets.definitions import build_definitions
+from imgemb_assets.defs.settings import LocationSettings
+
+defs = build_definitions(LocationSettings())
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

@@ -11,10 +11,13 @@ from dagster import DagsterInstance, ExecuteInProcessResult, instance_for_test
 from imgemb_assets.core import tables
 from imgemb_assets.core.lake import Lake
 from imgemb_assets.core.sample_data import SampleDataset
-from imgemb_assets.definitions import defs
+from imgemb_assets.definitions import build_definitions
 from imgemb_assets.defs.jobs import PREFIX_JOB_NAME, SALES_JOB_NAME
 from imgemb_assets.defs.partitions import S3_PREFIX_PARTITIONS_NAME
+from imgemb_assets.defs.settings import LocationSettings
 from imgemb_assets_tests.conftest import code_location_env
+
+defs = build_definitions(LocationSettings())
 
 
 @pytest.fixture

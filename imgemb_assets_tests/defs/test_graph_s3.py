@@ -14,10 +14,13 @@ from imgemb_assets.core import tables
 from imgemb_assets.core.lake import Lake
 from imgemb_assets.core.s3 import S3Settings
 from imgemb_assets.core.sample_data import SampleDataset
-from imgemb_assets.definitions import defs
+from imgemb_assets.definitions import build_definitions
 from imgemb_assets.defs.jobs import PREFIX_JOB_NAME, SALES_JOB_NAME
 from imgemb_assets.defs.partitions import S3_PREFIX_PARTITIONS_NAME
+from imgemb_assets.defs.settings import LocationSettings
 from imgemb_assets_tests.conftest import code_location_env, dataset_on_s3
+
+defs = build_definitions(LocationSettings())
 
 ODD_PREFIX = "café ☕ it's+a=b 100%"
 

@@ -17,13 +17,16 @@ from dagster import (
 )
 
 from imgemb_assets.core.sample_data import SampleDataset
-from imgemb_assets.definitions import defs
+from imgemb_assets.definitions import build_definitions
 from imgemb_assets.defs.jobs import PREFIX_JOB_NAME, SALES_JOB_NAME
 from imgemb_assets.defs.partitions import S3_PREFIX_PARTITIONS_NAME
 from imgemb_assets.defs.resources import ImgembS3Resource, StorageResource
 from imgemb_assets.defs.schedules import full_reconciliation_schedule
-from imgemb_assets.defs.sensors import build_raw_prefix_sensor, sales_change_sensor
+from imgemb_assets.defs.sensors import build_raw_prefix_sensor, build_sales_change_sensor
+from imgemb_assets.defs.settings import LocationSettings
 from imgemb_assets_tests.conftest import code_location_env
+
+defs = build_definitions(LocationSettings())
 
 
 @pytest.fixture
@@ -110,7 +113,7 @@ def test_sales_sensor_requests_a_refresh_only_when_the_files_change(
 
     def tick(cursor: str | None) -> SensorResult | SkipReason:
         with build_sensor_context(instance=instance, cursor=cursor, resources={"storage": storage}) as context:
-            return sales_change_sensor(context)
+            return build_sales_change_sensor()(context)
 
     first = tick(None)
     assert isinstance(first, SensorResult) and len(first.run_requests) == 1

@@ -1,0 +1,87 @@
+"""Wall time of raw_prefix_sensor ticks over many prefixes on a moto S3 server on 127.0.0.1.
+
+    python -m bench.sensor_tick [--prefixes 1000] [--objects-per-prefix 100]
+
+Times, side by side in one run: the first tick (every prefix new, so every
+prefix is fingerprinted), a second tick with the returned cursor (prefix listing
+plus the few most recent prefixes), and a full reconciliation plan (every prefix
+fingerprinted again). Ends with one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pyarrow as pa
+from dagster import SensorResult, build_sensor_context, instance_for_test
+
+from imgemb_assets.core import tables
+from imgemb_assets.core.discovery import DiscoveryCursor, plan_discovery
+from imgemb_assets.core.lake import Lake
+from imgemb_assets.core.s3 import S3Settings
+from imgemb_assets.defs.resources import ImgembS3Resource, StorageResource
+from imgemb_assets.defs.sensors import DEFAULT_RECENT_PREFIXES, build_raw_prefix_sensor
+from imgemb_assets_tests.moto_server import running_moto_server
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prefixes", type=int, default=1000)
+    parser.add_argument("--objects-per-prefix", type=int, default=100)
+    args = parser.parse_args()
+    with running_moto_server() as endpoint:
+        os.environ.update(
+            AWS_ENDPOINT_URL=endpoint, AWS_REGION="us-east-1", AWS_ALLOW_HTTP="true",
+            AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
+        )  # fmt: skip
+        client = S3Settings().client()
+        client.create_bucket(Bucket="bench")
+        keys = [
+            f"raw/2026-{p:04d}/img_{o:03d}.jpg" for p in range(args.prefixes) for o in range(args.objects_per_prefix)
+        ]
+        started = time.perf_counter()
+        with ThreadPoolExecutor(32) as pool:
+            list(pool.map(lambda key: client.put_object(Bucket="bench", Key=key, Body=b"x"), keys))
+        upload_s = time.perf_counter() - started
+        storage = StorageResource(
+            raw_images_uri="s3://bench/raw", sales_uri="s3://bench/sales", lake_uri="s3://bench/delta", s3=ImgembS3Resource()
+        )
+        # The sensor defers its requests until the sales table exists.
+        Lake("s3://bench/delta", S3Settings().delta_storage_options()).overwrite(
+            tables.SALES, pa.table({"image_id": ["x"], "sales": [1.0]})
+        )
+        sensor = build_raw_prefix_sensor()
+        timings, cursor, requested = {}, None, {}
+        with instance_for_test() as instance:
+            for tick in ("first_tick_s", "second_tick_s"):
+                with build_sensor_context(instance=instance, cursor=cursor, resources={"storage": storage}) as context:
+                    started = time.perf_counter()
+                    result = sensor(context)
+                    timings[tick] = time.perf_counter() - started
+                assert isinstance(result, SensorResult)
+                cursor, requested[tick] = result.cursor, len(result.run_requests)
+        started = time.perf_counter()
+        full = plan_discovery(storage.raw_images(), DiscoveryCursor.from_json(cursor), DEFAULT_RECENT_PREFIXES, full=True)
+        timings["full_reconciliation_s"] = time.perf_counter() - started
+    summary = {
+        "cpu_count": os.cpu_count(),
+        "prefixes": args.prefixes,
+        "objects": len(keys),
+        "upload_s": round(upload_s, 1),
+        **{key: round(value, 2) for key, value in timings.items()},
+        "first_tick_requests": requested["first_tick_s"],
+        "second_tick_requests": requested["second_tick_s"],
+        "full_reconciliation_changed": len(full.changed),
+        "second_over_first": round(timings["second_tick_s"] / timings["first_tick_s"], 4),
+    }
+    for key, value in summary.items():
+        print(f"{key:28s} {value}")
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Deployment settings of the code location, read when Dagster loads it (never at import).
+
+    IMGEMB_EXECUTOR                 multiprocess (default), ecs or k8s
+    IMGEMB_GPU_COUNT                GPUs the embedding step asks for (default 1)
+    IMGEMB_K8S_GPU_NODE_SELECTOR    JSON object, the embedding pod's nodeSelector
+    IMGEMB_K8S_GPU_TOLERATIONS      JSON list, the embedding pod's tolerations
+    IMGEMB_ECS_GPU_RUN_TASK_KWARGS  JSON object merged into the embedding task's run_task call
+                                    (for example a GPU capacity provider strategy)
+    IMGEMB_SENSOR_INTERVAL_S        minimum interval of the discovery and sales sensors (default 30)
+    IMGEMB_SENSOR_RECENT_PREFIXES   known prefixes re-listed on each discovery tick (default 3)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+EXECUTORS: Final = ("multiprocess", "ecs", "k8s")
+_DEFAULT_NODE_SELECTOR: Final = {"nvidia.com/gpu.present": "true"}
+_DEFAULT_TOLERATIONS: Final = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+
+
+class SettingsError(ValueError):
+    """A deployment setting is invalid; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class LocationSettings:
+    executor: str = "multiprocess"
+    gpu_count: int = 1
+    k8s_gpu_node_selector: dict[str, str] = field(default_factory=lambda: dict(_DEFAULT_NODE_SELECTOR))
+    k8s_gpu_tolerations: list[dict[str, Any]] = field(default_factory=lambda: [dict(t) for t in _DEFAULT_TOLERATIONS])
+    ecs_gpu_run_task_kwargs: dict[str, Any] = field(default_factory=dict)
+    sensor_interval_s: int = 30
+    sensor_recent_prefixes: int = 3
+
+    def __post_init__(self) -> None:
+        if self.executor not in EXECUTORS:
+            raise SettingsError(f"IMGEMB_EXECUTOR must be one of {EXECUTORS}, got {self.executor!r}")
+        if self.gpu_count < 1:
+            raise SettingsError(f"IMGEMB_GPU_COUNT must be at least 1, got {self.gpu_count}")
+        if self.sensor_interval_s < 1 or self.sensor_recent_prefixes < 0:
+            raise SettingsError("IMGEMB_SENSOR_INTERVAL_S must be >= 1 and IMGEMB_SENSOR_RECENT_PREFIXES >= 0")
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str]) -> LocationSettings:
+        defaults = cls()
+        return cls(
+            executor=environ.get("IMGEMB_EXECUTOR", defaults.executor),
+            gpu_count=_int(environ, "IMGEMB_GPU_COUNT", defaults.gpu_count),
+            k8s_gpu_node_selector=_json(environ, "IMGEMB_K8S_GPU_NODE_SELECTOR", defaults.k8s_gpu_node_selector, dict),
+            k8s_gpu_tolerations=_json(environ, "IMGEMB_K8S_GPU_TOLERATIONS", defaults.k8s_gpu_tolerations, list),
+            ecs_gpu_run_task_kwargs=_json(environ, "IMGEMB_ECS_GPU_RUN_TASK_KWARGS", defaults.ecs_gpu_run_task_kwargs, dict),
+            sensor_interval_s=_int(environ, "IMGEMB_SENSOR_INTERVAL_S", defaults.sensor_interval_s),
+            sensor_recent_prefixes=_int(environ, "IMGEMB_SENSOR_RECENT_PREFIXES", defaults.sensor_recent_prefixes),
+        )
+
+
+def _int(environ: Mapping[str, str], name: str, default: int) -> int:
+    raw = environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise SettingsError(f"{name} must be an integer, got {raw!r}") from exc
+
+
+def _json(environ: Mapping[str, str], name: str, default: Any, kind: type) -> Any:
+    raw = environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise SettingsError(f"{name} is not valid JSON: {exc}") from exc
+    if not isinstance(value, kind):
+        raise SettingsError(f"{name} must be a JSON {kind.__name__}, got {type(value).__name__}")
+    return value
