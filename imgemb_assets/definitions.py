@@ -36,7 +36,9 @@ def build_definitions(settings: LocationSettings) -> Definitions:
         ],
         jobs=[refresh_sales_job, embed_prefix_job, rejoin_sales_job],
         sensors=[
-            build_raw_prefix_sensor(settings.sensor_interval_s, settings.sensor_recent_prefixes),
+            build_raw_prefix_sensor(
+                settings.sensor_interval_s, settings.sensor_recent_prefixes, settings.sensor_max_new_prefixes
+            ),
             build_sales_change_sensor(settings.sensor_interval_s),
             sales_rejoin_sensor,
         ],

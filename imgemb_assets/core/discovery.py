@@ -47,26 +47,32 @@ class DiscoveryPlan:
     prefixes_listed: int  # how many prefixes were fingerprinted this tick
 
 
-def prefixes_to_fingerprint(current: list[str], known: Mapping[str, str], recent: int) -> list[str]:
-    """New prefixes, plus the `recent` greatest known ones (date prefixes sort by recency)."""
-    new = [prefix for prefix in current if prefix not in known]
+def prefixes_to_fingerprint(
+    current: list[str], known: Mapping[str, str], recent: int, max_new: int | None = None
+) -> list[str]:
+    """New prefixes (at most `max_new`), plus the `recent` greatest known ones (date prefixes sort by recency)."""
+    new = sorted(prefix for prefix in current if prefix not in known)
     existing = sorted(prefix for prefix in current if prefix in known)
-    return sorted(set(new) | set(existing[-recent:] if recent > 0 else []))
+    return sorted(set(new[:max_new]) | set(existing[-recent:] if recent > 0 else []))
 
 
-def plan_discovery(store: ObjectStore, cursor: DiscoveryCursor, recent: int, full: bool = False) -> DiscoveryPlan:
+def plan_discovery(
+    store: ObjectStore, cursor: DiscoveryCursor, recent: int, full: bool = False, max_new: int | None = None
+) -> DiscoveryPlan:
     """What a tick must register and request, and the cursor to store after it.
 
+    At most `max_new` new prefixes are taken per tick, so a first tick over a
+    large bucket stays within a sensor's time limit; the rest come next tick.
     With `full`, every prefix is fingerprinted, including known prefixes that
     vanished from the root (their partitions are requested so they empty out).
     """
     current = store.list_prefixes()
     known = cursor.fingerprints
-    to_list = sorted(set(current) | set(known)) if full else prefixes_to_fingerprint(current, known, recent)
+    to_list = sorted(set(current) | set(known)) if full else prefixes_to_fingerprint(current, known, recent, max_new)
     fingerprints = {prefix: listing_fingerprint(store.list_objects(prefix)) for prefix in to_list}
     changed = {prefix: fp for prefix, fp in fingerprints.items() if known.get(prefix) != fp}
     return DiscoveryPlan(
-        new_prefixes=[prefix for prefix in current if prefix not in known],
+        new_prefixes=[prefix for prefix in to_list if prefix not in known and prefix in current],
         changed=changed,
         root_objects=store.list_root_files(),
         cursor=DiscoveryCursor({**known, **fingerprints}),

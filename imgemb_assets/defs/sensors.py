@@ -22,13 +22,16 @@ from imgemb_assets.defs.resources import StorageResource
 
 DEFAULT_MINIMUM_INTERVAL_S = 30
 DEFAULT_RECENT_PREFIXES = 3
+DEFAULT_MAX_NEW_PREFIXES = 100
 _ROOT_OBJECTS_SHOWN = 10
 
 
 def build_raw_prefix_sensor(
-    minimum_interval_seconds: int = DEFAULT_MINIMUM_INTERVAL_S, recent_prefixes: int = DEFAULT_RECENT_PREFIXES
+    minimum_interval_seconds: int = DEFAULT_MINIMUM_INTERVAL_S,
+    recent_prefixes: int = DEFAULT_RECENT_PREFIXES,
+    max_new_prefixes: int = DEFAULT_MAX_NEW_PREFIXES,
 ) -> SensorDefinition:
-    """The discovery sensor; its interval and how many recent prefixes it re-lists are settings."""
+    """The discovery sensor; its interval, the recent prefixes it re-lists and the new ones it takes per tick are settings."""
 
     @sensor(
         name="raw_prefix_sensor",
@@ -42,7 +45,7 @@ def build_raw_prefix_sensor(
     )
     def raw_prefix_sensor(context: SensorEvaluationContext, storage: StorageResource) -> SensorResult:
         cursor = DiscoveryCursor.from_json(context.cursor)
-        plan = plan_discovery(storage.raw_images(), cursor, recent=recent_prefixes)
+        plan = plan_discovery(storage.raw_images(), cursor, recent=recent_prefixes, max_new=max_new_prefixes)
         _report_root_objects(context, plan.root_objects)
         partition_requests = [s3_prefix_partitions.build_add_request(plan.new_prefixes)] if plan.new_prefixes else []
         if plan.changed and not storage.lake().exists(tables.SALES):

@@ -8,6 +8,7 @@
                                     (for example a GPU capacity provider strategy)
     IMGEMB_SENSOR_INTERVAL_S        minimum interval of the discovery and sales sensors (default 30)
     IMGEMB_SENSOR_RECENT_PREFIXES   known prefixes re-listed on each discovery tick (default 3)
+    IMGEMB_SENSOR_MAX_NEW_PREFIXES  new prefixes taken per discovery tick (default 100)
 """
 
 from __future__ import annotations
@@ -35,14 +36,20 @@ class LocationSettings:
     ecs_gpu_run_task_kwargs: dict[str, Any] = field(default_factory=dict)
     sensor_interval_s: int = 30
     sensor_recent_prefixes: int = 3
+    # A first tick over a bucket with many prefixes must finish within Dagster's
+    # sensor time limit (60 s by default); the rest are taken on later ticks.
+    sensor_max_new_prefixes: int = 100
 
     def __post_init__(self) -> None:
         if self.executor not in EXECUTORS:
             raise SettingsError(f"IMGEMB_EXECUTOR must be one of {EXECUTORS}, got {self.executor!r}")
         if self.gpu_count < 1:
             raise SettingsError(f"IMGEMB_GPU_COUNT must be at least 1, got {self.gpu_count}")
-        if self.sensor_interval_s < 1 or self.sensor_recent_prefixes < 0:
-            raise SettingsError("IMGEMB_SENSOR_INTERVAL_S must be >= 1 and IMGEMB_SENSOR_RECENT_PREFIXES >= 0")
+        if self.sensor_interval_s < 1 or self.sensor_recent_prefixes < 0 or self.sensor_max_new_prefixes < 1:
+            raise SettingsError(
+                "IMGEMB_SENSOR_INTERVAL_S and IMGEMB_SENSOR_MAX_NEW_PREFIXES must be >= 1, "
+                "IMGEMB_SENSOR_RECENT_PREFIXES >= 0"
+            )
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> LocationSettings:
@@ -55,6 +62,7 @@ class LocationSettings:
             ecs_gpu_run_task_kwargs=_json(environ, "IMGEMB_ECS_GPU_RUN_TASK_KWARGS", defaults.ecs_gpu_run_task_kwargs, dict),
             sensor_interval_s=_int(environ, "IMGEMB_SENSOR_INTERVAL_S", defaults.sensor_interval_s),
             sensor_recent_prefixes=_int(environ, "IMGEMB_SENSOR_RECENT_PREFIXES", defaults.sensor_recent_prefixes),
+            sensor_max_new_prefixes=_int(environ, "IMGEMB_SENSOR_MAX_NEW_PREFIXES", defaults.sensor_max_new_prefixes),
         )
 
 

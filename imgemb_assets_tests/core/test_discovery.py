@@ -74,6 +74,19 @@ def test_a_vanished_prefix_is_requested_by_full_reconciliation(tmp_path: Path) -
     assert list(plan_discovery(store, cursor, recent=5, full=True).changed) == ["gone"]
 
 
+def test_new_prefixes_are_taken_a_bounded_number_per_tick(tmp_path: Path) -> None:
+    _tree(tmp_path, {f"p{number:02d}/a.jpg": b"a" for number in range(5)})
+    store = open_object_store(str(tmp_path))
+    cursor, taken = DiscoveryCursor(), []
+    for _tick in range(3):
+        plan = plan_discovery(store, cursor, recent=0, max_new=2)
+        assert plan.new_prefixes == sorted(plan.changed) and len(plan.new_prefixes) <= 2
+        taken += plan.new_prefixes
+        cursor = plan.cursor
+    assert taken == [f"p{number:02d}" for number in range(5)]
+    assert plan_discovery(store, cursor, recent=0, max_new=2).changed == {}
+
+
 def test_prefixes_to_fingerprint() -> None:
     assert prefixes_to_fingerprint(["a", "b", "c", "d"], {"a": "1", "b": "1", "c": "1"}, recent=1) == ["c", "d"]
     assert prefixes_to_fingerprint(["a", "b"], {"a": "1", "b": "1"}, recent=0) == []
