@@ -21,8 +21,8 @@ import polars as pl
 from dagster import DagsterInstance, ExecuteInProcessResult
 
 from imgemb_assets.core import tables
-from imgemb_assets.core.embedding import pretrained_weights_cached
 from imgemb_assets.core.lake import Lake
+from imgemb_assets.core.models import pretrained_weights_cached
 from imgemb_assets.core.sample_data import SampleDataset, generate_sample_dataset
 from imgemb_assets.core.storage import open_object_store
 from imgemb_assets.definitions import defs as location_definitions

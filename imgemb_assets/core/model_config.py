@@ -10,8 +10,11 @@ import re
 from dataclasses import dataclass
 from typing import Final
 
-DEFAULT_BATCH_SIZE: Final = 64  # the article's batch size
+CPU_BATCH_SIZE: Final = 64  # the article's batch size
+GPU_BATCH_SIZE: Final = 256
 RANDOM_WEIGHTS: Final = "random"
+BACKBONES: Final = ("resnet50", "resnet18", "vit_b_16")
+PRECISIONS: Final = ("auto", "fp32", "fp16", "bf16")  # auto: fp16 on CUDA, fp32 on CPU
 _DEVICE_PATTERN: Final = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
@@ -27,17 +30,28 @@ class EmbeddingSettings:
     (downloaded through torchvision's own cache), the path of a state-dict file,
     or `random` / `random:<seed>` for explicitly random-initialised weights.
     device: `auto` (CUDA when present, else CPU), `cpu`, `cuda` or `cuda:N`.
+    model: a torchvision backbone, its classifier removed.
+    batch_size: images per forward pass; None for 256 on CUDA and 64 on CPU.
+    precision: `auto` is fp16 with channels_last on CUDA and fp32 on CPU.
+    compile: run the model through torch.compile (worth it for long runs on GPU).
     """
 
     weights: str
     device: str = "auto"
-    batch_size: int = DEFAULT_BATCH_SIZE
+    batch_size: int | None = None
+    model: str = "resnet50"
+    precision: str = "auto"
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if not self.weights.strip():
             raise ModelConfigError("model weights setting is empty; use DEFAULT, a state-dict path or 'random'")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise ModelConfigError(f"batch size must be at least 1, got {self.batch_size}")
+        if self.model not in BACKBONES:
+            raise ModelConfigError(f"unknown model {self.model!r}; choose one of {BACKBONES}")
+        if self.precision not in PRECISIONS:
+            raise ModelConfigError(f"unknown precision {self.precision!r}; choose one of {PRECISIONS}")
         if not _DEVICE_PATTERN.fullmatch(self.device):
             raise ModelConfigError(f"unsupported device {self.device!r}; use auto, cpu, cuda or cuda:N")
 

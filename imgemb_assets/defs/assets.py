@@ -173,7 +173,8 @@ def _materialize_embeddings(
 ) -> MaterializeResult:
     # torch is imported here, by the one step that needs it, rather than by
     # every process that loads the code location (several seconds each).
-    from imgemb_assets.core.embedding import embed_partition, model_id_for
+    from imgemb_assets.core.embedding import embed_partition
+    from imgemb_assets.core.models import model_id_for
 
     prefix = context.partition_key
     lake = storage.lake()
@@ -194,6 +195,7 @@ def _materialize_embeddings(
             "weights": embedded.model.weights_description,
             "embedding_width": embedded.model.width,
             "device": str(embedded.model.device),
+            "precision": str(embedded.model.dtype).removeprefix("torch."),
         }
         if embedded.model is not None
         else {"weights": "model not loaded: every vector was reused"}
@@ -206,7 +208,7 @@ def _materialize_embeddings(
             model_id=model_id_for(settings),
             images_embedded=embedded.images_embedded,
             images_reused=embedded.images_reused,
-            batch_size=settings.batch_size,
+            batch_size=embedded.model.batch_size if embedded.model else settings.batch_size,
             embedding_seconds=round(embedded.seconds, 3),
             images_per_second=round(embedded.images_per_second, 2),
             **model_metadata,

@@ -8,7 +8,7 @@ from dagster_aws.s3 import S3Resource
 from pydantic import Field
 
 from imgemb_assets.core.lake import Lake
-from imgemb_assets.core.model_config import DEFAULT_BATCH_SIZE, EmbeddingSettings
+from imgemb_assets.core.model_config import EmbeddingSettings
 from imgemb_assets.core.s3 import S3Settings
 from imgemb_assets.core.storage import ObjectStore, open_object_store
 
@@ -74,8 +74,20 @@ class EmbeddingModelResource(ConfigurableResource):
     weights: str = Field(
         description="DEFAULT (torchvision's pretrained weights), a state-dict path, or random / random:<seed>."
     )
+    model: Literal["resnet50", "resnet18", "vit_b_16"] = Field(default="resnet50", description="torchvision backbone.")
     device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N.")
-    batch_size: int = Field(default=DEFAULT_BATCH_SIZE, description="Images per forward pass.")
+    batch_size: int | None = Field(default=None, description="Images per forward pass; default 256 on CUDA, 64 on CPU.")
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        default="auto", description="auto: fp16 + channels_last on CUDA, fp32 on CPU."
+    )
+    compile: bool = Field(default=False, description="Run the model through torch.compile.")
 
     def settings(self) -> EmbeddingSettings:
-        return EmbeddingSettings(weights=self.weights, device=self.device, batch_size=self.batch_size)
+        return EmbeddingSettings(
+            weights=self.weights,
+            device=self.device,
+            batch_size=self.batch_size,
+            model=self.model,
+            precision=self.precision,
+            compile=self.compile,
+        )

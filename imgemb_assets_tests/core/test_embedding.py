@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,16 +13,10 @@ from PIL import Image
 from torchvision import transforms
 from torchvision.models import ResNet50_Weights, resnet50
 
-from imgemb_assets.core.embedding import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    EmbeddingModel,
-    embed_thumbnails,
-    load_model,
-    pretrained_weights_cached,
-)
+from imgemb_assets.core.embedding import IMAGENET_MEAN, IMAGENET_STD, embed_thumbnails
 from imgemb_assets.core.images import downscale
 from imgemb_assets.core.model_config import EmbeddingSettings, ModelConfigError
+from imgemb_assets.core.models import EmbeddingModel, load_model, pretrained_weights_cached
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +56,7 @@ def _assert_close_relative(actual: np.ndarray, expected: np.ndarray, tolerance: 
 def test_embeddings_equal_the_article_transform_and_model(
     random_model: EmbeddingModel, thumbnails: list[bytes], batch_size: int
 ) -> None:
-    ours = embed_thumbnails(random_model, thumbnails, batch_size=batch_size)
+    ours = embed_thumbnails(replace(random_model, batch_size=batch_size), thumbnails)
     assert ours.shape == (len(thumbnails), 2048)
     assert ours.dtype == np.float32
     _assert_close_relative(ours, _article_embeddings(random_model.module, thumbnails), 1e-5)
@@ -101,7 +96,7 @@ def test_state_dict_file_weights(tmp_path: Path, random_model: EmbeddingModel, t
     assert loaded.model_id.startswith("torchvision/resnet50/state-dict-sha256-")
     assert not loaded.is_random
     np.testing.assert_array_equal(
-        embed_thumbnails(loaded, thumbnails, 8), embed_thumbnails(random_model, thumbnails, 8)
+        embed_thumbnails(loaded, thumbnails), embed_thumbnails(random_model, thumbnails)
     )
 
 
@@ -114,7 +109,7 @@ def test_backbone_only_state_dict_is_accepted(tmp_path: Path, random_model: Embe
 def test_a_state_dict_of_another_model_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "other.pt"
     torch.save({"weight": torch.zeros(2)}, path)
-    with pytest.raises(ModelConfigError, match="not a ResNet50 state dict"):
+    with pytest.raises(ModelConfigError, match="not a state dict of this backbone"):
         load_model(EmbeddingSettings(weights=str(path), device="cpu"))
 
 
@@ -140,7 +135,10 @@ def test_pretrained_weights_load_through_torchvisions_own_cache(
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        (dict(weights="IMAGENET9K"), "unknown model weights 'IMAGENET9K'"),
+        (dict(weights="IMAGENET9K"), "unknown resnet50 weights 'IMAGENET9K'"),
+        (dict(weights="random", model="alexnet"), "unknown model 'alexnet'"),
+        (dict(weights="random", precision="fp8"), "unknown precision 'fp8'"),
+        (dict(weights="random", device="cpu", precision="fp16"), "fp16 needs a CUDA device"),
         (dict(weights=" "), "weights setting is empty"),
         (dict(weights="random:abc"), "seed must be a non-negative integer"),
         (dict(weights="random", batch_size=0), "batch size must be at least 1"),
@@ -151,3 +149,13 @@ def test_pretrained_weights_load_through_torchvisions_own_cache(
 def test_invalid_settings_are_clear_errors(settings: dict, message: str) -> None:
     with pytest.raises(ModelConfigError, match=message):
         load_model(EmbeddingSettings(**settings))
+
+
+@pytest.mark.parametrize(("model", "width"), [("resnet18", 512), ("vit_b_16", 768)])
+def test_other_backbones_take_their_width_from_the_model(model: str, width: int, thumbnails: list[bytes]) -> None:
+    loaded = load_model(EmbeddingSettings(weights="random", device="cpu", model=model, batch_size=2))
+    assert loaded.width == width
+    assert loaded.model_id == f"torchvision/{model}/random-seed0"
+    ours = embed_thumbnails(loaded, thumbnails[:3])
+    assert ours.shape == (3, width)
+    _assert_close_relative(ours, _article_embeddings(loaded.module, thumbnails[:3]), 1e-5)

@@ -1,0 +1,188 @@
+"""torchvision backbones without their classifier: building, loading weights, naming, placing on a device."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import torch
+from torchvision.models import (
+    ResNet18_Weights,
+    ResNet50_Weights,
+    ViT_B_16_Weights,
+    WeightsEnum,
+    resnet18,
+    resnet50,
+    vit_b_16,
+)
+
+from imgemb_assets.core.model_config import (
+    CPU_BATCH_SIZE,
+    GPU_BATCH_SIZE,
+    RANDOM_WEIGHTS,
+    EmbeddingSettings,
+    ModelConfigError,
+    parse_random_seed,
+)
+
+
+@dataclass(frozen=True)
+class _Backbone:
+    build: Callable[..., torch.nn.Module]
+    weights: type[WeightsEnum]
+    head: str  # the attribute holding the classifier, replaced by Identity
+
+
+_BACKBONES: Final = {
+    "resnet50": _Backbone(resnet50, ResNet50_Weights, "fc"),
+    "resnet18": _Backbone(resnet18, ResNet18_Weights, "fc"),
+    "vit_b_16": _Backbone(vit_b_16, ViT_B_16_Weights, "heads"),
+}
+
+
+@dataclass(frozen=True)
+class EmbeddingModel:
+    module: torch.nn.Module
+    model_id: str  # recorded on every embedding row
+    weights_description: str  # for people: where the weights came from
+    is_random: bool
+    device: torch.device
+    dtype: torch.dtype
+    width: int
+    batch_size: int
+
+
+def resolve_device(name: str) -> torch.device:
+    """A validated device setting (see EmbeddingSettings) as a torch device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    if precision == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if precision == "fp16" and device.type != "cuda":
+        raise ModelConfigError("fp16 needs a CUDA device; use fp32 (or bf16) on CPU")
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+def model_id_for(settings: EmbeddingSettings) -> str:
+    """The id recorded on every embedding row, known without building the model.
+
+    Stored vectors are reused only under the same id, so changing the backbone
+    or the weights (or the state-dict file's content) recomputes every vector.
+    """
+    seed = parse_random_seed(settings.weights)
+    if seed is not None:
+        weights_id = f"random-seed{seed}"
+    elif Path(settings.weights).is_file():
+        weights_id = f"state-dict-sha256-{_sha256_prefix(Path(settings.weights))}"
+    else:
+        weights_id = _weights_enum(settings.model, settings.weights).name
+    return f"torchvision/{settings.model}/{weights_id}"
+
+
+def load_model(settings: EmbeddingSettings) -> EmbeddingModel:
+    """The backbone without its classifier, with the configured weights, ready for inference."""
+    backbone = _BACKBONES[settings.model]
+    seed = parse_random_seed(settings.weights)
+    if seed is not None:
+        module, description = _random(backbone, seed)
+    elif Path(settings.weights).is_file():
+        module, description = _from_state_dict(backbone, Path(settings.weights))
+    else:
+        module, description = _pretrained(backbone, settings.model, settings.weights)
+    width = _remove_classifier(module, backbone.head)
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.precision, device)
+    module = module.eval().to(device=device, dtype=dtype)
+    if device.type == "cuda":
+        module = module.to(memory_format=torch.channels_last)
+    if settings.compile:
+        module = torch.compile(module)
+    return EmbeddingModel(
+        module=module,
+        model_id=model_id_for(settings),
+        weights_description=description,
+        is_random=seed is not None,
+        device=device,
+        dtype=dtype,
+        width=width,
+        batch_size=settings.batch_size or (GPU_BATCH_SIZE if device.type == "cuda" else CPU_BATCH_SIZE),
+    )
+
+
+def pretrained_weights_cached(name: str = "DEFAULT", model: str = "resnet50") -> bool:
+    """Whether torchvision's weights file is already in the local torch hub cache."""
+    weights = _weights_enum(model, name)
+    filename = weights.url.rsplit("/", 1)[-1]
+    return (Path(torch.hub.get_dir()) / "checkpoints" / filename).is_file()
+
+
+def _remove_classifier(module: torch.nn.Module, head: str) -> int:
+    """Replaces the classifier with Identity; the embedding width."""
+    classifier = getattr(module, head)
+    width = classifier.in_features if isinstance(classifier, torch.nn.Linear) else module.hidden_dim
+    setattr(module, head, torch.nn.Identity())
+    return int(width)
+
+
+def _sha256_prefix(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def _random(backbone: _Backbone, seed: int) -> tuple[torch.nn.Module, str]:
+    # Seed a forked RNG so building the model never disturbs the caller's random state.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        module = backbone.build(weights=None)
+    return module, f"RANDOM-initialised weights (seed {seed}): embeddings are not meaningful"
+
+
+def _from_state_dict(backbone: _Backbone, path: Path) -> tuple[torch.nn.Module, str]:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ModelConfigError(f"{path} holds a {type(state).__name__}, not a state dict")
+    module = backbone.build(weights=None)
+    # The classifier is dropped anyway, so a backbone-only state dict (saved
+    # after removing it) is accepted as well as a full one.
+    head = f"{backbone.head}."
+    body = {key: value for key, value in state.items() if not key.startswith(head)}
+    missing, unexpected = module.load_state_dict(body, strict=False)
+    missing_body = [key for key in missing if not key.startswith(head)]
+    if missing_body or unexpected:
+        raise ModelConfigError(
+            f"{path} is not a state dict of this backbone: missing {missing_body[:5]}, unexpected {unexpected[:5]}"
+        )
+    return module, f"state dict {path} (sha256 {_sha256_prefix(path)}...)"
+
+
+def _pretrained(backbone: _Backbone, model: str, name: str) -> tuple[torch.nn.Module, str]:
+    weights = _weights_enum(model, name)
+    try:
+        module = backbone.build(weights=weights)
+    except Exception as exc:  # torchvision surfaces network and cache errors with many types
+        raise ModelConfigError(
+            f"could not load torchvision's pretrained {model} weights {weights.name} "
+            f"(they are downloaded once into {torch.hub.get_dir()}): {exc}. "
+            "Put them in that cache, set the weights to a state-dict path, "
+            "or set them to 'random' for explicitly random weights."
+        ) from exc
+    return module, f"pretrained torchvision weights {weights.name}"
+
+
+def _weights_enum(model: str, name: str) -> WeightsEnum:
+    enum = _BACKBONES[model].weights
+    try:
+        return enum.DEFAULT if name == "DEFAULT" else enum[name]
+    except KeyError as exc:
+        choices = ["DEFAULT", *enum.__members__, RANDOM_WEIGHTS, "<path to a state dict>"]
+        raise ModelConfigError(f"unknown {model} weights {name!r}; choose one of {choices}") from exc
