@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Final
@@ -129,55 +129,60 @@ def _when_copied(host: torch.Tensor, copied: torch.cuda.Event) -> np.ndarray:
     return host.numpy()
 
 
-@dataclass(frozen=True)
-class EmbeddedPartition:
-    table: pa.Table
-    images_embedded: int  # went through the model
-    images_reused: int  # kept their stored vector
-    seconds: float  # decoding and inference of the embedded images
-    model: EmbeddingModel | None  # None when every vector was reused and no model was loaded
+@dataclass
+class EmbeddingRun:
+    """What embedding a partition took; filled in while its batches stream through."""
+
+    images_embedded: int = 0  # went through the model
+    images_reused: int = 0  # kept their stored vector
+    seconds: float = 0.0  # decoding and inference of the embedded images
+    model: EmbeddingModel | None = None  # None while every vector was reused and no model was needed
 
     @property
     def images_per_second(self) -> float:
         return self.images_embedded / self.seconds if self.seconds > 0 else 0.0
 
 
-def embed_partition(
-    joined: pa.Table, previous: pa.Table | None, settings: EmbeddingSettings, schema: pa.Schema
-) -> EmbeddedPartition:
-    """The joined rows with their image replaced by its embedding and the model's id.
+def embed_partition_batches(
+    joined: Iterable[pa.RecordBatch],
+    previous: pa.Table | None,
+    settings: EmbeddingSettings,
+    schema: pa.Schema,
+    run: EmbeddingRun,
+) -> Iterator[pa.RecordBatch]:
+    """The joined rows, batch by batch, with their image replaced by its embedding and the model's id.
 
     A row whose image_id, content fingerprint (etag) and model_id match a row of
     `previous` (the partition as stored) keeps that vector; only new or changed
-    images go through the model, which is loaded only if there are any.
+    images go through the model, which is loaded only when the first one comes.
     """
     model_id = model_id_for(settings)
     stored = _stored_vectors(previous, model_id)
-    keys = list(zip(joined.column("image_id").to_pylist(), joined.column("etag").to_pylist()))
-    to_embed = [row for row, key in enumerate(keys) if key not in stored.index]
-    reused = [row for row, key in enumerate(keys) if key in stored.index]
-    model, seconds, fresh = None, 0.0, np.empty((0, 0), np.float32)
-    if to_embed:
-        model = load_model(settings)
-        started = time.perf_counter()
-        fresh = embed_thumbnails(model, joined.column("image_jpeg").take(pa.array(to_embed)).to_pylist())
-        seconds = time.perf_counter() - started
-    width = model.width if model else stored.vectors.shape[1]
-    vectors = np.empty((joined.num_rows, width), dtype=np.float32)
-    if to_embed:
-        vectors[to_embed] = fresh
-    if reused:
-        vectors[reused] = stored.vectors[[stored.index[keys[row]] for row in reused]]
-    table = joined.append_column("embedding", embedding_array(vectors)).append_column(
-        "model_id", pa.array([model_id] * joined.num_rows, pa.string())
-    )
-    return EmbeddedPartition(
-        table=table.select(schema.names).cast(schema),
-        images_embedded=len(to_embed),
-        images_reused=len(reused),
-        seconds=seconds,
-        model=model,
-    )
+    for batch in joined:
+        if batch.num_rows == 0:
+            continue
+        keys = list(zip(batch.column("image_id").to_pylist(), batch.column("etag").to_pylist()))
+        to_embed = [row for row, key in enumerate(keys) if key not in stored.index]
+        reused = [row for row, key in enumerate(keys) if key in stored.index]
+        if to_embed and run.model is None:
+            run.model = load_model(settings)
+        width = run.model.width if run.model else stored.vectors.shape[1]
+        vectors = np.empty((batch.num_rows, width), dtype=np.float32)
+        if to_embed:
+            assert run.model is not None
+            started = time.perf_counter()
+            vectors[to_embed] = embed_thumbnails(run.model, batch.column("image_jpeg").take(pa.array(to_embed)).to_pylist())
+            run.seconds += time.perf_counter() - started
+        if reused:
+            vectors[reused] = stored.vectors[[stored.index[keys[row]] for row in reused]]
+        run.images_embedded += len(to_embed)
+        run.images_reused += len(reused)
+        table = (
+            pa.Table.from_batches([batch])
+            .append_column("embedding", embedding_array(vectors))
+            .append_column("model_id", pa.array([model_id] * batch.num_rows, pa.string()))
+        )
+        yield from table.select(schema.names).cast(schema).to_batches()
 
 
 @dataclass(frozen=True)

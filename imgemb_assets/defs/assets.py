@@ -32,6 +32,8 @@ from imgemb_assets.defs.resources import EmbeddingModelResource, StorageResource
 
 _KINDS = {"delta"}
 LISTING_FINGERPRINT_KEY = "listing_fingerprint"
+# Joined rows per streamed batch (thumbnails are ~15-30 KB each).
+_EMBEDDING_READ_ROWS = 2048
 
 
 def _table_metadata(lake: Lake, name: str, rows: int, **extra: Any) -> dict[str, Any]:
@@ -173,44 +175,48 @@ def _materialize_embeddings(
 ) -> MaterializeResult:
     # torch is imported here, by the one step that needs it, rather than by
     # every process that loads the code location (several seconds each).
-    from imgemb_assets.core.embedding import embed_partition
+    from imgemb_assets.core.embedding import EmbeddingRun, embed_partition_batches
     from imgemb_assets.core.models import model_id_for
 
     prefix = context.partition_key
     lake = storage.lake()
     settings = embedding_model.settings()
-    joined = lake.read(tables.IMAGES_WITH_SALES, prefix)
+    # The partition streams through in batches and is written in one commit,
+    # so memory does not grow with the partition.
+    joined = lake.read_batches(tables.IMAGES_WITH_SALES, prefix, batch_rows=_EMBEDDING_READ_ROWS)
     previous = (
         lake.read(tables.IMAGE_EMBEDDINGS, prefix, columns=["image_id", "etag", "model_id", "embedding"])
         if lake.exists(tables.IMAGE_EMBEDDINGS)
         else None
     )
     schema = tables.image_embeddings_schema(_sales_schema_of(joined.schema))
-    embedded = embed_partition(joined, previous, settings, schema)
-    if embedded.model is not None and embedded.model.is_random:
-        context.log.warning(f"embedding with {embedded.model.weights_description}")
-    lake.write_partition(tables.IMAGE_EMBEDDINGS, embedded.table, prefix)
+    run = EmbeddingRun()
+    rows = lake.write_partition_stream(
+        tables.IMAGE_EMBEDDINGS, embed_partition_batches(joined, previous, settings, schema, run), schema, prefix
+    )
+    if run.model is not None and run.model.is_random:
+        context.log.warning(f"embedded with {run.model.weights_description}")
     model_metadata = (
         {
-            "weights": embedded.model.weights_description,
-            "embedding_width": embedded.model.width,
-            "device": str(embedded.model.device),
-            "precision": str(embedded.model.dtype).removeprefix("torch."),
+            "weights": run.model.weights_description,
+            "embedding_width": run.model.width,
+            "device": str(run.model.device),
+            "precision": str(run.model.dtype).removeprefix("torch."),
+            "batch_size": run.model.batch_size,
         }
-        if embedded.model is not None
+        if run.model is not None
         else {"weights": "model not loaded: every vector was reused"}
     )
     return MaterializeResult(
         metadata=_table_metadata(
             lake,
             tables.IMAGE_EMBEDDINGS,
-            embedded.table.num_rows,
+            rows,
             model_id=model_id_for(settings),
-            images_embedded=embedded.images_embedded,
-            images_reused=embedded.images_reused,
-            batch_size=embedded.model.batch_size if embedded.model else settings.batch_size,
-            embedding_seconds=round(embedded.seconds, 3),
-            images_per_second=round(embedded.images_per_second, 2),
+            images_embedded=run.images_embedded,
+            images_reused=run.images_reused,
+            embedding_seconds=round(run.seconds, 3),
+            images_per_second=round(run.images_per_second, 2),
             **model_metadata,
         )
     )
