@@ -1,4 +1,7 @@
-"""Embedding stored 224x224 JPEG thumbnails: preprocessing, overlapped decode and inference, partitions.
+"""Embedding stored 224x224 JPEG thumbnails: preprocessing, and decoding overlapped with inference.
+
+Needs torch, numpy and Pillow only (no pyarrow, no Dagster), so it runs and
+benchmarks on a bare GPU machine.
 
 Preprocessing is the article's `ToTensor` + ImageNet `Normalize`, done on whole
 uint8 batches on the model's device with the same fp32 arithmetic, then cast
@@ -13,22 +16,16 @@ synchronizes one batch behind.
 
 from __future__ import annotations
 
-import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Final
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 
 from imgemb_assets.core.images import IMAGE_SIZE, decode_thumbnail
-from imgemb_assets.core.model_config import EmbeddingSettings
-from imgemb_assets.core.models import EmbeddingModel, load_model, model_id_for
-from imgemb_assets.core.tables import EMBEDDING_TYPE
+from imgemb_assets.core.models import EmbeddingModel
 
 IMAGENET_MEAN: Final = (0.485, 0.456, 0.406)
 IMAGENET_STD: Final = (0.229, 0.224, 0.225)
@@ -127,85 +124,3 @@ def _iter_embeddings_cuda(model: EmbeddingModel, batches: list[Sequence[bytes]])
 def _when_copied(host: torch.Tensor, copied: torch.cuda.Event) -> np.ndarray:
     copied.synchronize()
     return host.numpy()
-
-
-@dataclass
-class EmbeddingRun:
-    """What embedding a partition took; filled in while its batches stream through."""
-
-    images_embedded: int = 0  # went through the model
-    images_reused: int = 0  # kept their stored vector
-    seconds: float = 0.0  # decoding and inference of the embedded images
-    model: EmbeddingModel | None = None  # None while every vector was reused and no model was needed
-
-    @property
-    def images_per_second(self) -> float:
-        return self.images_embedded / self.seconds if self.seconds > 0 else 0.0
-
-
-def embed_partition_batches(
-    joined: Iterable[pa.RecordBatch],
-    previous: pa.Table | None,
-    settings: EmbeddingSettings,
-    schema: pa.Schema,
-    run: EmbeddingRun,
-) -> Iterator[pa.RecordBatch]:
-    """The joined rows, batch by batch, with their image replaced by its embedding and the model's id.
-
-    A row whose image_id, content fingerprint (etag) and model_id match a row of
-    `previous` (the partition as stored) keeps that vector; only new or changed
-    images go through the model, which is loaded only when the first one comes.
-    """
-    model_id = model_id_for(settings)
-    stored = _stored_vectors(previous, model_id)
-    for batch in joined:
-        if batch.num_rows == 0:
-            continue
-        keys = list(zip(batch.column("image_id").to_pylist(), batch.column("etag").to_pylist()))
-        to_embed = [row for row, key in enumerate(keys) if key not in stored.index]
-        reused = [row for row, key in enumerate(keys) if key in stored.index]
-        if to_embed and run.model is None:
-            run.model = load_model(settings)
-        width = run.model.width if run.model else stored.vectors.shape[1]
-        vectors = np.empty((batch.num_rows, width), dtype=np.float32)
-        if to_embed:
-            assert run.model is not None
-            started = time.perf_counter()
-            vectors[to_embed] = embed_thumbnails(run.model, batch.column("image_jpeg").take(pa.array(to_embed)).to_pylist())
-            run.seconds += time.perf_counter() - started
-        if reused:
-            vectors[reused] = stored.vectors[[stored.index[keys[row]] for row in reused]]
-        run.images_embedded += len(to_embed)
-        run.images_reused += len(reused)
-        table = (
-            pa.Table.from_batches([batch])
-            .append_column("embedding", embedding_array(vectors))
-            .append_column("model_id", pa.array([model_id] * batch.num_rows, pa.string()))
-        )
-        yield from table.select(schema.names).cast(schema).to_batches()
-
-
-@dataclass(frozen=True)
-class _StoredVectors:
-    index: dict[tuple[str, str], int]  # (image_id, etag) -> row of `vectors`
-    vectors: np.ndarray
-
-
-def _stored_vectors(previous: pa.Table | None, model_id: str) -> _StoredVectors:
-    if previous is None or previous.num_rows == 0:
-        return _StoredVectors({}, np.empty((0, 0), np.float32))
-    same_model = previous.filter(pc.equal(previous.column("model_id"), model_id))
-    if same_model.num_rows == 0:
-        return _StoredVectors({}, np.empty((0, 0), np.float32))
-    embeddings = same_model.column("embedding").combine_chunks()
-    width = len(embeddings[0])
-    vectors = embeddings.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
-    keys = zip(same_model.column("image_id").to_pylist(), same_model.column("etag").to_pylist())
-    return _StoredVectors({key: row for row, key in enumerate(keys)}, vectors)
-
-
-def embedding_array(vectors: np.ndarray) -> pa.Array:
-    """(N, width) float32 -> list<float32>; Delta has no fixed-size list type."""
-    width = vectors.shape[1]
-    flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).ravel(), pa.float32())
-    return pa.FixedSizeListArray.from_arrays(flat, width).cast(EMBEDDING_TYPE)

@@ -175,7 +175,7 @@ def _materialize_embeddings(
 ) -> MaterializeResult:
     # torch is imported here, by the one step that needs it, rather than by
     # every process that loads the code location (several seconds each).
-    from imgemb_assets.core.embedding import EmbeddingRun, embed_partition_batches
+    from imgemb_assets.core.embedding_partition import EmbeddingRun, embed_partition_batches
     from imgemb_assets.core.models import model_id_for
 
     prefix = context.partition_key
