@@ -17,9 +17,9 @@ JSON line. Needs torch, numpy and Pillow only.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,6 +30,7 @@ from imgemb_assets.core.embedding import decode_batch, embed_thumbnails, preproc
 from imgemb_assets.core.images import ImageRejected, downscale
 from imgemb_assets.core.model_config import BACKBONES, PRECISIONS, EmbeddingSettings
 from imgemb_assets.core.models import EmbeddingModel, load_model
+from imgemb_assets.core.synthetic import synthetic_photo
 
 
 def thumbnails_from(folder: Path, count: int) -> list[bytes]:
@@ -47,12 +48,16 @@ def thumbnails_from(folder: Path, count: int) -> list[bytes]:
     return [made[i % len(made)] for i in range(count)]
 
 
-def generated_thumbnails(count: int) -> list[bytes]:
-    from imgemb_assets.core.sample_data import generate_sample_dataset
-
-    with tempfile.TemporaryDirectory() as scratch:
-        dataset = generate_sample_dataset(Path(scratch), images_per_prefix=min(count, 200), prefixes=("bench",))
-        return thumbnails_from(Path(dataset.raw_images_uri), count)
+def generated_thumbnails(count: int, distinct: int = 200) -> list[bytes]:
+    """Thumbnails of synthetic photos of varied sizes (cycled past `distinct`)."""
+    rng = np.random.default_rng(0)
+    made = []
+    for _ in range(min(count, distinct)):
+        width, height = (int(v) for v in rng.integers(48, 1024, size=2))
+        buffer = io.BytesIO()
+        synthetic_photo(rng, width, height).save(buffer, format="JPEG", quality=90)
+        made.append(downscale(buffer.getvalue()).jpeg)
+    return [made[i % len(made)] for i in range(count)]
 
 
 def _synchronize(device: torch.device) -> None:

@@ -18,7 +18,8 @@ from typing import Final
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image, ImageDraw
+
+from imgemb_assets.core.synthetic import synthetic_photo
 
 DEFAULT_PREFIXES: Final = ("2026-11-01", "2026-11-02", "2026-11-03")
 _MARKER: Final = "sample-dataset.json"
@@ -103,27 +104,9 @@ def generate_sample_dataset(
     return dataset
 
 
-def _synthetic_photo(rng: np.random.Generator, width: int, height: int) -> Image.Image:
-    # A colour gradient with a few shapes: cheap to make, and it compresses like an image.
-    top, bottom = rng.integers(0, 256, size=(2, 3))
-    ramp = np.linspace(0.0, 1.0, height)[:, None, None]
-    pixels = (top * (1 - ramp) + bottom * ramp).astype(np.uint8)
-    image = Image.fromarray(np.broadcast_to(pixels, (height, width, 3)).copy())
-    draw = ImageDraw.Draw(image)
-    for _ in range(int(rng.integers(2, 6))):
-        x0, x1 = sorted(rng.integers(0, width, size=2))
-        y0, y1 = sorted(rng.integers(0, height, size=2))
-        colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
-        if rng.random() < 0.5:
-            draw.rectangle((x0, y0, x1, y1), fill=colour)
-        else:
-            draw.ellipse((x0, y0, x1, y1), fill=colour)
-    return image
-
-
 def _write_image(folder: Path, image_id: str, rng: np.random.Generator) -> str:
     width, height = (int(v) for v in rng.integers(48, 1024, size=2))
-    image = _synthetic_photo(rng, width, height)
+    image = synthetic_photo(rng, width, height)
     if rng.random() < 0.1:
         image.save(folder / f"{image_id}.png", format="PNG")
     else:
@@ -136,7 +119,7 @@ def _broken_bytes(kind: str, rng: np.random.Generator) -> bytes:
         return b""
     if kind == "truncated-jpeg":
         buffer = io.BytesIO()
-        _synthetic_photo(rng, 640, 480).save(buffer, format="JPEG", quality=90)
+        synthetic_photo(rng, 640, 480).save(buffer, format="JPEG", quality=90)
         return buffer.getvalue()[: buffer.tell() // 3]
     if kind == "text":
         return b"sku,notes\nimg,this is a CSV export saved with a .jpg name\n"

@@ -24,3 +24,18 @@ def test_core_imports_without_dagster() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert int(done.stdout.strip()) >= 7  # every module under core/ was imported
+
+
+_GPU_MACHINE_IMPORTS = """
+import sys
+for name in ("dagster", "deltalake", "polars", "pyarrow", "boto3"):
+    sys.modules[name] = None  # a GPU machine may have torch and nothing else of ours
+import imgemb_assets.core.bench, imgemb_assets.core.embedding, imgemb_assets.core.models
+from imgemb_assets.core.bench import generated_thumbnails
+assert len(generated_thumbnails(3)) == 3
+"""
+
+
+def test_the_embedding_core_and_bench_need_only_torch_numpy_and_pillow() -> None:
+    done = subprocess.run([sys.executable, "-c", _GPU_MACHINE_IMPORTS], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr

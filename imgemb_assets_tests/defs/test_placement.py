@@ -9,10 +9,13 @@ V1Job with dagster-k8s's own job constructor, without submitting either.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+import yaml
 from dagster import AssetKey, Definitions
 from dagster._config import validate_config
+from dagster._core.instance.config import dagster_instance_config
 from dagster_aws.ecs.executor import EcsStepHandler
 from dagster_k8s.job import DagsterK8sJobConfig, construct_dagster_k8s_job, get_user_defined_k8s_config
 
@@ -99,3 +102,23 @@ def test_settings_come_from_the_environment_with_clear_errors() -> None:
         LocationSettings.from_environ({"IMGEMB_K8S_GPU_TOLERATIONS": "{}"})
     with pytest.raises(SettingsError, match="IMGEMB_GPU_COUNT must be an integer"):
         LocationSettings.from_environ({"IMGEMB_GPU_COUNT": "two"})
+
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("folder", [".", "deploy/ecs"])
+def test_shipped_instance_configs_validate(folder: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("DAGSTER_PG_HOST", "DAGSTER_PG_USERNAME", "DAGSTER_PG_PASSWORD", "DAGSTER_PG_DB"):
+        monkeypatch.setenv(name, "x")
+    config, _ = dagster_instance_config(str(REPO_ROOT / folder), "dagster.yaml")
+    assert config["concurrency"]["pools"]["default_limit"] >= 1  # bounds the gpu pool
+
+
+def test_helm_values_ask_for_the_k8s_executor_and_gpu_nodes() -> None:
+    values = yaml.safe_load((REPO_ROOT / "deploy" / "k8s" / "values.yaml").read_text())
+    (deployment,) = values["dagster-user-deployments"]["deployments"]
+    env = {item["name"]: item["value"] for item in deployment["env"]}
+    settings = LocationSettings.from_environ(env)
+    assert settings.executor == "k8s"
+    assert settings.k8s_gpu_node_selector == {"nvidia.com/gpu.present": "true"}
