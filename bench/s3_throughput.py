@@ -20,7 +20,7 @@ from imgemb_assets.core.pipeline import build_manifest, downscale_partition
 from imgemb_assets.core.s3 import S3Settings
 from imgemb_assets.core.sample_data import generate_sample_dataset
 from imgemb_assets.core.storage import open_object_store
-from imgemb_assets_tests.moto_server import running_moto_server
+from imgemb_assets_tests.moto_server import client_environment, running_moto_server
 
 
 def _timed(action):  # type: ignore[no-untyped-def]
@@ -35,10 +35,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=600, help="images in the downscaled prefix")
     args = parser.parse_args()
     with running_moto_server() as endpoint, tempfile.TemporaryDirectory() as scratch:
-        os.environ.update(
-            AWS_ENDPOINT_URL=endpoint, AWS_REGION="us-east-1", AWS_ALLOW_HTTP="true",
-            AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
-        )
+        os.environ.update(client_environment(endpoint))
         client = S3Settings().client()
         client.create_bucket(Bucket="bench")
         with ThreadPoolExecutor(32) as pool:

@@ -25,7 +25,7 @@ from imgemb_assets.core.lake import Lake
 from imgemb_assets.core.s3 import S3Settings
 from imgemb_assets.defs.resources import ImgembS3Resource, StorageResource
 from imgemb_assets.defs.sensors import DEFAULT_RECENT_PREFIXES, build_raw_prefix_sensor
-from imgemb_assets_tests.moto_server import running_moto_server
+from imgemb_assets_tests.moto_server import client_environment, running_moto_server
 
 
 def main() -> None:
@@ -34,10 +34,7 @@ def main() -> None:
     parser.add_argument("--objects-per-prefix", type=int, default=100)
     args = parser.parse_args()
     with running_moto_server() as endpoint:
-        os.environ.update(
-            AWS_ENDPOINT_URL=endpoint, AWS_REGION="us-east-1", AWS_ALLOW_HTTP="true",
-            AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
-        )  # fmt: skip
+        os.environ.update(client_environment(endpoint))
         client = S3Settings().client()
         client.create_bucket(Bucket="bench")
         keys = [

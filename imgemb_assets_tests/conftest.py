@@ -12,7 +12,7 @@ import pytest
 
 from imgemb_assets.core.s3 import S3Settings
 from imgemb_assets.core.sample_data import SampleDataset, generate_sample_dataset
-from imgemb_assets_tests.moto_server import running_moto_server
+from imgemb_assets_tests.moto_server import client_environment, running_moto_server
 
 SMALL_PREFIXES = ("2026-11-01", "2026-11-02")
 
@@ -40,9 +40,6 @@ def code_location_env(dataset: SampleDataset, lake: str | Path, dagster_home: Pa
 
 # --- a real S3 API: moto's server in a subprocess on 127.0.0.1 -------------------
 
-MOTO_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing-key-id", "AWS_SECRET_ACCESS_KEY": "testing-secret-key-0123456789"}
-
-
 @pytest.fixture(scope="session")
 def moto_endpoint() -> Iterator[str]:
     """The URL of a moto S3 server subprocess, stopped at the end of the session."""
@@ -55,15 +52,7 @@ def s3_env(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, str
     """The standard AWS variables pointing every client at the moto server."""
     for key in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
         monkeypatch.delenv(key, raising=False)
-    env = {
-        "AWS_ENDPOINT_URL": moto_endpoint,
-        "AWS_REGION": "us-east-1",
-        "AWS_ALLOW_HTTP": "true",
-        # no shared config or credentials files from the machine running the tests
-        "AWS_CONFIG_FILE": "/nonexistent/aws-config",
-        "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/aws-credentials",
-        **MOTO_CREDENTIALS,
-    }
+    env = client_environment(moto_endpoint)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     return env

@@ -16,6 +16,21 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+MOTO_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing-key-id", "AWS_SECRET_ACCESS_KEY": "testing-secret-key-0123456789"}
+
+
+def client_environment(endpoint: str) -> dict[str, str]:
+    """The standard AWS variables that point every client (boto3, delta-rs) at the moto server."""
+    return {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_REGION": "us-east-1",
+        "AWS_ALLOW_HTTP": "true",
+        # no shared config or credentials files from the machine running the tests
+        "AWS_CONFIG_FILE": "/nonexistent/aws-config",
+        "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/aws-credentials",
+        **MOTO_CREDENTIALS,
+    }
+
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now."""
