@@ -19,7 +19,12 @@ from imgemb_assets.defs.assets import (
 )
 from imgemb_assets.defs.jobs import embed_prefix_job, refresh_sales_job, rejoin_sales_job
 from imgemb_assets.defs.placement import gpu_step_tags, location_executor
-from imgemb_assets.defs.resources import EmbeddingModelResource, ImgembS3Resource, StorageResource
+from imgemb_assets.defs.resources import (
+    EmbeddingModelResource,
+    ImgembS3Resource,
+    QualityThresholds,
+    StorageResource,
+)
 from imgemb_assets.defs.schedules import full_reconciliation_schedule
 from imgemb_assets.defs.sensors import build_raw_prefix_sensor, build_sales_change_sensor, sales_rejoin_sensor
 from imgemb_assets.defs.settings import LocationSettings
@@ -53,6 +58,7 @@ def build_definitions(settings: LocationSettings) -> Definitions:
                 s3=ImgembS3Resource(),
             ),
             "embedding_model": EmbeddingModelResource(weights=EnvVar("IMGEMB_MODEL_WEIGHTS")),
+            "quality": QualityThresholds(),
         },
     )
 

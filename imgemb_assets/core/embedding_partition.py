@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -24,6 +24,9 @@ class EmbeddingRun:
     images_reused: int = 0  # kept their stored vector
     seconds: float = 0.0  # decoding and inference of the embedded images
     model: EmbeddingModel | None = None  # None while every vector was reused and no model was needed
+    rows: int = 0
+    widths: set[int] = field(default_factory=set)  # vector widths written (one, when all is well)
+    non_finite_rows: int = 0  # vectors holding NaN or infinite values
 
     @property
     def images_per_second(self) -> float:
@@ -64,6 +67,9 @@ def embed_partition_batches(
             vectors[reused] = stored.vectors[[stored.index[keys[row]] for row in reused]]
         run.images_embedded += len(to_embed)
         run.images_reused += len(reused)
+        run.rows += batch.num_rows
+        run.widths.add(width)
+        run.non_finite_rows += int((~np.isfinite(vectors).all(axis=1)).sum())
         table = (
             pa.Table.from_batches([batch])
             .append_column("embedding", embedding_array(vectors))

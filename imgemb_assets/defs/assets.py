@@ -12,6 +12,9 @@ from typing import Any
 
 import pyarrow as pa
 from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
     AssetExecutionContext,
     AssetsDefinition,
     AssetSpec,
@@ -25,15 +28,34 @@ from imgemb_assets.core import tables
 from imgemb_assets.core.discovery import listing_fingerprint
 from imgemb_assets.core.lake import Lake
 from imgemb_assets.core.pipeline import build_manifest, downscale_partition
+from imgemb_assets.core.quality import (
+    CheckOutcome,
+    duplicate_image_ids,
+    embedding_values,
+    manifest_accounted_for,
+    sales_coverage,
+)
 from imgemb_assets.core.sales import join_with_sales, list_sales_files, read_sales
 from imgemb_assets.defs.partitions import s3_prefix_partitions
 from imgemb_assets.defs.placement import GPU_POOL
-from imgemb_assets.defs.resources import EmbeddingModelResource, StorageResource
+from imgemb_assets.defs.resources import EmbeddingModelResource, QualityThresholds, StorageResource
 
 _KINDS = {"delta"}
 LISTING_FINGERPRINT_KEY = "listing_fingerprint"
 # Joined rows per streamed batch (thumbnails are ~15-30 KB each).
 _EMBEDDING_READ_ROWS = 2048
+
+
+def _check_result(
+    check_name: str, outcome: CheckOutcome, severity: AssetCheckSeverity = AssetCheckSeverity.ERROR
+) -> AssetCheckResult:
+    return AssetCheckResult(
+        check_name=check_name,
+        passed=outcome.passed,
+        severity=severity,
+        description=outcome.description,
+        metadata=outcome.metadata,
+    )
 
 
 def _table_metadata(lake: Lake, name: str, rows: int, **extra: Any) -> dict[str, Any]:
@@ -82,6 +104,13 @@ def raw_image_manifest(context: AssetExecutionContext, storage: StorageResource)
             description="Each manifest object that could not become a thumbnail, with the reason.",
         ),
     ],
+    check_specs=[
+        AssetCheckSpec(
+            "manifest_accounted_for",
+            asset=tables.DOWNSCALED_IMAGES,
+            description="Every manifest object is in exactly one of downscaled_images and rejected_images.",
+        )
+    ],
     partitions_def=s3_prefix_partitions,
     can_subset=False,
 )
@@ -97,6 +126,16 @@ def downscaled_images(context: AssetExecutionContext, storage: StorageResource) 
     yield MaterializeResult(
         asset_key=tables.DOWNSCALED_IMAGES,
         metadata=_table_metadata(lake, tables.DOWNSCALED_IMAGES, result.images.num_rows),
+        check_results=[
+            _check_result(
+                "manifest_accounted_for",
+                manifest_accounted_for(
+                    lake.read(tables.RAW_IMAGE_MANIFEST, prefix, columns=["uri"]).column("uri").to_pylist(),
+                    lake.read(tables.DOWNSCALED_IMAGES, prefix, columns=["image_id"]).num_rows,
+                    lake.read(tables.REJECTED_IMAGES, prefix, columns=["uri"]).column("uri").to_pylist(),
+                ),
+            )
+        ],
     )
     yield MaterializeResult(
         asset_key=tables.REJECTED_IMAGES,
@@ -112,6 +151,14 @@ def downscaled_images(context: AssetExecutionContext, storage: StorageResource) 
 @asset(
     kinds=_KINDS,
     group_name="sales",
+    check_specs=[
+        AssetCheckSpec(
+            "unique_image_ids",
+            asset=tables.SALES,
+            blocking=True,
+            description="Each image_id once: the inner join would otherwise multiply embedding rows.",
+        )
+    ],
     description="Every parquet file under the sales root, validated: string image_id, numeric sales, other columns kept.",
 )
 def sales(storage: StorageResource) -> MaterializeResult:
@@ -125,7 +172,8 @@ def sales(storage: StorageResource) -> MaterializeResult:
             tables.SALES,
             table.num_rows,
             source_files=MetadataValue.json([obj.uri for obj in list_sales_files(store)]),
-        )
+        ),
+        check_results=[_check_result("unique_image_ids", duplicate_image_ids(table))],
     )
 
 
@@ -134,19 +182,29 @@ def sales(storage: StorageResource) -> MaterializeResult:
     partitions_def=s3_prefix_partitions,
     kinds=_KINDS,
     group_name="embeddings",
+    check_specs=[
+        AssetCheckSpec(
+            "sales_coverage",
+            asset=tables.IMAGES_WITH_SALES,
+            description="Share of the partition's images with a sales row; warns below the quality threshold.",
+        )
+    ],
     description="Inner join of the partition's thumbnails with sales on image_id.",
 )
-def images_with_sales(context: AssetExecutionContext, storage: StorageResource) -> MaterializeResult:
+def images_with_sales(
+    context: AssetExecutionContext, storage: StorageResource, quality: QualityThresholds
+) -> MaterializeResult:
     prefix = context.partition_key
     lake = storage.lake()
     sales_table = lake.read(tables.SALES)
-    joined = join_with_sales(
-        lake.read(tables.DOWNSCALED_IMAGES, prefix),
-        sales_table,
-        tables.images_with_sales_schema(sales_table.schema),
-    )
+    images = lake.read(tables.DOWNSCALED_IMAGES, prefix)
+    joined = join_with_sales(images, sales_table, tables.images_with_sales_schema(sales_table.schema))
     lake.write_partition(tables.IMAGES_WITH_SALES, joined, prefix)
-    return MaterializeResult(metadata=_table_metadata(lake, tables.IMAGES_WITH_SALES, joined.num_rows))
+    coverage = sales_coverage(joined.num_rows, images.num_rows, quality.min_sales_coverage)
+    return MaterializeResult(
+        metadata=_table_metadata(lake, tables.IMAGES_WITH_SALES, joined.num_rows),
+        check_results=[_check_result("sales_coverage", coverage, AssetCheckSeverity.WARN)],
+    )
 
 
 def build_image_embeddings(gpu_tags: Mapping[str, str]) -> AssetsDefinition:
@@ -160,6 +218,13 @@ def build_image_embeddings(gpu_tags: Mapping[str, str]) -> AssetsDefinition:
         group_name="embeddings",
         pool=GPU_POOL,
         op_tags=dict(gpu_tags),
+        check_specs=[
+            AssetCheckSpec(
+                "embedding_values",
+                asset=tables.IMAGE_EMBEDDINGS,
+                description="Every vector has the model's width and only finite values.",
+            )
+        ],
         description="ResNet50 (classifier removed) embedding of every joined image, with its sales columns.",
     )
     def image_embeddings(
@@ -218,7 +283,13 @@ def _materialize_embeddings(
             embedding_seconds=round(run.seconds, 3),
             images_per_second=round(run.images_per_second, 2),
             **model_metadata,
-        )
+        ),
+        check_results=[
+            _check_result(
+                "embedding_values",
+                embedding_values(run.widths, run.model.width if run.model else None, run.non_finite_rows, run.rows),
+            )
+        ],
     )
 
 

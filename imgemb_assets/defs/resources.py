@@ -91,3 +91,11 @@ class EmbeddingModelResource(ConfigurableResource):
             precision=self.precision,
             compile=self.compile,
         )
+
+
+class QualityThresholds(ConfigurableResource):
+    """Thresholds of the asset checks."""
+
+    min_sales_coverage: float = Field(
+        default=0.5, description="Warn when fewer of a partition's images than this have a sales row."
+    )

@@ -1,0 +1,82 @@
+"""Asset checks run with the materializations and fail on partitions that violate them."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from dagster import DagsterInstance, ExecuteInProcessResult, instance_for_test
+from torchvision.models import resnet18
+
+from imgemb_assets.core.sample_data import SampleDataset
+from imgemb_assets.definitions import build_definitions
+from imgemb_assets.defs.jobs import PREFIX_JOB_NAME, SALES_JOB_NAME
+from imgemb_assets.defs.partitions import S3_PREFIX_PARTITIONS_NAME
+from imgemb_assets.defs.settings import LocationSettings
+from imgemb_assets_tests.conftest import code_location_env
+
+defs = build_definitions(LocationSettings())
+
+
+@pytest.fixture
+def copy(small_dataset: SampleDataset, tmp_path: Path) -> SampleDataset:
+    shutil.copytree(small_dataset.sales_uri, tmp_path / "sales")
+    return replace(small_dataset, sales_uri=str(tmp_path / "sales"))
+
+
+@pytest.fixture
+def instance(copy: SampleDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[DagsterInstance]:
+    for key, value in code_location_env(copy, tmp_path / "lake").items():
+        monkeypatch.setenv(key, value)
+    with instance_for_test() as instance:
+        instance.add_dynamic_partitions(S3_PREFIX_PARTITIONS_NAME, copy.prefixes)
+        yield instance
+
+
+def _checks(result: ExecuteInProcessResult) -> dict[str, bool]:
+    return {evaluation.check_name: evaluation.passed for evaluation in result.get_asset_check_evaluations()}
+
+
+def test_checks_pass_on_a_clean_partition(instance: DagsterInstance, copy: SampleDataset) -> None:
+    assert _checks(defs.resolve_job_def(SALES_JOB_NAME).execute_in_process(instance=instance)) == {"unique_image_ids": True}
+    result = defs.resolve_job_def(PREFIX_JOB_NAME).execute_in_process(instance=instance, partition_key=copy.prefixes[0])
+    assert _checks(result) == {"manifest_accounted_for": True, "sales_coverage": True, "embedding_values": True}
+
+
+def test_duplicate_sales_ids_fail_the_blocking_check(instance: DagsterInstance, copy: SampleDataset) -> None:
+    path = Path(copy.sales_uri) / "sales.parquet"
+    table = pq.read_table(path)
+    pq.write_table(pa.concat_tables([table, table.slice(0, 3)]), path)
+    result = defs.resolve_job_def(SALES_JOB_NAME).execute_in_process(instance=instance, raise_on_error=False)
+    assert _checks(result) == {"unique_image_ids": False}
+    (evaluation,) = result.get_asset_check_evaluations()
+    assert "3 image_ids appear more than once" in evaluation.description
+
+
+def test_low_sales_coverage_warns(instance: DagsterInstance, copy: SampleDataset) -> None:
+    defs.resolve_job_def(SALES_JOB_NAME).execute_in_process(instance=instance)
+    strict = {"resources": {"quality": {"config": {"min_sales_coverage": 0.99}}}}
+    result = defs.resolve_job_def(PREFIX_JOB_NAME).execute_in_process(
+        instance=instance, partition_key=copy.prefixes[0], run_config=strict
+    )
+    assert _checks(result)["sales_coverage"] is False
+
+
+def test_non_finite_embeddings_fail_the_check(instance: DagsterInstance, copy: SampleDataset, tmp_path: Path) -> None:
+    broken = resnet18(weights=None)
+    with torch.no_grad():
+        broken.conv1.weight.fill_(float("nan"))
+    torch.save(broken.state_dict(), tmp_path / "nan.pt")
+    defs.resolve_job_def(SALES_JOB_NAME).execute_in_process(instance=instance)
+    nan_weights = {"model": "resnet18", "weights": str(tmp_path / "nan.pt")}
+    with_resnet18 = {"resources": {"embedding_model": {"config": nan_weights}}}
+    result = defs.resolve_job_def(PREFIX_JOB_NAME).execute_in_process(
+        instance=instance, partition_key=copy.prefixes[0], run_config=with_resnet18, raise_on_error=False
+    )
+    assert _checks(result)["embedding_values"] is False
