@@ -129,8 +129,9 @@ def downscaled_images(context: AssetExecutionContext, storage: StorageResource) 
         check_results=[
             _check_result(
                 "manifest_accounted_for",
+                # what the two tables now hold, read back, against the manifest this step used
                 manifest_accounted_for(
-                    lake.read(tables.RAW_IMAGE_MANIFEST, prefix, columns=["uri"]).column("uri").to_pylist(),
+                    manifest.column("uri").to_pylist(),
                     lake.read(tables.DOWNSCALED_IMAGES, prefix, columns=["image_id"]).num_rows,
                     lake.read(tables.REJECTED_IMAGES, prefix, columns=["uri"]).column("uri").to_pylist(),
                 ),
