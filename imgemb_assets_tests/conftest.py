@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from dagster import DagsterInstance, instance_for_test
 
 from imgemb_assets.core.s3 import S3Settings
 from imgemb_assets.core.sample_data import SampleDataset, generate_sample_dataset
+from imgemb_assets.defs.partitions import S3_PREFIX_PARTITIONS_NAME
 from imgemb_assets_tests.moto_server import client_environment, running_moto_server
 
 SMALL_PREFIXES = ("2026-11-01", "2026-11-02")
@@ -36,6 +39,18 @@ def code_location_env(dataset: SampleDataset, lake: str | Path, dagster_home: Pa
     if dagster_home is not None:
         env["DAGSTER_HOME"] = str(dagster_home)
     return env
+
+
+@contextmanager
+def code_location_instance(
+    dataset: SampleDataset, lake: str | Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[DagsterInstance]:
+    """A test instance with the dataset's prefixes registered, the IMGEMB_* variables pointing at it."""
+    for key, value in code_location_env(dataset, lake).items():
+        monkeypatch.setenv(key, value)
+    with instance_for_test() as instance:
+        instance.add_dynamic_partitions(S3_PREFIX_PARTITIONS_NAME, dataset.prefixes)
+        yield instance
 
 
 # --- a real S3 API: moto's server in a subprocess on 127.0.0.1 -------------------

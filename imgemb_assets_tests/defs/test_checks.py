@@ -11,15 +11,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from dagster import DagsterInstance, ExecuteInProcessResult, instance_for_test
+from dagster import DagsterInstance, ExecuteInProcessResult
 from torchvision.models import resnet18
 
 from imgemb_assets.core.sample_data import SampleDataset
 from imgemb_assets.definitions import build_definitions
 from imgemb_assets.defs.jobs import PREFIX_JOB_NAME, SALES_JOB_NAME
-from imgemb_assets.defs.partitions import S3_PREFIX_PARTITIONS_NAME
 from imgemb_assets.defs.settings import LocationSettings
-from imgemb_assets_tests.conftest import code_location_env
+from imgemb_assets_tests.conftest import code_location_instance
 
 defs = build_definitions(LocationSettings())
 
@@ -32,10 +31,7 @@ def copy(small_dataset: SampleDataset, tmp_path: Path) -> SampleDataset:
 
 @pytest.fixture
 def instance(copy: SampleDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[DagsterInstance]:
-    for key, value in code_location_env(copy, tmp_path / "lake").items():
-        monkeypatch.setenv(key, value)
-    with instance_for_test() as instance:
-        instance.add_dynamic_partitions(S3_PREFIX_PARTITIONS_NAME, copy.prefixes)
+    with code_location_instance(copy, tmp_path / "lake", monkeypatch) as instance:
         yield instance
 
 

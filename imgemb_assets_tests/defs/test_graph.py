@@ -6,26 +6,22 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from dagster import DagsterInstance, ExecuteInProcessResult, instance_for_test
+from dagster import DagsterInstance, ExecuteInProcessResult
 
 from imgemb_assets.core import tables
 from imgemb_assets.core.lake import Lake
 from imgemb_assets.core.sample_data import SampleDataset
 from imgemb_assets.definitions import build_definitions
 from imgemb_assets.defs.jobs import PREFIX_JOB_NAME, SALES_JOB_NAME
-from imgemb_assets.defs.partitions import S3_PREFIX_PARTITIONS_NAME
 from imgemb_assets.defs.settings import LocationSettings
-from imgemb_assets_tests.conftest import code_location_env
+from imgemb_assets_tests.conftest import code_location_instance
 
 defs = build_definitions(LocationSettings())
 
 
 @pytest.fixture
 def instance(small_dataset: SampleDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[DagsterInstance]:
-    for key, value in code_location_env(small_dataset, tmp_path / "lake").items():
-        monkeypatch.setenv(key, value)
-    with instance_for_test() as instance:
-        instance.add_dynamic_partitions(S3_PREFIX_PARTITIONS_NAME, small_dataset.prefixes)
+    with code_location_instance(small_dataset, tmp_path / "lake", monkeypatch) as instance:
         yield instance
 
 

@@ -5,22 +5,22 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-from dagster import AssetKey, DagsterInstance, instance_for_test
+from dagster import AssetKey, DagsterInstance
 
 from imgemb_assets.core import tables
 from imgemb_assets.core.lake import Lake
 from imgemb_assets.core.sample_data import SampleDataset
 from imgemb_assets.definitions import build_definitions
 from imgemb_assets.defs.jobs import PREFIX_JOB_NAME, REJOIN_JOB_NAME, SALES_JOB_NAME
-from imgemb_assets.defs.partitions import S3_PREFIX_PARTITIONS_NAME
 from imgemb_assets.defs.settings import LocationSettings
-from imgemb_assets_tests.conftest import code_location_env
+from imgemb_assets_tests.conftest import code_location_instance
 
 defs = build_definitions(LocationSettings())
 
@@ -28,8 +28,6 @@ defs = build_definitions(LocationSettings())
 @pytest.fixture
 def copy(small_dataset: SampleDataset, tmp_path: Path) -> SampleDataset:
     """A private copy of the sample, free to change."""
-    from dataclasses import replace
-
     shutil.copytree(small_dataset.raw_images_uri, tmp_path / "raw")
     shutil.copytree(small_dataset.sales_uri, tmp_path / "sales")
     return replace(small_dataset, raw_images_uri=str(tmp_path / "raw"), sales_uri=str(tmp_path / "sales"))
@@ -37,10 +35,7 @@ def copy(small_dataset: SampleDataset, tmp_path: Path) -> SampleDataset:
 
 @pytest.fixture
 def instance(copy: SampleDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[DagsterInstance]:
-    for key, value in code_location_env(copy, tmp_path / "lake").items():
-        monkeypatch.setenv(key, value)
-    with instance_for_test() as instance:
-        instance.add_dynamic_partitions(S3_PREFIX_PARTITIONS_NAME, copy.prefixes)
+    with code_location_instance(copy, tmp_path / "lake", monkeypatch) as instance:
         assert defs.resolve_job_def(SALES_JOB_NAME).execute_in_process(instance=instance).success
         yield instance
 
