@@ -108,9 +108,7 @@ class Lake:
             path = f"{spool}/{name}.parquet"
             with pq.ParquetWriter(path, schema) as writer:
                 for batch in batches:
-                    keys = pc.unique(batch.column(PARTITION_COLUMN)).to_pylist()
-                    if batch.num_rows and keys != [partition_key]:
-                        raise LakeError(f"rows for partition {partition_key!r} carry {PARTITION_COLUMN} values {keys}")
+                    _require_single_partition(batch, partition_key)
                     writer.write_batch(batch)
                     rows += batch.num_rows
 
@@ -180,7 +178,7 @@ def without_view_types(schema: pa.Schema) -> pa.Schema:
     return pa.schema(fields, metadata=schema.metadata)
 
 
-def _require_single_partition(data: pa.Table, partition_key: str) -> None:
+def _require_single_partition(data: pa.Table | pa.RecordBatch, partition_key: str) -> None:
     # A row with another key would land outside the predicate and survive the
     # next overwrite of its own partition: refuse it instead.
     if data.num_rows == 0:
