@@ -11,7 +11,6 @@ with one JSON line.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 
 from dagster import AssetKey, instance_for_test
 
+from bench import print_summary
 from imgemb_assets.core import tables
 from imgemb_assets.core.sample_data import generate_sample_dataset
 from imgemb_assets.definitions import build_definitions
@@ -60,9 +60,7 @@ def main() -> None:
         "second_images_reused": second_reused,
         "second_over_first": round(second_s / first_s, 4),
     }
-    for key, value in summary.items():
-        print(f"{key:24s} {value}")
-    print(json.dumps(summary))
+    print_summary(summary)
 
 
 if __name__ == "__main__":

@@ -9,13 +9,13 @@ Prints a table and ends with one JSON line. Needs the dev extra (moto[server]).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from bench import print_summary
 from imgemb_assets.core.pipeline import build_manifest, downscale_partition
 from imgemb_assets.core.s3 import S3Settings
 from imgemb_assets.core.sample_data import generate_sample_dataset
@@ -62,9 +62,7 @@ def main() -> None:
         "downscale_s3_img_s": round(results["s3"], 1),
         "s3_over_local": round(results["s3"] / results["local"], 3),
     }
-    for key, value in summary.items():
-        print(f"{key:24s} {value}")
-    print(json.dumps(summary))
+    print_summary(summary)
 
 
 if __name__ == "__main__":

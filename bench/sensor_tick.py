@@ -11,7 +11,6 @@ fingerprinted again). Ends with one JSON line.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pyarrow as pa
 from dagster import SensorResult, build_sensor_context, instance_for_test
 
+from bench import print_summary
 from imgemb_assets.core import tables
 from imgemb_assets.core.discovery import DiscoveryCursor, plan_discovery
 from imgemb_assets.core.lake import Lake
@@ -75,9 +75,7 @@ def main() -> None:
         "full_reconciliation_changed": len(full.changed),
         "second_over_first": round(timings["second_tick_s"] / timings["first_tick_s"], 4),
     }
-    for key, value in summary.items():
-        print(f"{key:28s} {value}")
-    print(json.dumps(summary))
+    print_summary(summary)
 
 
 if __name__ == "__main__":
