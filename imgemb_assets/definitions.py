@@ -21,6 +21,7 @@ from imgemb_assets.defs.jobs import embed_prefix_job, refresh_sales_job, rejoin_
 from imgemb_assets.defs.placement import gpu_step_tags, location_executor
 from imgemb_assets.defs.resources import (
     EmbeddingModelResource,
+    ImageLimitsResource,
     ImgembS3Resource,
     QualityThresholds,
     StorageResource,
@@ -58,6 +59,7 @@ def build_definitions(settings: LocationSettings) -> Definitions:
                 s3=ImgembS3Resource(),
             ),
             "embedding_model": EmbeddingModelResource(weights=EnvVar("IMGEMB_MODEL_WEIGHTS")),
+            "image_limits": ImageLimitsResource(),
             "quality": QualityThresholds(),
         },
     )

@@ -13,7 +13,14 @@ from typing import Any
 
 import pyarrow as pa
 
-from imgemb_assets.core.images import ImageRejected, Thumbnail, downscale, image_id_from_key
+from imgemb_assets.core.images import (
+    ImageLimits,
+    ImageRejected,
+    Thumbnail,
+    downscale,
+    image_id_from_key,
+    refuse_oversized_file,
+)
 from imgemb_assets.core.storage import ObjectInfo, ObjectStore
 from imgemb_assets.core.tables import (
     DOWNSCALED_IMAGES_SCHEMA,
@@ -45,11 +52,13 @@ class DownscaledPartition:
     rejected: pa.Table  # REJECTED_IMAGES_SCHEMA
 
 
-def downscale_partition(store: ObjectStore, manifest: pa.Table, max_workers: int | None = None) -> DownscaledPartition:
+def downscale_partition(
+    store: ObjectStore, manifest: pa.Table, limits: ImageLimits = ImageLimits(), max_workers: int | None = None
+) -> DownscaledPartition:
     """Every manifest row ends in exactly one of the two tables returned."""
     entries = manifest.to_pylist()
     with ThreadPoolExecutor(max_workers=max_workers) as pool:  # I/O and Pillow both release the GIL
-        outcomes = list(pool.map(lambda entry: _thumbnail_or_reason(store, entry), entries))
+        outcomes = list(pool.map(lambda entry: _thumbnail_or_reason(store, entry, limits), entries))
     images: list[dict[str, Any]] = []
     rejected: list[dict[str, Any]] = []
     kept_uri_by_id: dict[str, str] = {}
@@ -77,10 +86,13 @@ def downscale_partition(store: ObjectStore, manifest: pa.Table, max_workers: int
     )
 
 
-def _thumbnail_or_reason(store: ObjectStore, entry: dict[str, Any]) -> Thumbnail | str:
+def _thumbnail_or_reason(store: ObjectStore, entry: dict[str, Any], limits: ImageLimits) -> Thumbnail | str:
     if entry["image_id"] is None:
         return "object name has no extension, so no image_id can be derived from it"
     try:
-        return downscale(store.read_bytes(entry["uri"]))
+        refuse_oversized_file(entry["size_bytes"], limits)
+        data = store.read_bytes(entry["uri"])
+        refuse_oversized_file(len(data), limits)  # the object may have grown since it was listed
+        return downscale(data, limits.max_pixels)
     except ImageRejected as exc:
         return exc.reason

@@ -38,7 +38,12 @@ from imgemb_assets.core.quality import (
 from imgemb_assets.core.sales import join_with_sales, list_sales_files, read_sales
 from imgemb_assets.defs.partitions import s3_prefix_partitions
 from imgemb_assets.defs.placement import GPU_POOL
-from imgemb_assets.defs.resources import EmbeddingModelResource, QualityThresholds, StorageResource
+from imgemb_assets.defs.resources import (
+    EmbeddingModelResource,
+    ImageLimitsResource,
+    QualityThresholds,
+    StorageResource,
+)
 
 _KINDS = {"delta"}
 LISTING_FINGERPRINT_KEY = "listing_fingerprint"
@@ -114,11 +119,13 @@ def raw_image_manifest(context: AssetExecutionContext, storage: StorageResource)
     partitions_def=s3_prefix_partitions,
     can_subset=False,
 )
-def downscaled_images(context: AssetExecutionContext, storage: StorageResource) -> Iterator[MaterializeResult]:
+def downscaled_images(
+    context: AssetExecutionContext, storage: StorageResource, image_limits: ImageLimitsResource
+) -> Iterator[MaterializeResult]:
     prefix = context.partition_key
     lake = storage.lake()
     manifest = lake.read(tables.RAW_IMAGE_MANIFEST, prefix)
-    result = downscale_partition(storage.raw_images(), manifest)
+    result = downscale_partition(storage.raw_images(), manifest, image_limits.limits())
     lake.write_partition(tables.DOWNSCALED_IMAGES, result.images, prefix)
     lake.write_partition(tables.REJECTED_IMAGES, result.rejected, prefix)
     for row in result.rejected.to_pylist():

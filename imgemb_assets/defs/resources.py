@@ -7,6 +7,7 @@ from dagster import ConfigurableResource
 from dagster_aws.s3 import S3Resource
 from pydantic import Field
 
+from imgemb_assets.core.images import DEFAULT_MAX_IMAGE_BYTES, ImageLimits
 from imgemb_assets.core.lake import Lake
 from imgemb_assets.core.model_config import EmbeddingSettings
 from imgemb_assets.core.s3 import S3Settings
@@ -91,6 +92,21 @@ class EmbeddingModelResource(ConfigurableResource):
             precision=self.precision,
             compile=self.compile,
         )
+
+
+class ImageLimitsResource(ConfigurableResource):
+    """What an original image may cost before it is rejected (with the reason) instead of decoded."""
+
+    max_image_bytes: int = Field(
+        default=DEFAULT_MAX_IMAGE_BYTES, description="Larger objects are rejected without being downloaded."
+    )
+    max_image_pixels: int | None = Field(
+        default=None,
+        description="Larger images are rejected before decoding; default: Pillow's decompression-bomb limit.",
+    )
+
+    def limits(self) -> ImageLimits:
+        return ImageLimits(max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels)
 
 
 class QualityThresholds(ConfigurableResource):
