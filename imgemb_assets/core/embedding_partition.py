@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from imgemb_assets.core.drift import EmbeddingMoments, vectors_of
 from imgemb_assets.core.embedding import embed_thumbnails
 from imgemb_assets.core.model_config import EmbeddingSettings
 from imgemb_assets.core.models import EmbeddingModel, load_model, model_id_for
@@ -27,6 +28,7 @@ class EmbeddingRun:
     rows: int = 0
     widths: set[int] = field(default_factory=set)  # vector widths written (one, when all is well)
     non_finite_rows: int = 0  # vectors holding NaN or infinite values
+    moments: EmbeddingMoments = field(default_factory=EmbeddingMoments)  # of the vectors written, for drift
 
     @property
     def images_per_second(self) -> float:
@@ -70,6 +72,7 @@ def embed_partition_batches(
         run.rows += batch.num_rows
         run.widths.add(width)
         run.non_finite_rows += int((~np.isfinite(vectors).all(axis=1)).sum())
+        run.moments.add(vectors)
         table = (
             pa.Table.from_batches([batch])
             .append_column("embedding", embedding_array(vectors))
@@ -90,9 +93,7 @@ def _stored_vectors(previous: pa.Table | None, model_id: str) -> _StoredVectors:
     same_model = previous.filter(pc.equal(previous.column("model_id"), model_id))
     if same_model.num_rows == 0:
         return _StoredVectors({}, np.empty((0, 0), np.float32))
-    embeddings = same_model.column("embedding").combine_chunks()
-    width = len(embeddings[0])
-    vectors = embeddings.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
+    vectors = vectors_of(same_model.column("embedding"))
     keys = zip(same_model.column("image_id").to_pylist(), same_model.column("etag").to_pylist())
     return _StoredVectors({key: row for row, key in enumerate(keys)}, vectors)
 

@@ -152,6 +152,13 @@ class Lake:
         schema = without_view_types(stream.schema)
         return pa.RecordBatchReader.from_batches(schema, (batch.cast(schema) for batch in stream))
 
+    def partition_keys(self, name: str) -> list[str]:
+        """The partitions holding rows, read from the table's log (no data file is opened)."""
+        if not self.exists(name):
+            return []
+        table = DeltaTable(self.table_uri(name), storage_options=self.storage_options)
+        return sorted({partition[PARTITION_COLUMN] for partition in table.partitions()})
+
     def schema(self, name: str) -> pa.Schema:
         table = DeltaTable(self.table_uri(name), storage_options=self.storage_options)
         return pa.schema(table.schema().to_arrow())

@@ -26,6 +26,7 @@ from dagster import (
 
 from imgemb_assets.core import tables
 from imgemb_assets.core.discovery import listing_fingerprint
+from imgemb_assets.core.drift import EmbeddingMoments, embedding_drift, moments_of_batches, previous_partition
 from imgemb_assets.core.lake import Lake
 from imgemb_assets.core.pipeline import build_manifest, downscale_partition
 from imgemb_assets.core.quality import (
@@ -231,20 +232,32 @@ def build_image_embeddings(gpu_tags: Mapping[str, str]) -> AssetsDefinition:
                 "embedding_values",
                 asset=tables.IMAGE_EMBEDDINGS,
                 description="Every vector has the model's width and only finite values.",
-            )
+            ),
+            AssetCheckSpec(
+                "embedding_drift",
+                asset=tables.IMAGE_EMBEDDINGS,
+                description="Mean shift, per-dimension variance shift and centroid cosine against the previous "
+                "partition (the greatest prefix below this one); warns past the quality thresholds.",
+            ),
         ],
         description="ResNet50 (classifier removed) embedding of every joined image, with its sales columns.",
     )
     def image_embeddings(
-        context: AssetExecutionContext, storage: StorageResource, embedding_model: EmbeddingModelResource
+        context: AssetExecutionContext,
+        storage: StorageResource,
+        embedding_model: EmbeddingModelResource,
+        quality: QualityThresholds,
     ) -> MaterializeResult:
-        return _materialize_embeddings(context, storage, embedding_model)
+        return _materialize_embeddings(context, storage, embedding_model, quality)
 
     return image_embeddings
 
 
 def _materialize_embeddings(
-    context: AssetExecutionContext, storage: StorageResource, embedding_model: EmbeddingModelResource
+    context: AssetExecutionContext,
+    storage: StorageResource,
+    embedding_model: EmbeddingModelResource,
+    quality: QualityThresholds,
 ) -> MaterializeResult:
     # torch is imported here, by the one step that needs it, rather than by
     # every process that loads the code location (several seconds each).
@@ -296,9 +309,28 @@ def _materialize_embeddings(
             _check_result(
                 "embedding_values",
                 embedding_values(run.widths, run.model.width if run.model else None, run.non_finite_rows, run.rows),
-            )
+            ),
+            _check_result(
+                "embedding_drift",
+                _drift_against_previous_partition(lake, prefix, model_id_for(settings), run.moments, quality),
+                AssetCheckSeverity.WARN,
+            ),
         ],
     )
+
+
+def _drift_against_previous_partition(
+    lake: Lake, prefix: str, model_id: str, moments: EmbeddingMoments, quality: QualityThresholds
+) -> CheckOutcome:
+    previous_key = previous_partition(lake.partition_keys(tables.IMAGE_EMBEDDINGS), prefix)
+    previous = (
+        moments_of_batches(
+            lake.read_batches(tables.IMAGE_EMBEDDINGS, previous_key, columns=["model_id", "embedding"]), model_id
+        )
+        if previous_key is not None
+        else None
+    )
+    return embedding_drift(moments, previous, previous_key, quality.drift_thresholds())
 
 
 def _sales_schema_of(joined_schema: pa.Schema) -> pa.Schema:

@@ -7,6 +7,7 @@ from dagster import ConfigurableResource
 from dagster_aws.s3 import S3Resource
 from pydantic import Field
 
+from imgemb_assets.core.drift import DriftThresholds
 from imgemb_assets.core.images import DEFAULT_MAX_IMAGE_BYTES, ImageLimits
 from imgemb_assets.core.lake import Lake
 from imgemb_assets.core.model_config import EmbeddingSettings
@@ -115,3 +116,29 @@ class QualityThresholds(ConfigurableResource):
     min_sales_coverage: float = Field(
         default=0.5, description="Warn when fewer of a partition's images than this have a sales row."
     )
+    max_embedding_mean_shift: float = Field(
+        default=DriftThresholds.max_mean_shift,
+        description="Warn when a partition's mean vector moved further than this from the previous partition's, "
+        "in units of the previous partition's total standard deviation.",
+    )
+    max_embedding_variance_shift: float = Field(
+        default=DriftThresholds.max_variance_shift,
+        description="Warn when per-dimension variances changed by more than this fraction of the previous total.",
+    )
+    min_embedding_centroid_cosine: float = Field(
+        default=DriftThresholds.min_centroid_cosine,
+        description="Warn when the cosine between this and the previous partition's mean vectors is below this.",
+    )
+
+    min_vectors_for_drift: int = Field(
+        default=DriftThresholds.min_vectors,
+        description="Below this many vectors in either partition, drift is not judged (the check says so).",
+    )
+
+    def drift_thresholds(self) -> DriftThresholds:
+        return DriftThresholds(
+            min_vectors=self.min_vectors_for_drift,
+            max_mean_shift=self.max_embedding_mean_shift,
+            max_variance_shift=self.max_embedding_variance_shift,
+            min_centroid_cosine=self.min_embedding_centroid_cosine,
+        )

@@ -11,10 +11,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from dagster import DagsterInstance, ExecuteInProcessResult
+from dagster import AssetCheckEvaluation, AssetCheckSeverity, DagsterInstance, ExecuteInProcessResult
+from PIL import Image
 from torchvision.models import resnet18
 
-from imgemb_assets.core.sample_data import SampleDataset
+from imgemb_assets.core.sample_data import SampleDataset, generate_sample_dataset
 from imgemb_assets.definitions import build_definitions
 from imgemb_assets.defs.jobs import PREFIX_JOB_NAME, SALES_JOB_NAME
 from imgemb_assets.defs.settings import LocationSettings
@@ -42,7 +43,12 @@ def _checks(result: ExecuteInProcessResult) -> dict[str, bool]:
 def test_checks_pass_on_a_clean_partition(instance: DagsterInstance, copy: SampleDataset) -> None:
     assert _checks(defs.resolve_job_def(SALES_JOB_NAME).execute_in_process(instance=instance)) == {"unique_image_ids": True}
     result = defs.resolve_job_def(PREFIX_JOB_NAME).execute_in_process(instance=instance, partition_key=copy.prefixes[0])
-    assert _checks(result) == {"manifest_accounted_for": True, "sales_coverage": True, "embedding_values": True}
+    assert _checks(result) == {
+        "manifest_accounted_for": True,
+        "sales_coverage": True,
+        "embedding_values": True,
+        "embedding_drift": True,  # the first partition: nothing to compare with
+    }
 
 
 def test_duplicate_sales_ids_fail_the_blocking_check(instance: DagsterInstance, copy: SampleDataset) -> None:
@@ -76,3 +82,31 @@ def test_non_finite_embeddings_fail_the_check(instance: DagsterInstance, copy: S
         instance=instance, partition_key=copy.prefixes[0], run_config=with_resnet18, raise_on_error=False
     )
     assert _checks(result)["embedding_values"] is False
+
+
+def _drift(result: ExecuteInProcessResult) -> AssetCheckEvaluation:
+    (drift,) = [e for e in result.get_asset_check_evaluations() if e.check_name == "embedding_drift"]
+    return drift
+
+
+def test_drift_check_compares_with_the_previous_partition(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A partition like the previous one passes; one whose photos all became the same grey frame fails."""
+    # enough images per partition for the check to judge (min_vectors_for_drift, 30)
+    dataset = generate_sample_dataset(tmp_path / "data", images_per_prefix=36, prefixes=("2026-10-01", "2026-10-02"))
+    resnet18_random = {"resources": {"embedding_model": {"config": {"model": "resnet18", "weights": "random"}}}}
+    first, second = dataset.prefixes
+    with code_location_instance(dataset, tmp_path / "lake", monkeypatch) as instance:
+        defs.resolve_job_def(SALES_JOB_NAME).execute_in_process(instance=instance)
+        embed = defs.resolve_job_def(PREFIX_JOB_NAME)
+        embed.execute_in_process(instance=instance, partition_key=first, run_config=resnet18_random)
+        alike = _drift(embed.execute_in_process(instance=instance, partition_key=second, run_config=resnet18_random))
+        assert alike.passed, alike.description
+        assert alike.metadata["previous_partition"].value == first
+        assert alike.metadata["vectors"].value >= 30
+
+        for path in (Path(dataset.raw_images_uri) / second).rglob("*.jpg"):
+            Image.new("RGB", (320, 240), (128, 128, 128)).save(path, format="JPEG")
+        collapsed = _drift(embed.execute_in_process(instance=instance, partition_key=second, run_config=resnet18_random))
+    assert not collapsed.passed
+    assert collapsed.severity == AssetCheckSeverity.WARN
+    assert "variance shift" in collapsed.description and "mean shift" in collapsed.description
