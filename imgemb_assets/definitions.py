@@ -7,6 +7,8 @@ own with `build_definitions`. The IMGEMB_* roots and weights are Dagster
 """
 
 import os
+from collections.abc import Mapping
+from typing import Any
 
 from dagster import Definitions, EnvVar, definitions
 
@@ -31,7 +33,24 @@ from imgemb_assets.defs.sensors import build_raw_prefix_sensor, build_sales_chan
 from imgemb_assets.defs.settings import LocationSettings
 
 
-def build_definitions(settings: LocationSettings) -> Definitions:
+def default_resources() -> dict[str, Any]:
+    """The resources the location ships with: roots and weights from IMGEMB_* variables, defaults elsewhere."""
+    return {
+        "storage": StorageResource(
+            raw_images_uri=EnvVar("IMGEMB_RAW_IMAGES_URI"),
+            sales_uri=EnvVar("IMGEMB_SALES_URI"),
+            lake_uri=EnvVar("IMGEMB_LAKE_URI"),
+            # Endpoint, region and credentials come from the standard AWS variables and chain.
+            s3=ImgembS3Resource(),
+        ),
+        "embedding_model": EmbeddingModelResource(weights=EnvVar("IMGEMB_MODEL_WEIGHTS")),
+        "image_limits": ImageLimitsResource(),
+        "quality": QualityThresholds(),
+    }
+
+
+def build_definitions(settings: LocationSettings, resources: Mapping[str, Any] | None = None) -> Definitions:
+    """The location's definitions; `resources` replaces `default_resources()` (embedding it elsewhere, tests)."""
     return Definitions(
         assets=[
             raw_image_manifest,
@@ -50,18 +69,7 @@ def build_definitions(settings: LocationSettings) -> Definitions:
         ],
         schedules=[full_reconciliation_schedule],
         executor=location_executor(settings),
-        resources={
-            "storage": StorageResource(
-                raw_images_uri=EnvVar("IMGEMB_RAW_IMAGES_URI"),
-                sales_uri=EnvVar("IMGEMB_SALES_URI"),
-                lake_uri=EnvVar("IMGEMB_LAKE_URI"),
-                # Endpoint, region and credentials come from the standard AWS variables and chain.
-                s3=ImgembS3Resource(),
-            ),
-            "embedding_model": EmbeddingModelResource(weights=EnvVar("IMGEMB_MODEL_WEIGHTS")),
-            "image_limits": ImageLimitsResource(),
-            "quality": QualityThresholds(),
-        },
+        resources=dict(default_resources() if resources is None else resources),
     )
 
 

@@ -37,6 +37,10 @@ class LakeError(Exception):
     """A table cannot be written or read as asked; the message says which and why."""
 
 
+class CommitConflictError(LakeError):
+    """Concurrent writers of the same partition kept winning; nothing of this write was committed."""
+
+
 def partition_predicate(partition_key: str) -> str:
     """A Delta predicate matching exactly one partition.
 
@@ -89,7 +93,7 @@ class Lake:
                 return
             except CommitFailedError as exc:
                 if attempt == _COMMIT_ATTEMPTS:
-                    raise LakeError(
+                    raise CommitConflictError(
                         f"partition {partition_key!r} of {name} kept conflicting with concurrent writers "
                         f"after {attempt} attempts; nothing of this write was committed"
                     ) from exc

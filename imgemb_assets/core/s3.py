@@ -41,6 +41,10 @@ class S3Settings:
     max_attempts: int = 5  # in total, the first try included
     retry_mode: str = "standard"
     max_pool_connections: int = 32  # bounds concurrent GETs per client
+    connect_timeout_s: float = 10.0
+    # Per request: a stalled connection is dropped and the request retried
+    # (botocore's read timeout; delta-rs's whole-request timeout).
+    read_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.retry_mode not in RETRY_MODES:
@@ -49,6 +53,8 @@ class S3Settings:
             raise S3ConfigError(f"max attempts must be at least 1, got {self.max_attempts}")
         if self.max_pool_connections < 1:
             raise S3ConfigError(f"max pool connections must be at least 1, got {self.max_pool_connections}")
+        if self.connect_timeout_s <= 0 or self.read_timeout_s <= 0:
+            raise S3ConfigError("connect and read timeouts must be positive")
 
     def resolved_endpoint(self, environ: Mapping[str, str] | None = None) -> str | None:
         env = os.environ if environ is None else environ
@@ -73,6 +79,8 @@ class S3Settings:
             config=Config(
                 retries={"total_max_attempts": self.max_attempts, "mode": self.retry_mode},
                 max_pool_connections=self.max_pool_connections,
+                connect_timeout=self.connect_timeout_s,
+                read_timeout=self.read_timeout_s,
             ),
         )
 
@@ -80,7 +88,13 @@ class S3Settings:
         """delta-rs storage options equivalent to `client()`: same endpoint, region and credentials."""
         env = os.environ if environ is None else environ
         session = self.session()
-        options = {"AWS_REGION": session.region_name or _DEFAULT_REGION}
+        options = {
+            "AWS_REGION": session.region_name or _DEFAULT_REGION,
+            # delta-rs retries throttling, 5xx, resets and timeouts itself.
+            "max_retries": str(self.max_attempts - 1),
+            "timeout": f"{round(self.read_timeout_s * 1000)}ms",
+            "connect_timeout": f"{round(self.connect_timeout_s * 1000)}ms",
+        }
         endpoint = self.resolved_endpoint(env)
         if endpoint:
             options["AWS_ENDPOINT_URL"] = endpoint

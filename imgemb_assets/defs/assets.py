@@ -45,6 +45,7 @@ from imgemb_assets.defs.resources import (
     QualityThresholds,
     StorageResource,
 )
+from imgemb_assets.defs.retries import STEP_RETRY_POLICY, permanent_failures
 
 _KINDS = {"delta"}
 LISTING_FINGERPRINT_KEY = "listing_fingerprint"
@@ -72,16 +73,18 @@ def _table_metadata(lake: Lake, name: str, rows: int, **extra: Any) -> dict[str,
     partitions_def=s3_prefix_partitions,
     kinds=_KINDS,
     group_name="images",
+    retry_policy=STEP_RETRY_POLICY,
     description="One row per object under the partition's prefix of the raw-images root.",
 )
 def raw_image_manifest(context: AssetExecutionContext, storage: StorageResource) -> MaterializeResult:
     prefix = context.partition_key
-    objects = list(storage.raw_images().list_objects(prefix))
-    if not objects:
-        context.log.warning(f"no objects under prefix {prefix!r} of {storage.raw_images_uri}")
-    manifest = build_manifest(objects, prefix)
-    lake = storage.lake()
-    lake.write_partition(tables.RAW_IMAGE_MANIFEST, manifest, prefix)
+    with permanent_failures():
+        objects = list(storage.raw_images().list_objects(prefix))
+        if not objects:
+            context.log.warning(f"no objects under prefix {prefix!r} of {storage.raw_images_uri}")
+        manifest = build_manifest(objects, prefix)
+        lake = storage.lake()
+        lake.write_partition(tables.RAW_IMAGE_MANIFEST, manifest, prefix)
     return MaterializeResult(
         metadata=_table_metadata(
             lake,
@@ -119,16 +122,18 @@ def raw_image_manifest(context: AssetExecutionContext, storage: StorageResource)
     ],
     partitions_def=s3_prefix_partitions,
     can_subset=False,
+    retry_policy=STEP_RETRY_POLICY,
 )
 def downscaled_images(
     context: AssetExecutionContext, storage: StorageResource, image_limits: ImageLimitsResource
 ) -> Iterator[MaterializeResult]:
     prefix = context.partition_key
     lake = storage.lake()
-    manifest = lake.read(tables.RAW_IMAGE_MANIFEST, prefix)
-    result = downscale_partition(storage.raw_images(), manifest, image_limits.limits())
-    lake.write_partition(tables.DOWNSCALED_IMAGES, result.images, prefix)
-    lake.write_partition(tables.REJECTED_IMAGES, result.rejected, prefix)
+    with permanent_failures():
+        manifest = lake.read(tables.RAW_IMAGE_MANIFEST, prefix)
+        result = downscale_partition(storage.raw_images(), manifest, image_limits.limits())
+        lake.write_partition(tables.DOWNSCALED_IMAGES, result.images, prefix)
+        lake.write_partition(tables.REJECTED_IMAGES, result.rejected, prefix)
     for row in result.rejected.to_pylist():
         context.log.warning(f"rejected {row['uri']}: {row['reason']}")
     yield MaterializeResult(
@@ -160,6 +165,7 @@ def downscaled_images(
 @asset(
     kinds=_KINDS,
     group_name="sales",
+    retry_policy=STEP_RETRY_POLICY,
     check_specs=[
         AssetCheckSpec(
             "unique_image_ids",
@@ -172,9 +178,11 @@ def downscaled_images(
 )
 def sales(storage: StorageResource) -> MaterializeResult:
     store = storage.sales()
-    table = read_sales(store)
     lake = storage.lake()
-    lake.overwrite(tables.SALES, table)
+    with permanent_failures():
+        # Validated before anything is written: a bad export leaves the previous version in place.
+        table = read_sales(store)
+        lake.overwrite(tables.SALES, table)
     return MaterializeResult(
         metadata=_table_metadata(
             lake,
@@ -191,6 +199,7 @@ def sales(storage: StorageResource) -> MaterializeResult:
     partitions_def=s3_prefix_partitions,
     kinds=_KINDS,
     group_name="embeddings",
+    retry_policy=STEP_RETRY_POLICY,
     check_specs=[
         AssetCheckSpec(
             "sales_coverage",
@@ -205,10 +214,11 @@ def images_with_sales(
 ) -> MaterializeResult:
     prefix = context.partition_key
     lake = storage.lake()
-    sales_table = lake.read(tables.SALES)
-    images = lake.read(tables.DOWNSCALED_IMAGES, prefix)
-    joined = join_with_sales(images, sales_table, tables.images_with_sales_schema(sales_table.schema))
-    lake.write_partition(tables.IMAGES_WITH_SALES, joined, prefix)
+    with permanent_failures():
+        sales_table = lake.read(tables.SALES)
+        images = lake.read(tables.DOWNSCALED_IMAGES, prefix)
+        joined = join_with_sales(images, sales_table, tables.images_with_sales_schema(sales_table.schema))
+        lake.write_partition(tables.IMAGES_WITH_SALES, joined, prefix)
     coverage = sales_coverage(joined.num_rows, images.num_rows, quality.min_sales_coverage)
     return MaterializeResult(
         metadata=_table_metadata(lake, tables.IMAGES_WITH_SALES, joined.num_rows),
@@ -227,6 +237,7 @@ def build_image_embeddings(gpu_tags: Mapping[str, str]) -> AssetsDefinition:
         group_name="embeddings",
         pool=GPU_POOL,
         op_tags=dict(gpu_tags),
+        retry_policy=STEP_RETRY_POLICY,
         check_specs=[
             AssetCheckSpec(
                 "embedding_values",
@@ -248,7 +259,8 @@ def build_image_embeddings(gpu_tags: Mapping[str, str]) -> AssetsDefinition:
         embedding_model: EmbeddingModelResource,
         quality: QualityThresholds,
     ) -> MaterializeResult:
-        return _materialize_embeddings(context, storage, embedding_model, quality)
+        with permanent_failures():
+            return _materialize_embeddings(context, storage, embedding_model, quality)
 
     return image_embeddings
 

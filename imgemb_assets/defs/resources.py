@@ -28,6 +28,10 @@ class ImgembS3Resource(S3Resource):
     allow_http: bool | None = Field(
         default=None, description="Allow a plain-http endpoint; default: AWS_ALLOW_HTTP, else true for http://."
     )
+    connect_timeout_s: float = Field(default=10.0, description="Seconds to wait for a connection.")
+    read_timeout_s: float = Field(
+        default=60.0, description="Seconds a request may stall before it is dropped and retried."
+    )
 
     def settings(self) -> S3Settings:
         return S3Settings(
@@ -41,6 +45,8 @@ class ImgembS3Resource(S3Resource):
             max_attempts=self.max_attempts,
             retry_mode=self.retry_mode,
             max_pool_connections=self.max_pool_connections,
+            connect_timeout_s=self.connect_timeout_s,
+            read_timeout_s=self.read_timeout_s,
         )
 
     def get_client(self) -> Any:
