@@ -13,7 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from PIL import Image
+
+from imgemb_assets.core.sample_data import SampleDataset
 
 # The graph tests set `image_limits.max_image_bytes` to this, so that one
 # ordinary (if noisy) PNG is over the limit without a 50 MiB fixture.
@@ -83,6 +87,34 @@ def bad_input_cases() -> list[Case]:
         Case("twin.jpg", jpeg, None),
         Case("twin.png", _encode(Image.new("RGB", (32, 32), (9, 9, 9)), "PNG"), "duplicate image_id 'twin'"),
     ]
+
+
+CORPUS_PREFIX = "bad-inputs"
+
+
+def accepted_image_ids(cases: list[Case]) -> list[str]:
+    return sorted(case.file_name.rsplit(".", 1)[0] for case in cases if case.reason_part is None)
+
+
+def write_corpus_dataset(root: Path) -> SampleDataset:
+    """The corpus as one partition of a raw-images root, with a sales export covering every accepted image."""
+    cases = bad_input_cases()
+    write_cases(root / "raw-images" / CORPUS_PREFIX, cases)
+    sales_ids = [*accepted_image_ids(cases), "sold_but_never_photographed"]
+    (root / "sales").mkdir(parents=True)
+    pq.write_table(
+        pa.table({"image_id": sales_ids, "sales": [float(i) for i in range(len(sales_ids))]}),
+        root / "sales" / "sales.parquet",
+    )
+    return SampleDataset(
+        root=str(root),
+        raw_images_uri=str(root / "raw-images"),
+        sales_uri=str(root / "sales"),
+        prefixes=[CORPUS_PREFIX],
+        image_ids={CORPUS_PREFIX: accepted_image_ids(cases)},
+        broken_files={CORPUS_PREFIX: sorted(case.file_name for case in cases if case.reason_part is not None)},
+        sales_image_ids=sales_ids,
+    )
 
 
 def write_cases(folder: Path, cases: list[Case]) -> None:

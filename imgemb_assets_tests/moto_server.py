@@ -39,17 +39,18 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _wait_until_listening(url: str, process: subprocess.Popen, timeout_s: float = 60.0) -> None:
+def wait_until_listening(url: str, process: subprocess.Popen, timeout_s: float = 60.0) -> None:
+    """Poll `url` until the server subprocess answers it; fail if the process exits first."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"moto_server exited with {process.returncode}")
+            raise RuntimeError(f"{process.args[0]} exited with {process.returncode}")
         try:
-            urllib.request.urlopen(f"{url}/moto-api/", timeout=1).close()
+            urllib.request.urlopen(url, timeout=1).close()
             return
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             time.sleep(0.2)
-    raise TimeoutError(f"moto_server did not answer on {url} within {timeout_s} s")
+    raise TimeoutError(f"{process.args[0]} did not answer on {url} within {timeout_s} s")
 
 
 @contextmanager
@@ -65,7 +66,7 @@ def running_moto_server() -> Iterator[str]:
         start_new_session=True,
     )
     try:
-        _wait_until_listening(url, process)
+        wait_until_listening(f"{url}/moto-api/", process)
         yield url
     finally:
         process.terminate()
