@@ -90,8 +90,8 @@ class S3Settings:
         session = self.session()
         options = {
             "AWS_REGION": session.region_name or _DEFAULT_REGION,
-            # delta-rs retries throttling, 5xx, resets and timeouts itself.
-            "max_retries": str(self.max_attempts - 1),
+            # delta-rs retries throttling, 5xx, resets and timeouts itself, with
+            # its own policy (10 retries within 3 minutes), kept as it is.
             "timeout": f"{round(self.read_timeout_s * 1000)}ms",
             "connect_timeout": f"{round(self.connect_timeout_s * 1000)}ms",
         }
