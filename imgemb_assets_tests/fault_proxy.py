@@ -9,6 +9,9 @@ LIST calls) are answered with a fault:
   `slowdown` (503 SlowDown), `reset` (the TCP connection is reset, no answer) or
   `stall` (no answer for `--stall-s` seconds, then the connection is closed: a
   client read timeout).
+Requests whose method and path match `--hold` (`PUT:<regex>`) are never
+answered (counted as `held`): a writer stopped between writing its data files
+and committing, to be killed there.
 `GET /__fault_proxy__/stats` answers the counts as JSON.
 
     python -m imgemb_assets_tests.fault_proxy --upstream http://127.0.0.1:5000 --port 5001 --share 0.2
@@ -20,6 +23,7 @@ import argparse
 import http.client
 import json
 import random
+import re
 import socket
 import struct
 import subprocess
@@ -44,6 +48,7 @@ FAULT_KINDS = ("slowdown", "reset", "stall")
 _HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade", "content-length"}
 )
+_HOLD_S = 3600.0
 _SLOWDOWN_BODY = (
     b'<?xml version="1.0" encoding="UTF-8"?>\n'
     b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
@@ -53,7 +58,11 @@ _SLOWDOWN_BODY = (
 class FaultPlan:
     """Decides, request by request, which fault (if any) a GET gets; thread-safe and seeded."""
 
-    def __init__(self, share: float, seed: int, kinds: tuple[str, ...], outage_requests: int) -> None:
+    def __init__(
+        self, share: float, seed: int, kinds: tuple[str, ...], outage_requests: int, hold: str | None = None
+    ) -> None:
+        self._hold_method, _, hold_pattern = (hold or "").partition(":")
+        self._hold_path = re.compile(hold_pattern) if hold else None
         self._share = share
         self._kinds = kinds
         self._outage_requests = outage_requests
@@ -61,9 +70,12 @@ class FaultPlan:
         self._lock = threading.Lock()
         self.counts: Counter[str] = Counter()
 
-    def fault_for(self, method: str) -> str | None:
+    def fault_for(self, method: str, path: str) -> str | None:
         with self._lock:
             self.counts["requests"] += 1
+            if self._hold_path is not None and method == self._hold_method and self._hold_path.search(path):
+                self.counts["held"] += 1
+                return "hold"
             if method != "GET":
                 return None
             self.counts["gets"] += 1
@@ -107,7 +119,7 @@ def _handler_class(upstream: str, plan: FaultPlan, stall_s: float) -> type[BaseH
 
         def _proxy(self) -> None:
             body = self._request_body()
-            fault = plan.fault_for(self.command)
+            fault = plan.fault_for(self.command, self.path)
             if fault == "slowdown":
                 self._answer(503, {"Content-Type": "application/xml"}, _SLOWDOWN_BODY)
             elif fault == "reset":
@@ -117,6 +129,9 @@ def _handler_class(upstream: str, plan: FaultPlan, stall_s: float) -> type[BaseH
                 self.close_connection = True
             elif fault == "stall":
                 time.sleep(stall_s)
+                self.close_connection = True
+            elif fault == "hold":
+                time.sleep(_HOLD_S)
                 self.close_connection = True
             else:
                 self._forward(body)
@@ -186,6 +201,7 @@ def running_fault_proxy(
     kinds: tuple[str, ...] = FAULT_KINDS,
     outage_requests: int = 0,
     stall_s: float = 3.0,
+    hold: str | None = None,
 ) -> Iterator[FaultProxy]:
     """A proxy subprocess in front of `upstream`, stopped on exit."""
     port = free_port()
@@ -194,6 +210,7 @@ def running_fault_proxy(
             sys.executable, "-m", "imgemb_assets_tests.fault_proxy",
             "--upstream", upstream, "--port", str(port), "--share", str(share), "--seed", str(seed),
             "--kinds", ",".join(kinds), "--outage-requests", str(outage_requests), "--stall-s", str(stall_s),
+            *(["--hold", hold] if hold else []),
         ],
         cwd=_REPO_ROOT,  # where `imgemb_assets_tests` is importable
         start_new_session=True,
@@ -220,12 +237,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kinds", default=",".join(FAULT_KINDS))
     parser.add_argument("--outage-requests", type=int, default=0, help="first GETs answered 503 SlowDown")
     parser.add_argument("--stall-s", type=float, default=3.0)
+    parser.add_argument("--hold", default=None, help="METHOD:REGEX of requests never answered")
     args = parser.parse_args(argv)
     kinds = tuple(kind for kind in args.kinds.split(",") if kind)
     unknown = set(kinds) - set(FAULT_KINDS)
     if unknown:
         parser.error(f"unknown fault kinds {sorted(unknown)}; choose from {FAULT_KINDS}")
-    serve(args.upstream, args.port, FaultPlan(args.share, args.seed, kinds, args.outage_requests), args.stall_s)
+    plan = FaultPlan(args.share, args.seed, kinds, args.outage_requests, args.hold)
+    serve(args.upstream, args.port, plan, args.stall_s)
 
 
 if __name__ == "__main__":

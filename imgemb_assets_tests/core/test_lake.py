@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -100,6 +101,7 @@ def test_reading_a_missing_table_names_the_asset_to_materialize(tmp_path: Path) 
 
 _READ_THEN_EXIT = """
 import sys
+import time
 import pyarrow as pa
 from imgemb_assets.core.lake import Lake
 lake = Lake(sys.argv[1])
@@ -139,3 +141,46 @@ def test_concurrent_writers_of_one_partition_leave_exactly_one_copy(tmp_path: Pa
         assert [writer.exitcode for writer in writers] == [0, 0]
         ids = Lake(root).read(REJECTED_IMAGES, "p").column("image_id").to_pylist()
         assert len(ids) == 40 and len({image_id[0] for image_id in ids}) == 1, "one writer's rows, once"
+
+
+# A writer replacing partition "a" of a local table with a stream that stops halfway (and is killed there).
+_STREAMING_WRITER = """
+import sys, time
+from pathlib import Path
+import pyarrow as pa
+from imgemb_assets.core.lake import Lake
+from imgemb_assets.core.tables import REJECTED_IMAGES, REJECTED_IMAGES_SCHEMA
+
+root, halfway = sys.argv[1], Path(sys.argv[2])
+
+def batches():
+    for start in range(0, 40_000, 1_000):
+        ids = [str(i) for i in range(start, start + 1_000)]
+        yield pa.record_batch(
+            [ids, ["a"] * len(ids), [f"a/{i}.jpg" for i in ids], ["replaced"] * len(ids)], schema=REJECTED_IMAGES_SCHEMA
+        )
+        if start == 20_000:
+            halfway.touch()
+            time.sleep(600)
+
+Lake(root).write_partition(REJECTED_IMAGES, lambda: pa.RecordBatchReader.from_batches(REJECTED_IMAGES_SCHEMA, batches()), "a")
+"""
+
+
+def test_a_writer_killed_mid_stream_leaves_the_previous_version(tmp_path: Path) -> None:
+    lake = Lake(str(tmp_path / "lake"))
+    lake.write_partition(REJECTED_IMAGES, _rows("a", ["1", "2"]), "a")
+    lake.write_partition(REJECTED_IMAGES, _rows("b", ["3"]), "b")
+    version = DeltaTable(lake.table_uri(REJECTED_IMAGES)).version()
+    halfway = tmp_path / "halfway"
+    writer = subprocess.Popen([sys.executable, "-c", _STREAMING_WRITER, lake.root_uri, str(halfway)])
+    try:
+        while not halfway.exists():
+            assert writer.poll() is None, "the writer exited before reaching halfway"
+            time.sleep(0.05)
+    finally:
+        writer.kill()  # SIGKILL
+        writer.wait()
+    assert DeltaTable(lake.table_uri(REJECTED_IMAGES)).version() == version
+    assert _ids_by_prefix(lake) == {"a": ["1", "2"], "b": ["3"]}
+    assert lake.read(REJECTED_IMAGES).column("reason").unique().to_pylist() == ["r"]
