@@ -7,6 +7,7 @@ succeeds; the server stops by its process group with no process left behind.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -124,3 +125,37 @@ def test_sensor_embeds_a_dropped_prefix_and_the_ui_api_launches_a_run(
     _wait_for(f"run {run_id}", lambda: client.get_run_status(run_id) in finished, 300, log)
     assert client.get_run_status(run_id) == DagsterRunStatus.SUCCESS
     assert _embedded_rows(lake, prefix) == expected
+    assert _asset_checks_shown_by_the_ui(port) == {
+        "sales": {"unique_image_ids": ("SUCCEEDED", True)},
+        "downscaled_images": {"manifest_accounted_for": ("SUCCEEDED", True)},
+        "images_with_sales": {"sales_coverage": ("SUCCEEDED", True)},
+        "image_embeddings": {"embedding_values": ("SUCCEEDED", True), "embedding_drift": ("SUCCEEDED", True)},
+    }
+
+
+_ASSET_CHECKS_QUERY = """
+{ assetNodes { assetKey { path } assetChecksOrError { ... on AssetChecks { checks {
+    name executionForLatestMaterialization { status evaluation { success } } } } } } }
+"""
+
+
+def _asset_checks_shown_by_the_ui(port: int) -> dict[str, dict[str, tuple[str, bool]]]:
+    """Each asset's checks with the status and outcome of their latest execution, as the UI's API serves them."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/graphql",
+        data=json.dumps({"query": _ASSET_CHECKS_QUERY}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        nodes = json.loads(response.read())["data"]["assetNodes"]
+    shown: dict[str, dict[str, tuple[str, bool]]] = {}
+    for node in nodes:
+        checks = node["assetChecksOrError"].get("checks") or []
+        for check in checks:
+            execution = check["executionForLatestMaterialization"] or {}
+            evaluation = execution.get("evaluation") or {}
+            shown.setdefault("/".join(node["assetKey"]["path"]), {})[check["name"]] = (
+                execution.get("status"),
+                evaluation.get("success"),
+            )
+    return shown

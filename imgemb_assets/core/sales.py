@@ -8,6 +8,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from imgemb_assets.core.quality import duplicate_image_ids
 from imgemb_assets.core.storage import ObjectInfo, ObjectStore
 from imgemb_assets.core.tables import RESERVED_SALES_COLUMNS, SALES_REQUIRED_FIELDS
 
@@ -60,7 +61,14 @@ def validate_sales(table: pa.Table, source: str) -> pa.Table:
 
 
 def join_with_sales(images: pa.Table, sales: pa.Table, schema: pa.Schema) -> pa.Table:
-    """Inner join on image_id, as the article does, in image_id order."""
+    """Inner join on image_id, as the article does, in image_id order.
+
+    Refused when sales repeats an image_id: each repeat would silently add a
+    copy of the image (and later of its embedding) to the partition.
+    """
+    unique_ids = duplicate_image_ids(sales)
+    if not unique_ids.passed:
+        raise SalesError(f"the sales table cannot be joined: {unique_ids.description}; fix the export")
     joined = pl.from_arrow(images).join(pl.from_arrow(sales), on="image_id", how="inner").sort("image_id")
     return joined.to_arrow().select(schema.names).cast(schema)
 

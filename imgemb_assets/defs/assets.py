@@ -49,6 +49,8 @@ from imgemb_assets.defs.retries import STEP_RETRY_POLICY, permanent_failures
 
 _KINDS = {"delta"}
 LISTING_FINGERPRINT_KEY = "listing_fingerprint"
+# On each sales materialization: the sales rejoin sensor does not re-join a table with duplicates.
+DUPLICATED_IMAGE_IDS_KEY = "duplicated_image_ids"
 # Joined rows per streamed batch (thumbnails are ~15-30 KB each).
 _EMBEDDING_READ_ROWS = 2048
 
@@ -183,14 +185,16 @@ def sales(storage: StorageResource) -> MaterializeResult:
         # Validated before anything is written: a bad export leaves the previous version in place.
         table = read_sales(store)
         lake.overwrite(tables.SALES, table)
+    unique_ids = duplicate_image_ids(table)
     return MaterializeResult(
         metadata=_table_metadata(
             lake,
             tables.SALES,
             table.num_rows,
             source_files=MetadataValue.json([obj.uri for obj in list_sales_files(store)]),
+            **{DUPLICATED_IMAGE_IDS_KEY: unique_ids.metadata["duplicated_ids"]},
         ),
-        check_results=[_check_result("unique_image_ids", duplicate_image_ids(table))],
+        check_results=[_check_result("unique_image_ids", unique_ids)],
     )
 
 

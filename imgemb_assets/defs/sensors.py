@@ -16,6 +16,7 @@ from dagster import (
 from imgemb_assets.core import tables
 from imgemb_assets.core.discovery import DiscoveryCursor, listing_fingerprint, plan_discovery
 from imgemb_assets.core.sales import list_sales_files
+from imgemb_assets.defs.assets import DUPLICATED_IMAGE_IDS_KEY
 from imgemb_assets.defs.jobs import embed_prefix_job, refresh_sales_job, rejoin_sales_job
 from imgemb_assets.defs.partitions import s3_prefix_partitions
 from imgemb_assets.defs.resources import StorageResource
@@ -88,11 +89,16 @@ def build_sales_change_sensor(minimum_interval_seconds: int = DEFAULT_MINIMUM_IN
     default_status=DefaultSensorStatus.RUNNING,
     description="After sales is materialized, re-joins every partition that has thumbnails (no vector is recomputed).",
 )
-def sales_rejoin_sensor(context: SensorEvaluationContext, asset_event: EventLogEntry) -> SensorResult:
+def sales_rejoin_sensor(context: SensorEvaluationContext, asset_event: EventLogEntry) -> SensorResult | SkipReason:
+    metadata = asset_event.asset_materialization.metadata if asset_event.asset_materialization else {}
+    duplicated = metadata.get(DUPLICATED_IMAGE_IDS_KEY)
+    if duplicated is not None and duplicated.value:
+        # The blocking check failed: joining now would multiply rows in every partition.
+        return SkipReason(f"sales holds {duplicated.value} duplicated image_ids; fix the export, then sales is re-read")
     materialized = context.instance.get_materialized_partitions(AssetKey(tables.DOWNSCALED_IMAGES))
     return SensorResult(
         run_requests=[
-            RunRequest(run_key=f"sales-{asset_event.storage_id}:{prefix}", partition_key=prefix)
+            RunRequest(run_key=f"sales-{asset_event.run_id}:{prefix}", partition_key=prefix)
             for prefix in sorted(materialized)
         ]
     )

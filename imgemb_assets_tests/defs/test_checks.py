@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import replace
@@ -11,10 +12,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from dagster import AssetCheckEvaluation, AssetCheckSeverity, DagsterInstance, ExecuteInProcessResult
+from dagster import (
+    AssetCheckEvaluation,
+    AssetCheckSeverity,
+    DagsterEventType,
+    DagsterInstance,
+    ExecuteInProcessResult,
+    build_sensor_context,
+    partition_loading_context,
+)
 from PIL import Image
 from torchvision.models import resnet18
 
+from imgemb_assets.core import tables
+from imgemb_assets.core.lake import Lake
 from imgemb_assets.core.sample_data import SampleDataset, generate_sample_dataset
 from imgemb_assets.definitions import build_definitions
 from imgemb_assets.defs.jobs import PREFIX_JOB_NAME, SALES_JOB_NAME
@@ -110,3 +121,33 @@ def test_drift_check_compares_with_the_previous_partition(tmp_path: Path, monkey
     assert not collapsed.passed
     assert collapsed.severity == AssetCheckSeverity.WARN
     assert "variance shift" in collapsed.description and "mean shift" in collapsed.description
+
+
+def test_after_duplicate_sales_ids_no_partition_is_joined_or_rejoined(instance: DagsterInstance, copy: SampleDataset) -> None:
+    first = copy.prefixes[0]
+    rejoin = defs.resolve_sensor_def("sales_rejoin_sensor")
+    defs.resolve_job_def(SALES_JOB_NAME).execute_in_process(instance=instance)
+    defs.resolve_job_def(PREFIX_JOB_NAME).execute_in_process(instance=instance, partition_key=first)
+    with partition_loading_context(dynamic_partitions_store=instance):
+        requested = rejoin.evaluate_tick(build_sensor_context(instance=instance, definitions=defs))
+    assert [request.partition_key for request in requested.run_requests] == [first]
+    joined_before = Lake(os.environ["IMGEMB_LAKE_URI"]).read(tables.IMAGES_WITH_SALES, first)
+
+    path = Path(copy.sales_uri) / "sales.parquet"
+    table = pq.read_table(path)
+    pq.write_table(pa.concat_tables([table, table.slice(0, 3)]), path)
+    defs.resolve_job_def(SALES_JOB_NAME).execute_in_process(instance=instance, raise_on_error=False)
+
+    with partition_loading_context(dynamic_partitions_store=instance):
+        skipped = rejoin.evaluate_tick(
+            build_sensor_context(instance=instance, definitions=defs, cursor=requested.cursor)
+        )
+    assert skipped.run_requests == [] and "3 duplicated image_ids" in skipped.skip_message
+    rerun = defs.resolve_job_def(PREFIX_JOB_NAME).execute_in_process(
+        instance=instance, partition_key=first, raise_on_error=False
+    )
+    assert not rerun.success
+    (failure,) = [e for e in rerun.all_events if e.event_type == DagsterEventType.STEP_FAILURE]
+    assert failure.step_key == tables.IMAGES_WITH_SALES
+    assert "3 image_ids appear more than once" in failure.step_failure_data.error.message
+    assert Lake(os.environ["IMGEMB_LAKE_URI"]).read(tables.IMAGES_WITH_SALES, first).equals(joined_before)
