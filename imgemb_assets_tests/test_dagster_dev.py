@@ -7,6 +7,7 @@ succeeds; the server stops by its process group with no process left behind.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 from dagster import DagsterRunStatus
 from dagster_graphql import DagsterGraphQLClient
@@ -131,6 +133,21 @@ def test_sensor_embeds_a_dropped_prefix_and_the_ui_api_launches_a_run(
         "images_with_sales": {"sales_coverage": ("SUCCEEDED", True)},
         "image_embeddings": {"embedding_values": ("SUCCEEDED", True), "embedding_drift": ("SUCCEEDED", True)},
     }
+
+    # A second export repeating three image_ids: the UI shows the blocking check failed.
+    sales = pq.read_table(Path(small_dataset.sales_uri) / "sales.parquet").slice(0, 3)
+    buffer = io.BytesIO()
+    pq.write_table(sales, buffer)
+    S3Settings().client().put_object(Bucket=bucket, Key="sales-data/late-corrections.parquet", Body=buffer.getvalue())
+    sales_run = client.submit_job_execution("refresh_sales", repository_location_name="imgemb")
+    _wait_for(f"run {sales_run}", lambda: client.get_run_status(sales_run) in finished, 300, log)
+
+    def sales_check() -> tuple[str, bool]:
+        return _asset_checks_shown_by_the_ui(port)["sales"]["unique_image_ids"]
+
+    # The sales sensor may have started its own refresh of the same export meanwhile.
+    _wait_for("the sales check to finish", lambda: sales_check()[0] != "IN_PROGRESS", 300, log)
+    assert sales_check() == ("FAILED", False)
 
 
 _ASSET_CHECKS_QUERY = """
