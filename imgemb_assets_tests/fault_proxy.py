@@ -6,9 +6,12 @@ LIST calls) are answered with a fault:
 - the first `--outage-requests` of them: 503 SlowDown (an outage that outlasts
   the clients' own retries);
 - then a `--share` of them, drawn from a seeded generator, with one of
-  `slowdown` (503 SlowDown), `reset` (the TCP connection is reset, no answer) or
+  `slowdown` (503 SlowDown), `reset` (the TCP connection is reset, no answer),
   `stall` (no answer for `--stall-s` seconds, then the connection is closed: a
-  client read timeout).
+  client read timeout) or `truncate` (the real answer's headers and half its
+  body, then a reset) -- the last only for clients whose User-Agent contains
+  `--truncate-for` when that is given: delta-rs does not retry a body cut
+  short after its headers (object_store retries requests, not bodies).
 Requests whose method and path match `--hold` (`PUT:<regex>`) are never
 answered (counted as `held`): a writer stopped between writing its data files
 and committing, to be killed there.
@@ -44,7 +47,7 @@ from imgemb_assets_tests.moto_server import free_port, wait_until_listening
 
 STATS_PATH = "/__fault_proxy__/stats"
 _REPO_ROOT = Path(__file__).resolve().parents[1]
-FAULT_KINDS = ("slowdown", "reset", "stall")
+FAULT_KINDS = ("slowdown", "reset", "stall", "truncate")
 _HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade", "content-length"}
 )
@@ -59,8 +62,15 @@ class FaultPlan:
     """Decides, request by request, which fault (if any) a GET gets; thread-safe and seeded."""
 
     def __init__(
-        self, share: float, seed: int, kinds: tuple[str, ...], outage_requests: int, hold: str | None = None
+        self,
+        share: float,
+        seed: int,
+        kinds: tuple[str, ...],
+        outage_requests: int,
+        hold: str | None = None,
+        truncate_for: str | None = None,
     ) -> None:
+        self._truncate_for = truncate_for
         self._hold_method, _, hold_pattern = (hold or "").partition(":")
         self._hold_path = re.compile(hold_pattern) if hold else None
         self._share = share
@@ -70,7 +80,7 @@ class FaultPlan:
         self._lock = threading.Lock()
         self.counts: Counter[str] = Counter()
 
-    def fault_for(self, method: str, path: str) -> str | None:
+    def fault_for(self, method: str, path: str, user_agent: str = "") -> str | None:
         with self._lock:
             self.counts["requests"] += 1
             if self._hold_path is not None and method == self._hold_method and self._hold_path.search(path):
@@ -84,6 +94,8 @@ class FaultPlan:
             elif self._random.random() < self._share:
                 fault = self._random.choice(self._kinds)
             else:
+                fault = None
+            if fault == "truncate" and self._truncate_for and self._truncate_for not in user_agent:
                 fault = None
             if fault is not None:
                 self.counts[fault] += 1
@@ -119,14 +131,11 @@ def _handler_class(upstream: str, plan: FaultPlan, stall_s: float) -> type[BaseH
 
         def _proxy(self) -> None:
             body = self._request_body()
-            fault = plan.fault_for(self.command, self.path)
+            fault = plan.fault_for(self.command, self.path, self.headers.get("User-Agent", ""))
             if fault == "slowdown":
                 self._answer(503, {"Content-Type": "application/xml"}, _SLOWDOWN_BODY)
             elif fault == "reset":
-                # SO_LINGER 0: close() sends RST, as a dropped connection does.
-                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                self.connection.close()
-                self.close_connection = True
+                self._reset_connection()
             elif fault == "stall":
                 time.sleep(stall_s)
                 self.close_connection = True
@@ -134,7 +143,7 @@ def _handler_class(upstream: str, plan: FaultPlan, stall_s: float) -> type[BaseH
                 time.sleep(_HOLD_S)
                 self.close_connection = True
             else:
-                self._forward(body)
+                self._forward(body, truncate=fault == "truncate")
 
         def _request_body(self) -> bytes:
             if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
@@ -147,7 +156,7 @@ def _handler_class(upstream: str, plan: FaultPlan, stall_s: float) -> type[BaseH
                 return b"".join(chunks)
             return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
-        def _forward(self, body: bytes) -> None:
+        def _forward(self, body: bytes, truncate: bool = False) -> None:
             connection = http.client.HTTPConnection(target.hostname, target.port, timeout=120)
             try:
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
@@ -160,20 +169,34 @@ def _handler_class(upstream: str, plan: FaultPlan, stall_s: float) -> type[BaseH
                 if self.command == "HEAD":
                     answer_headers["Content-Length"] = response.getheader("Content-Length", "0")
                     self._answer(response.status, answer_headers, b"", head=True)
+                elif truncate:
+                    self._answer(response.status, answer_headers, payload, cut_after=len(payload) // 2)
                 else:
                     self._answer(response.status, answer_headers, payload)
             finally:
                 connection.close()
 
-        def _answer(self, status: int, headers: dict[str, str], payload: bytes, head: bool = False) -> None:
+        def _answer(
+            self, status: int, headers: dict[str, str], payload: bytes, head: bool = False, cut_after: int | None = None
+        ) -> None:
             self.send_response(status)
             for key, value in headers.items():
                 self.send_header(key, value)
             if not head:
                 self.send_header("Content-Length", str(len(payload)))
             self.end_headers()
-            if payload:
+            if cut_after is not None:
+                self.wfile.write(payload[:cut_after])
+                self.wfile.flush()
+                self._reset_connection()
+            elif payload:
                 self.wfile.write(payload)
+
+        def _reset_connection(self) -> None:
+            # SO_LINGER 0: close() sends RST, as a dropped connection does.
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.connection.close()
+            self.close_connection = True
 
     return FaultInjectingHandler
 
@@ -202,6 +225,7 @@ def running_fault_proxy(
     outage_requests: int = 0,
     stall_s: float = 3.0,
     hold: str | None = None,
+    truncate_for: str | None = None,
 ) -> Iterator[FaultProxy]:
     """A proxy subprocess in front of `upstream`, stopped on exit."""
     port = free_port()
@@ -211,6 +235,7 @@ def running_fault_proxy(
             "--upstream", upstream, "--port", str(port), "--share", str(share), "--seed", str(seed),
             "--kinds", ",".join(kinds), "--outage-requests", str(outage_requests), "--stall-s", str(stall_s),
             *(["--hold", hold] if hold else []),
+            *(["--truncate-for", truncate_for] if truncate_for else []),
         ],
         cwd=_REPO_ROOT,  # where `imgemb_assets_tests` is importable
         start_new_session=True,
@@ -238,12 +263,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--outage-requests", type=int, default=0, help="first GETs answered 503 SlowDown")
     parser.add_argument("--stall-s", type=float, default=3.0)
     parser.add_argument("--hold", default=None, help="METHOD:REGEX of requests never answered")
+    parser.add_argument("--truncate-for", default=None, help="truncate only for User-Agents containing this")
     args = parser.parse_args(argv)
     kinds = tuple(kind for kind in args.kinds.split(",") if kind)
     unknown = set(kinds) - set(FAULT_KINDS)
     if unknown:
         parser.error(f"unknown fault kinds {sorted(unknown)}; choose from {FAULT_KINDS}")
-    plan = FaultPlan(args.share, args.seed, kinds, args.outage_requests, args.hold)
+    plan = FaultPlan(args.share, args.seed, kinds, args.outage_requests, args.hold, args.truncate_for)
     serve(args.upstream, args.port, plan, args.stall_s)
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
+from botocore.exceptions import ClientError, IncompleteReadError, ReadTimeoutError, ResponseStreamingError
+
 from imgemb_assets.core.s3 import S3Settings, split_s3_uri
 
 # Read local files in chunks when fingerprinting, so a large file never sits in memory twice.
@@ -52,6 +54,10 @@ class ObjectStore(Protocol):
 
 class StorageError(Exception):
     """An object or root cannot be used; the message says which and why."""
+
+
+class ObjectMissing(StorageError):
+    """A listed object is gone (deleted since the listing)."""
 
 
 def partition_key_of(key: str) -> str | None:
@@ -124,7 +130,10 @@ class LocalObjectStore:
         path = local_path_of(uri)
         if path is None:
             raise StorageError(f"{uri!r} is not a local path")
-        return self._inside_root(path).read_bytes()
+        try:
+            return self._inside_root(path).read_bytes()
+        except FileNotFoundError as exc:
+            raise ObjectMissing(f"{uri} no longer exists") from exc
 
     def _walk_files(self, folder: Path) -> Iterator[Path]:
         for dirpath, _dirnames, filenames in os.walk(folder, followlinks=False):
@@ -148,6 +157,9 @@ class S3ObjectStore:
     client: Any = field(repr=False)
     bucket: str
     root_key: str  # no leading or trailing slash; "" for the whole bucket
+    # botocore retries a request until its headers arrive, not a body cut off
+    # afterwards: such reads are retried here, this many times in all.
+    body_read_attempts: int = 5
 
     @property
     def root_uri(self) -> str:
@@ -188,7 +200,17 @@ class S3ObjectStore:
         bucket, key = split_s3_uri(uri)
         if bucket != self.bucket or not key.startswith(self._key_prefix("")):
             raise StorageError(f"{uri} is outside the root {self.root_uri}")
-        return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        for attempt in range(1, self.body_read_attempts + 1):
+            try:
+                return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                    raise ObjectMissing(f"{uri} no longer exists") from exc
+                raise
+            except (ResponseStreamingError, IncompleteReadError, ReadTimeoutError):
+                if attempt == self.body_read_attempts:
+                    raise
+        raise AssertionError("unreachable")
 
     def _key_prefix(self, prefix: str) -> str:
         parts = [part for part in (self.root_key, prefix) if part]
@@ -210,5 +232,8 @@ def open_object_store(root_uri: str, s3: S3Settings | None = None) -> ObjectStor
     scheme = urlparse(root_uri).scheme
     if scheme == "s3":
         bucket, root_key = split_s3_uri(root_uri)
-        return S3ObjectStore(client=(s3 or S3Settings()).client(), bucket=bucket, root_key=root_key)
+        settings = s3 or S3Settings()
+        return S3ObjectStore(
+            client=settings.client(), bucket=bucket, root_key=root_key, body_read_attempts=settings.max_attempts
+        )
     raise StorageError(f"unsupported storage scheme {scheme!r} in {root_uri!r}; use a local path or s3://")

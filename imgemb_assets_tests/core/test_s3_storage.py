@@ -11,8 +11,9 @@ from deltalake import DeltaTable
 
 from imgemb_assets.core.lake import Lake
 from imgemb_assets.core.s3 import S3ConfigError, S3Settings, split_s3_uri
-from imgemb_assets.core.storage import S3ObjectStore, StorageError, open_object_store
+from imgemb_assets.core.storage import ObjectMissing, S3ObjectStore, StorageError, open_object_store
 from imgemb_assets.core.tables import REJECTED_IMAGES_SCHEMA
+from imgemb_assets_tests.fault_proxy import running_fault_proxy
 from imgemb_assets_tests.moto_server import MOTO_CREDENTIALS
 
 # Keys as they occur in real buckets.
@@ -158,3 +159,27 @@ def test_invalid_settings_and_uris_are_clear_errors() -> None:
         split_s3_uri("s3:///raw")
     assert split_s3_uri("s3://b/a/b/") == ("b", "a/b")
     assert isinstance(open_object_store("s3://b"), S3ObjectStore)
+
+
+def test_object_bodies_cut_short_are_read_again(bucket: str, moto_endpoint: str) -> None:
+    """botocore retries a request until its headers arrive; a body cut off after them is re-read here."""
+    contents = {f"p/{i}.bin": bytes([i]) * (2_000 + i) for i in range(20)}
+    client = S3Settings().client()
+    for key, body in contents.items():
+        client.put_object(Bucket=bucket, Key=key, Body=body)
+    with running_fault_proxy(moto_endpoint, share=0.5, seed=3, kinds=("truncate",)) as proxy:
+        store = open_object_store(f"s3://{bucket}", S3Settings(endpoint_url=proxy.url, max_attempts=8))
+        read = {key: store.read_bytes(f"s3://{bucket}/{key}") for key in contents}
+        stats = proxy.stats()
+    assert read == contents
+    assert stats["truncate"] >= 5, stats
+
+
+def test_an_object_deleted_after_listing_is_reported_as_missing(bucket: str) -> None:
+    client = S3Settings().client()
+    client.put_object(Bucket=bucket, Key="p/gone.jpg", Body=b"x")
+    store = open_object_store(f"s3://{bucket}")
+    (listed,) = store.list_objects("p")
+    client.delete_object(Bucket=bucket, Key="p/gone.jpg")
+    with pytest.raises(ObjectMissing, match="no longer exists"):
+        store.read_bytes(listed.uri)

@@ -1,4 +1,4 @@
-"""Transient S3 faults (503 SlowDown, connection resets, stalls) between the pipeline and the moto server.
+"""Transient S3 faults (503 SlowDown, connection resets, stalls, bodies cut short) between the pipeline and the moto server.
 
 The fault-injecting proxy subprocess sits in front of moto; boto3 and delta-rs
 both go through it. With a share of LIST/GET requests failing, the run
@@ -80,10 +80,15 @@ def test_tables_equal_a_clean_run_with_faults_on_a_share_of_requests(
 ) -> None:
     clean = _run(corpus_on_s3, f"s3://{bucket}/clean", moto_endpoint)
     assert all(result.success for result in clean)
-    with running_fault_proxy(moto_endpoint, share=0.2, seed=11, stall_s=READ_TIMEOUT_S + 1) as proxy:
+    # Bodies are cut short only for boto3 (object reads, listings): delta-rs retries
+    # requests but not a body interrupted after its headers (object_store's limit).
+    with running_fault_proxy(
+        moto_endpoint, share=0.2, seed=11, stall_s=READ_TIMEOUT_S + 1, truncate_for="Boto3"
+    ) as proxy:
         faulty = _run(corpus_on_s3, f"s3://{bucket}/faulty", proxy.url)
         stats = proxy.stats()
     assert all(result.success for result in faulty), [_retries(result) for result in faulty]
+    # (few of the GETs come from boto3, so a cut-short body may not be drawn: see test_s3_storage)
     assert all(stats[kind] > 0 for kind in ("slowdown", "reset", "stall")), stats
 
     options = S3Settings(endpoint_url=moto_endpoint).delta_storage_options()
