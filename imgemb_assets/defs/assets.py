@@ -26,7 +26,7 @@ from dagster import (
 
 from imgemb_assets.core import tables
 from imgemb_assets.core.discovery import listing_fingerprint
-from imgemb_assets.core.drift import EmbeddingMoments, embedding_drift, moments_of_batches, previous_partition
+from imgemb_assets.core.drift import EmbeddingMoments, embedding_drift, previous_partition, stored_moments
 from imgemb_assets.core.lake import Lake
 from imgemb_assets.core.pipeline import build_manifest, downscale_partition
 from imgemb_assets.core.quality import (
@@ -340,11 +340,7 @@ def _drift_against_previous_partition(
 ) -> CheckOutcome:
     previous_key = previous_partition(lake.partition_keys(tables.IMAGE_EMBEDDINGS), prefix)
     previous = (
-        moments_of_batches(
-            lake.read_batches(tables.IMAGE_EMBEDDINGS, previous_key, columns=["model_id", "embedding"]), model_id
-        )
-        if previous_key is not None
-        else None
+        stored_moments(lake, tables.IMAGE_EMBEDDINGS, previous_key, model_id) if previous_key is not None else None
     )
     return embedding_drift(moments, previous, previous_key, quality.drift_thresholds())
 
