@@ -3,6 +3,7 @@ and a moto S3 server subprocess with the AWS variables that reach it."""
 
 from __future__ import annotations
 
+import shutil
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -50,6 +51,21 @@ def code_location_instance(
         monkeypatch.setenv(key, value)
     with instance_for_test() as instance:
         instance.add_dynamic_partitions(S3_PREFIX_PARTITIONS_NAME, dataset.prefixes)
+        yield instance
+
+
+@pytest.fixture
+def own_sales_dataset(small_dataset: SampleDataset, tmp_path: Path) -> SampleDataset:
+    """The small dataset with a copy of its sales export that the test may change."""
+    shutil.copytree(small_dataset.sales_uri, tmp_path / "sales")
+    return replace(small_dataset, sales_uri=str(tmp_path / "sales"))
+
+
+@pytest.fixture
+def own_sales_instance(
+    own_sales_dataset: SampleDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[DagsterInstance]:
+    with code_location_instance(own_sales_dataset, tmp_path / "lake", monkeypatch) as instance:
         yield instance
 
 

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from imgemb_assets_tests.moto_server import free_port, wait_until_listening
+from imgemb_assets_tests.moto_server import free_port, stop, wait_until_listening
 
 STATS_PATH = "/__fault_proxy__/stats"
 _REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -245,12 +245,7 @@ def running_fault_proxy(
         wait_until_listening(f"{proxy.url}{STATS_PATH}", process)
         yield proxy
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -53,6 +53,16 @@ def wait_until_listening(url: str, process: subprocess.Popen, timeout_s: float =
     raise TimeoutError(f"{process.args[0]} did not answer on {url} within {timeout_s} s")
 
 
+def stop(process: subprocess.Popen) -> None:
+    """SIGTERM a server subprocess, SIGKILL it if it is still there after 10 s."""
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 @contextmanager
 def running_moto_server() -> Iterator[str]:
     """The URL of a moto S3 server subprocess, stopped on exit."""
@@ -69,9 +79,4 @@ def running_moto_server() -> Iterator[str]:
         wait_until_listening(f"{url}/moto-api/", process)
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)

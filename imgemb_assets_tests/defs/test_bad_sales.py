@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -19,21 +16,8 @@ from imgemb_assets.core.sample_data import SampleDataset
 from imgemb_assets.definitions import build_definitions
 from imgemb_assets.defs.jobs import SALES_JOB_NAME
 from imgemb_assets.defs.settings import LocationSettings
-from imgemb_assets_tests.conftest import code_location_instance
 
 defs = build_definitions(LocationSettings())
-
-
-@pytest.fixture
-def copy(small_dataset: SampleDataset, tmp_path: Path) -> SampleDataset:
-    shutil.copytree(small_dataset.sales_uri, tmp_path / "sales")
-    return replace(small_dataset, sales_uri=str(tmp_path / "sales"))
-
-
-@pytest.fixture
-def instance(copy: SampleDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[DagsterInstance]:
-    with code_location_instance(copy, tmp_path / "lake", monkeypatch) as instance:
-        yield instance
 
 
 def _without_sales_column(table: pa.Table) -> pa.Table:
@@ -60,20 +44,20 @@ def _sales_as_text(table: pa.Table) -> pa.Table:
     ids=["missing_column", "mistyped_image_id", "mistyped_sales", "unreadable"],
 )
 def test_bad_export_fails_once_and_keeps_the_previous_version(
-    instance: DagsterInstance, copy: SampleDataset, tmp_path: Path, break_export, message: str
+    own_sales_instance: DagsterInstance, own_sales_dataset: SampleDataset, tmp_path: Path, break_export, message: str
 ) -> None:
     job = defs.resolve_job_def(SALES_JOB_NAME)
-    assert job.execute_in_process(instance=instance).success
+    assert job.execute_in_process(instance=own_sales_instance).success
     lake = Lake(str(tmp_path / "lake"))
     version_before = DeltaTable(lake.table_uri(tables.SALES)).version()
     rows_before = lake.read(tables.SALES).sort_by("image_id")
 
-    export = Path(copy.sales_uri) / "sales.parquet"
+    export = Path(own_sales_dataset.sales_uri) / "sales.parquet"
     if break_export is None:
         export.write_bytes(b"PAR1 this is not parquet")
     else:
         pq.write_table(break_export(pq.read_table(export)), export)
-    result = job.execute_in_process(instance=instance, raise_on_error=False)
+    result = job.execute_in_process(instance=own_sales_instance, raise_on_error=False)
 
     assert not result.success
     (failure,) = [event for event in result.all_events if event.event_type == DagsterEventType.STEP_FAILURE]

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -35,25 +32,19 @@ from imgemb_assets_tests.conftest import code_location_instance
 defs = build_definitions(LocationSettings())
 
 
-@pytest.fixture
-def copy(small_dataset: SampleDataset, tmp_path: Path) -> SampleDataset:
-    shutil.copytree(small_dataset.sales_uri, tmp_path / "sales")
-    return replace(small_dataset, sales_uri=str(tmp_path / "sales"))
-
-
-@pytest.fixture
-def instance(copy: SampleDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[DagsterInstance]:
-    with code_location_instance(copy, tmp_path / "lake", monkeypatch) as instance:
-        yield instance
-
-
 def _checks(result: ExecuteInProcessResult) -> dict[str, bool]:
     return {evaluation.check_name: evaluation.passed for evaluation in result.get_asset_check_evaluations()}
 
 
-def test_checks_pass_on_a_clean_partition(instance: DagsterInstance, copy: SampleDataset) -> None:
-    assert _checks(defs.resolve_job_def(SALES_JOB_NAME).execute_in_process(instance=instance)) == {"unique_image_ids": True}
-    result = defs.resolve_job_def(PREFIX_JOB_NAME).execute_in_process(instance=instance, partition_key=copy.prefixes[0])
+def test_checks_pass_on_a_clean_partition(
+    own_sales_instance: DagsterInstance, own_sales_dataset: SampleDataset
+) -> None:
+    assert _checks(defs.resolve_job_def(SALES_JOB_NAME).execute_in_process(instance=own_sales_instance)) == {
+        "unique_image_ids": True
+    }
+    result = defs.resolve_job_def(PREFIX_JOB_NAME).execute_in_process(
+        instance=own_sales_instance, partition_key=own_sales_dataset.prefixes[0]
+    )
     assert _checks(result) == {
         "manifest_accounted_for": True,
         "sales_coverage": True,
@@ -62,35 +53,42 @@ def test_checks_pass_on_a_clean_partition(instance: DagsterInstance, copy: Sampl
     }
 
 
-def test_duplicate_sales_ids_fail_the_blocking_check(instance: DagsterInstance, copy: SampleDataset) -> None:
-    path = Path(copy.sales_uri) / "sales.parquet"
+def test_duplicate_sales_ids_fail_the_blocking_check(
+    own_sales_instance: DagsterInstance, own_sales_dataset: SampleDataset
+) -> None:
+    path = Path(own_sales_dataset.sales_uri) / "sales.parquet"
     table = pq.read_table(path)
     pq.write_table(pa.concat_tables([table, table.slice(0, 3)]), path)
-    result = defs.resolve_job_def(SALES_JOB_NAME).execute_in_process(instance=instance, raise_on_error=False)
+    result = defs.resolve_job_def(SALES_JOB_NAME).execute_in_process(instance=own_sales_instance, raise_on_error=False)
     assert _checks(result) == {"unique_image_ids": False}
     (evaluation,) = result.get_asset_check_evaluations()
     assert "3 image_ids appear more than once" in evaluation.description
 
 
-def test_low_sales_coverage_warns(instance: DagsterInstance, copy: SampleDataset) -> None:
-    defs.resolve_job_def(SALES_JOB_NAME).execute_in_process(instance=instance)
+def test_low_sales_coverage_warns(own_sales_instance: DagsterInstance, own_sales_dataset: SampleDataset) -> None:
+    defs.resolve_job_def(SALES_JOB_NAME).execute_in_process(instance=own_sales_instance)
     strict = {"resources": {"quality": {"config": {"min_sales_coverage": 0.99}}}}
     result = defs.resolve_job_def(PREFIX_JOB_NAME).execute_in_process(
-        instance=instance, partition_key=copy.prefixes[0], run_config=strict
+        instance=own_sales_instance, partition_key=own_sales_dataset.prefixes[0], run_config=strict
     )
     assert _checks(result)["sales_coverage"] is False
 
 
-def test_non_finite_embeddings_fail_the_check(instance: DagsterInstance, copy: SampleDataset, tmp_path: Path) -> None:
+def test_non_finite_embeddings_fail_the_check(
+    own_sales_instance: DagsterInstance, own_sales_dataset: SampleDataset, tmp_path: Path
+) -> None:
     broken = resnet18(weights=None)
     with torch.no_grad():
         broken.conv1.weight.fill_(float("nan"))
     torch.save(broken.state_dict(), tmp_path / "nan.pt")
-    defs.resolve_job_def(SALES_JOB_NAME).execute_in_process(instance=instance)
+    defs.resolve_job_def(SALES_JOB_NAME).execute_in_process(instance=own_sales_instance)
     nan_weights = {"model": "resnet18", "weights": str(tmp_path / "nan.pt")}
     with_resnet18 = {"resources": {"embedding_model": {"config": nan_weights}}}
     result = defs.resolve_job_def(PREFIX_JOB_NAME).execute_in_process(
-        instance=instance, partition_key=copy.prefixes[0], run_config=with_resnet18, raise_on_error=False
+        instance=own_sales_instance,
+        partition_key=own_sales_dataset.prefixes[0],
+        run_config=with_resnet18,
+        raise_on_error=False,
     )
     assert _checks(result)["embedding_values"] is False
 
@@ -117,34 +115,38 @@ def test_drift_check_compares_with_the_previous_partition(tmp_path: Path, monkey
 
         for path in (Path(dataset.raw_images_uri) / second).rglob("*.jpg"):
             Image.new("RGB", (320, 240), (128, 128, 128)).save(path, format="JPEG")
-        collapsed = _drift(embed.execute_in_process(instance=instance, partition_key=second, run_config=resnet18_random))
+        collapsed = _drift(
+            embed.execute_in_process(instance=instance, partition_key=second, run_config=resnet18_random)
+        )
     assert not collapsed.passed
     assert collapsed.severity == AssetCheckSeverity.WARN
     assert "variance shift" in collapsed.description and "mean shift" in collapsed.description
 
 
-def test_after_duplicate_sales_ids_no_partition_is_joined_or_rejoined(instance: DagsterInstance, copy: SampleDataset) -> None:
-    first = copy.prefixes[0]
+def test_after_duplicate_sales_ids_no_partition_is_joined_or_rejoined(
+    own_sales_instance: DagsterInstance, own_sales_dataset: SampleDataset
+) -> None:
+    first = own_sales_dataset.prefixes[0]
     rejoin = defs.resolve_sensor_def("sales_rejoin_sensor")
-    defs.resolve_job_def(SALES_JOB_NAME).execute_in_process(instance=instance)
-    defs.resolve_job_def(PREFIX_JOB_NAME).execute_in_process(instance=instance, partition_key=first)
-    with partition_loading_context(dynamic_partitions_store=instance):
-        requested = rejoin.evaluate_tick(build_sensor_context(instance=instance, definitions=defs))
+    defs.resolve_job_def(SALES_JOB_NAME).execute_in_process(instance=own_sales_instance)
+    defs.resolve_job_def(PREFIX_JOB_NAME).execute_in_process(instance=own_sales_instance, partition_key=first)
+    with partition_loading_context(dynamic_partitions_store=own_sales_instance):
+        requested = rejoin.evaluate_tick(build_sensor_context(instance=own_sales_instance, definitions=defs))
     assert [request.partition_key for request in requested.run_requests] == [first]
     joined_before = Lake(os.environ["IMGEMB_LAKE_URI"]).read(tables.IMAGES_WITH_SALES, first)
 
-    path = Path(copy.sales_uri) / "sales.parquet"
+    path = Path(own_sales_dataset.sales_uri) / "sales.parquet"
     table = pq.read_table(path)
     pq.write_table(pa.concat_tables([table, table.slice(0, 3)]), path)
-    defs.resolve_job_def(SALES_JOB_NAME).execute_in_process(instance=instance, raise_on_error=False)
+    defs.resolve_job_def(SALES_JOB_NAME).execute_in_process(instance=own_sales_instance, raise_on_error=False)
 
-    with partition_loading_context(dynamic_partitions_store=instance):
+    with partition_loading_context(dynamic_partitions_store=own_sales_instance):
         skipped = rejoin.evaluate_tick(
-            build_sensor_context(instance=instance, definitions=defs, cursor=requested.cursor)
+            build_sensor_context(instance=own_sales_instance, definitions=defs, cursor=requested.cursor)
         )
     assert skipped.run_requests == [] and "3 duplicated image_ids" in skipped.skip_message
     rerun = defs.resolve_job_def(PREFIX_JOB_NAME).execute_in_process(
-        instance=instance, partition_key=first, raise_on_error=False
+        instance=own_sales_instance, partition_key=first, raise_on_error=False
     )
     assert not rerun.success
     (failure,) = [e for e in rerun.all_events if e.event_type == DagsterEventType.STEP_FAILURE]
