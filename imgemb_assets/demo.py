@@ -110,6 +110,18 @@ def embedding_throughput(results: list[ExecuteInProcessResult]) -> tuple[int, in
     return embedded, reused, seconds
 
 
+def check_lines(results: list[ExecuteInProcessResult]) -> list[str]:
+    """One line per asset check evaluated in the runs: outcome, check, asset, partition, what it found."""
+    lines = []
+    for result in results:
+        partition = result.dagster_run.tags.get("dagster/partition", "-")
+        for evaluation in result.get_asset_check_evaluations():
+            outcome = "passed" if evaluation.passed else f"FAILED ({evaluation.severity.value.lower()})"
+            where = f"{evaluation.asset_key.to_user_string()} [{partition}]"
+            lines.append(f"  {outcome:16s} {evaluation.check_name:24s} {where:36s} {evaluation.description}")
+    return lines
+
+
 def table_counts(lake: Lake, prefixes: list[str]) -> pl.DataFrame:
     """Rows per table, in total and per prefix, read back with polars."""
     rows = []
@@ -155,6 +167,8 @@ def print_summary(
         print(f"\nRejected files ({rejected.height}):")
         for row in rejected.iter_rows(named=True):
             print(f"  {row['uri']}\n      -> {row['reason']}")
+    print("\nAsset checks:")
+    print("\n".join(check_lines(results)))
     embedded, reused, seconds = embedding_throughput(results)
     weights = env["IMGEMB_MODEL_WEIGHTS"]
     if embedded:
