@@ -21,7 +21,7 @@ from imgemb_assets.core.images import (
     image_id_from_key,
     refuse_oversized_file,
 )
-from imgemb_assets.core.storage import ObjectInfo, ObjectMissing, ObjectStore
+from imgemb_assets.core.storage import ObjectInfo, ObjectMissing, ObjectRefused, ObjectStore
 from imgemb_assets.core.tables import (
     DOWNSCALED_IMAGES_SCHEMA,
     PARTITION_COLUMN,
@@ -96,5 +96,7 @@ def _thumbnail_or_reason(store: ObjectStore, entry: dict[str, Any], limits: Imag
         return downscale(data, limits.max_pixels)
     except ImageRejected as exc:
         return exc.reason
+    except ObjectRefused as exc:
+        return str(exc)
     except ObjectMissing:
         return "object was deleted after it was listed; materialize the partition again to drop it from the manifest"

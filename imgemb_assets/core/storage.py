@@ -60,6 +60,10 @@ class ObjectMissing(StorageError):
     """A listed object is gone (deleted since the listing)."""
 
 
+class ObjectRefused(StorageError):
+    """A listed object that is never read (a symbolic link); the message is the reason."""
+
+
 def partition_key_of(key: str) -> str | None:
     """The partition a key belongs to: its first path segment, or None directly under the root."""
     head, sep, _ = key.partition("/")
@@ -88,7 +92,11 @@ def _md5_of_file(path: Path) -> str:
 
 @dataclass(frozen=True)
 class LocalObjectStore:
-    """Objects are the regular files below a folder; symlinks are not followed."""
+    """Objects are the regular files below a folder, and its symbolic links.
+
+    Links are listed (so they are accounted for) but never followed: reading one
+    raises ObjectRefused, since it could lead outside the root.
+    """
 
     root: Path
 
@@ -114,12 +122,13 @@ class LocalObjectStore:
         if not folder.is_dir():
             return
         for path in sorted(self._walk_files(folder)):
-            stat = path.stat()
+            stat = path.lstat()
             yield ObjectInfo(
                 uri=str(path),
                 key=path.relative_to(self.root).as_posix(),
                 size_bytes=stat.st_size,
-                etag=_md5_of_file(path),
+                # a link's fingerprint is its target's name: the link is what is listed
+                etag=hashlib.md5(os.readlink(path).encode()).hexdigest() if path.is_symlink() else _md5_of_file(path),
                 last_modified=datetime.fromtimestamp(stat.st_mtime, tz=timezone.utc),
             )
 
@@ -130,16 +139,19 @@ class LocalObjectStore:
         path = local_path_of(uri)
         if path is None:
             raise StorageError(f"{uri!r} is not a local path")
+        if path.is_symlink():
+            raise ObjectRefused("symbolic link: not followed (it could lead outside the raw-images root)")
         try:
             return self._inside_root(path).read_bytes()
         except FileNotFoundError as exc:
             raise ObjectMissing(f"{uri} no longer exists") from exc
 
     def _walk_files(self, folder: Path) -> Iterator[Path]:
-        for dirpath, _dirnames, filenames in os.walk(folder, followlinks=False):
-            for name in filenames:
+        for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+            # os.walk puts links to folders among the folders (not descended into)
+            for name in [*filenames, *(d for d in dirnames if (Path(dirpath) / d).is_symlink())]:
                 path = Path(dirpath) / name
-                if path.is_file() and not path.is_symlink():
+                if path.is_symlink() or path.is_file():
                     yield path
 
     def _inside_root(self, path: Path) -> Path:

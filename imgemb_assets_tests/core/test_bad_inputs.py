@@ -77,3 +77,32 @@ def test_an_object_over_the_size_limit_is_not_downloaded(tmp_path: Path) -> None
         "file too large: 5004 bytes exceeds the limit of 1000 bytes (max_image_bytes)"
     ]
     assert store.reads == []
+
+
+def test_symbolic_links_are_listed_and_rejected_never_followed(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.jpg").write_bytes(_jpeg())
+    folder = tmp_path / "raw" / "p"
+    folder.mkdir(parents=True)
+    (folder / "real.jpg").write_bytes(_jpeg())
+    (folder / "to_outside.jpg").symlink_to(outside / "secret.jpg")
+    (folder / "to_inside.jpg").symlink_to(folder / "real.jpg")
+    (folder / "dangling.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    (folder / "to_folder").symlink_to(outside)
+    store = LocalObjectStore(tmp_path / "raw")
+    manifest = build_manifest(store.list_objects("p"), "p")
+    result = downscale_partition(store, manifest)
+    assert manifest.num_rows == 5
+    assert result.images.column("image_id").to_pylist() == ["real"]
+    reasons = {Path(row["uri"]).name: row["reason"] for row in result.rejected.to_pylist()}
+    links = {"to_outside.jpg", "to_inside.jpg", "dangling.jpg", "to_folder"}
+    assert set(reasons) == links
+    # to_folder has no extension, so it is turned away before any read; the others are never read
+    assert all(reasons[name].startswith("symbolic link: not followed") for name in links - {"to_folder"})
+
+
+def _jpeg() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 30), (1, 2, 3)).save(buffer, format="JPEG")
+    return buffer.getvalue()
