@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from deltalake import DeltaTable, QueryBuilder, WriterProperties, write_deltalake
-from deltalake.exceptions import CommitFailedError
+from deltalake.exceptions import CommitFailedError, TableNotFoundError
 
 from imgemb_assets.core.storage import local_path_of
 from imgemb_assets.core.tables import PARTITION_COLUMN
@@ -146,9 +146,7 @@ class Lake:
         self, name: str, partition_key: str | None = None, columns: list[str] | None = None, batch_rows: int = 8192
     ) -> pa.RecordBatchReader:
         """A table or partition as a stream of record batches of at most `batch_rows` rows."""
-        if not self.exists(name):
-            raise LakeError(f"Delta table {self.table_uri(name)} does not exist; materialize {name} first")
-        table = DeltaTable(self.table_uri(name), storage_options=self.storage_options)
+        table = self._open(name)
         selected = "*" if columns is None else ", ".join(_quote_identifier(column) for column in columns)
         where = "" if partition_key is None else f" WHERE {partition_predicate(partition_key)}"
         engine = QueryBuilder({"datafusion.execution.batch_size": str(batch_rows)}).register("t", table)
@@ -158,14 +156,18 @@ class Lake:
 
     def partition_keys(self, name: str) -> list[str]:
         """The partitions holding rows, read from the table's log (no data file is opened)."""
-        if not self.exists(name):
+        try:
+            table = self._open(name)
+        except LakeError:
             return []
-        table = DeltaTable(self.table_uri(name), storage_options=self.storage_options)
         return sorted({partition[PARTITION_COLUMN] for partition in table.partitions()})
 
-    def schema(self, name: str) -> pa.Schema:
-        table = DeltaTable(self.table_uri(name), storage_options=self.storage_options)
-        return pa.schema(table.schema().to_arrow())
+    def _open(self, name: str) -> DeltaTable:
+        # One load of the table's log; checking `exists` first would read it twice.
+        try:
+            return DeltaTable(self.table_uri(name), storage_options=self.storage_options)
+        except TableNotFoundError as exc:
+            raise LakeError(f"Delta table {self.table_uri(name)} does not exist; materialize {name} first") from exc
 
     def _ensure_local_parent(self) -> None:
         local = local_path_of(self.root_uri)
