@@ -25,6 +25,7 @@ class EmbeddingRun:
     images_reused: int = 0  # kept their stored vector
     seconds: float = 0.0  # decoding and inference of the embedded images
     model: EmbeddingModel | None = None  # None while every vector was reused and no model was needed
+    model_id: str = ""  # on every row written; set when the stream starts
     rows: int = 0
     widths: set[int] = field(default_factory=set)  # vector widths written (one, when all is well)
     non_finite_rows: int = 0  # vectors holding NaN or infinite values
@@ -48,7 +49,8 @@ def embed_partition_batches(
     `previous` (the partition as stored) keeps that vector; only new or changed
     images go through the model, which is loaded only when the first one comes.
     """
-    model_id = model_id_for(settings)
+    # Computed once: for a state-dict file it hashes the file.
+    model_id = run.model_id = model_id_for(settings)
     stored = _stored_vectors(previous, model_id)
     for batch in joined:
         if batch.num_rows == 0:

@@ -278,7 +278,6 @@ def _materialize_embeddings(
     # torch is imported here, by the one step that needs it, rather than by
     # every process that loads the code location (several seconds each).
     from imgemb_assets.core.embedding_partition import EmbeddingRun, embed_partition_batches
-    from imgemb_assets.core.models import model_id_for
 
     prefix = context.partition_key
     lake = storage.lake()
@@ -314,7 +313,7 @@ def _materialize_embeddings(
             lake,
             tables.IMAGE_EMBEDDINGS,
             rows,
-            model_id=model_id_for(settings),
+            model_id=run.model_id,
             images_embedded=run.images_embedded,
             images_reused=run.images_reused,
             embedding_seconds=round(run.seconds, 3),
@@ -328,7 +327,7 @@ def _materialize_embeddings(
             ),
             _check_result(
                 "embedding_drift",
-                _drift_against_previous_partition(lake, prefix, model_id_for(settings), run.moments, quality),
+                _drift_against_previous_partition(lake, prefix, run.model_id, run.moments, quality),
                 AssetCheckSeverity.WARN,
             ),
         ],
