@@ -28,8 +28,7 @@ from imgemb_assets.core.lake import Lake
 _CHILD = """
 import json, resource, sys, time
 from dagster import instance_for_test, materialize
-from imgemb_assets.defs.assets import build_image_embeddings
-from imgemb_assets.defs.placement import gpu_step_tags
+from imgemb_assets.defs.assets import build_assets
 from imgemb_assets.defs.resources import EmbeddingModelResource, ImgembS3Resource, StorageResource
 from imgemb_assets.defs.settings import LocationSettings
 lake, model = sys.argv[1], sys.argv[2]
@@ -37,7 +36,7 @@ with instance_for_test() as instance:
     instance.add_dynamic_partitions("s3_prefix", ["p"])
     started = time.perf_counter()
     result = materialize(
-        [build_image_embeddings(gpu_step_tags(LocationSettings()))],
+        [a for a in build_assets(LocationSettings()) if getattr(a, "key", None) and a.key.to_user_string() == "image_embeddings"],
         partition_key="p",
         instance=instance,
         resources={

@@ -4,27 +4,34 @@ Both read the same IMGEMB_* (and AWS) variables as the code location, and
 DAGSTER_HOME for the instance that holds the partitions.
 
     imgemb discover                              register every prefix as an s3_prefix partition
-    imgemb backfill-missing --asset image_embeddings [--dry-run]
-                                                 launch `dagster job backfill` for the partitions
-                                                 that have no materialization of that asset
+    imgemb backfill-missing [--asset image_embeddings] [--dry-run] [--in-process | --submit]
+                                                 materialize what the asset lacks, `sales` included
+                                                 when it is missing or its files changed: with a
+                                                 daemon running, as one asset backfill it executes;
+                                                 without one, here, one run at a time
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Mapping
 
-from dagster import AssetKey, DagsterInstance
+from dagster import DagsterInstance
 
 from imgemb_assets.core import tables
 from imgemb_assets.core.storage import open_object_store
-from imgemb_assets.defs.jobs import PREFIX_JOB_NAME
+from imgemb_assets.defs.backfills import (
+    BackfillPlan,
+    daemon_is_running,
+    plan_backfill,
+    run_in_process,
+    submit_asset_backfill,
+)
 from imgemb_assets.defs.partitions import S3_PREFIX_PARTITIONS_NAME
 from imgemb_assets.defs.resources import ImgembS3Resource
+from imgemb_assets.defs.settings import LocationSettings
 
 PARTITIONED_ASSETS = tuple(name for name in tables.ALL_TABLES if name != tables.SALES)
 
@@ -53,21 +60,6 @@ def discover(instance: DagsterInstance, raw_images_uri: str) -> tuple[list[str],
     return added, prefixes
 
 
-def missing_partitions(instance: DagsterInstance, asset: str) -> list[str]:
-    """Registered partitions with no materialization of `asset`, in order."""
-    registered = instance.get_dynamic_partitions(S3_PREFIX_PARTITIONS_NAME)
-    materialized = instance.get_materialized_partitions(AssetKey(asset))
-    return sorted(prefix for prefix in registered if prefix not in materialized)
-
-
-def backfill_command(partitions: Sequence[str]) -> list[str]:
-    dagster = str(Path(sys.executable).with_name("dagster"))
-    return [
-        dagster, "job", "backfill", "-m", "imgemb_assets.definitions", "-j", PREFIX_JOB_NAME,
-        "--partitions", ",".join(partitions), "--noprompt",
-    ]  # fmt: skip
-
-
 def _discover_command(args: argparse.Namespace) -> int:
     with DagsterInstance.get() as instance:
         added, prefixes = discover(instance, required_env("IMGEMB_RAW_IMAGES_URI", os.environ))
@@ -76,27 +68,42 @@ def _discover_command(args: argparse.Namespace) -> int:
 
 
 def _backfill_missing_command(args: argparse.Namespace) -> int:
+    from imgemb_assets.definitions import defs as location_definitions
+
+    settings = LocationSettings.from_environ(os.environ)
+    sales_store = open_object_store(required_env("IMGEMB_SALES_URI", os.environ), ImgembS3Resource().settings())
     with DagsterInstance.get() as instance:
-        missing = missing_partitions(instance, args.asset)
-    if not missing:
-        print(f"every registered partition of {args.asset} is materialized; nothing to launch")
-        return 0
-    # `dagster job backfill --partitions` splits on commas.
-    unlaunchable = [prefix for prefix in missing if "," in prefix]
-    for prefix in unlaunchable:
-        print(
-            f"cannot pass {prefix!r} to dagster job backfill (it holds a comma); run: "
-            f"dagster asset materialize -m imgemb_assets.definitions --select '*' --partition '{prefix}'",
-            file=sys.stderr,
-        )
-    launchable = [prefix for prefix in missing if prefix not in unlaunchable]
-    command = backfill_command(launchable)
-    print(f"missing {args.asset} for {len(missing)} partitions; launching {PREFIX_JOB_NAME} for: {launchable}")
-    print("$ " + " ".join(command))
-    if args.dry_run or not launchable:
-        return 1 if unlaunchable else 0
-    done = subprocess.run(command, check=False)
-    return done.returncode or (1 if unlaunchable else 0)
+        plan = plan_backfill(instance, args.asset, sales_store)
+        _print_plan(plan, args.asset)
+        if plan.empty or args.dry_run:
+            return 0
+        submit = args.submit or (not args.in_process and daemon_is_running(instance))
+        defs = location_definitions()
+        if submit:
+            backfill_id = submit_asset_backfill(instance, defs, plan)
+            print(
+                f"submitted asset backfill {backfill_id}: the daemon runs it in runs of at most "
+                f"{settings.max_partitions_per_run} prefixes, through the instance's run queue"
+            )
+            return 0
+        print(f"no daemon is running: materializing here, one run at a time, at most {settings.max_partitions_per_run} prefixes per run")
+        failed = 0
+        for outcome in run_in_process(instance, defs, plan, settings.max_partitions_per_run):
+            what = "sales" if outcome.chunk is None else f"{len(outcome.chunk.prefixes)} prefixes {outcome.chunk.prefixes[0]} .. {outcome.chunk.prefixes[-1]}"
+            print(f"run {outcome.run_id}: {what}: {'succeeded' if outcome.success else 'FAILED'}", flush=True)
+            failed += not outcome.success
+    return 1 if failed else 0
+
+
+def _print_plan(plan: BackfillPlan, asset: str) -> None:
+    if plan.refresh_sales:
+        print(f"sales: materialized first ({plan.sales_reason})")
+    if plan.skipped_in_progress:
+        print(f"{len(plan.skipped_in_progress)} prefixes left to a backfill in progress")
+    if not plan.tables_by_prefix:
+        print(f"every registered partition of {asset} is materialized; nothing to launch")
+        return
+    print(f"{len(plan.tables_by_prefix)} prefixes need {asset}: {plan.prefixes[:20]}{' ...' if len(plan.prefixes) > 20 else ''}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     backfill = commands.add_parser("backfill-missing", help="backfill the partitions an asset lacks")
     backfill.add_argument("--asset", choices=PARTITIONED_ASSETS, default=tables.IMAGE_EMBEDDINGS)
     backfill.add_argument("--dry-run", action="store_true", help="print what would be launched")
+    how = backfill.add_mutually_exclusive_group()
+    how.add_argument("--in-process", action="store_true", help="materialize here even if a daemon is running")
+    how.add_argument("--submit", action="store_true", help="submit an asset backfill even if no daemon is running")
     args = parser.parse_args(argv)
     if "DAGSTER_HOME" not in os.environ:
         print("error: DAGSTER_HOME is not set (the instance that holds the partitions)", file=sys.stderr)

@@ -12,15 +12,10 @@ from typing import Any
 
 from dagster import Definitions, EnvVar, definitions
 
-from imgemb_assets.defs.assets import (
-    build_image_embeddings,
-    downscaled_images,
-    images_with_sales,
-    raw_image_manifest,
-    sales,
-)
+from imgemb_assets.defs.assets import build_assets
+from imgemb_assets.defs.automation import build_automation_sensor
 from imgemb_assets.defs.jobs import embed_prefix_job, refresh_sales_job, rejoin_sales_job
-from imgemb_assets.defs.placement import gpu_step_tags, location_executor
+from imgemb_assets.defs.placement import location_executor
 from imgemb_assets.defs.resources import (
     EmbeddingModelResource,
     ImageLimitsResource,
@@ -29,7 +24,7 @@ from imgemb_assets.defs.resources import (
     StorageResource,
 )
 from imgemb_assets.defs.schedules import full_reconciliation_schedule
-from imgemb_assets.defs.sensors import build_raw_prefix_sensor, build_sales_change_sensor, sales_rejoin_sensor
+from imgemb_assets.defs.sensors import build_raw_prefix_sensor, build_sales_change_sensor
 from imgemb_assets.defs.settings import LocationSettings
 
 
@@ -52,20 +47,14 @@ def default_resources() -> dict[str, Any]:
 def build_definitions(settings: LocationSettings, resources: Mapping[str, Any] | None = None) -> Definitions:
     """The location's definitions; `resources` replaces `default_resources()` (embedding it elsewhere, tests)."""
     return Definitions(
-        assets=[
-            raw_image_manifest,
-            downscaled_images,
-            sales,
-            images_with_sales,
-            build_image_embeddings(gpu_step_tags(settings)),
-        ],
+        assets=build_assets(settings),
         jobs=[refresh_sales_job, embed_prefix_job, rejoin_sales_job],
         sensors=[
             build_raw_prefix_sensor(
                 settings.sensor_interval_s, settings.sensor_recent_prefixes, settings.sensor_max_new_prefixes
             ),
             build_sales_change_sensor(settings.sensor_interval_s),
-            sales_rejoin_sensor,
+            build_automation_sensor(settings.sensor_interval_s),
         ],
         schedules=[full_reconciliation_schedule],
         executor=location_executor(settings),

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import polars as pl
 from dagster import DagsterInstance, ExecuteInProcessResult
+from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
 from imgemb_assets.core import tables
 from imgemb_assets.core.lake import Lake
@@ -88,12 +89,14 @@ def materialize_all(instance: DagsterInstance, prefixes: list[str]) -> list[Exec
     defs = location_definitions()  # as Dagster loads the code location
     print("materializing sales ...", flush=True)
     results = [defs.resolve_job_def(SALES_JOB_NAME).execute_in_process(instance=instance, run_config=_QUIET_CONSOLE)]
-    prefix_job = defs.resolve_job_def(PREFIX_JOB_NAME)
-    for prefix in prefixes:
-        print(f"materializing partition {prefix} ...", flush=True)
-        results.append(
-            prefix_job.execute_in_process(instance=instance, partition_key=prefix, run_config=_QUIET_CONSOLE)
+    # One run for every prefix (as a backfill of them would): the model is built once.
+    print(f"materializing partitions {prefixes[0]} .. {prefixes[-1]} in one run ...", flush=True)
+    range_tags = {ASSET_PARTITION_RANGE_START_TAG: prefixes[0], ASSET_PARTITION_RANGE_END_TAG: prefixes[-1]}
+    results.append(
+        defs.resolve_job_def(PREFIX_JOB_NAME).execute_in_process(
+            instance=instance, tags=range_tags, run_config=_QUIET_CONSOLE
         )
+    )
     return results
 
 
@@ -114,10 +117,9 @@ def check_lines(results: list[ExecuteInProcessResult]) -> list[str]:
     """One line per asset check evaluated in the runs: outcome, check, asset, partition, what it found."""
     lines = []
     for result in results:
-        partition = result.dagster_run.tags.get("dagster/partition", "-")
         for evaluation in result.get_asset_check_evaluations():
             outcome = "passed" if evaluation.passed else f"FAILED ({evaluation.severity.value.lower()})"
-            where = f"{evaluation.asset_key.to_user_string()} [{partition}]"
+            where = f"{evaluation.asset_key.to_user_string()} [{evaluation.partition or '-'}]"
             lines.append(f"  {outcome:16s} {evaluation.check_name:24s} {where:36s} {evaluation.description}")
     return lines
 

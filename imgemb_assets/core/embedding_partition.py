@@ -17,6 +17,24 @@ from imgemb_assets.core.models import EmbeddingModel, load_model, model_id_for
 from imgemb_assets.core.tables import EMBEDDING_TYPE
 
 
+class SharedModel:
+    """The model of one step, shared by every partition it embeds: built once, on first use.
+
+    A step that finds every vector already stored never builds it at all.
+    """
+
+    def __init__(self, settings: EmbeddingSettings) -> None:
+        self.settings = settings
+        # Computed once: for a state-dict file it hashes the file.
+        self.model_id = model_id_for(settings)
+        self._model: EmbeddingModel | None = None
+
+    def get(self) -> EmbeddingModel:
+        if self._model is None:
+            self._model = load_model(self.settings)
+        return self._model
+
+
 @dataclass
 class EmbeddingRun:
     """What embedding a partition took; filled in while its batches stream through."""
@@ -24,7 +42,7 @@ class EmbeddingRun:
     images_embedded: int = 0  # went through the model
     images_reused: int = 0  # kept their stored vector
     seconds: float = 0.0  # decoding and inference of the embedded images
-    model: EmbeddingModel | None = None  # None while every vector was reused and no model was needed
+    model: EmbeddingModel | None = None  # None while this partition reused every vector
     model_id: str = ""  # on every row written; set when the stream starts
     rows: int = 0
     widths: set[int] = field(default_factory=set)  # vector widths written (one, when all is well)
@@ -39,7 +57,7 @@ class EmbeddingRun:
 def embed_partition_batches(
     joined: Iterable[pa.RecordBatch],
     previous: pa.Table | None,
-    settings: EmbeddingSettings,
+    shared: SharedModel,
     schema: pa.Schema,
     run: EmbeddingRun,
 ) -> Iterator[pa.RecordBatch]:
@@ -49,8 +67,7 @@ def embed_partition_batches(
     `previous` (the partition as stored) keeps that vector; only new or changed
     images go through the model, which is loaded only when the first one comes.
     """
-    # Computed once: for a state-dict file it hashes the file.
-    model_id = run.model_id = model_id_for(settings)
+    model_id = run.model_id = shared.model_id
     stored = _stored_vectors(previous, model_id)
     for batch in joined:
         if batch.num_rows == 0:
@@ -59,7 +76,7 @@ def embed_partition_batches(
         to_embed = [row for row, key in enumerate(keys) if key not in stored.index]
         reused = [row for row, key in enumerate(keys) if key in stored.index]
         if to_embed and run.model is None:
-            run.model = load_model(settings)
+            run.model = shared.get()
         width = run.model.width if run.model else stored.vectors.shape[1]
         vectors = np.empty((batch.num_rows, width), dtype=np.float32)
         if to_embed:

@@ -1,14 +1,18 @@
-"""The five assets (plus `rejected_images`), each a Delta table under the lake root.
+"""The five assets (plus `rejected_images`), each a Delta table under the lake root, and the two
+external assets they read: the raw images under each prefix and the sales export.
 
 Each asset computes its rows with a function from `imgemb_assets.core.pipeline`
-or `core.sales` and writes one partition (or, for `sales`, the whole table).
+or `core.sales` and writes one partition per prefix of its run (or, for `sales`,
+the whole table). A run covers a range of prefixes, at most the location's
+`max_partitions_per_run` (Dagster's `BackfillPolicy`); `partition_steps` writes
+and reports each prefix on its own. `automation` says when each asset runs.
 """
 
 # No `from __future__ import annotations` here: Dagster inspects the type of
 # `context` when the asset is defined.
 from collections import Counter
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Final
 
 import pyarrow as pa
 from dagster import (
@@ -18,6 +22,7 @@ from dagster import (
     AssetExecutionContext,
     AssetsDefinition,
     AssetSpec,
+    BackfillPolicy,
     MaterializeResult,
     MetadataValue,
     asset,
@@ -37,8 +42,10 @@ from imgemb_assets.core.quality import (
     sales_coverage,
 )
 from imgemb_assets.core.sales import join_with_sales, list_sales_files, read_sales
+from imgemb_assets.defs.automation import FOLLOWS_SOURCE, FOLLOWS_UPSTREAM
+from imgemb_assets.defs.partition_steps import AssetReport, CheckReport, StepEvent, materialize_prefixes
 from imgemb_assets.defs.partitions import s3_prefix_partitions
-from imgemb_assets.defs.placement import GPU_POOL
+from imgemb_assets.defs.placement import GPU_POOL, gpu_step_tags
 from imgemb_assets.defs.resources import (
     EmbeddingModelResource,
     ImageLimitsResource,
@@ -46,13 +53,37 @@ from imgemb_assets.defs.resources import (
     StorageResource,
 )
 from imgemb_assets.defs.retries import STEP_RETRY_POLICY, permanent_failures
+from imgemb_assets.defs.settings import LocationSettings
 
 _KINDS = {"delta"}
+# On raw_images events and raw_image_manifest materializations: the prefix's listing.
 LISTING_FINGERPRINT_KEY = "listing_fingerprint"
-# On each sales materialization: the sales rejoin sensor does not re-join a table with duplicates.
+# On sales_export events and sales materializations: the sales files' listing.
+SALES_FILES_FINGERPRINT_KEY = "sales_files_fingerprint"
+# On each sales materialization: nothing joins a table with duplicated image_ids.
 DUPLICATED_IMAGE_IDS_KEY = "duplicated_image_ids"
 # Joined rows per streamed batch (thumbnails are ~15-30 KB each).
 _EMBEDDING_READ_ROWS = 2048
+
+RAW_IMAGES: Final = "raw_images"
+SALES_EXPORT: Final = "sales_export"
+
+# What the pipeline reads but does not write: the discovery and sales sensors report
+# a new materialization of these when the objects change, and automation follows.
+raw_images = AssetSpec(
+    RAW_IMAGES,
+    partitions_def=s3_prefix_partitions,
+    group_name="images",
+    kinds={"s3"},
+    description="The objects under each prefix of the raw-images root (reported by raw_prefix_sensor when "
+    "a prefix appears or its listing changes).",
+)
+sales_export = AssetSpec(
+    SALES_EXPORT,
+    group_name="sales",
+    kinds={"parquet"},
+    description="The parquet files under the sales root (reported by sales_change_sensor when they change).",
+)
 
 
 def _check_result(
@@ -71,102 +102,130 @@ def _table_metadata(lake: Lake, name: str, rows: int, **extra: Any) -> dict[str,
     return {"dagster/row_count": rows, "table_uri": MetadataValue.path(lake.table_uri(name)), **extra}
 
 
-@asset(
-    partitions_def=s3_prefix_partitions,
-    kinds=_KINDS,
-    group_name="images",
-    retry_policy=STEP_RETRY_POLICY,
-    description="One row per object under the partition's prefix of the raw-images root.",
-)
-def raw_image_manifest(context: AssetExecutionContext, storage: StorageResource) -> MaterializeResult:
-    prefix = context.partition_key
-    with permanent_failures():
-        objects = list(storage.raw_images().list_objects(prefix))
-        if not objects:
-            context.log.warning(f"no objects under prefix {prefix!r} of {storage.raw_images_uri}")
-        manifest = build_manifest(objects, prefix)
-        lake = storage.lake()
-        lake.write_partition(tables.RAW_IMAGE_MANIFEST, manifest, prefix)
-    return MaterializeResult(
-        metadata=_table_metadata(
-            lake,
-            tables.RAW_IMAGE_MANIFEST,
-            manifest.num_rows,
-            # compared by the full reconciliation schedule with a fresh listing
-            **{LISTING_FINGERPRINT_KEY: listing_fingerprint(objects)},
-        )
+def build_assets(settings: LocationSettings) -> list[AssetsDefinition | AssetSpec]:
+    """Every asset of the location; runs take at most `settings.max_partitions_per_run` prefixes."""
+    policy = BackfillPolicy.multi_run(max_partitions_per_run=settings.max_partitions_per_run)
+    return [
+        raw_images,
+        sales_export,
+        _raw_image_manifest(policy),
+        _downscaled_images(policy),
+        sales,
+        _images_with_sales(policy),
+        _image_embeddings(policy, gpu_step_tags(settings)),
+    ]
+
+
+def _raw_image_manifest(policy: BackfillPolicy) -> AssetsDefinition:
+    @asset(
+        name=tables.RAW_IMAGE_MANIFEST,
+        deps=[raw_images],
+        partitions_def=s3_prefix_partitions,
+        backfill_policy=policy,
+        automation_condition=FOLLOWS_SOURCE,
+        kinds=_KINDS,
+        group_name="images",
+        retry_policy=STEP_RETRY_POLICY,
+        description="One row per object under the partition's prefix of the raw-images root.",
     )
+    def raw_image_manifest(context: AssetExecutionContext, storage: StorageResource) -> Iterator[StepEvent]:
+        lake, store = storage.lake(), storage.raw_images()
+
+        def write(prefix: str) -> Sequence[AssetReport]:
+            objects = list(store.list_objects(prefix))
+            if not objects:
+                context.log.warning(f"no objects under prefix {prefix!r} of {storage.raw_images_uri}")
+            manifest = build_manifest(objects, prefix)
+            lake.write_partition(tables.RAW_IMAGE_MANIFEST, manifest, prefix)
+            # compared by the sensors and the reconciliation with a fresh listing
+            metadata = _table_metadata(
+                lake, tables.RAW_IMAGE_MANIFEST, manifest.num_rows, **{LISTING_FINGERPRINT_KEY: listing_fingerprint(objects)}
+            )
+            return [AssetReport(tables.RAW_IMAGE_MANIFEST, metadata)]
+
+        yield from materialize_prefixes(context, write)
+
+    return raw_image_manifest
 
 
-@multi_asset(
-    specs=[
-        AssetSpec(
-            tables.DOWNSCALED_IMAGES,
-            deps=[raw_image_manifest],
-            kinds=_KINDS,
-            group_name="images",
-            description="Each decodable image, oriented, RGB and resized to 224x224, stored as JPEG bytes.",
-        ),
-        AssetSpec(
-            tables.REJECTED_IMAGES,
-            deps=[raw_image_manifest],
-            kinds=_KINDS,
-            group_name="images",
-            description="Each manifest object that could not become a thumbnail, with the reason.",
-        ),
-    ],
-    check_specs=[
-        AssetCheckSpec(
-            "manifest_accounted_for",
-            asset=tables.DOWNSCALED_IMAGES,
-            description="Every manifest object is in exactly one of downscaled_images and rejected_images.",
-        )
-    ],
-    partitions_def=s3_prefix_partitions,
-    can_subset=False,
-    retry_policy=STEP_RETRY_POLICY,
-)
-def downscaled_images(
-    context: AssetExecutionContext, storage: StorageResource, image_limits: ImageLimitsResource
-) -> Iterator[MaterializeResult]:
-    prefix = context.partition_key
-    lake = storage.lake()
-    with permanent_failures():
-        manifest = lake.read(tables.RAW_IMAGE_MANIFEST, prefix)
-        result = downscale_partition(storage.raw_images(), manifest, image_limits.limits())
-        lake.write_partition(tables.DOWNSCALED_IMAGES, result.images, prefix)
-        lake.write_partition(tables.REJECTED_IMAGES, result.rejected, prefix)
-    for row in result.rejected.to_pylist():
-        context.log.warning(f"rejected {row['uri']}: {row['reason']}")
-    yield MaterializeResult(
-        asset_key=tables.DOWNSCALED_IMAGES,
-        metadata=_table_metadata(lake, tables.DOWNSCALED_IMAGES, result.images.num_rows),
-        check_results=[
-            _check_result(
+def _downscaled_images(policy: BackfillPolicy) -> AssetsDefinition:
+    @multi_asset(
+        specs=[
+            AssetSpec(
+                tables.DOWNSCALED_IMAGES,
+                deps=[tables.RAW_IMAGE_MANIFEST],
+                kinds=_KINDS,
+                group_name="images",
+                automation_condition=FOLLOWS_UPSTREAM,
+                description="Each decodable image, oriented, RGB and resized to 224x224, stored as JPEG bytes.",
+            ),
+            AssetSpec(
+                tables.REJECTED_IMAGES,
+                deps=[tables.RAW_IMAGE_MANIFEST],
+                kinds=_KINDS,
+                group_name="images",
+                automation_condition=FOLLOWS_UPSTREAM,
+                description="Each manifest object that could not become a thumbnail, with the reason.",
+            ),
+        ],
+        check_specs=[
+            AssetCheckSpec(
                 "manifest_accounted_for",
-                # what the two tables now hold, read back, against the manifest this step used
-                manifest_accounted_for(
-                    manifest.column("uri").to_pylist(),
-                    lake.read(tables.DOWNSCALED_IMAGES, prefix, columns=["image_id"]).num_rows,
-                    lake.read(tables.REJECTED_IMAGES, prefix, columns=["uri"]).column("uri").to_pylist(),
-                ),
+                asset=tables.DOWNSCALED_IMAGES,
+                description="Every manifest object is in exactly one of downscaled_images and rejected_images.",
             )
         ],
+        name="downscaled_images",
+        partitions_def=s3_prefix_partitions,
+        backfill_policy=policy,
+        can_subset=False,
+        retry_policy=STEP_RETRY_POLICY,
     )
-    yield MaterializeResult(
-        asset_key=tables.REJECTED_IMAGES,
-        metadata=_table_metadata(
-            lake,
-            tables.REJECTED_IMAGES,
-            result.rejected.num_rows,
-            reasons=MetadataValue.md(_reasons_markdown(result.rejected)),
-        ),
-    )
+    def downscaled_images(
+        context: AssetExecutionContext, storage: StorageResource, image_limits: ImageLimitsResource
+    ) -> Iterator[StepEvent]:
+        lake, store, limits = storage.lake(), storage.raw_images(), image_limits.limits()
+
+        def write(prefix: str) -> Sequence[AssetReport]:
+            manifest = lake.read(tables.RAW_IMAGE_MANIFEST, prefix)
+            result = downscale_partition(store, manifest, limits)
+            lake.write_partition(tables.DOWNSCALED_IMAGES, result.images, prefix)
+            lake.write_partition(tables.REJECTED_IMAGES, result.rejected, prefix)
+            for row in result.rejected.to_pylist():
+                context.log.warning(f"rejected {row['uri']}: {row['reason']}")
+            # what the two tables now hold, read back, against the manifest this step used
+            accounted_for = manifest_accounted_for(
+                manifest.column("uri").to_pylist(),
+                lake.read(tables.DOWNSCALED_IMAGES, prefix, columns=["image_id"]).num_rows,
+                lake.read(tables.REJECTED_IMAGES, prefix, columns=["uri"]).column("uri").to_pylist(),
+            )
+            return [
+                AssetReport(
+                    tables.DOWNSCALED_IMAGES,
+                    _table_metadata(lake, tables.DOWNSCALED_IMAGES, result.images.num_rows),
+                    [CheckReport("manifest_accounted_for", accounted_for)],
+                ),
+                AssetReport(
+                    tables.REJECTED_IMAGES,
+                    _table_metadata(
+                        lake,
+                        tables.REJECTED_IMAGES,
+                        result.rejected.num_rows,
+                        reasons=MetadataValue.md(_reasons_markdown(result.rejected)),
+                    ),
+                ),
+            ]
+
+        yield from materialize_prefixes(context, write)
+
+    return downscaled_images
 
 
 @asset(
+    deps=[sales_export],
     kinds=_KINDS,
     group_name="sales",
+    automation_condition=FOLLOWS_SOURCE,
     retry_policy=STEP_RETRY_POLICY,
     check_specs=[
         AssetCheckSpec(
@@ -182,6 +241,7 @@ def sales(storage: StorageResource) -> MaterializeResult:
     store = storage.sales()
     lake = storage.lake()
     with permanent_failures():
+        files = list_sales_files(store)
         # Validated before anything is written: a bad export leaves the previous version in place.
         table = read_sales(store)
         lake.overwrite(tables.SALES, table)
@@ -191,52 +251,70 @@ def sales(storage: StorageResource) -> MaterializeResult:
             lake,
             tables.SALES,
             table.num_rows,
-            source_files=MetadataValue.json([obj.uri for obj in list_sales_files(store)]),
-            **{DUPLICATED_IMAGE_IDS_KEY: unique_ids.metadata["duplicated_ids"]},
+            source_files=MetadataValue.json([obj.uri for obj in files]),
+            **{
+                DUPLICATED_IMAGE_IDS_KEY: unique_ids.metadata["duplicated_ids"],
+                SALES_FILES_FINGERPRINT_KEY: listing_fingerprint(files),
+            },
         ),
         check_results=[_check_result("unique_image_ids", unique_ids)],
     )
 
 
-@asset(
-    deps=[tables.DOWNSCALED_IMAGES, sales],
-    partitions_def=s3_prefix_partitions,
-    kinds=_KINDS,
-    group_name="embeddings",
-    retry_policy=STEP_RETRY_POLICY,
-    check_specs=[
-        AssetCheckSpec(
-            "sales_coverage",
-            asset=tables.IMAGES_WITH_SALES,
-            description="Share of the partition's images with a sales row; warns below the quality threshold.",
-        )
-    ],
-    description="Inner join of the partition's thumbnails with sales on image_id.",
-)
-def images_with_sales(
-    context: AssetExecutionContext, storage: StorageResource, quality: QualityThresholds
-) -> MaterializeResult:
-    prefix = context.partition_key
-    lake = storage.lake()
-    with permanent_failures():
-        sales_table = lake.read(tables.SALES)
-        images = lake.read(tables.DOWNSCALED_IMAGES, prefix)
-        joined = join_with_sales(images, sales_table, tables.images_with_sales_schema(sales_table.schema))
-        lake.write_partition(tables.IMAGES_WITH_SALES, joined, prefix)
-    coverage = sales_coverage(joined.num_rows, images.num_rows, quality.min_sales_coverage)
-    return MaterializeResult(
-        metadata=_table_metadata(lake, tables.IMAGES_WITH_SALES, joined.num_rows),
-        check_results=[_check_result("sales_coverage", coverage, AssetCheckSeverity.WARN)],
+def _images_with_sales(policy: BackfillPolicy) -> AssetsDefinition:
+    @asset(
+        name=tables.IMAGES_WITH_SALES,
+        deps=[tables.DOWNSCALED_IMAGES, sales],
+        partitions_def=s3_prefix_partitions,
+        backfill_policy=policy,
+        automation_condition=FOLLOWS_UPSTREAM,
+        kinds=_KINDS,
+        group_name="embeddings",
+        retry_policy=STEP_RETRY_POLICY,
+        check_specs=[
+            AssetCheckSpec(
+                "sales_coverage",
+                asset=tables.IMAGES_WITH_SALES,
+                description="Share of the partition's images with a sales row; warns below the quality threshold.",
+            )
+        ],
+        description="Inner join of the partition's thumbnails with sales on image_id.",
     )
+    def images_with_sales(
+        context: AssetExecutionContext, storage: StorageResource, quality: QualityThresholds
+    ) -> Iterator[StepEvent]:
+        lake = storage.lake()
+        with permanent_failures():
+            sales_table = lake.read(tables.SALES)  # once for the whole range
+            schema = tables.images_with_sales_schema(sales_table.schema)
+
+        def write(prefix: str) -> Sequence[AssetReport]:
+            images = lake.read(tables.DOWNSCALED_IMAGES, prefix)
+            joined = join_with_sales(images, sales_table, schema)
+            lake.write_partition(tables.IMAGES_WITH_SALES, joined, prefix)
+            coverage = sales_coverage(joined.num_rows, images.num_rows, quality.min_sales_coverage)
+            return [
+                AssetReport(
+                    tables.IMAGES_WITH_SALES,
+                    _table_metadata(lake, tables.IMAGES_WITH_SALES, joined.num_rows),
+                    [CheckReport("sales_coverage", coverage, AssetCheckSeverity.WARN)],
+                )
+            ]
+
+        yield from materialize_prefixes(context, write)
+
+    return images_with_sales
 
 
-def build_image_embeddings(gpu_tags: Mapping[str, str]) -> AssetsDefinition:
+def _image_embeddings(policy: BackfillPolicy, gpu_tags: Mapping[str, str]) -> AssetsDefinition:
     """The embedding asset: the only step in the `gpu` pool, carrying the GPU request in its tags."""
 
     @asset(
         name=tables.IMAGE_EMBEDDINGS,
-        deps=[images_with_sales],
+        deps=[tables.IMAGES_WITH_SALES],
         partitions_def=s3_prefix_partitions,
+        backfill_policy=policy,
+        automation_condition=FOLLOWS_UPSTREAM,
         kinds={"delta", "pytorch"},
         group_name="embeddings",
         pool=GPU_POOL,
@@ -262,28 +340,28 @@ def build_image_embeddings(gpu_tags: Mapping[str, str]) -> AssetsDefinition:
         storage: StorageResource,
         embedding_model: EmbeddingModelResource,
         quality: QualityThresholds,
-    ) -> MaterializeResult:
+    ) -> Iterator[StepEvent]:
+        # torch is imported here, by the one step that needs it, rather than by
+        # every process that loads the code location (several seconds each).
+        from imgemb_assets.core.embedding_partition import SharedModel
+
         with permanent_failures():
-            return _materialize_embeddings(context, storage, embedding_model, quality)
+            # Built at most once per step, on the first prefix that needs it.
+            model = SharedModel(embedding_model.settings())
+        lake = storage.lake()
+        yield from materialize_prefixes(
+            context, lambda prefix: _embed_prefix(context, lake, prefix, model, quality)
+        )
 
     return image_embeddings
 
 
-def _materialize_embeddings(
-    context: AssetExecutionContext,
-    storage: StorageResource,
-    embedding_model: EmbeddingModelResource,
-    quality: QualityThresholds,
-) -> MaterializeResult:
-    # torch is imported here, by the one step that needs it, rather than by
-    # every process that loads the code location (several seconds each).
+def _embed_prefix(
+    context: AssetExecutionContext, lake: Lake, prefix: str, model: Any, quality: QualityThresholds
+) -> Sequence[AssetReport]:
     from imgemb_assets.core.embedding_partition import EmbeddingRun, embed_partition_batches
 
-    prefix = context.partition_key
-    lake = storage.lake()
-    settings = embedding_model.settings()
-    # The partition streams through in batches and is written in one commit,
-    # so memory does not grow with the partition.
+    # The joined rows stream through in batches and are written in one commit.
     joined = lake.read_batches(tables.IMAGES_WITH_SALES, prefix, batch_rows=_EMBEDDING_READ_ROWS)
     previous = (
         lake.read(tables.IMAGE_EMBEDDINGS, prefix, columns=["image_id", "etag", "model_id", "embedding"])
@@ -293,10 +371,10 @@ def _materialize_embeddings(
     schema = tables.image_embeddings_schema(_sales_schema_of(joined.schema))
     run = EmbeddingRun()
     rows = lake.write_partition_stream(
-        tables.IMAGE_EMBEDDINGS, embed_partition_batches(joined, previous, settings, schema, run), schema, prefix
+        tables.IMAGE_EMBEDDINGS, embed_partition_batches(joined, previous, model, schema, run), schema, prefix
     )
     if run.model is not None and run.model.is_random:
-        context.log.warning(f"embedded with {run.model.weights_description}")
+        context.log.warning(f"{prefix}: embedded with {run.model.weights_description}")
     model_metadata = (
         {
             "weights": run.model.weights_description,
@@ -308,30 +386,29 @@ def _materialize_embeddings(
         if run.model is not None
         else {"weights": "model not loaded: every vector was reused"}
     )
-    return MaterializeResult(
-        metadata=_table_metadata(
-            lake,
-            tables.IMAGE_EMBEDDINGS,
-            rows,
-            model_id=run.model_id,
-            images_embedded=run.images_embedded,
-            images_reused=run.images_reused,
-            embedding_seconds=round(run.seconds, 3),
-            images_per_second=round(run.images_per_second, 2),
-            **model_metadata,
-        ),
-        check_results=[
-            _check_result(
-                "embedding_values",
-                embedding_values(run.widths, run.model.width if run.model else None, run.non_finite_rows, run.rows),
-            ),
-            _check_result(
-                "embedding_drift",
-                _drift_against_previous_partition(lake, prefix, run.model_id, run.moments, quality),
-                AssetCheckSeverity.WARN,
-            ),
-        ],
+    metadata = _table_metadata(
+        lake,
+        tables.IMAGE_EMBEDDINGS,
+        rows,
+        model_id=run.model_id,
+        images_embedded=run.images_embedded,
+        images_reused=run.images_reused,
+        embedding_seconds=round(run.seconds, 3),
+        images_per_second=round(run.images_per_second, 2),
+        **model_metadata,
     )
+    checks = [
+        CheckReport(
+            "embedding_values",
+            embedding_values(run.widths, run.model.width if run.model else None, run.non_finite_rows, run.rows),
+        ),
+        CheckReport(
+            "embedding_drift",
+            _drift_against_previous_partition(lake, prefix, run.model_id, run.moments, quality),
+            AssetCheckSeverity.WARN,
+        ),
+    ]
+    return [AssetReport(tables.IMAGE_EMBEDDINGS, metadata, checks)]
 
 
 def _drift_against_previous_partition(

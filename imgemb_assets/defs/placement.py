@@ -1,15 +1,16 @@
 """Where steps run: the code location's executor, and the GPU request carried by the embedding step.
 
 Each run has one executor, and UI materializations, backfills and sensor runs
-all use the code location's. A step-isolating executor (multiprocess locally,
-ECS or Kubernetes in production) launches each step on its own, and reads the
-embedding step's tags to put it on a GPU; the `gpu` pool limits how many
-embedding steps run at once across runs.
+all use the code location's. Locally the default runs every step in the run's
+own process; a step-isolating executor (ECS or Kubernetes in production, or
+multiprocess locally) launches each step on its own, and reads the embedding
+step's tags to put it on a GPU. The `gpu` pool limits how many embedding steps
+run at once across runs, under every executor.
 """
 
 import json
 
-from dagster import ExecutorDefinition, multiprocess_executor
+from dagster import ExecutorDefinition, in_process_executor, multiprocess_executor
 
 from imgemb_assets.defs.settings import LocationSettings
 
@@ -47,4 +48,6 @@ def location_executor(settings: LocationSettings) -> ExecutorDefinition:
         from dagster_k8s import k8s_job_executor
 
         return k8s_job_executor
-    return multiprocess_executor
+    if settings.executor == "multiprocess":
+        return multiprocess_executor
+    return in_process_executor

@@ -2,15 +2,7 @@
 
 from collections.abc import Iterator
 
-from dagster import (
-    AssetKey,
-    AssetRecordsFilter,
-    DagsterInstance,
-    DefaultScheduleStatus,
-    RunRequest,
-    ScheduleEvaluationContext,
-    schedule,
-)
+from dagster import DefaultScheduleStatus, RunRequest, ScheduleEvaluationContext, schedule
 
 from imgemb_assets.core import tables
 from imgemb_assets.core.discovery import listing_fingerprint
@@ -18,19 +10,9 @@ from imgemb_assets.defs.assets import LISTING_FINGERPRINT_KEY
 from imgemb_assets.defs.jobs import embed_prefix_job
 from imgemb_assets.defs.partitions import S3_PREFIX_PARTITIONS_NAME
 from imgemb_assets.defs.resources import StorageResource
+from imgemb_assets.defs.sensors import recorded_fingerprint
 
 DEFAULT_RECONCILIATION_CRON = "0 3 * * *"
-
-
-def recorded_fingerprint(instance: DagsterInstance, prefix: str) -> str | None:
-    """The listing fingerprint of the partition's latest manifest materialization, if any."""
-    records = instance.fetch_materializations(
-        AssetRecordsFilter(asset_key=AssetKey(tables.RAW_IMAGE_MANIFEST), asset_partitions=[prefix]), limit=1
-    ).records
-    if not records or records[0].asset_materialization is None:
-        return None
-    value = records[0].asset_materialization.metadata.get(LISTING_FINGERPRINT_KEY)
-    return None if value is None else str(value.value)
 
 
 @schedule(
@@ -47,5 +29,5 @@ def full_reconciliation_schedule(context: ScheduleEvaluationContext, storage: St
     store = storage.raw_images()
     for prefix in sorted(context.instance.get_dynamic_partitions(S3_PREFIX_PARTITIONS_NAME)):
         fingerprint = listing_fingerprint(store.list_objects(prefix))
-        if fingerprint != recorded_fingerprint(context.instance, prefix):
+        if fingerprint != recorded_fingerprint(context.instance, tables.RAW_IMAGE_MANIFEST, LISTING_FINGERPRINT_KEY, prefix):
             yield RunRequest(run_key=f"reconcile:{prefix}:{fingerprint}", partition_key=prefix)

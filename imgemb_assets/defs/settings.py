@@ -1,6 +1,7 @@
 """Deployment settings of the code location, read when Dagster loads it (never at import).
 
-    IMGEMB_EXECUTOR                 multiprocess (default), ecs or k8s
+    IMGEMB_EXECUTOR                 in_process (default), multiprocess, ecs or k8s
+    IMGEMB_MAX_PARTITIONS_PER_RUN   prefixes one run takes in a backfill or automation (default 32)
     IMGEMB_GPU_COUNT                GPUs the embedding step asks for (default 1)
     IMGEMB_K8S_GPU_NODE_SELECTOR    JSON object, the embedding pod's nodeSelector
     IMGEMB_K8S_GPU_TOLERATIONS      JSON list, the embedding pod's tolerations
@@ -18,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-EXECUTORS: Final = ("multiprocess", "ecs", "k8s")
+EXECUTORS: Final = ("in_process", "multiprocess", "ecs", "k8s")
 _DEFAULT_NODE_SELECTOR: Final = {"nvidia.com/gpu.present": "true"}
 _DEFAULT_TOLERATIONS: Final = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
 
@@ -29,7 +30,13 @@ class SettingsError(ValueError):
 
 @dataclass(frozen=True)
 class LocationSettings:
-    executor: str = "multiprocess"
+    # Locally every step runs in the run's own process: starting a process per
+    # step (imports, resources) cost more than the CPU steps' work. The cloud
+    # executors launch each step separately, which puts the embedding step on a GPU.
+    executor: str = "in_process"
+    # Prefixes per run: imports, resources and the model are paid once per run,
+    # and a failing run holds back at most this many prefixes.
+    max_partitions_per_run: int = 32
     gpu_count: int = 1
     k8s_gpu_node_selector: dict[str, str] = field(default_factory=lambda: dict(_DEFAULT_NODE_SELECTOR))
     k8s_gpu_tolerations: list[dict[str, Any]] = field(default_factory=lambda: [dict(t) for t in _DEFAULT_TOLERATIONS])
@@ -43,6 +50,8 @@ class LocationSettings:
     def __post_init__(self) -> None:
         if self.executor not in EXECUTORS:
             raise SettingsError(f"IMGEMB_EXECUTOR must be one of {EXECUTORS}, got {self.executor!r}")
+        if self.max_partitions_per_run < 1:
+            raise SettingsError(f"IMGEMB_MAX_PARTITIONS_PER_RUN must be at least 1, got {self.max_partitions_per_run}")
         if self.gpu_count < 1:
             raise SettingsError(f"IMGEMB_GPU_COUNT must be at least 1, got {self.gpu_count}")
         if self.sensor_interval_s < 1 or self.sensor_recent_prefixes < 0 or self.sensor_max_new_prefixes < 1:
@@ -56,6 +65,7 @@ class LocationSettings:
         defaults = cls()
         return cls(
             executor=environ.get("IMGEMB_EXECUTOR", defaults.executor),
+            max_partitions_per_run=_int(environ, "IMGEMB_MAX_PARTITIONS_PER_RUN", defaults.max_partitions_per_run),
             gpu_count=_int(environ, "IMGEMB_GPU_COUNT", defaults.gpu_count),
             k8s_gpu_node_selector=_json(environ, "IMGEMB_K8S_GPU_NODE_SELECTOR", defaults.k8s_gpu_node_selector, dict),
             k8s_gpu_tolerations=_json(environ, "IMGEMB_K8S_GPU_TOLERATIONS", defaults.k8s_gpu_tolerations, list),

@@ -12,11 +12,11 @@ import torch
 from dagster import (
     AssetCheckEvaluation,
     AssetCheckSeverity,
+    AssetKey,
     DagsterEventType,
     DagsterInstance,
     ExecuteInProcessResult,
-    build_sensor_context,
-    partition_loading_context,
+    evaluate_automation_conditions,
 )
 from PIL import Image
 from torchvision.models import resnet18
@@ -123,16 +123,22 @@ def test_drift_check_compares_with_the_previous_partition(tmp_path: Path, monkey
     assert "variance shift" in collapsed.description and "mean shift" in collapsed.description
 
 
+def _requested_joins(instance: DagsterInstance, cursor: object) -> tuple[list[str], object]:
+    result = evaluate_automation_conditions(defs=defs, instance=instance, cursor=cursor)
+    return sorted(result.get_requested_partitions(AssetKey(tables.IMAGES_WITH_SALES))), result.cursor
+
+
 def test_after_duplicate_sales_ids_no_partition_is_joined_or_rejoined(
     own_sales_instance: DagsterInstance, own_sales_dataset: SampleDataset
 ) -> None:
     first = own_sales_dataset.prefixes[0]
-    rejoin = defs.resolve_sensor_def("sales_rejoin_sensor")
     defs.resolve_job_def(SALES_JOB_NAME).execute_in_process(instance=own_sales_instance)
     defs.resolve_job_def(PREFIX_JOB_NAME).execute_in_process(instance=own_sales_instance, partition_key=first)
-    with partition_loading_context(dynamic_partitions_store=own_sales_instance):
-        requested = rejoin.evaluate_tick(build_sensor_context(instance=own_sales_instance, definitions=defs))
-    assert [request.partition_key for request in requested.run_requests] == [first]
+    _, cursor = _requested_joins(own_sales_instance, None)
+    # A clean sales refresh re-joins every joined prefix (automation, no vector recomputed).
+    defs.resolve_job_def(SALES_JOB_NAME).execute_in_process(instance=own_sales_instance)
+    rejoined, cursor = _requested_joins(own_sales_instance, cursor)
+    assert rejoined == [first]
     joined_before = Lake(os.environ["IMGEMB_LAKE_URI"]).read(tables.IMAGES_WITH_SALES, first)
 
     path = Path(own_sales_dataset.sales_uri) / "sales.parquet"
@@ -140,11 +146,8 @@ def test_after_duplicate_sales_ids_no_partition_is_joined_or_rejoined(
     pq.write_table(pa.concat_tables([table, table.slice(0, 3)]), path)
     defs.resolve_job_def(SALES_JOB_NAME).execute_in_process(instance=own_sales_instance, raise_on_error=False)
 
-    with partition_loading_context(dynamic_partitions_store=own_sales_instance):
-        skipped = rejoin.evaluate_tick(
-            build_sensor_context(instance=own_sales_instance, definitions=defs, cursor=requested.cursor)
-        )
-    assert skipped.run_requests == [] and "3 duplicated image_ids" in skipped.skip_message
+    # The blocking check failed: automation joins nothing with it.
+    assert _requested_joins(own_sales_instance, cursor)[0] == []
     rerun = defs.resolve_job_def(PREFIX_JOB_NAME).execute_in_process(
         instance=own_sales_instance, partition_key=first, raise_on_error=False
     )

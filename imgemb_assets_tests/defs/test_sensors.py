@@ -1,4 +1,6 @@
-"""Sensors and the reconciliation schedule, evaluated against a real instance and a local root, cursor fed back."""
+"""Sensors and the reconciliation schedule, evaluated against a real instance and a local root, cursor fed back.
+
+The sensors launch no run: they register prefixes and report the external assets changed."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from dagster import (
 
 from imgemb_assets.core.sample_data import SampleDataset
 from imgemb_assets.definitions import build_definitions
+from imgemb_assets.defs.assets import LISTING_FINGERPRINT_KEY, RAW_IMAGES, SALES_EXPORT
 from imgemb_assets.defs.jobs import PREFIX_JOB_NAME, SALES_JOB_NAME
 from imgemb_assets.defs.partitions import S3_PREFIX_PARTITIONS_NAME
 from imgemb_assets.defs.resources import ImgembS3Resource, StorageResource
@@ -64,35 +67,51 @@ def _materialize_sales(storage: StorageResource, instance: DagsterInstance, monk
     assert defs.resolve_job_def(SALES_JOB_NAME).execute_in_process(instance=instance).success
 
 
-def test_sensor_waits_for_sales_then_requests_each_prefix_once(
-    instance: DagsterInstance, storage: StorageResource, small_dataset: SampleDataset, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    waiting = _tick(instance, storage, None)
-    assert waiting.run_requests == []
-    (added,) = waiting.dynamic_partitions_requests
-    assert list(added.partition_keys) == small_dataset.prefixes
+def _reported(result: SensorResult) -> list[str]:
+    """The prefixes whose raw_images the tick reported changed (it launches no run itself)."""
+    assert result.run_requests == []
+    return sorted(event.partition for event in result.asset_events if event.asset_key.to_user_string() == RAW_IMAGES)
 
-    _materialize_sales(storage, instance, monkeypatch, small_dataset)
-    first = _tick(instance, storage, waiting.cursor)
-    assert sorted(r.partition_key for r in first.run_requests) == small_dataset.prefixes
-    assert all(r.run_key.startswith(f"{r.partition_key}:") for r in first.run_requests)
+
+def test_first_tick_registers_and_reports_every_prefix_and_the_next_reports_nothing(
+    instance: DagsterInstance, storage: StorageResource, small_dataset: SampleDataset
+) -> None:
+    first = _tick(instance, storage, None)
+    (added,) = first.dynamic_partitions_requests
+    assert list(added.partition_keys) == small_dataset.prefixes
+    assert _reported(first) == small_dataset.prefixes
+    assert all(event.metadata[LISTING_FINGERPRINT_KEY].value for event in first.asset_events)
 
     second = _tick(instance, storage, first.cursor)
-    assert second.run_requests == [] and second.dynamic_partitions_requests == []
+    assert _reported(second) == [] and second.dynamic_partitions_requests == []
 
 
-def test_a_changed_prefix_is_requested_again_and_a_new_one_registered(
-    instance: DagsterInstance, storage: StorageResource, raw_root: Path, small_dataset: SampleDataset, monkeypatch: pytest.MonkeyPatch
+def test_a_changed_prefix_is_reported_again_and_a_new_one_registered(
+    instance: DagsterInstance, storage: StorageResource, raw_root: Path, small_dataset: SampleDataset
 ) -> None:
-    _materialize_sales(storage, instance, monkeypatch, small_dataset)
     cursor = _tick(instance, storage, None).cursor
     changed_prefix = small_dataset.prefixes[0]
     next(p for p in (raw_root / changed_prefix).iterdir() if p.suffix == ".jpg").unlink()
     shutil.copytree(raw_root / changed_prefix, raw_root / "2026-12-01")
     result = _tick(instance, storage, cursor)
-    assert sorted(r.partition_key for r in result.run_requests) == [changed_prefix, "2026-12-01"]
+    assert _reported(result) == [changed_prefix, "2026-12-01"]
     (added,) = result.dynamic_partitions_requests
     assert list(added.partition_keys) == ["2026-12-01"]
+
+
+def test_a_new_sensor_on_an_up_to_date_instance_reports_only_what_changed(
+    instance: DagsterInstance, storage: StorageResource, raw_root: Path, small_dataset: SampleDataset, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An empty cursor (a daemon started on an existing instance) must not re-run every prefix."""
+    _materialize_sales(storage, instance, monkeypatch, small_dataset)
+    instance.add_dynamic_partitions(S3_PREFIX_PARTITIONS_NAME, small_dataset.prefixes)
+    changed = small_dataset.prefixes[1]
+    for prefix in small_dataset.prefixes:
+        assert defs.resolve_job_def(PREFIX_JOB_NAME).execute_in_process(instance=instance, partition_key=prefix).success
+    (raw_root / changed / "added.jpg").write_bytes(b"any new object changes the listing")
+    assert _reported(_tick(instance, storage, None)) == [changed]
+    with build_sensor_context(instance=instance, cursor=None, resources={"storage": storage}) as context:
+        assert isinstance(build_sales_change_sensor()(context), SkipReason), "sales is up to date"
 
 
 def test_objects_directly_under_the_root_are_reported(
@@ -104,7 +123,7 @@ def test_objects_directly_under_the_root_are_reported(
     assert "1 objects lie directly under the raw-images root and belong to no partition: stray.jpg" in captured.err + captured.out
 
 
-def test_sales_sensor_requests_a_refresh_only_when_the_files_change(
+def test_sales_sensor_reports_the_export_only_when_the_files_change(
     instance: DagsterInstance, storage: StorageResource, small_dataset: SampleDataset, tmp_path: Path
 ) -> None:
     sales_root = tmp_path / "sales"
@@ -116,7 +135,8 @@ def test_sales_sensor_requests_a_refresh_only_when_the_files_change(
             return build_sales_change_sensor()(context)
 
     first = tick(None)
-    assert isinstance(first, SensorResult) and len(first.run_requests) == 1
+    assert isinstance(first, SensorResult) and first.run_requests == []
+    assert [event.asset_key.to_user_string() for event in first.asset_events] == [SALES_EXPORT]
     assert isinstance(tick(first.cursor), SkipReason)
     (sales_root / "extra.parquet").write_bytes((sales_root / "sales.parquet").read_bytes())
     assert isinstance(tick(first.cursor), SensorResult)
