@@ -1,5 +1,6 @@
-"""Backfills from the command line: `imgemb discover`, `imgemb backfill-missing` (which runs
-`dagster job backfill`), and a repeated backfill that changes no row and recomputes no vector."""
+"""The README's user path, exactly as written, on a fresh lake and no daemon: `imgemb discover`, then
+`imgemb backfill-missing --asset image_embeddings`; then a repeat that launches nothing and a sales
+change that re-joins every prefix without a forward pass."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 from dagster import AssetKey, DagsterInstance
 
@@ -33,38 +36,44 @@ def _counts(lake: Lake, prefixes: list[str]) -> dict[tuple[str, str], int]:
 
 
 @pytest.mark.slow
-def test_discover_backfill_missing_and_a_repeated_backfill(
+def test_the_readme_commands_embed_every_prefix_from_a_fresh_lake(
     small_dataset: SampleDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    shutil.copytree(small_dataset.sales_uri, tmp_path / "sales")
+    dataset = replace(small_dataset, sales_uri=str(tmp_path / "sales"))
     home = tmp_path / "dagster_home"
     home.mkdir()
     shutil.copy(REPO_ROOT / "dagster.yaml", home / "dagster.yaml")
-    location = code_location_env(small_dataset, tmp_path / "lake", dagster_home=home)
+    location = code_location_env(dataset, tmp_path / "lake", dagster_home=home)
     env = {k: v for k, v in os.environ.items() if not k.startswith("IMGEMB_")} | location
-    prefixes = small_dataset.prefixes
+    prefixes = dataset.prefixes
+    imgemb = str(BIN / "imgemb")
 
-    assert f"registered {len(prefixes)} new" in _run([str(BIN / "imgemb"), "discover"], env)
-    assert "registered 0 new" in _run([str(BIN / "imgemb"), "discover"], env)
-    _run([str(BIN / "dagster"), "asset", "materialize", "-m", "imgemb_assets.definitions", "--select", "sales"], env)
-
-    launched = _run([str(BIN / "imgemb"), "backfill-missing", "--asset", "image_embeddings"], env)
-    assert f"launching embed_prefix for: {prefixes}" in launched
+    assert f"registered {len(prefixes)} new" in _run([imgemb, "discover"], env)
+    backfill = _run([imgemb, "backfill-missing", "--asset", "image_embeddings"], env)
+    assert "sales: materialized first (sales has never been materialized)" in backfill
+    assert "no daemon is running: materializing here" in backfill
     lake = Lake(str(tmp_path / "lake"))
     first = _counts(lake, prefixes)
     for prefix in prefixes:
-        assert first[(tables.IMAGE_EMBEDDINGS, prefix)] == small_dataset.expected_joined(prefix)
-    assert "nothing to launch" in _run([str(BIN / "imgemb"), "backfill-missing"], env)
-
-    # The documented Dagster command, once more over every partition: same rows, no forward pass.
-    _run(
-        [str(BIN / "dagster"), "job", "backfill", "-m", "imgemb_assets.definitions", "-j", "embed_prefix",
-         "--partitions", ",".join(prefixes), "--noprompt"],
-        env,
-    )  # fmt: skip
-    assert _counts(lake, prefixes) == first
+        assert first[(tables.IMAGE_EMBEDDINGS, prefix)] == dataset.expected_joined(prefix)
     monkeypatch.setenv("DAGSTER_HOME", str(home))
+    with DagsterInstance.get() as instance:
+        runs = instance.get_runs()
+    assert sorted(run.job_name for run in runs) == ["embed_prefix", "refresh_sales"], "sales, then one run for both prefixes"
+    assert all(run.is_success for run in runs)
+
+    assert "nothing to launch" in _run([imgemb, "backfill-missing"], env)
+
+    # A new sales export: sales is read again and every prefix re-joined, with no forward pass.
+    path = tmp_path / "sales" / "sales.parquet"
+    pq.write_table(pq.read_table(path), path, compression="gzip")  # same rows, another file
+    refreshed = _run([imgemb, "backfill-missing"], env)
+    assert "the sales files changed since sales was last materialized" in refreshed
+    assert _counts(lake, prefixes) == first
     with DagsterInstance.get() as instance:
         for prefix in prefixes:
             records = instance.fetch_materializations(AssetKey(tables.IMAGE_EMBEDDINGS), limit=10).records
             latest = [r for r in records if r.partition_key == prefix][0]
             assert latest.asset_materialization.metadata["images_embedded"].value == 0
+            assert latest.asset_materialization.metadata["images_reused"].value == dataset.expected_joined(prefix)

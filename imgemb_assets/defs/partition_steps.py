@@ -26,9 +26,14 @@ from dagster import (
     AssetExecutionContext,
     AssetKey,
     AssetMaterialization,
+    AssetRecordsFilter,
+    DagsterInstance,
     Failure,
     MaterializeResult,
     Output,
+)
+from dagster._core.definitions.asset_checks.asset_check_evaluation import (
+    AssetCheckEvaluationTargetMaterializationData,
 )
 
 from imgemb_assets.core.quality import CheckOutcome
@@ -76,7 +81,7 @@ def materialize_prefixes(context: AssetExecutionContext, work: PrefixWork) -> It
             context.log.exception(f"prefix {prefix!r} failed: {exc}")
             failures[prefix] = exc
     if failures:
-        yield from _reported_one_by_one(reports)
+        yield from _reported_one_by_one(context.instance, reports)
         raise _failure_naming(failures, len(prefixes))
     yield from _reported_with_outputs(context, reports)
 
@@ -89,22 +94,26 @@ def _reported_with_outputs(
             context.add_asset_metadata(dict(report.metadata), asset_key=report.asset, partition_key=prefix)
     for asset_key in context.selected_asset_keys:
         yield MaterializeResult(asset_key=asset_key)
-    yield from _check_evaluations(reports)
+    yield from _check_evaluations(context.instance, reports)
     # A check's output must be emitted even though its results are reported per prefix above.
     for output_name in context.assets_def.check_specs_by_output_name:
         yield Output(None, output_name=output_name)
 
 
-def _reported_one_by_one(reports: Mapping[str, Sequence[AssetReport]]) -> Iterator[StepEvent]:
+def _reported_one_by_one(instance: DagsterInstance, reports: Mapping[str, Sequence[AssetReport]]) -> Iterator[StepEvent]:
     for prefix, asset_reports in reports.items():
         for report in asset_reports:
             yield AssetMaterialization(asset_key=report.asset, partition=prefix, metadata=dict(report.metadata))
-    yield from _check_evaluations(reports)
+    yield from _check_evaluations(instance, reports)
 
 
-def _check_evaluations(reports: Mapping[str, Sequence[AssetReport]]) -> Iterator[AssetCheckEvaluation]:
+def _check_evaluations(
+    instance: DagsterInstance, reports: Mapping[str, Sequence[AssetReport]]
+) -> Iterator[AssetCheckEvaluation]:
+    """Each prefix's check results, tied to the materialization just reported (as the UI expects)."""
     for prefix, asset_reports in reports.items():
         for report in asset_reports:
+            target = _latest_materialization(instance, report.asset, prefix) if report.checks else None
             for check in report.checks:
                 yield AssetCheckEvaluation(
                     asset_key=AssetKey(report.asset),
@@ -113,8 +122,24 @@ def _check_evaluations(reports: Mapping[str, Sequence[AssetReport]]) -> Iterator
                     severity=check.severity,
                     description=check.outcome.description,
                     metadata=check.outcome.metadata,
+                    target_materialization_data=target,
                     partition=prefix,
                 )
+
+
+def _latest_materialization(
+    instance: DagsterInstance, asset: str, prefix: str
+) -> AssetCheckEvaluationTargetMaterializationData | None:
+    # The events yielded before this point are already stored: a step's events are
+    # written as it yields them.
+    records = instance.fetch_materializations(
+        AssetRecordsFilter(asset_key=AssetKey(asset), asset_partitions=[prefix]), limit=1
+    ).records
+    if not records:
+        return None
+    return AssetCheckEvaluationTargetMaterializationData(
+        storage_id=records[0].storage_id, run_id=records[0].run_id, timestamp=records[0].timestamp
+    )
 
 
 def _failure_naming(failures: Mapping[str, Exception], total: int) -> Exception:

@@ -12,6 +12,7 @@ from dagster import AssetKey, Definitions, DynamicPartitionsDefinition
 
 from imgemb_assets.core import tables
 from imgemb_assets.definitions import build_definitions
+from imgemb_assets.defs.assets import RAW_IMAGES, SALES_EXPORT
 from imgemb_assets.defs.settings import LocationSettings
 
 defs = build_definitions(LocationSettings())
@@ -25,10 +26,12 @@ def test_definitions_validate() -> None:
 
 def test_every_table_is_an_asset_and_partitioned_by_prefix_except_sales() -> None:
     graph = defs.resolve_asset_graph()
-    assert {key.to_user_string() for key in graph.get_all_asset_keys()} == set(tables.ALL_TABLES)
-    for name in tables.ALL_TABLES:
+    assert {key.to_user_string() for key in graph.get_all_asset_keys()} == set(tables.ALL_TABLES) | {RAW_IMAGES, SALES_EXPORT}
+    # what the pipeline reads is external: reported by the sensors, never materialized by a run
+    assert {key.to_user_string() for key in graph.materializable_asset_keys} == set(tables.ALL_TABLES)
+    for name in [*tables.ALL_TABLES, RAW_IMAGES, SALES_EXPORT]:
         partitions = graph.get(AssetKey(name)).partitions_def
-        if name == tables.SALES:
+        if name in (tables.SALES, SALES_EXPORT):
             assert partitions is None
         else:
             assert isinstance(partitions, DynamicPartitionsDefinition)
@@ -41,6 +44,8 @@ def test_lineage_follows_the_article() -> None:
     def parents(name: str) -> set[str]:
         return {key.to_user_string() for key in graph.get(AssetKey(name)).parent_keys}
 
+    assert parents(tables.RAW_IMAGE_MANIFEST) == {RAW_IMAGES}
+    assert parents(tables.SALES) == {SALES_EXPORT}
     assert parents(tables.DOWNSCALED_IMAGES) == {tables.RAW_IMAGE_MANIFEST}
     assert parents(tables.REJECTED_IMAGES) == {tables.RAW_IMAGE_MANIFEST}
     assert parents(tables.IMAGES_WITH_SALES) == {tables.DOWNSCALED_IMAGES, tables.SALES}
@@ -74,3 +79,11 @@ def test_dagster_cli_validates_the_workspace() -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Validation successful" in done.stdout + done.stderr
+
+
+def test_every_partitioned_asset_takes_many_prefixes_per_run() -> None:
+    graph = build_definitions(LocationSettings(max_partitions_per_run=7)).resolve_asset_graph()
+    for name in tables.ALL_TABLES:
+        if name != tables.SALES:
+            policy = graph.get(AssetKey(name)).backfill_policy
+            assert policy is not None and policy.max_partitions_per_run == 7, name

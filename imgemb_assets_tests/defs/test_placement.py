@@ -76,6 +76,7 @@ def test_k8s_step_job_requests_the_gpu_on_the_gpu_nodes() -> None:
 @pytest.mark.parametrize(
     ("executor", "config"),
     [
+        ("in_process", {}),
         ("multiprocess", {"max_concurrent": 2}),
         ("ecs", {"run_task_kwargs": {"capacityProviderStrategy": [{"capacityProvider": "cpu", "weight": 1}]}}),
         ("k8s", {"job_namespace": "dagster", "max_concurrent": 4}),
@@ -85,9 +86,13 @@ def test_each_executor_is_selectable_and_its_config_validates(executor: str, con
     defs = build_definitions(LocationSettings(executor=executor))
     Definitions.validate_loadable(defs)
     executor_def = defs.resolve_job_def("embed_prefix").executor_def
-    assert executor_def.name == {"multiprocess": "multiprocess", "ecs": "ecs", "k8s": "k8s"}[executor]
+    assert executor_def.name == {"in_process": "in_process", "multiprocess": "multiprocess", "ecs": "ecs", "k8s": "k8s"}[executor]
     result = validate_config(executor_def.config_schema.config_type, config)
     assert result.success, result.errors
+
+
+def test_the_local_default_runs_every_step_in_the_run_process() -> None:
+    assert build_definitions(LocationSettings()).resolve_job_def("embed_prefix").executor_def.name == "in_process"
 
 
 def test_settings_come_from_the_environment_with_clear_errors() -> None:

@@ -1,0 +1,126 @@
+"""The daemon (`dagster-daemon run`, what `dagster dev` starts beside the UI) on a local instance:
+
+- `imgemb backfill-missing --submit` hands a fresh lake's work to the daemon as one asset backfill,
+  which runs it in at most 1 + ceil(N / max_partitions_per_run) runs (sales first);
+- once everything is up to date, the sensors and automation launch nothing;
+- a prefix dropped into the raw-images root is embedded with no click.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from dagster import AssetKey, DagsterInstance
+
+from imgemb_assets.core.sample_data import SampleDataset, generate_sample_dataset
+from imgemb_assets.defs.automation import AUTOMATION_SENSOR_NAME
+from imgemb_assets_tests.conftest import code_location_env
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+PREFIXES = ("2026-08-01", "2026-08-02", "2026-08-03")
+MAX_PER_RUN = 2
+SENSOR_INTERVAL_S = 5
+
+
+def _wait_for(what: str, check: Callable[[], bool], timeout_s: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(1)
+    pytest.fail(f"timed out after {timeout_s} s waiting for {what}; daemon log tail:\n{log.read_text()[-6000:]}")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> SampleDataset:
+    return generate_sample_dataset(tmp_path_factory.mktemp("daemon"), images_per_prefix=4, prefixes=PREFIXES, seed=5)
+
+
+def _run(args: list[str], env: dict[str, str]) -> str:
+    done = subprocess.run(args, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.fixture
+def daemon_env(dataset: SampleDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """A fresh instance (the shipped dagster.yaml) and lake, with two of the three prefixes in the root."""
+    shutil.copytree(dataset.raw_images_uri, tmp_path / "raw")
+    shutil.move(tmp_path / "raw" / PREFIXES[-1], tmp_path / "later")
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copy(REPO_ROOT / "dagster.yaml", home / "dagster.yaml")
+    location = code_location_env(replace(dataset, raw_images_uri=str(tmp_path / "raw")), tmp_path / "lake", dagster_home=home)
+    location |= {"IMGEMB_MAX_PARTITIONS_PER_RUN": str(MAX_PER_RUN), "IMGEMB_SENSOR_INTERVAL_S": str(SENSOR_INTERVAL_S)}
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    return {k: v for k, v in os.environ.items() if not k.startswith("IMGEMB_")} | location
+
+
+@contextmanager
+def running_daemon(env: dict[str, str], log: Path) -> Iterator[None]:
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [str(BIN / "dagster-daemon"), "run", "-w", "workspace.yaml"],
+            cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        yield
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def _embedded(instance: DagsterInstance) -> set[str]:
+    return set(instance.get_materialized_partitions(AssetKey("image_embeddings")))
+
+
+def _automation_ticks(instance: DagsterInstance) -> int:
+    return sum(
+        len(instance.get_ticks(state.instigator_origin_id, state.selector_id))
+        for state in instance.all_instigator_state()
+        if state.instigator_name == AUTOMATION_SENSOR_NAME
+    )
+
+
+@pytest.mark.slow
+def test_a_submitted_backfill_then_nothing_then_a_dropped_prefix(daemon_env: dict[str, str], tmp_path: Path) -> None:
+    imgemb = str(BIN / "imgemb")
+    _run([imgemb, "discover"], daemon_env)
+    submitted = _run([imgemb, "backfill-missing", "--asset", "image_embeddings", "--submit"], daemon_env)
+    assert "submitted asset backfill" in submitted
+    first_two = set(PREFIXES[:2])
+    log = tmp_path / "daemon.log"
+    with running_daemon(daemon_env, log), DagsterInstance.get() as instance:
+        _wait_for("the backfill", lambda: _embedded(instance) == first_two and not _unfinished(instance), 400, log)
+        runs = instance.get_runs()
+        assert all(run.is_success for run in runs), [(run.job_name, run.status) for run in runs]
+        assert len(runs) <= 1 + math.ceil(len(first_two) / MAX_PER_RUN), [run.tags for run in runs]
+
+        # Up to date: ticks of the sensors and automation come and go, and nothing is launched.
+        ticks_before = _automation_ticks(instance)
+        _wait_for("two automation ticks", lambda: _automation_ticks(instance) >= ticks_before + 2, 120, log)
+        assert len(instance.get_runs()) == len(runs), "an up-to-date instance launched a run"
+
+        # A new prefix in the root: registered, reported and embedded without a click.
+        shutil.move(tmp_path / "later", tmp_path / "raw" / PREFIXES[-1])
+        _wait_for("the dropped prefix", lambda: PREFIXES[-1] in _embedded(instance) and not _unfinished(instance), 400, log)
+        assert all(run.is_success for run in instance.get_runs())
+
+
+def _unfinished(instance: DagsterInstance) -> bool:
+    return any(not run.is_finished for run in instance.get_runs())
