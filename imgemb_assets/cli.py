@@ -24,8 +24,10 @@ from imgemb_assets.core import tables
 from imgemb_assets.core.storage import open_object_store
 from imgemb_assets.defs.backfills import (
     BackfillPlan,
+    RunOutcome,
     daemon_is_running,
     plan_backfill,
+    refresh_sales_in_process,
     run_in_process,
     submit_asset_backfill,
 )
@@ -80,6 +82,10 @@ def _backfill_missing_command(args: argparse.Namespace) -> int:
         submit = args.submit or (not args.in_process and daemon_is_running(instance))
         defs = location_definitions()
         if submit:
+            if plan.refresh_sales and not _print_outcome(refresh_sales_in_process(instance, defs)):
+                return 1
+            if not plan.tables_by_prefix:
+                return 0
             backfill_id = submit_asset_backfill(instance, defs, plan)
             print(
                 f"submitted asset backfill {backfill_id}: the daemon runs it in runs of at most "
@@ -87,12 +93,15 @@ def _backfill_missing_command(args: argparse.Namespace) -> int:
             )
             return 0
         print(f"no daemon is running: materializing here, one run at a time, at most {settings.max_partitions_per_run} prefixes per run")
-        failed = 0
-        for outcome in run_in_process(instance, defs, plan, settings.max_partitions_per_run):
-            what = "sales" if outcome.chunk is None else f"{len(outcome.chunk.prefixes)} prefixes {outcome.chunk.prefixes[0]} .. {outcome.chunk.prefixes[-1]}"
-            print(f"run {outcome.run_id}: {what}: {'succeeded' if outcome.success else 'FAILED'}", flush=True)
-            failed += not outcome.success
-    return 1 if failed else 0
+        outcomes = [_print_outcome(outcome) for outcome in run_in_process(instance, defs, plan, settings.max_partitions_per_run)]
+    return 0 if all(outcomes) else 1
+
+
+def _print_outcome(outcome: RunOutcome) -> bool:
+    chunk = outcome.chunk
+    what = "sales" if chunk is None else f"{len(chunk.prefixes)} prefixes {chunk.prefixes[0]} .. {chunk.prefixes[-1]}"
+    print(f"run {outcome.run_id}: {what}: {'succeeded' if outcome.success else 'FAILED'}", flush=True)
+    return outcome.success
 
 
 def _print_plan(plan: BackfillPlan, asset: str) -> None:

@@ -11,9 +11,11 @@ first when it needs it (stopping if its blocking check fails), then one run per
 chunk of at most `max_partitions_per_run` consecutive prefixes, one after the
 other: never more than one run in flight.
 
-`submit_asset_backfill` hands the plan to a running daemon as one asset
+`submit_asset_backfill` hands the prefixes to a running daemon as one asset
 backfill, as the UI's "Materialize" of missing partitions does. The daemon runs
 it in chunks (the assets' `BackfillPolicy`) through the instance's run queue.
+`sales` is refreshed here first (one small run): in the same backfill, the
+daemon would split each chunk into a run before the join and one after it.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ PREFIX_CHAIN: Final = (
 )
 _JOINED_STEP: Final = 2  # images_with_sales: the first table that reads sales
 LAUNCHED_BY_TAG: Final = "imgemb/launched_by"
+_TAGS: Final = {LAUNCHED_BY_TAG: "backfill-missing"}
 # Runs here print warnings and errors; every event is in the instance (and the UI).
 _QUIET_CONSOLE: Final = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 # A daemon that has not written a heartbeat for this long is not running
@@ -156,17 +159,21 @@ class RunOutcome:
     success: bool
 
 
+def refresh_sales_in_process(instance: DagsterInstance, defs: Definitions) -> RunOutcome:
+    result = defs.resolve_job_def(SALES_JOB_NAME).execute_in_process(
+        instance=instance, tags=_TAGS, run_config=_QUIET_CONSOLE, raise_on_error=False
+    )
+    return RunOutcome(result.run_id, None, result.success)
+
+
 def run_in_process(
     instance: DagsterInstance, defs: Definitions, plan: BackfillPlan, max_per_run: int
 ) -> Iterator[RunOutcome]:
     """Executes the plan here, one run at a time; stops after a sales run that did not succeed."""
-    tags = {LAUNCHED_BY_TAG: "backfill-missing"}
     if plan.refresh_sales:
-        result = defs.resolve_job_def(SALES_JOB_NAME).execute_in_process(
-            instance=instance, tags=tags, run_config=_QUIET_CONSOLE, raise_on_error=False
-        )
-        yield RunOutcome(result.run_id, None, result.success)
-        if not result.success:
+        sales_run = refresh_sales_in_process(instance, defs)
+        yield sales_run
+        if not sales_run.success:
             return
     prefix_job = defs.resolve_job_def(PREFIX_JOB_NAME)
     registered = list(instance.get_dynamic_partitions(S3_PREFIX_PARTITIONS_NAME))
@@ -175,7 +182,7 @@ def run_in_process(
             instance=instance,
             asset_selection=[AssetKey(table) for table in chunk.tables],
             tags={
-                **tags,
+                **_TAGS,
                 ASSET_PARTITION_RANGE_START_TAG: chunk.prefixes[0],
                 ASSET_PARTITION_RANGE_END_TAG: chunk.prefixes[-1],
             },
@@ -186,9 +193,8 @@ def run_in_process(
 
 
 def submit_asset_backfill(instance: DagsterInstance, defs: Definitions, plan: BackfillPlan) -> str:
-    """Adds the plan as one asset backfill for the daemon; its id."""
-    wanted = {AssetKeyPartitionKey(AssetKey(tables.SALES), None)} if plan.refresh_sales else set()
-    wanted |= {
+    """Adds the plan's prefixes as one asset backfill for the daemon; its id. Refresh `sales` first."""
+    wanted = {
         AssetKeyPartitionKey(AssetKey(table), prefix)
         for prefix, prefix_tables in plan.tables_by_prefix.items()
         for table in prefix_tables
@@ -198,7 +204,7 @@ def submit_asset_backfill(instance: DagsterInstance, defs: Definitions, plan: Ba
         PartitionBackfill.from_asset_graph_subset(
             backfill_id=backfill_id,
             backfill_timestamp=time.time(),
-            tags={LAUNCHED_BY_TAG: "backfill-missing"},
+            tags=_TAGS,
             dynamic_partitions_store=instance,
             asset_graph_subset=AssetGraphSubset.from_asset_partition_set(wanted, defs.resolve_asset_graph()),
             title="imgemb backfill-missing",
