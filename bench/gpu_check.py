@@ -40,7 +40,7 @@ TARGET_RATIO = 0.85
 
 def reference_embeddings(jpegs: list[bytes]) -> np.ndarray:
     """The article's computation in fp32 on CPU, per image."""
-    model = load_model(EmbeddingSettings(weights="random", device="cpu", precision="fp32"))
+    model = load_model(EmbeddingSettings(weights="random", device="cpu", precision="fp32", runtime="eager"))
     transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     with torch.inference_mode():
         return np.stack([model.module(transform(Image.open(io.BytesIO(j)).convert("RGB"))[None])[0].numpy() for j in jpegs])

@@ -17,24 +17,21 @@ import argparse
 import os
 import sys
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from dagster import DagsterInstance
 
 from imgemb_assets.core import tables
+from imgemb_assets.core.s3 import S3Settings
 from imgemb_assets.core.storage import open_object_store
-from imgemb_assets.defs.backfills import (
-    BackfillPlan,
-    RunOutcome,
-    daemon_is_running,
-    plan_backfill,
-    refresh_sales_in_process,
-    run_in_process,
-    submit_asset_backfill,
-)
 from imgemb_assets.defs.partitions import S3_PREFIX_PARTITIONS_NAME
-from imgemb_assets.defs.resources import ImgembS3Resource
 from imgemb_assets.defs.settings import LocationSettings
 
+if TYPE_CHECKING:
+    from imgemb_assets.defs.backfills import BackfillPlan, RunOutcome
+
+# Each command is a process of its own in the user's path: it imports only what it uses
+# (the assets and their libraries only where runs are planned or executed).
 PARTITIONED_ASSETS = tuple(name for name in tables.ALL_TABLES if name != tables.SALES)
 
 
@@ -51,7 +48,8 @@ def required_env(name: str, environ: Mapping[str, str]) -> str:
 
 def discover(instance: DagsterInstance, raw_images_uri: str) -> tuple[list[str], list[str]]:
     """Registers every prefix under the root; (newly added, all prefixes)."""
-    store = open_object_store(raw_images_uri, ImgembS3Resource().settings())
+    # The standard AWS variables, as the location's `s3` resource reads them by default.
+    store = open_object_store(raw_images_uri, S3Settings())
     prefixes = store.list_prefixes()
     known = set(instance.get_dynamic_partitions(S3_PREFIX_PARTITIONS_NAME))
     added = [prefix for prefix in prefixes if prefix not in known]
@@ -71,9 +69,16 @@ def _discover_command(args: argparse.Namespace) -> int:
 
 def _backfill_missing_command(args: argparse.Namespace) -> int:
     from imgemb_assets.definitions import defs as location_definitions
+    from imgemb_assets.defs.backfills import (
+        daemon_is_running,
+        plan_backfill,
+        refresh_sales_in_process,
+        run_in_process,
+        submit_asset_backfill,
+    )
 
     settings = LocationSettings.from_environ(os.environ)
-    sales_store = open_object_store(required_env("IMGEMB_SALES_URI", os.environ), ImgembS3Resource().settings())
+    sales_store = open_object_store(required_env("IMGEMB_SALES_URI", os.environ), S3Settings())
     with DagsterInstance.get() as instance:
         plan = plan_backfill(instance, args.asset, sales_store)
         _print_plan(plan, args.asset)

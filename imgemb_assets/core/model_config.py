@@ -15,6 +15,8 @@ GPU_BATCH_SIZE: Final = 256
 RANDOM_WEIGHTS: Final = "random"
 BACKBONES: Final = ("resnet50", "resnet18", "vit_b_16")
 PRECISIONS: Final = ("auto", "fp32", "fp16", "bf16")  # auto: fp16 on CUDA, fp32 on CPU
+# How the forward pass runs (see EmbeddingSettings.runtime); auto: cpu-tuned on CPU, eager on CUDA.
+RUNTIMES: Final = ("auto", "eager", "cpu-tuned")
 _DEVICE_PATTERN: Final = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
@@ -34,6 +36,13 @@ class EmbeddingSettings:
     batch_size: images per forward pass; None for 256 on CUDA and 64 on CPU.
     precision: `auto` is fp16 with channels_last on CUDA and fp32 on CPU.
     compile: run the model through torch.compile (worth it for long runs on GPU).
+    runtime: `eager` runs the torchvision module as built (on CPU: fp32,
+    contiguous tensors, the process's malloc untouched: the pinned reference).
+    `cpu-tuned` is the same module, with glibc malloc told to keep freed
+    activation buffers mapped (process-wide, see core/allocator.py): the
+    same vectors, without the page-fault storm that made eager 2-3x slower on
+    a busy CPU. On CUDA both are today's path (fp16 + channels_last).
+    `auto`: cpu-tuned on CPU, eager on CUDA.
     """
 
     weights: str
@@ -42,6 +51,7 @@ class EmbeddingSettings:
     model: str = "resnet50"
     precision: str = "auto"
     compile: bool = False
+    runtime: str = "auto"
 
     def __post_init__(self) -> None:
         if not self.weights.strip():
@@ -52,6 +62,8 @@ class EmbeddingSettings:
             raise ModelConfigError(f"unknown model {self.model!r}; choose one of {BACKBONES}")
         if self.precision not in PRECISIONS:
             raise ModelConfigError(f"unknown precision {self.precision!r}; choose one of {PRECISIONS}")
+        if self.runtime not in RUNTIMES:
+            raise ModelConfigError(f"unknown runtime {self.runtime!r}; choose one of {RUNTIMES}")
         if not _DEVICE_PATTERN.fullmatch(self.device):
             raise ModelConfigError(f"unsupported device {self.device!r}; use auto, cpu, cuda or cuda:N")
 

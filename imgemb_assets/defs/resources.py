@@ -89,6 +89,11 @@ class EmbeddingModelResource(ConfigurableResource):
         default="auto", description="auto: fp16 + channels_last on CUDA, fp32 on CPU."
     )
     compile: bool = Field(default=False, description="Run the model through torch.compile.")
+    runtime: Literal["auto", "eager", "cpu-tuned"] = Field(
+        default="auto",
+        description="auto: cpu-tuned on CPU (eager with glibc malloc keeping activation buffers mapped: the same "
+        "vectors, no page-fault storm), eager on CUDA; eager: the module as torchvision builds it.",
+    )
 
     def settings(self) -> EmbeddingSettings:
         return EmbeddingSettings(
@@ -98,6 +103,7 @@ class EmbeddingModelResource(ConfigurableResource):
             model=self.model,
             precision=self.precision,
             compile=self.compile,
+            runtime=self.runtime,
         )
 
 

@@ -138,6 +138,7 @@ def test_pretrained_weights_load_through_torchvisions_own_cache(
         (dict(weights="IMAGENET9K"), "unknown resnet50 weights 'IMAGENET9K'"),
         (dict(weights="random", model="alexnet"), "unknown model 'alexnet'"),
         (dict(weights="random", precision="fp8"), "unknown precision 'fp8'"),
+        (dict(weights="random", runtime="openvino"), "unknown runtime 'openvino'"),
         (dict(weights="random", device="cpu", precision="fp16"), "fp16 needs a CUDA device"),
         (dict(weights=" "), "weights setting is empty"),
         (dict(weights="random:abc"), "seed must be a non-negative integer"),
