@@ -359,6 +359,7 @@ def _image_embeddings(policy: BackfillPolicy, gpu_tags: Mapping[str, str]) -> As
 def _embed_prefix(
     context: AssetExecutionContext, lake: Lake, prefix: str, model: Any, quality: QualityThresholds
 ) -> Sequence[AssetReport]:
+    from imgemb_assets.core.allocator import release_free_heap
     from imgemb_assets.core.embedding_partition import EmbeddingRun, embed_partition_batches
 
     # The joined rows stream through in batches and are written in one commit.
@@ -373,6 +374,7 @@ def _embed_prefix(
     rows = lake.write_partition_stream(
         tables.IMAGE_EMBEDDINGS, embed_partition_batches(joined, previous, model, schema, run), schema, prefix
     )
+    release_free_heap()  # the step's memory stays that of one prefix, however many the run holds
     if run.model is not None and run.model.is_random:
         context.log.warning(f"{prefix}: embedded with {run.model.weights_description}")
     model_metadata = (

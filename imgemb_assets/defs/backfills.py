@@ -20,8 +20,6 @@ daemon would split each chunk into a run before the join and one after it.
 
 from __future__ import annotations
 
-import importlib
-import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -55,7 +53,6 @@ _JOINED_STEP: Final = 2  # images_with_sales: the first table that reads sales
 LAUNCHED_BY_TAG: Final = "imgemb/launched_by"
 _TAGS: Final = {LAUNCHED_BY_TAG: "backfill-missing"}
 # Runs here print warnings and errors; every event is in the instance (and the UI).
-_EMBEDDING_MODULE: Final = "imgemb_assets.core.embedding_partition"
 _QUIET_CONSOLE: Final = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 # A daemon that has not written a heartbeat for this long is not running
 # (it writes one every 30 s; Dagster's own tolerance is half an hour).
@@ -173,8 +170,6 @@ def run_in_process(
     instance: DagsterInstance, defs: Definitions, plan: BackfillPlan, max_per_run: int
 ) -> Iterator[RunOutcome]:
     """Executes the plan here, one run at a time; stops after a sales run that did not succeed."""
-    if any(tables.IMAGE_EMBEDDINGS in prefix_tables for prefix_tables in plan.tables_by_prefix.values()):
-        _import_in_background(_EMBEDDING_MODULE)
     if plan.refresh_sales:
         sales_run = refresh_sales_in_process(instance, defs)
         yield sales_run
@@ -195,12 +190,6 @@ def run_in_process(
             raise_on_error=False,
         )
         yield RunOutcome(result.run_id, chunk, result.success)
-
-
-def _import_in_background(module: str) -> None:
-    # Importing torch takes seconds; the sales run and the CPU steps, which wait
-    # on disk and S3 much of the time, run meanwhile. The step imports it anyway.
-    threading.Thread(target=importlib.import_module, args=(module,), name=f"import {module}", daemon=True).start()
 
 
 def submit_asset_backfill(instance: DagsterInstance, defs: Definitions, plan: BackfillPlan) -> str:

@@ -84,7 +84,7 @@ class EmbeddingModelResource(ConfigurableResource):
     )
     model: Literal["resnet50", "resnet18", "vit_b_16"] = Field(default="resnet50", description="torchvision backbone.")
     device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N.")
-    batch_size: int | None = Field(default=None, description="Images per forward pass; default 256 on CUDA, 64 on CPU.")
+    batch_size: int | None = Field(default=None, description="Images per forward pass; default 256 on CUDA, 32 on CPU.")
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
         default="auto", description="auto: fp16 + channels_last on CUDA, fp32 on CPU."
     )
