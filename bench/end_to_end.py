@@ -131,6 +131,13 @@ def user_environment(corpus: Path, workdir: Path) -> dict[str, str]:
 
 @contextmanager
 def running_daemon(env: Mapping[str, str], sampler: PssSampler, log: Path) -> Iterator[None]:
+    """`dagster-daemon run`, already up (as `dagster dev` is when the user types): the timing starts after."""
+    from dagster import DagsterInstance
+
+    from imgemb_assets.defs.backfills import daemon_is_running
+
+    os.environ["DAGSTER_HOME"] = env["DAGSTER_HOME"]
+    instance = DagsterInstance.get()  # creates the instance's storage before two processes race to
     with log.open("w") as out:
         daemon = subprocess.Popen(
             [str(_BIN / "dagster-daemon"), "run", "-w", str(_REPO / "workspace.yaml")],
@@ -138,10 +145,16 @@ def running_daemon(env: Mapping[str, str], sampler: PssSampler, log: Path) -> It
         )  # fmt: skip
         sampler.roots.append(daemon.pid)
         try:
+            deadline = time.time() + 120
+            while not daemon_is_running(instance):
+                if time.time() > deadline:
+                    raise SystemExit(f"the daemon did not start; see {log}")
+                time.sleep(0.5)
             yield
         finally:
             os.killpg(daemon.pid, signal.SIGTERM)
             daemon.wait(timeout=60)
+            instance.dispose()
 
 
 def run_command(command: list[str], env: Mapping[str, str], sampler: PssSampler) -> None:
