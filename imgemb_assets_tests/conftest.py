@@ -4,8 +4,9 @@ and a moto S3 server subprocess with the AWS variables that reach it."""
 from __future__ import annotations
 
 import shutil
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -95,6 +96,16 @@ def bucket(s3_env: dict[str, str]) -> str:
     name = f"imgemb-{uuid.uuid4().hex[:12]}"
     S3Settings().client().create_bucket(Bucket=name)
     return name
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout_s: float, log: Path, poll_s: float = 1.0) -> None:
+    """Polls `check` until it holds; on time-out fails with the tail of the server's log."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(poll_s)
+    pytest.fail(f"timed out after {timeout_s} s waiting for {what}; log tail ({log.name}):\n{log.read_text()[-6000:]}")
 
 
 def upload_tree(client: object, local_root: Path, bucket: str, key_prefix: str) -> None:

@@ -14,8 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -25,22 +24,13 @@ from dagster import AssetKey, DagsterInstance
 
 from imgemb_assets.core.sample_data import SampleDataset, generate_sample_dataset
 from imgemb_assets.defs.automation import AUTOMATION_SENSOR_NAME
-from imgemb_assets_tests.conftest import code_location_env
+from imgemb_assets_tests.conftest import code_location_env, wait_for
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 PREFIXES = ("2026-08-01", "2026-08-02", "2026-08-03")
 MAX_PER_RUN = 2
 SENSOR_INTERVAL_S = 5
-
-
-def _wait_for(what: str, check: Callable[[], bool], timeout_s: float, log: Path) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(1)
-    pytest.fail(f"timed out after {timeout_s} s waiting for {what}; daemon log tail:\n{log.read_text()[-6000:]}")
 
 
 @pytest.fixture(scope="module")
@@ -106,19 +96,19 @@ def test_a_submitted_backfill_then_nothing_then_a_dropped_prefix(daemon_env: dic
     first_two = set(PREFIXES[:2])
     log = tmp_path / "daemon.log"
     with running_daemon(daemon_env, log), DagsterInstance.get() as instance:
-        _wait_for("the backfill", lambda: _embedded(instance) == first_two and not _unfinished(instance), 400, log)
+        wait_for("the backfill", lambda: _embedded(instance) == first_two and not _unfinished(instance), 400, log)
         runs = instance.get_runs()
         assert all(run.is_success for run in runs), [(run.job_name, run.status) for run in runs]
         assert len(runs) <= 1 + math.ceil(len(first_two) / MAX_PER_RUN), [run.tags for run in runs]
 
         # Up to date: ticks of the sensors and automation come and go, and nothing is launched.
         ticks_before = _automation_ticks(instance)
-        _wait_for("two automation ticks", lambda: _automation_ticks(instance) >= ticks_before + 2, 120, log)
+        wait_for("two automation ticks", lambda: _automation_ticks(instance) >= ticks_before + 2, 120, log)
         assert len(instance.get_runs()) == len(runs), "an up-to-date instance launched a run"
 
         # A new prefix in the root: registered, reported and embedded without a click.
         shutil.move(tmp_path / "later", tmp_path / "raw" / PREFIXES[-1])
-        _wait_for("the dropped prefix", lambda: PREFIXES[-1] in _embedded(instance) and not _unfinished(instance), 400, log)
+        wait_for("the dropped prefix", lambda: PREFIXES[-1] in _embedded(instance) and not _unfinished(instance), 400, log)
         assert all(run.is_success for run in instance.get_runs())
 
 

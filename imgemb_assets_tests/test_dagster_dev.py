@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -28,20 +28,11 @@ from imgemb_assets.core import tables
 from imgemb_assets.core.lake import Lake, LakeError
 from imgemb_assets.core.s3 import S3Settings
 from imgemb_assets.core.sample_data import SampleDataset
-from imgemb_assets_tests.conftest import code_location_env, upload_tree
+from imgemb_assets_tests.conftest import code_location_env, upload_tree, wait_for
 from imgemb_assets_tests.moto_server import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEADLINE_S = 420
-
-
-def _wait_for(what: str, check: Callable[[], bool], timeout_s: float, log: Path) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(2)
-    pytest.fail(f"timed out after {timeout_s} s waiting for {what}; dagster dev log tail:\n{log.read_text()[-6000:]}")
 
 
 def _group_alive(pgid: int) -> bool:
@@ -76,7 +67,7 @@ def dagster_dev(small_dataset: SampleDataset, bucket: str, tmp_path: Path) -> It
         )
     pgid = os.getpgid(process.pid)
     try:
-        _wait_for("the webserver", lambda: _answers(f"http://127.0.0.1:{port}/server_info"), 180, log)
+        wait_for("the webserver", lambda: _answers(f"http://127.0.0.1:{port}/server_info"), 180, log, poll_s=2)
         yield port, log, Lake(f"s3://{bucket}/delta", storage_options=S3Settings().delta_storage_options())
     finally:
         os.killpg(pgid, signal.SIGTERM)
@@ -117,14 +108,14 @@ def test_sensor_embeds_a_dropped_prefix_and_the_ui_api_launches_a_run(
     prefix = small_dataset.prefixes[0]
     upload_tree(S3Settings().client(), Path(small_dataset.raw_images_uri) / prefix, bucket, f"raw-images/{prefix}")
     expected = small_dataset.expected_joined(prefix)
-    _wait_for(f"embeddings of {prefix}", lambda: _embedded_rows(lake, prefix) == expected, DEADLINE_S, log)
+    wait_for(f"embeddings of {prefix}", lambda: _embedded_rows(lake, prefix) == expected, DEADLINE_S, log, poll_s=2)
 
     client = DagsterGraphQLClient("127.0.0.1", port_number=port)
     run_id = client.submit_job_execution(
         "embed_prefix", repository_location_name="imgemb", tags={"dagster/partition": prefix}
     )
     finished = {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}
-    _wait_for(f"run {run_id}", lambda: client.get_run_status(run_id) in finished, 300, log)
+    wait_for(f"run {run_id}", lambda: client.get_run_status(run_id) in finished, 300, log, poll_s=2)
     assert client.get_run_status(run_id) == DagsterRunStatus.SUCCESS
     assert _embedded_rows(lake, prefix) == expected
     assert _asset_checks_shown_by_the_ui(port) == {
@@ -140,13 +131,13 @@ def test_sensor_embeds_a_dropped_prefix_and_the_ui_api_launches_a_run(
     pq.write_table(sales, buffer)
     S3Settings().client().put_object(Bucket=bucket, Key="sales-data/late-corrections.parquet", Body=buffer.getvalue())
     sales_run = client.submit_job_execution("refresh_sales", repository_location_name="imgemb")
-    _wait_for(f"run {sales_run}", lambda: client.get_run_status(sales_run) in finished, 300, log)
+    wait_for(f"run {sales_run}", lambda: client.get_run_status(sales_run) in finished, 300, log, poll_s=2)
 
     def sales_check() -> tuple[str, bool]:
         return _asset_checks_shown_by_the_ui(port)["sales"]["unique_image_ids"]
 
     # The sales sensor may have started its own refresh of the same export meanwhile.
-    _wait_for("the sales check to finish", lambda: sales_check()[0] != "IN_PROGRESS", 300, log)
+    wait_for("the sales check to finish", lambda: sales_check()[0] != "IN_PROGRESS", 300, log, poll_s=2)
     assert sales_check() == ("FAILED", False)
 
 

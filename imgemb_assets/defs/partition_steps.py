@@ -89,9 +89,8 @@ def materialize_prefixes(context: AssetExecutionContext, work: PrefixWork) -> It
 def _reported_with_outputs(
     context: AssetExecutionContext, reports: Mapping[str, Sequence[AssetReport]]
 ) -> Iterator[StepEvent]:
-    for prefix, asset_reports in reports.items():
-        for report in asset_reports:
-            context.add_asset_metadata(dict(report.metadata), asset_key=report.asset, partition_key=prefix)
+    for prefix, report in _each_report(reports):
+        context.add_asset_metadata(dict(report.metadata), asset_key=report.asset, partition_key=prefix)
     for asset_key in context.selected_asset_keys:
         yield MaterializeResult(asset_key=asset_key)
     yield from _check_evaluations(context.instance, reports)
@@ -101,9 +100,8 @@ def _reported_with_outputs(
 
 
 def _reported_one_by_one(instance: DagsterInstance, reports: Mapping[str, Sequence[AssetReport]]) -> Iterator[StepEvent]:
-    for prefix, asset_reports in reports.items():
-        for report in asset_reports:
-            yield AssetMaterialization(asset_key=report.asset, partition=prefix, metadata=dict(report.metadata))
+    for prefix, report in _each_report(reports):
+        yield AssetMaterialization(asset_key=report.asset, partition=prefix, metadata=dict(report.metadata))
     yield from _check_evaluations(instance, reports)
 
 
@@ -111,20 +109,25 @@ def _check_evaluations(
     instance: DagsterInstance, reports: Mapping[str, Sequence[AssetReport]]
 ) -> Iterator[AssetCheckEvaluation]:
     """Each prefix's check results, tied to the materialization just reported (as the UI expects)."""
+    for prefix, report in _each_report(reports):
+        target = _latest_materialization(instance, report.asset, prefix) if report.checks else None
+        for check in report.checks:
+            yield AssetCheckEvaluation(
+                asset_key=AssetKey(report.asset),
+                check_name=check.name,
+                passed=check.outcome.passed,
+                severity=check.severity,
+                description=check.outcome.description,
+                metadata=check.outcome.metadata,
+                target_materialization_data=target,
+                partition=prefix,
+            )
+
+
+def _each_report(reports: Mapping[str, Sequence[AssetReport]]) -> Iterator[tuple[str, AssetReport]]:
     for prefix, asset_reports in reports.items():
         for report in asset_reports:
-            target = _latest_materialization(instance, report.asset, prefix) if report.checks else None
-            for check in report.checks:
-                yield AssetCheckEvaluation(
-                    asset_key=AssetKey(report.asset),
-                    check_name=check.name,
-                    passed=check.outcome.passed,
-                    severity=check.severity,
-                    description=check.outcome.description,
-                    metadata=check.outcome.metadata,
-                    target_materialization_data=target,
-                    partition=prefix,
-                )
+            yield prefix, report
 
 
 def _latest_materialization(
