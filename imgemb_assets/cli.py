@@ -105,6 +105,7 @@ def _backfill_missing_command(args: argparse.Namespace) -> int:
 def _print_outcome(outcome: RunOutcome) -> bool:
     chunk = outcome.chunk
     what = "sales" if chunk is None else f"{len(chunk.prefixes)} prefixes {chunk.prefixes[0]} .. {chunk.prefixes[-1]}"
+    what = f"sales and {what}" if outcome.with_sales else what
     print(f"run {outcome.run_id}: {what}: {'succeeded' if outcome.success else 'FAILED'}", flush=True)
     return outcome.success
 

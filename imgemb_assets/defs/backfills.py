@@ -6,10 +6,11 @@ or `sales` is refreshed first (missing, or its files changed since it was last
 read), which makes every joined table stale — and that table and everything
 below it up to the target are in the plan.
 
-`run_in_process` executes the plan in this process without a daemon: `sales`
-first when it needs it (stopping if its blocking check fails), then one run per
-chunk of at most `max_partitions_per_run` consecutive prefixes, one after the
-other: never more than one run in flight.
+`run_in_process` executes the plan in this process without a daemon: one run
+per chunk of at most `max_partitions_per_run` consecutive prefixes, one after
+the other (never more than one run in flight), the first run also refreshing
+`sales` when the plan needs it (Dagster orders it before the join; if its
+blocking check fails, the join is skipped and no later chunk is run).
 
 `submit_asset_backfill` hands the prefixes to a running daemon as one asset
 backfill, as the UI's "Materialize" of missing partitions does. The daemon runs
@@ -37,7 +38,7 @@ from imgemb_assets.core.discovery import listing_fingerprint
 from imgemb_assets.core.storage import ObjectStore
 from imgemb_assets.core.sales import list_sales_files
 from imgemb_assets.defs.assets import SALES_FILES_FINGERPRINT_KEY
-from imgemb_assets.defs.jobs import PREFIX_JOB_NAME, SALES_JOB_NAME
+from imgemb_assets.defs.jobs import SALES_JOB_NAME
 from imgemb_assets.defs.partitions import S3_PREFIX_PARTITIONS_NAME
 from imgemb_assets.defs.sensors import recorded_fingerprint
 
@@ -155,8 +156,9 @@ def run_chunks(plan: BackfillPlan, registered: Sequence[str], max_per_run: int) 
 @dataclass(frozen=True)
 class RunOutcome:
     run_id: str
-    chunk: RunChunk | None  # None: the sales run
+    chunk: RunChunk | None  # None: a run of sales alone
     success: bool
+    with_sales: bool = False
 
 
 def refresh_sales_in_process(instance: DagsterInstance, defs: Definitions) -> RunOutcome:
@@ -169,18 +171,18 @@ def refresh_sales_in_process(instance: DagsterInstance, defs: Definitions) -> Ru
 def run_in_process(
     instance: DagsterInstance, defs: Definitions, plan: BackfillPlan, max_per_run: int
 ) -> Iterator[RunOutcome]:
-    """Executes the plan here, one run at a time; stops after a sales run that did not succeed."""
-    if plan.refresh_sales:
-        sales_run = refresh_sales_in_process(instance, defs)
-        yield sales_run
-        if not sales_run.success:
-            return
-    prefix_job = defs.resolve_job_def(PREFIX_JOB_NAME)
-    registered = list(instance.get_dynamic_partitions(S3_PREFIX_PARTITIONS_NAME))
-    for chunk in run_chunks(plan, registered, max_per_run):
-        result = prefix_job.execute_in_process(
+    """Executes the plan here, one run at a time; stops after a run whose sales step did not succeed."""
+    chunks = run_chunks(plan, list(instance.get_dynamic_partitions(S3_PREFIX_PARTITIONS_NAME)), max_per_run)
+    if plan.refresh_sales and not chunks:
+        yield refresh_sales_in_process(instance, defs)
+        return
+    # The job the UI and backfills use for asset selections: any assets, one range of prefixes.
+    assets_job = defs.resolve_implicit_global_asset_job_def()
+    for index, chunk in enumerate(chunks):
+        with_sales = plan.refresh_sales and index == 0
+        result = assets_job.execute_in_process(
             instance=instance,
-            asset_selection=[AssetKey(table) for table in chunk.tables],
+            asset_selection=[AssetKey(table) for table in ((tables.SALES,) if with_sales else ()) + chunk.tables],
             tags={
                 **_TAGS,
                 ASSET_PARTITION_RANGE_START_TAG: chunk.prefixes[0],
@@ -189,7 +191,9 @@ def run_in_process(
             run_config=_QUIET_CONSOLE,
             raise_on_error=False,
         )
-        yield RunOutcome(result.run_id, chunk, result.success)
+        yield RunOutcome(result.run_id, chunk, result.success, with_sales)
+        if with_sales and not result.is_node_success(tables.SALES):
+            return  # every later chunk would join a missing or unusable sales table
 
 
 def submit_asset_backfill(instance: DagsterInstance, defs: Definitions, plan: BackfillPlan) -> str:
