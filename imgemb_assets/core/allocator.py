@@ -66,16 +66,43 @@ def _apply_mallopt() -> bool:
     return bool(mallopt(_M_TRIM_THRESHOLD, _NO_TRIM)) and bool(mallopt(_M_MMAP_MAX, 0))
 
 
-def release_free_heap() -> bool:
-    """Gives the heap's free pages back to the OS (glibc `malloc_trim`); whether any were released.
+class _MallInfo2(ctypes.Structure):
+    # glibc >= 2.33 <malloc.h>: struct mallinfo2, every field a size_t.
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+# Free heap kept for the next partition's batches: releasing less than this costs
+# more in page faults (each partition faulting its activations in again) than it saves.
+DEFAULT_KEPT_FREE_BYTES: Final = 512 * 2**20
+
+
+def free_heap_bytes() -> int | None:
+    """Bytes the heap holds free (glibc `mallinfo2().fordblks`), or None where it cannot be read."""
+    if platform.libc_ver()[0] != "glibc":
+        return None
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    mallinfo2 = getattr(libc, "mallinfo2", None)
+    if mallinfo2 is None:
+        return None
+    mallinfo2.restype = _MallInfo2
+    return int(mallinfo2().fordblks)
+
+
+def release_free_heap(kept_free_bytes: int = DEFAULT_KEPT_FREE_BYTES) -> bool:
+    """Gives the heap's free pages back to the OS (glibc `malloc_trim`) once more than `kept_free_bytes`
+    are free; whether it did.
 
     With the tuning above nothing is ever returned on its own, so a long step
-    grows with every differently sized batch it allocates. Called between
-    partitions, it bounds the step's memory by one partition's peak, at the
-    cost of faulting the activation buffers in once per partition instead of
-    once per step.
+    grows as batches of other sizes leave free holes behind. Called between
+    partitions, it bounds the step's memory near one partition's peak. Below
+    the threshold the pages stay, so the next partition's activations do not
+    fault in again.
     """
     if not _applied:
+        return False
+    free = free_heap_bytes()
+    if free is not None and free < kept_free_bytes:
         return False
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     libc.malloc_trim.argtypes = [ctypes.c_size_t]
