@@ -18,7 +18,9 @@ round, alternating with the reference so both see the same machine:
 
 Prints, per round and best of each: images embedded per second end to end, the
 reference model-only images/s, their ratio, the runs launched, and the peak of
-the summed PSS of every process of the path (sampled every 0.25 s). Ends with
+the summed PSS of every process of the path (sampled every second: reading a
+2 GB process's smaps_rollup takes ~28 ms and holds its memory map lock, so
+sampling faster slows the path it measures). Ends with
 one JSON line. Random-initialised weights (throughput does not depend on them).
 """
 
@@ -63,7 +65,7 @@ class EndToEnd:
 class PssSampler:
     """Peak of the summed proportional set size of a process and all its descendants."""
 
-    def __init__(self, interval_s: float = 0.25) -> None:
+    def __init__(self, interval_s: float = 1.0) -> None:
         self.interval_s = interval_s
         self.roots: list[int] = []
         self.peak_kb = 0
