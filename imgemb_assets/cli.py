@@ -4,7 +4,8 @@ Both read the same IMGEMB_* (and AWS) variables as the code location, and
 DAGSTER_HOME for the instance that holds the partitions.
 
     imgemb discover                              register every prefix as an s3_prefix partition
-    imgemb backfill-missing [--asset image_embeddings] [--dry-run] [--in-process | --submit]
+    imgemb backfill-missing [--asset image_embeddings] [--dry-run] [--no-discover] [--in-process | --submit]
+                                                 register new prefixes (as discover does), then
                                                  materialize what the asset lacks, `sales` included
                                                  when it is missing or its files changed: with a
                                                  daemon running, as one asset backfill it executes;
@@ -46,14 +47,14 @@ def required_env(name: str, environ: Mapping[str, str]) -> str:
     return value
 
 
-def discover(instance: DagsterInstance, raw_images_uri: str) -> tuple[list[str], list[str]]:
-    """Registers every prefix under the root; (newly added, all prefixes)."""
+def discover(instance: DagsterInstance, raw_images_uri: str, register: bool = True) -> tuple[list[str], list[str]]:
+    """Registers every prefix under the root (or only finds the new ones); (new, all prefixes)."""
     # The standard AWS variables, as the location's `s3` resource reads them by default.
     store = open_object_store(raw_images_uri, S3Settings())
     prefixes = store.list_prefixes()
     known = set(instance.get_dynamic_partitions(S3_PREFIX_PARTITIONS_NAME))
     added = [prefix for prefix in prefixes if prefix not in known]
-    if added:
+    if added and register:
         instance.add_dynamic_partitions(S3_PREFIX_PARTITIONS_NAME, added)
     for name in store.list_root_files():
         print(f"warning: {name} lies directly under the root and belongs to no partition", file=sys.stderr)
@@ -62,9 +63,13 @@ def discover(instance: DagsterInstance, raw_images_uri: str) -> tuple[list[str],
 
 def _discover_command(args: argparse.Namespace) -> int:
     with DagsterInstance.get() as instance:
-        added, prefixes = discover(instance, required_env("IMGEMB_RAW_IMAGES_URI", os.environ))
-    print(f"{len(prefixes)} prefixes; registered {len(added)} new: {added}")
+        _discover_and_report(instance)
     return 0
+
+
+def _discover_and_report(instance: DagsterInstance, register: bool = True) -> None:
+    added, prefixes = discover(instance, required_env("IMGEMB_RAW_IMAGES_URI", os.environ), register)
+    print(f"{len(prefixes)} prefixes; {'registered' if register else 'would register'} {len(added)} new: {added}")
 
 
 def _backfill_missing_command(args: argparse.Namespace) -> int:
@@ -80,6 +85,9 @@ def _backfill_missing_command(args: argparse.Namespace) -> int:
     settings = LocationSettings.from_environ(os.environ)
     sales_store = open_object_store(required_env("IMGEMB_SALES_URI", os.environ), S3Settings())
     with DagsterInstance.get() as instance:
+        if not args.no_discover:
+            # A prefix that was never registered is missing too; a dry run changes nothing.
+            _discover_and_report(instance, register=not args.dry_run)
         plan = plan_backfill(instance, args.asset, sales_store)
         _print_plan(plan, args.asset)
         if plan.empty or args.dry_run:
@@ -128,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     backfill = commands.add_parser("backfill-missing", help="backfill the partitions an asset lacks")
     backfill.add_argument("--asset", choices=PARTITIONED_ASSETS, default=tables.IMAGE_EMBEDDINGS)
     backfill.add_argument("--dry-run", action="store_true", help="print what would be launched")
+    backfill.add_argument(
+        "--no-discover", action="store_true", help="only registered prefixes (by default new prefixes are registered first)"
+    )
     how = backfill.add_mutually_exclusive_group()
     how.add_argument("--in-process", action="store_true", help="materialize here even if a daemon is running")
     how.add_argument("--submit", action="store_true", help="submit an asset backfill even if no daemon is running")

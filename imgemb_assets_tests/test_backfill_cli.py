@@ -1,6 +1,6 @@
-"""The README's user path, exactly as written, on a fresh lake and no daemon: `imgemb discover`, then
-`imgemb backfill-missing --asset image_embeddings`; then a repeat that launches nothing and a sales
-change that re-joins every prefix without a forward pass."""
+"""The README's user path, exactly as written, on a fresh lake and no daemon:
+`imgemb backfill-missing --asset image_embeddings` (which registers the prefixes first); then a repeat
+that launches nothing, and a sales change that re-joins every prefix without a forward pass."""
 
 from __future__ import annotations
 
@@ -49,8 +49,8 @@ def test_the_readme_commands_embed_every_prefix_from_a_fresh_lake(
     prefixes = dataset.prefixes
     imgemb = str(BIN / "imgemb")
 
-    assert f"registered {len(prefixes)} new" in _run([imgemb, "discover"], env)
     backfill = _run([imgemb, "backfill-missing", "--asset", "image_embeddings"], env)
+    assert f"registered {len(prefixes)} new" in backfill
     assert "sales: materialized first (sales has never been materialized)" in backfill
     assert f"sales and {len(prefixes)} prefixes" in backfill
     assert "no daemon is running: materializing here" in backfill
@@ -64,7 +64,9 @@ def test_the_readme_commands_embed_every_prefix_from_a_fresh_lake(
     assert len(runs) == 1, "one run: sales and both prefixes"
     assert runs[0].is_success and runs[0].tags["dagster/asset_partition_range_end"] == prefixes[-1]
 
-    assert "nothing to launch" in _run([imgemb, "backfill-missing"], env)
+    again = _run([imgemb, "backfill-missing"], env)
+    assert "registered 0 new" in again and "nothing to launch" in again
+    assert "registered 0 new" in _run([imgemb, "discover"], env)
 
     # A new sales export: sales is read again and every prefix re-joined, with no forward pass.
     path = tmp_path / "sales" / "sales.parquet"
