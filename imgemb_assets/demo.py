@@ -27,6 +27,7 @@ from imgemb_assets.core.models import pretrained_weights_cached
 from imgemb_assets.core.sample_data import SampleDataset, generate_sample_dataset
 from imgemb_assets.core.storage import open_object_store
 from imgemb_assets.definitions import defs as location_definitions
+from imgemb_assets.defs.backfills import QUIET_CONSOLE
 from imgemb_assets.defs.jobs import PREFIX_JOB_NAME, SALES_JOB_NAME
 from imgemb_assets.defs.partitions import S3_PREFIX_PARTITIONS_NAME
 
@@ -81,20 +82,18 @@ def register_partitions(instance: DagsterInstance, raw_images_uri: str) -> list[
     return prefixes
 
 
-# The console shows warnings (such as rejected files) and errors; every event is in the instance.
-_QUIET_CONSOLE = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
 
 def materialize_all(instance: DagsterInstance, prefixes: list[str]) -> list[ExecuteInProcessResult]:
     defs = location_definitions()  # as Dagster loads the code location
     print("materializing sales ...", flush=True)
-    results = [defs.resolve_job_def(SALES_JOB_NAME).execute_in_process(instance=instance, run_config=_QUIET_CONSOLE)]
+    results = [defs.resolve_job_def(SALES_JOB_NAME).execute_in_process(instance=instance, run_config=QUIET_CONSOLE)]
     # One run for every prefix (as a backfill of them would): the model is built once.
     print(f"materializing partitions {prefixes[0]} .. {prefixes[-1]} in one run ...", flush=True)
     range_tags = {ASSET_PARTITION_RANGE_START_TAG: prefixes[0], ASSET_PARTITION_RANGE_END_TAG: prefixes[-1]}
     results.append(
         defs.resolve_job_def(PREFIX_JOB_NAME).execute_in_process(
-            instance=instance, tags=range_tags, run_config=_QUIET_CONSOLE
+            instance=instance, tags=range_tags, run_config=QUIET_CONSOLE
         )
     )
     return results

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import platform
 import threading
 from typing import Final
@@ -52,10 +53,18 @@ def malloc_tuning_applied() -> bool:
     return bool(_applied)
 
 
-def _apply_mallopt() -> bool:
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    """This process's glibc, loaded once (`find_library` runs `ldconfig`), or None under another C library."""
     if platform.libc_ver()[0] != "glibc":
+        return None
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def _apply_mallopt() -> bool:
+    libc = _glibc()
+    if libc is None:
         return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     mallopt = getattr(libc, "mallopt", None)
     if mallopt is None:
         return False
@@ -79,10 +88,8 @@ DEFAULT_KEPT_FREE_BYTES: Final = 512 * 2**20
 
 def free_heap_bytes() -> int | None:
     """Bytes the heap holds free (glibc `mallinfo2().fordblks`), or None where it cannot be read."""
-    if platform.libc_ver()[0] != "glibc":
-        return None
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    mallinfo2 = getattr(libc, "mallinfo2", None)
+    libc = _glibc()
+    mallinfo2 = getattr(libc, "mallinfo2", None) if libc is not None else None
     if mallinfo2 is None:
         return None
     mallinfo2.restype = _MallInfo2
@@ -104,7 +111,8 @@ def release_free_heap(kept_free_bytes: int = DEFAULT_KEPT_FREE_BYTES) -> bool:
     free = free_heap_bytes()
     if free is not None and free < kept_free_bytes:
         return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    libc = _glibc()
+    assert libc is not None  # the tuning was applied, so this is glibc
     libc.malloc_trim.argtypes = [ctypes.c_size_t]
     libc.malloc_trim.restype = ctypes.c_int
     return bool(libc.malloc_trim(0))

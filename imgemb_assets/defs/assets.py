@@ -12,7 +12,7 @@ and reports each prefix on its own. `automation` says when each asset runs.
 # `context` when the asset is defined.
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import pyarrow as pa
 from dagster import (
@@ -54,6 +54,9 @@ from imgemb_assets.defs.resources import (
 )
 from imgemb_assets.defs.retries import STEP_RETRY_POLICY, permanent_failures
 from imgemb_assets.defs.settings import LocationSettings
+
+if TYPE_CHECKING:  # torch is imported by the embedding step only
+    from imgemb_assets.core.embedding_partition import SharedModel
 
 _KINDS = {"delta"}
 # On raw_images events and raw_image_manifest materializations: the prefix's listing.
@@ -357,7 +360,7 @@ def _image_embeddings(policy: BackfillPolicy, gpu_tags: Mapping[str, str]) -> As
 
 
 def _embed_prefix(
-    context: AssetExecutionContext, lake: Lake, prefix: str, model: Any, quality: QualityThresholds
+    context: AssetExecutionContext, lake: Lake, prefix: str, model: "SharedModel", quality: QualityThresholds
 ) -> Sequence[AssetReport]:
     from imgemb_assets.core.allocator import release_free_heap
     from imgemb_assets.core.embedding_partition import EmbeddingRun, embed_partition_batches

@@ -54,7 +54,7 @@ _JOINED_STEP: Final = 2  # images_with_sales: the first table that reads sales
 LAUNCHED_BY_TAG: Final = "imgemb/launched_by"
 _TAGS: Final = {LAUNCHED_BY_TAG: "backfill-missing"}
 # Runs here print warnings and errors; every event is in the instance (and the UI).
-_QUIET_CONSOLE: Final = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+QUIET_CONSOLE: Final = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 # A daemon that has not written a heartbeat for this long is not running
 # (it writes one every 30 s; Dagster's own tolerance is half an hour).
 _DAEMON_HEARTBEAT_MAX_AGE_S: Final = 90
@@ -163,7 +163,7 @@ class RunOutcome:
 
 def refresh_sales_in_process(instance: DagsterInstance, defs: Definitions) -> RunOutcome:
     result = defs.resolve_job_def(SALES_JOB_NAME).execute_in_process(
-        instance=instance, tags=_TAGS, run_config=_QUIET_CONSOLE, raise_on_error=False
+        instance=instance, tags=_TAGS, run_config=QUIET_CONSOLE, raise_on_error=False
     )
     return RunOutcome(result.run_id, None, result.success)
 
@@ -188,7 +188,7 @@ def run_in_process(
                 ASSET_PARTITION_RANGE_START_TAG: chunk.prefixes[0],
                 ASSET_PARTITION_RANGE_END_TAG: chunk.prefixes[-1],
             },
-            run_config=_QUIET_CONSOLE,
+            run_config=QUIET_CONSOLE,
             raise_on_error=False,
         )
         yield RunOutcome(result.run_id, chunk, result.success, with_sales)
