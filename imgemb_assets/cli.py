@@ -1,9 +1,11 @@
-"""Project commands for operators: `imgemb discover` and `imgemb backfill-missing --asset NAME`.
+"""Project commands for operators: `imgemb discover`, `imgemb status` and `imgemb backfill-missing --asset NAME`.
 
 Both read the same IMGEMB_* (and AWS) variables as the code location, and
 DAGSTER_HOME for the instance that holds the partitions.
 
     imgemb discover                              register every prefix as an s3_prefix partition
+    imgemb status [--asset image_embeddings]     each table's prefixes that are missing or stale
+                                                 (written before their upstream last changed)
     imgemb backfill-missing [--asset image_embeddings] [--dry-run] [--no-discover] [--in-process | --submit]
                                                  register new prefixes (as discover does), then
                                                  materialize what the asset lacks, `sales` included
@@ -24,7 +26,7 @@ from dagster import DagsterInstance
 
 from imgemb_assets.core import tables
 from imgemb_assets.core.s3 import S3Settings
-from imgemb_assets.core.storage import open_object_store
+from imgemb_assets.core.storage import open_object_store, partition_key_problem
 from imgemb_assets.defs.partitions import S3_PREFIX_PARTITIONS_NAME
 from imgemb_assets.defs.settings import LocationSettings
 
@@ -51,11 +53,19 @@ def discover(instance: DagsterInstance, raw_images_uri: str, register: bool = Tr
     """Registers every prefix under the root (or only finds the new ones); (new, all prefixes)."""
     # The standard AWS variables, as the location's `s3` resource reads them by default.
     store = open_object_store(raw_images_uri, S3Settings())
-    prefixes = store.list_prefixes()
-    known = set(instance.get_dynamic_partitions(S3_PREFIX_PARTITIONS_NAME))
-    added = [prefix for prefix in prefixes if prefix not in known]
+    listing = store.list_partition_folders()
+    prefixes = listing.prefixes
+    known = list(instance.get_dynamic_partitions(S3_PREFIX_PARTITIONS_NAME))
+    registered = set(known)
+    added = [prefix for prefix in prefixes if prefix not in registered]
     if added and register:
         instance.add_dynamic_partitions(S3_PREFIX_PARTITIONS_NAME, added)
+    # Refused names are reported, never registered: one of them must not stop the others.
+    for name, reason in sorted(listing.refused.items()):
+        print(f"warning: prefix {name!r} is not registered and its objects are in no partition: {reason}", file=sys.stderr)
+    for key in known:
+        if (problem := partition_key_problem(key)) is not None:
+            print(f"warning: registered partition {key!r} is no valid prefix ({problem}); delete it in the UI", file=sys.stderr)
     for name in store.list_root_files():
         print(f"warning: {name} lies directly under the root and belongs to no partition", file=sys.stderr)
     return added, prefixes
@@ -110,6 +120,25 @@ def _backfill_missing_command(args: argparse.Namespace) -> int:
     return 0 if all(outcomes) else 1
 
 
+def _status_command(args: argparse.Namespace) -> int:
+    from imgemb_assets.defs.backfills import chain_up_to, not_current_by_step
+
+    shown = 20
+    with DagsterInstance.get() as instance:
+        registered = list(instance.get_dynamic_partitions(S3_PREFIX_PARTITIONS_NAME))
+        print(f"{len(registered)} registered prefixes")
+        for status in not_current_by_step(instance, chain_up_to(args.asset), registered):
+            current = len(registered) - len(status.not_current)
+            print(f"{status.asset}: {current} current, {len(status.missing)} missing, {len(status.stale)} stale")
+            for prefix in status.missing[:shown]:
+                print(f"  missing {prefix!r}")
+            for prefix, upstream in list(status.stale.items())[:shown]:
+                print(f"  stale   {prefix!r}: {', '.join(upstream)} changed after it was written")
+            if len(status.missing) > shown or len(status.stale) > shown:
+                print(f"  ... (the first {shown} of each)")
+    return 0
+
+
 def _print_outcome(outcome: RunOutcome) -> bool:
     chunk = outcome.chunk
     what = "sales" if chunk is None else f"{len(chunk.prefixes)} prefixes {chunk.prefixes[0]} .. {chunk.prefixes[-1]}"
@@ -123,6 +152,8 @@ def _print_plan(plan: BackfillPlan, asset: str) -> None:
         print(f"sales: materialized first ({plan.sales_reason})")
     if plan.skipped_in_progress:
         print(f"{len(plan.skipped_in_progress)} prefixes left to a backfill in progress")
+    for key, problem in plan.skipped_invalid.items():
+        print(f"registered partition {key!r} skipped: {problem}")
     if not plan.tables_by_prefix:
         print(f"every registered partition of {asset} is materialized; nothing to launch")
         return
@@ -142,12 +173,17 @@ def main(argv: list[str] | None = None) -> int:
     how = backfill.add_mutually_exclusive_group()
     how.add_argument("--in-process", action="store_true", help="materialize here even if a daemon is running")
     how.add_argument("--submit", action="store_true", help="submit an asset backfill even if no daemon is running")
+    status = commands.add_parser(
+        "status", help="each table's prefixes that are missing or stale (written before their upstream changed)"
+    )
+    status.add_argument("--asset", choices=PARTITIONED_ASSETS, default=tables.IMAGE_EMBEDDINGS)
     args = parser.parse_args(argv)
     if "DAGSTER_HOME" not in os.environ:
         print("error: DAGSTER_HOME is not set (the instance that holds the partitions)", file=sys.stderr)
         return 2
     try:
-        return _discover_command(args) if args.command == "discover" else _backfill_missing_command(args)
+        handlers = {"discover": _discover_command, "backfill-missing": _backfill_missing_command, "status": _status_command}
+        return handlers[args.command](args)
     except CommandError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ from imgemb_assets.defs.assets import build_assets
 from imgemb_assets.defs.automation import build_automation_sensor
 from imgemb_assets.defs.jobs import embed_prefix_job, refresh_sales_job, rejoin_sales_job
 from imgemb_assets.defs.placement import location_executor
+from imgemb_assets.defs.reconciliation import build_reconciliation_sensor
 from imgemb_assets.defs.resources import (
     EmbeddingModelResource,
     ImageLimitsResource,
@@ -23,7 +24,6 @@ from imgemb_assets.defs.resources import (
     QualityThresholds,
     StorageResource,
 )
-from imgemb_assets.defs.schedules import full_reconciliation_schedule
 from imgemb_assets.defs.sensors import build_raw_prefix_sensor, build_sales_change_sensor
 from imgemb_assets.defs.settings import LocationSettings
 
@@ -55,8 +55,10 @@ def build_definitions(settings: LocationSettings, resources: Mapping[str, Any] |
             ),
             build_sales_change_sensor(settings.sensor_interval_s),
             build_automation_sensor(settings.sensor_interval_s),
+            build_reconciliation_sensor(
+                settings.reconciliation_interval_s, settings.reconciliation_prefixes_per_tick
+            ),
         ],
-        schedules=[full_reconciliation_schedule],
         executor=location_executor(settings),
         resources=dict(default_resources() if resources is None else resources),
     )

@@ -64,7 +64,7 @@ def test_demo_runs_twice_with_consistent_and_unchanged_tables(tmp_path: Path) ->
     assert sum(first[tables.REJECTED_IMAGES].values()) == 5  # the sample's broken files
     embeddings = pl.read_delta(str(data_dir / "lake" / tables.IMAGE_EMBEDDINGS))
     assert embeddings["embedding"].list.len().unique().to_list() == [2048]
-    assert embeddings["model_id"].unique().to_list() == ["torchvision/resnet50/random-seed0"]
+    assert embeddings["model_id"].unique().to_list() == ["torchvision/resnet50/random-seed0/fp32"]
 
     _run_demo(data_dir, tmp_path / "torch")
     assert _counts(data_dir / "lake") == first

@@ -14,7 +14,13 @@ import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from imgemb_assets.core.storage import ObjectInfo, ObjectStore
+from botocore.exceptions import BotoCoreError, ClientError
+
+from imgemb_assets.core.storage import ObjectInfo, ObjectStore, StorageError, partition_key_problem
+
+# A prefix whose listing fails for one of these is reported and tried again next
+# tick; the other prefixes go on. Anything else is a bug and fails the tick.
+LISTING_ERRORS = (OSError, StorageError, ClientError, BotoCoreError)
 
 
 def listing_fingerprint(objects: Iterable[ObjectInfo]) -> str:
@@ -45,6 +51,10 @@ class DiscoveryPlan:
     root_objects: list[str]  # directly under the root: in no partition
     cursor: DiscoveryCursor
     prefixes_listed: int  # how many prefixes were fingerprinted this tick
+    # first path segments that are no partition (name as shown -> why): their objects are in none
+    refused_prefixes: dict[str, str] = field(default_factory=dict)
+    # prefixes whose listing failed this tick (-> the error): neither registered nor requested, tried again next tick
+    listing_errors: dict[str, str] = field(default_factory=dict)
 
 
 def prefixes_to_fingerprint(
@@ -66,15 +76,26 @@ def plan_discovery(
     With `full`, every prefix is fingerprinted, including known prefixes that
     vanished from the root (their partitions are requested so they empty out).
     """
-    current = store.list_prefixes()
-    known = cursor.fingerprints
+    listing = store.list_partition_folders()
+    current = listing.prefixes
+    # A key an earlier version took ('' from '<root>//', say) is never listed again:
+    # listing '' would fingerprint the whole root.
+    known = {prefix: fp for prefix, fp in cursor.fingerprints.items() if partition_key_problem(prefix) is None}
     to_list = sorted(set(current) | set(known)) if full else prefixes_to_fingerprint(current, known, recent, max_new)
-    fingerprints = {prefix: listing_fingerprint(store.list_objects(prefix)) for prefix in to_list}
+    fingerprints: dict[str, str] = {}
+    listing_errors: dict[str, str] = {}
+    for prefix in to_list:
+        try:
+            fingerprints[prefix] = listing_fingerprint(store.list_objects(prefix))
+        except LISTING_ERRORS as exc:
+            listing_errors[prefix] = f"{type(exc).__name__}: {exc}"
     changed = {prefix: fp for prefix, fp in fingerprints.items() if known.get(prefix) != fp}
     return DiscoveryPlan(
-        new_prefixes=[prefix for prefix in to_list if prefix not in known and prefix in current],
+        new_prefixes=[prefix for prefix in fingerprints if prefix not in known and prefix in current],
         changed=changed,
         root_objects=store.list_root_files(),
         cursor=DiscoveryCursor({**known, **fingerprints}),
         prefixes_listed=len(to_list),
+        refused_prefixes=listing.refused,
+        listing_errors=listing_errors,
     )

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import BinaryIO, Final
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from imgemb_assets.core.drift import EmbeddingMoments, vectors_of
+from imgemb_assets.core.drift import EmbeddingMoments
 from imgemb_assets.core.embedding import embed_thumbnails
 from imgemb_assets.core.model_config import EmbeddingSettings
 from imgemb_assets.core.models import EmbeddingModel, load_model, model_id_for
@@ -27,6 +31,7 @@ class SharedModel:
         self.settings = settings
         # Computed once: for a state-dict file it hashes the file.
         self.model_id = model_id_for(settings)
+        self.width = settings.width
         self._model: EmbeddingModel | None = None
 
     def get(self) -> EmbeddingModel:
@@ -44,6 +49,8 @@ class EmbeddingRun:
     seconds: float = 0.0  # decoding and inference of the embedded images
     model: EmbeddingModel | None = None  # None while this partition reused every vector
     model_id: str = ""  # on every row written; set when the stream starts
+    width: int = 0  # the model's vector width; set when the stream starts
+    stored_refused: int = 0  # stored under this model_id but NaN, infinite or of another width: recomputed
     rows: int = 0
     widths: set[int] = field(default_factory=set)  # vector widths written (one, when all is well)
     non_finite_rows: int = 0  # vectors holding NaN or infinite values
@@ -56,7 +63,7 @@ class EmbeddingRun:
 
 def embed_partition_batches(
     joined: Iterable[pa.RecordBatch],
-    previous: pa.Table | None,
+    previous: Iterable[pa.RecordBatch] | pa.Table | None,
     shared: SharedModel,
     schema: pa.Schema,
     run: EmbeddingRun,
@@ -64,57 +71,138 @@ def embed_partition_batches(
     """The joined rows, batch by batch, with their image replaced by its embedding and the model's id.
 
     A row whose image_id, content fingerprint (etag) and model_id match a row of
-    `previous` (the partition as stored) keeps that vector; only new or changed
-    images go through the model, which is loaded only when the first one comes.
+    `previous` (the partition as stored, best streamed in batches with the
+    columns image_id, etag, model_id and embedding) keeps that vector, unless the
+    stored vector is not finite or not of the model's width; only new, changed or
+    refused images go through the model, which is loaded only when the first one comes.
+    The stored vectors are spooled to a local file first and read back a batch at
+    a time, so memory holds one batch of them whatever the partition's size.
     """
     model_id = run.model_id = shared.model_id
-    stored = _stored_vectors(previous, model_id)
-    for batch in joined:
-        if batch.num_rows == 0:
-            continue
-        keys = list(zip(batch.column("image_id").to_pylist(), batch.column("etag").to_pylist()))
-        to_embed = [row for row, key in enumerate(keys) if key not in stored.index]
-        reused = [row for row, key in enumerate(keys) if key in stored.index]
-        if to_embed and run.model is None:
-            run.model = shared.get()
-        width = run.model.width if run.model else stored.vectors.shape[1]
-        vectors = np.empty((batch.num_rows, width), dtype=np.float32)
-        if to_embed:
-            assert run.model is not None
-            started = time.perf_counter()
-            vectors[to_embed] = embed_thumbnails(run.model, batch.column("image_jpeg").take(pa.array(to_embed)).to_pylist())
-            run.seconds += time.perf_counter() - started
-        if reused:
-            vectors[reused] = stored.vectors[[stored.index[keys[row]] for row in reused]]
-        run.images_embedded += len(to_embed)
-        run.images_reused += len(reused)
-        run.rows += batch.num_rows
-        run.widths.add(width)
-        run.non_finite_rows += int((~np.isfinite(vectors).all(axis=1)).sum())
-        run.moments.add(vectors)
-        table = (
-            pa.Table.from_batches([batch])
-            .append_column("embedding", embedding_array(vectors))
-            .append_column("model_id", pa.array([model_id] * batch.num_rows, pa.string()))
+    width = run.width = shared.width
+    with StoredVectors.spooled(_record_batches(previous), model_id, width) as stored:
+        run.stored_refused = stored.refused
+        for batch in joined:
+            if batch.num_rows == 0:
+                continue
+            keys = zip(batch.column("image_id").to_pylist(), batch.column("etag").to_pylist())
+            stored_rows = [stored.row_of(key) for key in keys]
+            to_embed = [row for row, stored_row in enumerate(stored_rows) if stored_row is None]
+            reused = [(row, stored_row) for row, stored_row in enumerate(stored_rows) if stored_row is not None]
+            vectors = np.empty((batch.num_rows, width), dtype=np.float32)
+            if to_embed:
+                if run.model is None:
+                    run.model = shared.get()
+                started = time.perf_counter()
+                jpegs = batch.column("image_jpeg").take(pa.array(to_embed)).to_pylist()
+                vectors[to_embed] = embed_thumbnails(run.model, jpegs)
+                run.seconds += time.perf_counter() - started
+            if reused:
+                vectors[[row for row, _ in reused]] = stored.read([stored_row for _, stored_row in reused])
+            run.images_embedded += len(to_embed)
+            run.images_reused += len(reused)
+            run.rows += batch.num_rows
+            run.widths.add(width)
+            run.non_finite_rows += int((~np.isfinite(vectors).all(axis=1)).sum())
+            run.moments.add(vectors)
+            table = (
+                pa.Table.from_batches([batch])
+                .append_column("embedding", embedding_array(vectors))
+                .append_column("model_id", pa.array([model_id] * batch.num_rows, pa.string()))
+            )
+            yield from table.select(schema.names).cast(schema).to_batches()
+
+
+# Rows per batch when `previous` comes as a whole table (2048 floats are 8 KiB a row).
+_SPOOL_BATCH_ROWS: Final = 4096
+
+
+def _record_batches(previous: Iterable[pa.RecordBatch] | pa.Table | None) -> Iterable[pa.RecordBatch]:
+    if previous is None:
+        return ()
+    if isinstance(previous, pa.Table):
+        return previous.to_batches(max_chunksize=_SPOOL_BATCH_ROWS)
+    return previous
+
+
+class StoredVectors:
+    """A partition's reusable stored vectors, in a local spool file, looked up by (image_id, etag).
+
+    In memory: the key index (about 250 bytes a row) and the batch being read;
+    the vectors themselves (8 KiB a row for ResNet50) stay in the file. Only
+    vectors written under the current model_id, of its width and finite are
+    spooled: a NaN, infinite or truncated vector is recomputed, never carried forward.
+    """
+
+    def __init__(self, spool: BinaryIO, width: int) -> None:
+        self.width = width
+        self.refused = 0  # rows under the model_id that were not finite or not of the width
+        self._spool = spool
+        self._row_bytes = width * np.dtype(np.float32).itemsize
+        self._index: dict[tuple[str, str], int] = {}  # (image_id, etag) -> spool row
+        self._rows = 0  # spooled so far
+
+    @classmethod
+    @contextmanager
+    def spooled(cls, batches: Iterable[pa.RecordBatch], model_id: str, width: int) -> Iterator[StoredVectors]:
+        """The reusable vectors of `batches`, read once; the spool file is deleted on exit."""
+        with tempfile.TemporaryFile(prefix="imgemb-vectors-") as spool:
+            stored = cls(spool, width)
+            stored._spool_all(batches, model_id)
+            yield stored
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def row_of(self, key: tuple[str, str]) -> int | None:
+        return self._index.get(key)
+
+    def read(self, rows: Sequence[int]) -> np.ndarray:
+        """The vectors of spool rows `rows`, in that order, as (len(rows), width) float32."""
+        out = np.empty((len(rows), self.width), dtype=np.float32)
+        start = 0
+        while start < len(rows):
+            # One read per run of consecutive rows (the common case: the joined rows
+            # come in the order the partition was written).
+            end = start + 1
+            while end < len(rows) and rows[end] == rows[end - 1] + 1:
+                end += 1
+            self._read_into(out[start:end], rows[start] * self._row_bytes)
+            start = end
+        return out
+
+    def _read_into(self, block: np.ndarray, offset: int) -> None:
+        view = memoryview(block).cast("B")
+        done = 0
+        while done < len(view):
+            got = os.preadv(self._spool.fileno(), [view[done:]], offset + done)
+            if got == 0:
+                raise EOFError(f"vector spool ended at byte {offset + done}")
+            done += got
+
+    def _spool_all(self, batches: Iterable[pa.RecordBatch], model_id: str) -> None:
+        # A method of its own, so no stored batch outlives it.
+        for batch in batches:
+            self._add(batch, model_id)
+        self._spool.flush()
+
+    def _add(self, batch: pa.RecordBatch, model_id: str) -> None:
+        same_model = batch.filter(pc.equal(batch.column("model_id"), model_id))
+        if same_model.num_rows == 0:
+            return
+        lengths = pc.list_value_length(same_model.column("embedding"))
+        right_width = same_model.filter(pc.fill_null(pc.equal(lengths, self.width), False))
+        vectors = (
+            right_width.column("embedding").flatten().to_numpy(zero_copy_only=False).reshape(-1, self.width)
         )
-        yield from table.select(schema.names).cast(schema).to_batches()
-
-
-@dataclass(frozen=True)
-class _StoredVectors:
-    index: dict[tuple[str, str], int]  # (image_id, etag) -> row of `vectors`
-    vectors: np.ndarray
-
-
-def _stored_vectors(previous: pa.Table | None, model_id: str) -> _StoredVectors:
-    if previous is None or previous.num_rows == 0:
-        return _StoredVectors({}, np.empty((0, 0), np.float32))
-    same_model = previous.filter(pc.equal(previous.column("model_id"), model_id))
-    if same_model.num_rows == 0:
-        return _StoredVectors({}, np.empty((0, 0), np.float32))
-    vectors = vectors_of(same_model.column("embedding"))
-    keys = zip(same_model.column("image_id").to_pylist(), same_model.column("etag").to_pylist())
-    return _StoredVectors({key: row for row, key in enumerate(keys)}, vectors)
+        finite = np.isfinite(vectors).all(axis=1)
+        self.refused += same_model.num_rows - int(finite.sum())
+        keys = zip(right_width.column("image_id").to_pylist(), right_width.column("etag").to_pylist())
+        kept = [key for key, ok in zip(keys, finite) if ok]
+        # Written from Arrow's own buffer when every vector is good (no copy).
+        self._spool.write(np.ascontiguousarray(vectors if finite.all() else vectors[finite], dtype=np.float32))
+        self._index.update((key, self._rows + offset) for offset, key in enumerate(kept))
+        self._rows += len(kept)
 
 
 def embedding_array(vectors: np.ndarray) -> pa.Array:

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import io
 import re
+import threading
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Final
 
@@ -31,6 +35,23 @@ _ICC_CONVERTIBLE_MODES: Final = frozenset({"RGB", "CMYK"})
 # Originals larger than this are not downloaded: 50 MiB is several times a
 # full-resolution camera JPEG.
 DEFAULT_MAX_IMAGE_BYTES: Final = 50 << 20
+# What the decodes running at once may hold. A 16-megapixel RGBA PNG costs about
+# 390 MB to decode and resize; a JPEG, decoded at reduced scale, a few MB.
+DEFAULT_MAX_DECODE_BYTES: Final = 1 << 30
+# Peak bytes per pixel of `downscale` by the mode Pillow decodes to (after JPEG
+# draft), measured with Pillow 13 on 16-megapixel images (RSS peak over the
+# pixel count: L/P 6.2, RGB 12.2, P with transparency 18.2, I;16 21.7, RGBA/LA
+# 24.2, RGBA WebP 32.1), rounded up with headroom.
+_DECODE_BYTES_PER_PIXEL: Final = {"1": 8, "L": 8, "P": 8, "RGB": 16, "YCbCr": 16, "CMYK": 16, "LAB": 16, "HSV": 16}
+_DECODE_BYTES_PER_PIXEL_OTHER: Final = 32  # alpha, 16-bit and 32-bit modes
+_DECODE_BYTES_PER_PIXEL_WEBP_EXTRA: Final = 8  # libwebp decodes into its own buffer first
+_DECODE_FIXED_BYTES: Final = 2 << 20  # decoder state, the 224x224 result and its JPEG
+# Pillow stores large images in blocks of this size (its default is 16 MiB). glibc
+# serves a freed 16 MiB block's successors from the freeing thread's heap, which
+# keeps it: six decoding threads then held six images' worth however the gate
+# serialized them (+944 MiB at a 0.5 GiB budget). Blocks above glibc's largest
+# mmap threshold (32 MiB) are mapped and unmapped on their own: +402 MiB.
+_PILLOW_BLOCK_BYTES: Final = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -39,12 +60,78 @@ class ImageLimits:
 
     max_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     max_pixels: int | None = None  # None: Pillow's limit (Image.MAX_IMAGE_PIXELS), warning band included
+    # Estimated decoding memory of the images decoded at once (see DecodeGate);
+    # one image estimated above it still decodes, alone.
+    max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES
 
     def __post_init__(self) -> None:
         if self.max_bytes < 1:
             raise ValueError(f"max_bytes must be at least 1, got {self.max_bytes}")
         if self.max_pixels is not None and self.max_pixels < 1:
             raise ValueError(f"max_pixels must be at least 1, got {self.max_pixels}")
+        if self.max_decode_bytes < 1:
+            raise ValueError(f"max_decode_bytes must be at least 1, got {self.max_decode_bytes}")
+
+
+class DecodeGate:
+    """Lets decodes run at once only while their estimated memory fits a budget.
+
+    Decoding threads call `admit` with an image's cost, estimated from its header
+    before any pixel is decoded (`decode_cost_bytes`). An image costing more than
+    the whole budget waits until nothing else runs and then decodes alone, so no
+    image is refused for the budget's sake. Waiters are admitted in arrival order:
+    a large image is not starved by a stream of small ones.
+    """
+
+    def __init__(self, budget_bytes: int) -> None:
+        if budget_bytes < 1:
+            raise ValueError(f"decode budget must be at least 1 byte, got {budget_bytes}")
+        # Process-wide, and harmless elsewhere: an image smaller than a block gets a block of its own size.
+        Image.core.set_block_size(max(Image.core.get_block_size(), _PILLOW_BLOCK_BYTES))
+        self.budget_bytes = budget_bytes
+        self.peak_bytes = 0  # the most ever charged at once: never above the budget
+        self.peak_decodes = 0  # the most decodes ever admitted at once
+        self._charged = 0
+        self._running = 0
+        self._waiting: deque[object] = deque()
+        self._changed = threading.Condition()
+
+    @contextmanager
+    def admit(self, cost_bytes: int) -> Iterator[None]:
+        # Charged at most the whole budget: an oversized image then needs an
+        # empty gate, and holds it alone while it decodes.
+        charge = min(max(cost_bytes, 0), self.budget_bytes)
+        ticket = object()
+        with self._changed:
+            self._waiting.append(ticket)
+            self._changed.wait_for(lambda: self._waiting[0] is ticket and self._charged + charge <= self.budget_bytes)
+            self._waiting.popleft()
+            self._charged += charge
+            self._running += 1
+            self.peak_bytes = max(self.peak_bytes, self._charged)
+            self.peak_decodes = max(self.peak_decodes, self._running)
+            self._changed.notify_all()  # the next in line may fit as well
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._charged -= charge
+                self._running -= 1
+                self._changed.notify_all()
+
+
+def decode_cost_bytes(image: Image.Image) -> int:
+    """Peak memory `downscale` needs for an opened (not yet decoded) image, from its header.
+
+    Call after `draft`, which shrinks the size a JPEG is decoded at.
+    """
+    width, height = image.size
+    per_pixel = _DECODE_BYTES_PER_PIXEL.get(image.mode, _DECODE_BYTES_PER_PIXEL_OTHER)
+    if image.mode == "P" and "transparency" in image.info:
+        per_pixel = _DECODE_BYTES_PER_PIXEL_OTHER  # composited through RGBA
+    if image.format == "WEBP":
+        per_pixel += _DECODE_BYTES_PER_PIXEL_WEBP_EXTRA
+    return width * height * per_pixel + _DECODE_FIXED_BYTES
 
 
 class ImageRejected(Exception):
@@ -72,21 +159,26 @@ def image_id_from_key(key: str) -> str | None:
     return match.group(1) if match else None
 
 
-def downscale(data: bytes, max_pixels: int | None = None) -> Thumbnail:
+def downscale(data: bytes, max_pixels: int | None = None, gate: DecodeGate | None = None) -> Thumbnail:
     """Decode an image, apply its orientation, make it RGB and resize it to 224x224.
 
     The aspect ratio is not kept, as in the article's pipeline. Raises
-    ImageRejected with a reason a person can act on.
+    ImageRejected with a reason a person can act on. With a `gate`, the decode
+    waits until its estimated memory fits the gate's budget.
     """
     if not data:
         raise ImageRejected("empty file (0 bytes)")
     try:
-        image = _open_accepted(data)
-        _refuse_oversized(image, max_pixels)
-        width, height = _displayed_size(image)
-        image.draft("RGB", (IMAGE_SIZE, IMAGE_SIZE))  # JPEG only: decode at reduced scale
-        rgb = _to_rgb(ImageOps.exif_transpose(image))
-        resized = rgb.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
+        with _open_accepted(data) as image:
+            _refuse_oversized(image, max_pixels)
+            stored_size = image.size
+            image.draft("RGB", (IMAGE_SIZE, IMAGE_SIZE))  # JPEG only: decode at reduced scale
+            # Admitted before anything that may decode pixels: a PNG's getexif decodes the whole image.
+            with gate.admit(decode_cost_bytes(image)) if gate is not None else _ungated():
+                width, height = _displayed_size(image, stored_size)
+                resized = _oriented_rgb_resized(image)
+                # Its decoded pixels are freed before the gate lets the next decode in.
+                image.close()
     except ImageRejected:
         raise
     except Image.DecompressionBombError as exc:  # raised by Image.open past twice the limit
@@ -94,6 +186,17 @@ def downscale(data: bytes, max_pixels: int | None = None) -> Thumbnail:
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageRejected(f"corrupt or truncated image data: {exc}") from exc
     return Thumbnail(jpeg=encode_jpeg(resized), width=width, height=height)
+
+
+@contextmanager
+def _ungated() -> Iterator[None]:
+    yield
+
+
+def _oriented_rgb_resized(image: Image.Image) -> Image.Image:
+    """The 224x224 RGB image; the full-size intermediates die when this returns."""
+    rgb = _to_rgb(ImageOps.exif_transpose(image))
+    return rgb.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
 
 
 def encode_jpeg(image: Image.Image) -> bytes:
@@ -150,8 +253,8 @@ def _refuse_oversized(image: Image.Image, max_pixels: int | None) -> None:
         raise ImageRejected(f"image too large: {width}x{height} pixels exceeds the limit of {limit}")
 
 
-def _displayed_size(image: Image.Image) -> tuple[int, int]:
-    width, height = image.size
+def _displayed_size(image: Image.Image, stored_size: tuple[int, int]) -> tuple[int, int]:
+    width, height = stored_size  # before `draft` shrank it
     if image.getexif().get(_EXIF_ORIENTATION_TAG) in _ORIENTATIONS_SWAPPING_AXES:
         return height, width
     return width, height

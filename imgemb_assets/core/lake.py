@@ -1,14 +1,26 @@
-"""Delta Lake tables under a lake root: replace one partition, replace a whole table, read back."""
+"""Delta Lake tables under a lake root: replace one partition, replace a whole table, read back.
+
+A partitioned table is physically partitioned by `prefix_partition`, a short
+value derived from the prefix (`partition_value`), so that any prefix S3 accepts
+makes a valid folder name; Lake adds that column on write and drops it on read,
+and `prefix` stays a data column to filter by. A table created before keeps its
+layout (partitioned by `prefix` itself), read from its metadata, until it is
+migrated with `Lake.migrate_partitioning`.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import random
+import re
 import tempfile
 import time
+import unicodedata
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
+from urllib.parse import quote
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -17,7 +29,7 @@ from deltalake import DeltaTable, QueryBuilder, WriterProperties, write_deltalak
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 
 from imgemb_assets.core.storage import local_path_of
-from imgemb_assets.core.tables import PARTITION_COLUMN
+from imgemb_assets.core.tables import PARTITION_COLUMN, PARTITION_STORAGE_COLUMN
 
 # Two writers of the same partition: delta-rs commits one and fails the other
 # with CommitFailedError; the loser rewrites on top of the winner's version.
@@ -27,6 +39,14 @@ _COMMIT_RETRY_BASE_S: Final = 0.2
 # files of about this size (a 2048-float embedding row is 8 KiB).
 _MAX_ROW_GROUP_ROWS: Final = 16_384
 _TARGET_FILE_BYTES: Final = 256 << 20
+# A prefix is its own partition value when it is this short and uses only
+# characters delta-rs leaves as they are in a folder name; others get a stem and a hash.
+_PLAIN_VALUE: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_UNPLAIN_RUN: Final = re.compile(r"[^A-Za-z0-9._-]+")
+_STEM_CHARS: Final = 32
+_HASH_HEX_CHARS: Final = 20  # 80 bits: no two of a billion prefixes share a value, in practice
+# The longest folder or file name a local file system takes (ext4, xfs, APFS, NTFS).
+_MAX_NAME_BYTES: Final = 255
 
 # Something that can be written more than once: a table, or a function that
 # opens a fresh stream of record batches (a retried commit replays it).
@@ -41,20 +61,58 @@ class CommitConflictError(LakeError):
     """Concurrent writers of the same partition kept winning; nothing of this write was committed."""
 
 
-def partition_predicate(partition_key: str) -> str:
-    """A Delta predicate matching exactly one partition.
+class InputChangedError(CommitConflictError):
+    """The partition a write was computed from was rewritten meanwhile; nothing of this write was committed."""
+
+
+# Called just before each commit attempt; raises InputChangedError to abandon the write.
+Precondition = Callable[[], None]
+
+
+def all_of(*preconditions: Precondition) -> Precondition:
+    def check() -> None:
+        for precondition in preconditions:
+            precondition()
+
+    return check
+
+
+def partition_predicate(partition_key: str, column: str = PARTITION_COLUMN) -> str:
+    """A Delta predicate matching exactly one value of `column`.
 
     The key is a SQL string literal with quotes doubled, so no key can close the
     literal and widen the predicate.
     """
     escaped = partition_key.replace("'", "''")
-    return f"{PARTITION_COLUMN} = '{escaped}'"
+    return f"{column} = '{escaped}'"
+
+
+def partition_value(prefix: str) -> str:
+    """The physical partition value of a prefix: stable, at most 64 ASCII characters, a folder name on any file system.
+
+    A short prefix of letters, digits and `._-` is its own value, so the usual
+    (date) prefixes keep readable folders and their keys are read from the log
+    alone. Any other prefix becomes a readable stem, `~` (in no plain value, so
+    the two kinds never meet) and a hash of the whole prefix.
+    """
+    if _PLAIN_VALUE.fullmatch(prefix):
+        return prefix
+    folded = unicodedata.normalize("NFKD", prefix).encode("ascii", "ignore").decode()  # café -> cafe
+    stem = _UNPLAIN_RUN.sub("_", folded)[:_STEM_CHARS]
+    digest = hashlib.sha256(prefix.encode("utf-8", "surrogatepass")).hexdigest()[:_HASH_HEX_CHARS]
+    return f"{stem}~{digest}"
 
 
 @dataclass(frozen=True)
 class Lake:
     root_uri: str
-    storage_options: dict[str, str] | None = field(default=None, repr=False)
+    # Options, or a function returning them (core.s3.DeltaStorageOptions), called at
+    # each Delta operation so that expiring credentials are current when it starts.
+    storage_options: dict[str, str] | Callable[[], dict[str, str]] | None = field(default=None, repr=False)
+
+    def current_storage_options(self) -> dict[str, str] | None:
+        options = self.storage_options
+        return options() if callable(options) else options
 
     def table_uri(self, name: str) -> str:
         local = local_path_of(self.root_uri)
@@ -63,9 +121,11 @@ class Lake:
         return f"{self.root_uri.rstrip('/')}/{name}"
 
     def exists(self, name: str) -> bool:
-        return DeltaTable.is_deltatable(self.table_uri(name), storage_options=self.storage_options)
+        return DeltaTable.is_deltatable(self.table_uri(name), storage_options=self.current_storage_options())
 
-    def write_partition(self, name: str, data: Rows, partition_key: str) -> None:
+    def write_partition(
+        self, name: str, data: Rows, partition_key: str, precondition: Precondition | None = None
+    ) -> None:
         """Replace one partition of a table with `data` (which may be empty) in one commit.
 
         `data` is a table, or a function returning a fresh record-batch stream,
@@ -74,19 +134,29 @@ class Lake:
         New columns (a sales export that gained one) are merged into the table
         schema; other partitions read them as null until they are rewritten.
         """
+        if not partition_key:
+            raise LakeError(f"an empty prefix is no partition of {name} (it would stand for the whole root)")
         if isinstance(data, pa.Table):
             _require_single_partition(data, partition_key)
         self._ensure_local_parent()
+        layout_column = self._layout_column(name)
+        if layout_column == PARTITION_COLUMN:
+            self._require_folder_fits(name, partition_key)
+            value = partition_key
+        else:
+            value = partition_value(partition_key)
         for attempt in range(1, _COMMIT_ATTEMPTS + 1):
+            if precondition is not None:
+                precondition()
             try:
                 write_deltalake(
                     self.table_uri(name),
-                    data if isinstance(data, pa.Table) else data(),
+                    _with_storage_column(data, layout_column, value),
                     mode="overwrite",
-                    predicate=partition_predicate(partition_key),
-                    partition_by=[PARTITION_COLUMN],
+                    predicate=partition_predicate(value, layout_column),
+                    partition_by=[layout_column],
                     schema_mode="merge",
-                    storage_options=self.storage_options,
+                    storage_options=self.current_storage_options(),
                     target_file_size=_TARGET_FILE_BYTES,
                     writer_properties=WriterProperties(max_row_group_size=_MAX_ROW_GROUP_ROWS),
                 )
@@ -100,7 +170,12 @@ class Lake:
                 time.sleep(_COMMIT_RETRY_BASE_S * attempt * (1 + random.random()))
 
     def write_partition_stream(
-        self, name: str, batches: Iterable[pa.RecordBatch], schema: pa.Schema, partition_key: str
+        self,
+        name: str,
+        batches: Iterable[pa.RecordBatch],
+        schema: pa.Schema,
+        partition_key: str,
+        precondition: Precondition | None = None,
     ) -> int:
         """Replace one partition with a stream of batches, holding only one batch in memory; the row count.
 
@@ -119,8 +194,40 @@ class Lake:
             def replay() -> pa.RecordBatchReader:
                 return pa.RecordBatchReader.from_batches(schema, pq.ParquetFile(path).iter_batches(batch_size=4096))
 
-            self.write_partition(name, replay, partition_key)
+            self.write_partition(name, replay, partition_key, precondition)
         return rows
+
+    def partition_files(self, name: str, partition_key: str | None = None) -> frozenset[str]:
+        """The data files holding one partition (or the whole table) now; none for a missing table.
+
+        Every write names new files, so two different sets mean the partition
+        was rewritten in between.
+        """
+        try:
+            table = self._open(name)
+        except LakeError:
+            return frozenset()
+        if partition_key is None:
+            return frozenset(table.file_uris())
+        return frozenset(table.file_uris(file_pruning_predicate=[_partition_filter_tuple(table, partition_key)]))
+
+    def unchanged_since(self, name: str, partition_key: str | None = None) -> Precondition:
+        """A precondition: the partition (or the whole table) still holds the files it holds now.
+
+        Take it before reading a partition to compute another from it: a write
+        whose input was rewritten meanwhile is abandoned (and retried on the new
+        rows) rather than committed over a newer result.
+        """
+        before = self.partition_files(name, partition_key)
+
+        def check() -> None:
+            if self.partition_files(name, partition_key) != before:
+                what = name if partition_key is None else f"partition {partition_key!r} of {name}"
+                raise InputChangedError(
+                    f"{what} was rewritten while it was being read; nothing was committed, a retry reads the new rows"
+                )
+
+        return check
 
     def overwrite(self, name: str, data: pa.Table) -> None:
         """Replace the whole content (and schema) of an unpartitioned table in one commit."""
@@ -130,8 +237,36 @@ class Lake:
             data,
             mode="overwrite",
             schema_mode="overwrite",
-            storage_options=self.storage_options,
+            storage_options=self.current_storage_options(),
         )
+
+    def migrate_partitioning(self, name: str) -> bool:
+        """Rewrite a table created partitioned by `prefix` in today's layout, in one commit; whether it had to.
+
+        Readers of the old version go on reading it; the rows are streamed, never all in memory.
+        """
+        table = self._open(name)
+        if table.metadata().partition_columns != [PARTITION_COLUMN]:
+            return False
+        rows = self.read_batches(name)
+        schema = rows.schema.append(pa.field(PARTITION_STORAGE_COLUMN, pa.string(), nullable=False))
+
+        def with_values() -> Iterable[pa.RecordBatch]:
+            for batch in rows:
+                values = [partition_value(prefix) for prefix in batch.column(PARTITION_COLUMN).to_pylist()]
+                yield pa.RecordBatch.from_arrays([*batch.columns, pa.array(values, pa.string())], schema=schema)
+
+        write_deltalake(
+            self.table_uri(name),
+            pa.RecordBatchReader.from_batches(schema, with_values()),
+            mode="overwrite",
+            schema_mode="overwrite",
+            partition_by=[PARTITION_STORAGE_COLUMN],
+            storage_options=self.current_storage_options(),
+            target_file_size=_TARGET_FILE_BYTES,
+            writer_properties=WriterProperties(max_row_group_size=_MAX_ROW_GROUP_ROWS),
+        )
+        return True
 
     def read(self, name: str, partition_key: str | None = None, columns: list[str] | None = None) -> pa.Table:
         """A whole table, or one partition of it.
@@ -145,27 +280,64 @@ class Lake:
     def read_batches(
         self, name: str, partition_key: str | None = None, columns: list[str] | None = None, batch_rows: int = 8192
     ) -> pa.RecordBatchReader:
-        """A table or partition as a stream of record batches of at most `batch_rows` rows."""
+        """A table or partition as a stream of record batches of at most `batch_rows` rows (never `prefix_partition`)."""
         table = self._open(name)
-        selected = "*" if columns is None else ", ".join(_quote_identifier(column) for column in columns)
-        where = "" if partition_key is None else f" WHERE {partition_predicate(partition_key)}"
-        engine = QueryBuilder({"datafusion.execution.batch_size": str(batch_rows)}).register("t", table)
+        if columns is None:
+            columns = [field_.name for field_ in table.schema().fields if field_.name != PARTITION_STORAGE_COLUMN]
+        selected = ", ".join(_quote_identifier(column) for column in columns)
+        where = "" if partition_key is None else f" WHERE {_partition_filter(table, partition_key)}"
+        # One scan partition: the engine otherwise reads ahead a row group (up to 128 MB) per core at
+        # once, which doubled a streamed read's memory; the steps consume one batch at a time anyway.
+        engine = QueryBuilder(
+            {"datafusion.execution.batch_size": str(batch_rows), "datafusion.execution.target_partitions": "1"}
+        ).register("t", table)
         stream = pa.RecordBatchReader.from_stream(engine.execute(f"SELECT {selected} FROM t{where}"))
         schema = without_view_types(stream.schema)
         return pa.RecordBatchReader.from_batches(schema, (batch.cast(schema) for batch in stream))
 
     def partition_keys(self, name: str) -> list[str]:
-        """The partitions holding rows, read from the table's log (no data file is opened)."""
+        """The prefixes holding rows: from the table's log, and the `prefix` column of hashed partitions only."""
         try:
             table = self._open(name)
         except LakeError:
             return []
-        return sorted({partition[PARTITION_COLUMN] for partition in table.partitions()})
+        column = _layout_column_of(table)
+        values = {partition[column] for partition in table.partitions()}
+        if column == PARTITION_COLUMN:
+            return sorted(values)
+        plain = {value for value in values if "~" not in value}
+        hashed = sorted(values - plain)
+        if not hashed:
+            return sorted(plain)
+        listed = ", ".join("'" + value.replace("'", "''") + "'" for value in hashed)
+        engine = QueryBuilder().register("t", table)
+        query = f"SELECT DISTINCT {PARTITION_COLUMN} FROM t WHERE {PARTITION_STORAGE_COLUMN} IN ({listed})"
+        found = pa.RecordBatchReader.from_stream(engine.execute(query)).read_all().column(0).to_pylist()
+        return sorted(plain | {str(prefix) for prefix in found})
+
+    def _layout_column(self, name: str) -> str:
+        """The column a table is physically partitioned by: its own for an existing table, today's for a new one."""
+        try:
+            return _layout_column_of(self._open(name))
+        except LakeError:
+            return PARTITION_STORAGE_COLUMN
+
+    def _require_folder_fits(self, name: str, partition_key: str) -> None:
+        # delta-rs percent-encodes the value into a folder name, and panics where
+        # the file system refuses it: say what to do instead.
+        folder = f"{PARTITION_COLUMN}={quote(partition_key, safe='')}"
+        if len(folder.encode()) > _MAX_NAME_BYTES:
+            raise LakeError(
+                f"{name} was created partitioned by {PARTITION_COLUMN!r}, and prefix {partition_key!r} is too long "
+                f"for a folder name there ({len(folder.encode())} bytes once encoded, at most {_MAX_NAME_BYTES}); "
+                f"migrate the table once with Lake({self.root_uri!r}).migrate_partitioning({name!r}) "
+                f"(or `python -m imgemb_assets.core.lake migrate <lake uri> {name}`), then materialize again"
+            )
 
     def _open(self, name: str) -> DeltaTable:
         # One load of the table's log; checking `exists` first would read it twice.
         try:
-            return DeltaTable(self.table_uri(name), storage_options=self.storage_options)
+            return DeltaTable(self.table_uri(name), storage_options=self.current_storage_options())
         except TableNotFoundError as exc:
             raise LakeError(f"Delta table {self.table_uri(name)} does not exist; materialize {name} first") from exc
 
@@ -173,6 +345,43 @@ class Lake:
         local = local_path_of(self.root_uri)
         if local is not None:
             Path(local).mkdir(parents=True, exist_ok=True)
+
+
+def _layout_column_of(table: DeltaTable) -> str:
+    columns = table.metadata().partition_columns
+    return PARTITION_COLUMN if columns == [PARTITION_COLUMN] else PARTITION_STORAGE_COLUMN
+
+
+def _partition_filter(table: DeltaTable, partition_key: str) -> str:
+    column = _layout_column_of(table)
+    if column == PARTITION_COLUMN:
+        return partition_predicate(partition_key)
+    # the physical value prunes the files; `prefix` makes the answer exact whatever the hash
+    return f"{partition_predicate(partition_value(partition_key), column)} AND {partition_predicate(partition_key)}"
+
+
+def _partition_filter_tuple(table: DeltaTable, partition_key: str) -> tuple[str, str, str]:
+    """The partition's physical folder as a delta-rs partition filter (no data file is opened)."""
+    column = _layout_column_of(table)
+    return (column, "=", partition_key if column == PARTITION_COLUMN else partition_value(partition_key))
+
+
+def _with_storage_column(data: Rows, column: str, value: str) -> pa.Table | pa.RecordBatchReader:
+    """The rows to write, with the physical partition column added when the layout has one."""
+    rows = data if isinstance(data, pa.Table) else data()
+    if column == PARTITION_COLUMN:
+        return rows
+    if column in rows.schema.names:
+        raise LakeError(f"{column!r} is written by Lake itself; the rows must not carry it")
+    field_ = pa.field(column, pa.string(), nullable=False)
+    if isinstance(rows, pa.Table):
+        return rows.append_column(field_, pa.array([value] * rows.num_rows, pa.string()))
+    schema = rows.schema.append(field_)
+    batches = (
+        pa.RecordBatch.from_arrays([*batch.columns, pa.array([value] * batch.num_rows, pa.string())], schema=schema)
+        for batch in rows
+    )
+    return pa.RecordBatchReader.from_batches(schema, batches)
 
 
 def _quote_identifier(name: str) -> str:
@@ -199,3 +408,32 @@ def _require_single_partition(data: pa.Table | pa.RecordBatch, partition_key: st
     keys = pc.unique(data.column(PARTITION_COLUMN)).to_pylist()
     if keys != [partition_key]:
         raise LakeError(f"rows for partition {partition_key!r} carry {PARTITION_COLUMN} values {keys}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m imgemb_assets.core.lake migrate <lake uri> [table ...]`: today's partition layout for old tables."""
+    import argparse
+
+    from imgemb_assets.core.s3 import S3Settings
+
+    parser = argparse.ArgumentParser(prog="python -m imgemb_assets.core.lake", description=main.__doc__)
+    parser.add_argument("command", choices=["migrate"])
+    parser.add_argument("lake_uri")
+    parser.add_argument("tables", nargs="*", help="default: every partitioned table of the pipeline")
+    args = parser.parse_args(argv)
+    from imgemb_assets.core import tables
+
+    options = S3Settings().delta_storage_options() if args.lake_uri.startswith("s3://") else None
+    lake = Lake(args.lake_uri, storage_options=options)
+    names = args.tables or [name for name in tables.ALL_TABLES if name != tables.SALES]
+    for name in names:
+        if not lake.exists(name):
+            print(f"{name}: no table")
+        else:
+            migrated = lake.migrate_partitioning(name)
+            print(f"{name}: {'migrated' if migrated else 'already partitioned by ' + PARTITION_STORAGE_COLUMN}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

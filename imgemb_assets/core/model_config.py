@@ -16,6 +16,9 @@ CPU_BATCH_SIZE: Final = 32
 GPU_BATCH_SIZE: Final = 256
 RANDOM_WEIGHTS: Final = "random"
 BACKBONES: Final = ("resnet50", "resnet18", "vit_b_16")
+# Each backbone's vector width with its classifier removed: known without building
+# the model, so stored vectors of another width are never reused.
+EMBEDDING_WIDTHS: Final = {"resnet50": 2048, "resnet18": 512, "vit_b_16": 768}
 PRECISIONS: Final = ("auto", "fp32", "fp16", "bf16")  # auto: fp16 on CUDA, fp32 on CPU
 # How the forward pass runs (see EmbeddingSettings.runtime); auto: cpu-tuned on CPU, eager on CUDA.
 RUNTIMES: Final = ("auto", "eager", "cpu-tuned")
@@ -68,6 +71,11 @@ class EmbeddingSettings:
             raise ModelConfigError(f"unknown runtime {self.runtime!r}; choose one of {RUNTIMES}")
         if not _DEVICE_PATTERN.fullmatch(self.device):
             raise ModelConfigError(f"unsupported device {self.device!r}; use auto, cpu, cuda or cuda:N")
+
+    @property
+    def width(self) -> int:
+        """The width of the vectors this model writes."""
+        return EMBEDDING_WIDTHS[self.model]
 
 
 def parse_random_seed(weights: str) -> int | None:

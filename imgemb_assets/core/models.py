@@ -86,8 +86,11 @@ def resolve_runtime(runtime: str, device: torch.device) -> str:
 def model_id_for(settings: EmbeddingSettings) -> str:
     """The id recorded on every embedding row, known without building the model.
 
-    Stored vectors are reused only under the same id, so changing the backbone
-    or the weights (or the state-dict file's content) recomputes every vector.
+    Stored vectors are reused only under the same id, so it names everything that
+    moves a vector past the project's 2e-3 relative tolerance: the backbone, the
+    weights (a state-dict file by its content) and the arithmetic (`numerics_tag`).
+    Ids written before the arithmetic was part of them (`torchvision/<model>/<weights>`)
+    match none, so those vectors are recomputed once.
     """
     seed = parse_random_seed(settings.weights)
     if seed is not None:
@@ -96,7 +99,23 @@ def model_id_for(settings: EmbeddingSettings) -> str:
         weights_id = f"state-dict-sha256-{_sha256_prefix(Path(settings.weights))}"
     else:
         weights_id = _weights_enum(settings.model, settings.weights).name
-    return f"torchvision/{settings.model}/{weights_id}"
+    device = resolve_device(settings.device)
+    numerics = numerics_tag(resolve_dtype(settings.precision, device), device)
+    return f"torchvision/{settings.model}/{weights_id}/{numerics}"
+
+
+def numerics_tag(dtype: torch.dtype, device: torch.device) -> str:
+    """The arithmetic a vector was computed with, as far as it changes the vector's values.
+
+    Measured against CPU fp32 (max |difference| / max |reference|, 64 thumbnails,
+    random weights, H100): fp16 on CUDA 6e-4 to 1.6e-3 by backbone, bf16 3.5e-3 to
+    1.4e-2, and bf16 on CPU differs from bf16 on CUDA by up to 1.8e-2, so bf16 names
+    its device. fp32 is the same on both (2e-6) once CUDA is kept off TF32
+    (`_full_fp32_on_cuda`). Neither the runtime (eager and cpu-tuned are
+    bit-identical), the batch size nor torch.compile (1.4e-3 at fp16) is part of it.
+    """
+    name = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    return f"{name}-{device.type}" if dtype == torch.bfloat16 else name
 
 
 def load_model(settings: EmbeddingSettings) -> EmbeddingModel:
@@ -110,10 +129,16 @@ def load_model(settings: EmbeddingSettings) -> EmbeddingModel:
     else:
         module, description = _pretrained(backbone, settings.model, settings.weights)
     width = _remove_classifier(module, backbone.head)
+    if width != settings.width:
+        raise ModelConfigError(
+            f"{settings.model} without its classifier gives vectors of width {width}, not {settings.width}"
+        )
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.precision, device)
     module = module.eval().to(device=device, dtype=dtype)
     runtime = resolve_runtime(settings.runtime, device)
+    if device.type == "cuda" and dtype == torch.float32:
+        _full_fp32_on_cuda()
     if device.type == "cuda":
         module = module.to(memory_format=torch.channels_last)
     elif runtime == "cpu-tuned":
@@ -131,6 +156,17 @@ def load_model(settings: EmbeddingSettings) -> EmbeddingModel:
         batch_size=settings.batch_size or (GPU_BATCH_SIZE if device.type == "cuda" else CPU_BATCH_SIZE),
         runtime=runtime,
     )
+
+
+def _full_fp32_on_cuda() -> None:
+    """fp32 on CUDA computes in fp32, so its vectors are those of fp32 on CPU (and share its model_id).
+
+    cuDNN runs fp32 convolutions in TF32 by default, which moved ResNet50 vectors
+    by 8.6e-4 (relative, H100) from the CPU's; with TF32 off they agree to 2e-6.
+    The switch is process-wide: the embedding step is this process's only torch user.
+    """
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def pretrained_weights_cached(name: str = "DEFAULT", model: str = "resnet50") -> bool:

@@ -14,6 +14,7 @@ from typing import Any
 import pyarrow as pa
 
 from imgemb_assets.core.images import (
+    DecodeGate,
     ImageLimits,
     ImageRejected,
     Thumbnail,
@@ -58,7 +59,8 @@ def downscale_partition(
     """Every manifest row ends in exactly one of the two tables returned."""
     entries = manifest.to_pylist()
     with ThreadPoolExecutor(max_workers=max_workers) as pool:  # I/O and Pillow both release the GIL
-        outcomes = list(pool.map(lambda entry: _thumbnail_or_reason(store, entry, limits), entries))
+        gate = DecodeGate(limits.max_decode_bytes)  # one memory budget for all the pool's decodes
+        outcomes = list(pool.map(lambda entry: _thumbnail_or_reason(store, entry, limits, gate), entries))
     images: list[dict[str, Any]] = []
     rejected: list[dict[str, Any]] = []
     kept_uri_by_id: dict[str, str] = {}
@@ -86,14 +88,20 @@ def downscale_partition(
     )
 
 
-def _thumbnail_or_reason(store: ObjectStore, entry: dict[str, Any], limits: ImageLimits) -> Thumbnail | str:
+def _thumbnail_or_reason(
+    store: ObjectStore, entry: dict[str, Any], limits: ImageLimits, gate: DecodeGate | None = None
+) -> Thumbnail | str:
+    # What the store refuses to read says more than the name (a link, a folder that cannot be listed).
+    refusal = store.refusal(entry["uri"])
+    if refusal is not None:
+        return refusal
     if entry["image_id"] is None:
         return "object name has no extension, so no image_id can be derived from it"
     try:
         refuse_oversized_file(entry["size_bytes"], limits)
         data = store.read_bytes(entry["uri"])
         refuse_oversized_file(len(data), limits)  # the object may have grown since it was listed
-        return downscale(data, limits.max_pixels)
+        return downscale(data, limits.max_pixels, gate)
     except ImageRejected as exc:
         return exc.reason
     except ObjectRefused as exc:

@@ -6,6 +6,11 @@ S3-compatible store (MinIO, moto) is reached by setting the endpoint once. The
 standard AWS variables and the boto3 credential chain (environment, profiles,
 SSO, instance roles) apply to both: credentials are resolved through boto3 and
 handed to delta-rs, never logged or put into metadata.
+
+Temporary credentials (an assumed role, IRSA, a container or instance role)
+expire, often after an hour. delta-rs takes credentials as plain strings, so
+`DeltaStorageOptions` hands it the boto3 session's current ones each time a
+Delta operation starts, and boto3 refreshes them before they expire.
 """
 
 from __future__ import annotations
@@ -85,9 +90,20 @@ class S3Settings:
         )
 
     def delta_storage_options(self, environ: Mapping[str, str] | None = None) -> dict[str, str]:
-        """delta-rs storage options equivalent to `client()`: same endpoint, region and credentials."""
+        """delta-rs storage options equivalent to `client()`: same endpoint, region and credentials.
+
+        A snapshot: temporary credentials in it expire. A long-lived holder takes
+        `delta_storage_options_provider()` instead.
+        """
+        return self.delta_storage_options_provider(environ)()
+
+    def delta_storage_options_provider(self, environ: Mapping[str, str] | None = None) -> DeltaStorageOptions:
+        """A function returning `delta_storage_options()` with the credentials current when it is called."""
         env = os.environ if environ is None else environ
         session = self.session()
+        return DeltaStorageOptions(self._delta_settings(session, env), session.get_credentials())
+
+    def _delta_settings(self, session: boto3.session.Session, env: Mapping[str, str]) -> dict[str, str]:
         options = {
             "AWS_REGION": session.region_name or _DEFAULT_REGION,
             # delta-rs retries throttling, 5xx, resets and timeouts itself, with
@@ -100,13 +116,6 @@ class S3Settings:
             options["AWS_ENDPOINT_URL"] = endpoint
         if self._allow_http(endpoint, env):
             options["AWS_ALLOW_HTTP"] = "true"
-        credentials = session.get_credentials()
-        if credentials is not None:
-            frozen = credentials.get_frozen_credentials()
-            options["AWS_ACCESS_KEY_ID"] = frozen.access_key
-            options["AWS_SECRET_ACCESS_KEY"] = frozen.secret_key
-            if frozen.token:
-                options["AWS_SESSION_TOKEN"] = frozen.token
         return options
 
     def _allow_http(self, endpoint: str | None, env: Mapping[str, str]) -> bool:
@@ -115,6 +124,43 @@ class S3Settings:
         if "AWS_ALLOW_HTTP" in env:
             return env["AWS_ALLOW_HTTP"].strip().lower() in _TRUE_VALUES
         return bool(endpoint and endpoint.startswith("http://"))
+
+
+class DeltaStorageOptions:
+    """delta-rs storage options whose credentials are read from boto3 at each call.
+
+    boto3's credentials for a role (assumed, IRSA, container, instance, SSO) are
+    `RefreshableCredentials`: reading them refreshes them when they are within
+    15 minutes of expiring, so each Delta operation starts with credentials valid
+    for at least 10 more minutes (botocore's mandatory refresh window). Static
+    keys come back unchanged. One instance keeps one boto3 credential object, so
+    a refresh is one call to the credential source, not one per operation.
+
+    Chosen over delta-rs's own credential chain, which would refresh within an
+    operation too: delta-rs 1.6.6 does not resolve the same chain as boto3 (with
+    only AWS_CONTAINER_CREDENTIALS_FULL_URI set, the EKS Pod Identity case, it
+    went to the instance metadata endpoint instead), and an explicit profile or
+    keys in the `s3` resource config would not reach it; the two clients would
+    no longer share one identity.
+    """
+
+    def __init__(self, settings: Mapping[str, str], credentials: Any | None) -> None:
+        self._settings = dict(settings)
+        self._credentials = credentials  # botocore Credentials, or None when no credential is configured
+
+    def __call__(self) -> dict[str, str]:
+        options = dict(self._settings)
+        if self._credentials is not None:
+            frozen = self._credentials.get_frozen_credentials()
+            options["AWS_ACCESS_KEY_ID"] = frozen.access_key
+            options["AWS_SECRET_ACCESS_KEY"] = frozen.secret_key
+            if frozen.token:
+                options["AWS_SESSION_TOKEN"] = frozen.token
+        return options
+
+    def __repr__(self) -> str:  # never the credentials
+        return f"DeltaStorageOptions({sorted(self._settings)})"
+
 
 
 def split_s3_uri(uri: str) -> tuple[str, str]:

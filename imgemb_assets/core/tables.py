@@ -11,9 +11,13 @@ from typing import Final
 
 import pyarrow as pa
 
-# Every partitioned table carries the partition key in this column and is
-# physically partitioned by it in Delta.
+# Every partitioned table carries the partition key (the prefix) in this column;
+# tables created before PARTITION_STORAGE_COLUMN are also physically partitioned by it.
 PARTITION_COLUMN: Final = "prefix"
+# New tables are physically partitioned by this column: a short value derived from
+# the prefix, which Lake adds on write and drops on read (a long non-ASCII prefix,
+# percent-encoded by delta-rs, is no valid folder name).
+PARTITION_STORAGE_COLUMN: Final = "prefix_partition"
 
 RAW_IMAGE_MANIFEST: Final = "raw_image_manifest"
 DOWNSCALED_IMAGES: Final = "downscaled_images"
@@ -78,10 +82,12 @@ _EMBEDDING_FIELDS: Final = [
     pa.field("model_id", pa.string(), nullable=False),
 ]
 
-# Names the sales export may not use, because the joined tables own them.
-RESERVED_SALES_COLUMNS: Final = frozenset(
-    f.name for f in _IMAGE_KEY_FIELDS + _IMAGE_PIXEL_FIELDS + _EMBEDDING_FIELDS
-) - {"image_id"}
+# Names the sales export may not use, because the joined tables own them. Compared
+# case-insensitively, as Delta compares column names; a column added to the fixed
+# fields above is reserved with them, and so is the column Lake adds on write.
+RESERVED_SALES_COLUMNS: Final = (
+    frozenset(f.name for f in _IMAGE_KEY_FIELDS + _IMAGE_PIXEL_FIELDS + _EMBEDDING_FIELDS) - {"image_id"}
+) | {PARTITION_STORAGE_COLUMN}
 
 
 def sales_value_fields(sales_schema: pa.Schema) -> list[pa.Field]:

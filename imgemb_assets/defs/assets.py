@@ -32,7 +32,7 @@ from dagster import (
 from imgemb_assets.core import tables
 from imgemb_assets.core.discovery import listing_fingerprint
 from imgemb_assets.core.drift import EmbeddingMoments, embedding_drift, previous_partition, stored_moments
-from imgemb_assets.core.lake import Lake
+from imgemb_assets.core.lake import Lake, all_of
 from imgemb_assets.core.pipeline import build_manifest, downscale_partition
 from imgemb_assets.core.quality import (
     CheckOutcome,
@@ -67,6 +67,8 @@ SALES_FILES_FINGERPRINT_KEY = "sales_files_fingerprint"
 DUPLICATED_IMAGE_IDS_KEY = "duplicated_image_ids"
 # Joined rows per streamed batch (thumbnails are ~15-30 KB each).
 _EMBEDDING_READ_ROWS = 2048
+# Stored vectors per streamed batch (8 KiB each).
+_STORED_VECTOR_READ_ROWS = 4096
 
 RAW_IMAGES: Final = "raw_images"
 SALES_EXPORT: Final = "sales_export"
@@ -190,10 +192,12 @@ def _downscaled_images(policy: BackfillPolicy) -> AssetsDefinition:
         lake, store, limits = storage.lake(), storage.raw_images(), image_limits.limits()
 
         def write(prefix: str) -> Sequence[AssetReport]:
+            # Never commit over a newer result: see `Lake.unchanged_since`.
+            manifest_unchanged = lake.unchanged_since(tables.RAW_IMAGE_MANIFEST, prefix)
             manifest = lake.read(tables.RAW_IMAGE_MANIFEST, prefix)
             result = downscale_partition(store, manifest, limits)
-            lake.write_partition(tables.DOWNSCALED_IMAGES, result.images, prefix)
-            lake.write_partition(tables.REJECTED_IMAGES, result.rejected, prefix)
+            lake.write_partition(tables.DOWNSCALED_IMAGES, result.images, prefix, manifest_unchanged)
+            lake.write_partition(tables.REJECTED_IMAGES, result.rejected, prefix, manifest_unchanged)
             for row in result.rejected.to_pylist():
                 context.log.warning(f"rejected {row['uri']}: {row['reason']}")
             # what the two tables now hold, read back, against the manifest this step used
@@ -245,8 +249,9 @@ def sales(storage: StorageResource) -> MaterializeResult:
     lake = storage.lake()
     with permanent_failures():
         files = list_sales_files(store)
-        # Validated before anything is written: a bad export leaves the previous version in place.
-        table = read_sales(store)
+        # Validated, and its column types checked against what the lake's tables already hold, before
+        # anything is written: a refused export leaves every table as it was.
+        table = read_sales(store, lake)
         lake.overwrite(tables.SALES, table)
     unique_ids = duplicate_image_ids(table)
     return MaterializeResult(
@@ -288,13 +293,16 @@ def _images_with_sales(policy: BackfillPolicy) -> AssetsDefinition:
     ) -> Iterator[StepEvent]:
         lake = storage.lake()
         with permanent_failures():
+            sales_unchanged = lake.unchanged_since(tables.SALES)
             sales_table = lake.read(tables.SALES)  # once for the whole range
             schema = tables.images_with_sales_schema(sales_table.schema)
 
         def write(prefix: str) -> Sequence[AssetReport]:
+            # A sales refresh or a re-downscale landing meanwhile: the join is retried on the new rows.
+            inputs_unchanged = all_of(sales_unchanged, lake.unchanged_since(tables.DOWNSCALED_IMAGES, prefix))
             images = lake.read(tables.DOWNSCALED_IMAGES, prefix)
             joined = join_with_sales(images, sales_table, schema)
-            lake.write_partition(tables.IMAGES_WITH_SALES, joined, prefix)
+            lake.write_partition(tables.IMAGES_WITH_SALES, joined, prefix, inputs_unchanged)
             coverage = sales_coverage(joined.num_rows, images.num_rows, quality.min_sales_coverage)
             return [
                 AssetReport(
@@ -365,17 +373,29 @@ def _embed_prefix(
     from imgemb_assets.core.allocator import release_free_heap
     from imgemb_assets.core.embedding_partition import EmbeddingRun, embed_partition_batches
 
-    # The joined rows stream through in batches and are written in one commit.
+    # The joined rows stream through in batches and are written in one commit, unless the
+    # join was rewritten meanwhile (a sales refresh): then the retry embeds the new rows.
+    joined_unchanged = lake.unchanged_since(tables.IMAGES_WITH_SALES, prefix)
     joined = lake.read_batches(tables.IMAGES_WITH_SALES, prefix, batch_rows=_EMBEDDING_READ_ROWS)
+    # Streamed: the step spools the reusable vectors and looks them up a batch at a time.
     previous = (
-        lake.read(tables.IMAGE_EMBEDDINGS, prefix, columns=["image_id", "etag", "model_id", "embedding"])
+        lake.read_batches(
+            tables.IMAGE_EMBEDDINGS,
+            prefix,
+            columns=["image_id", "etag", "model_id", "embedding"],
+            batch_rows=_STORED_VECTOR_READ_ROWS,
+        )
         if lake.exists(tables.IMAGE_EMBEDDINGS)
         else None
     )
     schema = tables.image_embeddings_schema(_sales_schema_of(joined.schema))
     run = EmbeddingRun()
     rows = lake.write_partition_stream(
-        tables.IMAGE_EMBEDDINGS, embed_partition_batches(joined, previous, model, schema, run), schema, prefix
+        tables.IMAGE_EMBEDDINGS,
+        embed_partition_batches(joined, previous, model, schema, run),
+        schema,
+        prefix,
+        joined_unchanged,
     )
     release_free_heap()  # the step's memory stays that of one prefix, however many the run holds
     if run.model is not None and run.model.is_random:
@@ -398,6 +418,8 @@ def _embed_prefix(
         model_id=run.model_id,
         images_embedded=run.images_embedded,
         images_reused=run.images_reused,
+        # stored vectors that were NaN, infinite or of another width: recomputed, never reused
+        stored_vectors_refused=run.stored_refused,
         embedding_seconds=round(run.seconds, 3),
         images_per_second=round(run.images_per_second, 2),
         **model_metadata,
@@ -405,7 +427,7 @@ def _embed_prefix(
     checks = [
         CheckReport(
             "embedding_values",
-            embedding_values(run.widths, run.model.width if run.model else None, run.non_finite_rows, run.rows),
+            embedding_values(run.widths, run.width, run.non_finite_rows, run.rows),
         ),
         CheckReport(
             "embedding_drift",

@@ -1,8 +1,9 @@
 """Backfilling what is missing: which asset partitions to run, and two ways to run them.
 
 `plan_backfill` decides, for every registered prefix, the first table of the
-prefix chain that must be (re)written — its own materialization is missing,
-or `sales` is refreshed first (missing, or its files changed since it was last
+prefix chain that must be (re)written — its own materialization is missing or
+stale (written before its upstream last changed: a run failed in between,
+see `staleness.py`), or `sales` is refreshed first (missing, or its files changed since it was last
 read), which makes every joined table stale — and that table and everything
 below it up to the target are in the plan.
 
@@ -35,12 +36,13 @@ from dagster._core.utils import make_new_backfill_id
 
 from imgemb_assets.core import tables
 from imgemb_assets.core.discovery import listing_fingerprint
-from imgemb_assets.core.storage import ObjectStore
+from imgemb_assets.core.storage import ObjectStore, partition_key_problem
 from imgemb_assets.core.sales import list_sales_files
-from imgemb_assets.defs.assets import SALES_FILES_FINGERPRINT_KEY
+from imgemb_assets.defs.assets import RAW_IMAGES, SALES_FILES_FINGERPRINT_KEY
 from imgemb_assets.defs.jobs import SALES_JOB_NAME
 from imgemb_assets.defs.partitions import S3_PREFIX_PARTITIONS_NAME
 from imgemb_assets.defs.sensors import recorded_fingerprint
+from imgemb_assets.defs.staleness import PartitionStatus, partition_status
 
 # The partitioned tables in the order they are computed; each step writes the
 # tables of its group (downscaled_images and rejected_images come together).
@@ -68,6 +70,8 @@ class BackfillPlan:
     sales_reason: str
     tables_by_prefix: Mapping[str, tuple[str, ...]]  # in registration order
     skipped_in_progress: Sequence[str] = field(default_factory=tuple)
+    # registered keys that are no valid prefix ('' from '<root>//' before it was refused) -> why
+    skipped_invalid: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def prefixes(self) -> list[str]:
@@ -96,15 +100,33 @@ def sales_staleness(instance: DagsterInstance, sales_store: ObjectStore) -> str 
     return None
 
 
+def not_current_by_step(
+    instance: DagsterInstance, steps: Sequence[tuple[str, ...]], prefixes: Sequence[str]
+) -> list[PartitionStatus]:
+    """For each step of the chain, the prefixes its table lacks or wrote before its upstream last changed."""
+    statuses = []
+    for index, group in enumerate(steps):
+        upstream = RAW_IMAGES if index == 0 else steps[index - 1][0]
+        whole = [tables.SALES] if index == _JOINED_STEP else []
+        statuses.append(partition_status(instance, group[0], [upstream], whole, prefixes))
+    return statuses
+
+
 def plan_backfill(instance: DagsterInstance, target: str, sales_store: ObjectStore) -> BackfillPlan:
     steps = chain_up_to(target)
     registered = list(instance.get_dynamic_partitions(S3_PREFIX_PARTITIONS_NAME))
+    # Missing, or stale (a run failed after its upstream changed): what automation would run too.
+    not_current = [set(status.not_current) for status in not_current_by_step(instance, steps, registered)]
     materialized = [instance.get_materialized_partitions(AssetKey(group[0])) for group in steps]
     sales_reason = sales_staleness(instance, sales_store) if len(steps) > _JOINED_STEP else None
     in_progress = _targeted_by_running_backfills(instance, target)
     tables_by_prefix: dict[str, tuple[str, ...]] = {}
+    # A run for '' would list the whole root as one partition: such keys are never run.
+    invalid = {prefix: problem for prefix in registered if (problem := partition_key_problem(prefix)) is not None}
     for prefix in registered:
-        first = next((index for index, done in enumerate(materialized) if prefix not in done), len(steps))
+        if prefix in invalid:
+            continue
+        first = next((index for index, lacking in enumerate(not_current) if prefix in lacking), len(steps))
         if sales_reason is not None and prefix in materialized[_JOINED_STEP - 1]:
             first = min(first, _JOINED_STEP)  # joined with the old sales: join again
         if first < len(steps) and prefix not in in_progress:
@@ -114,6 +136,7 @@ def plan_backfill(instance: DagsterInstance, target: str, sales_store: ObjectSto
         sales_reason=sales_reason or "",
         tables_by_prefix=tables_by_prefix,
         skipped_in_progress=sorted(in_progress & set(registered)),
+        skipped_invalid=invalid,
     )
 
 

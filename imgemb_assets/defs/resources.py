@@ -8,7 +8,7 @@ from dagster_aws.s3 import S3Resource
 from pydantic import Field
 
 from imgemb_assets.core.drift import DriftThresholds
-from imgemb_assets.core.images import DEFAULT_MAX_IMAGE_BYTES, ImageLimits
+from imgemb_assets.core.images import DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_IMAGE_BYTES, ImageLimits
 from imgemb_assets.core.lake import Lake
 from imgemb_assets.core.model_config import EmbeddingSettings
 from imgemb_assets.core.s3 import S3Settings
@@ -72,7 +72,8 @@ class StorageResource(ConfigurableResource):
 
     def lake(self) -> Lake:
         if self.lake_uri.startswith("s3://"):
-            return Lake(self.lake_uri, storage_options=self.s3.settings().delta_storage_options())
+            # Resolved at each Delta operation: a role's credentials may expire during a long step.
+            return Lake(self.lake_uri, storage_options=self.s3.settings().delta_storage_options_provider())
         return Lake(self.lake_uri)
 
 
@@ -117,9 +118,16 @@ class ImageLimitsResource(ConfigurableResource):
         default=None,
         description="Larger images are rejected before decoding; default: Pillow's decompression-bomb limit.",
     )
+    max_decode_bytes: int = Field(
+        default=DEFAULT_MAX_DECODE_BYTES,
+        description="Memory the images decoded at once may take, estimated from their headers (an image estimated "
+        "above it decodes alone).",
+    )
 
     def limits(self) -> ImageLimits:
-        return ImageLimits(max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels)
+        return ImageLimits(
+            max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels, max_decode_bytes=self.max_decode_bytes
+        )
 
 
 class QualityThresholds(ConfigurableResource):

@@ -13,7 +13,7 @@ sales materialization) recorded. Starting the daemon on an up-to-date instance
 therefore reports nothing and launches nothing.
 """
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from dagster import (
     AssetKey,
@@ -79,6 +79,7 @@ def build_raw_prefix_sensor(
         cursor = DiscoveryCursor.from_json(context.cursor)
         plan = plan_discovery(storage.raw_images(), cursor, recent=recent_prefixes, max_new=max_new_prefixes)
         _report_root_objects(context, plan.root_objects)
+        _report_unusable_prefixes(context, plan.refused_prefixes, plan.listing_errors)
         changed = {
             prefix: fingerprint
             for prefix, fingerprint in plan.changed.items()
@@ -128,3 +129,12 @@ def _report_root_objects(context: SensorEvaluationContext, names: Sequence[str])
         context.log.warning(
             f"{len(names)} objects lie directly under the raw-images root and belong to no partition: {shown}"
         )
+
+
+def _report_unusable_prefixes(
+    context: SensorEvaluationContext, refused: Mapping[str, str], listing_errors: Mapping[str, str]
+) -> None:
+    for name, reason in sorted(refused.items()):
+        context.log.warning(f"prefix {name!r} is not registered and its objects are in no partition: {reason}")
+    for prefix, error in sorted(listing_errors.items()):
+        context.log.warning(f"prefix {prefix!r} could not be listed this tick (tried again next tick): {error}")

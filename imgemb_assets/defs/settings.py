@@ -10,6 +10,8 @@
     IMGEMB_SENSOR_INTERVAL_S        minimum interval of the discovery and sales sensors (default 30)
     IMGEMB_SENSOR_RECENT_PREFIXES   known prefixes re-listed on each discovery tick (default 3)
     IMGEMB_SENSOR_MAX_NEW_PREFIXES  new prefixes taken per discovery tick (default 100)
+    IMGEMB_RECONCILIATION_INTERVAL_S          minimum interval of the rolling reconciliation (default 600)
+    IMGEMB_RECONCILIATION_PREFIXES_PER_TICK   registered prefixes it re-lists per tick (default 500)
 """
 
 from __future__ import annotations
@@ -46,6 +48,11 @@ class LocationSettings:
     # A first tick over a bucket with many prefixes must finish within Dagster's
     # sensor time limit (60 s by default); the rest are taken on later ticks.
     sensor_max_new_prefixes: int = 100
+    # A full pass over P prefixes takes ceil(P / per_tick) ticks: with the
+    # defaults, 10,000 prefixes are all re-listed every 200 minutes, each tick
+    # well within the sensor time limit.
+    reconciliation_interval_s: int = 600
+    reconciliation_prefixes_per_tick: int = 500
 
     def __post_init__(self) -> None:
         if self.executor not in EXECUTORS:
@@ -58,6 +65,10 @@ class LocationSettings:
             raise SettingsError(
                 "IMGEMB_SENSOR_INTERVAL_S and IMGEMB_SENSOR_MAX_NEW_PREFIXES must be >= 1, "
                 "IMGEMB_SENSOR_RECENT_PREFIXES >= 0"
+            )
+        if self.reconciliation_interval_s < 1 or self.reconciliation_prefixes_per_tick < 1:
+            raise SettingsError(
+                "IMGEMB_RECONCILIATION_INTERVAL_S and IMGEMB_RECONCILIATION_PREFIXES_PER_TICK must be >= 1"
             )
 
     @classmethod
@@ -73,6 +84,12 @@ class LocationSettings:
             sensor_interval_s=_int(environ, "IMGEMB_SENSOR_INTERVAL_S", defaults.sensor_interval_s),
             sensor_recent_prefixes=_int(environ, "IMGEMB_SENSOR_RECENT_PREFIXES", defaults.sensor_recent_prefixes),
             sensor_max_new_prefixes=_int(environ, "IMGEMB_SENSOR_MAX_NEW_PREFIXES", defaults.sensor_max_new_prefixes),
+            reconciliation_interval_s=_int(
+                environ, "IMGEMB_RECONCILIATION_INTERVAL_S", defaults.reconciliation_interval_s
+            ),
+            reconciliation_prefixes_per_tick=_int(
+                environ, "IMGEMB_RECONCILIATION_PREFIXES_PER_TICK", defaults.reconciliation_prefixes_per_tick
+            ),
         )
 
 

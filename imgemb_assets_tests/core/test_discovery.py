@@ -1,11 +1,14 @@
-"""Prefix fingerprints and the discovery plan: new prefixes, changed ones, recent-only re-listing, full reconciliation."""
+"""Prefix fingerprints and the discovery plan: new prefixes, changed ones, recent-only re-listing, full reconciliation,
+and names or listings that fail without stopping the other prefixes."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from imgemb_assets.core.discovery import DiscoveryCursor, listing_fingerprint, plan_discovery, prefixes_to_fingerprint
-from imgemb_assets.core.storage import open_object_store
+from imgemb_assets.core.storage import LocalObjectStore, ObjectInfo, StorageError, open_object_store
 
 
 def _tree(root: Path, files: dict[str, bytes]) -> None:
@@ -90,3 +93,38 @@ def test_new_prefixes_are_taken_a_bounded_number_per_tick(tmp_path: Path) -> Non
 def test_prefixes_to_fingerprint() -> None:
     assert prefixes_to_fingerprint(["a", "b", "c", "d"], {"a": "1", "b": "1", "c": "1"}, recent=1) == ["c", "d"]
     assert prefixes_to_fingerprint(["a", "b"], {"a": "1", "b": "1"}, recent=0) == []
+
+
+def test_a_name_that_is_not_utf8_stops_no_tick(tmp_path: Path) -> None:
+    _tree(tmp_path, {"a/ok.jpg": b"a", "b/ok.jpg": b"b"})
+    (tmp_path / "a" / os.fsdecode(b"caf\xe9.jpg")).write_bytes(b"latin1 file name")
+    (tmp_path / os.fsdecode(b"r\xe9sum\xe9")).mkdir()
+    (tmp_path / os.fsdecode(b"r\xe9sum\xe9") / "c.jpg").write_bytes(b"c")
+    plan = plan_discovery(open_object_store(str(tmp_path)), DiscoveryCursor(), recent=3)
+    assert plan.new_prefixes == ["a", "b"]
+    assert plan.refused_prefixes == {"r\\xe9sum\\xe9": "name is not valid UTF-8 (its bytes are shown as \\xNN): rename it in UTF-8"}
+    assert DiscoveryCursor.from_json(plan.cursor.to_json()) == plan.cursor
+
+
+def test_a_key_an_older_version_registered_is_dropped_not_listed(tmp_path: Path) -> None:
+    # '' (from '<root>//') stood for the whole root: listing it would fingerprint everything.
+    _tree(tmp_path, {"a/ok.jpg": b"a"})
+    plan = plan_discovery(open_object_store(str(tmp_path)), DiscoveryCursor({"": "0" * 32}), recent=3, full=True)
+    assert plan.prefixes_listed == 1 and list(plan.changed) == ["a"]
+    assert plan.cursor.fingerprints.keys() == {"a"}
+
+
+class _OnePrefixFails(LocalObjectStore):
+    def list_objects(self, prefix: str) -> Iterator[ObjectInfo]:
+        if prefix == "b":
+            raise StorageError("b cannot be listed right now")
+        return super().list_objects(prefix)
+
+
+def test_a_prefix_whose_listing_fails_is_reported_and_the_others_go_on(tmp_path: Path) -> None:
+    _tree(tmp_path, {"a/1.jpg": b"a", "b/2.jpg": b"b", "c/3.jpg": b"c"})
+    plan = plan_discovery(_OnePrefixFails(tmp_path), DiscoveryCursor(), recent=3)
+    assert plan.new_prefixes == ["a", "c"] and sorted(plan.changed) == ["a", "c"]
+    assert plan.listing_errors == {"b": "StorageError: b cannot be listed right now"}
+    # not in the cursor: the next tick takes it as new again
+    assert plan_discovery(open_object_store(str(tmp_path)), plan.cursor, recent=3).new_prefixes == ["b"]

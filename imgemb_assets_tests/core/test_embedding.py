@@ -70,7 +70,7 @@ def test_classifier_is_removed_and_model_is_in_eval_mode(random_model: Embedding
 
 def test_random_weights_are_seeded_and_labelled(random_model: EmbeddingModel) -> None:
     assert random_model.is_random
-    assert random_model.model_id == "torchvision/resnet50/random-seed7"
+    assert random_model.model_id == "torchvision/resnet50/random-seed7/fp32"
     assert "RANDOM" in random_model.weights_description
     again = load_model(EmbeddingSettings(weights="random:7", device="cpu"))
     other = load_model(EmbeddingSettings(weights="random:8", device="cpu"))
@@ -94,6 +94,7 @@ def test_state_dict_file_weights(tmp_path: Path, random_model: EmbeddingModel, t
     torch.save(full.state_dict(), path)
     loaded = load_model(EmbeddingSettings(weights=str(path), device="cpu"))
     assert loaded.model_id.startswith("torchvision/resnet50/state-dict-sha256-")
+    assert loaded.model_id.endswith("/fp32")
     assert not loaded.is_random
     np.testing.assert_array_equal(
         embed_thumbnails(loaded, thumbnails), embed_thumbnails(random_model, thumbnails)
@@ -127,7 +128,7 @@ def test_pretrained_weights_load_through_torchvisions_own_cache(
     torch.save(full.state_dict(), checkpoints / ResNet50_Weights.DEFAULT.url.rsplit("/", 1)[-1])
     assert pretrained_weights_cached("DEFAULT")
     loaded = load_model(EmbeddingSettings(weights="DEFAULT", device="cpu"))
-    assert loaded.model_id == f"torchvision/resnet50/{ResNet50_Weights.DEFAULT.name}"
+    assert loaded.model_id == f"torchvision/resnet50/{ResNet50_Weights.DEFAULT.name}/fp32"
     assert not loaded.is_random
     assert torch.equal(loaded.module.conv1.weight, random_model.module.conv1.weight)
 
@@ -156,7 +157,7 @@ def test_invalid_settings_are_clear_errors(settings: dict, message: str) -> None
 def test_other_backbones_take_their_width_from_the_model(model: str, width: int, thumbnails: list[bytes]) -> None:
     loaded = load_model(EmbeddingSettings(weights="random", device="cpu", model=model, batch_size=2))
     assert loaded.width == width
-    assert loaded.model_id == f"torchvision/{model}/random-seed0"
+    assert loaded.model_id == f"torchvision/{model}/random-seed0/fp32"
     ours = embed_thumbnails(loaded, thumbnails[:3])
     assert ours.shape == (3, width)
     _assert_close_relative(ours, _article_embeddings(loaded.module, thumbnails[:3]), 1e-5)

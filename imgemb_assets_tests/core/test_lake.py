@@ -1,4 +1,5 @@
-"""Delta writes: replacing one partition leaves the others untouched, and a key cannot widen the predicate."""
+"""Delta writes: replacing one partition leaves the others untouched, a key cannot widen the predicate, any prefix S3
+accepts is a partition, and tables created partitioned by `prefix` keep working until migrated."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ import sys
 import time
 from pathlib import Path
 
+import polars as pl
 import pyarrow as pa
 import pytest
-from deltalake import DeltaTable
+from deltalake import DeltaTable, write_deltalake
 
-from imgemb_assets.core.lake import Lake, LakeError, partition_predicate
-from imgemb_assets.core.tables import REJECTED_IMAGES, REJECTED_IMAGES_SCHEMA
+from imgemb_assets.core.lake import InputChangedError, Lake, LakeError, partition_predicate, partition_value
+from imgemb_assets.core.tables import PARTITION_STORAGE_COLUMN, REJECTED_IMAGES, REJECTED_IMAGES_SCHEMA
 
 
 def _rows(prefix: str, ids: list[str]) -> pa.Table:
@@ -184,3 +186,83 @@ def test_a_writer_killed_mid_stream_leaves_the_previous_version(tmp_path: Path) 
     assert DeltaTable(lake.table_uri(REJECTED_IMAGES)).version() == version
     assert _ids_by_prefix(lake) == {"a": ["1", "2"], "b": ["3"]}
     assert lake.read(REJECTED_IMAGES).column("reason").unique().to_pylist() == ["r"]
+
+
+LONG_CYRILLIC = "ж" * 51  # 102 bytes of UTF-8, 306 once percent-encoded: too long for a folder name
+
+
+@pytest.mark.parametrize("prefix", [LONG_CYRILLIC, "é" * 500, "x" * 1000, " lead", "trail ", 'say "hi"', "a\x01b"])
+def test_any_prefix_s3_accepts_is_a_partition(tmp_path: Path, prefix: str) -> None:
+    lake = Lake(str(tmp_path))
+    lake.write_partition(REJECTED_IMAGES, _rows("keep", ["1"]), "keep")
+    lake.write_partition(REJECTED_IMAGES, _rows(prefix, ["2"]), prefix)
+    lake.write_partition(REJECTED_IMAGES, _rows(prefix, ["3", "4"]), prefix)
+    assert _ids_by_prefix(lake) == {"keep": ["1"], prefix: ["3", "4"]}
+    assert lake.read(REJECTED_IMAGES, prefix).schema == REJECTED_IMAGES_SCHEMA  # the physical column stays inside Lake
+    assert lake.partition_keys(REJECTED_IMAGES) == sorted(["keep", prefix])
+
+
+def test_partition_values_are_short_stable_and_distinct() -> None:
+    assert partition_value("2026-11-01") == "2026-11-01"  # readable folders for the usual prefixes
+    assert partition_value("café ☕").startswith("cafe_~")
+    prefixes = ["a b", "a_b", "a~b", "A b", LONG_CYRILLIC, LONG_CYRILLIC + "ж", "x" * 64, "x" * 65, "", "'"]
+    values = [partition_value(prefix) for prefix in prefixes]
+    assert len(set(values)) == len(values)
+    assert all(len(value) <= 64 and value.isascii() and "'" not in value for value in values)
+    assert values == [partition_value(prefix) for prefix in prefixes]
+
+
+def test_a_table_created_partitioned_by_prefix_keeps_its_layout_until_migrated(tmp_path: Path) -> None:
+    lake = Lake(str(tmp_path))
+    write_deltalake(lake.table_uri(REJECTED_IMAGES), _rows("a", ["1"]), partition_by=["prefix"])  # as before
+    lake.write_partition(REJECTED_IMAGES, _rows("b", ["2"]), "b")
+    lake.write_partition(REJECTED_IMAGES, _rows("a", ["3"]), "a")
+    assert DeltaTable(lake.table_uri(REJECTED_IMAGES)).metadata().partition_columns == ["prefix"]
+    assert _ids_by_prefix(lake) == {"a": ["3"], "b": ["2"]}
+    assert lake.partition_keys(REJECTED_IMAGES) == ["a", "b"]
+    with pytest.raises(LakeError, match=r"too long for a folder name there .*\.migrate_partitioning\('rejected_images'\)"):
+        lake.write_partition(REJECTED_IMAGES, _rows(LONG_CYRILLIC, ["4"]), LONG_CYRILLIC)
+    assert lake.migrate_partitioning(REJECTED_IMAGES) is True
+    assert lake.migrate_partitioning(REJECTED_IMAGES) is False
+    assert DeltaTable(lake.table_uri(REJECTED_IMAGES)).metadata().partition_columns == [PARTITION_STORAGE_COLUMN]
+    lake.write_partition(REJECTED_IMAGES, _rows(LONG_CYRILLIC, ["4"]), LONG_CYRILLIC)
+    assert _ids_by_prefix(lake) == {"a": ["3"], "b": ["2"], LONG_CYRILLIC: ["4"]}
+
+
+def test_an_empty_prefix_is_no_partition(tmp_path: Path) -> None:
+    with pytest.raises(LakeError, match="empty prefix"):
+        Lake(str(tmp_path)).write_partition(REJECTED_IMAGES, _rows("", ["1"]), "")
+
+
+def test_polars_reads_any_partition_by_its_prefix(tmp_path: Path) -> None:
+    lake = Lake(str(tmp_path))
+    for prefix in ("2026-11-01", LONG_CYRILLIC):
+        lake.write_partition(REJECTED_IMAGES, _rows(prefix, [prefix[:3]]), prefix)
+    frame = pl.scan_delta(lake.table_uri(REJECTED_IMAGES)).filter(pl.col("prefix") == LONG_CYRILLIC).collect()
+    assert frame["image_id"].to_list() == ["жжж"]
+
+
+def test_a_write_whose_input_partition_was_rewritten_meanwhile_commits_nothing(tmp_path: Path) -> None:
+    """Two runs computing the same partition from different versions of its input: the one that read the
+    older input never commits over the newer result, whichever finishes last."""
+    lake = Lake(str(tmp_path / "lake"))
+    def source(value: int, prefix: str = "p") -> pa.Table:
+        return pa.table({"prefix": [prefix, prefix], "v": [value, value + 1]})
+
+    lake.write_partition("source", source(1), "p")
+    lake.write_partition("source", source(10, "q"), "q")
+    unchanged = lake.unchanged_since("source", "p")
+    lake.write_partition("derived", source(100), "p", precondition=unchanged)  # input as read: committed
+    lake.write_partition("source", source(5, "q"), "q")  # another partition: not this write's input
+    lake.write_partition("derived", source(200), "p", precondition=unchanged)
+    assert lake.read("derived", "p")["v"].to_pylist() == [200, 201]
+
+    lake.write_partition("source", source(2), "p")  # the input is rewritten after it was read
+    with pytest.raises(InputChangedError, match="rewritten while it was being read"):
+        lake.write_partition("derived", source(300), "p", precondition=unchanged)
+    with pytest.raises(InputChangedError):
+        lake.write_partition_stream(
+            "derived", iter(source(300).to_batches()), source(300).schema, "p", precondition=unchanged
+        )
+    assert lake.read("derived", "p")["v"].to_pylist() == [200, 201]
+    assert lake.partition_files("missing", "p") == frozenset()

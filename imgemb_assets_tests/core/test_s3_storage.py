@@ -1,17 +1,28 @@
-"""Objects and Delta tables on a real S3 API (the moto server subprocess): pagination, prefixes, odd keys, one config for every client."""
+"""Objects and Delta tables on a real S3 API (the moto server subprocess): pagination, prefixes, odd keys, one config
+for every client, and objects S3 will not hand over (archived, denied), which are rejected one by one."""
 
 from __future__ import annotations
 
+import io
+import json
 import multiprocessing
+import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pyarrow as pa
 import pytest
+from botocore.exceptions import ClientError
 from deltalake import DeltaTable
+from PIL import Image
 
+from imgemb_assets.core.discovery import DiscoveryCursor, plan_discovery
 from imgemb_assets.core.lake import Lake
+from imgemb_assets.core.pipeline import build_manifest, downscale_partition
 from imgemb_assets.core.s3 import S3ConfigError, S3Settings, split_s3_uri
-from imgemb_assets.core.storage import ObjectMissing, S3ObjectStore, StorageError, open_object_store
+from imgemb_assets.core.storage import ObjectMissing, ObjectRefused, S3ObjectStore, StorageError, open_object_store
 from imgemb_assets.core.tables import REJECTED_IMAGES_SCHEMA
 from imgemb_assets_tests.fault_proxy import running_fault_proxy
 from imgemb_assets_tests.moto_server import MOTO_CREDENTIALS
@@ -183,3 +194,111 @@ def test_an_object_deleted_after_listing_is_reported_as_missing(bucket: str) -> 
     client.delete_object(Bucket=bucket, Key="p/gone.jpg")
     with pytest.raises(ObjectMissing, match="no longer exists"):
         store.read_bytes(listed.uri)
+
+
+def _jpeg() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 30), (1, 2, 3)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def test_archived_and_denied_objects_are_rejected_with_their_reason_and_the_others_kept(bucket: str) -> None:
+    client = S3Settings().client()
+    client.put_object(Bucket=bucket, Key="raw/p/ok.jpg", Body=_jpeg())
+    client.put_object(Bucket=bucket, Key="raw/p/cold.jpg", Body=_jpeg(), StorageClass="GLACIER")
+    client.put_object(Bucket=bucket, Key="raw/p/denied.jpg", Body=_jpeg())
+    deny = {"Effect": "Deny", "Principal": "*", "Action": "s3:GetObject", "Resource": f"arn:aws:s3:::{bucket}/raw/p/denied.jpg"}
+    client.put_bucket_policy(Bucket=bucket, Policy=json.dumps({"Version": "2012-10-17", "Statement": [deny]}))
+    store = open_object_store(f"s3://{bucket}/raw")
+    result = downscale_partition(store, build_manifest(store.list_objects("p"), "p"))
+    assert result.images.column("image_id").to_pylist() == ["ok"]
+    reasons = {row["image_id"]: row["reason"] for row in result.rejected.to_pylist()}
+    assert reasons == {
+        "cold": "archived (S3 Glacier / Deep Archive / archive tier): restore it, then materialize the partition again "
+        "(S3 InvalidObjectState)",
+        # moto answers a policy's denial with a bare 403
+        "denied": "access denied: grant read access to it, then materialize the partition again (HTTP 403)",
+    }
+
+
+@contextmanager
+def _s3_answering(code: str) -> Iterator[str]:
+    """An HTTP endpoint that answers every GET with S3's error document for `code` (HTTP 403), as AWS does."""
+    body = (
+        f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>refused</Message>'
+        "<RequestId>R</RequestId><HostId>H</HostId></Error>"
+    ).encode()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(403)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_access_denied_is_a_rejection_but_a_bad_identity_stays_a_failure(s3_env: dict[str, str]) -> None:
+    with _s3_answering("AccessDenied") as endpoint:
+        store = open_object_store("s3://bucket/raw", S3Settings(endpoint_url=endpoint, max_attempts=1))
+        with pytest.raises(ObjectRefused, match=r"access denied: .* \(S3 AccessDenied\)"):
+            store.read_bytes("s3://bucket/raw/p/x.jpg")
+    # a wrong key or a skewed clock fails every object alike: the step fails, nothing is rejected
+    with _s3_answering("InvalidAccessKeyId") as endpoint:
+        store = open_object_store("s3://bucket/raw", S3Settings(endpoint_url=endpoint, max_attempts=1))
+        with pytest.raises(ClientError, match="InvalidAccessKeyId"):
+            store.read_bytes("s3://bucket/raw/p/x.jpg")
+
+
+def test_objects_under_an_empty_first_segment_are_no_partition(bucket: str) -> None:
+    client = S3Settings().client()
+    for key in ["raw/p/a.jpg", "raw//x.jpg", "raw//deep/y.jpg", "raw/stray.jpg"]:
+        client.put_object(Bucket=bucket, Key=key, Body=b"x")
+    store = open_object_store(f"s3://{bucket}/raw")
+    plan = plan_discovery(store, DiscoveryCursor(), recent=3, full=True)
+    assert plan.new_prefixes == ["p"] and list(plan.changed) == ["p"]
+    assert list(plan.refused_prefixes) == [""] and "empty first path segment" in plan.refused_prefixes[""]
+    assert plan.root_objects == ["stray.jpg"]
+
+
+def test_a_key_is_read_exactly_as_listed(bucket: str) -> None:
+    # '/x.jpg' and 'x.jpg' are two objects; the URI of the first must not be read as the second.
+    client = S3Settings().client()
+    client.put_object(Bucket=bucket, Key="x.jpg", Body=b"plain")
+    client.put_object(Bucket=bucket, Key="/x.jpg", Body=b"leading slash")
+    store = open_object_store(f"s3://{bucket}")
+    read = {obj.key: store.read_bytes(obj.uri) for obj in store.list_objects("")}
+    assert read == {"/x.jpg": b"leading slash", "x.jpg": b"plain"}
+
+
+def test_a_key_with_a_dot_segment_is_refused_without_a_request() -> None:
+    # urllib3 collapses '/./' and '/../' in the request path: 'raw/../secret' would read 'secret'.
+    store = S3ObjectStore(client=None, bucket="b", root_key="raw")
+    for uri in ("s3://b/raw/p/../secret.jpg", "s3://b/raw/p/./a.jpg", "s3://b/raw/../x.jpg"):
+        assert "'.' or '..' path segment" in (store.refusal(uri) or "")
+        with pytest.raises(ObjectRefused, match="path segment"):
+            store.read_bytes(uri)
+    assert store.refusal("s3://b/raw/p/a..b/.hidden.jpg") is None
+
+
+def test_delta_partitions_of_long_non_ascii_prefixes_on_s3(bucket: str) -> None:
+    lake = Lake(f"s3://{bucket}/delta", storage_options=S3Settings().delta_storage_options())
+    prefixes = ["ж" * 51, "é" * 400, " lead", "2026-11-01"]
+    for number, prefix in enumerate(prefixes):
+        lake.write_partition("t", _rows(prefix, [str(number)]), prefix)
+    assert lake.partition_keys("t") == sorted(prefixes)
+    assert {prefix: lake.read("t", prefix).column("image_id").to_pylist() for prefix in prefixes} == {
+        prefix: [str(number)] for number, prefix in enumerate(prefixes)
+    }

@@ -33,6 +33,22 @@ def _sales_as_text(table: pa.Table) -> pa.Table:
     return table.set_column(index, "sales", table.column("sales").cast(pa.string()))
 
 
+def _price_as_text(table: pa.Table) -> pa.Table:
+    # issue 11 item 3: accepted before, then cast back (or failed, retried) in the joined tables.
+    index = table.schema.get_field_index("price")
+    return table.set_column(index, "price", table.column("price").cast(pa.string()))
+
+
+def _prefix_column(table: pa.Table) -> pa.Table:
+    # issue 11 item 4: passed, then every join failed with "Duplicate field name (case-insensitive)".
+    return table.append_column("Prefix", pa.array(["x"] * table.num_rows))
+
+
+def _opening_time(table: pa.Table) -> pa.Table:
+    # issue 11 item 4: passed, then the Delta write failed.
+    return table.append_column("opens", pa.array([0] * table.num_rows, pa.time64("us")))
+
+
 @pytest.mark.parametrize(
     ("break_export", "message"),
     [
@@ -40,8 +56,11 @@ def _sales_as_text(table: pa.Table) -> pa.Table:
         (_numeric_image_ids, "column 'image_id' must be a string, found int64"),
         (_sales_as_text, "column 'sales' must be numeric, found string"),
         (None, "not a readable parquet file"),
+        (_price_as_text, "column 'price' is string, but the sales table already holds it as double"),
+        (_prefix_column, "columns ['Prefix'] clash with image columns"),
+        (_opening_time, "column 'opens' has type time64[us], which Delta cannot store"),
     ],
-    ids=["missing_column", "mistyped_image_id", "mistyped_sales", "unreadable"],
+    ids=["missing_column", "mistyped_image_id", "mistyped_sales", "unreadable", "type_drift", "reserved_name_case", "time_of_day"],
 )
 def test_bad_export_fails_once_and_keeps_the_previous_version(
     own_sales_instance: DagsterInstance, own_sales_dataset: SampleDataset, tmp_path: Path, break_export, message: str

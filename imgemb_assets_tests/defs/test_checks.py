@@ -133,12 +133,13 @@ def test_after_duplicate_sales_ids_no_partition_is_joined_or_rejoined(
 ) -> None:
     first = own_sales_dataset.prefixes[0]
     defs.resolve_job_def(SALES_JOB_NAME).execute_in_process(instance=own_sales_instance)
-    defs.resolve_job_def(PREFIX_JOB_NAME).execute_in_process(instance=own_sales_instance, partition_key=first)
+    for prefix in own_sales_dataset.prefixes:
+        defs.resolve_job_def(PREFIX_JOB_NAME).execute_in_process(instance=own_sales_instance, partition_key=prefix)
     _, cursor = _requested_joins(own_sales_instance, None)
     # A clean sales refresh re-joins every joined prefix (automation, no vector recomputed).
     defs.resolve_job_def(SALES_JOB_NAME).execute_in_process(instance=own_sales_instance)
     rejoined, cursor = _requested_joins(own_sales_instance, cursor)
-    assert rejoined == [first]
+    assert rejoined == own_sales_dataset.prefixes
     joined_before = Lake(os.environ["IMGEMB_LAKE_URI"]).read(tables.IMAGES_WITH_SALES, first)
 
     path = Path(own_sales_dataset.sales_uri) / "sales.parquet"

@@ -85,11 +85,11 @@ def test_embedding_rows_carry_sales_columns_vectors_and_model_id(
         "image_id", "prefix", "etag", "sales", "category", "price", "embedding", "model_id",
     ]
     assert {len(vector) for vector in embeddings.column("embedding").to_pylist()} == {2048}
-    assert set(embeddings.column("model_id").to_pylist()) == {"torchvision/resnet50/random-seed0"}
+    assert set(embeddings.column("model_id").to_pylist()) == {"torchvision/resnet50/random-seed0/fp32"}
     manifest_etags = {r["image_id"]: r["etag"] for r in lake.read(tables.RAW_IMAGE_MANIFEST, prefix).to_pylist()}
     assert all(manifest_etags[r["image_id"]] == r["etag"] for r in embeddings.select(["image_id", "etag"]).to_pylist())
     (metadata,) = _metadata(results, tables.IMAGE_EMBEDDINGS)
-    assert metadata["model_id"] == "torchvision/resnet50/random-seed0"
+    assert metadata["model_id"] == "torchvision/resnet50/random-seed0/fp32"
     assert "RANDOM" in metadata["weights"]
     assert metadata["embedding_width"] == 2048
 

@@ -107,4 +107,4 @@ def test_changing_the_weights_recomputes_every_vector(
     metadata = _embed(instance, prefix)
     assert metadata["images_embedded"] == copy.expected_joined(prefix)
     assert metadata["images_reused"] == 0
-    assert set(_embeddings(tmp_path, prefix).column("model_id").to_pylist()) == {"torchvision/resnet50/random-seed1"}
+    assert set(_embeddings(tmp_path, prefix).column("model_id").to_pylist()) == {"torchvision/resnet50/random-seed1/fp32"}

@@ -1,4 +1,4 @@
-"""Sensors and the reconciliation schedule, evaluated against a real instance and a local root, cursor fed back.
+"""Sensors (discovery, sales, the rolling reconciliation), evaluated against a real instance and a local root, cursor fed back.
 
 The sensors launch no run: they register prefixes and report the external assets changed."""
 
@@ -13,7 +13,6 @@ from dagster import (
     DagsterInstance,
     SensorResult,
     SkipReason,
-    build_schedule_context,
     build_sensor_context,
     instance_for_test,
 )
@@ -24,7 +23,7 @@ from imgemb_assets.defs.assets import LISTING_FINGERPRINT_KEY, RAW_IMAGES, SALES
 from imgemb_assets.defs.jobs import PREFIX_JOB_NAME, SALES_JOB_NAME
 from imgemb_assets.defs.partitions import S3_PREFIX_PARTITIONS_NAME
 from imgemb_assets.defs.resources import ImgembS3Resource, StorageResource
-from imgemb_assets.defs.schedules import full_reconciliation_schedule
+from imgemb_assets.defs.reconciliation import build_reconciliation_sensor, next_window
 from imgemb_assets.defs.sensors import build_raw_prefix_sensor, build_sales_change_sensor
 from imgemb_assets.defs.settings import LocationSettings
 from imgemb_assets_tests.conftest import code_location_env
@@ -142,18 +141,45 @@ def test_sales_sensor_reports_the_export_only_when_the_files_change(
     assert isinstance(tick(first.cursor), SensorResult)
 
 
-def test_reconciliation_requests_partitions_whose_listing_differs_from_their_last_manifest(
-    instance: DagsterInstance, storage: StorageResource, raw_root: Path, small_dataset: SampleDataset, monkeypatch: pytest.MonkeyPatch
+def _reconcile(instance: DagsterInstance, storage: StorageResource, cursor: str | None, per_tick: int) -> SensorResult:
+    sensor_def = build_reconciliation_sensor(minimum_interval_seconds=1, prefixes_per_tick=per_tick)
+    with build_sensor_context(instance=instance, cursor=cursor, resources={"storage": storage}) as context:
+        result = sensor_def(context)
+    assert isinstance(result, SensorResult)
+    for event in result.asset_events:  # what the daemon stores after the tick
+        instance.report_runless_asset_event(event)
+    return result
+
+
+def test_reconciliation_reports_each_registered_prefix_whose_listing_differs_from_the_last_report(
+    instance: DagsterInstance, storage: StorageResource, raw_root: Path, small_dataset: SampleDataset
 ) -> None:
-    _materialize_sales(storage, instance, monkeypatch, small_dataset)
     instance.add_dynamic_partitions(S3_PREFIX_PARTITIONS_NAME, small_dataset.prefixes)
-    done, never_run = small_dataset.prefixes
-    assert defs.resolve_job_def(PREFIX_JOB_NAME).execute_in_process(instance=instance, partition_key=done).success
+    first, second = small_dataset.prefixes
+    # A bounded share per tick, in name order, wrapping around.
+    tick = _reconcile(instance, storage, None, per_tick=1)
+    assert (_reported(tick), tick.cursor) == ([first], first)
+    tick = _reconcile(instance, storage, tick.cursor, per_tick=1)
+    assert (_reported(tick), tick.cursor) == ([second], second)
+    assert _reported(_reconcile(instance, storage, tick.cursor, per_tick=2)) == []
 
-    def requested() -> list[str]:
-        with build_schedule_context(instance=instance, resources={"storage": storage}) as context:
-            return sorted(r.partition_key for r in full_reconciliation_schedule(context))
+    # Upload then delete (A -> A+x -> A): both changes are reported, the revert included.
+    added = raw_root / first / "added.jpg"
+    added.write_bytes(b"any new object changes the listing")
+    assert _reported(_reconcile(instance, storage, None, per_tick=2)) == [first]
+    added.unlink()
+    assert _reported(_reconcile(instance, storage, None, per_tick=2)) == [first]
+    assert _reported(_reconcile(instance, storage, None, per_tick=2)) == []
 
-    assert requested() == [never_run]
-    (raw_root / done / "added.jpg").write_bytes(b"any new object changes the listing")
-    assert requested() == [done, never_run]
+    # A prefix deleted from the root is reported once, so its partitions empty out.
+    shutil.rmtree(raw_root / second)
+    assert _reported(_reconcile(instance, storage, None, per_tick=2)) == [second]
+
+
+def test_the_reconciliation_window_wraps_around_the_registered_prefixes() -> None:
+    prefixes = ["a", "b", "c", "d"]
+    assert next_window(prefixes, None, 3) == ["a", "b", "c"]
+    assert next_window(prefixes, "c", 3) == ["d", "a", "b"]
+    assert next_window(prefixes, "zz", 2) == ["a", "b"]  # the cursor's prefix was deregistered
+    assert next_window(prefixes, "bb", 10) == ["c", "d", "a", "b"]
+    assert next_window([], None, 3) == []

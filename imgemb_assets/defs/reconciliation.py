@@ -1,0 +1,85 @@
+"""The rolling reconciliation: every registered prefix, a bounded share per tick, against what was last reported.
+
+The discovery sensor re-lists only new and recent prefixes. This sensor walks
+all registered prefixes in name order, `prefixes_per_tick` at a time, wrapping
+around, so a change the discovery sensor cannot see (an old prefix edited, a
+prefix emptied or deleted) is found within one pass. It launches no run: like
+the discovery sensor, it reports a new `raw_images` materialization for each
+prefix whose listing differs from the last one reported, and automation
+materializes it. A listing that returns to an earlier state (an upload then
+deleted, a rollback) differs from the last report, so it is followed like any
+other change; nothing is keyed on a fingerprint seen before.
+"""
+
+from collections.abc import Sequence
+from typing import Final
+
+from dagster import (
+    AssetMaterialization,
+    DefaultSensorStatus,
+    SensorDefinition,
+    SensorEvaluationContext,
+    SensorResult,
+    SkipReason,
+    sensor,
+)
+
+from imgemb_assets.core.discovery import LISTING_ERRORS, listing_fingerprint
+from imgemb_assets.core.storage import partition_key_problem
+from imgemb_assets.defs.assets import LISTING_FINGERPRINT_KEY, RAW_IMAGES
+from imgemb_assets.defs.partitions import S3_PREFIX_PARTITIONS_NAME
+from imgemb_assets.defs.resources import StorageResource
+from imgemb_assets.defs.sensors import recorded_fingerprint
+
+RECONCILIATION_SENSOR_NAME: Final = "full_reconciliation_sensor"
+
+
+def next_window(registered: Sequence[str], after: str | None, size: int) -> list[str]:
+    """The `size` registered prefixes that follow `after` in name order, wrapping around to the start."""
+    ordered = sorted(registered)
+    start = 0 if after is None else next((i for i, prefix in enumerate(ordered) if prefix > after), 0)
+    return (ordered[start:] + ordered[:start])[: min(size, len(ordered))]
+
+
+def build_reconciliation_sensor(minimum_interval_seconds: int, prefixes_per_tick: int) -> SensorDefinition:
+    @sensor(
+        name=RECONCILIATION_SENSOR_NAME,
+        minimum_interval_seconds=minimum_interval_seconds,
+        default_status=DefaultSensorStatus.RUNNING,
+        description=(
+            f"Re-lists {prefixes_per_tick} registered prefixes per tick, in turn, and reports raw_images changed "
+            "for each whose listing differs from the last one reported (changed, emptied or deleted); "
+            "automation materializes them."
+        ),
+    )
+    def full_reconciliation_sensor(
+        context: SensorEvaluationContext, storage: StorageResource
+    ) -> SensorResult | SkipReason:
+        # A key an earlier version registered ('' from '<root>//') is never listed: it would list the whole root.
+        registered = [
+            prefix
+            for prefix in context.instance.get_dynamic_partitions(S3_PREFIX_PARTITIONS_NAME)
+            if partition_key_problem(prefix) is None
+        ]
+        window = next_window(registered, context.cursor or None, prefixes_per_tick)
+        if not window:
+            return SkipReason("no registered prefixes")
+        store = storage.raw_images()
+        changed = {}
+        for prefix in window:
+            try:
+                fingerprint = listing_fingerprint(store.list_objects(prefix))
+            except LISTING_ERRORS as exc:  # one prefix that cannot be listed does not stop the others
+                context.log.warning(f"prefix {prefix!r} could not be listed (tried again next pass): {exc}")
+                continue
+            if fingerprint != recorded_fingerprint(context.instance, RAW_IMAGES, LISTING_FINGERPRINT_KEY, prefix):
+                changed[prefix] = fingerprint
+        return SensorResult(
+            asset_events=[
+                AssetMaterialization(asset_key=RAW_IMAGES, partition=prefix, metadata={LISTING_FINGERPRINT_KEY: fp})
+                for prefix, fp in changed.items()
+            ],
+            cursor=window[-1],
+        )
+
+    return full_reconciliation_sensor
