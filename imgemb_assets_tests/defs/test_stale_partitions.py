@@ -26,6 +26,7 @@ from dagster import (
 from dagster._core.definitions.asset_daemon_cursor import AssetDaemonCursor
 from PIL import Image
 
+from imgemb_assets import cli
 from imgemb_assets.core import tables
 from imgemb_assets.core.discovery import listing_fingerprint
 from imgemb_assets.core.lake import Lake
@@ -207,3 +208,25 @@ def test_the_status_names_the_partitions_written_before_their_upstream_changed(
     assert status_in_graph(instance, defs, tables.IMAGES_WITH_SALES, copy.prefixes) == PartitionStatus(
         tables.IMAGES_WITH_SALES, missing=[second], stale={first: [tables.SALES]}
     )
+
+
+def test_imgemb_status_prints_the_missing_and_stale_partitions(
+    instance: DagsterInstance,
+    copy: SampleDataset,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    first, second = copy.prefixes
+    assert _run_prefix(instance, first).success
+    _report_listing(instance, Path(copy.raw_images_uri), first)
+    monkeypatch.setenv("DAGSTER_HOME", instance.root_directory)  # the command opens the instance as a user would
+    assert cli.main(["status"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[:3] == [
+        "2 registered prefixes",
+        "raw_image_manifest: 0 current, 1 missing, 1 stale",
+        f"  missing {second!r}",
+    ]
+    assert f"  stale   {first!r}: raw_images changed after it was written" in printed
+    assert "image_embeddings: 1 current, 1 missing, 0 stale" in printed
