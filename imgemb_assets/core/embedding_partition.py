@@ -171,6 +171,8 @@ class StoredVectors:
             start = end
         return out
 
+    # Read with preadv rather than through a memory map: mapped pages would count in the
+    # step's resident memory and grow with the partition, which this class exists to avoid.
     def _read_into(self, block: np.ndarray, offset: int) -> None:
         view = memoryview(block).cast("B")
         done = 0
