@@ -10,9 +10,11 @@ import re
 from dataclasses import dataclass
 from typing import Final
 
-# Half the article's 64: the same images/s on a 2-core CPU (24.2 vs 24.6, bench in the issue-10 note)
-# with about 0.7 GB less peak memory under the tuned allocator.
-CPU_BATCH_SIZE: Final = 32
+# A quarter of the article's 64: model-only images/s within 4% of 64 on a 2-core CPU
+# (22.7 vs 23.6), and each batch's activations small enough that a run's free heap
+# stays under allocator.DEFAULT_KEPT_FREE_BYTES, so no prefix faults them in again:
+# end to end 25.6 s vs 26.3 s at 32, peak PSS 1.9 GB vs 2.3 GB (issue-10 note).
+CPU_BATCH_SIZE: Final = 16
 GPU_BATCH_SIZE: Final = 256
 RANDOM_WEIGHTS: Final = "random"
 BACKBONES: Final = ("resnet50", "resnet18", "vit_b_16")
@@ -38,7 +40,7 @@ class EmbeddingSettings:
     or `random` / `random:<seed>` for explicitly random-initialised weights.
     device: `auto` (CUDA when present, else CPU), `cpu`, `cuda` or `cuda:N`.
     model: a torchvision backbone, its classifier removed.
-    batch_size: images per forward pass; None for 256 on CUDA and 32 on CPU.
+    batch_size: images per forward pass; None for 256 on CUDA and 16 on CPU.
     precision: `auto` is fp16 with channels_last on CUDA and fp32 on CPU.
     compile: run the model through torch.compile (worth it for long runs on GPU).
     runtime: `eager` runs the torchvision module as built (on CPU: fp32,

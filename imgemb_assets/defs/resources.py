@@ -4,7 +4,6 @@
 from typing import Any, Literal
 
 from dagster import ConfigurableResource
-from dagster_aws.s3 import S3Resource
 from pydantic import Field
 
 from imgemb_assets.core.drift import DriftThresholds
@@ -15,14 +14,25 @@ from imgemb_assets.core.s3 import S3Settings
 from imgemb_assets.core.storage import ObjectStore, open_object_store
 
 
-class ImgembS3Resource(S3Resource):
-    """dagster-aws's S3 resource, with the retry mode, connection pool and plain-http switch added.
+class ImgembS3Resource(ConfigurableResource):
+    """How to reach S3: endpoint, region, credentials, retries, connection pool.
 
-    Unset values fall back to the standard AWS variables (AWS_ENDPOINT_URL,
-    AWS_REGION, AWS_ALLOW_HTTP, the credential chain). The same settings build
-    the boto3 client and the delta-rs storage options (`imgemb_assets.core.s3`).
+    The fields dagster-aws's `S3Resource` names the same way mean the same here;
+    it is not subclassed because importing dagster-aws costs every process that
+    loads the location ~0.65 s, and because its other fields (unsigned session,
+    use_ssl, verify) would be accepted and not honoured. Unset values fall back
+    to the standard AWS variables (AWS_ENDPOINT_URL, AWS_REGION, AWS_ALLOW_HTTP,
+    the credential chain). The same settings build the boto3 client and the
+    delta-rs storage options (`imgemb_assets.core.s3`).
     """
 
+    endpoint_url: str | None = Field(default=None, description="A custom S3 endpoint (MinIO, a moto server).")
+    region_name: str | None = Field(default=None, description="The region; default: AWS_REGION or the profile's.")
+    profile_name: str | None = Field(default=None, description="A profile of the AWS config files.")
+    aws_access_key_id: str | None = Field(default=None, description="Static credentials; default: the chain.")
+    aws_secret_access_key: str | None = Field(default=None, description="Static credentials; default: the chain.")
+    aws_session_token: str | None = Field(default=None, description="With temporary static credentials.")
+    max_attempts: int = Field(default=5, description="botocore's attempts per request (and body re-reads).")
     retry_mode: Literal["standard", "adaptive"] = Field(default="standard", description="botocore retry mode.")
     max_pool_connections: int = Field(default=32, description="Concurrent connections (and GETs) per client.")
     allow_http: bool | None = Field(
@@ -85,7 +95,7 @@ class EmbeddingModelResource(ConfigurableResource):
     )
     model: Literal["resnet50", "resnet18", "vit_b_16"] = Field(default="resnet50", description="torchvision backbone.")
     device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N.")
-    batch_size: int | None = Field(default=None, description="Images per forward pass; default 256 on CUDA, 32 on CPU.")
+    batch_size: int | None = Field(default=None, description="Images per forward pass; default 256 on CUDA, 16 on CPU.")
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
         default="auto", description="auto: fp16 + channels_last on CUDA, fp32 on CPU."
     )
