@@ -1,0 +1,120 @@
+"""The Dagster instance stored in a real PostgreSQL server (dagster-postgres), as deploy/ecs/dagster.yaml
+stores it: the README's user command embeds every prefix, the partitions, runs and materializations land
+in PostgreSQL, `imgemb status` reads them back, and a discovery sensor tick and an automation evaluation
+on that instance request nothing once it is up to date."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg2
+import pytest
+import yaml
+from dagster import AssetKey, DagsterInstance, SensorResult, SkipReason, build_sensor_context, evaluate_automation_conditions
+
+from imgemb_assets.core import tables
+from imgemb_assets.core.lake import Lake
+from imgemb_assets.core.sample_data import SampleDataset
+from imgemb_assets.definitions import build_definitions
+from imgemb_assets.defs.assets import RAW_IMAGES
+from imgemb_assets.defs.partitions import S3_PREFIX_PARTITIONS_NAME
+from imgemb_assets.defs.resources import ImgembS3Resource, StorageResource
+from imgemb_assets.defs.sensors import build_raw_prefix_sensor, build_sales_change_sensor
+from imgemb_assets.defs.settings import LocationSettings
+from imgemb_assets_tests.conftest import code_location_env
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+# The instance reads the URL from the environment, as the README tells users to: no secret in the file.
+PG_URL_VARIABLE = "DAGSTER_PG_URL"
+PARTITIONED = [name for name in tables.ALL_TABLES if name != tables.SALES]
+
+
+def _write_postgres_instance(home: Path) -> None:
+    """The shipped dagster.yaml (run queue, pools), with its storage in PostgreSQL."""
+    config = yaml.safe_load((REPO_ROOT / "dagster.yaml").read_text())
+    config["storage"] = {"postgres": {"postgres_url": {"env": PG_URL_VARIABLE}}}
+    home.mkdir()
+    (home / "dagster.yaml").write_text(yaml.safe_dump(config))
+
+
+def _run(args: list[str], env: dict[str, str]) -> str:
+    done = subprocess.run(args, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def _query(url: str, sql: str) -> list[tuple]:
+    connection = psycopg2.connect(url)
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(sql)
+            return cursor.fetchall()
+    finally:
+        connection.close()
+
+
+@pytest.mark.slow
+def test_the_readme_user_path_on_a_postgres_instance(
+    small_dataset: SampleDataset, postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
+    home = tmp_path / "dagster_home"
+    _write_postgres_instance(home)
+    location = code_location_env(small_dataset, tmp_path / "lake", dagster_home=home) | {PG_URL_VARIABLE: postgres_url}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMGEMB_")} | location
+    prefixes = small_dataset.prefixes
+    imgemb = str(BIN / "imgemb")
+
+    backfill = _run([imgemb, "backfill-missing", "--asset", "image_embeddings"], env)
+    assert f"registered {len(prefixes)} new" in backfill
+    assert "no daemon is running: materializing here" in backfill
+    lake = Lake(str(tmp_path / "lake"))
+    for prefix in prefixes:
+        assert lake.read(tables.IMAGE_EMBEDDINGS, prefix).num_rows == small_dataset.expected_joined(prefix)
+
+    # What the instance holds is in PostgreSQL itself, not in a SQLite file beside dagster.yaml.
+    assert not list(home.rglob("*.db")), "the instance fell back to SQLite"
+    assert _query(postgres_url, "SELECT partition FROM dynamic_partitions ORDER BY partition") == [(p,) for p in prefixes]
+    assert _query(postgres_url, "SELECT status FROM runs") == [("SUCCESS",)]
+    [(materializations,)] = _query(
+        postgres_url, "SELECT count(*) FROM event_logs WHERE dagster_event_type = 'ASSET_MATERIALIZATION'"
+    )
+    assert materializations >= len(PARTITIONED) * len(prefixes) + 1, "every table of every prefix, and sales"
+
+    status = _run([imgemb, "status", "--asset", "image_embeddings"], env)
+    assert f"image_embeddings: {len(prefixes)} current, 0 missing, 0 stale" in status
+
+    for key, value in location.items():
+        monkeypatch.setenv(key, value)
+    with DagsterInstance.get() as instance:
+        assert type(instance.run_storage).__module__.startswith("dagster_postgres")
+        assert sorted(instance.get_dynamic_partitions(S3_PREFIX_PARTITIONS_NAME)) == prefixes
+        for name in PARTITIONED:
+            assert instance.get_materialized_partitions(AssetKey(name)) == set(prefixes), name
+        _assert_sensors_report_nothing(instance, small_dataset, str(tmp_path / "lake"))
+
+        # A first evaluation (no cursor), as a daemon started on this instance makes it.
+        defs = build_definitions(LocationSettings())
+        evaluation = evaluate_automation_conditions(defs=defs, instance=instance)
+        assert evaluation.total_requested == 0, {
+            name: sorted(evaluation.get_requested_partitions(AssetKey(name))) for name in tables.ALL_TABLES
+        }
+
+
+def _assert_sensors_report_nothing(instance: DagsterInstance, dataset: SampleDataset, lake_uri: str) -> None:
+    """A fresh discovery tick (no cursor) and a sales tick on the up-to-date instance: no new partition, no change."""
+    storage = StorageResource(
+        raw_images_uri=dataset.raw_images_uri, sales_uri=dataset.sales_uri, lake_uri=lake_uri, s3=ImgembS3Resource()
+    )
+    with build_sensor_context(instance=instance, cursor=None, resources={"storage": storage}) as context:
+        discovery = build_raw_prefix_sensor()(context)
+    assert isinstance(discovery, SensorResult) and discovery.run_requests == []
+    # Without a cursor every listed prefix is "new" to the sensor; adding a registered partition is a no-op.
+    registered = set(instance.get_dynamic_partitions(S3_PREFIX_PARTITIONS_NAME))
+    assert all(set(request.partition_keys) <= registered for request in discovery.dynamic_partitions_requests)
+    assert [e.partition for e in discovery.asset_events if e.asset_key.to_user_string() == RAW_IMAGES] == []
+    with build_sensor_context(instance=instance, cursor=None, resources={"storage": storage}) as context:
+        assert isinstance(build_sales_change_sensor()(context), SkipReason), "sales is up to date"
