@@ -19,8 +19,8 @@ from imgemb_assets.core.sample_data import SampleDataset, generate_sample_datase
 from imgemb_assets.defs.partitions import S3_PREFIX_PARTITIONS_NAME
 from imgemb_assets_tests.moto_server import client_environment, running_moto_server
 
-# The real PostgreSQL server fixtures (postgres_server, postgres_url), for any test module.
-pytest_plugins = ["imgemb_assets_tests.postgres_server"]
+# The real PostgreSQL and Redis server fixtures (postgres_server, postgres_url, redis_url), for any test module.
+pytest_plugins = ["imgemb_assets_tests.postgres_server", "imgemb_assets_tests.redis_server"]
 
 SMALL_PREFIXES = ("2026-11-01", "2026-11-02")
 

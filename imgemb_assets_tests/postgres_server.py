@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from imgemb_assets_tests.debian_packages import installed_or_fail
 from imgemb_assets_tests.moto_server import free_port
 
 # Debian installs the server binaries per major version, off PATH.
@@ -67,40 +68,9 @@ def find_postgres_bin() -> Path | None:
     return max(candidates, key=_version_key) if candidates else None
 
 
-def _install_with_apt() -> None:
-    # Quiet unless it fails: the output is only useful then.
-    env = os.environ | {"DEBIAN_FRONTEND": "noninteractive"}
-    for args in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "postgresql"]):
-        done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=900, check=False)
-        if done.returncode != 0:
-            pytest.fail(f"`{' '.join(args)}` failed ({done.returncode}):\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
-
-
 def postgres_bin_or_fail() -> Path:
-    """The server binaries, installed from Debian's package when missing and running as root.
-
-    Only a developer machine (not root, no apt, no CI) skips; anywhere else a missing server fails,
-    so CI can never pass without having run the PostgreSQL tests.
-    """
-    found = find_postgres_bin()
-    if found is not None:
-        return found
-    is_root = os.geteuid() == 0
-    has_apt = shutil.which("apt-get") is not None
-    if is_root and has_apt:
-        _install_with_apt()
-        found = find_postgres_bin()
-        if found is not None:
-            return found
-        pytest.fail(f"apt-get installed postgresql but no initdb matches {POSTGRES_BIN_GLOB}/initdb")
-    message = (
-        f"no PostgreSQL server binaries in {POSTGRES_BIN_GLOB} and they cannot be installed here "
-        f"({', '.join(why for why, holds in (('not root', not is_root), ('no apt-get', not has_apt)) if holds)}): "
-        "install Debian's `postgresql` package"
-    )
-    if not is_root and not has_apt and not os.environ.get("CI"):
-        pytest.skip(message)
-    pytest.fail(message)
+    """The server binaries, installed from Debian's package when missing and running as root."""
+    return installed_or_fail("postgresql", find_postgres_bin, f"{POSTGRES_BIN_GLOB}/initdb")
 
 
 def _server_account() -> pwd.struct_passwd | None:

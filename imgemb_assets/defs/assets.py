@@ -45,7 +45,7 @@ from imgemb_assets.core.sales import join_with_sales, list_sales_files, read_sal
 from imgemb_assets.defs.automation import FOLLOWS_SOURCE, FOLLOWS_UPSTREAM
 from imgemb_assets.defs.partition_steps import AssetReport, CheckReport, StepEvent, materialize_prefixes
 from imgemb_assets.defs.partitions import s3_prefix_partitions
-from imgemb_assets.defs.placement import GPU_POOL, gpu_step_tags
+from imgemb_assets.defs.placement import GPU_POOL, gpu_step_tags, worker_identity
 from imgemb_assets.defs.resources import (
     EmbeddingModelResource,
     ImageLimitsResource,
@@ -421,6 +421,7 @@ def _embed_prefix(
         # stored vectors that were NaN, infinite or of another width: recomputed, never reused
         stored_vectors_refused=run.stored_refused,
         embedding_seconds=round(run.seconds, 3),
+        worker=worker_identity(),  # the Celery worker, ECS task or pod that ran the step
         images_per_second=round(run.images_per_second, 2),
         **model_metadata,
     )

@@ -1,6 +1,8 @@
 """Deployment settings of the code location, read when Dagster loads it (never at import).
 
-    IMGEMB_EXECUTOR                 in_process (default), multiprocess, ecs or k8s
+    IMGEMB_EXECUTOR                 in_process (default), multiprocess, celery, ecs or k8s
+    IMGEMB_CELERY_BROKER_URL        the celery executor's broker (e.g. redis://host:6379/0)
+    IMGEMB_CELERY_BACKEND_URL       the celery executor's result backend (e.g. redis://host:6379/1)
     IMGEMB_MAX_PARTITIONS_PER_RUN   prefixes one run takes in a backfill or automation (default 32)
     IMGEMB_GPU_COUNT                GPUs the embedding step asks for (default 1)
     IMGEMB_K8S_GPU_NODE_SELECTOR    JSON object, the embedding pod's nodeSelector
@@ -21,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-EXECUTORS: Final = ("in_process", "multiprocess", "ecs", "k8s")
+EXECUTORS: Final = ("in_process", "multiprocess", "celery", "ecs", "k8s")
 _DEFAULT_NODE_SELECTOR: Final = {"nvidia.com/gpu.present": "true"}
 _DEFAULT_TOLERATIONS: Final = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
 
@@ -43,6 +45,10 @@ class LocationSettings:
     k8s_gpu_node_selector: dict[str, str] = field(default_factory=lambda: dict(_DEFAULT_NODE_SELECTOR))
     k8s_gpu_tolerations: list[dict[str, Any]] = field(default_factory=lambda: [dict(t) for t in _DEFAULT_TOLERATIONS])
     ecs_gpu_run_task_kwargs: dict[str, Any] = field(default_factory=dict)
+    # None leaves dagster-celery's own defaults (an AMQP broker on localhost, the rpc:// backend);
+    # the workers must be started with the same URLs, or they never see the steps.
+    celery_broker_url: str | None = None
+    celery_backend_url: str | None = None
     sensor_interval_s: int = 30
     sensor_recent_prefixes: int = 3
     # A first tick over a bucket with many prefixes must finish within Dagster's
@@ -81,6 +87,8 @@ class LocationSettings:
             k8s_gpu_node_selector=_json(environ, "IMGEMB_K8S_GPU_NODE_SELECTOR", defaults.k8s_gpu_node_selector, dict),
             k8s_gpu_tolerations=_json(environ, "IMGEMB_K8S_GPU_TOLERATIONS", defaults.k8s_gpu_tolerations, list),
             ecs_gpu_run_task_kwargs=_json(environ, "IMGEMB_ECS_GPU_RUN_TASK_KWARGS", defaults.ecs_gpu_run_task_kwargs, dict),
+            celery_broker_url=environ.get("IMGEMB_CELERY_BROKER_URL") or defaults.celery_broker_url,
+            celery_backend_url=environ.get("IMGEMB_CELERY_BACKEND_URL") or defaults.celery_backend_url,
             sensor_interval_s=_int(environ, "IMGEMB_SENSOR_INTERVAL_S", defaults.sensor_interval_s),
             sensor_recent_prefixes=_int(environ, "IMGEMB_SENSOR_RECENT_PREFIXES", defaults.sensor_recent_prefixes),
             sensor_max_new_prefixes=_int(environ, "IMGEMB_SENSOR_MAX_NEW_PREFIXES", defaults.sensor_max_new_prefixes),

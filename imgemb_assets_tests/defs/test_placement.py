@@ -21,7 +21,7 @@ from dagster_k8s.job import DagsterK8sJobConfig, construct_dagster_k8s_job, get_
 
 from imgemb_assets.core import tables
 from imgemb_assets.definitions import build_definitions
-from imgemb_assets.defs.placement import GPU_POOL, gpu_step_tags
+from imgemb_assets.defs.placement import GPU_POOL, celery_executor_config, gpu_step_tags
 from imgemb_assets.defs.settings import LocationSettings, SettingsError
 
 
@@ -78,6 +78,7 @@ def test_k8s_step_job_requests_the_gpu_on_the_gpu_nodes() -> None:
     [
         ("in_process", {}),
         ("multiprocess", {"max_concurrent": 2}),
+        ("celery", {"include": ["imgemb_assets.definitions"]}),
         ("ecs", {"run_task_kwargs": {"capacityProviderStrategy": [{"capacityProvider": "cpu", "weight": 1}]}}),
         ("k8s", {"job_namespace": "dagster", "max_concurrent": 4}),
     ],
@@ -86,9 +87,29 @@ def test_each_executor_is_selectable_and_its_config_validates(executor: str, con
     defs = build_definitions(LocationSettings(executor=executor))
     Definitions.validate_loadable(defs)
     executor_def = defs.resolve_job_def("embed_prefix").executor_def
-    assert executor_def.name == {"in_process": "in_process", "multiprocess": "multiprocess", "ecs": "ecs", "k8s": "k8s"}[executor]
+    assert executor_def.name == {"in_process": "in_process", "multiprocess": "multiprocess", "celery": "celery", "ecs": "ecs", "k8s": "k8s"}[executor]
     result = validate_config(executor_def.config_schema.config_type, config)
     assert result.success, result.errors
+
+
+def test_the_celery_executor_takes_its_broker_and_backend_from_the_settings() -> None:
+    settings = LocationSettings.from_environ(
+        {
+            "IMGEMB_EXECUTOR": "celery",
+            "IMGEMB_CELERY_BROKER_URL": "redis://broker:6379/0",
+            "IMGEMB_CELERY_BACKEND_URL": "redis://broker:6379/1",
+        }
+    )
+    assert celery_executor_config(settings) == {"broker": "redis://broker:6379/0", "backend": "redis://broker:6379/1"}
+    executor_def = build_definitions(settings).resolve_job_def("embed_prefix").executor_def
+    assert executor_def.name == "celery"
+    # The URLs are fixed for every run of the location: a run config needs none, and the executor gets them.
+    resolved = executor_def.apply_config_mapping({})
+    assert resolved.success, resolved.errors
+    config = resolved.value["config"]
+    assert (config["broker"], config["backend"]) == ("redis://broker:6379/0", "redis://broker:6379/1")
+    # Unset, the URLs stay dagster-celery's own defaults rather than empty strings.
+    assert celery_executor_config(LocationSettings(executor="celery")) == {}
 
 
 def test_the_local_default_runs_every_step_in_the_run_process() -> None:
@@ -102,7 +123,7 @@ def test_settings_come_from_the_environment_with_clear_errors() -> None:
     assert (settings.executor, settings.gpu_count, settings.k8s_gpu_node_selector) == ("k8s", 4, {"gpu": "h100"})
     assert LocationSettings.from_environ({}) == LocationSettings()
     with pytest.raises(SettingsError, match="IMGEMB_EXECUTOR must be one of"):
-        LocationSettings.from_environ({"IMGEMB_EXECUTOR": "celery"})
+        LocationSettings.from_environ({"IMGEMB_EXECUTOR": "lambda"})
     with pytest.raises(SettingsError, match="IMGEMB_K8S_GPU_TOLERATIONS must be a JSON list"):
         LocationSettings.from_environ({"IMGEMB_K8S_GPU_TOLERATIONS": "{}"})
     with pytest.raises(SettingsError, match="IMGEMB_GPU_COUNT must be an integer"):
