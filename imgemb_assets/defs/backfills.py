@@ -116,9 +116,11 @@ def plan_backfill(instance: DagsterInstance, target: str, sales_store: ObjectSto
     steps = chain_up_to(target)
     registered = list(instance.get_dynamic_partitions(S3_PREFIX_PARTITIONS_NAME))
     # Missing, or stale (a run failed after its upstream changed): what automation would run too.
-    not_current = [set(status.not_current) for status in not_current_by_step(instance, steps, registered)]
-    materialized = [instance.get_materialized_partitions(AssetKey(group[0])) for group in steps]
+    statuses = not_current_by_step(instance, steps, registered)
+    not_current = [set(status.not_current) for status in statuses]
     sales_reason = sales_staleness(instance, sales_store) if len(steps) > _JOINED_STEP else None
+    # Prefixes with no thumbnails yet have joined nothing with the old sales.
+    never_downscaled = set(statuses[_JOINED_STEP - 1].missing) if sales_reason is not None else set()
     in_progress = _targeted_by_running_backfills(instance, target)
     tables_by_prefix: dict[str, tuple[str, ...]] = {}
     # A run for '' would list the whole root as one partition: such keys are never run.
@@ -127,7 +129,7 @@ def plan_backfill(instance: DagsterInstance, target: str, sales_store: ObjectSto
         if prefix in invalid:
             continue
         first = next((index for index, lacking in enumerate(not_current) if prefix in lacking), len(steps))
-        if sales_reason is not None and prefix in materialized[_JOINED_STEP - 1]:
+        if sales_reason is not None and prefix not in never_downscaled:
             first = min(first, _JOINED_STEP)  # joined with the old sales: join again
         if first < len(steps) and prefix not in in_progress:
             tables_by_prefix[prefix] = tuple(table for group in steps[first:] for table in group)
