@@ -3,19 +3,23 @@ and a moto S3 server subprocess with the AWS variables that reach it."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 from dagster import DagsterInstance, instance_for_test
 
 from imgemb_assets.core.s3 import S3Settings
 from imgemb_assets.core.sample_data import SampleDataset, generate_sample_dataset
+from imgemb_assets.core.tables import DOWNSCALED_IMAGES_SCHEMA
 from imgemb_assets.defs.partitions import S3_PREFIX_PARTITIONS_NAME
 from imgemb_assets_tests.moto_server import client_environment, running_moto_server
 
@@ -23,6 +27,7 @@ from imgemb_assets_tests.moto_server import client_environment, running_moto_ser
 pytest_plugins = ["imgemb_assets_tests.postgres_server", "imgemb_assets_tests.redis_server"]
 
 SMALL_PREFIXES = ("2026-11-01", "2026-11-02")
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -71,6 +76,55 @@ def own_sales_instance(
 ) -> Iterator[DagsterInstance]:
     with code_location_instance(own_sales_dataset, tmp_path / "lake", monkeypatch) as instance:
         yield instance
+
+
+@pytest.fixture
+def own_dataset(small_dataset: SampleDataset, tmp_path: Path) -> SampleDataset:
+    """The small dataset with private copies of its raw images and sales export, free to change."""
+    shutil.copytree(small_dataset.raw_images_uri, tmp_path / "raw")
+    shutil.copytree(small_dataset.sales_uri, tmp_path / "sales")
+    return replace(small_dataset, raw_images_uri=str(tmp_path / "raw"), sales_uri=str(tmp_path / "sales"))
+
+
+@pytest.fixture
+def own_instance(own_dataset: SampleDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[DagsterInstance]:
+    """An instance with `own_dataset`'s prefixes registered and its `sales` table materialized (lake in tmp_path)."""
+    from imgemb_assets.definitions import build_definitions
+    from imgemb_assets.defs.jobs import SALES_JOB_NAME
+    from imgemb_assets.defs.settings import LocationSettings
+
+    with code_location_instance(own_dataset, tmp_path / "lake", monkeypatch) as instance:
+        sales_job = build_definitions(LocationSettings()).resolve_job_def(SALES_JOB_NAME)
+        assert sales_job.execute_in_process(instance=instance).success
+        yield instance
+
+
+def downscaled_rows(prefix: str, ids: list[str]) -> pa.Table:
+    """`downscaled_images` rows of one prefix for `ids`, with placeholder pixels: what a join reads."""
+    n = len(ids)
+    return pa.table(
+        {
+            "image_id": ids,
+            "prefix": [prefix] * n,
+            "etag": ["e"] * n,
+            "width": pa.array([1] * n, pa.int32()),
+            "height": pa.array([1] * n, pa.int32()),
+            "image_jpeg": [b"jpeg"] * n,
+        },
+        schema=DOWNSCALED_IMAGES_SCHEMA,
+    )
+
+
+def user_shell_env(location: Mapping[str, str]) -> dict[str, str]:
+    """What a user's shell passes to a command: this process's environment, its IMGEMB_* replaced by `location`."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("IMGEMB_")} | dict(location)
+
+
+def run_user_command(args: list[str], env: Mapping[str, str], cwd: Path = REPO_ROOT) -> str:
+    """Runs a command as a user would, as its own process; its standard output. Fails the test if it fails."""
+    done = subprocess.run(args, cwd=cwd, env=dict(env), capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
 
 
 # --- a real S3 API: moto's server in a subprocess on 127.0.0.1 -------------------

@@ -4,9 +4,7 @@ that launches nothing, and a sales change that re-joins every prefix without a f
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -18,16 +16,10 @@ from dagster import AssetKey, DagsterInstance
 from imgemb_assets.core import tables
 from imgemb_assets.core.lake import Lake
 from imgemb_assets.core.sample_data import SampleDataset
-from imgemb_assets_tests.conftest import code_location_env
+from imgemb_assets_tests.conftest import REPO_ROOT, code_location_env, run_user_command, user_shell_env
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+
 BIN = Path(sys.executable).parent
-
-
-def _run(args: list[str], env: dict[str, str]) -> str:
-    done = subprocess.run(args, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done.stdout
 
 
 def _counts(lake: Lake, prefixes: list[str]) -> dict[tuple[str, str], int]:
@@ -45,11 +37,11 @@ def test_the_readme_commands_embed_every_prefix_from_a_fresh_lake(
     home.mkdir()
     shutil.copy(REPO_ROOT / "dagster.yaml", home / "dagster.yaml")
     location = code_location_env(dataset, tmp_path / "lake", dagster_home=home)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IMGEMB_")} | location
+    env = user_shell_env(location)
     prefixes = dataset.prefixes
     imgemb = str(BIN / "imgemb")
 
-    backfill = _run([imgemb, "backfill-missing", "--asset", "image_embeddings"], env)
+    backfill = run_user_command([imgemb, "backfill-missing", "--asset", "image_embeddings"], env)
     assert f"registered {len(prefixes)} new" in backfill
     assert "sales: materialized first (sales has never been materialized)" in backfill
     assert f"sales and {len(prefixes)} prefixes" in backfill
@@ -64,14 +56,14 @@ def test_the_readme_commands_embed_every_prefix_from_a_fresh_lake(
     assert len(runs) == 1, "one run: sales and both prefixes"
     assert runs[0].is_success and runs[0].tags["dagster/asset_partition_range_end"] == prefixes[-1]
 
-    again = _run([imgemb, "backfill-missing"], env)
+    again = run_user_command([imgemb, "backfill-missing"], env)
     assert "registered 0 new" in again and "nothing to launch" in again
-    assert "registered 0 new" in _run([imgemb, "discover"], env)
+    assert "registered 0 new" in run_user_command([imgemb, "discover"], env)
 
     # A new sales export: sales is read again and every prefix re-joined, with no forward pass.
     path = tmp_path / "sales" / "sales.parquet"
     pq.write_table(pq.read_table(path), path, compression="gzip")  # same rows, another file
-    refreshed = _run([imgemb, "backfill-missing"], env)
+    refreshed = run_user_command([imgemb, "backfill-missing"], env)
     assert "the sales files changed since sales was last materialized" in refreshed
     assert _counts(lake, prefixes) == first
     with DagsterInstance.get() as instance:

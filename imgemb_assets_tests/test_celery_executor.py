@@ -29,7 +29,7 @@ from imgemb_assets.core.lake import Lake
 from imgemb_assets.core.sample_data import SampleDataset
 from imgemb_assets.defs.partitions import S3_PREFIX_PARTITIONS_NAME
 from imgemb_assets.defs.placement import GPU_POOL
-from imgemb_assets_tests.conftest import code_location_env
+from imgemb_assets_tests.conftest import code_location_env, user_shell_env
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -63,7 +63,7 @@ def celery_location(
 ) -> CeleryLocation:
     home = tmp_path / "dagster_home"
     _write_instance(home)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IMGEMB_")}
+    env = user_shell_env({})
     env |= code_location_env(small_dataset, tmp_path / "lake", dagster_home=home)
     env |= {
         PG_URL_VARIABLE: postgres_url,

@@ -24,7 +24,7 @@ from dagster import AssetKey, DagsterInstance
 
 from imgemb_assets.core.sample_data import SampleDataset, generate_sample_dataset
 from imgemb_assets.defs.automation import AUTOMATION_SENSOR_NAME
-from imgemb_assets_tests.conftest import code_location_env, wait_for
+from imgemb_assets_tests.conftest import code_location_env, user_shell_env, wait_for
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -55,7 +55,7 @@ def daemon_env(dataset: SampleDataset, tmp_path: Path, monkeypatch: pytest.Monke
     location = code_location_env(replace(dataset, raw_images_uri=str(tmp_path / "raw")), tmp_path / "lake", dagster_home=home)
     location |= {"IMGEMB_MAX_PARTITIONS_PER_RUN": str(MAX_PER_RUN), "IMGEMB_SENSOR_INTERVAL_S": str(SENSOR_INTERVAL_S)}
     monkeypatch.setenv("DAGSTER_HOME", str(home))
-    return {k: v for k, v in os.environ.items() if not k.startswith("IMGEMB_")} | location
+    return user_shell_env(location)
 
 
 @contextmanager

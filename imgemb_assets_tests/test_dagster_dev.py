@@ -28,7 +28,7 @@ from imgemb_assets.core import tables
 from imgemb_assets.core.lake import Lake, LakeError
 from imgemb_assets.core.s3 import S3Settings
 from imgemb_assets.core.sample_data import SampleDataset
-from imgemb_assets_tests.conftest import code_location_env, upload_tree, wait_for
+from imgemb_assets_tests.conftest import code_location_env, upload_tree, user_shell_env, wait_for
 from imgemb_assets_tests.moto_server import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +53,7 @@ def dagster_dev(small_dataset: SampleDataset, bucket: str, tmp_path: Path) -> It
     client.put_object(Bucket=bucket, Key="raw-images/", Body=b"")  # the root exists, with no prefix yet
     location = code_location_env(small_dataset, f"s3://{bucket}/delta", dagster_home=home)
     location |= {"IMGEMB_RAW_IMAGES_URI": f"s3://{bucket}/raw-images", "IMGEMB_SALES_URI": f"s3://{bucket}/sales-data"}
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IMGEMB_")} | location
+    env = user_shell_env(location)
     port = free_port()
     log = tmp_path / "dagster-dev.log"
     with log.open("w") as out:

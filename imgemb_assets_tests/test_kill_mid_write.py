@@ -26,7 +26,7 @@ from imgemb_assets.core.models import model_id_for
 from imgemb_assets.core.s3 import S3Settings
 from imgemb_assets.core.sample_data import SampleDataset
 from imgemb_assets.defs.partitions import S3_PREFIX_PARTITIONS_NAME
-from imgemb_assets_tests.conftest import code_location_env, dataset_on_s3
+from imgemb_assets_tests.conftest import code_location_env, dataset_on_s3, user_shell_env
 from imgemb_assets_tests.fault_proxy import running_fault_proxy
 
 NEW_WEIGHTS = "random:1"  # the rerun must recompute every vector, so it has something to write
@@ -56,7 +56,7 @@ def test_sigkill_during_the_commit_keeps_the_previous_version_and_the_rerun_comp
     with DagsterInstance.get() as instance:
         instance.add_dynamic_partitions(S3_PREFIX_PARTITIONS_NAME, [prefix])
     lake_uri = f"s3://{bucket}/delta"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IMGEMB_")}
+    env = user_shell_env({})
     env |= code_location_env(dataset, lake_uri, dagster_home=home)
     _run_to_completion(env, tmp_path, prefix, "*")  # the clean run: every asset
 

@@ -5,8 +5,6 @@ on that instance request nothing once it is up to date."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,9 +22,9 @@ from imgemb_assets.defs.partitions import S3_PREFIX_PARTITIONS_NAME
 from imgemb_assets.defs.resources import ImgembS3Resource, StorageResource
 from imgemb_assets.defs.sensors import build_raw_prefix_sensor, build_sales_change_sensor
 from imgemb_assets.defs.settings import LocationSettings
-from imgemb_assets_tests.conftest import code_location_env
+from imgemb_assets_tests.conftest import REPO_ROOT, code_location_env, run_user_command, user_shell_env
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+
 BIN = Path(sys.executable).parent
 # The instance reads the URL from the environment, as the README tells users to: no secret in the file.
 PG_URL_VARIABLE = "DAGSTER_PG_URL"
@@ -39,12 +37,6 @@ def _write_postgres_instance(home: Path) -> None:
     config["storage"] = {"postgres": {"postgres_url": {"env": PG_URL_VARIABLE}}}
     home.mkdir()
     (home / "dagster.yaml").write_text(yaml.safe_dump(config))
-
-
-def _run(args: list[str], env: dict[str, str]) -> str:
-    done = subprocess.run(args, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done.stdout
 
 
 def _query(url: str, sql: str) -> list[tuple]:
@@ -64,11 +56,11 @@ def test_the_readme_user_path_on_a_postgres_instance(
     home = tmp_path / "dagster_home"
     _write_postgres_instance(home)
     location = code_location_env(small_dataset, tmp_path / "lake", dagster_home=home) | {PG_URL_VARIABLE: postgres_url}
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IMGEMB_")} | location
+    env = user_shell_env(location)
     prefixes = small_dataset.prefixes
     imgemb = str(BIN / "imgemb")
 
-    backfill = _run([imgemb, "backfill-missing", "--asset", "image_embeddings"], env)
+    backfill = run_user_command([imgemb, "backfill-missing", "--asset", "image_embeddings"], env)
     assert f"registered {len(prefixes)} new" in backfill
     assert "no daemon is running: materializing here" in backfill
     lake = Lake(str(tmp_path / "lake"))
@@ -84,7 +76,7 @@ def test_the_readme_user_path_on_a_postgres_instance(
     )
     assert materializations >= len(PARTITIONED) * len(prefixes) + 1, "every table of every prefix, and sales"
 
-    status = _run([imgemb, "status", "--asset", "image_embeddings"], env)
+    status = run_user_command([imgemb, "status", "--asset", "image_embeddings"], env)
     assert f"image_embeddings: {len(prefixes)} current, 0 missing, 0 stale" in status
 
     for key, value in location.items():

@@ -19,7 +19,7 @@ from imgemb_assets.core.lake import Lake
 from imgemb_assets.core.sample_data import generate_sample_dataset
 from imgemb_assets.core.storage import partition_key_problem, shown_name
 from imgemb_assets.defs.partitions import S3_PREFIX_PARTITIONS_NAME
-from imgemb_assets_tests.conftest import code_location_env
+from imgemb_assets_tests.conftest import code_location_env, user_shell_env
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -51,9 +51,7 @@ def test_backfill_missing_takes_every_valid_prefix_and_names_the_refused_ones(
     home = tmp_path / "dagster_home"
     home.mkdir()
     shutil.copy(REPO_ROOT / "dagster.yaml", home / "dagster.yaml")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IMGEMB_")} | code_location_env(
-        dataset, tmp_path / "lake", dagster_home=home
-    )
+    env = user_shell_env(code_location_env(dataset, tmp_path / "lake", dagster_home=home))
     done = subprocess.run(
         [str(BIN / "imgemb"), "backfill-missing", "--asset", tables.DOWNSCALED_IMAGES],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600, check=False,

@@ -30,6 +30,7 @@ from imgemb_assets.core.tables import (
     image_embeddings_schema,
     images_with_sales_schema,
 )
+from imgemb_assets_tests.conftest import downscaled_rows
 
 
 def _store_with(tmp_path: Path, **files: pa.Table | bytes) -> object:
@@ -107,27 +108,12 @@ def test_join_is_inner_on_image_id() -> None:
 
 # --- issue 11: validation is the one place that decides (item 4) -------------------------
 
-def _images(prefix: str, ids: list[str]) -> pa.Table:
-    n = len(ids)
-    return pa.table(
-        {
-            "image_id": ids,
-            "prefix": [prefix] * n,
-            "etag": ["e"] * n,
-            "width": pa.array([1] * n, pa.int32()),
-            "height": pa.array([1] * n, pa.int32()),
-            "image_jpeg": [b"jpeg"] * n,
-        },
-        schema=DOWNSCALED_IMAGES_SCHEMA,
-    )
-
-
 def _publish(lake: Lake, sales_root: Path, prefix: str) -> pa.Table:
     """What the `sales` and `images_with_sales` steps do: validate, write sales, join one prefix, write it."""
     table = read_sales(open_object_store(str(sales_root)), lake)
     lake.overwrite(SALES, table)
     sales = lake.read(SALES)
-    images = _images(prefix, sales.column("image_id").to_pylist())
+    images = downscaled_rows(prefix, sales.column("image_id").to_pylist())
     lake.write_partition(IMAGES_WITH_SALES, join_with_sales(images, sales, images_with_sales_schema(sales.schema)), prefix)
     return lake.read(IMAGES_WITH_SALES, prefix)
 

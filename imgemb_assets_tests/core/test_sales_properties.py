@@ -34,12 +34,12 @@ from imgemb_assets.core.lake import Lake
 from imgemb_assets.core.sales import SalesError, join_with_sales, read_sales
 from imgemb_assets.core.storage import open_object_store
 from imgemb_assets.core.tables import (
-    DOWNSCALED_IMAGES_SCHEMA,
     IMAGES_WITH_SALES,
     RESERVED_SALES_COLUMNS,
     SALES,
     images_with_sales_schema,
 )
+from imgemb_assets_tests.conftest import downscaled_rows
 
 _EPOCH = dt.datetime(1970, 1, 1)
 _INT64_MAX = 2**63 - 1
@@ -266,21 +266,6 @@ def _write_export(root: Path, files: list[SalesFile]) -> None:
         pq.write_table(file.table(), root / f"{file.name}.parquet")
 
 
-def _images(prefix: str, ids: list[str]) -> pa.Table:
-    n = len(ids)
-    return pa.table(
-        {
-            "image_id": ids,
-            "prefix": [prefix] * n,
-            "etag": ["e"] * n,
-            "width": pa.array([1] * n, pa.int32()),
-            "height": pa.array([1] * n, pa.int32()),
-            "image_jpeg": [b"jpeg"] * n,
-        },
-        schema=DOWNSCALED_IMAGES_SCHEMA,
-    )
-
-
 def _versions(lake: Lake) -> dict[str, int | None]:
     return {name: DeltaTable(lake.table_uri(name)).version() if lake.exists(name) else None for name in (SALES, IMAGES_WITH_SALES)}
 
@@ -289,7 +274,7 @@ def _publish(lake: Lake, sales_root: Path, prefix: str) -> None:
     table = read_sales(open_object_store(str(sales_root)), lake)
     lake.overwrite(SALES, table)
     sales = lake.read(SALES)
-    images = _images(prefix, sorted(sales.column("image_id").to_pylist()))
+    images = downscaled_rows(prefix, sorted(sales.column("image_id").to_pylist()))
     lake.write_partition(IMAGES_WITH_SALES, join_with_sales(images, sales, images_with_sales_schema(sales.schema)), prefix)
 
 

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from imgemb_assets.core.lake import Lake
 from imgemb_assets.core.s3 import S3Settings
 from imgemb_assets.core.sample_data import SampleDataset
 from imgemb_assets.defs.partitions import S3_PREFIX_PARTITIONS_NAME
-from imgemb_assets_tests.conftest import code_location_env, dataset_on_s3
+from imgemb_assets_tests.conftest import code_location_env, dataset_on_s3, user_shell_env
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -41,7 +40,7 @@ def test_asset_materialize_cli_runs_every_asset_for_one_partition(
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     with DagsterInstance.get() as instance:
         instance.add_dynamic_partitions(S3_PREFIX_PARTITIONS_NAME, [prefix])
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IMGEMB_")} | location_env
+    env = user_shell_env(location_env)
     dagster = Path(sys.executable).with_name("dagster")
     done = subprocess.run(
         [str(dagster), "asset", "materialize", "-m", "imgemb_assets.definitions", "--select", "*", "--partition", prefix],

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ from imgemb_assets.core import tables
 from imgemb_assets.definitions import build_definitions
 from imgemb_assets.defs.assets import RAW_IMAGES, SALES_EXPORT
 from imgemb_assets.defs.settings import LocationSettings
+from imgemb_assets_tests.conftest import user_shell_env
 
 defs = build_definitions(LocationSettings())
 
@@ -73,7 +73,7 @@ def test_dagster_cli_validates_the_workspace() -> None:
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
-        env={k: v for k, v in os.environ.items() if not k.startswith("IMGEMB_")},
+        env=user_shell_env({}),
         check=False,
         timeout=300,
     )

@@ -4,8 +4,6 @@ without a forward pass; a model change or a changed image goes through the model
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -20,24 +18,8 @@ from imgemb_assets.core.sample_data import SampleDataset
 from imgemb_assets.definitions import build_definitions
 from imgemb_assets.defs.jobs import PREFIX_JOB_NAME, REJOIN_JOB_NAME, SALES_JOB_NAME
 from imgemb_assets.defs.settings import LocationSettings
-from imgemb_assets_tests.conftest import code_location_instance
 
 defs = build_definitions(LocationSettings())
-
-
-@pytest.fixture
-def copy(small_dataset: SampleDataset, tmp_path: Path) -> SampleDataset:
-    """A private copy of the sample, free to change."""
-    shutil.copytree(small_dataset.raw_images_uri, tmp_path / "raw")
-    shutil.copytree(small_dataset.sales_uri, tmp_path / "sales")
-    return replace(small_dataset, raw_images_uri=str(tmp_path / "raw"), sales_uri=str(tmp_path / "sales"))
-
-
-@pytest.fixture
-def instance(copy: SampleDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[DagsterInstance]:
-    with code_location_instance(copy, tmp_path / "lake", monkeypatch) as instance:
-        assert defs.resolve_job_def(SALES_JOB_NAME).execute_in_process(instance=instance).success
-        yield instance
 
 
 def _embed(instance: DagsterInstance, prefix: str, job: str = PREFIX_JOB_NAME) -> dict:
@@ -52,30 +34,30 @@ def _embeddings(tmp_path: Path, prefix: str) -> pa.Table:
 
 
 def test_rematerializing_a_complete_partition_runs_no_forward_pass(
-    instance: DagsterInstance, copy: SampleDataset, tmp_path: Path
+    own_instance: DagsterInstance, own_dataset: SampleDataset, tmp_path: Path
 ) -> None:
-    prefix = copy.prefixes[0]
-    first = _embed(instance, prefix)
-    assert first["images_embedded"] == copy.expected_joined(prefix) and first["images_reused"] == 0
+    prefix = own_dataset.prefixes[0]
+    first = _embed(own_instance, prefix)
+    assert first["images_embedded"] == own_dataset.expected_joined(prefix) and first["images_reused"] == 0
     before = _embeddings(tmp_path, prefix)
-    again = _embed(instance, prefix)
+    again = _embed(own_instance, prefix)
     assert again["images_embedded"] == 0
-    assert again["images_reused"] == copy.expected_joined(prefix)
+    assert again["images_reused"] == own_dataset.expected_joined(prefix)
     assert again["weights"] == "model not loaded: every vector was reused"
     assert _embeddings(tmp_path, prefix).equals(before)
 
 
 def test_a_sales_change_rewrites_sales_columns_without_a_forward_pass(
-    instance: DagsterInstance, copy: SampleDataset, tmp_path: Path
+    own_instance: DagsterInstance, own_dataset: SampleDataset, tmp_path: Path
 ) -> None:
-    prefix = copy.prefixes[0]
-    _embed(instance, prefix)
+    prefix = own_dataset.prefixes[0]
+    _embed(own_instance, prefix)
     before = _embeddings(tmp_path, prefix)
-    sales_file = Path(copy.sales_uri) / "sales.parquet"
+    sales_file = Path(own_dataset.sales_uri) / "sales.parquet"
     sales = pq.read_table(sales_file)
     pq.write_table(sales.set_column(1, "sales", pc.add(sales.column("sales"), 1_000_000)), sales_file)
-    assert defs.resolve_job_def(SALES_JOB_NAME).execute_in_process(instance=instance).success
-    metadata = _embed(instance, prefix, job=REJOIN_JOB_NAME)
+    assert defs.resolve_job_def(SALES_JOB_NAME).execute_in_process(instance=own_instance).success
+    metadata = _embed(own_instance, prefix, job=REJOIN_JOB_NAME)
     assert metadata["images_embedded"] == 0
     after = _embeddings(tmp_path, prefix)
     assert after.column("image_id").equals(before.column("image_id"))
@@ -83,15 +65,15 @@ def test_a_sales_change_rewrites_sales_columns_without_a_forward_pass(
     assert after.column("embedding").equals(before.column("embedding"))
 
 
-def test_a_changed_image_alone_goes_through_the_model(instance: DagsterInstance, copy: SampleDataset, tmp_path: Path) -> None:
-    prefix = copy.prefixes[0]
-    _embed(instance, prefix)
+def test_a_changed_image_alone_goes_through_the_model(own_instance: DagsterInstance, own_dataset: SampleDataset, tmp_path: Path) -> None:
+    prefix = own_dataset.prefixes[0]
+    _embed(own_instance, prefix)
     before = {row["image_id"]: row["embedding"] for row in _embeddings(tmp_path, prefix).to_pylist()}
     image_id = sorted(before)[0]
-    (path,) = [p for p in (Path(copy.raw_images_uri) / prefix).iterdir() if p.stem == image_id]
-    other = next(p for p in (Path(copy.raw_images_uri) / copy.prefixes[1]).iterdir() if p.suffix == path.suffix and p.stem.startswith("img_"))
+    (path,) = [p for p in (Path(own_dataset.raw_images_uri) / prefix).iterdir() if p.stem == image_id]
+    other = next(p for p in (Path(own_dataset.raw_images_uri) / own_dataset.prefixes[1]).iterdir() if p.suffix == path.suffix and p.stem.startswith("img_"))
     shutil.copyfile(other, path)  # new content under the same name
-    metadata = _embed(instance, prefix)
+    metadata = _embed(own_instance, prefix)
     assert metadata["images_embedded"] == 1
     after = {row["image_id"]: row["embedding"] for row in _embeddings(tmp_path, prefix).to_pylist()}
     assert after[image_id] != before[image_id]
@@ -99,12 +81,12 @@ def test_a_changed_image_alone_goes_through_the_model(instance: DagsterInstance,
 
 
 def test_changing_the_weights_recomputes_every_vector(
-    instance: DagsterInstance, copy: SampleDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    own_instance: DagsterInstance, own_dataset: SampleDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    prefix = copy.prefixes[0]
-    _embed(instance, prefix)
+    prefix = own_dataset.prefixes[0]
+    _embed(own_instance, prefix)
     monkeypatch.setenv("IMGEMB_MODEL_WEIGHTS", "random:1")
-    metadata = _embed(instance, prefix)
-    assert metadata["images_embedded"] == copy.expected_joined(prefix)
+    metadata = _embed(own_instance, prefix)
+    assert metadata["images_embedded"] == own_dataset.expected_joined(prefix)
     assert metadata["images_reused"] == 0
     assert set(_embeddings(tmp_path, prefix).column("model_id").to_pylist()) == {"torchvision/resnet50/random-seed1/fp32"}

@@ -8,9 +8,6 @@ ones a daemon would read.
 
 from __future__ import annotations
 
-import shutil
-from collections.abc import Iterator
-from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -38,24 +35,8 @@ from imgemb_assets.defs.backfills import plan_backfill
 from imgemb_assets.defs.jobs import PREFIX_JOB_NAME, SALES_JOB_NAME
 from imgemb_assets.defs.settings import LocationSettings
 from imgemb_assets.defs.staleness import PartitionStatus, status_in_graph
-from imgemb_assets_tests.conftest import code_location_instance
 
 defs = build_definitions(LocationSettings())
-
-
-@pytest.fixture
-def copy(small_dataset: SampleDataset, tmp_path: Path) -> SampleDataset:
-    """A private copy of the sample, free to change."""
-    shutil.copytree(small_dataset.raw_images_uri, tmp_path / "raw")
-    shutil.copytree(small_dataset.sales_uri, tmp_path / "sales")
-    return replace(small_dataset, raw_images_uri=str(tmp_path / "raw"), sales_uri=str(tmp_path / "sales"))
-
-
-@pytest.fixture
-def instance(copy: SampleDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[DagsterInstance]:
-    with code_location_instance(copy, tmp_path / "lake", monkeypatch) as instance:
-        assert defs.resolve_job_def(SALES_JOB_NAME).execute_in_process(instance=instance).success
-        yield instance
 
 
 class Ticks:
@@ -102,13 +83,13 @@ def _report_listing(instance: DagsterInstance, root: Path, prefix: str) -> None:
     )
 
 
-def _image_path(copy: SampleDataset, prefix: str, image_id: str) -> Path:
-    (path,) = (Path(copy.raw_images_uri) / prefix).glob(f"{image_id}.*")
+def _image_path(own_dataset: SampleDataset, prefix: str, image_id: str) -> Path:
+    (path,) = (Path(own_dataset.raw_images_uri) / prefix).glob(f"{image_id}.*")
     return path
 
 
-def _joined_image_id(copy: SampleDataset, prefix: str) -> str:
-    return next(i for i in sorted(copy.image_ids[prefix]) if i in set(copy.sales_image_ids))
+def _joined_image_id(own_dataset: SampleDataset, prefix: str) -> str:
+    return next(i for i in sorted(own_dataset.image_ids[prefix]) if i in set(own_dataset.sales_image_ids))
 
 
 def _vector(lake: Lake, prefix: str, image_id: str) -> list[float]:
@@ -117,32 +98,32 @@ def _vector(lake: Lake, prefix: str, image_id: str) -> list[float]:
 
 
 def test_a_partition_whose_embedding_step_failed_is_requested_again_and_ends_up_current(
-    instance: DagsterInstance, copy: SampleDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    own_instance: DagsterInstance, own_dataset: SampleDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    prefix = copy.prefixes[0]
+    prefix = own_dataset.prefixes[0]
     lake = Lake(str(tmp_path / "lake"))
-    for each in copy.prefixes:
-        assert _run_prefix(instance, each).success
-    ticks = Ticks(instance)
+    for each in own_dataset.prefixes:
+        assert _run_prefix(own_instance, each).success
+    ticks = Ticks(own_instance)
     assert ticks.requested(tables.IMAGE_EMBEDDINGS) == []
 
     # One image's content changes; the sensor reports the new listing.
-    image_id = _joined_image_id(copy, prefix)
-    path = _image_path(copy, prefix, image_id)
+    image_id = _joined_image_id(own_dataset, prefix)
+    path = _image_path(own_dataset, prefix, image_id)
     Image.new("RGB", (64, 48), (250, 10, 10)).save(path, format=Image.open(path).format)
     vector_before = _vector(lake, prefix, image_id)
-    _report_listing(instance, Path(copy.raw_images_uri), prefix)
+    _report_listing(own_instance, Path(own_dataset.raw_images_uri), prefix)
     assert prefix in ticks.requested(tables.IMAGE_EMBEDDINGS)
 
     # The requested run fails in the embedding step (the weights file is unreadable for now).
     monkeypatch.setenv("IMGEMB_MODEL_WEIGHTS", str(tmp_path / "not-there.pt"))
-    failed = _run_prefix(instance, prefix)
+    failed = _run_prefix(own_instance, prefix)
     assert not failed.success
     assert [e.step_key for e in failed.get_step_failure_events()] == [tables.IMAGE_EMBEDDINGS]
     assert _vector(lake, prefix, image_id) == vector_before  # the stale vector is still there
 
     # `imgemb backfill-missing` takes it up too: the embedding step alone.
-    plan = plan_backfill(instance, tables.IMAGE_EMBEDDINGS, LocalObjectStore(Path(copy.sales_uri)))
+    plan = plan_backfill(own_instance, tables.IMAGE_EMBEDDINGS, LocalObjectStore(Path(own_dataset.sales_uri)))
     assert dict(plan.tables_by_prefix) == {prefix: (tables.IMAGE_EMBEDDINGS,)} and not plan.refresh_sales
 
     # Not on every tick: a failure that needs a person must not launch a run a minute.
@@ -157,21 +138,21 @@ def test_a_partition_whose_embedding_step_failed_is_requested_again_and_ends_up_
 
     # The cause is fixed; the rerun brings the vector up to date and nothing stays stale.
     monkeypatch.setenv("IMGEMB_MODEL_WEIGHTS", "random")
-    assert _run_prefix(instance, prefix).success
+    assert _run_prefix(own_instance, prefix).success
     assert _vector(lake, prefix, image_id) != vector_before
     later = retry_at + timedelta(hours=2)
     assert prefix not in ticks.requested(tables.IMAGE_EMBEDDINGS, at=later)
 
 
 def test_a_listing_that_returns_to_an_earlier_state_is_requested_again(
-    instance: DagsterInstance, copy: SampleDataset, tmp_path: Path
+    own_instance: DagsterInstance, own_dataset: SampleDataset, tmp_path: Path
 ) -> None:
     """A -> A+x -> A: each change is a new report, never a run key that already ran."""
-    prefix = copy.prefixes[0]
-    root = Path(copy.raw_images_uri)
-    for each in copy.prefixes:
-        assert _run_prefix(instance, each).success
-    ticks = Ticks(instance)
+    prefix = own_dataset.prefixes[0]
+    root = Path(own_dataset.raw_images_uri)
+    for each in own_dataset.prefixes:
+        assert _run_prefix(own_instance, each).success
+    ticks = Ticks(own_instance)
     assert ticks.requested(tables.RAW_IMAGE_MANIFEST) == []
 
     extra = root / prefix / "uploaded-then-deleted.jpg"
@@ -180,47 +161,47 @@ def test_a_listing_that_returns_to_an_earlier_state_is_requested_again(
             Image.new("RGB", (32, 32), (0, 200, 0)).save(extra, format="JPEG")
         else:
             extra.unlink()
-        _report_listing(instance, root, prefix)
+        _report_listing(own_instance, root, prefix)
         assert ticks.requested(tables.RAW_IMAGE_MANIFEST) == [prefix], change
-        assert _run_prefix(instance, prefix).success
+        assert _run_prefix(own_instance, prefix).success
         manifest = Lake(str(tmp_path / "lake")).read(tables.RAW_IMAGE_MANIFEST, prefix)
         assert ("uploaded-then-deleted" in manifest["image_id"].to_pylist()) == (change == "upload")
 
 
 def test_the_status_names_the_partitions_written_before_their_upstream_changed(
-    instance: DagsterInstance, copy: SampleDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    own_instance: DagsterInstance, own_dataset: SampleDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    first, second = copy.prefixes
-    assert _run_prefix(instance, first).success
-    assert status_in_graph(instance, defs, tables.IMAGE_EMBEDDINGS, copy.prefixes) == PartitionStatus(
+    first, second = own_dataset.prefixes
+    assert _run_prefix(own_instance, first).success
+    assert status_in_graph(own_instance, defs, tables.IMAGE_EMBEDDINGS, own_dataset.prefixes) == PartitionStatus(
         tables.IMAGE_EMBEDDINGS, missing=[second], stale={}
     )
     # A changed listing makes the manifest stale; a failed embedding step leaves the embeddings stale.
-    _report_listing(instance, Path(copy.raw_images_uri), first)
-    assert status_in_graph(instance, defs, tables.RAW_IMAGE_MANIFEST, [first]).stale == {first: [RAW_IMAGES]}
+    _report_listing(own_instance, Path(own_dataset.raw_images_uri), first)
+    assert status_in_graph(own_instance, defs, tables.RAW_IMAGE_MANIFEST, [first]).stale == {first: [RAW_IMAGES]}
     monkeypatch.setenv("IMGEMB_MODEL_WEIGHTS", str(tmp_path / "not-there.pt"))
-    assert not _run_prefix(instance, first).success
-    assert status_in_graph(instance, defs, tables.RAW_IMAGE_MANIFEST, [first]).stale == {}
-    status = status_in_graph(instance, defs, tables.IMAGE_EMBEDDINGS, [first])
+    assert not _run_prefix(own_instance, first).success
+    assert status_in_graph(own_instance, defs, tables.RAW_IMAGE_MANIFEST, [first]).stale == {}
+    status = status_in_graph(own_instance, defs, tables.IMAGE_EMBEDDINGS, [first])
     assert status.stale == {first: [tables.IMAGES_WITH_SALES]} and status.not_current == [first]
     # A sales refresh makes every joined partition stale.
-    assert defs.resolve_job_def(SALES_JOB_NAME).execute_in_process(instance=instance).success
-    assert status_in_graph(instance, defs, tables.IMAGES_WITH_SALES, copy.prefixes) == PartitionStatus(
+    assert defs.resolve_job_def(SALES_JOB_NAME).execute_in_process(instance=own_instance).success
+    assert status_in_graph(own_instance, defs, tables.IMAGES_WITH_SALES, own_dataset.prefixes) == PartitionStatus(
         tables.IMAGES_WITH_SALES, missing=[second], stale={first: [tables.SALES]}
     )
 
 
 def test_imgemb_status_prints_the_missing_and_stale_partitions(
-    instance: DagsterInstance,
-    copy: SampleDataset,
+    own_instance: DagsterInstance,
+    own_dataset: SampleDataset,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    first, second = copy.prefixes
-    assert _run_prefix(instance, first).success
-    _report_listing(instance, Path(copy.raw_images_uri), first)
-    monkeypatch.setenv("DAGSTER_HOME", instance.root_directory)  # the command opens the instance as a user would
+    first, second = own_dataset.prefixes
+    assert _run_prefix(own_instance, first).success
+    _report_listing(own_instance, Path(own_dataset.raw_images_uri), first)
+    monkeypatch.setenv("DAGSTER_HOME", own_instance.root_directory)  # the command opens the own_instance as a user would
     assert cli.main(["status"]) == 0
     printed = capsys.readouterr().out.splitlines()
     assert printed[:3] == [
