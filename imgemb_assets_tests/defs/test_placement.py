@@ -139,6 +139,9 @@ def test_shipped_instance_configs_validate(folder: str, monkeypatch: pytest.Monk
         monkeypatch.setenv(name, "x")
     config, _ = dagster_instance_config(str(REPO_ROOT / folder), "dagster.yaml")
     assert config["concurrency"]["pools"]["default_limit"] >= 1  # bounds the gpu pool
+    # A slot held by a step that died with its worker is freed by the daemon, or the pool stays blocked.
+    assert config["run_monitoring"]["enabled"] is True
+    assert config["run_monitoring"]["free_slots_after_run_end_seconds"] > 0
 
 
 def test_helm_values_ask_for_the_k8s_executor_and_gpu_nodes() -> None:
@@ -148,3 +151,5 @@ def test_helm_values_ask_for_the_k8s_executor_and_gpu_nodes() -> None:
     settings = LocationSettings.from_environ(env)
     assert settings.executor == "k8s"
     assert settings.k8s_gpu_node_selector == {"nvidia.com/gpu.present": "true"}
+    monitoring = values["dagsterDaemon"]["runMonitoring"]
+    assert monitoring["enabled"] is True and monitoring["freeSlotsAfterRunEndSeconds"] > 0
