@@ -73,9 +73,9 @@ def location_executor(settings: LocationSettings) -> ExecutorDefinition:
         # sensors) so that no run config has to repeat them.
         return celery_executor.configured(config, name="celery") if config else celery_executor
     if settings.executor == "ecs":
-        from dagster_aws.ecs import ecs_executor
+        from imgemb_assets.defs.ecs_executor import ecs_capacity_provider_executor
 
-        return ecs_executor
+        return ecs_capacity_provider_executor()
     if settings.executor == "k8s":
         from dagster_k8s import k8s_job_executor
 
