@@ -18,7 +18,9 @@ round, alternating with the reference so both see the same machine:
   in its own process, on thumbnails of the same corpus.
 
 Prints, per round and best of each: images embedded per second end to end, the
-reference model-only images/s, their ratio, the runs launched, and the peak of
+reference model-only images/s, their ratio (best over best, and the median of the
+per-round ratios: each round runs both sides back to back, so a single fast
+reference round does not decide it), the runs launched, and the peak of
 the summed PSS of every process of the path (sampled every second: reading a
 2 GB process's smaps_rollup takes ~28 ms and holds its memory map lock, so
 sampling faster slows the path it measures). Ends with
@@ -28,6 +30,7 @@ one JSON line. Random-initialised weights (throughput does not depend on them).
 from __future__ import annotations
 
 import argparse
+import statistics
 import json
 import os
 import shutil
@@ -250,6 +253,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "end_to_end_img_s": round(best.images_per_second, 2),
         "reference_model_only_img_s": round(max(references), 2),
         "ratio": round(best.images_per_second / max(references), 3),
+        "median_round_ratio": round(
+            statistics.median(r.images_per_second / ref for r, ref in zip(results, references, strict=True)), 3
+        ),
         "runs_launched": best.runs,
         "failed_runs": best.failed_runs,
         "peak_pss_mb": round(max(r.peak_pss_mb for r in results)),
