@@ -30,11 +30,11 @@ one JSON line. Random-initialised weights (throughput does not depend on them).
 from __future__ import annotations
 
 import argparse
-import statistics
 import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
