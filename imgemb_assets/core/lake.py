@@ -145,29 +145,41 @@ class Lake:
             value = partition_key
         else:
             value = partition_value(partition_key)
-        for attempt in range(1, _COMMIT_ATTEMPTS + 1):
-            if precondition is not None:
-                precondition()
-            try:
-                write_deltalake(
-                    self.table_uri(name),
-                    _with_storage_column(data, layout_column, value),
-                    mode="overwrite",
-                    predicate=partition_predicate(value, layout_column),
-                    partition_by=[layout_column],
-                    schema_mode="merge",
-                    storage_options=self.current_storage_options(),
-                    target_file_size=_TARGET_FILE_BYTES,
-                    writer_properties=WriterProperties(max_row_group_size=_MAX_ROW_GROUP_ROWS),
-                )
-                return
-            except CommitFailedError as exc:
-                if attempt == _COMMIT_ATTEMPTS:
-                    raise CommitConflictError(
-                        f"partition {partition_key!r} of {name} kept conflicting with concurrent writers "
-                        f"after {attempt} attempts; nothing of this write was committed"
-                    ) from exc
-                time.sleep(_COMMIT_RETRY_BASE_S * attempt * (1 + random.random()))
+
+        def commit() -> None:
+            write_deltalake(
+                self.table_uri(name),
+                _with_storage_column(data, layout_column, value),
+                mode="overwrite",
+                predicate=partition_predicate(value, layout_column),
+                partition_by=[layout_column],
+                schema_mode="merge",
+                storage_options=self.current_storage_options(),
+                target_file_size=_TARGET_FILE_BYTES,
+                writer_properties=WriterProperties(max_row_group_size=_MAX_ROW_GROUP_ROWS),
+            )
+
+        _commit_with_retries(commit, f"partition {partition_key!r} of {name}", precondition)
+
+    def delete_partition(self, name: str, partition_key: str) -> int:
+        """Remove every row of one partition in one commit (its files leave the table, none is rewritten); the rows removed.
+
+        Readers of earlier versions go on reading them until a vacuum past the retention removes the files.
+        """
+        try:
+            self._open(name)
+        except LakeError:
+            return 0
+        deleted = 0
+
+        def commit() -> None:
+            nonlocal deleted
+            table = self._open(name)  # each attempt deletes from the newest version
+            metrics = table.delete(_partition_filter(table, partition_key))
+            deleted = int(metrics.get("num_deleted_rows") or 0)
+
+        _commit_with_retries(commit, f"partition {partition_key!r} of {name}")
+        return deleted
 
     def write_partition_stream(
         self,
@@ -345,6 +357,23 @@ class Lake:
         local = local_path_of(self.root_uri)
         if local is not None:
             Path(local).mkdir(parents=True, exist_ok=True)
+
+
+def _commit_with_retries(commit: Callable[[], None], what: str, precondition: Precondition | None = None) -> None:
+    """Run `commit` until it wins against concurrent writers of the same partition, checking `precondition` first each time."""
+    for attempt in range(1, _COMMIT_ATTEMPTS + 1):
+        if precondition is not None:
+            precondition()
+        try:
+            commit()
+            return
+        except CommitFailedError as exc:
+            if attempt == _COMMIT_ATTEMPTS:
+                raise CommitConflictError(
+                    f"{what} kept conflicting with concurrent writers after {attempt} attempts; "
+                    "nothing of this write was committed"
+                ) from exc
+            time.sleep(_COMMIT_RETRY_BASE_S * attempt * (1 + random.random()))
 
 
 def _layout_column_of(table: DeltaTable) -> str:

@@ -266,3 +266,22 @@ def test_a_write_whose_input_partition_was_rewritten_meanwhile_commits_nothing(t
         )
     assert lake.read("derived", "p")["v"].to_pylist() == [200, 201]
     assert lake.partition_files("missing", "p") == frozenset()
+
+
+@pytest.mark.parametrize("layout", ["today", "by prefix"])
+def test_deleting_a_partition_removes_its_rows_and_nothing_else(tmp_path: Path, layout: str) -> None:
+    lake = Lake(str(tmp_path))
+    if layout == "by prefix":
+        write_deltalake(lake.table_uri(REJECTED_IMAGES), _rows("a", ["0"]), partition_by=["prefix"])
+    for prefix, ids in (("a", ["1", "2"]), ("b", ["3"]), (LONG_CYRILLIC if layout == "today" else "c", ["4"])):
+        lake.write_partition(REJECTED_IMAGES, _rows(prefix, ids), prefix)
+    before = DeltaTable(lake.table_uri(REJECTED_IMAGES))
+    kept = {prefix: ids for prefix, ids in _ids_by_prefix(lake).items() if prefix != "a"}
+
+    assert lake.delete_partition(REJECTED_IMAGES, "a") == 2
+    assert _ids_by_prefix(lake) == kept
+    assert "a" not in lake.partition_keys(REJECTED_IMAGES)
+    assert lake.delete_partition(REJECTED_IMAGES, "a") == 0  # again: nothing left, nothing else touched
+    assert _ids_by_prefix(lake) == kept
+    assert sorted(before.to_pyarrow_table().column("image_id").to_pylist()) == ["1", "2", "3", "4"]  # an older reader
+    assert lake.delete_partition("no_such_table", "a") == 0
