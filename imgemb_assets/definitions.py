@@ -15,6 +15,7 @@ from dagster import Definitions, EnvVar, definitions
 from imgemb_assets.defs.assets import build_assets
 from imgemb_assets.defs.automation import build_automation_sensor
 from imgemb_assets.defs.jobs import embed_prefix_job, refresh_sales_job, rejoin_sales_job
+from imgemb_assets.defs.maintenance import build_maintenance_schedule
 from imgemb_assets.defs.placement import location_executor
 from imgemb_assets.defs.reconciliation import build_reconciliation_sensor
 from imgemb_assets.defs.resources import (
@@ -59,6 +60,8 @@ def build_definitions(settings: LocationSettings, resources: Mapping[str, Any] |
                 settings.reconciliation_interval_s, settings.reconciliation_prefixes_per_tick
             ),
         ],
+        # Brings its job, lake_maintenance, which can be launched by hand while the schedule is off.
+        schedules=[build_maintenance_schedule(settings)],
         executor=location_executor(settings),
         resources=dict(default_resources() if resources is None else resources),
     )

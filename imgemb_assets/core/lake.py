@@ -37,8 +37,8 @@ _COMMIT_ATTEMPTS: Final = 6
 _COMMIT_RETRY_BASE_S: Final = 0.2
 # Bound the writer's memory: parquet row groups of at most this many rows, and
 # files of about this size (a 2048-float embedding row is 8 KiB).
-_MAX_ROW_GROUP_ROWS: Final = 16_384
-_TARGET_FILE_BYTES: Final = 256 << 20
+MAX_ROW_GROUP_ROWS: Final = 16_384
+TARGET_FILE_BYTES: Final = 256 << 20
 # A prefix is its own partition value when it is this short and uses only
 # characters delta-rs leaves as they are in a folder name; others get a stem and a hash.
 _PLAIN_VALUE: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -155,8 +155,8 @@ class Lake:
                 partition_by=[layout_column],
                 schema_mode="merge",
                 storage_options=self.current_storage_options(),
-                target_file_size=_TARGET_FILE_BYTES,
-                writer_properties=WriterProperties(max_row_group_size=_MAX_ROW_GROUP_ROWS),
+                target_file_size=TARGET_FILE_BYTES,
+                writer_properties=WriterProperties(max_row_group_size=MAX_ROW_GROUP_ROWS),
             )
 
         _commit_with_retries(commit, f"partition {partition_key!r} of {name}", precondition)
@@ -275,8 +275,8 @@ class Lake:
             schema_mode="overwrite",
             partition_by=[PARTITION_STORAGE_COLUMN],
             storage_options=self.current_storage_options(),
-            target_file_size=_TARGET_FILE_BYTES,
-            writer_properties=WriterProperties(max_row_group_size=_MAX_ROW_GROUP_ROWS),
+            target_file_size=TARGET_FILE_BYTES,
+            writer_properties=WriterProperties(max_row_group_size=MAX_ROW_GROUP_ROWS),
         )
         return True
 

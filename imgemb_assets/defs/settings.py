@@ -14,6 +14,13 @@
     IMGEMB_SENSOR_MAX_NEW_PREFIXES  new prefixes taken per discovery tick (default 100)
     IMGEMB_RECONCILIATION_INTERVAL_S          minimum interval of the rolling reconciliation (default 600)
     IMGEMB_RECONCILIATION_PREFIXES_PER_TICK   registered prefixes it re-lists per tick (default 500)
+    IMGEMB_MAINTENANCE_CRON         cron (UTC) of the lake_maintenance schedule, which is off until
+                                    turned on (default "0 3 * * *": daily at 03:00 UTC)
+    IMGEMB_COMPACT_MIN_FILES        a partition is compacted once it holds this many small files (default 4)
+    IMGEMB_COMPACT_TARGET_FILE_BYTES  size compaction aims at (default 268435456, Lake's write size)
+    IMGEMB_VACUUM_RETENTION_HOURS   vacuum deletes unreferenced files older than this (default 168,
+                                    Delta's default); readers and writes must not last longer
+    IMGEMB_VACUUM_ALLOW_SHORT_RETENTION  true to allow a retention below 168 hours (default false)
 """
 
 from __future__ import annotations
@@ -26,6 +33,10 @@ from typing import Any, Final
 EXECUTORS: Final = ("in_process", "multiprocess", "celery", "ecs", "k8s")
 _DEFAULT_NODE_SELECTOR: Final = {"nvidia.com/gpu.present": "true"}
 _DEFAULT_TOLERATIONS: Final = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+# Delta's default `delta.deletedFileRetentionDuration`, in hours.
+_DELTA_RETENTION_HOURS: Final = 168
+_TRUE: Final = ("1", "true", "yes", "on")
+_FALSE: Final = ("0", "false", "no", "off")
 
 
 class SettingsError(ValueError):
@@ -59,6 +70,15 @@ class LocationSettings:
     # well within the sensor time limit.
     reconciliation_interval_s: int = 600
     reconciliation_prefixes_per_tick: int = 500
+    # Lake maintenance (defs/maintenance.py). Its schedule is off by default: it
+    # must not race the partition writers, and only a deployment knows when they rest.
+    maintenance_cron: str = "0 3 * * *"
+    # The defaults of core.maintenance.MaintenanceSettings (a test holds them equal), not
+    # imported: this module stays free of deltalake for the CLI.
+    compact_min_files: int = 4
+    compact_target_file_bytes: int = 256 << 20
+    vacuum_retention_hours: int = _DELTA_RETENTION_HOURS
+    vacuum_allow_short_retention: bool = False
 
     def __post_init__(self) -> None:
         if self.executor not in EXECUTORS:
@@ -75,6 +95,16 @@ class LocationSettings:
         if self.reconciliation_interval_s < 1 or self.reconciliation_prefixes_per_tick < 1:
             raise SettingsError(
                 "IMGEMB_RECONCILIATION_INTERVAL_S and IMGEMB_RECONCILIATION_PREFIXES_PER_TICK must be >= 1"
+            )
+        if self.compact_min_files < 2 or self.compact_target_file_bytes < 1:
+            raise SettingsError("IMGEMB_COMPACT_MIN_FILES must be >= 2, IMGEMB_COMPACT_TARGET_FILE_BYTES >= 1")
+        if self.vacuum_retention_hours < 1:
+            raise SettingsError(f"IMGEMB_VACUUM_RETENTION_HOURS must be >= 1, got {self.vacuum_retention_hours}")
+        if self.vacuum_retention_hours < _DELTA_RETENTION_HOURS and not self.vacuum_allow_short_retention:
+            raise SettingsError(
+                f"IMGEMB_VACUUM_RETENTION_HOURS={self.vacuum_retention_hours} is below Delta's default of "
+                f"{_DELTA_RETENTION_HOURS} hours: a reader or a write lasting longer would lose its files; "
+                "set IMGEMB_VACUUM_ALLOW_SHORT_RETENTION=true if none does"
             )
 
     @classmethod
@@ -98,6 +128,15 @@ class LocationSettings:
             reconciliation_prefixes_per_tick=_int(
                 environ, "IMGEMB_RECONCILIATION_PREFIXES_PER_TICK", defaults.reconciliation_prefixes_per_tick
             ),
+            maintenance_cron=environ.get("IMGEMB_MAINTENANCE_CRON") or defaults.maintenance_cron,
+            compact_min_files=_int(environ, "IMGEMB_COMPACT_MIN_FILES", defaults.compact_min_files),
+            compact_target_file_bytes=_int(
+                environ, "IMGEMB_COMPACT_TARGET_FILE_BYTES", defaults.compact_target_file_bytes
+            ),
+            vacuum_retention_hours=_int(environ, "IMGEMB_VACUUM_RETENTION_HOURS", defaults.vacuum_retention_hours),
+            vacuum_allow_short_retention=_bool(
+                environ, "IMGEMB_VACUUM_ALLOW_SHORT_RETENTION", defaults.vacuum_allow_short_retention
+            ),
         )
 
 
@@ -109,6 +148,17 @@ def _int(environ: Mapping[str, str], name: str, default: int) -> int:
         return int(raw)
     except ValueError as exc:
         raise SettingsError(f"{name} must be an integer, got {raw!r}") from exc
+
+
+def _bool(environ: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = environ.get(name)
+    if raw is None or raw == "":
+        return default
+    if raw.strip().lower() in _TRUE:
+        return True
+    if raw.strip().lower() in _FALSE:
+        return False
+    raise SettingsError(f"{name} must be one of {_TRUE + _FALSE}, got {raw!r}")
 
 
 def _json(environ: Mapping[str, str], name: str, default: Any, kind: type) -> Any:
