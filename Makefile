@@ -36,3 +36,15 @@ validate: $(STAMP)
 
 clean:
 	rm -rf $(DEMO_DIR) $(VENV) *.egg-info
+
+## The container image, built with root podman (no Docker or registry needed; storage in
+## IMGEMB_IMAGE_SCRATCH, default /var/tmp/imgemb-image), and its smoke test. Not part of CI.
+.PHONY: image image-smoke image-clean
+image:
+	deploy/image/build.sh
+
+image-smoke: image
+	deploy/image/smoke_test.sh
+
+image-clean:
+	deploy/image/clean.sh
