@@ -52,7 +52,10 @@ def build_definitions(settings: LocationSettings, resources: Mapping[str, Any] |
         jobs=[refresh_sales_job, embed_prefix_job, rejoin_sales_job],
         sensors=[
             build_raw_prefix_sensor(
-                settings.sensor_interval_s, settings.sensor_recent_prefixes, settings.sensor_max_new_prefixes
+                settings.sensor_interval_s,
+                settings.sensor_recent_prefixes,
+                settings.sensor_max_new_prefixes,
+                settings.vanished_prefixes,
             ),
             build_sales_change_sensor(settings.sensor_interval_s),
             build_automation_sensor(settings.sensor_interval_s),

@@ -30,23 +30,44 @@ def listing_fingerprint(objects: Iterable[ObjectInfo]) -> str:
     return digest.hexdigest()[:32]
 
 
+_CURSOR_VERSION = 2  # version 1 was the bare {prefix: fingerprint} object (read as before)
+
+
 @dataclass(frozen=True)
 class DiscoveryCursor:
-    """The fingerprint of each prefix as last requested."""
+    """The fingerprint of each prefix as last requested, and the registered prefixes last seen vanished."""
 
     fingerprints: dict[str, str] = field(default_factory=dict)
+    vanished: tuple[str, ...] = ()
 
     @classmethod
     def from_json(cls, text: str | None) -> DiscoveryCursor:
-        return cls(dict(json.loads(text))) if text else cls()
+        if not text:
+            return cls()
+        data = json.loads(text)
+        # A version-1 cursor maps prefixes to fingerprint strings, so an integer
+        # `version` can only be a later format's.
+        if isinstance(data.get("version"), int):
+            return cls(dict(data["fingerprints"]), tuple(data.get("vanished", ())))
+        return cls(dict(data))
 
     def to_json(self) -> str:
-        return json.dumps(self.fingerprints, sort_keys=True, ensure_ascii=False)
+        return json.dumps(
+            {"version": _CURSOR_VERSION, "fingerprints": self.fingerprints, "vanished": list(self.vanished)},
+            sort_keys=True,
+            ensure_ascii=False,
+        )
+
+
+def vanished_prefixes(registered: Iterable[str], listed: Iterable[str]) -> list[str]:
+    """Registered prefixes with no object left under the root (a prefix exists only while it holds objects)."""
+    return sorted(set(registered) - set(listed))
 
 
 @dataclass(frozen=True)
 class DiscoveryPlan:
     new_prefixes: list[str]  # to register as partitions
+    listed_prefixes: list[str]  # every prefix holding objects now
     changed: dict[str, str]  # prefix -> new fingerprint: to (re)materialize
     root_objects: list[str]  # directly under the root: in no partition
     cursor: DiscoveryCursor
@@ -92,9 +113,10 @@ def plan_discovery(
     changed = {prefix: fp for prefix, fp in fingerprints.items() if known.get(prefix) != fp}
     return DiscoveryPlan(
         new_prefixes=[prefix for prefix in fingerprints if prefix not in known and prefix in current],
+        listed_prefixes=current,
         changed=changed,
         root_objects=store.list_root_files(),
-        cursor=DiscoveryCursor({**known, **fingerprints}),
+        cursor=DiscoveryCursor({**known, **fingerprints}, cursor.vanished),
         prefixes_listed=len(to_list),
         refused_prefixes=listing.refused,
         listing_errors=listing_errors,

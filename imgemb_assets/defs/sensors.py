@@ -1,6 +1,6 @@
 """Sensors for what only we can see: new prefixes, changed objects under a prefix, changed sales files.
 
-They launch no runs. They register new prefixes as partitions and report a
+They launch no runs of assets. They register new prefixes as partitions and report a
 new materialization of the external assets `raw_images` (one per prefix whose
 listing changed) and `sales_export` (when the sales files changed), with the
 listing's fingerprint; declarative automation (`automation.py`) then
@@ -11,9 +11,13 @@ sensor's cursor, or, for a prefix the cursor does not know (a new sensor on an
 existing instance), the fingerprint the prefix's last manifest (or the last
 sales materialization) recorded. Starting the daemon on an up-to-date instance
 therefore reports nothing and launches nothing.
+
+The discovery sensor also notices registered prefixes that vanished from the
+root, and reports them or requests their removal (`lifecycle.py`).
 """
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 from dagster import (
     AssetKey,
@@ -29,7 +33,7 @@ from dagster import (
 )
 
 from imgemb_assets.core import tables
-from imgemb_assets.core.discovery import DiscoveryCursor, listing_fingerprint, plan_discovery
+from imgemb_assets.core.discovery import DiscoveryCursor, listing_fingerprint, plan_discovery, vanished_prefixes
 from imgemb_assets.core.sales import list_sales_files
 from imgemb_assets.defs.assets import (
     LISTING_FINGERPRINT_KEY,
@@ -37,7 +41,8 @@ from imgemb_assets.defs.assets import (
     SALES_EXPORT,
     SALES_FILES_FINGERPRINT_KEY,
 )
-from imgemb_assets.defs.partitions import s3_prefix_partitions
+from imgemb_assets.defs.lifecycle import removal_refusal, removal_request, remove_vanished_prefixes_job, shown
+from imgemb_assets.defs.partitions import S3_PREFIX_PARTITIONS_NAME, s3_prefix_partitions
 from imgemb_assets.defs.resources import StorageResource
 
 DEFAULT_MINIMUM_INTERVAL_S = 30
@@ -62,13 +67,16 @@ def build_raw_prefix_sensor(
     minimum_interval_seconds: int = DEFAULT_MINIMUM_INTERVAL_S,
     recent_prefixes: int = DEFAULT_RECENT_PREFIXES,
     max_new_prefixes: int = DEFAULT_MAX_NEW_PREFIXES,
+    vanished_policy: str = "keep",
 ) -> SensorDefinition:
-    """The discovery sensor; its interval, the recent prefixes it re-lists and the new ones it takes per tick are settings."""
+    """The discovery sensor; its interval, the recent prefixes it re-lists, the new ones it takes per tick and what
+    becomes of vanished prefixes (`keep` or `remove`) are settings."""
 
     @sensor(
         name="raw_prefix_sensor",
         minimum_interval_seconds=minimum_interval_seconds,
         default_status=DefaultSensorStatus.RUNNING,
+        jobs=[remove_vanished_prefixes_job],
         description=(
             "Registers new prefixes of the raw-images root as s3_prefix partitions and reports raw_images changed "
             f"for every new or changed prefix (re-lists new prefixes and the {recent_prefixes} most recent ones); "
@@ -86,7 +94,16 @@ def build_raw_prefix_sensor(
             if prefix in cursor.fingerprints
             or fingerprint != recorded_fingerprint(context.instance, tables.RAW_IMAGE_MANIFEST, LISTING_FINGERPRINT_KEY, prefix)
         }
+        registered = context.instance.get_dynamic_partitions(S3_PREFIX_PARTITIONS_NAME)
+        vanished = vanished_prefixes(registered, plan.listed_prefixes)
+        if tuple(vanished) != cursor.vanished:
+            _report_vanished(context, vanished, len(registered), vanished_policy)
+        removable = vanished_policy == "remove" and vanished and removal_refusal(vanished, len(registered)) is None
+        # A prefix neither listed nor registered (removed) is forgotten, so that it is new again if it comes back.
+        kept = set(registered) | set(plan.listed_prefixes)
+        fingerprints = {prefix: fp for prefix, fp in plan.cursor.fingerprints.items() if prefix in kept}
         return SensorResult(
+            run_requests=[removal_request(vanished)] if removable else [],
             dynamic_partitions_requests=(
                 [s3_prefix_partitions.build_add_request(plan.new_prefixes)] if plan.new_prefixes else []
             ),
@@ -96,7 +113,7 @@ def build_raw_prefix_sensor(
                 )
                 for prefix, fingerprint in sorted(changed.items())
             ],
-            cursor=plan.cursor.to_json(),
+            cursor=replace(plan.cursor, fingerprints=fingerprints, vanished=tuple(vanished)).to_json(),
         )
 
     return raw_prefix_sensor
@@ -129,6 +146,23 @@ def _report_root_objects(context: SensorEvaluationContext, names: Sequence[str])
         context.log.warning(
             f"{len(names)} objects lie directly under the raw-images root and belong to no partition: {shown}"
         )
+
+
+def _report_vanished(context: SensorEvaluationContext, vanished: Sequence[str], registered: int, policy: str) -> None:
+    """Said once per change of the set of vanished prefixes, not on every tick."""
+    if not vanished:
+        context.log.info("no registered prefix is missing from the root any more")
+        return
+    what = f"{len(vanished)} registered prefixes hold no object under the root any more: {shown(vanished)}"
+    if policy == "keep":
+        context.log.warning(
+            f"{what}; they stay registered and the reconciliation empties their partitions "
+            "(IMGEMB_VANISHED_PREFIXES=remove removes them from every table and the instance)"
+        )
+    elif (refusal := removal_refusal(vanished, registered)) is not None:
+        context.log.error(f"{what}; {refusal}")
+    else:
+        context.log.warning(f"{what}; requesting their removal from every table and the instance")
 
 
 def _report_unusable_prefixes(

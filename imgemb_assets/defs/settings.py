@@ -14,6 +14,9 @@
     IMGEMB_SENSOR_MAX_NEW_PREFIXES  new prefixes taken per discovery tick (default 100)
     IMGEMB_RECONCILIATION_INTERVAL_S          minimum interval of the rolling reconciliation (default 600)
     IMGEMB_RECONCILIATION_PREFIXES_PER_TICK   registered prefixes it re-lists per tick (default 500)
+    IMGEMB_VANISHED_PREFIXES        keep (default) or remove: what becomes of a registered prefix that has
+                                    no object left in the root (keep: it stays registered and empties out;
+                                    remove: its rows leave every table and the partition leaves the instance)
     IMGEMB_MAINTENANCE_CRON         cron (UTC) of the lake_maintenance schedule, which is off until
                                     turned on (default "0 3 * * *": daily at 03:00 UTC)
     IMGEMB_COMPACT_MIN_FILES        a partition is compacted once it holds this many small files (default 4)
@@ -31,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 EXECUTORS: Final = ("in_process", "multiprocess", "celery", "ecs", "k8s")
+VANISHED_PREFIX_POLICIES: Final = ("keep", "remove")
 _DEFAULT_NODE_SELECTOR: Final = {"nvidia.com/gpu.present": "true"}
 _DEFAULT_TOLERATIONS: Final = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
 # Delta's default `delta.deletedFileRetentionDuration`, in hours.
@@ -70,6 +74,9 @@ class LocationSettings:
     # well within the sensor time limit.
     reconciliation_interval_s: int = 600
     reconciliation_prefixes_per_tick: int = 500
+    # Removing is opt-in: a prefix deleted by mistake should cost a re-upload, not
+    # every table's rows of it (defs/lifecycle.py).
+    vanished_prefixes: str = "keep"
     # Lake maintenance (defs/maintenance.py). Its schedule is off by default: it
     # must not race the partition writers, and only a deployment knows when they rest.
     maintenance_cron: str = "0 3 * * *"
@@ -95,6 +102,10 @@ class LocationSettings:
         if self.reconciliation_interval_s < 1 or self.reconciliation_prefixes_per_tick < 1:
             raise SettingsError(
                 "IMGEMB_RECONCILIATION_INTERVAL_S and IMGEMB_RECONCILIATION_PREFIXES_PER_TICK must be >= 1"
+            )
+        if self.vanished_prefixes not in VANISHED_PREFIX_POLICIES:
+            raise SettingsError(
+                f"IMGEMB_VANISHED_PREFIXES must be one of {VANISHED_PREFIX_POLICIES}, got {self.vanished_prefixes!r}"
             )
         if self.compact_min_files < 2 or self.compact_target_file_bytes < 1:
             raise SettingsError("IMGEMB_COMPACT_MIN_FILES must be >= 2, IMGEMB_COMPACT_TARGET_FILE_BYTES >= 1")
@@ -128,6 +139,7 @@ class LocationSettings:
             reconciliation_prefixes_per_tick=_int(
                 environ, "IMGEMB_RECONCILIATION_PREFIXES_PER_TICK", defaults.reconciliation_prefixes_per_tick
             ),
+            vanished_prefixes=environ.get("IMGEMB_VANISHED_PREFIXES") or defaults.vanished_prefixes,
             maintenance_cron=environ.get("IMGEMB_MAINTENANCE_CRON") or defaults.maintenance_cron,
             compact_min_files=_int(environ, "IMGEMB_COMPACT_MIN_FILES", defaults.compact_min_files),
             compact_target_file_bytes=_int(

@@ -7,7 +7,13 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from imgemb_assets.core.discovery import DiscoveryCursor, listing_fingerprint, plan_discovery, prefixes_to_fingerprint
+from imgemb_assets.core.discovery import (
+    DiscoveryCursor,
+    listing_fingerprint,
+    plan_discovery,
+    prefixes_to_fingerprint,
+    vanished_prefixes,
+)
 from imgemb_assets.core.storage import LocalObjectStore, ObjectInfo, StorageError, open_object_store
 
 
@@ -128,3 +134,16 @@ def test_a_prefix_whose_listing_fails_is_reported_and_the_others_go_on(tmp_path:
     assert plan.listing_errors == {"b": "StorageError: b cannot be listed right now"}
     # not in the cursor: the next tick takes it as new again
     assert plan_discovery(open_object_store(str(tmp_path)), plan.cursor, recent=3).new_prefixes == ["b"]
+
+
+def test_the_cursor_keeps_vanished_prefixes_and_reads_the_earlier_format() -> None:
+    cursor = DiscoveryCursor({"2026-11-01": "f1", "version": "a prefix named version"}, vanished=("2026-10-31",))
+    assert DiscoveryCursor.from_json(cursor.to_json()) == cursor
+    earlier = '{"2026-11-01": "f1", "version": "a prefix named version"}'  # the bare map of before
+    assert DiscoveryCursor.from_json(earlier) == DiscoveryCursor({"2026-11-01": "f1", "version": "a prefix named version"})
+    assert DiscoveryCursor.from_json(None) == DiscoveryCursor()
+
+
+def test_a_registered_prefix_missing_from_the_listing_has_vanished() -> None:
+    assert vanished_prefixes(["a", "b", "c"], ["a", "c", "d"]) == ["b"]
+    assert vanished_prefixes([], ["a"]) == []
