@@ -23,6 +23,7 @@ from dagster import (
     AssetKey,
     AssetMaterialization,
     AssetRecordsFilter,
+    DagsterEventType,
     DagsterInstance,
     DefaultSensorStatus,
     SensorDefinition,
@@ -61,6 +62,24 @@ def recorded_fingerprint(instance: DagsterInstance, asset: str, key: str, partit
         return None
     value = records[0].asset_materialization.metadata.get(key)
     return None if value is None else str(value.value)
+
+
+def recorded_fingerprints(instance: DagsterInstance, asset: str, key: str, partitions: Sequence[str]) -> dict[str, str]:
+    """`recorded_fingerprint` of many partitions in two queries (not one per partition); partitions without one are left out."""
+    latest = instance.get_latest_storage_id_by_partition(
+        AssetKey(asset), DagsterEventType.ASSET_MATERIALIZATION, partitions=set(partitions)
+    )
+    if not latest:
+        return {}
+    records = instance.fetch_materializations(
+        AssetRecordsFilter(asset_key=AssetKey(asset), storage_ids=list(latest.values())), limit=len(latest)
+    ).records
+    found: dict[str, str] = {}
+    for record in records:
+        value = None if record.asset_materialization is None else record.asset_materialization.metadata.get(key)
+        if value is not None and record.partition_key is not None:
+            found[record.partition_key] = str(value.value)
+    return found
 
 
 def build_raw_prefix_sensor(

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from dagster import (
+    AssetMaterialization,
     DagsterInstance,
     SensorResult,
     SkipReason,
@@ -24,7 +25,12 @@ from imgemb_assets.defs.jobs import PREFIX_JOB_NAME, SALES_JOB_NAME
 from imgemb_assets.defs.partitions import S3_PREFIX_PARTITIONS_NAME
 from imgemb_assets.defs.resources import ImgembS3Resource, StorageResource
 from imgemb_assets.defs.reconciliation import build_reconciliation_sensor, next_window
-from imgemb_assets.defs.sensors import build_raw_prefix_sensor, build_sales_change_sensor
+from imgemb_assets.defs.sensors import (
+    build_raw_prefix_sensor,
+    build_sales_change_sensor,
+    recorded_fingerprint,
+    recorded_fingerprints,
+)
 from imgemb_assets.defs.settings import LocationSettings
 from imgemb_assets_tests.conftest import code_location_env
 
@@ -183,3 +189,14 @@ def test_the_reconciliation_window_wraps_around_the_registered_prefixes() -> Non
     assert next_window(prefixes, "zz", 2) == ["a", "b"]  # the cursor's prefix was deregistered
     assert next_window(prefixes, "bb", 10) == ["c", "d", "a", "b"]
     assert next_window([], None, 3) == []
+
+
+def test_recorded_fingerprints_of_many_prefixes_match_one_by_one(instance: DagsterInstance) -> None:
+    instance.add_dynamic_partitions(S3_PREFIX_PARTITIONS_NAME, ["a", "b", "c", "d"])
+    for prefix, fingerprint in (("a", "old"), ("b", "b1"), ("a", "new"), ("c", None)):
+        metadata = {} if fingerprint is None else {LISTING_FINGERPRINT_KEY: fingerprint}
+        instance.report_runless_asset_event(AssetMaterialization(asset_key=RAW_IMAGES, partition=prefix, metadata=metadata))
+    window = ["a", "b", "c", "d"]
+    batched = recorded_fingerprints(instance, RAW_IMAGES, LISTING_FINGERPRINT_KEY, window)
+    one_by_one = {p: fp for p in window if (fp := recorded_fingerprint(instance, RAW_IMAGES, LISTING_FINGERPRINT_KEY, p))}
+    assert batched == one_by_one == {"a": "new", "b": "b1"}
