@@ -142,6 +142,8 @@ def test_shipped_instance_configs_validate(folder: str, monkeypatch: pytest.Monk
     # A slot held by a step that died with its worker is freed by the daemon, or the pool stays blocked.
     assert config["run_monitoring"]["enabled"] is True
     assert config["run_monitoring"]["free_slots_after_run_end_seconds"] > 0
+    # Skipped sensor ticks hold the discovery cursor (0.5 MB at 10,000 prefixes): not kept a week.
+    assert config["retention"]["sensor"]["purge_after_days"]["skipped"] == 1
 
 
 def test_helm_values_ask_for_the_k8s_executor_and_gpu_nodes() -> None:
