@@ -15,13 +15,10 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import pyarrow as pa
 from dagster import SensorResult, build_sensor_context, instance_for_test
 
 from bench import print_summary
-from imgemb_assets.core import tables
 from imgemb_assets.core.discovery import DiscoveryCursor, plan_discovery
-from imgemb_assets.core.lake import Lake
 from imgemb_assets.core.s3 import S3Settings
 from imgemb_assets.defs.resources import ImgembS3Resource, StorageResource
 from imgemb_assets.defs.sensors import DEFAULT_RECENT_PREFIXES, build_raw_prefix_sensor
@@ -46,10 +43,6 @@ def main() -> None:
         upload_s = time.perf_counter() - started
         storage = StorageResource(
             raw_images_uri="s3://bench/raw", sales_uri="s3://bench/sales", lake_uri="s3://bench/delta", s3=ImgembS3Resource()
-        )
-        # The sensor defers its requests until the sales table exists.
-        Lake("s3://bench/delta", S3Settings().delta_storage_options()).overwrite(
-            tables.SALES, pa.table({"image_id": ["x"], "sales": [1.0]})
         )
         sensor = build_raw_prefix_sensor()
         timings, cursor, requested = {}, None, {}
