@@ -41,21 +41,22 @@ from typing import Any, Final
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import yaml
+
+from imgemb_assets.core.model_config import EMBEDDING_WIDTHS
+from imgemb_assets.core.sample_data import write_sales_export
+from imgemb_assets_tests.postgres_server import PG_URL_VARIABLE, running_postgres_server, with_postgres_storage
 
 REPO: Final = Path(__file__).resolve().parents[1]
 BIN: Final = Path(sys.executable).parent
 FIRST_DAY: Final = date(2000, 1, 1)
 NEW_PREFIXES: Final = 100
-EMBEDDING_WIDTH: Final = 2048  # ResNet50 without its classifier
+EMBEDDING_WIDTH: Final = EMBEDDING_WIDTHS["resnet50"]
 BENCH_MODEL_ID: Final = "bench-random-float32-2048"
-PG_URL_VARIABLE: Final = "DAGSTER_PG_URL"
 S3_BUCKET: Final = "imgemb-scale"
 _CORPUS_MARKER: Final = "corpus.json"
 _LAKE_MARKER: Final = "lake.json"
 _LAKE_PROGRESS: Final = "lake-progress.jsonl"
-_CATEGORIES: Final = ("shoes", "bags", "shirts", "hats", "watches")
 _RNG: Final = np.random.default_rng(0)  # the vectors' values matter to nothing measured here
 
 
@@ -127,17 +128,7 @@ def _write_tiny_jpeg(folder: Path, image_id: str, rng: np.random.Generator) -> s
 def _write_sales(sales_root: Path, image_ids: Sequence[str], rng: np.random.Generator) -> None:
     # ~90% of the images sell, and a few sales rows have no image: the inner join drops some rows.
     covered = [image_id for image_id in image_ids if rng.random() < 0.9]
-    ids = covered + [f"img_orphan_{number:04d}" for number in range(20)]
-    table = pa.table(
-        {
-            "image_id": pa.array(ids, pa.string()),
-            "sales": pa.array(rng.integers(0, 5000, size=len(ids)), pa.int64()),
-            "category": pa.array([_CATEGORIES[i % len(_CATEGORIES)] for i in range(len(ids))], pa.string()),
-            "price": pa.array(np.round(rng.uniform(5, 500, size=len(ids)), 2), pa.float64()),
-        }
-    )
-    sales_root.mkdir(parents=True)
-    pq.write_table(table, sales_root / "sales.parquet")
+    write_sales_export(sales_root, covered + [f"img_orphan_{number:04d}" for number in range(20)], rng)
 
 
 @contextmanager
@@ -425,16 +416,12 @@ def instance_home(storage: str, parent: Path) -> Iterator[tuple[Path, str | None
     home = parent / f"home-{storage}"
     shutil.rmtree(home, ignore_errors=True)
     home.mkdir(parents=True)
-    config = yaml.safe_load((REPO / "dagster.yaml").read_text())
+    shipped = REPO / "dagster.yaml"
     if storage == "sqlite":
-        (home / "dagster.yaml").write_text(yaml.safe_dump(config))
+        shutil.copy(shipped, home / "dagster.yaml")
         yield home, None
         return
-    from imgemb_assets_tests.postgres_server import running_postgres_server
-
-    # As the deployments configure it: the URL from the environment, not in the file.
-    config["storage"] = {"postgres": {"postgres_url": {"env": PG_URL_VARIABLE}}}
-    (home / "dagster.yaml").write_text(yaml.safe_dump(config))
+    (home / "dagster.yaml").write_text(yaml.safe_dump(with_postgres_storage(shipped)))
     with running_postgres_server() as server:
         yield home, server.create_database()
 

@@ -22,8 +22,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 from imgemb_assets_tests.debian_packages import installed_or_fail
 from imgemb_assets_tests.moto_server import free_port
@@ -31,6 +33,15 @@ from imgemb_assets_tests.moto_server import free_port
 # Debian installs the server binaries per major version, off PATH.
 POSTGRES_BIN_GLOB = "/usr/lib/postgresql/*/bin"
 SUPERUSER = "postgres"
+# The instance reads the database URL from this variable, as the deployments do: no secret in dagster.yaml.
+PG_URL_VARIABLE = "DAGSTER_PG_URL"
+
+
+def with_postgres_storage(instance_config: Path) -> dict[str, Any]:
+    """A shipped instance config's settings, with its storage in the server that PG_URL_VARIABLE names."""
+    config = yaml.safe_load(instance_config.read_text())
+    config["storage"] = {"postgres": {"postgres_url": {"env": PG_URL_VARIABLE}}}
+    return config
 
 
 @dataclass(frozen=True)

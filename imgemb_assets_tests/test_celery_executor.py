@@ -37,11 +37,10 @@ from imgemb_assets.core.lake import Lake
 from imgemb_assets.core.sample_data import SampleDataset
 from imgemb_assets.defs.partitions import S3_PREFIX_PARTITIONS_NAME
 from imgemb_assets.defs.placement import GPU_POOL
-from imgemb_assets_tests.conftest import code_location_env, user_shell_env
+from imgemb_assets_tests.conftest import REPO_ROOT, code_location_env, user_shell_env
+from imgemb_assets_tests.postgres_server import PG_URL_VARIABLE, with_postgres_storage
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-PG_URL_VARIABLE = "DAGSTER_PG_URL"
 EMBEDDING_STEP = tables.IMAGE_EMBEDDINGS  # an asset's step key is its name
 
 
@@ -58,8 +57,7 @@ SLOT_FREE_AFTER_S = 1  # the shipped config waits 300 s after a run ends before 
 def _write_instance(home: Path) -> None:
     """The shipped dagster.yaml (run queue, pools, run monitoring), with its storage in PostgreSQL: the
     run's process and both workers write to the same instance. Slots are freed sooner than shipped."""
-    config = yaml.safe_load((REPO_ROOT / "dagster.yaml").read_text())
-    config["storage"] = {"postgres": {"postgres_url": {"env": PG_URL_VARIABLE}}}
+    config = with_postgres_storage(REPO_ROOT / "dagster.yaml")
     config["run_monitoring"]["free_slots_after_run_end_seconds"] = SLOT_FREE_AFTER_S
     home.mkdir()
     (home / "dagster.yaml").write_text(yaml.safe_dump(config))

@@ -73,12 +73,12 @@ from imgemb_assets_tests.ecs_agent import (
     running_moto_ecs_server,
 )
 from imgemb_assets_tests.moto_server import client_environment
+from imgemb_assets_tests.postgres_server import PG_URL_VARIABLE, with_postgres_storage
 
 DEPLOY = REPO_ROOT / "deploy" / "ecs"
 BIN = Path(sys.executable).parent
 IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/imgemb:test"
 CLUSTER = "imgemb"
-PG_URL_VARIABLE = "DAGSTER_PG_URL"
 EMBEDDING_STEP = tables.IMAGE_EMBEDDINGS  # an asset's step key is its name
 STEP_KEY_TAG = "dagster/step-key"
 RUN_TIMEOUT_S = 240.0
@@ -96,9 +96,7 @@ def _pairs(mapping: Mapping[str, str]) -> list[dict[str, str]]:
 
 def _ecs_instance_config() -> dict[str, Any]:
     """deploy/ecs/dagster.yaml as shipped (EcsRunLauncher, run queue, pools), its storage at the test's PostgreSQL."""
-    config = yaml.safe_load((DEPLOY / "dagster.yaml").read_text())
-    config["storage"] = {"postgres": {"postgres_url": {"env": PG_URL_VARIABLE}}}
-    return config
+    return with_postgres_storage(DEPLOY / "dagster.yaml")
 
 
 @dataclass(frozen=True)

@@ -23,20 +23,17 @@ from imgemb_assets.defs.resources import ImgembS3Resource, StorageResource
 from imgemb_assets.defs.sensors import build_raw_prefix_sensor, build_sales_change_sensor
 from imgemb_assets.defs.settings import LocationSettings
 from imgemb_assets_tests.conftest import REPO_ROOT, code_location_env, run_user_command, user_shell_env
+from imgemb_assets_tests.postgres_server import PG_URL_VARIABLE, with_postgres_storage
 
 
 BIN = Path(sys.executable).parent
-# The instance reads the URL from the environment, as the README tells users to: no secret in the file.
-PG_URL_VARIABLE = "DAGSTER_PG_URL"
 PARTITIONED = [name for name in tables.ALL_TABLES if name != tables.SALES]
 
 
 def _write_postgres_instance(home: Path) -> None:
     """The shipped dagster.yaml (run queue, pools), with its storage in PostgreSQL."""
-    config = yaml.safe_load((REPO_ROOT / "dagster.yaml").read_text())
-    config["storage"] = {"postgres": {"postgres_url": {"env": PG_URL_VARIABLE}}}
     home.mkdir()
-    (home / "dagster.yaml").write_text(yaml.safe_dump(config))
+    (home / "dagster.yaml").write_text(yaml.safe_dump(with_postgres_storage(REPO_ROOT / "dagster.yaml")))
 
 
 def _query(url: str, sql: str) -> list[tuple]:

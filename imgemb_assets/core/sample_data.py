@@ -146,6 +146,12 @@ def _write_sales(
         covered += [image_id for image_id in ids if image_id not in left_out]
     orphans = [f"img_orphan_{number:04d}" for number in range(ids_without_image)]
     sales_ids = sorted(covered) + orphans
+    write_sales_export(sales_root, sales_ids, rng)
+    return sales_ids
+
+
+def write_sales_export(sales_root: Path, sales_ids: list[str], rng: np.random.Generator) -> None:
+    """One parquet file of the export's columns for `sales_ids`: random sales and prices, categories in turn."""
     table = pa.table(
         {
             "image_id": pa.array(sales_ids, pa.string()),
@@ -156,4 +162,3 @@ def _write_sales(
     )
     sales_root.mkdir(parents=True)
     pq.write_table(table, sales_root / "sales.parquet")
-    return sales_ids
