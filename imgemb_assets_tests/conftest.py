@@ -19,7 +19,7 @@ from dagster import DagsterInstance, instance_for_test
 
 from imgemb_assets.core.s3 import S3Settings
 from imgemb_assets.core.sample_data import SampleDataset, generate_sample_dataset
-from imgemb_assets.core.tables import DOWNSCALED_IMAGES_SCHEMA
+from imgemb_assets.core.tables import DOWNSCALED_IMAGES_SCHEMA, REJECTED_IMAGES_SCHEMA
 from imgemb_assets.defs.partitions import S3_PREFIX_PARTITIONS_NAME
 from imgemb_assets_tests.moto_server import client_environment, running_moto_server
 
@@ -112,6 +112,19 @@ def downscaled_rows(prefix: str, ids: list[str]) -> pa.Table:
             "image_jpeg": [b"jpeg"] * n,
         },
         schema=DOWNSCALED_IMAGES_SCHEMA,
+    )
+
+
+def rejected_rows(prefix: str, ids: list[str]) -> pa.Table:
+    """`rejected_images` rows of one prefix for `ids` (uri `<prefix>/<id>.jpg`, reason "r"): the smallest rows a Lake test writes."""
+    return pa.table(
+        {
+            "image_id": ids,
+            "prefix": [prefix] * len(ids),
+            "uri": [f"{prefix}/{i}.jpg" for i in ids],
+            "reason": ["r"] * len(ids),
+        },
+        schema=REJECTED_IMAGES_SCHEMA,
     )
 
 

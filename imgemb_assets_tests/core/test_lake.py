@@ -16,18 +16,7 @@ from deltalake import DeltaTable, write_deltalake
 
 from imgemb_assets.core.lake import InputChangedError, Lake, LakeError, partition_predicate, partition_value
 from imgemb_assets.core.tables import PARTITION_STORAGE_COLUMN, REJECTED_IMAGES, REJECTED_IMAGES_SCHEMA
-
-
-def _rows(prefix: str, ids: list[str]) -> pa.Table:
-    return pa.table(
-        {
-            "image_id": ids,
-            "prefix": [prefix] * len(ids),
-            "uri": [f"{prefix}/{i}.jpg" for i in ids],
-            "reason": ["r"] * len(ids),
-        },
-        schema=REJECTED_IMAGES_SCHEMA,
-    )
+from imgemb_assets_tests.conftest import rejected_rows
 
 
 def _ids_by_prefix(lake: Lake) -> dict[str, list[str]]:
@@ -40,19 +29,19 @@ def _ids_by_prefix(lake: Lake) -> dict[str, list[str]]:
 
 def test_writing_one_partition_leaves_the_others_untouched(tmp_path: Path) -> None:
     lake = Lake(str(tmp_path))
-    lake.write_partition(REJECTED_IMAGES, _rows("a", ["1", "2"]), "a")
-    lake.write_partition(REJECTED_IMAGES, _rows("b", ["3"]), "b")
-    lake.write_partition(REJECTED_IMAGES, _rows("a", ["4"]), "a")
-    lake.write_partition(REJECTED_IMAGES, _rows("a", ["4"]), "a")  # a rerun replaces, never appends
+    lake.write_partition(REJECTED_IMAGES, rejected_rows("a", ["1", "2"]), "a")
+    lake.write_partition(REJECTED_IMAGES, rejected_rows("b", ["3"]), "b")
+    lake.write_partition(REJECTED_IMAGES, rejected_rows("a", ["4"]), "a")
+    lake.write_partition(REJECTED_IMAGES, rejected_rows("a", ["4"]), "a")  # a rerun replaces, never appends
     assert _ids_by_prefix(lake) == {"a": ["4"], "b": ["3"]}
     assert DeltaTable(lake.table_uri(REJECTED_IMAGES)).version() == 3  # one commit per write
 
 
 def test_an_empty_write_empties_only_its_partition(tmp_path: Path) -> None:
     lake = Lake(str(tmp_path))
-    lake.write_partition(REJECTED_IMAGES, _rows("a", ["1"]), "a")
-    lake.write_partition(REJECTED_IMAGES, _rows("b", ["2"]), "b")
-    lake.write_partition(REJECTED_IMAGES, _rows("a", []), "a")
+    lake.write_partition(REJECTED_IMAGES, rejected_rows("a", ["1"]), "a")
+    lake.write_partition(REJECTED_IMAGES, rejected_rows("b", ["2"]), "b")
+    lake.write_partition(REJECTED_IMAGES, rejected_rows("a", []), "a")
     assert _ids_by_prefix(lake) == {"b": ["2"]}
     assert lake.read(REJECTED_IMAGES, "a").num_rows == 0
 
@@ -60,9 +49,9 @@ def test_an_empty_write_empties_only_its_partition(tmp_path: Path) -> None:
 @pytest.mark.parametrize("hostile", ["x' OR '1'='1", "it's", "a' OR prefix <> 'zz", "100% off + tax=0"])
 def test_a_quoted_key_cannot_widen_the_predicate(tmp_path: Path, hostile: str) -> None:
     lake = Lake(str(tmp_path))
-    lake.write_partition(REJECTED_IMAGES, _rows("keep", ["1"]), "keep")
-    lake.write_partition(REJECTED_IMAGES, _rows(hostile, ["2"]), hostile)
-    lake.write_partition(REJECTED_IMAGES, _rows(hostile, ["3"]), hostile)
+    lake.write_partition(REJECTED_IMAGES, rejected_rows("keep", ["1"]), "keep")
+    lake.write_partition(REJECTED_IMAGES, rejected_rows(hostile, ["2"]), hostile)
+    lake.write_partition(REJECTED_IMAGES, rejected_rows(hostile, ["3"]), hostile)
     assert _ids_by_prefix(lake) == {"keep": ["1"], hostile: ["3"]}
     assert lake.read(REJECTED_IMAGES, hostile).column("image_id").to_pylist() == ["3"]
 
@@ -85,7 +74,7 @@ def test_predicate_doubles_quotes() -> None:
 def test_rows_of_another_partition_are_refused(tmp_path: Path) -> None:
     lake = Lake(str(tmp_path))
     with pytest.raises(LakeError, match="carry prefix values"):
-        lake.write_partition(REJECTED_IMAGES, _rows("b", ["1"]), "a")
+        lake.write_partition(REJECTED_IMAGES, rejected_rows("b", ["1"]), "a")
     assert not lake.exists(REJECTED_IMAGES)
 
 
@@ -125,12 +114,12 @@ def test_a_process_that_read_tables_exits_cleanly(tmp_path: Path) -> None:
 
 def _write_same_partition(root: str, tag: str, barrier: object) -> None:
     barrier.wait()  # type: ignore[attr-defined]
-    Lake(root).write_partition(REJECTED_IMAGES, _rows("p", [f"{tag}{i}" for i in range(40)]), "p")
+    Lake(root).write_partition(REJECTED_IMAGES, rejected_rows("p", [f"{tag}{i}" for i in range(40)]), "p")
 
 
 def test_concurrent_writers_of_one_partition_leave_exactly_one_copy(tmp_path: Path) -> None:
     root = str(tmp_path)
-    Lake(root).write_partition(REJECTED_IMAGES, _rows("p", ["seed"]), "p")
+    Lake(root).write_partition(REJECTED_IMAGES, rejected_rows("p", ["seed"]), "p")
     context = multiprocessing.get_context("spawn")  # deltalake must not run in a forked child
     for _round in range(3):
         barrier = context.Barrier(2)
@@ -171,8 +160,8 @@ Lake(root).write_partition(REJECTED_IMAGES, lambda: pa.RecordBatchReader.from_ba
 
 def test_a_writer_killed_mid_stream_leaves_the_previous_version(tmp_path: Path) -> None:
     lake = Lake(str(tmp_path / "lake"))
-    lake.write_partition(REJECTED_IMAGES, _rows("a", ["1", "2"]), "a")
-    lake.write_partition(REJECTED_IMAGES, _rows("b", ["3"]), "b")
+    lake.write_partition(REJECTED_IMAGES, rejected_rows("a", ["1", "2"]), "a")
+    lake.write_partition(REJECTED_IMAGES, rejected_rows("b", ["3"]), "b")
     version = DeltaTable(lake.table_uri(REJECTED_IMAGES)).version()
     halfway = tmp_path / "halfway"
     writer = subprocess.Popen([sys.executable, "-c", _STREAMING_WRITER, lake.root_uri, str(halfway)])
@@ -194,9 +183,9 @@ LONG_CYRILLIC = "ж" * 51  # 102 bytes of UTF-8, 306 once percent-encoded: too l
 @pytest.mark.parametrize("prefix", [LONG_CYRILLIC, "é" * 500, "x" * 1000, " lead", "trail ", 'say "hi"', "a\x01b"])
 def test_any_prefix_s3_accepts_is_a_partition(tmp_path: Path, prefix: str) -> None:
     lake = Lake(str(tmp_path))
-    lake.write_partition(REJECTED_IMAGES, _rows("keep", ["1"]), "keep")
-    lake.write_partition(REJECTED_IMAGES, _rows(prefix, ["2"]), prefix)
-    lake.write_partition(REJECTED_IMAGES, _rows(prefix, ["3", "4"]), prefix)
+    lake.write_partition(REJECTED_IMAGES, rejected_rows("keep", ["1"]), "keep")
+    lake.write_partition(REJECTED_IMAGES, rejected_rows(prefix, ["2"]), prefix)
+    lake.write_partition(REJECTED_IMAGES, rejected_rows(prefix, ["3", "4"]), prefix)
     assert _ids_by_prefix(lake) == {"keep": ["1"], prefix: ["3", "4"]}
     assert lake.read(REJECTED_IMAGES, prefix).schema == REJECTED_IMAGES_SCHEMA  # the physical column stays inside Lake
     assert lake.partition_keys(REJECTED_IMAGES) == sorted(["keep", prefix])
@@ -214,30 +203,30 @@ def test_partition_values_are_short_stable_and_distinct() -> None:
 
 def test_a_table_created_partitioned_by_prefix_keeps_its_layout_until_migrated(tmp_path: Path) -> None:
     lake = Lake(str(tmp_path))
-    write_deltalake(lake.table_uri(REJECTED_IMAGES), _rows("a", ["1"]), partition_by=["prefix"])  # as before
-    lake.write_partition(REJECTED_IMAGES, _rows("b", ["2"]), "b")
-    lake.write_partition(REJECTED_IMAGES, _rows("a", ["3"]), "a")
+    write_deltalake(lake.table_uri(REJECTED_IMAGES), rejected_rows("a", ["1"]), partition_by=["prefix"])  # as before
+    lake.write_partition(REJECTED_IMAGES, rejected_rows("b", ["2"]), "b")
+    lake.write_partition(REJECTED_IMAGES, rejected_rows("a", ["3"]), "a")
     assert DeltaTable(lake.table_uri(REJECTED_IMAGES)).metadata().partition_columns == ["prefix"]
     assert _ids_by_prefix(lake) == {"a": ["3"], "b": ["2"]}
     assert lake.partition_keys(REJECTED_IMAGES) == ["a", "b"]
     with pytest.raises(LakeError, match=r"too long for a folder name there .*\.migrate_partitioning\('rejected_images'\)"):
-        lake.write_partition(REJECTED_IMAGES, _rows(LONG_CYRILLIC, ["4"]), LONG_CYRILLIC)
+        lake.write_partition(REJECTED_IMAGES, rejected_rows(LONG_CYRILLIC, ["4"]), LONG_CYRILLIC)
     assert lake.migrate_partitioning(REJECTED_IMAGES) is True
     assert lake.migrate_partitioning(REJECTED_IMAGES) is False
     assert DeltaTable(lake.table_uri(REJECTED_IMAGES)).metadata().partition_columns == [PARTITION_STORAGE_COLUMN]
-    lake.write_partition(REJECTED_IMAGES, _rows(LONG_CYRILLIC, ["4"]), LONG_CYRILLIC)
+    lake.write_partition(REJECTED_IMAGES, rejected_rows(LONG_CYRILLIC, ["4"]), LONG_CYRILLIC)
     assert _ids_by_prefix(lake) == {"a": ["3"], "b": ["2"], LONG_CYRILLIC: ["4"]}
 
 
 def test_an_empty_prefix_is_no_partition(tmp_path: Path) -> None:
     with pytest.raises(LakeError, match="empty prefix"):
-        Lake(str(tmp_path)).write_partition(REJECTED_IMAGES, _rows("", ["1"]), "")
+        Lake(str(tmp_path)).write_partition(REJECTED_IMAGES, rejected_rows("", ["1"]), "")
 
 
 def test_polars_reads_any_partition_by_its_prefix(tmp_path: Path) -> None:
     lake = Lake(str(tmp_path))
     for prefix in ("2026-11-01", LONG_CYRILLIC):
-        lake.write_partition(REJECTED_IMAGES, _rows(prefix, [prefix[:3]]), prefix)
+        lake.write_partition(REJECTED_IMAGES, rejected_rows(prefix, [prefix[:3]]), prefix)
     frame = pl.scan_delta(lake.table_uri(REJECTED_IMAGES)).filter(pl.col("prefix") == LONG_CYRILLIC).collect()
     assert frame["image_id"].to_list() == ["жжж"]
 
@@ -272,9 +261,9 @@ def test_a_write_whose_input_partition_was_rewritten_meanwhile_commits_nothing(t
 def test_deleting_a_partition_removes_its_rows_and_nothing_else(tmp_path: Path, layout: str) -> None:
     lake = Lake(str(tmp_path))
     if layout == "by prefix":
-        write_deltalake(lake.table_uri(REJECTED_IMAGES), _rows("a", ["0"]), partition_by=["prefix"])
+        write_deltalake(lake.table_uri(REJECTED_IMAGES), rejected_rows("a", ["0"]), partition_by=["prefix"])
     for prefix, ids in (("a", ["1", "2"]), ("b", ["3"]), (LONG_CYRILLIC if layout == "today" else "c", ["4"])):
-        lake.write_partition(REJECTED_IMAGES, _rows(prefix, ids), prefix)
+        lake.write_partition(REJECTED_IMAGES, rejected_rows(prefix, ids), prefix)
     before = DeltaTable(lake.table_uri(REJECTED_IMAGES))
     kept = {prefix: ids for prefix, ids in _ids_by_prefix(lake).items() if prefix != "a"}
 

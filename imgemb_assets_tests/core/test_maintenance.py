@@ -18,9 +18,9 @@ from imgemb_assets.core.maintenance import MaintenanceSettings, compact_partitio
 from imgemb_assets.core.tables import (
     PARTITION_STORAGE_COLUMN,
     REJECTED_IMAGES,
-    REJECTED_IMAGES_SCHEMA,
     SALES,
 )
+from imgemb_assets_tests.conftest import rejected_rows
 
 MANY = "2026-11-01"  # plain prefixes: each is its own partition value
 FEW = "2026-11-02"
@@ -31,16 +31,7 @@ SHORT = MaintenanceSettings(compact_min_files=4, vacuum_retention_hours=1, allow
 
 
 def _rows(prefix: str, ids: range) -> pa.Table:
-    names = [f"{prefix}-{i}" for i in ids]
-    return pa.table(
-        {
-            "image_id": names,
-            "prefix": [prefix] * len(names),
-            "uri": [f"{prefix}/{n}.jpg" for n in names],
-            "reason": ["r"] * len(names),
-        },
-        schema=REJECTED_IMAGES_SCHEMA,
-    )
+    return rejected_rows(prefix, [f"{prefix}-{i}" for i in ids])
 
 
 def _append(lake: Lake, prefix: str, ids: range) -> None:
