@@ -66,6 +66,8 @@ def recorded_fingerprint(instance: DagsterInstance, asset: str, key: str, partit
 
 def recorded_fingerprints(instance: DagsterInstance, asset: str, key: str, partitions: Sequence[str]) -> dict[str, str]:
     """`recorded_fingerprint` of many partitions in two queries (not one per partition); partitions without one are left out."""
+    if not partitions:
+        return {}  # no partition filter would mean every partition
     latest = instance.get_latest_storage_id_by_partition(
         AssetKey(asset), DagsterEventType.ASSET_MATERIALIZATION, partitions=set(partitions)
     )
@@ -107,11 +109,13 @@ def build_raw_prefix_sensor(
         plan = plan_discovery(storage.raw_images(), cursor, recent=recent_prefixes, max_new=max_new_prefixes)
         _report_root_objects(context, plan.root_objects)
         _report_unusable_prefixes(context, plan.refused_prefixes, plan.listing_errors)
+        # A prefix the cursor does not know is compared with what its last manifest read, fetched in one batch.
+        unknown = [prefix for prefix in plan.changed if prefix not in cursor.fingerprints]
+        manifests = recorded_fingerprints(context.instance, tables.RAW_IMAGE_MANIFEST, LISTING_FINGERPRINT_KEY, unknown)
         changed = {
             prefix: fingerprint
             for prefix, fingerprint in plan.changed.items()
-            if prefix in cursor.fingerprints
-            or fingerprint != recorded_fingerprint(context.instance, tables.RAW_IMAGE_MANIFEST, LISTING_FINGERPRINT_KEY, prefix)
+            if prefix in cursor.fingerprints or fingerprint != manifests.get(prefix)
         }
         registered = context.instance.get_dynamic_partitions(S3_PREFIX_PARTITIONS_NAME)
         vanished = vanished_prefixes(registered, plan.listed_prefixes)
