@@ -61,14 +61,20 @@ def main() -> int:
         model = load_model(EmbeddingSettings(weights="random", device="cuda", precision=precision))
         got = embed_thumbnails(model, jpegs)
         error = float(np.abs(got - expected).max() / np.abs(expected).max())
+        # What search sees: the cosine similarity of each vector to its fp32 counterpart.
+        cosine = np.sum(got * expected, axis=1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(expected, axis=1))
         ok = error <= RELATIVE_TOLERANCE
         failed |= not ok
-        print(f"correctness {precision}: max relative error {error:.2e} ({'ok' if ok else 'FAIL'} <= {RELATIVE_TOLERANCE})")
+        print(
+            f"correctness {precision}: max relative error {error:.2e} ({'ok' if ok else 'FAIL'} <= {RELATIVE_TOLERANCE}),"
+            f" lowest cosine to fp32 {float(cosine.min()):.6f}"
+        )
         argv = ["--device", "cuda", "--precision", precision, "--images", str(args.images), "--rounds", "3"]
         if args.corpus:
             argv += ["--corpus", str(args.corpus)]
         summary = bench.main(argv)
         summary["max_relative_error"] = error
+        summary["min_cosine_to_fp32"] = float(cosine.min())
         results.append(summary)
     print(f"\n{'precision':10s}{'model only img/s':>18s}{'embed stage img/s':>19s}{'ratio':>8s}")
     for summary in results:
