@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from dagster import DagsterInstance, instance_for_test
+from dagster import AddDynamicPartitionsRequest, AssetMaterialization, DagsterInstance, SensorResult, instance_for_test
 
 from imgemb_assets.core.s3 import S3Settings
 from imgemb_assets.core.sample_data import SampleDataset, generate_sample_dataset
@@ -126,6 +126,16 @@ def rejected_rows(prefix: str, ids: list[str]) -> pa.Table:
         },
         schema=REJECTED_IMAGES_SCHEMA,
     )
+
+
+def store_sensor_result(instance: DagsterInstance, result: SensorResult) -> None:
+    """What the daemon stores after a sensor tick: the partitions it adds and the events it reports."""
+    for request in result.dynamic_partitions_requests or []:
+        assert isinstance(request, AddDynamicPartitionsRequest)
+        instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
+    for event in result.asset_events or []:
+        assert isinstance(event, AssetMaterialization)
+        instance.report_runless_asset_event(event)
 
 
 def user_shell_env(location: Mapping[str, str]) -> dict[str, str]:

@@ -6,18 +6,18 @@ listing changed) and `sales_export` (when the sales files changed), with the
 listing's fingerprint; declarative automation (`automation.py`) then
 materializes what became stale, in runs of many prefixes.
 
-A fingerprint is reported only when it differs from the last one seen: the
-sensor's cursor, or, for a prefix the cursor does not know (a new sensor on an
-existing instance), the fingerprint the prefix's last manifest (or the last
-sales materialization) recorded. Starting the daemon on an up-to-date instance
-therefore reports nothing and launches nothing.
+A fingerprint is reported only when it differs from the last one reported
+(kept in the instance as that report's metadata, not in the cursor) or, for a
+prefix never reported (a new sensor on an existing instance), the one the
+prefix's last manifest (or the last sales materialization) recorded. Starting
+the daemon on an up-to-date instance therefore reports nothing and launches
+nothing.
 
 The discovery sensor also notices registered prefixes that vanished from the
 root, and reports them or requests their removal (`lifecycle.py`).
 """
 
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 
 from dagster import (
     AssetKey,
@@ -34,7 +34,13 @@ from dagster import (
 )
 
 from imgemb_assets.core import tables
-from imgemb_assets.core.discovery import DiscoveryCursor, listing_fingerprint, plan_discovery, vanished_prefixes
+from imgemb_assets.core.discovery import (
+    DiscoveryCursor,
+    KnownPrefixes,
+    listing_fingerprint,
+    plan_discovery,
+    vanished_prefixes,
+)
 from imgemb_assets.core.sales import list_sales_files
 from imgemb_assets.defs.assets import (
     LISTING_FINGERPRINT_KEY,
@@ -84,6 +90,23 @@ def recorded_fingerprints(instance: DagsterInstance, asset: str, key: str, parti
     return found
 
 
+def known_prefixes(instance: DagsterInstance, registered: Sequence[str]) -> KnownPrefixes:
+    """The registered prefixes, each with the fingerprint of its last `raw_images` report, else of its last manifest.
+
+    The manifest's fingerprint stands in for a prefix never reported (a sensor
+    started on an instance whose partitions were materialized from the CLI), so
+    starting the daemon on an up-to-date instance reports nothing. A prefix that is
+    not registered (new, or removed and uploaded again) is always reported.
+    """
+
+    def fingerprints_of(prefixes: Sequence[str]) -> dict[str, str]:
+        reported = recorded_fingerprints(instance, RAW_IMAGES, LISTING_FINGERPRINT_KEY, prefixes)
+        unreported = [prefix for prefix in prefixes if prefix not in reported]
+        return reported | recorded_fingerprints(instance, tables.RAW_IMAGE_MANIFEST, LISTING_FINGERPRINT_KEY, unreported)
+
+    return KnownPrefixes(frozenset(registered), fingerprints_of)
+
+
 def build_raw_prefix_sensor(
     minimum_interval_seconds: int = DEFAULT_MINIMUM_INTERVAL_S,
     recent_prefixes: int = DEFAULT_RECENT_PREFIXES,
@@ -105,26 +128,18 @@ def build_raw_prefix_sensor(
         ),
     )
     def raw_prefix_sensor(context: SensorEvaluationContext, storage: StorageResource) -> SensorResult:
-        cursor = DiscoveryCursor.from_json(context.cursor)
-        plan = plan_discovery(storage.raw_images(), cursor, recent=recent_prefixes, max_new=max_new_prefixes)
+        # The cursor holds only the vanished prefixes last reported: what the sensor knows
+        # of each prefix is in the instance (see known_prefixes).
+        last_vanished = DiscoveryCursor.from_json(context.cursor).vanished
+        registered = context.instance.get_dynamic_partitions(S3_PREFIX_PARTITIONS_NAME)
+        known = known_prefixes(context.instance, registered)
+        plan = plan_discovery(storage.raw_images(), known, recent=recent_prefixes, max_new=max_new_prefixes)
         _report_root_objects(context, plan.root_objects)
         _report_unusable_prefixes(context, plan.refused_prefixes, plan.listing_errors)
-        # A prefix the cursor does not know is compared with what its last manifest read, fetched in one batch.
-        unknown = [prefix for prefix in plan.changed if prefix not in cursor.fingerprints]
-        manifests = recorded_fingerprints(context.instance, tables.RAW_IMAGE_MANIFEST, LISTING_FINGERPRINT_KEY, unknown)
-        changed = {
-            prefix: fingerprint
-            for prefix, fingerprint in plan.changed.items()
-            if prefix in cursor.fingerprints or fingerprint != manifests.get(prefix)
-        }
-        registered = context.instance.get_dynamic_partitions(S3_PREFIX_PARTITIONS_NAME)
         vanished = vanished_prefixes(registered, plan.listed_prefixes)
-        if tuple(vanished) != cursor.vanished:
+        if tuple(vanished) != last_vanished:
             _report_vanished(context, vanished, len(registered), vanished_policy)
         removable = vanished_policy == "remove" and vanished and removal_refusal(vanished, len(registered)) is None
-        # A prefix neither listed nor registered (removed) is forgotten, so that it is new again if it comes back.
-        kept = set(registered) | set(plan.listed_prefixes)
-        fingerprints = {prefix: fp for prefix, fp in plan.cursor.fingerprints.items() if prefix in kept}
         return SensorResult(
             run_requests=[removal_request(vanished)] if removable else [],
             dynamic_partitions_requests=(
@@ -134,9 +149,9 @@ def build_raw_prefix_sensor(
                 AssetMaterialization(
                     asset_key=RAW_IMAGES, partition=prefix, metadata={LISTING_FINGERPRINT_KEY: fingerprint}
                 )
-                for prefix, fingerprint in sorted(changed.items())
+                for prefix, fingerprint in sorted(plan.changed.items())
             ],
-            cursor=replace(plan.cursor, fingerprints=fingerprints, vanished=tuple(vanished)).to_json(),
+            cursor=DiscoveryCursor(vanished=tuple(vanished)).to_json(),
         )
 
     return raw_prefix_sensor

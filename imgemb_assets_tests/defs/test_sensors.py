@@ -18,6 +18,7 @@ from dagster import (
     instance_for_test,
 )
 
+from imgemb_assets.core.discovery import DiscoveryCursor
 from imgemb_assets.core.sample_data import SampleDataset
 from imgemb_assets.definitions import build_definitions
 from imgemb_assets.defs.assets import LISTING_FINGERPRINT_KEY, RAW_IMAGES, SALES_EXPORT
@@ -32,7 +33,7 @@ from imgemb_assets.defs.sensors import (
     recorded_fingerprints,
 )
 from imgemb_assets.defs.settings import LocationSettings
-from imgemb_assets_tests.conftest import code_location_env
+from imgemb_assets_tests.conftest import code_location_env, store_sensor_result
 
 defs = build_definitions(LocationSettings())
 
@@ -62,6 +63,7 @@ def _tick(instance: DagsterInstance, storage: StorageResource, cursor: str | Non
     with build_sensor_context(instance=instance, cursor=cursor, resources={"storage": storage}) as context:
         result = build_raw_prefix_sensor()(context)
     assert isinstance(result, SensorResult)
+    store_sensor_result(instance, result)
     return result
 
 
@@ -89,6 +91,8 @@ def test_first_tick_registers_and_reports_every_prefix_and_the_next_reports_noth
 
     second = _tick(instance, storage, first.cursor)
     assert _reported(second) == [] and second.dynamic_partitions_requests == []
+    # What the sensor knows of each prefix is in the instance; the cursor does not grow with the prefixes.
+    assert DiscoveryCursor.from_json(second.cursor) == DiscoveryCursor()
 
 
 def test_a_changed_prefix_is_reported_again_and_a_new_one_registered(

@@ -28,6 +28,7 @@ from imgemb_assets.defs.partitions import S3_PREFIX_PARTITIONS_NAME, s3_prefix_p
 from imgemb_assets.defs.resources import ImgembS3Resource, StorageResource
 from imgemb_assets.defs.sensors import build_raw_prefix_sensor
 from imgemb_assets.defs.settings import LocationSettings
+from imgemb_assets_tests.conftest import store_sensor_result
 
 defs = build_definitions(LocationSettings())
 
@@ -60,6 +61,7 @@ def _tick(
             context.log.addHandler(log)  # the tick's own logger, which the daemon would keep with the tick
         result = build_raw_prefix_sensor(vanished_policy=policy)(context)
     assert isinstance(result, SensorResult)
+    store_sensor_result(instance, result)
     return result
 
 
@@ -119,6 +121,8 @@ def test_a_vanished_prefix_is_removed_from_every_table_and_the_instance(
     back = _tick(own_instance, storage, after.cursor, "remove")
     (added,) = back.dynamic_partitions_requests
     assert list(added.partition_keys) == [gone]
+    # Reported changed although its listing equals the one reported before removal: its tables are empty now.
+    assert [event.partition for event in back.asset_events] == [gone]
 
 
 def test_with_keep_a_vanished_prefix_is_reported_once_and_stays_registered(
