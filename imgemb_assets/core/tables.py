@@ -101,3 +101,22 @@ def images_with_sales_schema(sales_schema: pa.Schema) -> pa.Schema:
 
 def image_embeddings_schema(sales_schema: pa.Schema) -> pa.Schema:
     return pa.schema(_IMAGE_KEY_FIELDS + sales_value_fields(sales_schema) + _EMBEDDING_FIELDS)
+
+
+# Near-duplicate image pairs of one partition's images against the whole search
+# index (imgemb_assets.core.near_duplicates). Not in ALL_TABLES until an asset
+# writes it: every name there must be a materializable asset.
+NEAR_DUPLICATES: Final = "near_duplicates"
+
+NEAR_DUPLICATES_SCHEMA: Final = pa.schema(
+    [
+        # The image of this partition; for a pair inside the partition, the smaller id.
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field(PARTITION_COLUMN, pa.string(), nullable=False),
+        pa.field("other_image_id", pa.string(), nullable=False),
+        pa.field("other_prefix", pa.string(), nullable=False),
+        pa.field("similarity", pa.float32(), nullable=False),  # cosine, as the index returned it
+        pa.field("same_partition", pa.bool_(), nullable=False),
+        pa.field("model_id", pa.string(), nullable=False),
+    ]
+)
