@@ -24,12 +24,12 @@ from dagster import (
     sensor,
 )
 
-from imgemb_assets.core.discovery import LISTING_ERRORS, listing_fingerprint
+from imgemb_assets.core.discovery import fingerprint_prefixes
 from imgemb_assets.core.storage import partition_key_problem
 from imgemb_assets.defs.assets import LISTING_FINGERPRINT_KEY, RAW_IMAGES
 from imgemb_assets.defs.partitions import S3_PREFIX_PARTITIONS_NAME
 from imgemb_assets.defs.resources import StorageResource
-from imgemb_assets.defs.sensors import recorded_fingerprints
+from imgemb_assets.defs.sensors import known_prefixes
 
 RECONCILIATION_SENSOR_NAME: Final = "full_reconciliation_sensor"
 
@@ -64,18 +64,13 @@ def build_reconciliation_sensor(minimum_interval_seconds: int, prefixes_per_tick
         window = next_window(registered, context.cursor or None, prefixes_per_tick)
         if not window:
             return SkipReason("no registered prefixes")
-        store = storage.raw_images()
-        # Two event-log queries for the whole window: one per prefix cost 4 s a tick on PostgreSQL.
-        reported = recorded_fingerprints(context.instance, RAW_IMAGES, LISTING_FINGERPRINT_KEY, window)
-        changed = {}
-        for prefix in window:
-            try:
-                fingerprint = listing_fingerprint(store.list_objects(prefix))
-            except LISTING_ERRORS as exc:  # one prefix that cannot be listed does not stop the others
-                context.log.warning(f"prefix {prefix!r} could not be listed (tried again next pass): {exc}")
-                continue
-            if fingerprint != reported.get(prefix):
-                changed[prefix] = fingerprint
+        # Batched event-log queries for the whole window (one per prefix cost 4 s a tick on
+        # PostgreSQL): the last report, else the manifest's fingerprint, as discovery compares.
+        reported = known_prefixes(context.instance, window).fingerprints_of(window)
+        fingerprints, errors = fingerprint_prefixes(storage.raw_images(), window)
+        for prefix, error in errors.items():  # one prefix that cannot be listed does not stop the others
+            context.log.warning(f"prefix {prefix!r} could not be listed (tried again next pass): {error}")
+        changed = {prefix: fp for prefix, fp in fingerprints.items() if fp != reported.get(prefix)}
         return SensorResult(
             asset_events=[
                 AssetMaterialization(asset_key=RAW_IMAGES, partition=prefix, metadata={LISTING_FINGERPRINT_KEY: fp})
