@@ -25,6 +25,9 @@ from dagster import (
     BackfillPolicy,
     MaterializeResult,
     MetadataValue,
+    TableColumn,
+    TableColumnConstraints,
+    TableSchema,
     asset,
     multi_asset,
 )
@@ -103,8 +106,24 @@ def _check_result(
     )
 
 
-def _table_metadata(lake: Lake, name: str, rows: int, **extra: Any) -> dict[str, Any]:
-    return {"dagster/row_count": rows, "table_uri": MetadataValue.path(lake.table_uri(name)), **extra}
+def _table_metadata(lake: Lake, name: str, rows: int, schema: pa.Schema, **extra: Any) -> dict[str, Any]:
+    """Row count, where the table is, and its columns as the UI's asset page shows them."""
+    return {
+        "dagster/row_count": rows,
+        "dagster/column_schema": column_schema_of(schema),
+        "table_uri": MetadataValue.path(lake.table_uri(name)),
+        **extra,
+    }
+
+
+def column_schema_of(schema: pa.Schema) -> TableSchema:
+    """The Arrow schema as Dagster's column schema: each column's Arrow type, and whether it may be null."""
+    return TableSchema(
+        columns=[
+            TableColumn(field.name, str(field.type), constraints=TableColumnConstraints(nullable=field.nullable))
+            for field in schema
+        ]
+    )
 
 
 def build_assets(settings: LocationSettings) -> list[AssetsDefinition | AssetSpec]:
@@ -144,7 +163,11 @@ def _raw_image_manifest(policy: BackfillPolicy) -> AssetsDefinition:
             lake.write_partition(tables.RAW_IMAGE_MANIFEST, manifest, prefix)
             # compared by the sensors and the reconciliation with a fresh listing
             metadata = _table_metadata(
-                lake, tables.RAW_IMAGE_MANIFEST, manifest.num_rows, **{LISTING_FINGERPRINT_KEY: listing_fingerprint(objects)}
+                lake,
+                tables.RAW_IMAGE_MANIFEST,
+                manifest.num_rows,
+                tables.RAW_IMAGE_MANIFEST_SCHEMA,
+                **{LISTING_FINGERPRINT_KEY: listing_fingerprint(objects)},
             )
             return [AssetReport(tables.RAW_IMAGE_MANIFEST, metadata)]
 
@@ -209,7 +232,9 @@ def _downscaled_images(policy: BackfillPolicy) -> AssetsDefinition:
             return [
                 AssetReport(
                     tables.DOWNSCALED_IMAGES,
-                    _table_metadata(lake, tables.DOWNSCALED_IMAGES, result.images.num_rows),
+                    _table_metadata(
+                        lake, tables.DOWNSCALED_IMAGES, result.images.num_rows, tables.DOWNSCALED_IMAGES_SCHEMA
+                    ),
                     [CheckReport("manifest_accounted_for", accounted_for)],
                 ),
                 AssetReport(
@@ -218,6 +243,7 @@ def _downscaled_images(policy: BackfillPolicy) -> AssetsDefinition:
                         lake,
                         tables.REJECTED_IMAGES,
                         result.rejected.num_rows,
+                        tables.REJECTED_IMAGES_SCHEMA,
                         reasons=MetadataValue.md(_reasons_markdown(result.rejected)),
                     ),
                 ),
@@ -259,6 +285,7 @@ def sales(storage: StorageResource) -> MaterializeResult:
             lake,
             tables.SALES,
             table.num_rows,
+            table.schema,
             source_files=MetadataValue.json([obj.uri for obj in files]),
             **{
                 DUPLICATED_IMAGE_IDS_KEY: unique_ids.metadata["duplicated_ids"],
@@ -307,7 +334,7 @@ def _images_with_sales(policy: BackfillPolicy) -> AssetsDefinition:
             return [
                 AssetReport(
                     tables.IMAGES_WITH_SALES,
-                    _table_metadata(lake, tables.IMAGES_WITH_SALES, joined.num_rows),
+                    _table_metadata(lake, tables.IMAGES_WITH_SALES, joined.num_rows, schema),
                     [CheckReport("sales_coverage", coverage, AssetCheckSeverity.WARN)],
                 )
             ]
@@ -415,6 +442,7 @@ def _embed_prefix(
         lake,
         tables.IMAGE_EMBEDDINGS,
         rows,
+        schema,
         model_id=run.model_id,
         images_embedded=run.images_embedded,
         images_reused=run.images_reused,

@@ -67,11 +67,13 @@ def test_two_partitions_give_the_expected_rows_in_every_table(
         rejected = lake.read(tables.REJECTED_IMAGES, prefix).to_pylist()
         assert sorted(Path(row["uri"]).name for row in rejected) == sorted(broken)
         assert all(row["reason"] for row in rejected)
-    # every materialization reports its row count and where its table is
+    # every materialization reports its row count, where its table is, and the columns it holds
     for name in tables.ALL_TABLES:
+        columns = lake.read(name).column_names
         for metadata in _metadata(results, name):
             assert metadata["table_uri"] == lake.table_uri(name)
             assert metadata["dagster/row_count"] >= 0
+            assert [column.name for column in metadata["dagster/column_schema"].columns] == columns, name
 
 
 def test_embedding_rows_carry_sales_columns_vectors_and_model_id(
