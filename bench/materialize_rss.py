@@ -36,7 +36,7 @@ with instance_for_test() as instance:
     instance.add_dynamic_partitions("s3_prefix", ["p"])
     started = time.perf_counter()
     result = materialize(
-        [a for a in build_assets(LocationSettings()) if getattr(a, "key", None) and a.key.to_user_string() == "image_embeddings"],
+        [a for a in build_assets(LocationSettings(), "bench") if getattr(a, "key", None) and a.key.to_user_string() == "image_embeddings"],
         partition_key="p",
         instance=instance,
         resources={

@@ -47,8 +47,9 @@ def default_resources() -> dict[str, Any]:
 
 def build_definitions(settings: LocationSettings, resources: Mapping[str, Any] | None = None) -> Definitions:
     """The location's definitions; `resources` replaces `default_resources()` (embedding it elsewhere, tests)."""
+    location_resources = dict(default_resources() if resources is None else resources)
     return Definitions(
-        assets=build_assets(settings),
+        assets=build_assets(settings, location_resources["embedding_model"].code_version()),
         jobs=[refresh_sales_job, embed_prefix_job, rejoin_sales_job],
         sensors=[
             build_raw_prefix_sensor(
@@ -66,7 +67,7 @@ def build_definitions(settings: LocationSettings, resources: Mapping[str, Any] |
         # Brings its job, lake_maintenance, which can be launched by hand while the schedule is off.
         schedules=[build_maintenance_schedule(settings)],
         executor=location_executor(settings),
-        resources=dict(default_resources() if resources is None else resources),
+        resources=location_resources,
     )
 
 

@@ -6,8 +6,10 @@ free of torch: only the step that embeds pays for importing it.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Final
 
 # A quarter of the article's 64: model-only images/s within 4% of 64 on a 2-core CPU
@@ -90,3 +92,32 @@ def parse_random_seed(weights: str) -> int | None:
     if not seed.isdigit():
         raise ModelConfigError(f"random weights seed must be a non-negative integer, got {seed!r}")
     return int(seed)
+
+
+def weights_identity(weights: str) -> str:
+    """What a weights setting names, without torch: `random-seed<N>`, `state-dict-sha256-<16 hex>` of a file's
+    content, or the torchvision weights name as written (`DEFAULT` is not resolved here)."""
+    seed = parse_random_seed(weights)
+    if seed is not None:
+        return f"random-seed{seed}"
+    if Path(weights).is_file():
+        return f"state-dict-sha256-{sha256_prefix(Path(weights))}"
+    return weights
+
+
+def model_code_version(model: str, weights: str) -> str:
+    """The Dagster code version of what the model writes: the backbone and the weights' identity.
+
+    Known when the code location loads, without importing torch, so the UI marks
+    partitions embedded with other weights (or another backbone) stale. The
+    arithmetic (precision, device) is left to `model_id`, which decides reuse.
+    """
+    return f"{model}/{weights_identity(weights)}"
+
+
+def sha256_prefix(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,8 @@ from imgemb_assets.core.model_config import (
     EmbeddingSettings,
     ModelConfigError,
     parse_random_seed,
+    sha256_prefix,
+    weights_identity,
 )
 
 
@@ -92,12 +93,8 @@ def model_id_for(settings: EmbeddingSettings) -> str:
     Ids written before the arithmetic was part of them (`torchvision/<model>/<weights>`)
     match none, so those vectors are recomputed once.
     """
-    seed = parse_random_seed(settings.weights)
-    if seed is not None:
-        weights_id = f"random-seed{seed}"
-    elif Path(settings.weights).is_file():
-        weights_id = f"state-dict-sha256-{_sha256_prefix(Path(settings.weights))}"
-    else:
+    weights_id = weights_identity(settings.weights)
+    if weights_id == settings.weights:  # a torchvision name: DEFAULT is resolved to the weights it means
         weights_id = _weights_enum(settings.model, settings.weights).name
     device = resolve_device(settings.device)
     numerics = numerics_tag(resolve_dtype(settings.precision, device), device)
@@ -202,14 +199,6 @@ def _tune_for_cpu(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-def _sha256_prefix(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()[:16]
-
-
 def _random(backbone: _Backbone, seed: int) -> tuple[torch.nn.Module, str]:
     # Seed a forked RNG so building the model never disturbs the caller's random state.
     with torch.random.fork_rng(devices=[]):
@@ -233,7 +222,7 @@ def _from_state_dict(backbone: _Backbone, path: Path) -> tuple[torch.nn.Module, 
         raise ModelConfigError(
             f"{path} is not a state dict of this backbone: missing {missing_body[:5]}, unexpected {unexpected[:5]}"
         )
-    return module, f"state dict {path} (sha256 {_sha256_prefix(path)}...)"
+    return module, f"state dict {path} (sha256 {sha256_prefix(path)}...)"
 
 
 def _pretrained(backbone: _Backbone, model: str, name: str) -> tuple[torch.nn.Module, str]:

@@ -126,8 +126,12 @@ def column_schema_of(schema: pa.Schema) -> TableSchema:
     )
 
 
-def build_assets(settings: LocationSettings) -> list[AssetsDefinition | AssetSpec]:
-    """Every asset of the location; runs take at most `settings.max_partitions_per_run` prefixes."""
+def build_assets(settings: LocationSettings, model_code_version: str) -> list[AssetsDefinition | AssetSpec]:
+    """Every asset of the location; runs take at most `settings.max_partitions_per_run` prefixes.
+
+    `model_code_version` (`EmbeddingModelResource.code_version`) is the embedding asset's code
+    version, so the UI marks partitions embedded with other weights stale.
+    """
     policy = BackfillPolicy.multi_run(max_partitions_per_run=settings.max_partitions_per_run)
     return [
         raw_images,
@@ -136,7 +140,7 @@ def build_assets(settings: LocationSettings) -> list[AssetsDefinition | AssetSpe
         _downscaled_images(policy),
         sales,
         _images_with_sales(policy),
-        _image_embeddings(policy, gpu_step_tags(settings)),
+        _image_embeddings(policy, gpu_step_tags(settings), model_code_version),
     ]
 
 
@@ -344,11 +348,12 @@ def _images_with_sales(policy: BackfillPolicy) -> AssetsDefinition:
     return images_with_sales
 
 
-def _image_embeddings(policy: BackfillPolicy, gpu_tags: Mapping[str, str]) -> AssetsDefinition:
+def _image_embeddings(policy: BackfillPolicy, gpu_tags: Mapping[str, str], code_version: str) -> AssetsDefinition:
     """The embedding asset: the only step in the `gpu` pool, carrying the GPU request in its tags."""
 
     @asset(
         name=tables.IMAGE_EMBEDDINGS,
+        code_version=code_version,
         deps=[tables.IMAGES_WITH_SALES],
         partitions_def=s3_prefix_partitions,
         backfill_policy=policy,

@@ -3,13 +3,13 @@
 
 from typing import Any, Literal
 
-from dagster import ConfigurableResource
+from dagster import ConfigurableResource, EnvVar
 from pydantic import Field
 
 from imgemb_assets.core.drift import DriftThresholds
 from imgemb_assets.core.images import DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_IMAGE_BYTES, ImageLimits
 from imgemb_assets.core.lake import Lake
-from imgemb_assets.core.model_config import EmbeddingSettings
+from imgemb_assets.core.model_config import EmbeddingSettings, model_code_version
 from imgemb_assets.core.s3 import S3Settings
 from imgemb_assets.core.storage import ObjectStore, open_object_store
 
@@ -105,6 +105,14 @@ class EmbeddingModelResource(ConfigurableResource):
         description="auto: cpu-tuned on CPU (eager with glibc malloc keeping activation buffers mapped: the same "
         "vectors, no page-fault storm), eager on CUDA; eager: the module as torchvision builds it.",
     )
+
+    def code_version(self) -> str:
+        """The embedding asset's code version for these weights and backbone (see `model_code_version`).
+
+        Read when the location loads: the weights variable, if unset there, gives `unset`.
+        """
+        weights = self.weights.get_value() if isinstance(self.weights, EnvVar) else self.weights
+        return model_code_version(self.model, weights or "unset")
 
     def settings(self) -> EmbeddingSettings:
         return EmbeddingSettings(

@@ -87,3 +87,27 @@ def test_every_partitioned_asset_takes_many_prefixes_per_run() -> None:
         if name != tables.SALES:
             policy = graph.get(AssetKey(name)).backfill_policy
             assert policy is not None and policy.max_partitions_per_run == 7, name
+
+
+def test_the_embedding_code_version_names_the_backbone_and_the_weights(tmp_path: Path) -> None:
+    """Other weights give another code version, so the UI marks partitions embedded before stale."""
+    from imgemb_assets.definitions import default_resources
+    from imgemb_assets.defs.resources import EmbeddingModelResource
+
+    def code_version(model: EmbeddingModelResource) -> str | None:
+        graph = build_definitions(LocationSettings(), {**default_resources(), "embedding_model": model}).resolve_asset_graph()
+        return graph.get(AssetKey(tables.IMAGE_EMBEDDINGS)).code_version
+
+    state_dict = tmp_path / "weights.pt"
+    state_dict.write_bytes(b"one")
+    first = code_version(EmbeddingModelResource(weights=str(state_dict)))
+    state_dict.write_bytes(b"two")  # the same path, other content
+    versions = [
+        code_version(EmbeddingModelResource(weights="random:0")),
+        code_version(EmbeddingModelResource(weights="random:1")),
+        code_version(EmbeddingModelResource(weights="random:0", model="resnet18")),
+        first,
+        code_version(EmbeddingModelResource(weights=str(state_dict))),
+    ]
+    assert versions[0] == "resnet50/random-seed0" and versions[3].startswith("resnet50/state-dict-sha256-")
+    assert len(set(versions)) == len(versions)
