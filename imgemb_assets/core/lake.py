@@ -223,6 +223,32 @@ class Lake:
             return frozenset(table.file_uris())
         return frozenset(table.file_uris(file_pruning_predicate=[_partition_filter_tuple(table, partition_key)]))
 
+    def partition_fingerprints(self, name: str) -> dict[str, str]:
+        """Each prefix's fingerprint of the data files holding it now, from one read of the table's log.
+
+        Every write names new files, so a partition's fingerprint changes exactly
+        when it is rewritten: what a reader that keeps a derived copy per partition
+        (the search index) compares to find the partitions to update.
+        """
+        try:
+            table = self._open(name)
+        except LakeError:
+            return {}
+        column = _layout_column_of(table)
+        actions = pa.table(table.get_add_actions(flatten=True)).select(["path", f"partition.{column}"]).to_pydict()
+        files: dict[str, list[str]] = {}
+        for path, value in zip(actions["path"], actions[f"partition.{column}"], strict=True):
+            files.setdefault(value, []).append(path)
+        # A hashed layout's folder value is derived from the prefix: map it back through the prefixes.
+        prefix_of = {value: value for value in files} if column == PARTITION_COLUMN else {
+            partition_value(prefix): prefix for prefix in self.partition_keys(name)
+        }
+        return {
+            prefix_of[value]: hashlib.sha256("\n".join(sorted(paths)).encode()).hexdigest()[:32]
+            for value, paths in files.items()
+            if value in prefix_of
+        }
+
     def unchanged_since(self, name: str, partition_key: str | None = None) -> Precondition:
         """A precondition: the partition (or the whole table) still holds the files it holds now.
 

@@ -274,3 +274,22 @@ def test_deleting_a_partition_removes_its_rows_and_nothing_else(tmp_path: Path, 
     assert _ids_by_prefix(lake) == kept
     assert sorted(before.to_pyarrow_table().column("image_id").to_pylist()) == ["1", "2", "3", "4"]  # an older reader
     assert lake.delete_partition("no_such_table", "a") == 0
+
+
+@pytest.mark.parametrize("layout", ["today", "by prefix"])
+def test_a_partition_fingerprint_changes_exactly_when_the_partition_is_rewritten(tmp_path: Path, layout: str) -> None:
+    lake = Lake(str(tmp_path))
+    assert lake.partition_fingerprints(REJECTED_IMAGES) == {}  # no table yet
+    if layout == "by prefix":
+        write_deltalake(lake.table_uri(REJECTED_IMAGES), rejected_rows("a", ["0"]), partition_by=["prefix"])
+    other = LONG_CYRILLIC if layout == "today" else "c"
+    for prefix in ("a", "b", other):
+        lake.write_partition(REJECTED_IMAGES, rejected_rows(prefix, ["1"]), prefix)
+    before = lake.partition_fingerprints(REJECTED_IMAGES)
+    assert sorted(before) == sorted(["a", "b", other])
+    lake.write_partition(REJECTED_IMAGES, rejected_rows("b", ["1"]), "b")  # the same rows, written again
+    after = lake.partition_fingerprints(REJECTED_IMAGES)
+    assert after["b"] != before["b"]
+    assert {k: v for k, v in after.items() if k != "b"} == {k: v for k, v in before.items() if k != "b"}
+    lake.delete_partition(REJECTED_IMAGES, "a")
+    assert sorted(lake.partition_fingerprints(REJECTED_IMAGES)) == sorted(["b", other])
