@@ -33,6 +33,7 @@ from dagster import (
 )
 
 from imgemb_assets.core import tables
+from imgemb_assets.core.contact_sheet import RejectedObject, markdown_bytes, rejected_images_sheet
 from imgemb_assets.core.discovery import listing_fingerprint
 from imgemb_assets.core.drift import EmbeddingMoments, embedding_drift, previous_partition, stored_moments
 from imgemb_assets.core.lake import Lake, all_of
@@ -45,6 +46,7 @@ from imgemb_assets.core.quality import (
     sales_coverage,
 )
 from imgemb_assets.core.sales import join_with_sales, list_sales_files, read_sales
+from imgemb_assets.core.storage import ObjectStore
 from imgemb_assets.defs.automation import FOLLOWS_SOURCE, FOLLOWS_UPSTREAM
 from imgemb_assets.defs.partition_steps import AssetReport, CheckReport, StepEvent, materialize_prefixes
 from imgemb_assets.defs.partitions import s3_prefix_partitions
@@ -249,6 +251,7 @@ def _downscaled_images(policy: BackfillPolicy) -> AssetsDefinition:
                         result.rejected.num_rows,
                         tables.REJECTED_IMAGES_SCHEMA,
                         reasons=MetadataValue.md(_reasons_markdown(result.rejected)),
+                        **_rejected_contact_sheet(result.rejected, manifest, store),
                     ),
                 ),
             ]
@@ -486,6 +489,19 @@ def _sales_schema_of(joined_schema: pa.Schema) -> pa.Schema:
     """The sales columns carried by a joined table, as a sales schema (image_id first)."""
     image_columns = set(tables.DOWNSCALED_IMAGES_SCHEMA.names)
     return pa.schema([joined_schema.field("image_id")] + [f for f in joined_schema if f.name not in image_columns])
+
+
+def _rejected_contact_sheet(rejected: pa.Table, manifest: pa.Table, store: ObjectStore) -> dict[str, Any]:
+    """A contact sheet of the first rejected objects with their reasons, and its bytes; nothing when none was."""
+    if rejected.num_rows == 0:
+        return {}
+    sizes = dict(zip(manifest.column("uri").to_pylist(), manifest.column("size_bytes").to_pylist(), strict=True))
+    objects = [
+        RejectedObject(row["image_id"], row["uri"], row["reason"], sizes.get(row["uri"]))
+        for row in rejected.select(["image_id", "uri", "reason"]).to_pylist()
+    ]
+    sheet = rejected_images_sheet(objects, store.read_bytes)
+    return {"contact_sheet": MetadataValue.md(sheet), "contact_sheet_bytes": markdown_bytes(sheet)}
 
 
 def _reasons_markdown(rejected: pa.Table) -> str:

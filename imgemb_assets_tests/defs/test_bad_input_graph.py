@@ -76,3 +76,7 @@ def _assert_rejections_recorded_in_dagster(instance: DagsterInstance) -> None:
     metadata = event.asset_materialization.metadata
     assert metadata["dagster/row_count"].value == len([c for c in bad_input_cases() if c.reason_part])
     assert "file too large" in metadata["reasons"].value
+    # A person sees the first rejected objects with their reasons, in an event small enough to keep.
+    sheet = metadata["contact_sheet"].value
+    assert sheet.startswith("![") and "data:image/jpeg;base64," in sheet and "file too large" in sheet
+    assert metadata["contact_sheet_bytes"].value == len(sheet.encode()) <= 40_000
