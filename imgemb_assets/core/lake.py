@@ -16,7 +16,7 @@ import re
 import tempfile
 import time
 import unicodedata
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -160,6 +160,48 @@ class Lake:
             )
 
         _commit_with_retries(commit, f"partition {partition_key!r} of {name}", precondition)
+
+    def replace_partitions(self, name: str, data: pa.Table, partition_keys: Sequence[str]) -> None:
+        """Replace several partitions with `data` in one commit: each key's rows become those of `data` (maybe none).
+
+        For tables derived many partitions at a time (the search index's near
+        duplicates): one commit, not one per partition, on a first build over
+        thousands of prefixes.
+        """
+        keys = list(dict.fromkeys(partition_keys))
+        if not keys:
+            return
+        if "" in keys:
+            raise LakeError(f"an empty prefix is no partition of {name} (it would stand for the whole root)")
+        stray = set(pc.unique(data.column(PARTITION_COLUMN)).to_pylist()) - set(keys) if data.num_rows else set()
+        if stray:
+            raise LakeError(f"rows for partitions {sorted(stray)[:5]} of {name} are not among those replaced")
+        self._ensure_local_parent()
+        layout_column = self._layout_column(name)
+        if layout_column == PARTITION_COLUMN:
+            for key in keys:
+                self._require_folder_fits(name, key)
+            values, rows = keys, data
+        else:
+            values = [partition_value(key) for key in keys]
+            per_row = [partition_value(key) for key in data.column(PARTITION_COLUMN).to_pylist()]
+            rows = data.append_column(pa.field(layout_column, pa.string(), nullable=False), pa.array(per_row, pa.string()))
+        listed = ", ".join("'" + value.replace("'", "''") + "'" for value in values)
+
+        def commit() -> None:
+            write_deltalake(
+                self.table_uri(name),
+                rows,
+                mode="overwrite",
+                predicate=f"{layout_column} IN ({listed})",
+                partition_by=[layout_column],
+                schema_mode="merge",
+                storage_options=self.current_storage_options(),
+                target_file_size=TARGET_FILE_BYTES,
+                writer_properties=WriterProperties(max_row_group_size=MAX_ROW_GROUP_ROWS),
+            )
+
+        _commit_with_retries(commit, f"{len(keys)} partitions of {name}")
 
     def delete_partition(self, name: str, partition_key: str) -> int:
         """Remove every row of one partition in one commit (its files leave the table, none is rewritten); the rows removed.

@@ -293,3 +293,21 @@ def test_a_partition_fingerprint_changes_exactly_when_the_partition_is_rewritten
     assert {k: v for k, v in after.items() if k != "b"} == {k: v for k, v in before.items() if k != "b"}
     lake.delete_partition(REJECTED_IMAGES, "a")
     assert sorted(lake.partition_fingerprints(REJECTED_IMAGES)) == sorted(["b", other])
+
+
+@pytest.mark.parametrize("layout", ["today", "by prefix"])
+def test_replacing_several_partitions_is_one_commit_and_leaves_the_others(tmp_path: Path, layout: str) -> None:
+    lake = Lake(str(tmp_path))
+    if layout == "by prefix":
+        write_deltalake(lake.table_uri(REJECTED_IMAGES), rejected_rows("a", ["0"]), partition_by=["prefix"])
+    for prefix in ("a", "b", "c"):
+        lake.write_partition(REJECTED_IMAGES, rejected_rows(prefix, ["old"]), prefix)
+    version = DeltaTable(lake.table_uri(REJECTED_IMAGES)).version()
+    # "b" gets new rows, "c" none, "d" is new; "a" is not named and keeps its rows
+    lake.replace_partitions(REJECTED_IMAGES, pa.concat_tables([rejected_rows("b", ["1", "2"]), rejected_rows("d", ["3"])]),
+                            ["b", "c", "d"])  # fmt: skip
+    assert _ids_by_prefix(lake) == {"a": ["old"], "b": ["1", "2"], "d": ["3"]}
+    assert DeltaTable(lake.table_uri(REJECTED_IMAGES)).version() == version + 1
+    with pytest.raises(LakeError, match="not among those replaced"):
+        lake.replace_partitions(REJECTED_IMAGES, rejected_rows("a", ["4"]), ["b"])
+    assert _ids_by_prefix(lake) == {"a": ["old"], "b": ["1", "2"], "d": ["3"]}
