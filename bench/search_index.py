@@ -1,6 +1,8 @@
-"""Which similarity search the search index should use: exact search against approximate indexes, side by side.
+"""Which similarity search the search index should use: exact search against approximate indexes, side by side;
+and what saving and loading the index costs, in seconds and files.
 
     python -m bench.search_index [--sizes 1000,100000] [--width 2048] [--queries 100] [--data clustered|random]
+                                 [--only search|persistence] [--persist-partitions 10000] [--persist-vectors 10]
 
 Per size and library: recall@10 against exact search (held-out queries from the
 same distribution), single-query latency p50/p99 in ms, build seconds, index
@@ -20,19 +22,37 @@ vectors around N/100 centres with isotropic noise in all `width` dimensions, and
 `random` uniform directions on the sphere: the hard cases, where the ten nearest are
 nearly as far as the next hundred and approximate indexes lose recall.
 
+Persistence (`--only persistence` runs only this part): an exact index of
+`--persist-partitions` partitions of `--persist-vectors` random vectors each, saved to a
+local lake folder (or, `--persist-on s3`, a moto S3 server subprocess, where every file is
+an HTTP request): the full save, a load, and the save after `--persist-changed`
+partitions changed (plus a load of that), with the files each wrote or opened, counted
+through a pyarrow filesystem wrapped around the real one. `--module` names another
+module with the same API (an earlier copy of `imgemb_assets.core.search_index` on
+PYTHONPATH, say) to measure the same steps before a change, on the same machine.
+
 Prints a table and ends with one JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import os
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import numpy as np
+import pyarrow.fs as pafs
 
+from imgemb_assets.core.lake import Lake
 from imgemb_assets.core.search_index import PartitionVectors, SearchIndex
 
 _PARTITIONS = 10
@@ -186,6 +206,195 @@ def bench_size(size: int, width: int, kind: str, queries_count: int, latency_cou
     return rows
 
 
+# --- persistence: save and load, seconds and files -----------------------------------
+
+
+class CountingHandler(pafs.FileSystemHandler):
+    """Passes every call to a real pyarrow filesystem and counts the files opened for reading and for writing."""
+
+    def __init__(self, inner: pafs.FileSystem) -> None:
+        self.inner = inner
+        self.read: list[str] = []
+        self.written: list[str] = []
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, CountingHandler) and other.inner.equals(self.inner)
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    def get_type_name(self) -> str:
+        return f"counting-{self.inner.type_name}"
+
+    def normalize_path(self, path: str) -> str:
+        return self.inner.normalize_path(path)
+
+    def get_file_info(self, paths: list[str]) -> list[pafs.FileInfo]:
+        return self.inner.get_file_info(paths)
+
+    def get_file_info_selector(self, selector: pafs.FileSelector) -> list[pafs.FileInfo]:
+        return self.inner.get_file_info(selector)
+
+    def create_dir(self, path: str, recursive: bool) -> None:
+        self.inner.create_dir(path, recursive=recursive)
+
+    def delete_dir(self, path: str) -> None:
+        self.inner.delete_dir(path)
+
+    def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
+        self.inner.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+
+    def delete_root_dir_contents(self) -> None:
+        raise NotImplementedError("not needed by the search index")
+
+    def delete_file(self, path: str) -> None:
+        self.inner.delete_file(path)
+
+    def move(self, src: str, dest: str) -> None:
+        self.inner.move(src, dest)
+
+    def copy_file(self, src: str, dest: str) -> None:
+        self.inner.copy_file(src, dest)
+
+    def open_input_stream(self, path: str) -> Any:
+        self.read.append(path)
+        return self.inner.open_input_stream(path)
+
+    def open_input_file(self, path: str) -> Any:
+        self.read.append(path)
+        return self.inner.open_input_file(path)
+
+    def open_output_stream(self, path: str, metadata: Any) -> Any:
+        self.written.append(path)
+        return self.inner.open_output_stream(path, metadata=metadata)
+
+    def open_append_stream(self, path: str, metadata: Any) -> Any:
+        self.written.append(path)
+        return self.inner.open_append_stream(path, metadata=metadata)
+
+
+@contextmanager
+def counted_files(module: ModuleType) -> Iterator[CountingHandler]:
+    """Route the index module's file access through a CountingHandler for the duration.
+
+    `_index_folder` is private, but the one place both the old and the new layout
+    open their files from: patching it counts what they really open, not what a
+    listing afterwards would suggest.
+    """
+    original = module._index_folder
+    counter = CountingHandler(pafs.LocalFileSystem())
+
+    def counting_folder(lake: Lake, model_id: str) -> Any:
+        folder = original(lake, model_id)
+        counter.inner = folder.filesystem
+        return type(folder)(pafs.PyFileSystem(counter), folder.path, folder.is_local)
+
+    module._index_folder = counting_folder
+    try:
+        yield counter
+    finally:
+        module._index_folder = original
+
+
+@dataclass(frozen=True)
+class PersistenceRow:
+    step: str
+    seconds: float
+    files_read: int
+    files_written: int
+    files_deleted: int
+    mib_written: float
+    files_in_folder: int
+
+    def line(self) -> str:
+        return (
+            f"{self.step:<28s} {self.seconds:>8.2f} {self.files_read:>10d} {self.files_written:>13d} "
+            f"{self.files_deleted:>13d} {self.mib_written:>11.1f} {self.files_in_folder:>15d}"
+        )
+
+
+PERSISTENCE_HEADER = (
+    f"{'step':<28s} {'seconds':>8s} {'files read':>10s} {'files written':>13s} {'files deleted':>13s} "
+    f"{'MiB written':>11s} {'files in folder':>15s}"
+)
+
+
+def files_in(module: ModuleType, lake: Lake, model_id: str) -> int:
+    """Files under the index folder, listed through the module's own filesystem (S3's folder markers are not files)."""
+    folder = module._index_folder(lake, model_id)
+    listed = folder.filesystem.get_file_info(pafs.FileSelector(folder.path, recursive=True, allow_not_found=True))
+    return sum(1 for info in listed if info.type == pafs.FileType.File)
+
+
+@contextmanager
+def lake_on(storage: str) -> Iterator[Lake]:
+    """A new lake in a temporary folder, or in a bucket of a moto S3 server subprocess on 127.0.0.1."""
+    if storage == "local":
+        with tempfile.TemporaryDirectory(prefix="bench-search-index-") as scratch:
+            yield Lake(str(Path(scratch) / "lake"))
+        return
+    from imgemb_assets.core.s3 import S3Settings
+    from imgemb_assets_tests.moto_server import client_environment, running_moto_server
+
+    with running_moto_server() as endpoint:
+        os.environ.update(client_environment(endpoint))
+        S3Settings().client().create_bucket(Bucket="bench")
+        yield Lake("s3://bench/lake", S3Settings().delta_storage_options_provider())
+
+
+def bench_persistence(
+    module: ModuleType, partitions: int, per_partition: int, width: int, changed: int, storage: str = "local"
+) -> list[PersistenceRow]:
+    """Full save, load, save after `changed` partitions changed, and the load after it, on a new lake."""
+    rng = np.random.default_rng(1)
+    vectors = rng.standard_normal((partitions * per_partition, width), dtype=np.float32)
+    sources = [
+        module.PartitionVectors(
+            f"p{n:05d}", "f1", [f"p{n:05d}-{i}" for i in range(per_partition)], vectors[n * per_partition : (n + 1) * per_partition]
+        )
+        for n in range(partitions)
+    ]
+    index = module.SearchIndex.build("bench", width, sources, ann_threshold=10**12)  # exact: the vectors' files only
+    del sources, vectors
+    rows: list[PersistenceRow] = []
+    with lake_on(storage) as lake:
+
+        def saved(step: str, target: Any) -> None:
+            with counted_files(module) as counter:
+                report = module.save_index(target, lake)
+            rows.append(
+                PersistenceRow(step, report.seconds, len(counter.read), report.files_written, report.files_deleted,
+                               report.bytes_written / 2**20, files_in(module, lake, "bench"))
+            )
+            print(rows[-1].line(), flush=True)
+
+        def loaded(step: str) -> Any:
+            with counted_files(module) as counter:
+                started = time.perf_counter()
+                result = module.load_index(lake, "bench", width)
+                seconds = time.perf_counter() - started
+            assert len(result) == partitions * per_partition
+            rows.append(PersistenceRow(step, seconds, len(counter.read), len(counter.written), 0, 0.0, files_in(module, lake, "bench")))
+            print(rows[-1].line(), flush=True)
+            return result
+
+        saved(f"full save ({partitions} parts)", index)
+        del index
+        again = loaded("load")
+        replaced = [
+            module.PartitionVectors(
+                f"p{n:05d}", "f2", [f"p{n:05d}-{i}" for i in range(per_partition)],
+                rng.standard_normal((per_partition, width), dtype=np.float32),
+            )
+            for n in range(0, partitions, max(1, partitions // changed))[:changed]
+        ]
+        again.update(replaced)
+        saved(f"save, {len(replaced)} parts changed", again)
+        del again
+        loaded("load after it")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="1000,100000")
@@ -193,15 +402,43 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queries", type=int, default=100, help="held-out queries for recall@10")
     parser.add_argument("--latency-queries", type=int, default=50, help="single queries timed for p50/p99")
     parser.add_argument("--data", choices=("lowrank", "clustered", "random"), default="lowrank")
+    parser.add_argument("--only", choices=("search", "persistence"), help="run one part only (default: both)")
+    parser.add_argument("--persist-partitions", type=int, default=10_000)
+    parser.add_argument("--persist-vectors", type=int, default=10, help="vectors per partition")
+    parser.add_argument("--persist-changed", type=int, default=10, help="partitions changed before the incremental save")
+    parser.add_argument("--persist-on", choices=("local", "s3"), default="local",
+                        help="a local folder, or a moto S3 server subprocess (needs the dev extra; slow: fewer partitions)")
+    parser.add_argument("--module", default="imgemb_assets.core.search_index",
+                        help="the index module to measure persistence of (another copy with the same API, for a before/after)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    print(f"width {args.width}, {args.data} data, {_PARTITIONS} partitions, update = replace one partition")
-    print(HEADER)
-    rows = []
-    for size in (int(s) for s in args.sizes.split(",")):
-        rows += bench_size(size, args.width, args.data, args.queries, args.latency_queries)
+    summary: dict[str, Any] = {"data": args.data, "width": args.width}
+    if args.only != "persistence":
+        print(f"width {args.width}, {args.data} data, {_PARTITIONS} partitions, update = replace one partition")
+        print(HEADER)
+        rows = []
+        for size in (int(s) for s in args.sizes.split(",")):
+            rows += bench_size(size, args.width, args.data, args.queries, args.latency_queries)
+        summary["rows"] = [row.__dict__ for row in rows]
+    if args.only != "search":
+        module = importlib.import_module(args.module)
+        print(
+            f"\npersistence ({args.module}): {args.persist_partitions} partitions x {args.persist_vectors} random "
+            f"vectors of width {args.width}, {'local folder' if args.persist_on == 'local' else 'moto S3 server'}"
+        )
+        print(PERSISTENCE_HEADER)
+        persistence = bench_persistence(
+            module, args.persist_partitions, args.persist_vectors, args.width, args.persist_changed, args.persist_on
+        )
+        summary["persistence"] = {
+            "module": args.module,
+            "storage": args.persist_on,
+            "partitions": args.persist_partitions,
+            "vectors_per_partition": args.persist_vectors,
+            "rows": [row.__dict__ for row in persistence],
+        }
     print(f"total {time.perf_counter() - started:.0f} s")
-    print(json.dumps({"data": args.data, "width": args.width, "rows": [row.__dict__ for row in rows]}))
+    print(json.dumps(summary))
     return 0
 
 

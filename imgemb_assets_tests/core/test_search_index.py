@@ -1,15 +1,23 @@
 """The similar-image search index: queries, incremental updates, typed refusals, and persistence on a local
-folder and on a real S3 API (the moto server subprocess), with real usearch graphs and real parquet files."""
+folder and on a real S3 API (the moto server subprocess), with real usearch graphs and real parquet files:
+segments, compaction, partitions with no vectors, and the files a save writes and a load opens (counted
+through a pyarrow filesystem wrapped around the real one)."""
 
 from __future__ import annotations
 
+import json
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pytest
 
+from imgemb_assets.core import search_index as search_index_module
 from imgemb_assets.core.lake import Lake
 from imgemb_assets.core.s3 import S3Settings
 from imgemb_assets.core.search_index import (
@@ -29,6 +37,7 @@ from imgemb_assets.core.search_index import (
     recall_at_k,
     save_index,
     stored_index_bytes,
+    stored_model_ids,
 )
 
 WIDTH = 128
@@ -197,19 +206,21 @@ def _assert_same_answers(loaded: SearchIndex, original: SearchIndex) -> None:
 def _round_trip(lake: Lake, ann_threshold: int) -> None:
     index = SearchIndex.build(MODEL, WIDTH, three_partitions(), ann_threshold=ann_threshold)
     first_save = save_index(index, lake)
-    assert first_save.files_written == 3 + index.uses_ann
+    assert first_save.files_written == 1 + index.uses_ann  # one segment holds the three partitions
     _assert_same_answers(load_index(lake, MODEL, width=WIDTH), index)
-    # one partition replaced: only its file (and the graph) are written again, the old ones deleted
+    # one partition replaced: only its rows (and the graph) are written again, in a new segment; the
+    # first segment still holds the other two partitions' rows and stays (300 of its 450 rows live)
     index.update([partition("2026-11-02", 100, seed=8, fingerprint="f2")])
     second_save = save_index(index, lake)
-    assert (second_save.files_written, second_save.files_deleted) == (1 + index.uses_ann, 1 + index.uses_ann)
+    assert (second_save.files_written, second_save.files_deleted) == (1 + index.uses_ann, 0 + index.uses_ann)
     loaded = load_index(lake, MODEL)
     _assert_same_answers(loaded, index)
     assert loaded.vector_of("2026-11-02-img0099").shape == (WIDTH,)
     assert stored_index_bytes(lake, MODEL) > 350 * WIDTH * 4
     # the loaded index updates and saves in turn
+    # 250 of the two segments' 550 rows live: compacted into one new segment, both old ones deleted
     loaded.update(removed=["2026-11-01"])
-    assert save_index(loaded, lake).files_deleted == 1 + loaded.uses_ann
+    assert save_index(loaded, lake).files_deleted == 2 + loaded.uses_ann
     assert set(load_index(lake, MODEL).fingerprints()) == {"2026-11-02", "2026-11-03"}
 
 
@@ -220,7 +231,7 @@ def test_round_trip_on_a_local_folder(tmp_path: Path, ann_threshold: int) -> Non
     folder = tmp_path / "lake" / "_search_index" / MODEL
     assert (folder / "manifest.json").is_file()
     named = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
-    assert len(named) == 1 + 2 + (ann_threshold == 100)  # no file left behind that the manifest does not name
+    assert len(named) == 1 + 1 + (ann_threshold == 100)  # no file left behind that the manifest does not name
 
 
 @pytest.mark.parametrize("ann_threshold", [10**9, 100], ids=["exact", "hnsw"])
@@ -231,7 +242,7 @@ def test_round_trip_on_s3(bucket: str, ann_threshold: int) -> None:
     # pyarrow leaves empty "folder/" marker objects behind, as it does for any folder it empties: not files
     keys = sorted(obj["Key"] for obj in listed.get("Contents", []) if not obj["Key"].endswith("/"))
     assert f"lake/_search_index/{MODEL}/manifest.json" in keys
-    assert len(keys) == 1 + 2 + (ann_threshold == 100)
+    assert len(keys) == 1 + 1 + (ann_threshold == 100)
 
 
 def test_the_graph_reaches_recall_at_10_on_clustered_vectors() -> None:
@@ -291,3 +302,302 @@ def test_partition_vectors_read_from_a_delta_table_keep_to_one_model(tmp_path: P
     assert again_fingerprint != fingerprint and sorted(again) == [MODEL] and len(again[MODEL].image_ids) == 4
     index = SearchIndex.build(MODEL, WIDTH, [read[MODEL]])
     assert index.plan_update({"2026-11-01": again_fingerprint}).to_read == ("2026-11-01",)
+
+
+# --- segments: files written and opened, partitions with no vectors, compaction ---------
+
+
+class CountingHandler(pafs.FileSystemHandler):
+    """Passes every call to a real pyarrow filesystem, recording the files opened for reading."""
+
+    def __init__(self, inner: pafs.FileSystem) -> None:
+        self.inner = inner
+        self.read: list[str] = []
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, CountingHandler) and other.inner.equals(self.inner)
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    def get_type_name(self) -> str:
+        return f"counting-{self.inner.type_name}"
+
+    def normalize_path(self, path: str) -> str:
+        return self.inner.normalize_path(path)
+
+    def get_file_info(self, paths: list[str]) -> list[pafs.FileInfo]:
+        return self.inner.get_file_info(paths)
+
+    def get_file_info_selector(self, selector: pafs.FileSelector) -> list[pafs.FileInfo]:
+        return self.inner.get_file_info(selector)
+
+    def create_dir(self, path: str, recursive: bool) -> None:
+        self.inner.create_dir(path, recursive=recursive)
+
+    def delete_dir(self, path: str) -> None:
+        self.inner.delete_dir(path)
+
+    def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
+        self.inner.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+
+    def delete_root_dir_contents(self) -> None:
+        raise NotImplementedError
+
+    def delete_file(self, path: str) -> None:
+        self.inner.delete_file(path)
+
+    def move(self, src: str, dest: str) -> None:
+        self.inner.move(src, dest)
+
+    def copy_file(self, src: str, dest: str) -> None:
+        self.inner.copy_file(src, dest)
+
+    def open_input_stream(self, path: str) -> Any:
+        self.read.append(path)
+        return self.inner.open_input_stream(path)
+
+    def open_input_file(self, path: str) -> Any:
+        self.read.append(path)
+        return self.inner.open_input_file(path)
+
+    def open_output_stream(self, path: str, metadata: Any) -> Any:
+        return self.inner.open_output_stream(path, metadata=metadata)
+
+    def open_append_stream(self, path: str, metadata: Any) -> Any:
+        return self.inner.open_append_stream(path, metadata=metadata)
+
+
+@contextmanager
+def files_opened(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """The files the index module opens for reading meanwhile, through its real filesystem."""
+    original = search_index_module._index_folder
+    opened: list[str] = []
+
+    def counting_folder(lake: Lake, model_id: str) -> Any:
+        folder = original(lake, model_id)
+        handler = CountingHandler(folder.filesystem)
+        handler.read = opened
+        return type(folder)(pafs.PyFileSystem(handler), folder.path, folder.is_local)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(search_index_module, "_index_folder", counting_folder)
+        yield opened
+
+
+def small_partitions(count: int, per_partition: int = 2, fingerprint: str = "f1", seed: int = 0) -> list[PartitionVectors]:
+    vectors = clustered_vectors(count * per_partition, seed)
+    return [
+        PartitionVectors(
+            f"p{n:04d}", fingerprint, [f"p{n:04d}-{i}" for i in range(per_partition)], vectors[n * per_partition : (n + 1) * per_partition]
+        )
+        for n in range(count)
+    ]
+
+
+@pytest.fixture(params=["local", "s3"])
+def any_lake(request: pytest.FixtureRequest, tmp_path: Path) -> Lake:
+    if request.param == "local":
+        return Lake(str(tmp_path / "lake"))
+    bucket = request.getfixturevalue("bucket")
+    return Lake(f"s3://{bucket}/lake", S3Settings().delta_storage_options_provider())
+
+
+def stored_files(lake: Lake, model_id: str = MODEL) -> set[str]:
+    """The files under the model's index folder, relative to it (S3's empty "folder/" markers are not files)."""
+    uri = index_folder_uri(lake, model_id)
+    if lake.root_uri.startswith("s3://"):
+        bucket, key = uri.removeprefix("s3://").split("/", 1)
+        listed = S3Settings().client().list_objects_v2(Bucket=bucket, Prefix=f"{key}/")
+        return {obj["Key"].removeprefix(f"{key}/") for obj in listed.get("Contents", []) if not obj["Key"].endswith("/")}
+    folder = Path(uri)
+    return {path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file()} if folder.exists() else set()
+
+
+def segment_files(lake: Lake, model_id: str = MODEL) -> set[str]:
+    return {name for name in stored_files(lake, model_id) if name.startswith("segments/")}
+
+
+def _assert_same_vectors(loaded: SearchIndex, original: SearchIndex) -> None:
+    for prefix, count in original.partition_counts().items():
+        for i in range(0, count, max(1, count // 3)):
+            image_id = f"{prefix}-{i}"
+            np.testing.assert_array_equal(loaded.vector_of(image_id, prefix), original.vector_of(image_id, prefix))
+
+
+def test_a_save_after_3_of_1000_partitions_changed_writes_one_segment(any_lake: Lake) -> None:
+    index = SearchIndex.build(MODEL, WIDTH, small_partitions(1000))
+    first = save_index(index, any_lake)
+    assert first.files_written == 1 and first.files_deleted == 0
+    before = stored_files(any_lake)
+    assert len(before) == 2 and "manifest.json" in before  # 2,000 vectors of 1,000 partitions: one segment
+    loaded = load_index(any_lake, MODEL)
+    changed = small_partitions(1000, fingerprint="f2", seed=5)[100:103]
+    loaded.update(changed)
+    report = save_index(loaded, any_lake)
+    assert (report.files_written, report.files_deleted) == (1, 0)
+    after = stored_files(any_lake)
+    assert len(after - before) == 1 and before <= after  # one new segment; the first still holds 997 partitions
+    # the new segment holds the three changed partitions' rows only: about 3/1000 of the first one's bytes
+    assert report.bytes_written < first.bytes_written / 50
+    again = load_index(any_lake, MODEL)
+    assert again.fingerprints() == loaded.fingerprints()
+    assert [again.fingerprints()[p.prefix] for p in changed] == ["f2"] * 3
+    _assert_same_answers(again, loaded)
+    _assert_same_vectors(again, loaded)
+
+
+def test_a_load_opens_the_same_few_files_whatever_the_partition_count(
+    any_lake: Lake, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    opened_by_count = {}
+    for count in (10, 1000):
+        model_id = f"{MODEL}-{count}"
+        save_index(SearchIndex.build(model_id, WIDTH, small_partitions(count), ann_threshold=10), any_lake)
+        with files_opened(monkeypatch) as opened:
+            assert len(load_index(any_lake, model_id)) == 2 * count
+        opened_by_count[count] = opened
+    # the manifest, the one segment, the graph: for 10 partitions and for 1,000
+    assert len(opened_by_count[10]) == len(opened_by_count[1000]) == 3
+    assert len(set(opened_by_count[1000])) == 3
+
+
+def test_more_than_32_segments_are_compacted_into_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    lake = Lake(str(tmp_path / "lake"))
+    index = SearchIndex.build(MODEL, WIDTH, small_partitions(1000))
+    save_index(index, lake)
+    replacements = small_partitions(1000, fingerprint="f2", seed=9)
+    for save in range(1, 33):
+        # one partition changed per save: every segment stays mostly live, only their number grows
+        index.update([replacements[save]])
+        report = save_index(index, lake)
+        segments = len(stored_files(lake)) - 1
+        if save < 32:
+            assert (report.files_written, report.files_deleted, segments) == (1, 0, save + 1)
+        else:  # a 33rd segment would be one too many: every live row goes into one new segment
+            assert (report.files_written, report.files_deleted, segments) == (1, 32, 1)
+    with files_opened(monkeypatch) as opened:
+        loaded = load_index(lake, MODEL)
+    assert len(opened) == 2
+    _assert_same_answers(loaded, index)
+    _assert_same_vectors(loaded, index)
+
+
+@pytest.mark.parametrize("ann_threshold", [10**9, 100], ids=["exact", "hnsw"])
+def test_mostly_dead_segments_are_compacted_and_answers_survive_the_round_trip(any_lake: Lake, ann_threshold: int) -> None:
+    def replaced(first: int, last: int, fingerprint: str, seed: int) -> list[PartitionVectors]:
+        return small_partitions(40, per_partition=5, fingerprint=fingerprint, seed=seed)[first:last]
+
+    index = SearchIndex.build(MODEL, WIDTH, small_partitions(40, per_partition=5), ann_threshold=ann_threshold)
+    save_index(index, any_lake)  # segment A: 200 rows
+    segments: list[set[str]] = [segment_files(any_lake)]
+    # 200 rows live throughout; the saves below add segments B (95 rows), C (75), D (35)
+    for changed, live_of_total in ((replaced(0, 19, "f2", 3), "200/295"), (replaced(0, 15, "f3", 4), "200/370")):
+        index.update(changed)
+        report = save_index(index, any_lake)
+        # at least half the named rows live: a new segment, no other file deleted (the graph is replaced)
+        assert (report.files_written, report.files_deleted) == (1 + index.uses_ann, index.uses_ann), live_of_total
+        segments.append(segment_files(any_lake))
+    assert segments[0] < segments[1] < segments[2] and len(segments[2]) == 3
+    before_compaction = {"search": index.search(clustered_vectors(10, seed=42), 10), "fingerprints": index.fingerprints()}
+    index.update(replaced(19, 26, "f4", 5), removed=["p0039"])  # 195 live of 405: under half
+    report = save_index(index, any_lake)
+    assert (report.files_written, report.files_deleted) == (1 + index.uses_ann, 3 + index.uses_ann)
+    assert len(stored_files(any_lake)) == 2 + index.uses_ann
+    assert len(segment_files(any_lake)) == 1 and not segments[2] & segment_files(any_lake)
+    loaded = load_index(any_lake, MODEL)
+    assert loaded.fingerprints() == index.fingerprints() != before_compaction["fingerprints"]
+    assert set(loaded.fingerprints().values()) == {"f1", "f2", "f3", "f4"} and "p0039" not in loaded.fingerprints()
+    assert loaded.partition_counts() == {f"p{n:04d}": 5 for n in range(39)}
+    _assert_same_answers(loaded, index)
+    _assert_same_vectors(loaded, index)
+    assert loaded.plan_update(index.fingerprints()).to_read == ()
+
+
+def put_file(lake: Lake, relative: str, body: bytes) -> None:
+    """A file under the lake's index root, written with the storage's own client."""
+    if lake.root_uri.startswith("s3://"):
+        bucket, key = lake.root_uri.removeprefix("s3://").split("/", 1)
+        S3Settings().client().put_object(Bucket=bucket, Key=f"{key}/_search_index/{relative}", Body=body)
+        return
+    path = Path(lake.root_uri) / "_search_index" / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(body)
+
+
+def test_partitions_with_no_vectors_cost_no_file_and_keep_their_fingerprint(any_lake: Lake) -> None:
+    empties = [
+        PartitionVectors("2026-11-05", "e1", [], np.empty((0, WIDTH), np.float32)),
+        PartitionVectors("2026-11-06", "e2", [], np.empty(0)),  # any empty shape will do
+        PartitionVectors("2026-11-07", "e3", ["a", "b"], np.zeros((2, WIDTH), np.float32)),  # no vector with a direction
+    ]
+    only_empty = SearchIndex.build(MODEL, WIDTH, empties)
+    report = save_index(only_empty, any_lake)
+    assert (report.files_written, report.files_deleted) == (0, 0)
+    assert stored_files(any_lake) == {"manifest.json"}
+    loaded = load_index(any_lake, MODEL)
+    fingerprints = {"2026-11-05": "e1", "2026-11-06": "e2", "2026-11-07": "e3"}
+    assert loaded.fingerprints() == fingerprints and set(loaded.partition_counts().values()) == {0}
+    assert len(loaded) == 0 and loaded.search(clustered_vectors(1, seed=1), 5) == [[]]
+    assert loaded.plan_update(fingerprints).to_read == ()  # looked at already: nothing to read again
+    # beside partitions with vectors: one segment for those, still no file for the empty ones
+    loaded.update([*three_partitions(), PartitionVectors("2026-11-05", "e1b", [], np.empty((0, WIDTH)))])
+    assert save_index(loaded, any_lake).files_written == 1
+    assert len(segment_files(any_lake)) == 1
+    again = load_index(any_lake, MODEL)
+    assert again.fingerprints() == {**fingerprints, "2026-11-05": "e1b", "2026-11-01": "f1", "2026-11-02": "f1", "2026-11-03": "f1"}
+    assert again.partition_counts()["2026-11-05"] == 0 and again.partition_counts()["2026-11-01"] == 150
+    _assert_same_answers(again, loaded)
+    # a partition that loses its vectors: no new file (300 of the segment's 450 rows still live)
+    again.update([PartitionVectors("2026-11-01", "emptied", [], np.empty((0, WIDTH)))])
+    assert save_index(again, any_lake).files_written == 0
+    final = load_index(any_lake, MODEL)
+    assert final.fingerprints()["2026-11-01"] == "emptied" and final.partition_counts()["2026-11-01"] == 0
+    with pytest.raises(UnknownImageId):
+        final.vector_of("2026-11-01-img0000")
+    _assert_same_answers(final, again)
+
+
+def test_stored_model_ids_reads_the_manifests(any_lake: Lake) -> None:
+    assert stored_model_ids(any_lake) == []
+    odd = "openai/clip-vit-base-patch32 @ rev:7"
+    for model_id in (MODEL, odd):
+        save_index(SearchIndex.build(model_id, WIDTH, [partition("2026-11-01", 5, 1)]), any_lake)
+    assert index_folder_uri(any_lake, odd).rsplit("/", 1)[1] != odd  # the folder name would not give it back
+    # a folder whose first save never got to its manifest holds no index
+    put_file(any_lake, "half-written/segments/0123.parquet", b"not yet")
+    assert stored_model_ids(any_lake) == sorted([MODEL, odd])
+    # an index with nothing in it is an index still
+    save_index(SearchIndex.build("empty-model", WIDTH, [PartitionVectors("p", "f", [], np.empty((0, WIDTH)))]), any_lake)
+    assert stored_model_ids(any_lake) == sorted([MODEL, odd, "empty-model"])
+
+
+def test_an_index_of_the_old_format_is_refused_and_a_rebuild_replaces_its_files(tmp_path: Path) -> None:
+    lake = Lake(str(tmp_path / "lake"))
+    # what format 1 wrote: one parquet file per partition, listed in the manifest
+    old_manifest = {
+        "format_version": 1, "model_id": MODEL, "width": WIDTH, "ann": {"file": None},
+        "partitions": [{"prefix": "2026-11-01", "fingerprint": "f1", "count": 5, "file": "partitions/old.parquet"}],
+    }
+    put_file(lake, f"{MODEL}/manifest.json", json.dumps(old_manifest).encode())
+    put_file(lake, f"{MODEL}/partitions/old.parquet", b"format 1 rows")
+    assert stored_model_ids(lake) == [MODEL]
+    with pytest.raises(SearchIndexError, match="format 1.*build it again") as refused:
+        load_index(lake, MODEL)
+    assert not isinstance(refused.value, IndexMissing)
+    assert stored_index_bytes(lake, MODEL) > len(b"format 1 rows")
+    rebuilt = SearchIndex.build(MODEL, WIDTH, three_partitions())
+    assert save_index(rebuilt, lake).files_deleted == 1
+    assert stored_files(lake) == {"manifest.json", *segment_files(lake)} and len(segment_files(lake)) == 1
+    _assert_same_answers(load_index(lake, MODEL), rebuilt)
+
+
+def test_an_index_loaded_from_one_lake_saves_whole_to_another(tmp_path: Path) -> None:
+    first, second = Lake(str(tmp_path / "first")), Lake(str(tmp_path / "second"))
+    save_index(SearchIndex.build(MODEL, WIDTH, three_partitions(), ann_threshold=100), first)
+    loaded = load_index(first, MODEL)
+    # its segments and graph are in the first lake: the second gets its own, not a manifest naming missing files
+    assert save_index(loaded, second).files_written == 2
+    _assert_same_answers(load_index(second, MODEL), loaded)
+    assert save_index(loaded, second).files_written == 0  # and from then on it is stored there
+    assert len(stored_files(first)) == len(stored_files(second)) == 3
