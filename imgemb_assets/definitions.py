@@ -14,7 +14,7 @@ from dagster import Definitions, EnvVar, definitions
 
 from imgemb_assets.defs.assets import build_assets
 from imgemb_assets.defs.automation import build_automation_sensor
-from imgemb_assets.defs.jobs import embed_prefix_job, refresh_sales_job, rejoin_sales_job
+from imgemb_assets.defs.jobs import embed_prefix_job, refresh_sales_job, rejoin_sales_job, search_index_job
 from imgemb_assets.defs.maintenance import build_maintenance_schedule
 from imgemb_assets.defs.placement import location_executor
 from imgemb_assets.defs.reconciliation import build_reconciliation_sensor
@@ -23,6 +23,7 @@ from imgemb_assets.defs.resources import (
     ImageLimitsResource,
     ImgembS3Resource,
     QualityThresholds,
+    SimilaritySettings,
     StorageResource,
 )
 from imgemb_assets.defs.sensors import build_raw_prefix_sensor, build_sales_change_sensor
@@ -42,15 +43,16 @@ def default_resources() -> dict[str, Any]:
         "embedding_model": EmbeddingModelResource(weights=EnvVar("IMGEMB_MODEL_WEIGHTS")),
         "image_limits": ImageLimitsResource(),
         "quality": QualityThresholds(),
+        "similarity": SimilaritySettings(),
     }
 
 
 def build_definitions(settings: LocationSettings, resources: Mapping[str, Any] | None = None) -> Definitions:
-    """The location's definitions; `resources` replaces `default_resources()` (embedding it elsewhere, tests)."""
-    location_resources = dict(default_resources() if resources is None else resources)
+    """The location's definitions; `resources` replace those of `default_resources()` they name (tests)."""
+    location_resources = {**default_resources(), **(resources or {})}
     return Definitions(
         assets=build_assets(settings, location_resources["embedding_model"].code_version()),
-        jobs=[refresh_sales_job, embed_prefix_job, rejoin_sales_job],
+        jobs=[refresh_sales_job, embed_prefix_job, rejoin_sales_job, search_index_job],
         sensors=[
             build_raw_prefix_sensor(
                 settings.sensor_interval_s,

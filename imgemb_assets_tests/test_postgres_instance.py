@@ -21,6 +21,7 @@ from imgemb_assets.defs.assets import RAW_IMAGES
 from imgemb_assets.defs.partitions import S3_PREFIX_PARTITIONS_NAME
 from imgemb_assets.defs.resources import ImgembS3Resource, StorageResource
 from imgemb_assets.defs.sensors import build_raw_prefix_sensor, build_sales_change_sensor
+from imgemb_assets.defs.similarity import SEARCH_INDEX
 from imgemb_assets.defs.settings import LocationSettings
 from imgemb_assets_tests.conftest import REPO_ROOT, code_location_env, run_user_command, user_shell_env
 from imgemb_assets_tests.postgres_server import PG_URL_VARIABLE, with_postgres_storage
@@ -85,11 +86,18 @@ def test_the_readme_user_path_on_a_postgres_instance(
             assert instance.get_materialized_partitions(AssetKey(name)) == set(prefixes), name
         _assert_sensors_report_nothing(instance, small_dataset, str(tmp_path / "lake"))
 
-        # A first evaluation (no cursor), as a daemon started on this instance makes it.
+        # A first evaluation (no cursor), as a daemon started on this instance makes it: nothing of the
+        # pipeline runs again; what the embeddings are used for (evaluation, search index and its near
+        # duplicates), never made by the user's backfill of image_embeddings, is requested.
         defs = build_definitions(LocationSettings())
         evaluation = evaluate_automation_conditions(defs=defs, instance=instance)
-        assert evaluation.total_requested == 0, {
-            name: sorted(evaluation.get_requested_partitions(AssetKey(name))) for name in tables.ALL_TABLES
+        requested = {
+            key.to_user_string(): sorted(map(str, evaluation.get_requested_partitions(key)))
+            for key in defs.resolve_asset_graph().materializable_asset_keys
+            if evaluation.get_num_requested(key)
+        }
+        assert requested == {
+            tables.EMBEDDING_EVALUATION: prefixes, SEARCH_INDEX: ["None"], tables.NEAR_DUPLICATES: ["None"]
         }
 
 

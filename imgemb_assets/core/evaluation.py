@@ -29,8 +29,13 @@ from typing import Final
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from sklearn.metrics import silhouette_score
 from sklearn.neighbors import NearestNeighbors
+
+from imgemb_assets.core.drift import vectors_of
+from imgemb_assets.core.model_config import model_id_has_random_weights
+from imgemb_assets.core.tables import EMBEDDING_EVALUATION_SCHEMA, PARTITION_COLUMN
 
 RANDOM_WEIGHTS_WARNING: Final = (
     "These embeddings come from a model with random, untrained weights. "
@@ -281,3 +286,54 @@ def _histogram_lines(counts: Sequence[int], edges: Sequence[float]) -> list[str]
 
 def _shown(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
+
+
+@dataclass(frozen=True)
+class PartitionEvaluation:
+    """One partition's evaluation per model: rows of EMBEDDING_EVALUATION_SCHEMA, and each model's result."""
+
+    table: pa.Table
+    by_model: dict[str, EmbeddingEvaluation]
+
+
+def evaluate_partition(
+    embeddings: pa.Table, prefix: str, label_column: str | None, settings: EvaluationSettings = EvaluationSettings()
+) -> PartitionEvaluation:
+    """Each model's vectors of one partition (`model_id`, `embedding` and the label column if present), scored
+    apart: vectors of two models are never compared. Without the label column, only the similarity distribution."""
+    has_labels = label_column is not None and label_column in embeddings.column_names
+    results: dict[str, EmbeddingEvaluation] = {}
+    for model_id in sorted(set(embeddings.column("model_id").to_pylist())):
+        rows = embeddings.filter(pc.equal(embeddings.column("model_id"), model_id))
+        labels = rows.column(label_column) if has_labels else [None] * rows.num_rows
+        results[model_id] = evaluate_embeddings(
+            vectors_of(rows.column("embedding")),
+            labels,
+            weights_are_random=model_id_has_random_weights(model_id),
+            settings=settings,
+        )
+    table = pa.Table.from_pylist(
+        [_evaluation_row(prefix, model_id, label_column if has_labels else None, result)
+         for model_id, result in results.items()],
+        schema=EMBEDDING_EVALUATION_SCHEMA,
+    )  # fmt: skip
+    return PartitionEvaluation(table, results)
+
+
+def _evaluation_row(prefix: str, model_id: str, label_column: str | None, result: EmbeddingEvaluation) -> dict[str, object]:
+    quantiles = result.similarity_quantiles
+    return {
+        PARTITION_COLUMN: prefix,
+        "model_id": model_id,
+        "label_column": label_column,
+        "weights_are_random": result.weights_are_random,
+        "vectors": result.vectors,
+        "labelled_sampled": result.labelled_sampled,
+        "labels": result.labels,
+        "silhouette": result.silhouette,
+        "knn_agreement": result.knn_agreement,
+        "knn_agreement_chance": result.knn_agreement_chance,
+        "similarity_p5": quantiles.get(0.05),
+        "similarity_p50": quantiles.get(0.5),
+        "similarity_p95": quantiles.get(0.95),
+    }

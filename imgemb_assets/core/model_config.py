@@ -94,12 +94,21 @@ def parse_random_seed(weights: str) -> int | None:
     return int(seed)
 
 
+_RANDOM_IDENTITY_PREFIX: Final = "random-seed"
+
+
+def model_id_has_random_weights(model_id: str) -> bool:
+    """Whether a recorded `model_id` (`torchvision/<model>/<weights identity>/<numerics>`) names random weights."""
+    parts = model_id.split("/")
+    return len(parts) > 2 and parts[2].startswith(_RANDOM_IDENTITY_PREFIX)
+
+
 def weights_identity(weights: str) -> str:
     """What a weights setting names, without torch: `random-seed<N>`, `state-dict-sha256-<16 hex>` of a file's
     content, or the torchvision weights name as written (`DEFAULT` is not resolved here)."""
     seed = parse_random_seed(weights)
     if seed is not None:
-        return f"random-seed{seed}"
+        return f"{_RANDOM_IDENTITY_PREFIX}{seed}"
     if Path(weights).is_file():
         return f"state-dict-sha256-{sha256_prefix(Path(weights))}"
     return weights

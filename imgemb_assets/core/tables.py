@@ -104,8 +104,7 @@ def image_embeddings_schema(sales_schema: pa.Schema) -> pa.Schema:
 
 
 # Near-duplicate image pairs of one partition's images against the whole search
-# index (imgemb_assets.core.near_duplicates). Not in ALL_TABLES until an asset
-# writes it: every name there must be a materializable asset.
+# index (imgemb_assets.core.near_duplicates).
 NEAR_DUPLICATES: Final = "near_duplicates"
 
 NEAR_DUPLICATES_SCHEMA: Final = pa.schema(
@@ -120,3 +119,30 @@ NEAR_DUPLICATES_SCHEMA: Final = pa.schema(
         pa.field("model_id", pa.string(), nullable=False),
     ]
 )
+
+
+# One row per (partition, model): how well that model's vectors separate the label
+# column's values (imgemb_assets.core.evaluation).
+EMBEDDING_EVALUATION: Final = "embedding_evaluation"
+
+EMBEDDING_EVALUATION_SCHEMA: Final = pa.schema(
+    [
+        pa.field(PARTITION_COLUMN, pa.string(), nullable=False),
+        pa.field("model_id", pa.string(), nullable=False),
+        pa.field("label_column", pa.string(), nullable=True),  # null when the sales table has no such column
+        pa.field("weights_are_random", pa.bool_(), nullable=False),  # the scores then describe noise
+        pa.field("vectors", pa.int64(), nullable=False),
+        pa.field("labelled_sampled", pa.int64(), nullable=False),
+        pa.field("labels", pa.int64(), nullable=False),
+        pa.field("silhouette", pa.float64(), nullable=True),  # null when fewer than two labels
+        pa.field("knn_agreement", pa.float64(), nullable=True),
+        pa.field("knn_agreement_chance", pa.float64(), nullable=True),
+        pa.field("similarity_p5", pa.float64(), nullable=True),
+        pa.field("similarity_p50", pa.float64(), nullable=True),
+        pa.field("similarity_p95", pa.float64(), nullable=True),
+    ]
+)
+
+# Made from the embeddings for what they are for (search, evaluation), per prefix like
+# the pipeline's tables: a prefix removed from the root leaves these too.
+DERIVED_TABLES: Final = (EMBEDDING_EVALUATION, NEAR_DUPLICATES)

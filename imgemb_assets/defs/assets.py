@@ -25,9 +25,6 @@ from dagster import (
     BackfillPolicy,
     MaterializeResult,
     MetadataValue,
-    TableColumn,
-    TableColumnConstraints,
-    TableSchema,
     asset,
     multi_asset,
 )
@@ -48,6 +45,8 @@ from imgemb_assets.core.quality import (
 from imgemb_assets.core.sales import join_with_sales, list_sales_files, read_sales
 from imgemb_assets.core.storage import ObjectStore
 from imgemb_assets.defs.automation import FOLLOWS_SOURCE, FOLLOWS_UPSTREAM
+from imgemb_assets.defs.evaluation import build_evaluation_asset
+from imgemb_assets.defs.similarity import build_similarity_assets
 from imgemb_assets.defs.partition_steps import AssetReport, CheckReport, StepEvent, materialize_prefixes
 from imgemb_assets.defs.partitions import s3_prefix_partitions
 from imgemb_assets.defs.placement import GPU_POOL, gpu_step_tags, worker_identity
@@ -59,6 +58,7 @@ from imgemb_assets.defs.resources import (
 )
 from imgemb_assets.defs.retries import STEP_RETRY_POLICY, permanent_failures
 from imgemb_assets.defs.settings import LocationSettings
+from imgemb_assets.defs.table_metadata import table_metadata
 
 if TYPE_CHECKING:  # torch is imported by the embedding step only
     from imgemb_assets.core.embedding_partition import SharedModel
@@ -108,26 +108,6 @@ def _check_result(
     )
 
 
-def _table_metadata(lake: Lake, name: str, rows: int, schema: pa.Schema, **extra: Any) -> dict[str, Any]:
-    """Row count, where the table is, and its columns as the UI's asset page shows them."""
-    return {
-        "dagster/row_count": rows,
-        "dagster/column_schema": column_schema_of(schema),
-        "table_uri": MetadataValue.path(lake.table_uri(name)),
-        **extra,
-    }
-
-
-def column_schema_of(schema: pa.Schema) -> TableSchema:
-    """The Arrow schema as Dagster's column schema: each column's Arrow type, and whether it may be null."""
-    return TableSchema(
-        columns=[
-            TableColumn(field.name, str(field.type), constraints=TableColumnConstraints(nullable=field.nullable))
-            for field in schema
-        ]
-    )
-
-
 def build_assets(settings: LocationSettings, model_code_version: str) -> list[AssetsDefinition | AssetSpec]:
     """Every asset of the location; runs take at most `settings.max_partitions_per_run` prefixes.
 
@@ -143,6 +123,8 @@ def build_assets(settings: LocationSettings, model_code_version: str) -> list[As
         sales,
         _images_with_sales(policy),
         _image_embeddings(policy, gpu_step_tags(settings), model_code_version),
+        build_evaluation_asset(policy, model_code_version),
+        build_similarity_assets(model_code_version),
     ]
 
 
@@ -168,7 +150,7 @@ def _raw_image_manifest(policy: BackfillPolicy) -> AssetsDefinition:
             manifest = build_manifest(objects, prefix)
             lake.write_partition(tables.RAW_IMAGE_MANIFEST, manifest, prefix)
             # compared by the sensors and the reconciliation with a fresh listing
-            metadata = _table_metadata(
+            metadata = table_metadata(
                 lake,
                 tables.RAW_IMAGE_MANIFEST,
                 manifest.num_rows,
@@ -238,14 +220,14 @@ def _downscaled_images(policy: BackfillPolicy) -> AssetsDefinition:
             return [
                 AssetReport(
                     tables.DOWNSCALED_IMAGES,
-                    _table_metadata(
+                    table_metadata(
                         lake, tables.DOWNSCALED_IMAGES, result.images.num_rows, tables.DOWNSCALED_IMAGES_SCHEMA
                     ),
                     [CheckReport("manifest_accounted_for", accounted_for)],
                 ),
                 AssetReport(
                     tables.REJECTED_IMAGES,
-                    _table_metadata(
+                    table_metadata(
                         lake,
                         tables.REJECTED_IMAGES,
                         result.rejected.num_rows,
@@ -288,7 +270,7 @@ def sales(storage: StorageResource) -> MaterializeResult:
         lake.overwrite(tables.SALES, table)
     unique_ids = duplicate_image_ids(table)
     return MaterializeResult(
-        metadata=_table_metadata(
+        metadata=table_metadata(
             lake,
             tables.SALES,
             table.num_rows,
@@ -341,7 +323,7 @@ def _images_with_sales(policy: BackfillPolicy) -> AssetsDefinition:
             return [
                 AssetReport(
                     tables.IMAGES_WITH_SALES,
-                    _table_metadata(lake, tables.IMAGES_WITH_SALES, joined.num_rows, schema),
+                    table_metadata(lake, tables.IMAGES_WITH_SALES, joined.num_rows, schema),
                     [CheckReport("sales_coverage", coverage, AssetCheckSeverity.WARN)],
                 )
             ]
@@ -446,7 +428,7 @@ def _embed_prefix(
         if run.model is not None
         else {"weights": "model not loaded: every vector was reused"}
     )
-    metadata = _table_metadata(
+    metadata = table_metadata(
         lake,
         tables.IMAGE_EMBEDDINGS,
         rows,

@@ -35,7 +35,7 @@ REMOVE_VANISHED_JOB_NAME: Final = "remove_vanished_prefixes"
 MAX_VANISHED_SHARE: Final = 0.5
 _SHOWN: Final = 10
 
-PARTITIONED_TABLES: Final = tuple(name for name in tables.ALL_TABLES if name != tables.SALES)
+PARTITIONED_TABLES: Final = tuple(name for name in (*tables.ALL_TABLES, *tables.DERIVED_TABLES) if name != tables.SALES)
 
 
 def shown(prefixes: Sequence[str]) -> str:

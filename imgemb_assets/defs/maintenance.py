@@ -156,7 +156,7 @@ def _table_op(name: str, settings: MaintenanceSettings) -> OpDefinition:
 
 
 def build_maintenance_job(settings: MaintenanceSettings) -> JobDefinition:
-    table_ops = [_table_op(name, settings) for name in tables.ALL_TABLES]
+    table_ops = [_table_op(name, settings) for name in (*tables.ALL_TABLES, *tables.DERIVED_TABLES)]
 
     @job(
         name=MAINTENANCE_JOB_NAME,

@@ -7,6 +7,7 @@ from dagster import ConfigurableResource, EnvVar
 from pydantic import Field
 
 from imgemb_assets.core.drift import DriftThresholds
+from imgemb_assets.core.near_duplicates import DEFAULT_SIMILARITY_THRESHOLD, ShareJumpRule
 from imgemb_assets.core.images import DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_IMAGE_BYTES, ImageLimits
 from imgemb_assets.core.lake import Lake
 from imgemb_assets.core.model_config import EmbeddingSettings, model_code_version
@@ -180,3 +181,25 @@ class QualityThresholds(ConfigurableResource):
             max_variance_shift=self.max_embedding_variance_shift,
             min_centroid_cosine=self.min_embedding_centroid_cosine,
         )
+
+
+class SimilaritySettings(ConfigurableResource):
+    """What the search index, near-duplicate and evaluation assets use (`defs/similarity.py`, `defs/evaluation.py`)."""
+
+    evaluation_label_column: str = Field(
+        default="category",
+        description="The sales column whose values the evaluation asks the embeddings to separate "
+        "(silhouette, kNN label agreement); without it only the similarity distribution is reported.",
+    )
+    near_duplicate_threshold: float = Field(
+        default=DEFAULT_SIMILARITY_THRESHOLD,
+        description="Two images whose embeddings have at least this cosine similarity are near duplicates.",
+    )
+    max_near_duplicate_share_jump_points: float = Field(
+        default=ShareJumpRule.max_points_above_median,
+        description="Warn when a partition's share of images with a near duplicate is more than this many "
+        "percentage points above the median of the previous partitions'.",
+    )
+
+    def share_jump_rule(self) -> ShareJumpRule:
+        return ShareJumpRule(max_points_above_median=self.max_near_duplicate_share_jump_points)

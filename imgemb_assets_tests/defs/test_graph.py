@@ -94,6 +94,14 @@ def test_embedding_rows_carry_sales_columns_vectors_and_model_id(
     assert metadata["model_id"] == "torchvision/resnet50/random-seed0/fp32"
     assert "RANDOM" in metadata["weights"]
     assert metadata["embedding_width"] == 2048
+    # The same run evaluated the partition against the sales table's category, labelled meaningless.
+    (evaluation,) = lake.read(tables.EMBEDDING_EVALUATION, prefix).to_pylist()
+    assert evaluation["model_id"] == metadata["model_id"] and evaluation["label_column"] == "category"
+    assert evaluation["weights_are_random"] and evaluation["vectors"] == embeddings.num_rows
+    assert evaluation["silhouette"] is not None and -1 <= evaluation["silhouette"] <= 1
+    (evaluated,) = _metadata(results, tables.EMBEDDING_EVALUATION)
+    assert "random, untrained weights" in evaluated["warning"] and "random, untrained weights" in evaluated["summary"]
+    assert evaluated["silhouette"] == round(evaluation["silhouette"], 4)
 
 
 def test_rerunning_a_partition_replaces_it_without_duplicates(

@@ -139,7 +139,7 @@ def test_the_job_refuses_to_run_beside_another_run(lake: Lake, instance: Dagster
 def test_each_table_is_its_own_step_in_the_runs_process() -> None:
     job = build_definitions(SETTINGS).resolve_job_def(MAINTENANCE_JOB_NAME)
     assert job.executor_def.name == "in_process"
-    table_ops = {maintenance_op_name(name) for name in tables.ALL_TABLES}
+    table_ops = {maintenance_op_name(name) for name in (*tables.ALL_TABLES, *tables.DERIVED_TABLES)}
     assert {node.name for node in job.nodes} == {GUARD_OP_NAME} | table_ops
 
 
