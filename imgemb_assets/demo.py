@@ -28,7 +28,8 @@ from imgemb_assets.core.sample_data import SampleDataset, generate_sample_datase
 from imgemb_assets.core.storage import open_object_store
 from imgemb_assets.definitions import defs as location_definitions
 from imgemb_assets.defs.backfills import QUIET_CONSOLE
-from imgemb_assets.defs.jobs import PREFIX_JOB_NAME, SALES_JOB_NAME
+from imgemb_assets.defs.jobs import PREFIX_JOB_NAME, SALES_JOB_NAME, SEARCH_INDEX_JOB_NAME
+from imgemb_assets.defs.similarity import SEARCH_INDEX
 from imgemb_assets.defs.partitions import S3_PREFIX_PARTITIONS_NAME
 
 _RANDOM_WEIGHTS_BANNER = """
@@ -96,6 +97,8 @@ def materialize_all(instance: DagsterInstance, prefixes: list[str]) -> list[Exec
             instance=instance, tags=range_tags, run_config=QUIET_CONSOLE
         )
     )
+    print("updating the search index and the near duplicates ...", flush=True)
+    results.append(defs.resolve_job_def(SEARCH_INDEX_JOB_NAME).execute_in_process(instance=instance, run_config=QUIET_CONSOLE))
     return results
 
 
@@ -126,7 +129,7 @@ def check_lines(results: list[ExecuteInProcessResult]) -> list[str]:
 def table_counts(lake: Lake, prefixes: list[str]) -> pl.DataFrame:
     """Rows per table, in total and per prefix, read back with polars."""
     rows = []
-    for name in tables.ALL_TABLES:
+    for name in (*tables.ALL_TABLES, *tables.DERIVED_TABLES):
         frame = pl.scan_delta(lake.table_uri(name))
         row: dict[str, object] = {"table": name, "total": frame.select(pl.len()).collect().item()}
         if name != tables.SALES:  # sales is not partitioned
@@ -178,13 +181,32 @@ def print_summary(
         print("\nEmbedding step: no image needed the model")
     print(f"  vectors reused from the stored tables (same image content and model): {reused}")
     print(f"Delta tables under: {lake.root_uri}")
-    for name in tables.ALL_TABLES:
+    for name in (*tables.ALL_TABLES, *tables.DERIVED_TABLES):
         print(f"  {name:20s} {lake.table_uri(name)}")
+    print(search_index_line(results))
     print(f"Wall time: {wall_s:.1f} s")
     exports = " ".join(f"{key}={shlex.quote(value)}" for key, value in env.items())
+    example, prefix = pl.read_delta(lake.table_uri(tables.IMAGE_EMBEDDINGS), columns=["image_id", "prefix"]).row(0)
+    photo = next((Path(dataset.raw_images_uri) / prefix).glob(f"{example}.*"))
+    print("\nFind the images most similar to one of them, or to any photo file:")
+    print(f"  {exports} imgemb similar {example}")
+    print(f"  {exports} imgemb similar --image {shlex.quote(str(photo))}")
     print("\nOpen the Dagster UI on the same instance (the runs above are there):")
     print(f"  {exports} dagster dev -w workspace.yaml")
     print(f"  or: make ui DEMO_DIR={shlex.quote(dataset.root)}")
+
+
+def search_index_line(results: list[ExecuteInProcessResult]) -> str:
+    for result in results:
+        for event in result.get_asset_materialization_events():
+            materialization = event.step_materialization_data.materialization
+            if materialization.asset_key.to_user_string() == SEARCH_INDEX:
+                values = {key: value.value for key, value in materialization.metadata.items()}
+                return (
+                    f"Search index: {values.get('vectors_indexed', 0)} vectors of {values.get('model_id', '-')} "
+                    f"({values.get('backend', '-')}, recall@10 {values.get('recall_at_10', '-')})"
+                )
+    return "Search index: not built"
 
 
 def write_env_file(path: Path, env: dict[str, str]) -> None:
