@@ -118,12 +118,22 @@ def test_sensor_embeds_a_dropped_prefix_and_the_ui_api_launches_a_run(
     wait_for(f"run {run_id}", lambda: client.get_run_status(run_id) in finished, 300, log, poll_s=2)
     assert client.get_run_status(run_id) == DagsterRunStatus.SUCCESS
     assert _embedded_rows(lake, prefix) == expected
-    assert _asset_checks_shown_by_the_ui(port) == {
+    # Automation follows with the evaluation, the search index and its near duplicates (on S3 too).
+    passing = {
         "sales": {"unique_image_ids": ("SUCCEEDED", True)},
         "downscaled_images": {"manifest_accounted_for": ("SUCCEEDED", True)},
         "images_with_sales": {"sales_coverage": ("SUCCEEDED", True)},
         "image_embeddings": {"embedding_values": ("SUCCEEDED", True), "embedding_drift": ("SUCCEEDED", True)},
+        "near_duplicates": {"near_duplicate_share": ("SUCCEEDED", True)},
     }
+    wait_for("every check shown passed", lambda: _asset_checks_shown_by_the_ui(port) == passing, DEADLINE_S, log, poll_s=2)
+    index = _latest_metadata_shown_by_the_ui(port, "image_search_index")
+    assert index["vectors_indexed"] == expected and index["recall_at_10"] == 1.0
+    assert index["neighbours_sheet"].startswith("![") and "data:image/jpeg;base64," in index["neighbours_sheet"]
+    evaluation = _latest_metadata_shown_by_the_ui(port, "embedding_evaluation")
+    assert "random, untrained weights" in evaluation["warning"] and evaluation["label_column"] == "category"
+    columns = _latest_metadata_shown_by_the_ui(port, "image_embeddings")["dagster/column_schema"]
+    assert [column["name"] for column in columns][-2:] == ["embedding", "model_id"]
 
     # A second export repeating three image_ids: the UI shows the blocking check failed.
     sales = pq.read_table(Path(small_dataset.sales_uri) / "sales.parquet").slice(0, 3)
@@ -167,3 +177,28 @@ def _asset_checks_shown_by_the_ui(port: int) -> dict[str, dict[str, tuple[str, b
                 evaluation.get("success"),
             )
     return shown
+
+
+_LATEST_METADATA_QUERY = """
+query ($key: AssetKeyInput!) { assetNodeOrError(assetKey: $key) { ... on AssetNode {
+  assetMaterializations(limit: 1) { metadataEntries { label
+    ... on IntMetadataEntry { intValue } ... on FloatMetadataEntry { floatValue }
+    ... on TextMetadataEntry { text } ... on MarkdownMetadataEntry { mdStr } ... on BoolMetadataEntry { boolValue }
+    ... on TableSchemaMetadataEntry { schema { columns { name type } } } } } } } }
+"""
+
+
+def _latest_metadata_shown_by_the_ui(port: int, asset: str) -> dict[str, object]:
+    """The metadata of the asset's latest materialization, as the UI's API serves it (label -> value)."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/graphql",
+        data=json.dumps({"query": _LATEST_METADATA_QUERY, "variables": {"key": {"path": [asset]}}}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        (materialization,) = json.loads(response.read())["data"]["assetNodeOrError"]["assetMaterializations"]
+    values: dict[str, object] = {}
+    for entry in materialization["metadataEntries"]:
+        value = next((v for k, v in entry.items() if k != "label"), None)
+        values[entry["label"]] = value["columns"] if isinstance(value, dict) and "columns" in value else value
+    return values

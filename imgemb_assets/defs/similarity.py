@@ -29,6 +29,7 @@ from dagster import (
 
 from imgemb_assets.core import tables
 from imgemb_assets.core.lake import Lake
+from imgemb_assets.core.model_config import model_id_has_random_weights
 from imgemb_assets.defs.automation import FOLLOWS_UPSTREAM
 from imgemb_assets.defs.resources import SimilaritySettings, StorageResource
 from imgemb_assets.defs.retries import STEP_RETRY_POLICY
@@ -44,6 +45,10 @@ _PREVIOUS_PARTITIONS: Final = 7
 # Images of the changed partitions shown beside their nearest neighbours.
 _SHEET_QUERIES: Final = 6
 _SHEET_NEIGHBOURS: Final = 5
+_RANDOM_PAIRS_WARNING: Final = (
+    "{} has random, untrained weights: its vectors sit close to each other whatever the images show, "
+    "so its near-duplicate pairs mean nothing"
+)
 
 
 def build_similarity_assets(model_code_version: str) -> AssetsDefinition:
@@ -100,10 +105,13 @@ def build_similarity_assets(model_code_version: str) -> AssetsDefinition:
             f"{pairs} near-duplicate pairs written, in {refresh.seconds:.1f} s"
         )
         yield MaterializeResult(asset_key=SEARCH_INDEX, metadata=_index_metadata(lake, refresh))
+        random_models = sorted(model_id for model_id in refresh.models if model_id_has_random_weights(model_id))
         yield MaterializeResult(
             asset_key=tables.NEAR_DUPLICATES,
             metadata=table_metadata(lake, tables.NEAR_DUPLICATES, _rows(lake), tables.NEAR_DUPLICATES_SCHEMA,
-                                    pairs_written=pairs, threshold=similarity.near_duplicate_threshold),
+                                    pairs_written=pairs, threshold=similarity.near_duplicate_threshold,
+                                    **({"warning": _RANDOM_PAIRS_WARNING.format(", ".join(random_models))}
+                                       if random_models else {})),
         )  # fmt: skip
         yield _share_check(lake, refresh, found, similarity)
 

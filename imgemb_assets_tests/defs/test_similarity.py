@@ -51,7 +51,8 @@ def test_each_image_finds_itself_first_and_a_copy_in_another_prefix_is_a_near_du
     (source,) = (Path(own_dataset.raw_images_uri) / first).glob(f"{original}.*")
     shutil.copy(source, Path(own_dataset.raw_images_uri) / second / f"{spare_id}{source.suffix}")
     _embed(own_instance, [first, second])
-    metadata = _index_metadata(_refresh(own_instance))
+    result = _refresh(own_instance)
+    metadata = _index_metadata(result)
 
     lake = Lake(str(tmp_path / "lake"))
     index = load_index(lake, MODEL_A)
@@ -72,6 +73,8 @@ def test_each_image_finds_itself_first_and_a_copy_in_another_prefix_is_a_near_du
     assert metadata["vectors_indexed"] == sum(len(ids) for ids in embedded.values())
     assert metadata["recall_at_10"] == 1.0 and metadata["backend"] == "exact"
     assert metadata["partitions_read"] == 2 and metadata["neighbours_sheet"].startswith("![")
+    (pairs_event,) = [e for e in result.get_asset_materialization_events() if e.asset_key == AssetKey(tables.NEAR_DUPLICATES)]
+    assert "random, untrained weights" in pairs_event.step_materialization_data.materialization.metadata["warning"].value
 
     # Only the partition written again is read again.
     _embed(own_instance, [second])
