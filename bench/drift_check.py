@@ -17,8 +17,8 @@ import numpy as np
 import pyarrow as pa
 
 from bench import print_summary
-from imgemb_assets.core.drift import stored_moments
-from imgemb_assets.core.embedding_partition import embedding_array
+from imgemb_assets.core.drift import MOMENTS_BATCH_ROWS, moments_of_batches
+from imgemb_assets.core.embedding_column import embedding_array
 from imgemb_assets.core.lake import Lake
 
 _BATCH = 4096
@@ -55,7 +55,9 @@ def main() -> None:
         del batches
         rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         started = time.perf_counter()
-        moments = stored_moments(lake, "vectors", "previous", "m")
+        moments = moments_of_batches(
+            lake.read_batches("vectors", "previous", columns=["model_id", "embedding"], batch_rows=MOMENTS_BATCH_ROWS), "m"
+        )
         read_s = time.perf_counter() - started
         rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print_summary(

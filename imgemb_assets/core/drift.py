@@ -20,13 +20,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from imgemb_assets.core.lake import Lake
+from imgemb_assets.core.embedding_column import vectors_of
 from imgemb_assets.core.quality import CheckOutcome
 
 _EPSILON = 1e-12
-# Vectors per batch when reading a stored partition back: its moments are summed
-# in float64, 1024 x 2048 x 8 bytes = 16 MiB at a time.
-_READ_ROWS = 1024
+# Vectors per batch a caller should stream a stored partition in: moments are
+# summed in float64, 1024 x 2048 x 8 bytes = 16 MiB at a time.
+MOMENTS_BATCH_ROWS = 1024
 
 
 @dataclass(frozen=True)
@@ -77,20 +77,6 @@ def moments_of_batches(batches: Iterable[pa.RecordBatch], model_id: str) -> Embe
         if rows.num_rows:
             moments.add(vectors_of(rows.column("embedding")))
     return moments
-
-
-def stored_moments(lake: Lake, table: str, partition_key: str, model_id: str) -> EmbeddingMoments:
-    """Moments of a stored partition's vectors written by `model_id`, streamed from the lake."""
-    return moments_of_batches(
-        lake.read_batches(table, partition_key, columns=["model_id", "embedding"], batch_rows=_READ_ROWS), model_id
-    )
-
-
-def vectors_of(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """A list<float32> column of equal-width vectors as an (N, width) array."""
-    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    width = len(array[0])
-    return array.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
 
 
 def previous_partition(partition_keys: Iterable[str], current: str) -> str | None:

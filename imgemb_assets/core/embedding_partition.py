@@ -18,7 +18,7 @@ from imgemb_assets.core.drift import EmbeddingMoments
 from imgemb_assets.core.embedding import embed_thumbnails
 from imgemb_assets.core.model_config import EmbeddingSettings
 from imgemb_assets.core.models import EmbeddingModel, load_model, model_id_for
-from imgemb_assets.core.tables import EMBEDDING_TYPE
+from imgemb_assets.core.embedding_column import embedding_array
 
 
 class SharedModel:
@@ -60,6 +60,18 @@ class EmbeddingRun:
     def images_per_second(self) -> float:
         return self.images_embedded / self.seconds if self.seconds > 0 else 0.0
 
+    def model_metadata(self) -> dict[str, str | int]:
+        """What ran the model, for the step's metadata: weights, width, device, precision, batch size."""
+        if self.model is None:
+            return {"weights": "model not loaded: every vector was reused"}
+        return {
+            "weights": self.model.weights_description,
+            "embedding_width": self.model.width,
+            "device": str(self.model.device),
+            "precision": str(self.model.dtype).removeprefix("torch."),
+            "batch_size": self.model.batch_size,
+        }
+
 
 def embed_partition_batches(
     joined: Iterable[pa.RecordBatch],
@@ -76,7 +88,8 @@ def embed_partition_batches(
     stored vector is not finite or not of the model's width; only new, changed or
     refused images go through the model, which is loaded only when the first one comes.
     The stored vectors are spooled to a local file first and read back a batch at
-    a time, so memory holds one batch of them whatever the partition's size.
+    a time: memory holds one batch of them whatever the partition's size, plus
+    their key index (about 250 bytes a stored row, see `StoredVectors`).
     """
     model_id = run.model_id = shared.model_id
     width = run.width = shared.width
@@ -205,10 +218,3 @@ class StoredVectors:
         self._spool.write(np.ascontiguousarray(vectors if finite.all() else vectors[finite], dtype=np.float32))
         self._index.update((key, self._rows + offset) for offset, key in enumerate(kept))
         self._rows += len(kept)
-
-
-def embedding_array(vectors: np.ndarray) -> pa.Array:
-    """(N, width) float32 -> list<float32>; Delta has no fixed-size list type."""
-    width = vectors.shape[1]
-    flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).ravel(), pa.float32())
-    return pa.FixedSizeListArray.from_arrays(flat, width).cast(EMBEDDING_TYPE)

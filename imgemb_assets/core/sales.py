@@ -66,13 +66,14 @@ def list_sales_files(store: ObjectStore) -> list[ObjectInfo]:
     return [obj for obj in store.list_objects("") if obj.key.lower().endswith(".parquet")]
 
 
-def read_sales(store: ObjectStore, lake: Lake | None = None) -> pa.Table:
-    """Every parquet file under the sales root, validated, agreed on and concatenated.
+def read_sales(store: ObjectStore, lake: Lake | None = None, files: Sequence[ObjectInfo] | None = None) -> pa.Table:
+    """Every parquet file under the sales root (or exactly `files`, a listing the caller
+    already made and reports), validated, agreed on and concatenated.
 
     Checked against the sales columns the tables of `lake` already hold;
     without a lake, as if it were empty.
     """
-    files = list_sales_files(store)
+    files = list_sales_files(store) if files is None else files
     if not files:
         raise SalesError(f"no .parquet files under the sales root {store.root_uri}")
     written = written_sales_columns(lake) if lake is not None else {}

@@ -11,6 +11,8 @@ from typing import Final
 
 import pyarrow as pa
 
+from imgemb_assets.core.embedding_column import EMBEDDING_TYPE
+
 # Every partitioned table carries the partition key (the prefix) in this column;
 # tables created before PARTITION_STORAGE_COLUMN are also physically partitioned by it.
 PARTITION_COLUMN: Final = "prefix"
@@ -75,9 +77,7 @@ SALES_REQUIRED_FIELDS: Final = [
     pa.field("sales", pa.float64(), nullable=True),
 ]
 
-EMBEDDING_TYPE: Final = pa.list_(pa.float32())
 _EMBEDDING_FIELDS: Final = [
-    # Delta has no fixed-size list: stored as list<float32>, width checked on write.
     pa.field("embedding", EMBEDDING_TYPE, nullable=False),
     pa.field("model_id", pa.string(), nullable=False),
 ]
@@ -93,6 +93,12 @@ RESERVED_SALES_COLUMNS: Final = (
 def sales_value_fields(sales_schema: pa.Schema) -> list[pa.Field]:
     """The sales columns that are joined onto images: all but `image_id`."""
     return [f for f in sales_schema if f.name != "image_id"]
+
+
+def sales_schema_of_joined(joined_schema: pa.Schema) -> pa.Schema:
+    """The sales columns a joined table carries, as a sales schema (image_id first)."""
+    image_columns = set(DOWNSCALED_IMAGES_SCHEMA.names)
+    return pa.schema([joined_schema.field("image_id")] + [f for f in joined_schema if f.name not in image_columns])
 
 
 def images_with_sales_schema(sales_schema: pa.Schema) -> pa.Schema:

@@ -32,7 +32,13 @@ from dagster import (
 from imgemb_assets.core import tables
 from imgemb_assets.core.contact_sheet import RejectedObject, markdown_bytes, rejected_images_sheet
 from imgemb_assets.core.discovery import listing_fingerprint
-from imgemb_assets.core.drift import EmbeddingMoments, embedding_drift, previous_partition, stored_moments
+from imgemb_assets.core.drift import (
+    MOMENTS_BATCH_ROWS,
+    EmbeddingMoments,
+    embedding_drift,
+    moments_of_batches,
+    previous_partition,
+)
 from imgemb_assets.core.lake import Lake, all_of
 from imgemb_assets.core.pipeline import build_manifest, downscale_partition
 from imgemb_assets.core.quality import (
@@ -74,6 +80,13 @@ DUPLICATED_IMAGE_IDS_KEY = "duplicated_image_ids"
 _EMBEDDING_READ_ROWS = 2048
 # Stored vectors per streamed batch (8 KiB each).
 _STORED_VECTOR_READ_ROWS = 4096
+
+# The asset checks' names, each used by its spec and by its result.
+MANIFEST_ACCOUNTED_FOR_CHECK: Final = "manifest_accounted_for"
+UNIQUE_IMAGE_IDS_CHECK: Final = "unique_image_ids"
+SALES_COVERAGE_CHECK: Final = "sales_coverage"
+EMBEDDING_VALUES_CHECK: Final = "embedding_values"
+EMBEDDING_DRIFT_CHECK: Final = "embedding_drift"
 
 RAW_IMAGES: Final = "raw_images"
 SALES_EXPORT: Final = "sales_export"
@@ -186,7 +199,7 @@ def _downscaled_images(policy: BackfillPolicy) -> AssetsDefinition:
         ],
         check_specs=[
             AssetCheckSpec(
-                "manifest_accounted_for",
+                MANIFEST_ACCOUNTED_FOR_CHECK,
                 asset=tables.DOWNSCALED_IMAGES,
                 description="Every manifest object is in exactly one of downscaled_images and rejected_images.",
             )
@@ -223,7 +236,7 @@ def _downscaled_images(policy: BackfillPolicy) -> AssetsDefinition:
                     table_metadata(
                         lake, tables.DOWNSCALED_IMAGES, result.images.num_rows, tables.DOWNSCALED_IMAGES_SCHEMA
                     ),
-                    [CheckReport("manifest_accounted_for", accounted_for)],
+                    [CheckReport(MANIFEST_ACCOUNTED_FOR_CHECK, accounted_for)],
                 ),
                 AssetReport(
                     tables.REJECTED_IMAGES,
@@ -251,7 +264,7 @@ def _downscaled_images(policy: BackfillPolicy) -> AssetsDefinition:
     retry_policy=STEP_RETRY_POLICY,
     check_specs=[
         AssetCheckSpec(
-            "unique_image_ids",
+            UNIQUE_IMAGE_IDS_CHECK,
             asset=tables.SALES,
             blocking=True,
             description="Each image_id once: the inner join would otherwise multiply embedding rows.",
@@ -266,9 +279,9 @@ def sales(storage: StorageResource) -> MaterializeResult:
         files = list_sales_files(store)
         # Validated, and its column types checked against what the lake's tables already hold, before
         # anything is written: a refused export leaves every table as it was.
-        table = read_sales(store, lake)
+        table = read_sales(store, lake, files)  # the files listed above, so the metadata names what was read
         lake.overwrite(tables.SALES, table)
-    unique_ids = duplicate_image_ids(table)
+    duplicates = duplicate_image_ids(table)
     return MaterializeResult(
         metadata=table_metadata(
             lake,
@@ -277,11 +290,11 @@ def sales(storage: StorageResource) -> MaterializeResult:
             table.schema,
             source_files=MetadataValue.json([obj.uri for obj in files]),
             **{
-                DUPLICATED_IMAGE_IDS_KEY: unique_ids.metadata["duplicated_ids"],
+                DUPLICATED_IMAGE_IDS_KEY: duplicates.metadata["duplicated_ids"],
                 SALES_FILES_FINGERPRINT_KEY: listing_fingerprint(files),
             },
         ),
-        check_results=[_check_result("unique_image_ids", unique_ids)],
+        check_results=[_check_result(UNIQUE_IMAGE_IDS_CHECK, duplicates)],
     )
 
 
@@ -297,7 +310,7 @@ def _images_with_sales(policy: BackfillPolicy) -> AssetsDefinition:
         retry_policy=STEP_RETRY_POLICY,
         check_specs=[
             AssetCheckSpec(
-                "sales_coverage",
+                SALES_COVERAGE_CHECK,
                 asset=tables.IMAGES_WITH_SALES,
                 description="Share of the partition's images with a sales row; warns below the quality threshold.",
             )
@@ -324,7 +337,7 @@ def _images_with_sales(policy: BackfillPolicy) -> AssetsDefinition:
                 AssetReport(
                     tables.IMAGES_WITH_SALES,
                     table_metadata(lake, tables.IMAGES_WITH_SALES, joined.num_rows, schema),
-                    [CheckReport("sales_coverage", coverage, AssetCheckSeverity.WARN)],
+                    [CheckReport(SALES_COVERAGE_CHECK, coverage, AssetCheckSeverity.WARN)],
                 )
             ]
 
@@ -350,12 +363,12 @@ def _image_embeddings(policy: BackfillPolicy, gpu_tags: Mapping[str, str], code_
         retry_policy=STEP_RETRY_POLICY,
         check_specs=[
             AssetCheckSpec(
-                "embedding_values",
+                EMBEDDING_VALUES_CHECK,
                 asset=tables.IMAGE_EMBEDDINGS,
                 description="Every vector has the model's width and only finite values.",
             ),
             AssetCheckSpec(
-                "embedding_drift",
+                EMBEDDING_DRIFT_CHECK,
                 asset=tables.IMAGE_EMBEDDINGS,
                 description="Mean shift, per-dimension variance shift and centroid cosine against the previous "
                 "partition (the greatest prefix below this one); warns past the quality thresholds.",
@@ -405,7 +418,7 @@ def _embed_prefix(
         if lake.exists(tables.IMAGE_EMBEDDINGS)
         else None
     )
-    schema = tables.image_embeddings_schema(_sales_schema_of(joined.schema))
+    schema = tables.image_embeddings_schema(tables.sales_schema_of_joined(joined.schema))
     run = EmbeddingRun()
     rows = lake.write_partition_stream(
         tables.IMAGE_EMBEDDINGS,
@@ -417,17 +430,6 @@ def _embed_prefix(
     release_free_heap()  # the step's memory stays that of one prefix, however many the run holds
     if run.model is not None and run.model.is_random:
         context.log.warning(f"{prefix}: embedded with {run.model.weights_description}")
-    model_metadata = (
-        {
-            "weights": run.model.weights_description,
-            "embedding_width": run.model.width,
-            "device": str(run.model.device),
-            "precision": str(run.model.dtype).removeprefix("torch."),
-            "batch_size": run.model.batch_size,
-        }
-        if run.model is not None
-        else {"weights": "model not loaded: every vector was reused"}
-    )
     metadata = table_metadata(
         lake,
         tables.IMAGE_EMBEDDINGS,
@@ -441,15 +443,15 @@ def _embed_prefix(
         embedding_seconds=round(run.seconds, 3),
         worker=worker_identity(),  # the Celery worker, ECS task or pod that ran the step
         images_per_second=round(run.images_per_second, 2),
-        **model_metadata,
+        **run.model_metadata(),
     )
     checks = [
         CheckReport(
-            "embedding_values",
+            EMBEDDING_VALUES_CHECK,
             embedding_values(run.widths, run.width, run.non_finite_rows, run.rows),
         ),
         CheckReport(
-            "embedding_drift",
+            EMBEDDING_DRIFT_CHECK,
             _drift_against_previous_partition(lake, prefix, run.model_id, run.moments, quality),
             AssetCheckSeverity.WARN,
         ),
@@ -462,15 +464,16 @@ def _drift_against_previous_partition(
 ) -> CheckOutcome:
     previous_key = previous_partition(lake.partition_keys(tables.IMAGE_EMBEDDINGS), prefix)
     previous = (
-        stored_moments(lake, tables.IMAGE_EMBEDDINGS, previous_key, model_id) if previous_key is not None else None
+        moments_of_batches(
+            lake.read_batches(
+                tables.IMAGE_EMBEDDINGS, previous_key, columns=["model_id", "embedding"], batch_rows=MOMENTS_BATCH_ROWS
+            ),
+            model_id,
+        )
+        if previous_key is not None
+        else None
     )
     return embedding_drift(moments, previous, previous_key, quality.drift_thresholds())
-
-
-def _sales_schema_of(joined_schema: pa.Schema) -> pa.Schema:
-    """The sales columns carried by a joined table, as a sales schema (image_id first)."""
-    image_columns = set(tables.DOWNSCALED_IMAGES_SCHEMA.names)
-    return pa.schema([joined_schema.field("image_id")] + [f for f in joined_schema if f.name not in image_columns])
 
 
 def _rejected_contact_sheet(rejected: pa.Table, manifest: pa.Table, store: ObjectStore) -> dict[str, Any]:

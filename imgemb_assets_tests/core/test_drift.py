@@ -12,7 +12,7 @@ from imgemb_assets.core.drift import (
     moments_of_batches,
     previous_partition,
 )
-from imgemb_assets.core.embedding_partition import embedding_array
+from imgemb_assets.core.embedding_column import embedding_array
 
 WIDTH = 64
 

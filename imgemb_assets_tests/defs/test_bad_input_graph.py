@@ -9,7 +9,7 @@ import pytest
 from dagster import AssetKey, DagsterInstance
 
 from imgemb_assets.core import tables
-from imgemb_assets.core.drift import vectors_of
+from imgemb_assets.core.embedding_column import vectors_of
 from imgemb_assets.core.lake import Lake
 from imgemb_assets.definitions import build_definitions
 from imgemb_assets.defs.jobs import PREFIX_JOB_NAME, SALES_JOB_NAME
