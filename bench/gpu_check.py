@@ -30,9 +30,9 @@ from PIL import Image  # noqa: E402
 from torchvision import transforms  # noqa: E402
 
 from imgemb_assets.core import bench  # noqa: E402
-from imgemb_assets.core.embedding import IMAGENET_MEAN, IMAGENET_STD, embed_thumbnails  # noqa: E402
+from imgemb_assets.core.embedding import embed_thumbnails  # noqa: E402
 from imgemb_assets.core.model_config import EmbeddingSettings  # noqa: E402
-from imgemb_assets.core.models import load_model  # noqa: E402
+from imgemb_assets.core.models import IMAGENET_NORMALIZATION, load_model  # noqa: E402
 
 RELATIVE_TOLERANCE = 2e-3
 TARGET_RATIO = 0.85
@@ -41,7 +41,7 @@ TARGET_RATIO = 0.85
 def reference_embeddings(jpegs: list[bytes]) -> np.ndarray:
     """The article's computation in fp32 on CPU, per image."""
     model = load_model(EmbeddingSettings(weights="random", device="cpu", precision="fp32", runtime="eager"))
-    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize(IMAGENET_NORMALIZATION.mean, IMAGENET_NORMALIZATION.std)])
     with torch.inference_mode():
         return np.stack([model.module(transform(Image.open(io.BytesIO(j)).convert("RGB"))[None])[0].numpy() for j in jpegs])
 

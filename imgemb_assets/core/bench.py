@@ -80,7 +80,9 @@ def model_only_images_per_second(model: EmbeddingModel, thumbnails: list[bytes])
     # already on the device: CPU kernels are not data-independent (random noise
     # through random weights runs measurably slower than photos).
     batches = [
-        preprocess(decode_batch(thumbnails[start : start + model.batch_size]).to(model.device), model.dtype)
+        preprocess(
+            decode_batch(thumbnails[start : start + model.batch_size]).to(model.device), model.dtype, model.normalization
+        )
         for start in range(0, len(thumbnails), model.batch_size)
     ]
     with torch.inference_mode():

@@ -3,9 +3,10 @@
 Needs torch, numpy and Pillow only (no pyarrow, no Dagster), so it runs and
 benchmarks on a bare GPU machine.
 
-Preprocessing is the article's `ToTensor` + ImageNet `Normalize`, done on whole
-uint8 batches on the model's device with the same fp32 arithmetic, then cast
-to the model's precision.
+Preprocessing is the article's `ToTensor` + `Normalize` with the backbone's own
+normalization (`EmbeddingModel.normalization`: ImageNet's for torchvision's
+backbones), done on whole uint8 batches on the model's device with the same fp32
+arithmetic, then cast to the model's precision.
 
 Decoding never waits for the model and the model never waits for decoding:
 on CPU a thread pool decodes the next batches with Pillow while the current
@@ -25,19 +26,19 @@ import numpy as np
 import torch
 
 from imgemb_assets.core.images import IMAGE_SIZE, decode_thumbnail
-from imgemb_assets.core.models import EmbeddingModel
+from imgemb_assets.core.models import IMAGENET_NORMALIZATION, EmbeddingModel, Normalization
 
-IMAGENET_MEAN: Final = (0.485, 0.456, 0.406)
-IMAGENET_STD: Final = (0.229, 0.224, 0.225)
 _CPU_DECODE_AHEAD: Final = 2  # batches decoded ahead of the model on CPU
 _CUDA_DECODE_AHEAD: Final = 2  # batches nvJPEG decodes ahead of the model on CUDA
 
 
-def preprocess(pixels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(N, 3, H, W) uint8 -> normalized `dtype`, as `ToTensor` then ImageNet `Normalize` (in fp32)."""
+def preprocess(
+    pixels: torch.Tensor, dtype: torch.dtype = torch.float32, normalization: Normalization = IMAGENET_NORMALIZATION
+) -> torch.Tensor:
+    """(N, 3, H, W) uint8 -> normalized `dtype`, as `ToTensor` then `Normalize` (in fp32)."""
     images = pixels.to(torch.float32).div(255)
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    mean = torch.tensor(normalization.mean, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(normalization.std, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
     normalized = images.sub(mean).div(std)
     if normalized.device.type == "cuda":
         return normalized.to(dtype=dtype, memory_format=torch.channels_last)
@@ -54,7 +55,7 @@ def decode_batch(jpegs: Sequence[bytes]) -> torch.Tensor:
 
 def run_model(model: EmbeddingModel, pixels: torch.Tensor) -> torch.Tensor:
     with torch.inference_mode():
-        return model.module(preprocess(pixels.to(model.device, non_blocking=True), model.dtype))
+        return model.module(preprocess(pixels.to(model.device, non_blocking=True), model.dtype, model.normalization))
 
 
 def iter_embeddings(model: EmbeddingModel, jpegs: Sequence[bytes]) -> Iterator[np.ndarray]:
@@ -113,7 +114,7 @@ def _iter_embeddings_cuda(model: EmbeddingModel, batches: list[Sequence[bytes]])
             compute.wait_event(ready)
             pixels.record_stream(compute)
             with torch.inference_mode():
-                vectors = model.module(preprocess(pixels, model.dtype)).float()
+                vectors = model.module(preprocess(pixels, model.dtype, model.normalization)).float()
             host = torch.empty(vectors.shape, dtype=torch.float32, pin_memory=True)
             host.copy_(vectors, non_blocking=True)
             copied = torch.cuda.Event()

@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 
 from imgemb_assets.core.drift import EmbeddingMoments
 from imgemb_assets.core.embedding import embed_thumbnails
-from imgemb_assets.core.model_config import EmbeddingSettings
+from imgemb_assets.core.model_config import EmbeddingSettings, resolve_weights
 from imgemb_assets.core.models import EmbeddingModel, load_model, model_id_for
 from imgemb_assets.core.embedding_column import embedding_array
 
@@ -29,14 +29,15 @@ class SharedModel:
 
     def __init__(self, settings: EmbeddingSettings) -> None:
         self.settings = settings
-        # Computed once: for a state-dict file it hashes the file.
-        self.model_id = model_id_for(settings)
+        # Resolved once (a state-dict file hashed once) for the id and, later, the model.
+        self.weights = resolve_weights(settings.weights)
+        self.model_id = model_id_for(settings, self.weights)
         self.width = settings.width
         self._model: EmbeddingModel | None = None
 
     def get(self) -> EmbeddingModel:
         if self._model is None:
-            self._model = load_model(self.settings)
+            self._model = load_model(self.settings, self.weights)
         return self._model
 
 

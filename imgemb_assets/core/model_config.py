@@ -10,7 +10,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, Literal, get_args
 
 # A quarter of the article's 64: model-only images/s within 4% of 64 on a 2-core CPU
 # (22.7 vs 23.6), and each batch's activations small enough that a run's free heap
@@ -19,13 +19,17 @@ from typing import Final
 CPU_BATCH_SIZE: Final = 16
 GPU_BATCH_SIZE: Final = 256
 RANDOM_WEIGHTS: Final = "random"
-BACKBONES: Final = ("resnet50", "resnet18", "vit_b_16")
+# Each choice declared once, as the type the Dagster resource's config uses; the tuples derive from it.
+BackboneName = Literal["resnet50", "resnet18", "vit_b_16"]
+PrecisionName = Literal["auto", "fp32", "fp16", "bf16"]  # auto: fp16 on CUDA, fp32 on CPU
+# How the forward pass runs (see EmbeddingSettings.runtime); auto: cpu-tuned on CPU, eager on CUDA.
+RuntimeName = Literal["auto", "eager", "cpu-tuned"]
+BACKBONES: Final = get_args(BackboneName)
+PRECISIONS: Final = get_args(PrecisionName)
+RUNTIMES: Final = get_args(RuntimeName)
 # Each backbone's vector width with its classifier removed: known without building
 # the model, so stored vectors of another width are never reused.
 EMBEDDING_WIDTHS: Final = {"resnet50": 2048, "resnet18": 512, "vit_b_16": 768}
-PRECISIONS: Final = ("auto", "fp32", "fp16", "bf16")  # auto: fp16 on CUDA, fp32 on CPU
-# How the forward pass runs (see EmbeddingSettings.runtime); auto: cpu-tuned on CPU, eager on CUDA.
-RUNTIMES: Final = ("auto", "eager", "cpu-tuned")
 _DEVICE_PATTERN: Final = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
@@ -103,15 +107,34 @@ def model_id_has_random_weights(model_id: str) -> bool:
     return len(parts) > 2 and parts[2].startswith(_RANDOM_IDENTITY_PREFIX)
 
 
-def weights_identity(weights: str) -> str:
-    """What a weights setting names, without torch: `random-seed<N>`, `state-dict-sha256-<16 hex>` of a file's
-    content, or the torchvision weights name as written (`DEFAULT` is not resolved here)."""
+@dataclass(frozen=True)
+class ResolvedWeights:
+    """A weights setting resolved once (a state-dict file hashed once): what it names and how to load it.
+
+    `identity` is `random-seed<N>`, `state-dict-sha256-<16 hex>` of the file's
+    content, or the torchvision weights name as written (`DEFAULT` is resolved
+    to the weights it means only where torchvision is imported: `models.py`).
+    """
+
+    kind: Literal["random", "state_dict", "torchvision"]
+    identity: str
+    seed: int | None = None
+    path: Path | None = None
+    name: str | None = None
+
+
+def resolve_weights(weights: str) -> ResolvedWeights:
     seed = parse_random_seed(weights)
     if seed is not None:
-        return f"{_RANDOM_IDENTITY_PREFIX}{seed}"
+        return ResolvedWeights("random", f"{_RANDOM_IDENTITY_PREFIX}{seed}", seed=seed)
     if Path(weights).is_file():
-        return f"state-dict-sha256-{sha256_prefix(Path(weights))}"
-    return weights
+        return ResolvedWeights("state_dict", f"state-dict-sha256-{sha256_prefix(Path(weights))}", path=Path(weights))
+    return ResolvedWeights("torchvision", weights, name=weights)
+
+
+def weights_identity(weights: str) -> str:
+    """`ResolvedWeights.identity` of a weights setting."""
+    return resolve_weights(weights).identity
 
 
 def model_code_version(model: str, weights: str) -> str:

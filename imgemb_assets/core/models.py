@@ -25,10 +25,21 @@ from imgemb_assets.core.model_config import (
     RANDOM_WEIGHTS,
     EmbeddingSettings,
     ModelConfigError,
-    parse_random_seed,
-    sha256_prefix,
-    weights_identity,
+    ResolvedWeights,
+    resolve_weights,
 )
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """What the backbone was trained on: per-channel mean and std of [0, 1] pixels (the article's `Normalize`)."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+# torchvision's weights for these backbones were all trained on ImageNet, normalized so.
+IMAGENET_NORMALIZATION: Final = Normalization(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 
 
 @dataclass(frozen=True)
@@ -36,6 +47,7 @@ class _Backbone:
     build: Callable[..., torch.nn.Module]
     weights: type[WeightsEnum]
     head: str  # the attribute holding the classifier, replaced by Identity
+    normalization: Normalization = IMAGENET_NORMALIZATION
 
 
 _BACKBONES: Final = {
@@ -56,6 +68,7 @@ class EmbeddingModel:
     width: int
     batch_size: int
     runtime: str = "eager"  # the resolved runtime: eager or cpu-tuned (see EmbeddingSettings.runtime)
+    normalization: Normalization = IMAGENET_NORMALIZATION  # the backbone's input normalization
 
 
 def resolve_device(name: str) -> torch.device:
@@ -84,18 +97,20 @@ def resolve_runtime(runtime: str, device: torch.device) -> str:
     return "cpu-tuned" if runtime == "auto" else runtime
 
 
-def model_id_for(settings: EmbeddingSettings) -> str:
+def model_id_for(settings: EmbeddingSettings, weights: ResolvedWeights | None = None) -> str:
     """The id recorded on every embedding row, known without building the model.
 
     Stored vectors are reused only under the same id, so it names everything that
     moves a vector past the project's 2e-3 relative tolerance: the backbone, the
     weights (a state-dict file by its content) and the arithmetic (`numerics_tag`).
     Ids written before the arithmetic was part of them (`torchvision/<model>/<weights>`)
-    match none, so those vectors are recomputed once.
+    match none, so those vectors are recomputed once. Pass the `weights` already
+    resolved from `settings.weights` so a state-dict file is not hashed again.
     """
-    weights_id = weights_identity(settings.weights)
-    if weights_id == settings.weights:  # a torchvision name: DEFAULT is resolved to the weights it means
-        weights_id = _weights_enum(settings.model, settings.weights).name
+    weights = weights or resolve_weights(settings.weights)
+    weights_id = weights.identity
+    if weights.kind == "torchvision":  # DEFAULT is resolved to the weights it means
+        weights_id = _weights_enum(settings.model, weights.identity).name
     device = resolve_device(settings.device)
     numerics = numerics_tag(resolve_dtype(settings.precision, device), device)
     return f"torchvision/{settings.model}/{weights_id}/{numerics}"
@@ -115,16 +130,16 @@ def numerics_tag(dtype: torch.dtype, device: torch.device) -> str:
     return f"{name}-{device.type}" if dtype == torch.bfloat16 else name
 
 
-def load_model(settings: EmbeddingSettings) -> EmbeddingModel:
-    """The backbone without its classifier, with the configured weights, ready for inference."""
+def load_model(settings: EmbeddingSettings, weights: ResolvedWeights | None = None) -> EmbeddingModel:
+    """The backbone without its classifier, with the configured weights (resolved once), ready for inference."""
     backbone = _BACKBONES[settings.model]
-    seed = parse_random_seed(settings.weights)
-    if seed is not None:
-        module, description = _random(backbone, seed)
-    elif Path(settings.weights).is_file():
-        module, description = _from_state_dict(backbone, Path(settings.weights))
+    weights = weights or resolve_weights(settings.weights)
+    if weights.seed is not None:
+        module, description = _random(backbone, weights.seed)
+    elif weights.path is not None:
+        module, description = _from_state_dict(backbone, weights.path, weights.identity)
     else:
-        module, description = _pretrained(backbone, settings.model, settings.weights)
+        module, description = _pretrained(backbone, settings.model, weights.identity)
     width = _remove_classifier(module, backbone.head)
     if width != settings.width:
         raise ModelConfigError(
@@ -144,14 +159,15 @@ def load_model(settings: EmbeddingSettings) -> EmbeddingModel:
         module = torch.compile(module)
     return EmbeddingModel(
         module=module,
-        model_id=model_id_for(settings),
+        model_id=model_id_for(settings, weights),
         weights_description=description,
-        is_random=seed is not None,
+        is_random=weights.kind == "random",
         device=device,
         dtype=dtype,
         width=width,
         batch_size=settings.batch_size or (GPU_BATCH_SIZE if device.type == "cuda" else CPU_BATCH_SIZE),
         runtime=runtime,
+        normalization=backbone.normalization,
     )
 
 
@@ -207,7 +223,7 @@ def _random(backbone: _Backbone, seed: int) -> tuple[torch.nn.Module, str]:
     return module, f"RANDOM-initialised weights (seed {seed}): embeddings are not meaningful"
 
 
-def _from_state_dict(backbone: _Backbone, path: Path) -> tuple[torch.nn.Module, str]:
+def _from_state_dict(backbone: _Backbone, path: Path, identity: str) -> tuple[torch.nn.Module, str]:
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict):
         raise ModelConfigError(f"{path} holds a {type(state).__name__}, not a state dict")
@@ -222,7 +238,7 @@ def _from_state_dict(backbone: _Backbone, path: Path) -> tuple[torch.nn.Module, 
         raise ModelConfigError(
             f"{path} is not a state dict of this backbone: missing {missing_body[:5]}, unexpected {unexpected[:5]}"
         )
-    return module, f"state dict {path} (sha256 {sha256_prefix(path)}...)"
+    return module, f"state dict {path} ({identity})"
 
 
 def _pretrained(backbone: _Backbone, model: str, name: str) -> tuple[torch.nn.Module, str]:

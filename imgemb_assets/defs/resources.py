@@ -10,7 +10,13 @@ from imgemb_assets.core.drift import DriftThresholds
 from imgemb_assets.core.near_duplicates import DEFAULT_SIMILARITY_THRESHOLD, ShareJumpRule
 from imgemb_assets.core.images import DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_IMAGE_BYTES, ImageLimits
 from imgemb_assets.core.lake import Lake
-from imgemb_assets.core.model_config import EmbeddingSettings, model_code_version
+from imgemb_assets.core.model_config import (
+    BackboneName,
+    EmbeddingSettings,
+    PrecisionName,
+    RuntimeName,
+    model_code_version,
+)
 from imgemb_assets.core.s3 import S3Settings
 from imgemb_assets.core.storage import ObjectStore, open_object_store
 
@@ -94,14 +100,14 @@ class EmbeddingModelResource(ConfigurableResource):
     weights: str = Field(
         description="DEFAULT (torchvision's pretrained weights), a state-dict path, or random / random:<seed>."
     )
-    model: Literal["resnet50", "resnet18", "vit_b_16"] = Field(default="resnet50", description="torchvision backbone.")
+    model: BackboneName = Field(default="resnet50", description="torchvision backbone.")
     device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N.")
     batch_size: int | None = Field(default=None, description="Images per forward pass; default 256 on CUDA, 16 on CPU.")
-    precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+    precision: PrecisionName = Field(
         default="auto", description="auto: fp16 + channels_last on CUDA, fp32 on CPU."
     )
     compile: bool = Field(default=False, description="Run the model through torch.compile.")
-    runtime: Literal["auto", "eager", "cpu-tuned"] = Field(
+    runtime: RuntimeName = Field(
         default="auto",
         description="auto: cpu-tuned on CPU (eager with glibc malloc keeping activation buffers mapped: the same "
         "vectors, no page-fault storm), eager on CUDA; eager: the module as torchvision builds it.",

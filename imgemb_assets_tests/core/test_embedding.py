@@ -13,7 +13,8 @@ from PIL import Image
 from torchvision import transforms
 from torchvision.models import ResNet50_Weights, resnet50
 
-from imgemb_assets.core.embedding import IMAGENET_MEAN, IMAGENET_STD, embed_thumbnails
+from imgemb_assets.core.embedding import embed_thumbnails
+from imgemb_assets.core.models import IMAGENET_NORMALIZATION
 from imgemb_assets.core.images import downscale
 from imgemb_assets.core.model_config import EmbeddingSettings, ModelConfigError
 from imgemb_assets.core.models import EmbeddingModel, load_model, pretrained_weights_cached
@@ -38,7 +39,7 @@ def thumbnails() -> list[bytes]:
 
 def _article_embeddings(module: torch.nn.Module, jpegs: list[bytes]) -> np.ndarray:
     """The article's computation: per image, ToTensor + Normalize, then the headless model."""
-    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize(IMAGENET_NORMALIZATION.mean, IMAGENET_NORMALIZATION.std)])
     with torch.no_grad():
         return np.stack(
             [module(transform(Image.open(io.BytesIO(j)).convert("RGB")).unsqueeze(0))[0].numpy() for j in jpegs]
