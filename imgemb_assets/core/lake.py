@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 from deltalake import DeltaTable, QueryBuilder, WriterProperties, write_deltalake
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 
+from imgemb_assets.core import maintenance_defaults
 from imgemb_assets.core.storage import local_path_of
 from imgemb_assets.core.tables import PARTITION_COLUMN, PARTITION_STORAGE_COLUMN
 
@@ -38,7 +39,7 @@ _COMMIT_RETRY_BASE_S: Final = 0.2
 # Bound the writer's memory: parquet row groups of at most this many rows, and
 # files of about this size (a 2048-float embedding row is 8 KiB).
 MAX_ROW_GROUP_ROWS: Final = 16_384
-TARGET_FILE_BYTES: Final = 256 << 20
+TARGET_FILE_BYTES: Final = maintenance_defaults.TARGET_FILE_BYTES  # compaction aims at the same size
 # A prefix is its own partition value when it is this short and uses only
 # characters delta-rs leaves as they are in a folder name; others get a stem and a hash.
 _PLAIN_VALUE: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")

@@ -52,11 +52,13 @@ import pyarrow as pa
 from deltalake import CommitProperties, DeltaTable, WriterProperties
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 
-# One definition of the file and row-group sizes Lake writes; compaction aims at the same.
-from imgemb_assets.core.lake import MAX_ROW_GROUP_ROWS, TARGET_FILE_BYTES, Lake, LakeError
+# One definition of the row-group size Lake writes; compaction writes the same.
+from imgemb_assets.core.lake import MAX_ROW_GROUP_ROWS, Lake, LakeError
 
-# Delta's own default of `delta.deletedFileRetentionDuration`.
-DELTA_DEFAULT_RETENTION_HOURS: Final = 168
+# The defaults (the file size compaction aims at among them) live in a deltalake-free module,
+# which the location's settings (defs/settings.py) share.
+from imgemb_assets.core.maintenance_defaults import COMPACT_MIN_FILES, DELTA_DEFAULT_RETENTION_HOURS, TARGET_FILE_BYTES
+
 # Written into this run's vacuum commits, to find their metrics (the bytes deleted) in the history.
 _RUN_KEY: Final = "imgemb.maintenance_run"
 _HISTORY_SEARCH: Final = 20
@@ -68,7 +70,7 @@ Partition = tuple[tuple[str, str], ...]
 @dataclass(frozen=True)
 class MaintenanceSettings:
     # Partitions with fewer small files are left as they are: rewriting them would gain little.
-    compact_min_files: int = 4
+    compact_min_files: int = COMPACT_MIN_FILES
     target_file_bytes: int = TARGET_FILE_BYTES
     vacuum_retention_hours: int = DELTA_DEFAULT_RETENTION_HOURS
     # Lets a retention shorter than the table's `delta.deletedFileRetentionDuration` through delta-rs's

@@ -51,10 +51,12 @@ from imgemb_assets.defs.assets import (
 from imgemb_assets.defs.lifecycle import removal_refusal, removal_request, remove_vanished_prefixes_job, shown
 from imgemb_assets.defs.partitions import S3_PREFIX_PARTITIONS_NAME, s3_prefix_partitions
 from imgemb_assets.defs.resources import StorageResource
+from imgemb_assets.defs.settings import LocationSettings
 
-DEFAULT_MINIMUM_INTERVAL_S = 30
-DEFAULT_RECENT_PREFIXES = 3
-DEFAULT_MAX_NEW_PREFIXES = 100
+# The location's defaults (IMGEMB_SENSOR_*), for sensors built without settings.
+DEFAULT_MINIMUM_INTERVAL_S: int = LocationSettings.model_fields["sensor_interval_s"].default
+DEFAULT_RECENT_PREFIXES: int = LocationSettings.model_fields["sensor_recent_prefixes"].default
+DEFAULT_MAX_NEW_PREFIXES: int = LocationSettings.model_fields["sensor_max_new_prefixes"].default
 _ROOT_OBJECTS_SHOWN = 10
 
 

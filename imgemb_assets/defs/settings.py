@@ -24,163 +24,172 @@
     IMGEMB_VACUUM_RETENTION_HOURS   vacuum deletes unreferenced files older than this (default 168,
                                     Delta's default); readers and writes must not last longer
     IMGEMB_VACUUM_ALLOW_SHORT_RETENTION  true to allow a retention below 168 hours (default false)
+
+An empty variable leaves the default. pydantic-settings parses the values: integers, booleans
+(true/false, yes/no, on/off, 1/0) and JSON; an invalid one raises SettingsError, which names it.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Literal, get_args
 
-EXECUTORS: Final = ("in_process", "multiprocess", "celery", "ecs", "k8s")
-VANISHED_PREFIX_POLICIES: Final = ("keep", "remove")
-_DEFAULT_NODE_SELECTOR: Final = {"nvidia.com/gpu.present": "true"}
-_DEFAULT_TOLERATIONS: Final = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
-# Delta's default `delta.deletedFileRetentionDuration`, in hours.
-_DELTA_RETENTION_HOURS: Final = 168
-_TRUE: Final = ("1", "true", "yes", "on")
-_FALSE: Final = ("0", "false", "no", "off")
+import pydantic
+import pydantic_settings
+from pydantic import Field, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+
+from imgemb_assets.core import maintenance_defaults
+
+Executor = Literal["in_process", "multiprocess", "celery", "ecs", "k8s"]
+VanishedPrefixPolicy = Literal["keep", "remove"]
+EXECUTORS: Final = get_args(Executor)
+VANISHED_PREFIX_POLICIES: Final = get_args(VanishedPrefixPolicy)
+_ENV_PREFIX: Final = "IMGEMB_"
+# How a pydantic error reads after the variable's name; other errors keep pydantic's own words.
+_PROBLEMS: Final = {
+    "int_parsing": "must be an integer",
+    "int_from_float": "must be an integer",
+    "bool_parsing": "must be true or false (also yes/no, on/off, 1/0)",
+    "list_type": "must be a JSON list",
+    "dict_type": "must be a JSON object",
+    "literal_error": "must be one of {expected}",
+    "greater_than_equal": "must be >= {ge}",
+}
 
 
 class SettingsError(ValueError):
     """A deployment setting is invalid; the message names the variable."""
 
 
-@dataclass(frozen=True)
-class LocationSettings:
+class LocationSettings(BaseSettings):
+    # "" leaves the default, as an unset variable does. Not case_sensitive: pydantic-settings would
+    # then read `IMGEMB_gpu_count`, the field's own spelling; _MappingEnvSource reads upper case only.
+    model_config = SettingsConfigDict(env_prefix=_ENV_PREFIX, env_ignore_empty=True, frozen=True, extra="forbid")
+
     # Locally every step runs in the run's own process: starting a process per
     # step (imports, resources) cost more than the CPU steps' work. The cloud
     # executors launch each step separately, which puts the embedding step on a GPU.
-    executor: str = "in_process"
+    executor: Executor = "in_process"
     # Prefixes per run: imports, resources and the model are paid once per run,
     # and a failing run holds back at most this many prefixes.
-    max_partitions_per_run: int = 32
-    gpu_count: int = 1
-    k8s_gpu_node_selector: dict[str, str] = field(default_factory=lambda: dict(_DEFAULT_NODE_SELECTOR))
-    k8s_gpu_tolerations: list[dict[str, Any]] = field(default_factory=lambda: [dict(t) for t in _DEFAULT_TOLERATIONS])
-    ecs_gpu_run_task_kwargs: dict[str, Any] = field(default_factory=dict)
+    max_partitions_per_run: int = Field(32, ge=1)
+    gpu_count: int = Field(1, ge=1)
+    k8s_gpu_node_selector: dict[str, str] = Field(default_factory=lambda: {"nvidia.com/gpu.present": "true"})
+    k8s_gpu_tolerations: list[dict[str, Any]] = Field(
+        default_factory=lambda: [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    )
+    ecs_gpu_run_task_kwargs: dict[str, Any] = Field(default_factory=dict)
     # None leaves dagster-celery's own defaults (an AMQP broker on localhost, the rpc:// backend);
     # the workers must be started with the same URLs, or they never see the steps.
     celery_broker_url: str | None = None
     celery_backend_url: str | None = None
-    sensor_interval_s: int = 30
-    sensor_recent_prefixes: int = 3
+    sensor_interval_s: int = Field(30, ge=1)
+    sensor_recent_prefixes: int = Field(3, ge=0)
     # A first tick over a bucket with many prefixes must finish within Dagster's
     # sensor time limit (60 s by default); the rest are taken on later ticks.
-    sensor_max_new_prefixes: int = 100
+    sensor_max_new_prefixes: int = Field(100, ge=1)
     # A full pass over P prefixes takes ceil(P / per_tick) ticks: with the
     # defaults, 10,000 prefixes are all re-listed every 200 minutes, each tick
     # well within the sensor time limit.
-    reconciliation_interval_s: int = 600
-    reconciliation_prefixes_per_tick: int = 500
+    reconciliation_interval_s: int = Field(600, ge=1)
+    reconciliation_prefixes_per_tick: int = Field(500, ge=1)
     # Removing is opt-in: a prefix deleted by mistake should cost a re-upload, not
     # every table's rows of it (defs/lifecycle.py).
-    vanished_prefixes: str = "keep"
+    vanished_prefixes: VanishedPrefixPolicy = "keep"
     # Lake maintenance (defs/maintenance.py). Its schedule is off by default: it
     # must not race the partition writers, and only a deployment knows when they rest.
     maintenance_cron: str = "0 3 * * *"
-    # The defaults of core.maintenance.MaintenanceSettings (a test holds them equal), not
-    # imported: this module stays free of deltalake for the CLI.
-    compact_min_files: int = 4
-    compact_target_file_bytes: int = 256 << 20
-    vacuum_retention_hours: int = _DELTA_RETENTION_HOURS
+    # core.maintenance.MaintenanceSettings' defaults, from the deltalake-free module it takes them from.
+    compact_min_files: int = Field(maintenance_defaults.COMPACT_MIN_FILES, ge=2)
+    compact_target_file_bytes: int = Field(maintenance_defaults.TARGET_FILE_BYTES, ge=1)
+    # 0 would delete the data files of every write in flight.
+    vacuum_retention_hours: int = Field(maintenance_defaults.DELTA_DEFAULT_RETENTION_HOURS, ge=1)
     vacuum_allow_short_retention: bool = False
 
-    def __post_init__(self) -> None:
-        if self.executor not in EXECUTORS:
-            raise SettingsError(f"IMGEMB_EXECUTOR must be one of {EXECUTORS}, got {self.executor!r}")
-        if self.max_partitions_per_run < 1:
-            raise SettingsError(f"IMGEMB_MAX_PARTITIONS_PER_RUN must be at least 1, got {self.max_partitions_per_run}")
-        if self.gpu_count < 1:
-            raise SettingsError(f"IMGEMB_GPU_COUNT must be at least 1, got {self.gpu_count}")
-        if self.sensor_interval_s < 1 or self.sensor_recent_prefixes < 0 or self.sensor_max_new_prefixes < 1:
-            raise SettingsError(
-                "IMGEMB_SENSOR_INTERVAL_S and IMGEMB_SENSOR_MAX_NEW_PREFIXES must be >= 1, "
-                "IMGEMB_SENSOR_RECENT_PREFIXES >= 0"
-            )
-        if self.reconciliation_interval_s < 1 or self.reconciliation_prefixes_per_tick < 1:
-            raise SettingsError(
-                "IMGEMB_RECONCILIATION_INTERVAL_S and IMGEMB_RECONCILIATION_PREFIXES_PER_TICK must be >= 1"
-            )
-        if self.vanished_prefixes not in VANISHED_PREFIX_POLICIES:
-            raise SettingsError(
-                f"IMGEMB_VANISHED_PREFIXES must be one of {VANISHED_PREFIX_POLICIES}, got {self.vanished_prefixes!r}"
-            )
-        if self.compact_min_files < 2 or self.compact_target_file_bytes < 1:
-            raise SettingsError("IMGEMB_COMPACT_MIN_FILES must be >= 2, IMGEMB_COMPACT_TARGET_FILE_BYTES >= 1")
-        if self.vacuum_retention_hours < 1:
-            raise SettingsError(f"IMGEMB_VACUUM_RETENTION_HOURS must be >= 1, got {self.vacuum_retention_hours}")
-        if self.vacuum_retention_hours < _DELTA_RETENTION_HOURS and not self.vacuum_allow_short_retention:
-            raise SettingsError(
+    def __init__(self, **values: Any) -> None:
+        # One kind of error whether the values come from code or from the environment.
+        try:
+            super().__init__(**values)
+        except pydantic.ValidationError as exc:
+            raise SettingsError(_described(exc)) from exc
+
+    @model_validator(mode="after")
+    def _short_retention_is_meant(self) -> LocationSettings:
+        shortest = maintenance_defaults.DELTA_DEFAULT_RETENTION_HOURS
+        if self.vacuum_retention_hours < shortest and not self.vacuum_allow_short_retention:
+            raise ValueError(
                 f"IMGEMB_VACUUM_RETENTION_HOURS={self.vacuum_retention_hours} is below Delta's default of "
-                f"{_DELTA_RETENTION_HOURS} hours: a reader or a write lasting longer would lose its files; "
+                f"{shortest} hours: a reader or a write lasting longer would lose its files; "
                 "set IMGEMB_VACUUM_ALLOW_SHORT_RETENTION=true if none does"
             )
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The constructor takes its arguments and the defaults, never os.environ, a .env file or
+        # secrets: tests and benchmarks build settings next to a deployment's IMGEMB_* variables.
+        return (init_settings,)
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> LocationSettings:
-        defaults = cls()
-        return cls(
-            executor=environ.get("IMGEMB_EXECUTOR", defaults.executor),
-            max_partitions_per_run=_int(environ, "IMGEMB_MAX_PARTITIONS_PER_RUN", defaults.max_partitions_per_run),
-            gpu_count=_int(environ, "IMGEMB_GPU_COUNT", defaults.gpu_count),
-            k8s_gpu_node_selector=_json(environ, "IMGEMB_K8S_GPU_NODE_SELECTOR", defaults.k8s_gpu_node_selector, dict),
-            k8s_gpu_tolerations=_json(environ, "IMGEMB_K8S_GPU_TOLERATIONS", defaults.k8s_gpu_tolerations, list),
-            ecs_gpu_run_task_kwargs=_json(environ, "IMGEMB_ECS_GPU_RUN_TASK_KWARGS", defaults.ecs_gpu_run_task_kwargs, dict),
-            celery_broker_url=environ.get("IMGEMB_CELERY_BROKER_URL") or defaults.celery_broker_url,
-            celery_backend_url=environ.get("IMGEMB_CELERY_BACKEND_URL") or defaults.celery_backend_url,
-            sensor_interval_s=_int(environ, "IMGEMB_SENSOR_INTERVAL_S", defaults.sensor_interval_s),
-            sensor_recent_prefixes=_int(environ, "IMGEMB_SENSOR_RECENT_PREFIXES", defaults.sensor_recent_prefixes),
-            sensor_max_new_prefixes=_int(environ, "IMGEMB_SENSOR_MAX_NEW_PREFIXES", defaults.sensor_max_new_prefixes),
-            reconciliation_interval_s=_int(
-                environ, "IMGEMB_RECONCILIATION_INTERVAL_S", defaults.reconciliation_interval_s
-            ),
-            reconciliation_prefixes_per_tick=_int(
-                environ, "IMGEMB_RECONCILIATION_PREFIXES_PER_TICK", defaults.reconciliation_prefixes_per_tick
-            ),
-            vanished_prefixes=environ.get("IMGEMB_VANISHED_PREFIXES") or defaults.vanished_prefixes,
-            maintenance_cron=environ.get("IMGEMB_MAINTENANCE_CRON") or defaults.maintenance_cron,
-            compact_min_files=_int(environ, "IMGEMB_COMPACT_MIN_FILES", defaults.compact_min_files),
-            compact_target_file_bytes=_int(
-                environ, "IMGEMB_COMPACT_TARGET_FILE_BYTES", defaults.compact_target_file_bytes
-            ),
-            vacuum_retention_hours=_int(environ, "IMGEMB_VACUUM_RETENTION_HOURS", defaults.vacuum_retention_hours),
-            vacuum_allow_short_retention=_bool(
-                environ, "IMGEMB_VACUUM_ALLOW_SHORT_RETENTION", defaults.vacuum_allow_short_retention
-            ),
-        )
+        """The IMGEMB_* variables of `environ` over the defaults; SettingsError names a bad one."""
+        try:
+            values = _MappingEnvSource(cls, environ)()
+        except pydantic_settings.SettingsError as exc:
+            # The source wraps its decoding errors; the one _MappingEnvSource raises names the variable.
+            if isinstance(exc.__cause__, SettingsError):
+                raise exc.__cause__ from exc
+            raise SettingsError(str(exc)) from exc
+        return cls(**values)
 
 
-def _int(environ: Mapping[str, str], name: str, default: int) -> int:
-    raw = environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return int(raw)
-    except ValueError as exc:
-        raise SettingsError(f"{name} must be an integer, got {raw!r}") from exc
+class _MappingEnvSource(EnvSettingsSource):
+    """pydantic-settings' environment source (prefix, JSON of dicts and lists) over a given mapping."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        self._environ = environ  # read by _load_env_vars, which the base __init__ calls
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        # As the base does with os.environ, but only the names written in upper case, as documented:
+        # a Linux environment tells `imgemb_gpu_count` apart, and it was never a setting.
+        return {
+            name.lower(): value
+            for name, value in self._environ.items()
+            if name.isupper() and not (self.env_ignore_empty and value == "")
+        }
+
+    def decode_complex_value(self, field_name: str, field: FieldInfo, value: Any) -> Any:
+        try:
+            return super().decode_complex_value(field_name, field, value)
+        except json.JSONDecodeError as exc:
+            raise SettingsError(f"{_variable(field_name)} is not valid JSON: {exc}") from exc
 
 
-def _bool(environ: Mapping[str, str], name: str, default: bool) -> bool:
-    raw = environ.get(name)
-    if raw is None or raw == "":
-        return default
-    if raw.strip().lower() in _TRUE:
-        return True
-    if raw.strip().lower() in _FALSE:
-        return False
-    raise SettingsError(f"{name} must be one of {_TRUE + _FALSE}, got {raw!r}")
+def _variable(field_name: str) -> str:
+    return f"{_ENV_PREFIX}{field_name.upper()}"
 
 
-def _json(environ: Mapping[str, str], name: str, default: Any, kind: type) -> Any:
-    raw = environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise SettingsError(f"{name} is not valid JSON: {exc}") from exc
-    if not isinstance(value, kind):
-        raise SettingsError(f"{name} must be a JSON {kind.__name__}, got {type(value).__name__}")
-    return value
+def _described(exc: pydantic.ValidationError) -> str:
+    """Each error as the variable it concerns, its problem and the value given."""
+    lines = []
+    for error in exc.errors():
+        if not error["loc"]:  # a rule across fields, whose message names its variables
+            lines.append(str(error.get("ctx", {}).get("error", error["msg"])))
+            continue
+        field_name, *inside = error["loc"]
+        where = "".join(f"[{key!r}]" for key in inside)  # an entry of a JSON value
+        template = _PROBLEMS.get(error["type"])
+        problem = template.format(**error.get("ctx", {})) if template else f"is invalid ({error['msg']})"
+        lines.append(f"{_variable(str(field_name))}{where} {problem}, got {error['input']!r}")
+    return "; ".join(lines)

@@ -179,7 +179,7 @@ def test_the_maintenance_settings_come_from_the_environment() -> None:
         LocationSettings.from_environ({"IMGEMB_VACUUM_RETENTION_HOURS": "24"})
     with pytest.raises(SettingsError, match="IMGEMB_VACUUM_ALLOW_SHORT_RETENTION"):
         LocationSettings.from_environ({"IMGEMB_VACUUM_ALLOW_SHORT_RETENTION": "maybe"})
-    # the location's defaults are the core's, written twice so that settings.py need not import deltalake
+    # the location's defaults are the core's (both take them from core/maintenance_defaults.py)
     defaults, core = LocationSettings(), MaintenanceSettings()
     assert (defaults.compact_min_files, defaults.compact_target_file_bytes, defaults.vacuum_retention_hours) == (
         core.compact_min_files,
