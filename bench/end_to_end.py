@@ -13,7 +13,7 @@ round, alternating with the reference so both see the same machine:
   timed from the first command's start until the last run has ended (from the
   instance's run records). With `--daemon`, `dagster-daemon run` is started
   first, as under `dagster dev`, and counts in the time and memory.
-- reference: `python -m imgemb_assets.core.bench --reference` (torch eager fp32
+- reference: `python -m imgemb_assets.core.embedding_bench --reference` (torch eager fp32
   ResNet50, batch 64, the machine's threads, no allocator or runtime change),
   in its own process, on thumbnails of the same corpus.
 
@@ -215,7 +215,7 @@ def _nothing() -> Iterator[None]:
 def reference_images_per_second(corpus: Path) -> float:
     """The pinned model-only reference, in its own process (no allocator or runtime change there)."""
     done = subprocess.run(
-        [sys.executable, "-m", "imgemb_assets.core.bench", "--reference", "--images", "128", "--rounds", "2",
+        [sys.executable, "-m", "imgemb_assets.core.embedding_bench", "--reference", "--images", "128", "--rounds", "2",
          "--corpus", str(corpus / "raw-images")],
         cwd=_REPO, capture_output=True, text=True, check=True,
     )  # fmt: skip

@@ -10,7 +10,7 @@ or pyarrow (the project's `core` embedding path is importable without them).
    computation (Pillow decode, per-image ToTensor + Normalize, fp32 model) with
    the same random-initialised weights; relative error must be <= 2e-3.
 2. Throughput: model-only and embed-stage images/s at fp16 (and bf16), and their
-   ratio, from `imgemb_assets.core.bench`; the embed stage should reach 0.85x.
+   ratio, from `imgemb_assets.core.embedding_bench`; the embed stage should reach 0.85x.
 Exit status 1 when a check fails.
 """
 
@@ -29,9 +29,9 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from torchvision import transforms  # noqa: E402
 
-from imgemb_assets.core import bench  # noqa: E402
+from imgemb_assets.core import embedding_bench as bench  # noqa: E402
 from imgemb_assets.core.embedding import embed_thumbnails  # noqa: E402
-from imgemb_assets.core.model_config import EmbeddingSettings  # noqa: E402
+from imgemb_assets.core.model_settings import EmbeddingSettings  # noqa: E402
 from imgemb_assets.core.models import IMAGENET_NORMALIZATION, load_model  # noqa: E402
 
 RELATIVE_TOLERANCE = 2e-3

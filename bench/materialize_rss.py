@@ -22,7 +22,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from imgemb_assets.core import tables
-from imgemb_assets.core.bench import generated_thumbnails
+from imgemb_assets.core.embedding_bench import generated_thumbnails
 from imgemb_assets.core.lake import Lake
 
 _CHILD = """

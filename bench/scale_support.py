@@ -43,7 +43,7 @@ import numpy as np
 import pyarrow as pa
 import yaml
 
-from imgemb_assets.core.model_config import EMBEDDING_WIDTHS
+from imgemb_assets.core.model_settings import EMBEDDING_WIDTHS
 from imgemb_assets.core.sample_data import write_sales_export
 from imgemb_assets_tests.postgres_server import PG_URL_VARIABLE, running_postgres_server, with_postgres_storage
 
@@ -319,7 +319,8 @@ def write_prefix(lake: Any, raw: Any, prefix: str, sales_table: pa.Table) -> Pre
     """Every partitioned table of one prefix, as the four steps write them: five Delta commits."""
     from imgemb_assets.core import tables
     from imgemb_assets.core.discovery import listing_fingerprint
-    from imgemb_assets.core.pipeline import build_manifest, downscale_partition
+    from imgemb_assets.core.manifest import build_manifest
+    from imgemb_assets.core.thumbnails import downscale_partition
     from imgemb_assets.core.sales import join_with_sales
 
     objects = list(raw.list_objects(prefix))

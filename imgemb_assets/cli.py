@@ -1,7 +1,7 @@
-"""Project commands for operators: `imgemb discover`, `imgemb status` and `imgemb backfill-missing --asset NAME`.
+"""Project commands for operators: `imgemb discover`, `imgemb status`, `imgemb backfill-missing --asset NAME` and `imgemb similar`.
 
-Both read the same IMGEMB_* (and AWS) variables as the code location, and
-DAGSTER_HOME for the instance that holds the partitions.
+They read the same IMGEMB_* (and AWS) variables as the code location, and
+DAGSTER_HOME for the instance that holds the partitions (`similar` reads the lake only).
 
     imgemb discover                              register every prefix as an s3_prefix partition
     imgemb status [--asset image_embeddings]     each table's prefixes that are missing or stale
@@ -12,6 +12,12 @@ DAGSTER_HOME for the instance that holds the partitions.
                                                  when it is missing or its files changed: with a
                                                  daemon running, as one asset backfill it executes;
                                                  without one, here, one run at a time
+    imgemb similar IMAGE_ID [--k 10] [--prefix P] [--sales-weight W]
+    imgemb similar --image PATH_OR_S3_URI [--k 10] [--sales-weight W]
+                                                 the images most like one in the lake, or like a new
+                                                 photo (embedded with IMGEMB_MODEL_WEIGHTS), from the
+                                                 index the refresh_search_index job keeps; with a sales
+                                                 weight, similar best-sellers first
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from dagster import DagsterInstance
@@ -31,11 +37,15 @@ from imgemb_assets.defs.partitions import S3_PREFIX_PARTITIONS_NAME
 from imgemb_assets.defs.settings import LocationSettings
 
 if TYPE_CHECKING:
+    from imgemb_assets.core.lake import Lake
+    from imgemb_assets.core.similar import SimilarImage
     from imgemb_assets.defs.backfills import BackfillPlan, RunOutcome
 
 # Each command is a process of its own in the user's path: it imports only what it uses
 # (the assets and their libraries only where runs are planned or executed).
 PARTITIONED_ASSETS = tuple(name for name in tables.ALL_TABLES if name != tables.SALES)
+# The commands that read or change the Dagster instance (and so need DAGSTER_HOME).
+_INSTANCE_COMMANDS = frozenset({"discover", "backfill-missing", "status"})
 
 
 class CommandError(Exception):
@@ -139,6 +149,104 @@ def _status_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _similar_command(args: argparse.Namespace) -> int:
+    # usearch, pyarrow and (for --image) torch load here only: the other commands never pay for them.
+    from imgemb_assets.core.model_settings import model_id_has_random_weights
+    from imgemb_assets.core.similar import (
+        SimilarError,
+        candidate_count,
+        search_similar_to_id,
+        search_similar_to_photo,
+    )
+
+    if (args.image_id is None) == (args.image is None):
+        raise CommandError("give an IMAGE_ID or --image PATH_OR_S3_URI (one of the two)")
+    if args.image is not None and args.prefix is not None:
+        raise CommandError("--prefix names the prefix of an IMAGE_ID; a photo given with --image has none")
+    lake = _lake_of(required_env("IMGEMB_LAKE_URI", os.environ))
+    try:
+        if args.image is not None:
+            weights = required_env("IMGEMB_MODEL_WEIGHTS", os.environ)
+            found = search_similar_to_photo(lake, _read_photo(args.image), weights, args.k, args.sales_weight)
+            query = args.image
+        else:
+            found = search_similar_to_id(lake, args.image_id, args.k, args.prefix, args.sales_weight)
+            query = args.image_id if args.prefix is None else f"{args.image_id} (prefix {args.prefix})"
+    except SimilarError as exc:
+        raise CommandError(str(exc)) from exc
+    print(f"{len(found.images)} images most similar to {query}, from the search index of model {found.model_id}")
+    if model_id_has_random_weights(found.model_id):
+        print(
+            "warning: this model's weights are random (never trained): similar here means similar colours and "
+            "layout, not similar products"
+        )
+    if args.sales_weight > 0:
+        print(
+            f"ranked by score = {1 - args.sales_weight:g} x similarity + {args.sales_weight:g} x sales percentile "
+            f"among the {candidate_count(args.k)} most similar"
+        )
+    print(_table_of(found.images))
+    return 0
+
+
+def _lake_of(lake_uri: str) -> Lake:
+    # As the location's StorageResource.lake() builds it, from the standard AWS variables.
+    from imgemb_assets.core.lake import Lake
+
+    if lake_uri.startswith("s3://"):
+        return Lake(lake_uri, storage_options=S3Settings().delta_storage_options_provider())
+    return Lake(lake_uri)
+
+
+def _read_photo(location: str) -> bytes:
+    """The bytes of a local file or an s3:// object (the standard AWS variables reach S3)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from imgemb_assets.core.storage import ObjectMissing, StorageError
+
+    if location.startswith("s3://"):
+        bucket = location[len("s3://") :].split("/", 1)[0]
+        try:
+            # The bucket as the store's root: its reads check the key and retry a broken body as the pipeline's do.
+            return open_object_store(f"s3://{bucket}", S3Settings()).read_bytes(location)
+        except ObjectMissing as exc:
+            raise CommandError(f"cannot read {location}: no such object") from exc
+        except (StorageError, ClientError, BotoCoreError) as exc:
+            raise CommandError(f"cannot read {location}: {exc}") from exc
+    try:
+        with open(location, "rb") as file:
+            return file.read()
+    except OSError as exc:
+        raise CommandError(f"cannot read {location}: {exc.strerror or exc}") from exc
+
+
+def _table_of(images: Sequence[SimilarImage]) -> str:
+    """rank, image_id, prefix, similarity, score, then the sales columns, in aligned columns."""
+    sales_columns = list(dict.fromkeys(column for image in images for column in image.sales))
+    header = ["rank", "image_id", "prefix", "similarity", "score", *sales_columns]
+    rows = [
+        [
+            str(rank),
+            image.image_id,
+            image.prefix,
+            f"{image.similarity:.4f}",
+            f"{image.score:.4f}",
+            *(_shown(image.sales[column]) if column in image.sales else "-" for column in sales_columns),
+        ]
+        for rank, image in enumerate(images, start=1)
+    ]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows])
+
+
+def _shown(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.10g}"  # whole sales show as 2997, not 2997.0; prices keep their cents
+    return str(value)
+
+
 def _print_outcome(outcome: RunOutcome) -> bool:
     chunk = outcome.chunk
     what = "sales" if chunk is None else f"{len(chunk.prefixes)} prefixes {chunk.prefixes[0]} .. {chunk.prefixes[-1]}"
@@ -177,12 +285,31 @@ def main(argv: list[str] | None = None) -> int:
         "status", help="each table's prefixes that are missing or stale (written before their upstream changed)"
     )
     status.add_argument("--asset", choices=PARTITIONED_ASSETS, default=tables.IMAGE_EMBEDDINGS)
+    similar = commands.add_parser(
+        "similar", help="the images most like one in the lake (IMAGE_ID) or like a new photo (--image)"
+    )
+    similar.add_argument("image_id", nargs="?", metavar="IMAGE_ID", help="an image_id of image_embeddings")
+    similar.add_argument("--image", metavar="PATH_OR_S3_URI", help="a photo, embedded with IMGEMB_MODEL_WEIGHTS")
+    similar.add_argument("--k", type=int, default=10, help="how many images (default 10)")
+    similar.add_argument("--prefix", help="the prefix of IMAGE_ID, when it is in several")
+    similar.add_argument(
+        "--sales-weight",
+        type=float,
+        default=0.0,
+        metavar="W",
+        help="0..1: weight of the sales percentile against similarity (default 0: by similarity only)",
+    )
     args = parser.parse_args(argv)
-    if "DAGSTER_HOME" not in os.environ:
+    if args.command in _INSTANCE_COMMANDS and "DAGSTER_HOME" not in os.environ:
         print("error: DAGSTER_HOME is not set (the instance that holds the partitions)", file=sys.stderr)
         return 2
     try:
-        handlers = {"discover": _discover_command, "backfill-missing": _backfill_missing_command, "status": _status_command}
+        handlers = {
+            "discover": _discover_command,
+            "backfill-missing": _backfill_missing_command,
+            "status": _status_command,
+            "similar": _similar_command,
+        }
         return handlers[args.command](args)
     except CommandError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -65,6 +66,19 @@ def test_demo_runs_twice_with_consistent_and_unchanged_tables(tmp_path: Path) ->
     embeddings = pl.read_delta(str(data_dir / "lake" / tables.IMAGE_EMBEDDINGS))
     assert embeddings["embedding"].list.len().unique().to_list() == [2048]
     assert embeddings["model_id"].unique().to_list() == ["torchvision/resnet50/random-seed0/fp32"]
+
+    # The demo's own suggestion works: `imgemb similar` on one of its images, with the variables it wrote.
+    (command,) = [line.strip() for line in output.splitlines() if line.strip().startswith("DAGSTER_HOME=") and "imgemb similar img_" in line]
+    image_id = command.rsplit(" ", 1)[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("IMGEMB_", "DAGSTER_"))}
+    env |= dict(shlex.split(line)[0].split("=", 1) for line in (data_dir / "demo.env").read_text().splitlines())
+    similar = subprocess.run([str(Path(sys.executable).with_name("imgemb")), "similar", image_id, "--k", "3"],
+                             env=env, capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+    assert similar.returncode == 0, similar.stderr
+    lines = similar.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("rank"))
+    listed = [line.split()[1] for line in lines[header + 1 :] if line.strip()]
+    assert len(listed) == 3 and image_id not in listed and all(i in set(embeddings["image_id"]) for i in listed)
 
     _run_demo(data_dir, tmp_path / "torch")
     assert _counts(data_dir / "lake") == first

@@ -21,7 +21,7 @@ from deltalake import DeltaTable
 
 from imgemb_assets.core import tables
 from imgemb_assets.core.lake import Lake
-from imgemb_assets.core.model_config import EmbeddingSettings
+from imgemb_assets.core.model_settings import EmbeddingSettings
 from imgemb_assets.core.models import model_id_for
 from imgemb_assets.core.s3 import S3Settings
 from imgemb_assets.core.sample_data import SampleDataset

@@ -1,6 +1,6 @@
 """Embedding throughput, model alone against the whole embed stage, side by side in one run.
 
-    python -m imgemb_assets.core.bench [--model resnet50] [--device auto] [--precision auto]
+    python -m imgemb_assets.core.embedding_bench [--model resnet50] [--device auto] [--precision auto]
                                        [--runtime auto] [--batch-size N] [--images 512] [--rounds 3]
                                        [--corpus DIR] [--reference | --no-reference]
 
@@ -38,7 +38,7 @@ import torch
 from imgemb_assets.core.embedding import decode_batch, embed_thumbnails, preprocess
 from imgemb_assets.core.images import ImageRejected, downscale
 from imgemb_assets.core.allocator import malloc_tuning_applied
-from imgemb_assets.core.model_config import BACKBONES, PRECISIONS, RUNTIMES, EmbeddingSettings
+from imgemb_assets.core.model_settings import BACKBONES, PRECISIONS, RUNTIMES, EmbeddingSettings
 from imgemb_assets.core.models import EmbeddingModel, load_model
 from imgemb_assets.core.synthetic import synthetic_photo
 
@@ -154,7 +154,7 @@ class _ReferenceProcess:
     """The pinned reference in a subprocess (so nothing this process tuned applies to it), a round at a time."""
 
     def __init__(self, args: argparse.Namespace, images: int) -> None:
-        command = [sys.executable, "-m", "imgemb_assets.core.bench", "--reference-worker",
+        command = [sys.executable, "-m", "imgemb_assets.core.embedding_bench", "--reference-worker",
                    "--model", args.model, "--images", str(images)]  # fmt: skip
         if args.corpus:
             command += ["--corpus", str(args.corpus)]

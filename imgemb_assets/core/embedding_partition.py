@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 
 from imgemb_assets.core.drift import EmbeddingMoments
 from imgemb_assets.core.embedding import embed_thumbnails
-from imgemb_assets.core.model_config import EmbeddingSettings, resolve_weights
+from imgemb_assets.core.model_settings import EmbeddingSettings, resolve_weights
 from imgemb_assets.core.models import EmbeddingModel, load_model, model_id_for
 from imgemb_assets.core.embedding_column import embedding_array
 

@@ -34,7 +34,7 @@ from sklearn.metrics import silhouette_score
 from sklearn.neighbors import NearestNeighbors
 
 from imgemb_assets.core.embedding_column import vectors_of
-from imgemb_assets.core.model_config import model_id_has_random_weights
+from imgemb_assets.core.model_settings import model_id_has_random_weights
 from imgemb_assets.core.tables import EMBEDDING_EVALUATION_SCHEMA, PARTITION_COLUMN
 
 RANDOM_WEIGHTS_WARNING: Final = (

@@ -19,7 +19,7 @@ from torchvision.models import (
 )
 
 from imgemb_assets.core.allocator import keep_inference_memory_mapped
-from imgemb_assets.core.model_config import (
+from imgemb_assets.core.model_settings import (
     CPU_BATCH_SIZE,
     GPU_BATCH_SIZE,
     RANDOM_WEIGHTS,

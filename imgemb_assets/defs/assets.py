@@ -1,7 +1,7 @@
 """The five assets (plus `rejected_images`), each a Delta table under the lake root, and the two
 external assets they read: the raw images under each prefix and the sales export.
 
-Each asset computes its rows with a function from `imgemb_assets.core.pipeline`
+Each asset computes its rows with a function from `imgemb_assets.core.manifest`, `core.thumbnails`
 or `core.sales` and writes one partition per prefix of its run (or, for `sales`,
 the whole table). A run covers a range of prefixes, at most the location's
 `max_partitions_per_run` (Dagster's `BackfillPolicy`); `partition_steps` writes
@@ -40,7 +40,8 @@ from imgemb_assets.core.drift import (
     previous_partition,
 )
 from imgemb_assets.core.lake import Lake, all_of
-from imgemb_assets.core.pipeline import build_manifest, downscale_partition
+from imgemb_assets.core.manifest import build_manifest
+from imgemb_assets.core.thumbnails import downscale_partition
 from imgemb_assets.core.quality import (
     CheckOutcome,
     duplicate_image_ids,

@@ -10,7 +10,7 @@ from imgemb_assets.core.drift import DriftThresholds
 from imgemb_assets.core.near_duplicates import DEFAULT_SIMILARITY_THRESHOLD, ShareJumpRule
 from imgemb_assets.core.images import DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_IMAGE_BYTES, ImageLimits
 from imgemb_assets.core.lake import Lake
-from imgemb_assets.core.model_config import (
+from imgemb_assets.core.model_settings import (
     BackboneName,
     EmbeddingSettings,
     PrecisionName,

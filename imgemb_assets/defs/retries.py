@@ -16,7 +16,7 @@ from botocore.exceptions import ClientError
 from dagster import Backoff, Failure, Jitter, RetryPolicy
 
 from imgemb_assets.core.lake import CommitConflictError, LakeError
-from imgemb_assets.core.model_config import ModelConfigError
+from imgemb_assets.core.model_settings import ModelConfigError
 from imgemb_assets.core.s3 import S3ConfigError
 from imgemb_assets.core.sales import SalesError
 from imgemb_assets.core.storage import StorageError

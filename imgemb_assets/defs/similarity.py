@@ -29,7 +29,7 @@ from dagster import (
 
 from imgemb_assets.core import tables
 from imgemb_assets.core.lake import Lake
-from imgemb_assets.core.model_config import model_id_has_random_weights
+from imgemb_assets.core.model_settings import model_id_has_random_weights
 from imgemb_assets.defs.automation import FOLLOWS_UPSTREAM
 from imgemb_assets.defs.resources import SimilaritySettings, StorageResource
 from imgemb_assets.defs.retries import STEP_RETRY_POLICY

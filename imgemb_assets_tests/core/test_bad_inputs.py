@@ -18,7 +18,8 @@ import pytest
 from PIL import Image
 
 from imgemb_assets.core.images import ImageLimits
-from imgemb_assets.core.pipeline import build_manifest, downscale_partition
+from imgemb_assets.core.manifest import build_manifest
+from imgemb_assets.core.thumbnails import downscale_partition
 from imgemb_assets.core.storage import LocalObjectStore
 from imgemb_assets_tests.bad_inputs import TEST_MAX_IMAGE_BYTES, bad_input_cases, write_cases
 
@@ -141,7 +142,8 @@ _AS_UNPRIVILEGED = """
 import json, sys
 from pathlib import Path
 from imgemb_assets.core.discovery import DiscoveryCursor, plan_discovery
-from imgemb_assets.core.pipeline import build_manifest, downscale_partition
+from imgemb_assets.core.manifest import build_manifest
+from imgemb_assets.core.thumbnails import downscale_partition
 from imgemb_assets.core.storage import LocalObjectStore
 
 store = LocalObjectStore(Path(sys.argv[1]))

@@ -30,8 +30,8 @@ _GPU_MACHINE_IMPORTS = """
 import sys
 for name in ("dagster", "deltalake", "polars", "pyarrow", "boto3"):
     sys.modules[name] = None  # a GPU machine may have torch and nothing else of ours
-import imgemb_assets.core.bench, imgemb_assets.core.embedding, imgemb_assets.core.models
-from imgemb_assets.core.bench import generated_thumbnails
+import imgemb_assets.core.embedding_bench, imgemb_assets.core.embedding, imgemb_assets.core.models
+from imgemb_assets.core.embedding_bench import generated_thumbnails
 assert len(generated_thumbnails(3)) == 3
 """
 

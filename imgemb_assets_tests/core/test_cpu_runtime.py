@@ -16,7 +16,7 @@ from torchvision.models import resnet50
 from imgemb_assets.core.allocator import keep_inference_memory_mapped
 from imgemb_assets.core.embedding import decode_batch, embed_thumbnails, preprocess
 from imgemb_assets.core.images import downscale
-from imgemb_assets.core.model_config import EmbeddingSettings, ModelConfigError
+from imgemb_assets.core.model_settings import EmbeddingSettings, ModelConfigError
 from imgemb_assets.core.models import load_model, resolve_runtime
 from imgemb_assets.core.synthetic import synthetic_photo
 
@@ -103,7 +103,7 @@ def test_malloc_tuning_is_idempotent() -> None:
 _PROBE = """
 import json, sys
 from imgemb_assets.core.allocator import malloc_tuning_applied
-from imgemb_assets.core.model_config import EmbeddingSettings
+from imgemb_assets.core.model_settings import EmbeddingSettings
 from imgemb_assets.core.models import load_model
 before = malloc_tuning_applied()
 model = load_model(EmbeddingSettings(weights="random", model="resnet18", device="cpu", runtime=sys.argv[1]))

@@ -16,7 +16,7 @@ from torchvision.models import ResNet50_Weights, resnet50
 from imgemb_assets.core.embedding import embed_thumbnails
 from imgemb_assets.core.models import IMAGENET_NORMALIZATION
 from imgemb_assets.core.images import downscale
-from imgemb_assets.core.model_config import EmbeddingSettings, ModelConfigError
+from imgemb_assets.core.model_settings import EmbeddingSettings, ModelConfigError
 from imgemb_assets.core.models import EmbeddingModel, load_model, pretrained_weights_cached
 
 

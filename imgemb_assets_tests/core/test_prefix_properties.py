@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from imgemb_assets.core.discovery import DiscoveryCursor, plan_discovery
 from imgemb_assets.core.lake import Lake, LakeError
-from imgemb_assets.core.pipeline import build_manifest
+from imgemb_assets.core.manifest import build_manifest
 from imgemb_assets.core.storage import LocalObjectStore, partition_key_problem, shown_name
 from imgemb_assets.core.tables import RAW_IMAGE_MANIFEST, REJECTED_IMAGES, REJECTED_IMAGES_SCHEMA
 

@@ -20,7 +20,8 @@ from PIL import Image
 
 from imgemb_assets.core.discovery import DiscoveryCursor, plan_discovery
 from imgemb_assets.core.lake import Lake
-from imgemb_assets.core.pipeline import build_manifest, downscale_partition
+from imgemb_assets.core.manifest import build_manifest
+from imgemb_assets.core.thumbnails import downscale_partition
 from imgemb_assets.core.s3 import S3ConfigError, S3Settings, split_s3_uri
 from imgemb_assets.core.storage import ObjectMissing, ObjectRefused, S3ObjectStore, StorageError, open_object_store
 from imgemb_assets.core.tables import REJECTED_IMAGES_SCHEMA

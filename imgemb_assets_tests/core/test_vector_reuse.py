@@ -18,7 +18,7 @@ from imgemb_assets.core.embedding import embed_thumbnails
 from imgemb_assets.core.embedding_partition import EmbeddingRun, SharedModel, embed_partition_batches
 from imgemb_assets.core.images import downscale
 from imgemb_assets.core.lake import Lake
-from imgemb_assets.core.model_config import EmbeddingSettings
+from imgemb_assets.core.model_settings import EmbeddingSettings
 from imgemb_assets.core.models import load_model, model_id_for
 
 PREFIX = "2026-11-01"
