@@ -21,7 +21,7 @@ from imgemb_assets.core.thumbnails import downscale_partition
 from imgemb_assets.core.s3 import S3Settings
 from imgemb_assets.core.sample_data import generate_sample_dataset
 from imgemb_assets.core.storage import open_object_store
-from imgemb_assets_tests.moto_server import client_environment, running_moto_server
+from imgemb_support.moto_server import client_environment, running_moto_server
 
 
 def _timed(action):  # type: ignore[no-untyped-def]

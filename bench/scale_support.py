@@ -16,7 +16,7 @@
   state, as runless materializations (no run is executed).
 - `corpus_on_s3`: the same corpus uploaded to a moto S3 server (the lake stays local).
 - `instance_home`: a DAGSTER_HOME with the shipped dagster.yaml, on SQLite or on
-  a fresh PostgreSQL server (`imgemb_assets_tests.postgres_server`).
+  a fresh PostgreSQL server (`imgemb_support.postgres_server`).
 - `running_webserver` / `graphql_seconds`: `dagster-webserver` on the code
   location, and the GraphQL queries the UI's asset page sends.
 """
@@ -45,7 +45,7 @@ import yaml
 
 from imgemb_assets.core.model_settings import EMBEDDING_WIDTHS
 from imgemb_assets.core.sample_data import write_sales_export
-from imgemb_assets_tests.postgres_server import PG_URL_VARIABLE, running_postgres_server, with_postgres_storage
+from imgemb_support.postgres_server import PG_URL_VARIABLE, running_postgres_server, with_postgres_storage
 
 REPO: Final = Path(__file__).resolve().parents[1]
 BIN: Final = Path(sys.executable).parent
@@ -177,7 +177,7 @@ def corpus_on_s3(corpus: Corpus) -> Iterator[tuple[Corpus, dict[str, str]]]:
     The new prefixes stay local until a tick needs them. The lake stays local.
     """
     from imgemb_assets.core.s3 import S3Settings
-    from imgemb_assets_tests.moto_server import client_environment, running_moto_server
+    from imgemb_support.moto_server import client_environment, running_moto_server
 
     with running_moto_server() as endpoint:
         env = client_environment(endpoint)
@@ -574,7 +574,7 @@ class Webserver:
 @contextmanager
 def running_webserver(env: Mapping[str, str], log_path: Path, timeout_s: float = 300.0) -> Iterator[Webserver]:
     """`dagster-webserver -m imgemb_assets.definitions` on a free port, until its location answers GraphQL."""
-    from imgemb_assets_tests.moto_server import free_port
+    from imgemb_support.moto_server import free_port
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"

@@ -334,7 +334,7 @@ def lake_on(storage: str) -> Iterator[Lake]:
             yield Lake(str(Path(scratch) / "lake"))
         return
     from imgemb_assets.core.s3 import S3Settings
-    from imgemb_assets_tests.moto_server import client_environment, running_moto_server
+    from imgemb_support.moto_server import client_environment, running_moto_server
 
     with running_moto_server() as endpoint:
         os.environ.update(client_environment(endpoint))

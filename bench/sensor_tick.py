@@ -25,7 +25,7 @@ from imgemb_assets.core.s3 import S3Settings
 from imgemb_assets.defs.resources import ImgembS3Resource, StorageResource
 from imgemb_assets.defs.partitions import S3_PREFIX_PARTITIONS_NAME
 from imgemb_assets.defs.sensors import DEFAULT_RECENT_PREFIXES, build_raw_prefix_sensor, known_prefixes
-from imgemb_assets_tests.moto_server import client_environment, running_moto_server
+from imgemb_support.moto_server import client_environment, running_moto_server
 
 
 def main() -> None:

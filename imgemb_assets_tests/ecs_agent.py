@@ -47,7 +47,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from imgemb_assets_tests.moto_server import free_port, stop, wait_until_listening
+from imgemb_support.moto_server import free_port, stop, wait_until_listening
 
 ECS_TARGET_PREFIX = "AmazonEC2ContainerServiceV20141113."
 POLL_S = 0.2

@@ -37,8 +37,8 @@ from imgemb_assets.core.lake import Lake
 from imgemb_assets.core.sample_data import SampleDataset
 from imgemb_assets.defs.partitions import S3_PREFIX_PARTITIONS_NAME
 from imgemb_assets.defs.placement import GPU_POOL
-from imgemb_assets_tests.conftest import REPO_ROOT, code_location_env, user_shell_env
-from imgemb_assets_tests.postgres_server import PG_URL_VARIABLE, with_postgres_storage
+from imgemb_support.location import REPO_ROOT, code_location_env, user_shell_env
+from imgemb_support.postgres_server import PG_URL_VARIABLE, with_postgres_storage
 
 BIN = Path(sys.executable).parent
 EMBEDDING_STEP = tables.IMAGE_EMBEDDINGS  # an asset's step key is its name

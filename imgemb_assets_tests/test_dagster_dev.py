@@ -28,8 +28,8 @@ from imgemb_assets.core import tables
 from imgemb_assets.core.lake import Lake, LakeError
 from imgemb_assets.core.s3 import S3Settings
 from imgemb_assets.core.sample_data import SampleDataset
-from imgemb_assets_tests.conftest import code_location_env, upload_tree, user_shell_env, wait_for
-from imgemb_assets_tests.moto_server import free_port
+from imgemb_support.location import code_location_env, upload_tree, user_shell_env, wait_for
+from imgemb_support.moto_server import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEADLINE_S = 420

@@ -64,7 +64,7 @@ from imgemb_assets.definitions import build_definitions
 from imgemb_assets.defs.jobs import PREFIX_JOB_NAME, SALES_JOB_NAME
 from imgemb_assets.defs.partitions import S3_PREFIX_PARTITIONS_NAME
 from imgemb_assets.defs.settings import LocationSettings
-from imgemb_assets_tests.conftest import REPO_ROOT, code_location_env
+from imgemb_support.location import REPO_ROOT, code_location_env
 from imgemb_assets_tests.ecs_agent import (
     ContainerRun,
     EcsAgent,
@@ -72,8 +72,8 @@ from imgemb_assets_tests.ecs_agent import (
     recorded_requests,
     running_moto_ecs_server,
 )
-from imgemb_assets_tests.moto_server import client_environment
-from imgemb_assets_tests.postgres_server import PG_URL_VARIABLE, with_postgres_storage
+from imgemb_support.moto_server import client_environment
+from imgemb_support.postgres_server import PG_URL_VARIABLE, with_postgres_storage
 
 DEPLOY = REPO_ROOT / "deploy" / "ecs"
 BIN = Path(sys.executable).parent

@@ -23,8 +23,8 @@ from imgemb_assets.defs.resources import ImgembS3Resource, StorageResource
 from imgemb_assets.defs.sensors import build_raw_prefix_sensor, build_sales_change_sensor
 from imgemb_assets.defs.similarity import SEARCH_INDEX
 from imgemb_assets.defs.settings import LocationSettings
-from imgemb_assets_tests.conftest import REPO_ROOT, code_location_env, run_user_command, user_shell_env
-from imgemb_assets_tests.postgres_server import PG_URL_VARIABLE, with_postgres_storage
+from imgemb_support.location import REPO_ROOT, code_location_env, run_user_command, user_shell_env
+from imgemb_support.postgres_server import PG_URL_VARIABLE, with_postgres_storage
 
 
 BIN = Path(sys.executable).parent

@@ -34,7 +34,7 @@ from imgemb_assets.core.similar import (
 from imgemb_assets.definitions import build_definitions
 from imgemb_assets.defs.jobs import PREFIX_JOB_NAME, SEARCH_INDEX_JOB_NAME
 from imgemb_assets.defs.settings import LocationSettings
-from imgemb_assets_tests.conftest import code_location_env, run_user_command, user_shell_env
+from imgemb_support.location import code_location_env, run_user_command, user_shell_env
 
 IMGEMB = str(Path(sys.executable).parent / "imgemb")
 MODEL_A = "torchvision/resnet50/random-seed0/fp32"  # IMGEMB_MODEL_WEIGHTS=random on CPU

@@ -21,7 +21,7 @@ from imgemb_assets.core.images import ImageLimits
 from imgemb_assets.core.manifest import build_manifest
 from imgemb_assets.core.thumbnails import downscale_partition
 from imgemb_assets.core.storage import LocalObjectStore
-from imgemb_assets_tests.bad_inputs import TEST_MAX_IMAGE_BYTES, bad_input_cases, write_cases
+from imgemb_support.bad_inputs import TEST_MAX_IMAGE_BYTES, bad_input_cases, write_cases
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

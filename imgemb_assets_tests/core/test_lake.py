@@ -16,7 +16,7 @@ from deltalake import DeltaTable, write_deltalake
 
 from imgemb_assets.core.lake import InputChangedError, Lake, LakeError, partition_predicate, partition_value
 from imgemb_assets.core.tables import PARTITION_STORAGE_COLUMN, REJECTED_IMAGES, REJECTED_IMAGES_SCHEMA
-from imgemb_assets_tests.conftest import rejected_rows
+from imgemb_support.rows import rejected_rows
 
 
 def _ids_by_prefix(lake: Lake) -> dict[str, list[str]]:

@@ -20,7 +20,7 @@ from imgemb_assets.core.tables import (
     REJECTED_IMAGES,
     SALES,
 )
-from imgemb_assets_tests.conftest import rejected_rows
+from imgemb_support.rows import rejected_rows
 
 MANY = "2026-11-01"  # plain prefixes: each is its own partition value
 FEW = "2026-11-02"

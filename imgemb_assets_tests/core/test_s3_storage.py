@@ -25,8 +25,8 @@ from imgemb_assets.core.thumbnails import downscale_partition
 from imgemb_assets.core.s3 import S3ConfigError, S3Settings, split_s3_uri
 from imgemb_assets.core.storage import ObjectMissing, ObjectRefused, S3ObjectStore, StorageError, open_object_store
 from imgemb_assets.core.tables import REJECTED_IMAGES_SCHEMA
-from imgemb_assets_tests.fault_proxy import running_fault_proxy
-from imgemb_assets_tests.moto_server import MOTO_CREDENTIALS
+from imgemb_support.fault_proxy import running_fault_proxy
+from imgemb_support.moto_server import MOTO_CREDENTIALS
 
 # Keys as they occur in real buckets.
 ODD_PREFIXES = ["2026-11-01", "summer sale", "café ☕", "a+b=c", "100%", "it's", "x' OR '1'='1"]

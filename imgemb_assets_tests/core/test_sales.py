@@ -30,7 +30,7 @@ from imgemb_assets.core.tables import (
     image_embeddings_schema,
     images_with_sales_schema,
 )
-from imgemb_assets_tests.conftest import downscaled_rows
+from imgemb_support.rows import downscaled_rows
 
 
 def _store_with(tmp_path: Path, **files: pa.Table | bytes) -> object:

@@ -39,7 +39,7 @@ from imgemb_assets.core.tables import (
     SALES,
     images_with_sales_schema,
 )
-from imgemb_assets_tests.conftest import downscaled_rows
+from imgemb_support.rows import downscaled_rows
 
 _EPOCH = dt.datetime(1970, 1, 1)
 _INT64_MAX = 2**63 - 1

@@ -20,7 +20,7 @@ from imgemb_assets.definitions import build_definitions
 from imgemb_assets.defs.backfills import plan_backfill, run_chunks, run_in_process
 from imgemb_assets.defs.partitions import S3_PREFIX_PARTITIONS_NAME
 from imgemb_assets.defs.settings import LocationSettings
-from imgemb_assets_tests.conftest import code_location_env
+from imgemb_support.location import code_location_env
 
 PREFIXES = ("2026-09-01", "2026-09-02", "2026-09-03", "2026-09-04", "2026-09-05")
 MAX_PER_RUN = 2

@@ -14,14 +14,14 @@ from imgemb_assets.core.lake import Lake
 from imgemb_assets.definitions import build_definitions
 from imgemb_assets.defs.jobs import PREFIX_JOB_NAME, SALES_JOB_NAME
 from imgemb_assets.defs.settings import LocationSettings
-from imgemb_assets_tests.bad_inputs import (
+from imgemb_support.bad_inputs import (
     CORPUS_PREFIX,
     TEST_MAX_IMAGE_BYTES,
     accepted_image_ids,
     bad_input_cases,
     write_corpus_dataset,
 )
-from imgemb_assets_tests.conftest import code_location_instance
+from imgemb_support.location import code_location_instance
 
 defs = build_definitions(LocationSettings())
 CORPUS_RUN_CONFIG = {

@@ -27,7 +27,7 @@ from imgemb_assets.core.sample_data import SampleDataset, generate_sample_datase
 from imgemb_assets.definitions import build_definitions
 from imgemb_assets.defs.jobs import PREFIX_JOB_NAME, SALES_JOB_NAME
 from imgemb_assets.defs.settings import LocationSettings
-from imgemb_assets_tests.conftest import code_location_instance
+from imgemb_support.location import code_location_instance
 
 defs = build_definitions(LocationSettings())
 

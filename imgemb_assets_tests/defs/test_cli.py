@@ -15,7 +15,7 @@ from imgemb_assets.core.lake import Lake
 from imgemb_assets.core.s3 import S3Settings
 from imgemb_assets.core.sample_data import SampleDataset
 from imgemb_assets.defs.partitions import S3_PREFIX_PARTITIONS_NAME
-from imgemb_assets_tests.conftest import code_location_env, dataset_on_s3, user_shell_env
+from imgemb_support.location import code_location_env, dataset_on_s3, user_shell_env
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

@@ -14,7 +14,7 @@ from imgemb_assets.definitions import build_definitions
 from imgemb_assets.defs.assets import RAW_IMAGES, SALES_EXPORT
 from imgemb_assets.defs.settings import LocationSettings
 from imgemb_assets.defs.similarity import SEARCH_INDEX
-from imgemb_assets_tests.conftest import user_shell_env
+from imgemb_support.location import user_shell_env
 
 defs = build_definitions(LocationSettings())
 

@@ -18,7 +18,7 @@ from imgemb_assets.definitions import build_definitions
 from imgemb_assets.defs.jobs import PREFIX_JOB_NAME, SALES_JOB_NAME
 from imgemb_assets.defs.partitions import S3_PREFIX_PARTITIONS_NAME
 from imgemb_assets.defs.settings import LocationSettings
-from imgemb_assets_tests.conftest import code_location_env, dataset_on_s3
+from imgemb_support.location import code_location_env, dataset_on_s3
 
 defs = build_definitions(LocationSettings())
 

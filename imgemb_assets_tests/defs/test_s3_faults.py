@@ -18,10 +18,10 @@ from imgemb_assets.core import tables
 from imgemb_assets.core.lake import Lake
 from imgemb_assets.core.s3 import S3Settings
 from imgemb_assets.core.sample_data import SampleDataset
-from imgemb_assets_tests.bad_inputs import CORPUS_PREFIX, TEST_MAX_IMAGE_BYTES, write_corpus_dataset
-from imgemb_assets_tests.conftest import dataset_on_s3
-from imgemb_assets_tests.fault_proxy import running_fault_proxy
-from imgemb_assets_tests.s3_graph import comparable_rows, run_partition_through, step_retries
+from imgemb_support.bad_inputs import CORPUS_PREFIX, TEST_MAX_IMAGE_BYTES, write_corpus_dataset
+from imgemb_support.location import dataset_on_s3
+from imgemb_support.fault_proxy import running_fault_proxy
+from imgemb_support.s3_graph import comparable_rows, run_partition_through, step_retries
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")]
 

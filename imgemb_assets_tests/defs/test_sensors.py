@@ -33,7 +33,7 @@ from imgemb_assets.defs.sensors import (
     recorded_fingerprints,
 )
 from imgemb_assets.defs.settings import LocationSettings
-from imgemb_assets_tests.conftest import code_location_env, store_sensor_result
+from imgemb_support.location import code_location_env, store_sensor_result
 
 defs = build_definitions(LocationSettings())
 

@@ -29,7 +29,7 @@ from imgemb_assets.defs.partitions import S3_PREFIX_PARTITIONS_NAME, s3_prefix_p
 from imgemb_assets.defs.resources import ImgembS3Resource, StorageResource
 from imgemb_assets.defs.sensors import build_raw_prefix_sensor
 from imgemb_assets.defs.settings import LocationSettings
-from imgemb_assets_tests.conftest import store_sensor_result
+from imgemb_support.location import store_sensor_result
 
 defs = build_definitions(LocationSettings())
 

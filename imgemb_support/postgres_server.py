@@ -27,8 +27,8 @@ from typing import Any
 import pytest
 import yaml
 
-from imgemb_assets_tests.debian_packages import installed_or_fail
-from imgemb_assets_tests.moto_server import free_port
+from imgemb_support.debian_packages import installed_or_fail
+from imgemb_support.moto_server import free_port
 
 # Debian installs the server binaries per major version, off PATH.
 POSTGRES_BIN_GLOB = "/usr/lib/postgresql/*/bin"

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from imgemb_assets_tests.debian_packages import installed_or_fail
-from imgemb_assets_tests.moto_server import free_port, stop
+from imgemb_support.debian_packages import installed_or_fail
+from imgemb_support.moto_server import free_port, stop
 
 
 def redis_server_or_fail() -> str:

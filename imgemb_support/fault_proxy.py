@@ -17,7 +17,7 @@ answered (counted as `held`): a writer stopped between writing its data files
 and committing, to be killed there.
 `GET /__fault_proxy__/stats` answers the counts as JSON.
 
-    python -m imgemb_assets_tests.fault_proxy --upstream http://127.0.0.1:5000 --port 5001 --share 0.2
+    python -m imgemb_support.fault_proxy --upstream http://127.0.0.1:5000 --port 5001 --share 0.2
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from imgemb_assets_tests.moto_server import free_port, stop, wait_until_listening
+from imgemb_support.moto_server import free_port, stop, wait_until_listening
 
 STATS_PATH = "/__fault_proxy__/stats"
 _REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -231,13 +231,13 @@ def running_fault_proxy(
     port = free_port()
     process = subprocess.Popen(
         [
-            sys.executable, "-m", "imgemb_assets_tests.fault_proxy",
+            sys.executable, "-m", "imgemb_support.fault_proxy",
             "--upstream", upstream, "--port", str(port), "--share", str(share), "--seed", str(seed),
             "--kinds", ",".join(kinds), "--outage-requests", str(outage_requests), "--stall-s", str(stall_s),
             *(["--hold", hold] if hold else []),
             *(["--truncate-for", truncate_for] if truncate_for else []),
         ],
-        cwd=_REPO_ROOT,  # where `imgemb_assets_tests` is importable
+        cwd=_REPO_ROOT,  # where `imgemb_support` is importable
         start_new_session=True,
     )  # fmt: skip
     proxy = FaultProxy(f"http://127.0.0.1:{port}")
