@@ -140,7 +140,7 @@ def running_daemon(env: Mapping[str, str], sampler: PssSampler, log: Path) -> It
     """`dagster-daemon run`, already up (as `dagster dev` is when the user types): the timing starts after."""
     from dagster import DagsterInstance
 
-    from imgemb_assets.defs.backfills import daemon_is_running
+    from imgemb_assets.dagster_wiring.backfills import daemon_is_running
 
     os.environ["DAGSTER_HOME"] = env["DAGSTER_HOME"]
     instance = DagsterInstance.get()  # creates the instance's storage before two processes race to

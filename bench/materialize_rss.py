@@ -28,9 +28,9 @@ from imgemb_assets.core.lake import Lake
 _CHILD = """
 import json, resource, sys, time
 from dagster import instance_for_test, materialize
-from imgemb_assets.defs.assets import build_assets
-from imgemb_assets.defs.resources import EmbeddingModelResource, ImgembS3Resource, StorageResource
-from imgemb_assets.defs.settings import LocationSettings
+from imgemb_assets.dagster_wiring.assets import build_assets
+from imgemb_assets.dagster_wiring.resources import EmbeddingModelResource, ImgembS3Resource, StorageResource
+from imgemb_assets.dagster_wiring.settings import LocationSettings
 lake, model = sys.argv[1], sys.argv[2]
 with instance_for_test() as instance:
     instance.add_dynamic_partitions("s3_prefix", ["p"])

@@ -68,10 +68,10 @@ from imgemb_assets.core.search_index import (
     stored_index_bytes,
 )
 from imgemb_assets.core.storage import open_object_store
-from imgemb_assets.defs.backfills import QUIET_CONSOLE
-from imgemb_assets.defs.jobs import PREFIX_JOB_NAME, SALES_JOB_NAME, SEARCH_INDEX_JOB_NAME
-from imgemb_assets.defs.partitions import S3_PREFIX_PARTITIONS_NAME
-from imgemb_assets.defs.similarity import SEARCH_INDEX
+from imgemb_assets.dagster_wiring.backfills import QUIET_CONSOLE
+from imgemb_assets.dagster_wiring.jobs import PREFIX_JOB_NAME, SALES_JOB_NAME, SEARCH_INDEX_JOB_NAME
+from imgemb_assets.dagster_wiring.partitions import S3_PREFIX_PARTITIONS_NAME
+from imgemb_assets.dagster_wiring.similarity import SEARCH_INDEX
 
 _MAKE_CORPUS = Path("/work/shared/corpus/make_corpus.py")
 _K = 10

@@ -33,13 +33,13 @@ from dagster import DagsterInstance
 from imgemb_assets.core import tables
 from imgemb_assets.core.s3 import S3Settings
 from imgemb_assets.core.storage import open_object_store, partition_key_problem
-from imgemb_assets.defs.partitions import S3_PREFIX_PARTITIONS_NAME
-from imgemb_assets.defs.settings import LocationSettings
+from imgemb_assets.dagster_wiring.partitions import S3_PREFIX_PARTITIONS_NAME, register_prefixes
+from imgemb_assets.dagster_wiring.settings import LocationSettings
 
 if TYPE_CHECKING:
     from imgemb_assets.core.lake import Lake
     from imgemb_assets.core.similar import SimilarImage
-    from imgemb_assets.defs.backfills import BackfillPlan, RunOutcome
+    from imgemb_assets.dagster_wiring.backfills import BackfillPlan, RunOutcome
 
 # Each command is a process of its own in the user's path: it imports only what it uses
 # (the assets and their libraries only where runs are planned or executed).
@@ -66,10 +66,7 @@ def discover(instance: DagsterInstance, raw_images_uri: str, register: bool = Tr
     listing = store.list_partition_folders()
     prefixes = listing.prefixes
     known = list(instance.get_dynamic_partitions(S3_PREFIX_PARTITIONS_NAME))
-    registered = set(known)
-    added = [prefix for prefix in prefixes if prefix not in registered]
-    if added and register:
-        instance.add_dynamic_partitions(S3_PREFIX_PARTITIONS_NAME, added)
+    added = register_prefixes(instance, prefixes, register)
     # Refused names are reported, never registered: one of them must not stop the others.
     for name, reason in sorted(listing.refused.items()):
         print(f"warning: prefix {name!r} is not registered and its objects are in no partition: {reason}", file=sys.stderr)
@@ -94,7 +91,7 @@ def _discover_and_report(instance: DagsterInstance, register: bool = True) -> No
 
 def _backfill_missing_command(args: argparse.Namespace) -> int:
     from imgemb_assets.definitions import defs as location_definitions
-    from imgemb_assets.defs.backfills import (
+    from imgemb_assets.dagster_wiring.backfills import (
         daemon_is_running,
         plan_backfill,
         refresh_sales_in_process,
@@ -131,7 +128,7 @@ def _backfill_missing_command(args: argparse.Namespace) -> int:
 
 
 def _status_command(args: argparse.Namespace) -> int:
-    from imgemb_assets.defs.backfills import chain_up_to, not_current_by_step
+    from imgemb_assets.dagster_wiring.backfills import chain_up_to, not_current_by_step
 
     shown = 20
     with DagsterInstance.get() as instance:
@@ -155,8 +152,8 @@ def _similar_command(args: argparse.Namespace) -> int:
     from imgemb_assets.core.similar import (
         SimilarError,
         candidate_count,
-        search_similar_to_id,
-        search_similar_to_photo,
+        similar_to_id,
+        similar_to_photo,
     )
 
     if (args.image_id is None) == (args.image is None):
@@ -167,14 +164,14 @@ def _similar_command(args: argparse.Namespace) -> int:
     try:
         if args.image is not None:
             weights = required_env("IMGEMB_MODEL_WEIGHTS", os.environ)
-            found = search_similar_to_photo(lake, _read_photo(args.image), weights, args.k, args.sales_weight)
+            found = similar_to_photo(lake, _read_photo(args.image), weights, args.k, args.sales_weight)
             query = args.image
         else:
-            found = search_similar_to_id(lake, args.image_id, args.k, args.prefix, args.sales_weight)
+            found = similar_to_id(lake, args.image_id, args.k, args.prefix, args.sales_weight)
             query = args.image_id if args.prefix is None else f"{args.image_id} (prefix {args.prefix})"
     except SimilarError as exc:
         raise CommandError(str(exc)) from exc
-    print(f"{len(found.images)} images most similar to {query}, from the search index of model {found.model_id}")
+    print(f"{len(found)} images most similar to {query}, from the search index of model {found.model_id}")
     if model_id_has_random_weights(found.model_id):
         print(
             "warning: this model's weights are random (never trained): similar here means similar colours and "
@@ -185,7 +182,7 @@ def _similar_command(args: argparse.Namespace) -> int:
             f"ranked by score = {1 - args.sales_weight:g} x similarity + {args.sales_weight:g} x sales percentile "
             f"among the {candidate_count(args.k)} most similar"
         )
-    print(_table_of(found.images))
+    print(_table_of(found))
     return 0
 
 

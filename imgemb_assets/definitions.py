@@ -12,13 +12,13 @@ from typing import Any
 
 from dagster import Definitions, EnvVar, definitions
 
-from imgemb_assets.defs.assets import build_assets
-from imgemb_assets.defs.automation import build_automation_sensor
-from imgemb_assets.defs.jobs import embed_prefix_job, refresh_sales_job, rejoin_sales_job, search_index_job
-from imgemb_assets.defs.maintenance import build_maintenance_schedule
-from imgemb_assets.defs.placement import location_executor
-from imgemb_assets.defs.reconciliation import build_reconciliation_sensor
-from imgemb_assets.defs.resources import (
+from imgemb_assets.dagster_wiring.assets import build_assets
+from imgemb_assets.dagster_wiring.automation import build_automation_sensor
+from imgemb_assets.dagster_wiring.jobs import embed_prefix_job, refresh_sales_job, rejoin_sales_job, search_index_job
+from imgemb_assets.dagster_wiring.maintenance import build_maintenance_schedule
+from imgemb_assets.dagster_wiring.placement import location_executor
+from imgemb_assets.dagster_wiring.reconciliation import build_reconciliation_sensor
+from imgemb_assets.dagster_wiring.resources import (
     EmbeddingModelResource,
     ImageLimitsResource,
     ImgembS3Resource,
@@ -26,8 +26,8 @@ from imgemb_assets.defs.resources import (
     SimilaritySettings,
     StorageResource,
 )
-from imgemb_assets.defs.sensors import build_raw_prefix_sensor, build_sales_change_sensor
-from imgemb_assets.defs.settings import LocationSettings
+from imgemb_assets.dagster_wiring.sensors import build_raw_prefix_sensor, build_sales_change_sensor
+from imgemb_assets.dagster_wiring.settings import LocationSettings
 
 
 def default_resources() -> dict[str, Any]:

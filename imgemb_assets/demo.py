@@ -27,10 +27,10 @@ from imgemb_assets.core.models import pretrained_weights_cached
 from imgemb_assets.core.sample_data import SampleDataset, generate_sample_dataset
 from imgemb_assets.core.storage import open_object_store
 from imgemb_assets.definitions import defs as location_definitions
-from imgemb_assets.defs.backfills import QUIET_CONSOLE
-from imgemb_assets.defs.jobs import PREFIX_JOB_NAME, SALES_JOB_NAME, SEARCH_INDEX_JOB_NAME
-from imgemb_assets.defs.similarity import SEARCH_INDEX
-from imgemb_assets.defs.partitions import S3_PREFIX_PARTITIONS_NAME
+from imgemb_assets.dagster_wiring.backfills import QUIET_CONSOLE
+from imgemb_assets.dagster_wiring.jobs import PREFIX_JOB_NAME, SALES_JOB_NAME, SEARCH_INDEX_JOB_NAME
+from imgemb_assets.dagster_wiring.similarity import SEARCH_INDEX
+from imgemb_assets.dagster_wiring.partitions import S3_PREFIX_PARTITIONS_NAME, register_prefixes
 
 _RANDOM_WEIGHTS_BANNER = """
 !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
@@ -78,8 +78,7 @@ def prepare_dagster_home(path: Path) -> None:
 
 def register_partitions(instance: DagsterInstance, raw_images_uri: str) -> list[str]:
     prefixes = open_object_store(raw_images_uri).list_prefixes()
-    known = set(instance.get_dynamic_partitions(S3_PREFIX_PARTITIONS_NAME))
-    instance.add_dynamic_partitions(S3_PREFIX_PARTITIONS_NAME, [p for p in prefixes if p not in known])
+    register_prefixes(instance, prefixes)
     return prefixes
 
 

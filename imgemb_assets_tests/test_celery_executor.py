@@ -35,8 +35,8 @@ from dagster._daemon.monitoring import execute_concurrency_slots_iteration
 from imgemb_assets.core import tables
 from imgemb_assets.core.lake import Lake
 from imgemb_assets.core.sample_data import SampleDataset
-from imgemb_assets.defs.partitions import S3_PREFIX_PARTITIONS_NAME
-from imgemb_assets.defs.placement import GPU_POOL
+from imgemb_assets.dagster_wiring.partitions import S3_PREFIX_PARTITIONS_NAME
+from imgemb_assets.dagster_wiring.placement import GPU_POOL
 from imgemb_support.location import REPO_ROOT, code_location_env, user_shell_env
 from imgemb_support.postgres_server import PG_URL_VARIABLE, with_postgres_storage
 

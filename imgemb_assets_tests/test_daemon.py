@@ -23,7 +23,7 @@ import pytest
 from dagster import AssetKey, DagsterInstance
 
 from imgemb_assets.core.sample_data import SampleDataset, generate_sample_dataset
-from imgemb_assets.defs.automation import AUTOMATION_SENSOR_NAME
+from imgemb_assets.dagster_wiring.automation import AUTOMATION_SENSOR_NAME
 from imgemb_support.location import code_location_env, user_shell_env, wait_for
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

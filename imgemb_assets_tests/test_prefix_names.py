@@ -18,7 +18,7 @@ from imgemb_assets.core import tables
 from imgemb_assets.core.lake import Lake
 from imgemb_assets.core.sample_data import generate_sample_dataset
 from imgemb_assets.core.storage import partition_key_problem, shown_name
-from imgemb_assets.defs.partitions import S3_PREFIX_PARTITIONS_NAME
+from imgemb_assets.dagster_wiring.partitions import S3_PREFIX_PARTITIONS_NAME
 from imgemb_support.location import code_location_env, user_shell_env
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

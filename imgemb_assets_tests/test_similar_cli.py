@@ -32,8 +32,8 @@ from imgemb_assets.core.similar import (
     similar_to_photo,
 )
 from imgemb_assets.definitions import build_definitions
-from imgemb_assets.defs.jobs import PREFIX_JOB_NAME, SEARCH_INDEX_JOB_NAME
-from imgemb_assets.defs.settings import LocationSettings
+from imgemb_assets.dagster_wiring.jobs import PREFIX_JOB_NAME, SEARCH_INDEX_JOB_NAME
+from imgemb_assets.dagster_wiring.settings import LocationSettings
 from imgemb_support.location import code_location_env, run_user_command, user_shell_env
 
 IMGEMB = str(Path(sys.executable).parent / "imgemb")

@@ -16,7 +16,7 @@ from dagster import AddDynamicPartitionsRequest, AssetMaterialization, DagsterIn
 
 from imgemb_assets.core.s3 import S3Settings
 from imgemb_assets.core.sample_data import SampleDataset
-from imgemb_assets.defs.partitions import S3_PREFIX_PARTITIONS_NAME
+from imgemb_assets.dagster_wiring.partitions import register_prefixes
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,7 +42,7 @@ def code_location_instance(
     for key, value in code_location_env(dataset, lake).items():
         monkeypatch.setenv(key, value)
     with instance_for_test() as instance:
-        instance.add_dynamic_partitions(S3_PREFIX_PARTITIONS_NAME, dataset.prefixes)
+        register_prefixes(instance, dataset.prefixes)
         yield instance
 
 

@@ -11,15 +11,15 @@ from imgemb_assets.core.images import DEFAULT_MAX_IMAGE_BYTES
 from imgemb_assets.core.lake import Lake
 from imgemb_assets.core.sample_data import SampleDataset
 from imgemb_assets.definitions import build_definitions, default_resources
-from imgemb_assets.defs.jobs import PREFIX_JOB_NAME, SALES_JOB_NAME
-from imgemb_assets.defs.partitions import S3_PREFIX_PARTITIONS_NAME
-from imgemb_assets.defs.resources import (
+from imgemb_assets.dagster_wiring.jobs import PREFIX_JOB_NAME, SALES_JOB_NAME
+from imgemb_assets.dagster_wiring.partitions import S3_PREFIX_PARTITIONS_NAME
+from imgemb_assets.dagster_wiring.resources import (
     EmbeddingModelResource,
     ImageLimitsResource,
     ImgembS3Resource,
     StorageResource,
 )
-from imgemb_assets.defs.settings import LocationSettings
+from imgemb_assets.dagster_wiring.settings import LocationSettings
 
 
 def run_partition_through(

@@ -273,22 +273,18 @@ class SearchIndex:
             raise InvalidPartition(f"a prefix is given twice in one update: {sorted(prefixes)}")
         prepared = [(source.prefix, *self._normalised(source)) for source in changed]
         for prefix in dict.fromkeys(removed):
-            partition = self._partitions.get(prefix)
-            if partition is not None:
-                old_keys.append(partition.keys)
-                vectors_removed += len(partition.keys)
-                self._forget(prefix)
+            dropped = self._drop(prefix, old_keys)
+            if dropped is not None:
+                vectors_removed += dropped
                 removed_parts.append(prefix)
-        for prefix, partition, dropped in prepared:
-            skipped += dropped
-            previous = self._partitions.get(prefix)
-            if previous is not None:
-                old_keys.append(previous.keys)
-                vectors_removed += len(previous.keys)
-                self._forget(prefix)
-                replaced_parts.append(prefix)
-            else:
+        for prefix, partition, skipped_rows in prepared:
+            skipped += skipped_rows
+            dropped = self._drop(prefix, old_keys)
+            if dropped is None:
                 added_parts.append(prefix)
+            else:
+                vectors_removed += dropped
+                replaced_parts.append(prefix)
             self._remember(prefix, partition)
             vectors_added += len(partition.keys)
             new_keys.append(partition.keys)
@@ -304,6 +300,15 @@ class SearchIndex:
             ann_rebuilt=ann_rebuilt,
             seconds=time.perf_counter() - started,
         )
+
+    def _drop(self, prefix: str, old_keys: list[np.ndarray]) -> int | None:
+        """Forget a partition, its keys added to `old_keys` (for the graph); its vector count, None if absent."""
+        partition = self._partitions.get(prefix)
+        if partition is None:
+            return None
+        old_keys.append(partition.keys)
+        self._forget(prefix)
+        return len(partition.keys)
 
     def plan_update(self, current_fingerprints: Mapping[str, str]) -> IndexUpdatePlan:
         """What to read again given the partitions' fingerprints now (prefix -> fingerprint)."""

@@ -69,12 +69,12 @@ class SimilarImage:
     sales: dict[str, Any] = field(default_factory=dict)  # the sales table's row (image_id left out); {} when none
 
 
-@dataclass(frozen=True)
-class SimilarImages:
-    """A query's answer and the model whose index gave it (the CLI names it)."""
+class SimilarImages(list[SimilarImage]):
+    """A query's answer, best first, and the model whose index gave it (the CLI names it)."""
 
-    model_id: str
-    images: list[SimilarImage]
+    def __init__(self, model_id: str, images: list[SimilarImage]) -> None:
+        super().__init__(images)
+        self.model_id = model_id
 
 
 # --- by image_id ------------------------------------------------------------------
@@ -82,18 +82,11 @@ class SimilarImages:
 
 def similar_to_id(
     lake: Lake, image_id: str, k: int = 10, prefix: str | None = None, sales_weight: float = 0.0
-) -> list[SimilarImage]:
+) -> SimilarImages:
     """The k images most like `image_id` (itself excluded), from the index of the model that embedded it.
 
     An image_id in several prefixes needs `prefix`. Raises SimilarError.
     """
-    return search_similar_to_id(lake, image_id, k, prefix, sales_weight).images
-
-
-def search_similar_to_id(
-    lake: Lake, image_id: str, k: int = 10, prefix: str | None = None, sales_weight: float = 0.0
-) -> SimilarImages:
-    """`similar_to_id` with the model_id that answered."""
     _check_query_settings(k, sales_weight)
     found_prefix, model_id = _embedded_row_of(lake, image_id, prefix)
     index = _load_index_or_explain(lake, model_id)
@@ -147,26 +140,13 @@ def similar_to_photo(
     sales_weight: float = 0.0,
     device: str = "auto",
     model: str = "resnet50",
-) -> list[SimilarImage]:
+) -> SimilarImages:
     """The k indexed images most like a photo, embedded here as the pipeline would have embedded it.
 
     The photo becomes a 224x224 thumbnail by the pipeline's own `downscale`, and
     is embedded by `weights` (`EmbeddingSettings.weights`) with the pipeline's
     preprocessing; the model's id must have an index under the lake. Raises SimilarError.
     """
-    return search_similar_to_photo(lake, photo, weights, k, sales_weight, device, model).images
-
-
-def search_similar_to_photo(
-    lake: Lake,
-    photo: bytes,
-    weights: str,
-    k: int = 10,
-    sales_weight: float = 0.0,
-    device: str = "auto",
-    model: str = "resnet50",
-) -> SimilarImages:
-    """`similar_to_photo` with the model_id that answered."""
     _check_query_settings(k, sales_weight)
     thumbnail = thumbnail_of_photo(photo)
     settings = settings_matching_an_index(lake, weights, device, model)
@@ -321,8 +301,6 @@ __all__ = [
     "rank_with_sales",
     "sales_of",
     "sales_percentile_ranks",
-    "search_similar_to_id",
-    "search_similar_to_photo",
     "settings_matching_an_index",
     "similar_to_id",
     "similar_to_photo",

@@ -1,0 +1,499 @@
+"""The five assets (plus `rejected_images`), each a Delta table under the lake root, and the two
+external assets they read: the raw images under each prefix and the sales export.
+
+Each asset computes its rows with a function from `imgemb_assets.core.manifest`, `core.thumbnails`
+or `core.sales` and writes one partition per prefix of its run (or, for `sales`,
+the whole table). A run covers a range of prefixes, at most the location's
+`max_partitions_per_run` (Dagster's `BackfillPolicy`); `partition_steps` writes
+and reports each prefix on its own. `automation` says when each asset runs.
+"""
+
+# No `from __future__ import annotations` here: Dagster inspects the type of
+# `context` when the asset is defined.
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Final
+
+import pyarrow as pa
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    AssetsDefinition,
+    AssetSpec,
+    BackfillPolicy,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+    multi_asset,
+)
+
+from imgemb_assets.core import tables
+from imgemb_assets.core.contact_sheet import RejectedObject, markdown_bytes, rejected_images_sheet
+from imgemb_assets.core.discovery import listing_fingerprint
+from imgemb_assets.core.drift import (
+    MOMENTS_BATCH_ROWS,
+    EmbeddingMoments,
+    embedding_drift,
+    moments_of_batches,
+    previous_partition,
+)
+from imgemb_assets.core.lake import Lake, all_of
+from imgemb_assets.core.manifest import build_manifest
+from imgemb_assets.core.thumbnails import downscale_partition
+from imgemb_assets.core.quality import (
+    CheckOutcome,
+    duplicate_image_ids,
+    embedding_values,
+    manifest_accounted_for,
+    sales_coverage,
+)
+from imgemb_assets.core.sales import join_with_sales, list_sales_files, read_sales
+from imgemb_assets.core.storage import ObjectStore
+from imgemb_assets.dagster_wiring.automation import FOLLOWS_SOURCE, FOLLOWS_UPSTREAM
+from imgemb_assets.dagster_wiring.evaluation import build_evaluation_asset
+from imgemb_assets.dagster_wiring.similarity import build_similarity_assets
+from imgemb_assets.dagster_wiring.partition_steps import AssetReport, CheckReport, StepEvent, materialize_prefixes
+from imgemb_assets.dagster_wiring.partitions import s3_prefix_partitions
+from imgemb_assets.dagster_wiring.placement import GPU_POOL, gpu_step_tags, worker_identity
+from imgemb_assets.dagster_wiring.resources import (
+    EmbeddingModelResource,
+    ImageLimitsResource,
+    QualityThresholds,
+    StorageResource,
+)
+from imgemb_assets.dagster_wiring.retries import STEP_RETRY_POLICY, permanent_failures
+from imgemb_assets.dagster_wiring.settings import LocationSettings
+from imgemb_assets.dagster_wiring.table_metadata import table_metadata
+
+if TYPE_CHECKING:  # torch is imported by the embedding step only
+    from imgemb_assets.core.embedding_partition import SharedModel
+
+_KINDS = {"delta"}
+# On raw_images events and raw_image_manifest materializations: the prefix's listing.
+LISTING_FINGERPRINT_KEY = "listing_fingerprint"
+# On sales_export events and sales materializations: the sales files' listing.
+SALES_FILES_FINGERPRINT_KEY = "sales_files_fingerprint"
+# On each sales materialization: nothing joins a table with duplicated image_ids.
+DUPLICATED_IMAGE_IDS_KEY = "duplicated_image_ids"
+# Joined rows per streamed batch (thumbnails are ~15-30 KB each).
+_EMBEDDING_READ_ROWS = 2048
+# Stored vectors per streamed batch (8 KiB each).
+_STORED_VECTOR_READ_ROWS = 4096
+
+# The asset checks' names, each used by its spec and by its result.
+MANIFEST_ACCOUNTED_FOR_CHECK: Final = "manifest_accounted_for"
+UNIQUE_IMAGE_IDS_CHECK: Final = "unique_image_ids"
+SALES_COVERAGE_CHECK: Final = "sales_coverage"
+EMBEDDING_VALUES_CHECK: Final = "embedding_values"
+EMBEDDING_DRIFT_CHECK: Final = "embedding_drift"
+
+RAW_IMAGES: Final = "raw_images"
+SALES_EXPORT: Final = "sales_export"
+
+# What the pipeline reads but does not write: the discovery and sales sensors report
+# a new materialization of these when the objects change, and automation follows.
+raw_images = AssetSpec(
+    RAW_IMAGES,
+    partitions_def=s3_prefix_partitions,
+    group_name="images",
+    kinds={"s3"},
+    description="The objects under each prefix of the raw-images root (reported by raw_prefix_sensor when "
+    "a prefix appears or its listing changes).",
+)
+sales_export = AssetSpec(
+    SALES_EXPORT,
+    group_name="sales",
+    kinds={"parquet"},
+    description="The parquet files under the sales root (reported by sales_change_sensor when they change).",
+)
+
+
+def _check_result(
+    check_name: str, outcome: CheckOutcome, severity: AssetCheckSeverity = AssetCheckSeverity.ERROR
+) -> AssetCheckResult:
+    return AssetCheckResult(
+        check_name=check_name,
+        passed=outcome.passed,
+        severity=severity,
+        description=outcome.description,
+        metadata=outcome.metadata,
+    )
+
+
+def build_assets(settings: LocationSettings, model_code_version: str) -> list[AssetsDefinition | AssetSpec]:
+    """Every asset of the location; runs take at most `settings.max_partitions_per_run` prefixes.
+
+    `model_code_version` (`EmbeddingModelResource.code_version`) is the embedding asset's code
+    version, so the UI marks partitions embedded with other weights stale.
+    """
+    policy = BackfillPolicy.multi_run(max_partitions_per_run=settings.max_partitions_per_run)
+    return [
+        raw_images,
+        sales_export,
+        _raw_image_manifest(policy),
+        _downscaled_images(policy),
+        sales,
+        _images_with_sales(policy),
+        _image_embeddings(policy, gpu_step_tags(settings), model_code_version),
+        build_evaluation_asset(policy, model_code_version),
+        build_similarity_assets(model_code_version),
+    ]
+
+
+def _raw_image_manifest(policy: BackfillPolicy) -> AssetsDefinition:
+    @asset(
+        name=tables.RAW_IMAGE_MANIFEST,
+        deps=[raw_images],
+        partitions_def=s3_prefix_partitions,
+        backfill_policy=policy,
+        automation_condition=FOLLOWS_SOURCE,
+        kinds=_KINDS,
+        group_name="images",
+        retry_policy=STEP_RETRY_POLICY,
+        description="One row per object under the partition's prefix of the raw-images root.",
+    )
+    def raw_image_manifest(context: AssetExecutionContext, storage: StorageResource) -> Iterator[StepEvent]:
+        lake, store = storage.lake(), storage.raw_images()
+
+        def write(prefix: str) -> Sequence[AssetReport]:
+            objects = list(store.list_objects(prefix))
+            if not objects:
+                context.log.warning(f"no objects under prefix {prefix!r} of {storage.raw_images_uri}")
+            manifest = build_manifest(objects, prefix)
+            lake.write_partition(tables.RAW_IMAGE_MANIFEST, manifest, prefix)
+            # compared by the sensors and the reconciliation with a fresh listing
+            metadata = table_metadata(
+                lake,
+                tables.RAW_IMAGE_MANIFEST,
+                manifest.num_rows,
+                tables.RAW_IMAGE_MANIFEST_SCHEMA,
+                **{LISTING_FINGERPRINT_KEY: listing_fingerprint(objects)},
+            )
+            return [AssetReport(tables.RAW_IMAGE_MANIFEST, metadata)]
+
+        yield from materialize_prefixes(context, write)
+
+    return raw_image_manifest
+
+
+def _downscaled_images(policy: BackfillPolicy) -> AssetsDefinition:
+    @multi_asset(
+        specs=[
+            AssetSpec(
+                tables.DOWNSCALED_IMAGES,
+                deps=[tables.RAW_IMAGE_MANIFEST],
+                kinds=_KINDS,
+                group_name="images",
+                automation_condition=FOLLOWS_UPSTREAM,
+                description="Each decodable image, oriented, RGB and resized to 224x224, stored as JPEG bytes.",
+            ),
+            AssetSpec(
+                tables.REJECTED_IMAGES,
+                deps=[tables.RAW_IMAGE_MANIFEST],
+                kinds=_KINDS,
+                group_name="images",
+                automation_condition=FOLLOWS_UPSTREAM,
+                description="Each manifest object that could not become a thumbnail, with the reason.",
+            ),
+        ],
+        check_specs=[
+            AssetCheckSpec(
+                MANIFEST_ACCOUNTED_FOR_CHECK,
+                asset=tables.DOWNSCALED_IMAGES,
+                description="Every manifest object is in exactly one of downscaled_images and rejected_images.",
+            )
+        ],
+        name="downscaled_images",
+        partitions_def=s3_prefix_partitions,
+        backfill_policy=policy,
+        can_subset=False,
+        retry_policy=STEP_RETRY_POLICY,
+    )
+    def downscaled_images(
+        context: AssetExecutionContext, storage: StorageResource, image_limits: ImageLimitsResource
+    ) -> Iterator[StepEvent]:
+        lake, store, limits = storage.lake(), storage.raw_images(), image_limits.limits()
+
+        def write(prefix: str) -> Sequence[AssetReport]:
+            # Never commit over a newer result: see `Lake.unchanged_since`.
+            manifest_unchanged = lake.unchanged_since(tables.RAW_IMAGE_MANIFEST, prefix)
+            manifest = lake.read(tables.RAW_IMAGE_MANIFEST, prefix)
+            result = downscale_partition(store, manifest, limits)
+            lake.write_partition(tables.DOWNSCALED_IMAGES, result.images, prefix, manifest_unchanged)
+            lake.write_partition(tables.REJECTED_IMAGES, result.rejected, prefix, manifest_unchanged)
+            for row in result.rejected.to_pylist():
+                context.log.warning(f"rejected {row['uri']}: {row['reason']}")
+            # what the two tables now hold, read back, against the manifest this step used
+            accounted_for = manifest_accounted_for(
+                manifest.column("uri").to_pylist(),
+                lake.read(tables.DOWNSCALED_IMAGES, prefix, columns=["image_id"]).num_rows,
+                lake.read(tables.REJECTED_IMAGES, prefix, columns=["uri"]).column("uri").to_pylist(),
+            )
+            return [
+                AssetReport(
+                    tables.DOWNSCALED_IMAGES,
+                    table_metadata(
+                        lake, tables.DOWNSCALED_IMAGES, result.images.num_rows, tables.DOWNSCALED_IMAGES_SCHEMA
+                    ),
+                    [CheckReport(MANIFEST_ACCOUNTED_FOR_CHECK, accounted_for)],
+                ),
+                AssetReport(
+                    tables.REJECTED_IMAGES,
+                    table_metadata(
+                        lake,
+                        tables.REJECTED_IMAGES,
+                        result.rejected.num_rows,
+                        tables.REJECTED_IMAGES_SCHEMA,
+                        reasons=MetadataValue.md(_reasons_markdown(result.rejected)),
+                        **_rejected_contact_sheet(result.rejected, manifest, store),
+                    ),
+                ),
+            ]
+
+        yield from materialize_prefixes(context, write)
+
+    return downscaled_images
+
+
+@asset(
+    deps=[sales_export],
+    kinds=_KINDS,
+    group_name="sales",
+    automation_condition=FOLLOWS_SOURCE,
+    retry_policy=STEP_RETRY_POLICY,
+    check_specs=[
+        AssetCheckSpec(
+            UNIQUE_IMAGE_IDS_CHECK,
+            asset=tables.SALES,
+            blocking=True,
+            description="Each image_id once: the inner join would otherwise multiply embedding rows.",
+        )
+    ],
+    description="Every parquet file under the sales root, validated: string image_id, numeric sales, other columns kept.",
+)
+def sales(storage: StorageResource) -> MaterializeResult:
+    store = storage.sales()
+    lake = storage.lake()
+    with permanent_failures():
+        files = list_sales_files(store)
+        # Validated, and its column types checked against what the lake's tables already hold, before
+        # anything is written: a refused export leaves every table as it was.
+        table = read_sales(store, lake, files)  # the files listed above, so the metadata names what was read
+        lake.overwrite(tables.SALES, table)
+    duplicates = duplicate_image_ids(table)
+    return MaterializeResult(
+        metadata=table_metadata(
+            lake,
+            tables.SALES,
+            table.num_rows,
+            table.schema,
+            source_files=MetadataValue.json([obj.uri for obj in files]),
+            **{
+                DUPLICATED_IMAGE_IDS_KEY: duplicates.metadata["duplicated_ids"],
+                SALES_FILES_FINGERPRINT_KEY: listing_fingerprint(files),
+            },
+        ),
+        check_results=[_check_result(UNIQUE_IMAGE_IDS_CHECK, duplicates)],
+    )
+
+
+def _images_with_sales(policy: BackfillPolicy) -> AssetsDefinition:
+    @asset(
+        name=tables.IMAGES_WITH_SALES,
+        deps=[tables.DOWNSCALED_IMAGES, sales],
+        partitions_def=s3_prefix_partitions,
+        backfill_policy=policy,
+        automation_condition=FOLLOWS_UPSTREAM,
+        kinds=_KINDS,
+        group_name="embeddings",
+        retry_policy=STEP_RETRY_POLICY,
+        check_specs=[
+            AssetCheckSpec(
+                SALES_COVERAGE_CHECK,
+                asset=tables.IMAGES_WITH_SALES,
+                description="Share of the partition's images with a sales row; warns below the quality threshold.",
+            )
+        ],
+        description="Inner join of the partition's thumbnails with sales on image_id.",
+    )
+    def images_with_sales(
+        context: AssetExecutionContext, storage: StorageResource, quality: QualityThresholds
+    ) -> Iterator[StepEvent]:
+        lake = storage.lake()
+        with permanent_failures():
+            sales_unchanged = lake.unchanged_since(tables.SALES)
+            sales_table = lake.read(tables.SALES)  # once for the whole range
+            schema = tables.images_with_sales_schema(sales_table.schema)
+
+        def write(prefix: str) -> Sequence[AssetReport]:
+            # A sales refresh or a re-downscale landing meanwhile: the join is retried on the new rows.
+            inputs_unchanged = all_of(sales_unchanged, lake.unchanged_since(tables.DOWNSCALED_IMAGES, prefix))
+            images = lake.read(tables.DOWNSCALED_IMAGES, prefix)
+            joined = join_with_sales(images, sales_table, schema)
+            lake.write_partition(tables.IMAGES_WITH_SALES, joined, prefix, inputs_unchanged)
+            coverage = sales_coverage(joined.num_rows, images.num_rows, quality.min_sales_coverage)
+            return [
+                AssetReport(
+                    tables.IMAGES_WITH_SALES,
+                    table_metadata(lake, tables.IMAGES_WITH_SALES, joined.num_rows, schema),
+                    [CheckReport(SALES_COVERAGE_CHECK, coverage, AssetCheckSeverity.WARN)],
+                )
+            ]
+
+        yield from materialize_prefixes(context, write)
+
+    return images_with_sales
+
+
+def _image_embeddings(policy: BackfillPolicy, gpu_tags: Mapping[str, str], code_version: str) -> AssetsDefinition:
+    """The embedding asset: the only step in the `gpu` pool, carrying the GPU request in its tags."""
+
+    @asset(
+        name=tables.IMAGE_EMBEDDINGS,
+        code_version=code_version,
+        deps=[tables.IMAGES_WITH_SALES],
+        partitions_def=s3_prefix_partitions,
+        backfill_policy=policy,
+        automation_condition=FOLLOWS_UPSTREAM,
+        kinds={"delta", "pytorch"},
+        group_name="embeddings",
+        pool=GPU_POOL,
+        op_tags=dict(gpu_tags),
+        retry_policy=STEP_RETRY_POLICY,
+        check_specs=[
+            AssetCheckSpec(
+                EMBEDDING_VALUES_CHECK,
+                asset=tables.IMAGE_EMBEDDINGS,
+                description="Every vector has the model's width and only finite values.",
+            ),
+            AssetCheckSpec(
+                EMBEDDING_DRIFT_CHECK,
+                asset=tables.IMAGE_EMBEDDINGS,
+                description="Mean shift, per-dimension variance shift and centroid cosine against the previous "
+                "partition (the greatest prefix below this one); warns past the quality thresholds.",
+            ),
+        ],
+        description="ResNet50 (classifier removed) embedding of every joined image, with its sales columns.",
+    )
+    def image_embeddings(
+        context: AssetExecutionContext,
+        storage: StorageResource,
+        embedding_model: EmbeddingModelResource,
+        quality: QualityThresholds,
+    ) -> Iterator[StepEvent]:
+        # torch is imported here, by the one step that needs it, rather than by
+        # every process that loads the code location (several seconds each).
+        from imgemb_assets.core.embedding_partition import SharedModel
+
+        with permanent_failures():
+            # Built at most once per step, on the first prefix that needs it.
+            model = SharedModel(embedding_model.settings())
+        lake = storage.lake()
+        yield from materialize_prefixes(
+            context, lambda prefix: _embed_prefix(context, lake, prefix, model, quality)
+        )
+
+    return image_embeddings
+
+
+def _embed_prefix(
+    context: AssetExecutionContext, lake: Lake, prefix: str, model: "SharedModel", quality: QualityThresholds
+) -> Sequence[AssetReport]:
+    from imgemb_assets.core.allocator import release_free_heap
+    from imgemb_assets.core.embedding_partition import EmbeddingRun, embed_partition_batches
+
+    # The joined rows stream through in batches and are written in one commit, unless the
+    # join was rewritten meanwhile (a sales refresh): then the retry embeds the new rows.
+    joined_unchanged = lake.unchanged_since(tables.IMAGES_WITH_SALES, prefix)
+    joined = lake.read_batches(tables.IMAGES_WITH_SALES, prefix, batch_rows=_EMBEDDING_READ_ROWS)
+    # Streamed: the step spools the reusable vectors and looks them up a batch at a time.
+    previous = (
+        lake.read_batches(
+            tables.IMAGE_EMBEDDINGS,
+            prefix,
+            columns=["image_id", "etag", "model_id", "embedding"],
+            batch_rows=_STORED_VECTOR_READ_ROWS,
+        )
+        if lake.exists(tables.IMAGE_EMBEDDINGS)
+        else None
+    )
+    schema = tables.image_embeddings_schema(tables.sales_schema_of_joined(joined.schema))
+    run = EmbeddingRun()
+    rows = lake.write_partition_stream(
+        tables.IMAGE_EMBEDDINGS,
+        embed_partition_batches(joined, previous, model, schema, run),
+        schema,
+        prefix,
+        joined_unchanged,
+    )
+    release_free_heap()  # the step's memory stays that of one prefix, however many the run holds
+    if run.model is not None and run.model.is_random:
+        context.log.warning(f"{prefix}: embedded with {run.model.weights_description}")
+    metadata = table_metadata(
+        lake,
+        tables.IMAGE_EMBEDDINGS,
+        rows,
+        schema,
+        model_id=run.model_id,
+        images_embedded=run.images_embedded,
+        images_reused=run.images_reused,
+        # stored vectors that were NaN, infinite or of another width: recomputed, never reused
+        stored_vectors_refused=run.stored_refused,
+        embedding_seconds=round(run.seconds, 3),
+        worker=worker_identity(),  # the Celery worker, ECS task or pod that ran the step
+        images_per_second=round(run.images_per_second, 2),
+        **run.model_metadata(),
+    )
+    checks = [
+        CheckReport(
+            EMBEDDING_VALUES_CHECK,
+            embedding_values(run.widths, run.width, run.non_finite_rows, run.rows),
+        ),
+        CheckReport(
+            EMBEDDING_DRIFT_CHECK,
+            _drift_against_previous_partition(lake, prefix, run.model_id, run.moments, quality),
+            AssetCheckSeverity.WARN,
+        ),
+    ]
+    return [AssetReport(tables.IMAGE_EMBEDDINGS, metadata, checks)]
+
+
+def _drift_against_previous_partition(
+    lake: Lake, prefix: str, model_id: str, moments: EmbeddingMoments, quality: QualityThresholds
+) -> CheckOutcome:
+    previous_key = previous_partition(lake.partition_keys(tables.IMAGE_EMBEDDINGS), prefix)
+    previous = (
+        moments_of_batches(
+            lake.read_batches(
+                tables.IMAGE_EMBEDDINGS, previous_key, columns=["model_id", "embedding"], batch_rows=MOMENTS_BATCH_ROWS
+            ),
+            model_id,
+        )
+        if previous_key is not None
+        else None
+    )
+    return embedding_drift(moments, previous, previous_key, quality.drift_thresholds())
+
+
+def _rejected_contact_sheet(rejected: pa.Table, manifest: pa.Table, store: ObjectStore) -> dict[str, Any]:
+    """A contact sheet of the first rejected objects with their reasons, and its bytes; nothing when none was."""
+    if rejected.num_rows == 0:
+        return {}
+    sizes = dict(zip(manifest.column("uri").to_pylist(), manifest.column("size_bytes").to_pylist(), strict=True))
+    objects = [
+        RejectedObject(row["image_id"], row["uri"], row["reason"], sizes.get(row["uri"]))
+        for row in rejected.select(["image_id", "uri", "reason"]).to_pylist()
+    ]
+    sheet = rejected_images_sheet(objects, store.read_bytes)
+    return {"contact_sheet": MetadataValue.md(sheet), "contact_sheet_bytes": markdown_bytes(sheet)}
+
+
+def _reasons_markdown(rejected: pa.Table) -> str:
+    if rejected.num_rows == 0:
+        return "No rejected objects."
+    counts = Counter(rejected.column("reason").to_pylist())
+    lines = ["| reason | objects |", "| --- | --- |"]
+    lines += [f"| {reason.replace('|', '/')} | {count} |" for reason, count in counts.most_common()]
+    return "\n".join(lines)

@@ -1,0 +1,88 @@
+"""When assets run on their own: Dagster's declarative automation, evaluated by one sensor.
+
+The sensors only notice what only we can see (new prefixes, changed objects,
+changed sales files) and report it: they register partitions and record a new
+materialization of the external assets `raw_images` (per prefix) and
+`sales_export`. Everything else follows from these conditions:
+
+- a partition is *stale* from the moment it appears or one of its upstream
+  tables (or its source) changes, until it is itself updated. Being requested
+  does not end it: a run that fails in any step leaves every partition it did
+  not update stale, so nothing is left behind by a failure in between;
+- a stale partition is requested once none of its upstream tables is missing
+  or in progress, it is not in progress itself, and the blocking
+  `unique_image_ids` check on `sales` passes (a sales export with duplicated
+  ids re-joins nothing until it is fixed);
+- a stale partition whose latest run failed is requested again on each tick of
+  the retry cron (hourly by default), not on every evaluation: a failure that
+  needs a person (a bad weights file) costs one run an hour, not one a minute.
+
+A partition that is up to date is never requested, so starting the daemon on
+an existing instance launches nothing. The automation sensor emits backfills,
+which honour the assets' `BackfillPolicy`: N stale prefixes become
+ceil(N / max_partitions_per_run) runs. The UI's automation page shows, per
+partition, which of these conditions held.
+"""
+
+from typing import Final
+
+from dagster import (
+    AssetSelection,
+    AutomationCondition,
+    AutomationConditionSensorDefinition,
+    DefaultSensorStatus,
+)
+
+AUTOMATION_SENSOR_NAME: Final = "imgemb_automation"
+DEFAULT_RETRY_FAILED_CRON: Final = "0 * * * *"
+
+STALE_LABEL: Final = "stale: missing, or an upstream changed since its last update"
+
+_NOT_BUSY: Final = ~AutomationCondition.in_progress() & ~AutomationCondition.any_deps_in_progress()
+
+_BECAME_STALE: Final = AutomationCondition.newly_missing() | AutomationCondition.any_deps_updated()
+# Reset by an update only, never by a request: see the module docstring. An
+# update seen on the same tick as an upstream change does not reset it: the two
+# events cannot be ordered, so the partition runs once more rather than keep
+# rows older than its upstream (a run that finished just before the sensor
+# reported a new change, or a join re-written while the embedding step ran).
+_STALE: Final = _BECAME_STALE.since(AutomationCondition.newly_updated() & ~_BECAME_STALE).with_label(STALE_LABEL)
+
+
+def _retry_due(retry_failed_cron: str) -> AutomationCondition:
+    return (
+        ~AutomationCondition.execution_failed()
+        | AutomationCondition.cron_tick_passed(retry_failed_cron).since_last_handled()
+    ).with_label(f"not failed, or failed and the retry cron {retry_failed_cron!r} ticked")
+
+
+def follows_source(retry_failed_cron: str = DEFAULT_RETRY_FAILED_CRON) -> AutomationCondition:
+    """For tables read from a source (external assets: nothing materializes them, sensors report them)."""
+    return (_STALE & _retry_due(retry_failed_cron) & _NOT_BUSY).with_label("stale, and its source is readable")
+
+
+def follows_upstream(retry_failed_cron: str = DEFAULT_RETRY_FAILED_CRON) -> AutomationCondition:
+    """For tables computed from other tables."""
+    return (
+        _STALE
+        & _retry_due(retry_failed_cron)
+        & ~AutomationCondition.any_deps_missing()
+        & AutomationCondition.all_deps_blocking_checks_passed()
+        & _NOT_BUSY
+    ).with_label("stale, and its upstream tables are ready")
+
+
+FOLLOWS_SOURCE: Final = follows_source()
+FOLLOWS_UPSTREAM: Final = follows_upstream()
+
+
+def build_automation_sensor(minimum_interval_seconds: int) -> AutomationConditionSensorDefinition:
+    return AutomationConditionSensorDefinition(
+        AUTOMATION_SENSOR_NAME,
+        target=AssetSelection.all(),
+        default_status=DefaultSensorStatus.RUNNING,
+        minimum_interval_seconds=minimum_interval_seconds,
+        # One backfill per tick for many partitions: chunked by the assets' BackfillPolicy.
+        emit_backfills=True,
+        description="Materializes what is missing or stale (see imgemb_assets/dagster_wiring/automation.py).",
+    )

@@ -1,0 +1,68 @@
+"""The `embedding_evaluation` asset: how well each model's vectors of a partition separate a sales label.
+
+The article's quantitative evaluation (silhouette score, kNN label agreement, the
+distribution of pairwise cosine similarities; `core/evaluation.py`), one row per
+partition and model in a Delta table, and the numbers plus a text histogram as
+metadata, so materializations under two models sit side by side in the UI.
+Scores of random weights are computed like any others and labelled meaningless.
+"""
+
+# No `from __future__ import annotations` here: Dagster inspects the type of `context`.
+from collections.abc import Iterator, Sequence
+
+from dagster import AssetExecutionContext, AssetsDefinition, BackfillPolicy, MetadataValue, asset
+
+from imgemb_assets.core import tables
+from imgemb_assets.core.lake import Lake
+from imgemb_assets.dagster_wiring.table_metadata import table_metadata
+from imgemb_assets.dagster_wiring.automation import FOLLOWS_UPSTREAM
+from imgemb_assets.dagster_wiring.partition_steps import AssetReport, StepEvent, materialize_prefixes
+from imgemb_assets.dagster_wiring.partitions import s3_prefix_partitions
+from imgemb_assets.dagster_wiring.resources import SimilaritySettings, StorageResource
+from imgemb_assets.dagster_wiring.retries import STEP_RETRY_POLICY
+
+
+def build_evaluation_asset(policy: BackfillPolicy, model_code_version: str) -> AssetsDefinition:
+    @asset(
+        name=tables.EMBEDDING_EVALUATION,
+        deps=[tables.IMAGE_EMBEDDINGS],
+        partitions_def=s3_prefix_partitions,
+        backfill_policy=policy,
+        automation_condition=FOLLOWS_UPSTREAM,
+        code_version=model_code_version,
+        kinds={"delta", "scikit-learn"},
+        group_name="embeddings",
+        retry_policy=STEP_RETRY_POLICY,
+        description="Per partition and model: silhouette score and kNN agreement of the embeddings with a sales "
+        "label column (the similarity resource's evaluation_label_column), and the distribution of pairwise "
+        "cosine similarities. Meaningless for random weights, and labelled so.",
+    )
+    def embedding_evaluation(
+        context: AssetExecutionContext, storage: StorageResource, similarity: SimilaritySettings
+    ) -> Iterator[StepEvent]:
+        lake = storage.lake()
+        label = similarity.evaluation_label_column
+        yield from materialize_prefixes(context, lambda prefix: _evaluate_prefix(context, lake, prefix, label))
+
+    return embedding_evaluation
+
+
+def _evaluate_prefix(context: AssetExecutionContext, lake: Lake, prefix: str, label: str) -> Sequence[AssetReport]:
+    # scikit-learn is imported by this step only, not by every process that loads the location.
+    from imgemb_assets.core.evaluation import evaluate_partition
+
+    embeddings = lake.read(tables.IMAGE_EMBEDDINGS, prefix)
+    evaluation = evaluate_partition(embeddings, prefix, label)
+    lake.write_partition(tables.EMBEDDING_EVALUATION, evaluation.table, prefix)
+    if label not in embeddings.column_names:
+        context.log.warning(f"{prefix}: no column {label!r} in the embedding table: only similarities are reported")
+    metadata = table_metadata(lake, tables.EMBEDDING_EVALUATION, evaluation.table.num_rows, evaluation.table.schema)
+    metadata["label_column"] = label
+    # One model per partition is the rule; a partition holding two (mid re-embedding) shows each, prefixed.
+    several = len(evaluation.by_model) > 1
+    for model_id, result in evaluation.by_model.items():
+        prefix_key = f"{model_id}/" if several else ""
+        metadata[f"{prefix_key}model_id"] = model_id
+        for key, value in result.metadata().items():
+            metadata[prefix_key + key] = MetadataValue.md(value) if key == "summary" else value
+    return [AssetReport(tables.EMBEDDING_EVALUATION, metadata)]

@@ -1,0 +1,214 @@
+"""Sensors for what only we can see: new prefixes, changed objects under a prefix, changed sales files.
+
+They launch no runs of assets. They register new prefixes as partitions and report a
+new materialization of the external assets `raw_images` (one per prefix whose
+listing changed) and `sales_export` (when the sales files changed), with the
+listing's fingerprint; declarative automation (`automation.py`) then
+materializes what became stale, in runs of many prefixes.
+
+A fingerprint is reported only when it differs from the last one reported
+(kept in the instance as that report's metadata, not in the cursor) or, for a
+prefix never reported (a new sensor on an existing instance), the one the
+prefix's last manifest (or the last sales materialization) recorded. Starting
+the daemon on an up-to-date instance therefore reports nothing and launches
+nothing.
+
+The discovery sensor also notices registered prefixes that vanished from the
+root, and reports them or requests their removal (`lifecycle.py`).
+"""
+
+from collections.abc import Mapping, Sequence
+
+from dagster import (
+    AssetKey,
+    AssetMaterialization,
+    AssetRecordsFilter,
+    DagsterEventType,
+    DagsterInstance,
+    DefaultSensorStatus,
+    SensorDefinition,
+    SensorEvaluationContext,
+    SensorResult,
+    SkipReason,
+    sensor,
+)
+
+from imgemb_assets.core import tables
+from imgemb_assets.core.discovery import (
+    DiscoveryCursor,
+    KnownPrefixes,
+    listing_fingerprint,
+    plan_discovery,
+    vanished_prefixes,
+)
+from imgemb_assets.core.sales import list_sales_files
+from imgemb_assets.dagster_wiring.assets import (
+    LISTING_FINGERPRINT_KEY,
+    RAW_IMAGES,
+    SALES_EXPORT,
+    SALES_FILES_FINGERPRINT_KEY,
+)
+from imgemb_assets.dagster_wiring.lifecycle import removal_refusal, removal_request, remove_vanished_prefixes_job, shown
+from imgemb_assets.dagster_wiring.partitions import S3_PREFIX_PARTITIONS_NAME, s3_prefix_partitions
+from imgemb_assets.dagster_wiring.resources import StorageResource
+from imgemb_assets.dagster_wiring.settings import LocationSettings
+
+# The location's defaults (IMGEMB_SENSOR_*), for sensors built without settings.
+DEFAULT_MINIMUM_INTERVAL_S: int = LocationSettings.model_fields["sensor_interval_s"].default
+DEFAULT_RECENT_PREFIXES: int = LocationSettings.model_fields["sensor_recent_prefixes"].default
+DEFAULT_MAX_NEW_PREFIXES: int = LocationSettings.model_fields["sensor_max_new_prefixes"].default
+_ROOT_OBJECTS_SHOWN = 10
+
+
+def recorded_fingerprint(instance: DagsterInstance, asset: str, key: str, partition: str | None = None) -> str | None:
+    """The fingerprint metadata `key` of the asset's (partition's) latest materialization, if any."""
+    records = instance.fetch_materializations(
+        AssetRecordsFilter(asset_key=AssetKey(asset), asset_partitions=None if partition is None else [partition]),
+        limit=1,
+    ).records
+    if not records or records[0].asset_materialization is None:
+        return None
+    value = records[0].asset_materialization.metadata.get(key)
+    return None if value is None else str(value.value)
+
+
+def recorded_fingerprints(instance: DagsterInstance, asset: str, key: str, partitions: Sequence[str]) -> dict[str, str]:
+    """`recorded_fingerprint` of many partitions in two queries (not one per partition); partitions without one are left out."""
+    if not partitions:
+        return {}  # no partition filter would mean every partition
+    latest = instance.get_latest_storage_id_by_partition(
+        AssetKey(asset), DagsterEventType.ASSET_MATERIALIZATION, partitions=set(partitions)
+    )
+    if not latest:
+        return {}
+    records = instance.fetch_materializations(
+        AssetRecordsFilter(asset_key=AssetKey(asset), storage_ids=list(latest.values())), limit=len(latest)
+    ).records
+    found: dict[str, str] = {}
+    for record in records:
+        value = None if record.asset_materialization is None else record.asset_materialization.metadata.get(key)
+        if value is not None and record.partition_key is not None:
+            found[record.partition_key] = str(value.value)
+    return found
+
+
+def known_prefixes(instance: DagsterInstance, registered: Sequence[str]) -> KnownPrefixes:
+    """The registered prefixes, each with the fingerprint of its last `raw_images` report, else of its last manifest.
+
+    The manifest's fingerprint stands in for a prefix never reported (a sensor
+    started on an instance whose partitions were materialized from the CLI), so
+    starting the daemon on an up-to-date instance reports nothing. A prefix that is
+    not registered (new, or removed and uploaded again) is always reported.
+    """
+
+    def fingerprints_of(prefixes: Sequence[str]) -> dict[str, str]:
+        reported = recorded_fingerprints(instance, RAW_IMAGES, LISTING_FINGERPRINT_KEY, prefixes)
+        unreported = [prefix for prefix in prefixes if prefix not in reported]
+        return reported | recorded_fingerprints(instance, tables.RAW_IMAGE_MANIFEST, LISTING_FINGERPRINT_KEY, unreported)
+
+    return KnownPrefixes(frozenset(registered), fingerprints_of)
+
+
+def build_raw_prefix_sensor(
+    minimum_interval_seconds: int = DEFAULT_MINIMUM_INTERVAL_S,
+    recent_prefixes: int = DEFAULT_RECENT_PREFIXES,
+    max_new_prefixes: int = DEFAULT_MAX_NEW_PREFIXES,
+    vanished_policy: str = "keep",
+) -> SensorDefinition:
+    """The discovery sensor; its interval, the recent prefixes it re-lists, the new ones it takes per tick and what
+    becomes of vanished prefixes (`keep` or `remove`) are settings."""
+
+    @sensor(
+        name="raw_prefix_sensor",
+        minimum_interval_seconds=minimum_interval_seconds,
+        default_status=DefaultSensorStatus.RUNNING,
+        jobs=[remove_vanished_prefixes_job],
+        description=(
+            "Registers new prefixes of the raw-images root as s3_prefix partitions and reports raw_images changed "
+            f"for every new or changed prefix (re-lists new prefixes and the {recent_prefixes} most recent ones); "
+            "automation materializes them."
+        ),
+    )
+    def raw_prefix_sensor(context: SensorEvaluationContext, storage: StorageResource) -> SensorResult:
+        # The cursor holds only the vanished prefixes last reported: what the sensor knows
+        # of each prefix is in the instance (see known_prefixes).
+        last_vanished = DiscoveryCursor.from_json(context.cursor).vanished
+        registered = context.instance.get_dynamic_partitions(S3_PREFIX_PARTITIONS_NAME)
+        known = known_prefixes(context.instance, registered)
+        plan = plan_discovery(storage.raw_images(), known, recent=recent_prefixes, max_new=max_new_prefixes)
+        _report_root_objects(context, plan.root_objects)
+        _report_unusable_prefixes(context, plan.refused_prefixes, plan.listing_errors)
+        vanished = vanished_prefixes(registered, plan.listed_prefixes)
+        if tuple(vanished) != last_vanished:
+            _report_vanished(context, vanished, len(registered), vanished_policy)
+        removable = vanished_policy == "remove" and vanished and removal_refusal(vanished, len(registered)) is None
+        return SensorResult(
+            run_requests=[removal_request(vanished)] if removable else [],
+            dynamic_partitions_requests=(
+                [s3_prefix_partitions.build_add_request(plan.new_prefixes)] if plan.new_prefixes else []
+            ),
+            asset_events=[
+                AssetMaterialization(
+                    asset_key=RAW_IMAGES, partition=prefix, metadata={LISTING_FINGERPRINT_KEY: fingerprint}
+                )
+                for prefix, fingerprint in sorted(plan.changed.items())
+            ],
+            cursor=DiscoveryCursor(vanished=tuple(vanished)).to_json(),
+        )
+
+    return raw_prefix_sensor
+
+
+def build_sales_change_sensor(minimum_interval_seconds: int = DEFAULT_MINIMUM_INTERVAL_S) -> SensorDefinition:
+    @sensor(
+        name="sales_change_sensor",
+        minimum_interval_seconds=minimum_interval_seconds,
+        default_status=DefaultSensorStatus.RUNNING,
+        description="Reports sales_export changed when the sales files change (their keys, ETags or sizes); "
+        "automation re-materializes sales, then re-joins every prefix.",
+    )
+    def sales_change_sensor(context: SensorEvaluationContext, storage: StorageResource) -> SensorResult | SkipReason:
+        fingerprint = listing_fingerprint(list_sales_files(storage.sales()))
+        last_seen = context.cursor or recorded_fingerprint(context.instance, tables.SALES, SALES_FILES_FINGERPRINT_KEY)
+        if fingerprint == last_seen:
+            return SkipReason("sales files unchanged")
+        return SensorResult(
+            asset_events=[AssetMaterialization(asset_key=SALES_EXPORT, metadata={SALES_FILES_FINGERPRINT_KEY: fingerprint})],
+            cursor=fingerprint,
+        )
+
+    return sales_change_sensor
+
+
+def _report_root_objects(context: SensorEvaluationContext, names: Sequence[str]) -> None:
+    if names:
+        shown = ", ".join(names[:_ROOT_OBJECTS_SHOWN]) + (" ..." if len(names) > _ROOT_OBJECTS_SHOWN else "")
+        context.log.warning(
+            f"{len(names)} objects lie directly under the raw-images root and belong to no partition: {shown}"
+        )
+
+
+def _report_vanished(context: SensorEvaluationContext, vanished: Sequence[str], registered: int, policy: str) -> None:
+    """Said once per change of the set of vanished prefixes, not on every tick."""
+    if not vanished:
+        context.log.info("no registered prefix is missing from the root any more")
+        return
+    what = f"{len(vanished)} registered prefixes hold no object under the root any more: {shown(vanished)}"
+    if policy == "keep":
+        context.log.warning(
+            f"{what}; they stay registered and the reconciliation empties their partitions "
+            "(IMGEMB_VANISHED_PREFIXES=remove removes them from every table and the instance)"
+        )
+    elif (refusal := removal_refusal(vanished, registered)) is not None:
+        context.log.error(f"{what}; {refusal}")
+    else:
+        context.log.warning(f"{what}; requesting their removal from every table and the instance")
+
+
+def _report_unusable_prefixes(
+    context: SensorEvaluationContext, refused: Mapping[str, str], listing_errors: Mapping[str, str]
+) -> None:
+    for name, reason in sorted(refused.items()):
+        context.log.warning(f"prefix {name!r} is not registered and its objects are in no partition: {reason}")
+    for prefix, error in sorted(listing_errors.items()):
+        context.log.warning(f"prefix {prefix!r} could not be listed this tick (tried again next tick): {error}")

@@ -1,0 +1,208 @@
+"""The search index and the near-duplicate table, kept in step with `image_embeddings` by one step.
+
+`image_search_index` is one index per model_id under `<lake>/_search_index/`
+(`core/search_index.py`), updated a partition at a time (`core/index_refresh.py`).
+`near_duplicates` holds, for each partition that changed, its image pairs above
+the similarity resource's threshold against the whole index of the same model;
+its check warns when a partition's share of images with a near duplicate jumps.
+Both are unpartitioned in Dagster (a partition's near duplicates depend on every
+other partition) and follow any change of the embedding table.
+"""
+
+# No `from __future__ import annotations` here: Dagster inspects the type of `context`.
+import random
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Final
+
+import pyarrow.compute as pc
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    AssetsDefinition,
+    AssetSpec,
+    MaterializeResult,
+    MetadataValue,
+    multi_asset,
+)
+
+from imgemb_assets.core import tables
+from imgemb_assets.core.lake import Lake
+from imgemb_assets.core.model_settings import model_id_has_random_weights
+from imgemb_assets.dagster_wiring.automation import FOLLOWS_UPSTREAM
+from imgemb_assets.dagster_wiring.resources import SimilaritySettings, StorageResource
+from imgemb_assets.dagster_wiring.retries import STEP_RETRY_POLICY
+from imgemb_assets.dagster_wiring.table_metadata import table_metadata
+
+if TYPE_CHECKING:  # usearch is imported by this step only
+    from imgemb_assets.core.index_refresh import IndexRefresh, ModelRefresh
+
+SEARCH_INDEX: Final = "image_search_index"
+NEAR_DUPLICATE_SHARE_CHECK: Final = "near_duplicate_share"
+# Earlier partitions a partition's near-duplicate share is compared with.
+_PREVIOUS_PARTITIONS: Final = 7
+# Images of the changed partitions shown beside their nearest neighbours.
+_SHEET_QUERIES: Final = 6
+_SHEET_NEIGHBOURS: Final = 5
+_RANDOM_PAIRS_WARNING: Final = (
+    "{} has random, untrained weights: its vectors sit close to each other whatever the images show, "
+    "so its near-duplicate pairs mean nothing"
+)
+
+
+def build_similarity_assets(model_code_version: str) -> AssetsDefinition:
+    @multi_asset(
+        name="update_search_index",
+        specs=[
+            AssetSpec(
+                SEARCH_INDEX,
+                deps=[tables.IMAGE_EMBEDDINGS],
+                automation_condition=FOLLOWS_UPSTREAM,
+                code_version=model_code_version,
+                kinds={"usearch"},
+                group_name="search",
+                description="One similar-image index per model_id under <lake>/_search_index/ (exact search below "
+                "50,000 vectors, usearch HNSW above), updated for the partitions of image_embeddings that changed. "
+                "Query it with `imgemb similar`.",
+            ),
+            AssetSpec(
+                tables.NEAR_DUPLICATES,
+                deps=[SEARCH_INDEX],
+                automation_condition=FOLLOWS_UPSTREAM,
+                code_version=model_code_version,
+                kinds={"delta"},
+                group_name="search",
+                description="Image pairs whose embeddings (same model) have a cosine similarity of at least the "
+                "similarity resource's near_duplicate_threshold, within and across partitions.",
+            ),
+        ],
+        check_specs=[
+            AssetCheckSpec(
+                NEAR_DUPLICATE_SHARE_CHECK,
+                asset=tables.NEAR_DUPLICATES,
+                description="Warns when a changed partition's share of images with a near duplicate is more than "
+                "max_near_duplicate_share_jump_points above the median of the previous partitions'.",
+            )
+        ],
+        retry_policy=STEP_RETRY_POLICY,
+    )
+    def update_search_index(
+        context: AssetExecutionContext, storage: StorageResource, similarity: SimilaritySettings
+    ) -> Iterator[MaterializeResult | AssetCheckResult]:
+        from imgemb_assets.core.index_refresh import (
+            near_duplicates_of_changes,
+            refresh_search_indexes,
+            write_near_duplicates,
+        )
+
+        lake = storage.lake()
+        refresh = refresh_search_indexes(lake)
+        found = near_duplicates_of_changes(refresh, similarity.near_duplicate_threshold)
+        pairs = write_near_duplicates(lake, found, refresh.partitions_removed)
+        context.log.info(
+            f"{len(refresh.partitions_read)} partitions read, {len(refresh.partitions_removed)} removed, "
+            f"{pairs} near-duplicate pairs written, in {refresh.seconds:.1f} s"
+        )
+        yield MaterializeResult(asset_key=SEARCH_INDEX, metadata=_index_metadata(lake, refresh))
+        random_models = sorted(model_id for model_id in refresh.models if model_id_has_random_weights(model_id))
+        yield MaterializeResult(
+            asset_key=tables.NEAR_DUPLICATES,
+            metadata=table_metadata(lake, tables.NEAR_DUPLICATES, _rows(lake), tables.NEAR_DUPLICATES_SCHEMA,
+                                    pairs_written=pairs, threshold=similarity.near_duplicate_threshold,
+                                    **({"warning": _RANDOM_PAIRS_WARNING.format(", ".join(random_models))}
+                                       if random_models else {})),
+        )  # fmt: skip
+        yield _share_check(lake, refresh, found, similarity)
+
+    return update_search_index
+
+
+def _rows(lake: Lake) -> int:
+    return lake.read(tables.NEAR_DUPLICATES, columns=["image_id"]).num_rows if lake.exists(tables.NEAR_DUPLICATES) else 0
+
+
+def _index_metadata(lake: Lake, refresh: "IndexRefresh") -> dict[str, Any]:
+    """The largest model's numbers at the top (the one a person queries), every model in a table."""
+    from imgemb_assets.core.search_index import index_metadata, stored_index_bytes
+
+    metadata: dict[str, Any] = {
+        "partitions_read": len(refresh.partitions_read),
+        "partitions_removed": len(refresh.partitions_removed),
+        "refresh_seconds": round(refresh.seconds, 3),
+        "models": len(refresh.models),
+    }
+    if not refresh.models:
+        return metadata
+    rows = ["| model_id | vectors | backend | update s | stored bytes |", "| --- | --- | --- | --- | --- |"]
+    for model_id, model in refresh.models.items():
+        rows.append(f"| {model_id} | {len(model.index)} | {model.index.backend} | {model.update.seconds:.3f} | "
+                    f"{stored_index_bytes(lake, model_id)} |")  # fmt: skip
+    main_id, main = max(refresh.models.items(), key=lambda item: len(item[1].index))
+    sheet = _neighbours_sheet(lake, main)
+    return metadata | index_metadata(main.index) | {
+        "vectors_updated": main.update.vectors_added,
+        "index_update_seconds": round(main.update.seconds, 3),
+        "stored_bytes": stored_index_bytes(lake, main_id),
+        "indexes": MetadataValue.md("\n".join(rows)),
+        "neighbours_sheet": MetadataValue.md(sheet),
+        "neighbours_sheet_bytes": len(sheet.encode()),
+    }
+
+
+def _neighbours_sheet(lake: Lake, model: "ModelRefresh") -> str:
+    """A few images of the changed partitions beside their nearest neighbours, as a person checks an index."""
+    from imgemb_assets.core.contact_sheet import Neighbour, NeighbourRow, neighbours_sheet
+
+    candidates = [(prefix, image_id) for prefix, vectors in model.with_vectors.items() for image_id in vectors.image_ids]
+    queries = random.Random(0).sample(candidates, min(_SHEET_QUERIES, len(candidates)))
+    found = {query: model.index.neighbours_of(query[1], _SHEET_NEIGHBOURS, prefix=query[0]) for query in queries}
+    wanted = set(queries) | {(hit.prefix, hit.image_id) for hits in found.values() for hit in hits}
+    jpegs = _thumbnails(lake, wanted)
+    rows = [
+        NeighbourRow(image_id, jpegs.get((prefix, image_id), b""), [
+            Neighbour(hit.image_id, jpegs.get((hit.prefix, hit.image_id), b""), hit.similarity) for hit in hits
+        ])
+        for (prefix, image_id), hits in found.items()
+    ]  # fmt: skip
+    return neighbours_sheet(rows) if rows else "No partition changed: no neighbours to show."
+
+
+def _thumbnails(lake: Lake, wanted: set[tuple[str, str]]) -> dict[tuple[str, str], bytes]:
+    found: dict[tuple[str, str], bytes] = {}
+    for prefix in sorted({prefix for prefix, _ in wanted}):
+        rows = lake.read(tables.DOWNSCALED_IMAGES, prefix, columns=["image_id", "image_jpeg"]).to_pylist()
+        found |= {(prefix, row["image_id"]): row["image_jpeg"] for row in rows if (prefix, row["image_id"]) in wanted}
+    return found
+
+
+def _share_check(
+    lake: Lake, refresh: "IndexRefresh", found: Mapping[str, Mapping[str, Any]], similarity: SimilaritySettings
+) -> AssetCheckResult:
+    from imgemb_assets.core.index_refresh import near_duplicate_shares
+    from imgemb_assets.core.near_duplicates import near_duplicate_share_check
+
+    table = lake.read(tables.NEAR_DUPLICATES)
+    jumped: list[str] = []
+    checked = 0
+    for model_id, model in refresh.models.items():
+        of_model = table.filter(pc.equal(table.column("model_id"), model_id))
+        shares = near_duplicate_shares(of_model, model.index.partition_counts())
+        for prefix, result in ((p, by_model[model_id]) for p, by_model in found.items() if model_id in by_model):
+            outcome = near_duplicate_share_check(result, _previous(shares, prefix), similarity.share_jump_rule())
+            checked += 1
+            if not outcome.passed:
+                jumped.append(f"{prefix} ({outcome.description})")
+    return AssetCheckResult(
+        check_name=NEAR_DUPLICATE_SHARE_CHECK,
+        asset_key=tables.NEAR_DUPLICATES,
+        passed=not jumped,
+        severity=AssetCheckSeverity.WARN,
+        description=f"{len(jumped)} of {checked} changed partitions jumped" if jumped else f"{checked} changed partitions checked",
+        metadata={"partitions_checked": checked, "jumped": MetadataValue.json(jumped[:20])},
+    )
+
+
+def _previous(shares: Mapping[str, float], prefix: str) -> Sequence[float]:
+    earlier = sorted(key for key in shares if key < prefix)[-_PREVIOUS_PARTITIONS:]
+    return [shares[key] for key in earlier]

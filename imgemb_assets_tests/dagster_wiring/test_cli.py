@@ -1,0 +1,61 @@
+"""`dagster asset materialize` from the CLI materializes a partition given only the IMGEMB_* variables
+(plus the AWS ones for s3:// roots) and a DAGSTER_HOME, on a local folder and on the moto S3 server."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from dagster import AssetKey, DagsterInstance
+
+from imgemb_assets.core import tables
+from imgemb_assets.core.lake import Lake
+from imgemb_assets.core.s3 import S3Settings
+from imgemb_assets.core.sample_data import SampleDataset
+from imgemb_assets.dagster_wiring.partitions import S3_PREFIX_PARTITIONS_NAME
+from imgemb_support.location import code_location_env, dataset_on_s3, user_shell_env
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_asset_materialize_cli_runs_every_asset_for_one_partition(
+    where: str, small_dataset: SampleDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    if where == "s3":
+        bucket = request.getfixturevalue("bucket")  # also sets the AWS variables for the moto server
+        dataset, lake_uri = dataset_on_s3(small_dataset, bucket), f"s3://{bucket}/delta"
+        lake = Lake(lake_uri, storage_options=S3Settings().delta_storage_options())
+    else:
+        dataset, lake_uri = small_dataset, str(tmp_path / "lake")
+        lake = Lake(lake_uri)
+    location_env = code_location_env(dataset, lake_uri, dagster_home=home)
+    prefix = dataset.prefixes[1]
+    # No dagster CLI command adds dynamic partitions: register it the way the sensor will.
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    with DagsterInstance.get() as instance:
+        instance.add_dynamic_partitions(S3_PREFIX_PARTITIONS_NAME, [prefix])
+    env = user_shell_env(location_env)
+    dagster = Path(sys.executable).with_name("dagster")
+    done = subprocess.run(
+        [str(dagster), "asset", "materialize", "-m", "imgemb_assets.definitions", "--select", "*", "--partition", prefix],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert lake.read(tables.RAW_IMAGE_MANIFEST).column("prefix").unique().to_pylist() == [prefix]
+    assert lake.read(tables.DOWNSCALED_IMAGES, prefix).num_rows == len(small_dataset.image_ids[prefix])
+    assert lake.read(tables.REJECTED_IMAGES, prefix).num_rows == len(small_dataset.broken_files[prefix])
+    assert lake.read(tables.IMAGE_EMBEDDINGS, prefix).num_rows == small_dataset.expected_joined(prefix)
+    with DagsterInstance.get() as instance:
+        latest = instance.get_latest_materialization_event(AssetKey(tables.IMAGE_EMBEDDINGS))
+    assert latest is not None, "the run is recorded in the instance the UI reads"

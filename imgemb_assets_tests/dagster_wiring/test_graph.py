@@ -1,0 +1,124 @@
+"""The whole graph materialized through Dagster for two partitions, on a test instance and a local lake."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from dagster import DagsterInstance, ExecuteInProcessResult
+
+from imgemb_assets.core import tables
+from imgemb_assets.core.lake import Lake
+from imgemb_assets.core.sample_data import SampleDataset
+from imgemb_assets.definitions import build_definitions
+from imgemb_assets.dagster_wiring.jobs import PREFIX_JOB_NAME, SALES_JOB_NAME
+from imgemb_assets.dagster_wiring.settings import LocationSettings
+from imgemb_support.location import code_location_instance
+
+defs = build_definitions(LocationSettings())
+
+
+@pytest.fixture
+def instance(small_dataset: SampleDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[DagsterInstance]:
+    with code_location_instance(small_dataset, tmp_path / "lake", monkeypatch) as instance:
+        yield instance
+
+
+def _run_all(instance: DagsterInstance, prefixes: list[str]) -> list[ExecuteInProcessResult]:
+    results = [defs.resolve_job_def(SALES_JOB_NAME).execute_in_process(instance=instance)]
+    for prefix in prefixes:
+        results.append(defs.resolve_job_def(PREFIX_JOB_NAME).execute_in_process(instance=instance, partition_key=prefix))
+    assert all(result.success for result in results)
+    return results
+
+
+def _counts(lake: Lake, prefix: str) -> dict[str, int]:
+    return {name: lake.read(name, prefix).num_rows for name in tables.ALL_TABLES if name != tables.SALES}
+
+
+def _metadata(results: list[ExecuteInProcessResult], asset: str) -> list[dict]:
+    out = []
+    for result in results:
+        for event in result.get_asset_materialization_events():
+            materialization = event.step_materialization_data.materialization
+            if materialization.asset_key.to_user_string() == asset:
+                out.append({key: value.value for key, value in materialization.metadata.items()})
+    return out
+
+
+def test_two_partitions_give_the_expected_rows_in_every_table(
+    instance: DagsterInstance, small_dataset: SampleDataset, tmp_path: Path
+) -> None:
+    results = _run_all(instance, small_dataset.prefixes)
+    lake = Lake(str(tmp_path / "lake"))
+    assert lake.read(tables.SALES).num_rows == len(small_dataset.sales_image_ids)
+    for prefix in small_dataset.prefixes:
+        images, broken = small_dataset.image_ids[prefix], small_dataset.broken_files[prefix]
+        assert broken, "each prefix of the sample holds broken files"
+        assert _counts(lake, prefix) == {
+            tables.RAW_IMAGE_MANIFEST: len(images) + len(broken),
+            tables.DOWNSCALED_IMAGES: len(images),
+            tables.REJECTED_IMAGES: len(broken),
+            tables.IMAGES_WITH_SALES: small_dataset.expected_joined(prefix),
+            tables.IMAGE_EMBEDDINGS: small_dataset.expected_joined(prefix),
+        }
+        assert small_dataset.expected_joined(prefix) < len(images), "some images have no sales row"
+        rejected = lake.read(tables.REJECTED_IMAGES, prefix).to_pylist()
+        assert sorted(Path(row["uri"]).name for row in rejected) == sorted(broken)
+        assert all(row["reason"] for row in rejected)
+    # every materialization reports its row count, where its table is, and the columns it holds
+    for name in tables.ALL_TABLES:
+        columns = lake.read(name).column_names
+        for metadata in _metadata(results, name):
+            assert metadata["table_uri"] == lake.table_uri(name)
+            assert metadata["dagster/row_count"] >= 0
+            assert [column.name for column in metadata["dagster/column_schema"].columns] == columns, name
+
+
+def test_embedding_rows_carry_sales_columns_vectors_and_model_id(
+    instance: DagsterInstance, small_dataset: SampleDataset, tmp_path: Path
+) -> None:
+    results = _run_all(instance, small_dataset.prefixes[:1])
+    prefix = small_dataset.prefixes[0]
+    lake = Lake(str(tmp_path / "lake"))
+    embeddings = lake.read(tables.IMAGE_EMBEDDINGS, prefix)
+    assert embeddings.column_names == [
+        "image_id", "prefix", "etag", "sales", "category", "price", "embedding", "model_id",
+    ]
+    assert {len(vector) for vector in embeddings.column("embedding").to_pylist()} == {2048}
+    assert set(embeddings.column("model_id").to_pylist()) == {"torchvision/resnet50/random-seed0/fp32"}
+    manifest_etags = {r["image_id"]: r["etag"] for r in lake.read(tables.RAW_IMAGE_MANIFEST, prefix).to_pylist()}
+    assert all(manifest_etags[r["image_id"]] == r["etag"] for r in embeddings.select(["image_id", "etag"]).to_pylist())
+    (metadata,) = _metadata(results, tables.IMAGE_EMBEDDINGS)
+    assert metadata["model_id"] == "torchvision/resnet50/random-seed0/fp32"
+    assert "RANDOM" in metadata["weights"]
+    assert metadata["embedding_width"] == 2048
+    # The same run evaluated the partition against the sales table's category, labelled meaningless.
+    (evaluation,) = lake.read(tables.EMBEDDING_EVALUATION, prefix).to_pylist()
+    assert evaluation["model_id"] == metadata["model_id"] and evaluation["label_column"] == "category"
+    assert evaluation["weights_are_random"] and evaluation["vectors"] == embeddings.num_rows
+    assert evaluation["silhouette"] is not None and -1 <= evaluation["silhouette"] <= 1
+    (evaluated,) = _metadata(results, tables.EMBEDDING_EVALUATION)
+    assert "random, untrained weights" in evaluated["warning"] and "random, untrained weights" in evaluated["summary"]
+    assert evaluated["silhouette"] == round(evaluation["silhouette"], 4)
+
+
+def test_rerunning_a_partition_replaces_it_without_duplicates(
+    instance: DagsterInstance, small_dataset: SampleDataset, tmp_path: Path
+) -> None:
+    _run_all(instance, small_dataset.prefixes)
+    lake = Lake(str(tmp_path / "lake"))
+    before = {prefix: _counts(lake, prefix) for prefix in small_dataset.prefixes}
+    first_vectors = lake.read(tables.IMAGE_EMBEDDINGS, small_dataset.prefixes[0]).sort_by("image_id")
+    _run_all(instance, small_dataset.prefixes[:1])
+    assert {prefix: _counts(lake, prefix) for prefix in small_dataset.prefixes} == before
+    assert lake.read(tables.IMAGE_EMBEDDINGS, small_dataset.prefixes[0]).sort_by("image_id").equals(first_vectors)
+
+
+def test_missing_environment_variable_fails_the_run_clearly(
+    instance: DagsterInstance, small_dataset: SampleDataset, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("IMGEMB_LAKE_URI")
+    with pytest.raises(Exception, match="IMGEMB_LAKE_URI"):
+        defs.resolve_job_def(SALES_JOB_NAME).execute_in_process(instance=instance)

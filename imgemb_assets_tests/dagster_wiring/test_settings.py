@@ -1,0 +1,65 @@
+"""How LocationSettings reads the IMGEMB_* variables: only from the mapping it is given, with pydantic-settings'
+parsing, and with errors that name the variable."""
+
+from __future__ import annotations
+
+import pytest
+
+from imgemb_assets.core.lake import TARGET_FILE_BYTES
+from imgemb_assets.core.maintenance import MaintenanceSettings
+from imgemb_assets.dagster_wiring.sensors import DEFAULT_MAX_NEW_PREFIXES, DEFAULT_MINIMUM_INTERVAL_S, DEFAULT_RECENT_PREFIXES
+from imgemb_assets.dagster_wiring.settings import LocationSettings, SettingsError
+
+
+def test_the_constructor_never_reads_the_process_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMGEMB_GPU_COUNT", "4")
+    monkeypatch.setenv("IMGEMB_MAX_PARTITIONS_PER_RUN", "2")
+    assert LocationSettings().gpu_count == 1
+    assert LocationSettings(max_partitions_per_run=7).gpu_count == 1
+    # from_environ reads the mapping it is given, not os.environ
+    assert LocationSettings.from_environ({}) == LocationSettings()
+    assert LocationSettings.from_environ({"IMGEMB_GPU_COUNT": "2"}).max_partitions_per_run == 32
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [("true", True), ("yes", True), ("on", True), ("1", True), ("TRUE", True),
+     ("false", False), ("no", False), ("off", False), ("0", False), ("False", False)],
+)
+def test_booleans_take_the_usual_spellings(raw: str, expected: bool) -> None:
+    settings = LocationSettings.from_environ({"IMGEMB_VACUUM_ALLOW_SHORT_RETENTION": raw})
+    assert settings.vacuum_allow_short_retention is expected
+
+
+def test_an_empty_variable_leaves_the_default_and_lower_case_names_are_not_settings() -> None:
+    settings = LocationSettings.from_environ(
+        {"IMGEMB_GPU_COUNT": "", "IMGEMB_CELERY_BROKER_URL": "", "IMGEMB_K8S_GPU_TOLERATIONS": "", "imgemb_executor": "k8s"}
+    )
+    assert settings == LocationSettings()
+
+
+def test_errors_name_the_variable_and_the_problem() -> None:
+    with pytest.raises(SettingsError, match="IMGEMB_ECS_GPU_RUN_TASK_KWARGS is not valid JSON"):
+        LocationSettings.from_environ({"IMGEMB_ECS_GPU_RUN_TASK_KWARGS": "{capacity"})
+    with pytest.raises(SettingsError, match="IMGEMB_K8S_GPU_NODE_SELECTOR must be a JSON object"):
+        LocationSettings.from_environ({"IMGEMB_K8S_GPU_NODE_SELECTOR": "[]"})
+    with pytest.raises(SettingsError, match="IMGEMB_MAX_PARTITIONS_PER_RUN must be >= 1, got '0'"):
+        LocationSettings.from_environ({"IMGEMB_MAX_PARTITIONS_PER_RUN": "0"})
+    with pytest.raises(SettingsError, match="IMGEMB_SENSOR_RECENT_PREFIXES must be >= 0"):
+        LocationSettings.from_environ({"IMGEMB_SENSOR_RECENT_PREFIXES": "-1"})
+    with pytest.raises(SettingsError, match="IMGEMB_VANISHED_PREFIXES must be one of 'keep' or 'remove'"):
+        LocationSettings.from_environ({"IMGEMB_VANISHED_PREFIXES": "drop"})
+    # code that builds settings gets the same errors
+    with pytest.raises(SettingsError, match="IMGEMB_COMPACT_MIN_FILES must be >= 2"):
+        LocationSettings(compact_min_files=1)
+
+
+def test_the_defaults_are_written_once() -> None:
+    defaults = LocationSettings()
+    assert (DEFAULT_MINIMUM_INTERVAL_S, DEFAULT_RECENT_PREFIXES, DEFAULT_MAX_NEW_PREFIXES) == (
+        defaults.sensor_interval_s,
+        defaults.sensor_recent_prefixes,
+        defaults.sensor_max_new_prefixes,
+    )
+    # compaction aims at the size Lake writes
+    assert MaintenanceSettings().target_file_bytes == defaults.compact_target_file_bytes == TARGET_FILE_BYTES
