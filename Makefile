@@ -5,7 +5,7 @@ DEMO_DIR ?= demo-data
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-fast ui validate clean
+.PHONY: venv demo test test-fast ui similar validate clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ test-fast: $(STAMP)
 ## The Dagster UI on the demo's instance and data (run `make demo` first).
 ui: $(STAMP)
 	set -a && . $(DEMO_DIR)/demo.env && set +a && $(BIN)/dagster dev -w workspace.yaml
+
+## The images most like one of the demo's (ID=img_000012) or like a photo file (IMAGE=path/to/photo.jpg).
+similar: $(STAMP)
+	set -a && . $(DEMO_DIR)/demo.env && set +a && $(BIN)/imgemb similar $(if $(IMAGE),--image $(IMAGE),$(ID))
 
 validate: $(STAMP)
 	$(BIN)/dagster definitions validate -w workspace.yaml
