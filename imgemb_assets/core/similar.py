@@ -38,7 +38,13 @@ import pyarrow.compute as pc
 from imgemb_assets.core import tables
 from imgemb_assets.core.images import ImageLimits, ImageRejected, downscale, refuse_oversized_file
 from imgemb_assets.core.lake import Lake, LakeError
-from imgemb_assets.core.model_settings import PRECISIONS, EmbeddingSettings, ModelConfigError
+from imgemb_assets.core.model_settings import (
+    PRECISIONS,
+    EmbeddingSettings,
+    ModelConfigError,
+    ResolvedWeights,
+    resolve_weights,
+)
 from imgemb_assets.core.search_index import (
     IndexMissing,
     Neighbour,
@@ -149,12 +155,12 @@ def similar_to_photo(
     """
     _check_query_settings(k, sales_weight)
     thumbnail = thumbnail_of_photo(photo)
-    settings = settings_matching_an_index(lake, weights, device, model)
+    settings, resolved = settings_matching_an_index(lake, weights, device, model)
     from imgemb_assets.core.embedding import embed_thumbnails  # torch: only here
     from imgemb_assets.core.models import load_model
 
     try:
-        embedding_model = load_model(settings)
+        embedding_model = load_model(settings, resolved)
     except ModelConfigError as exc:
         raise SimilarError(f"the model cannot be loaded: {exc}") from exc
     vector = embed_thumbnails(embedding_model, [thumbnail])[0]
@@ -176,8 +182,11 @@ def thumbnail_of_photo(photo: bytes, limits: ImageLimits = ImageLimits()) -> byt
         raise SimilarError(f"the query image cannot be used: {exc.reason}") from exc
 
 
-def settings_matching_an_index(lake: Lake, weights: str, device: str = "auto", model: str = "resnet50") -> EmbeddingSettings:
-    """Settings for these weights whose model_id has an index under the lake; SimilarError naming those that do.
+def settings_matching_an_index(
+    lake: Lake, weights: str, device: str = "auto", model: str = "resnet50"
+) -> tuple[EmbeddingSettings, ResolvedWeights]:
+    """Settings for these weights whose model_id has an index under the lake, and the weights resolved (a
+    state-dict file hashed once, whatever the precisions tried); SimilarError naming the indexes that exist.
 
     The precision is part of the model_id (`numerics_tag`): an index built with
     fp32 vectors on CPU is queried with fp32 on a GPU too (its `auto` would be
@@ -189,16 +198,18 @@ def settings_matching_an_index(lake: Lake, weights: str, device: str = "auto", m
     if not stored:
         raise SimilarError(f"no search index under {lake.root_uri}: run the {REFRESH_JOB} job")
     tried: list[str] = []
+    resolved: ResolvedWeights | None = None
     for precision in PRECISIONS:  # "auto" first: the model's usual arithmetic on this device
         try:
             settings = EmbeddingSettings(weights=weights, device=device, model=model, precision=precision)
-            model_id = model_id_for(settings)
+            resolved = resolved or resolve_weights(weights)
+            model_id = model_id_for(settings, resolved)
         except ModelConfigError as exc:
             if precision == "auto":
                 raise SimilarError(f"the model settings are invalid: {exc}") from exc
             continue  # a precision this device has not (fp16 on CPU)
         if model_id in stored:
-            return settings
+            return settings, resolved
         tried.append(model_id)
     raise SimilarError(
         f"no search index for {model} with weights {weights!r} (model_id {tried[0]!r}) under {lake.root_uri}; "
