@@ -109,22 +109,3 @@ def _width_of(model_id: str, read: Mapping[str, Mapping[str, PartitionVectors]])
 
 def _empty(prefix: str, fingerprint: str, width: int) -> PartitionVectors:
     return PartitionVectors(prefix, fingerprint, [], np.empty((0, width), np.float32))
-
-
-def near_duplicate_shares(pairs: pa.Table, images_per_partition: Mapping[str, int]) -> dict[str, float]:
-    """Each partition's share of images with a near duplicate, from NEAR_DUPLICATES rows of one model.
-
-    A pair inside a partition names both its images; a pair across partitions
-    names this partition's image in `image_id`.
-    """
-    with_duplicate: dict[str, set[str]] = {}
-    for row in pairs.select([tables.PARTITION_COLUMN, "image_id", "other_image_id", "same_partition"]).to_pylist():
-        images = with_duplicate.setdefault(row[tables.PARTITION_COLUMN], set())
-        images.add(row["image_id"])
-        if row["same_partition"]:
-            images.add(row["other_image_id"])
-    return {
-        prefix: len(with_duplicate.get(prefix, ())) / count
-        for prefix, count in images_per_partition.items()
-        if count
-    }

@@ -21,7 +21,7 @@ search index, the tests an exact numpy search.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
 
@@ -142,6 +142,25 @@ def find_near_duplicates(
 def near_duplicate_share(images_with_near_duplicate: int, images: int) -> float:
     """The share of a partition's images with at least one near duplicate (0 for no images)."""
     return images_with_near_duplicate / images if images else 0.0
+
+
+def near_duplicate_shares(pairs: pa.Table, images_per_partition: Mapping[str, int]) -> dict[str, float]:
+    """Each partition's share of images with a near duplicate, from NEAR_DUPLICATES rows of one model.
+
+    A pair inside a partition names both its images; a pair across partitions
+    names this partition's image in `image_id`.
+    """
+    with_duplicate: dict[str, set[str]] = {}
+    for row in pairs.select([PARTITION_COLUMN, "image_id", "other_image_id", "same_partition"]).to_pylist():
+        images = with_duplicate.setdefault(row[PARTITION_COLUMN], set())
+        images.add(row["image_id"])
+        if row["same_partition"]:
+            images.add(row["other_image_id"])
+    return {
+        prefix: len(with_duplicate.get(prefix, ())) / count
+        for prefix, count in images_per_partition.items()
+        if count
+    }
 
 
 def share_jumped(current_share: float, previous_shares: Sequence[float], rule: ShareJumpRule) -> bool:

@@ -14,6 +14,7 @@ import random
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
+import pyarrow as pa
 import pyarrow.compute as pc
 from dagster import (
     AssetCheckResult,
@@ -105,21 +106,22 @@ def build_similarity_assets(model_code_version: str) -> AssetsDefinition:
             f"{pairs} near-duplicate pairs written, in {refresh.seconds:.1f} s"
         )
         yield MaterializeResult(asset_key=SEARCH_INDEX, metadata=_index_metadata(lake, refresh))
+        # Read once, for the row count and the check; absent while no partition was ever embedded.
+        all_pairs = (
+            lake.read(tables.NEAR_DUPLICATES) if lake.exists(tables.NEAR_DUPLICATES)
+            else tables.NEAR_DUPLICATES_SCHEMA.empty_table()
+        )  # fmt: skip
         random_models = sorted(model_id for model_id in refresh.models if model_id_has_random_weights(model_id))
         yield MaterializeResult(
             asset_key=tables.NEAR_DUPLICATES,
-            metadata=table_metadata(lake, tables.NEAR_DUPLICATES, _rows(lake), tables.NEAR_DUPLICATES_SCHEMA,
+            metadata=table_metadata(lake, tables.NEAR_DUPLICATES, all_pairs.num_rows, tables.NEAR_DUPLICATES_SCHEMA,
                                     pairs_written=pairs, threshold=similarity.near_duplicate_threshold,
                                     **({"warning": _RANDOM_PAIRS_WARNING.format(", ".join(random_models))}
                                        if random_models else {})),
         )  # fmt: skip
-        yield _share_check(lake, refresh, found, similarity)
+        yield _share_check(all_pairs, refresh, found, similarity)
 
     return update_search_index
-
-
-def _rows(lake: Lake) -> int:
-    return lake.read(tables.NEAR_DUPLICATES, columns=["image_id"]).num_rows if lake.exists(tables.NEAR_DUPLICATES) else 0
 
 
 def _index_metadata(lake: Lake, refresh: "IndexRefresh") -> dict[str, Any]:
@@ -134,16 +136,17 @@ def _index_metadata(lake: Lake, refresh: "IndexRefresh") -> dict[str, Any]:
     }
     if not refresh.models:
         return metadata
+    stored = {model_id: stored_index_bytes(lake, model_id) for model_id in refresh.models}
     rows = ["| model_id | vectors | backend | update s | stored bytes |", "| --- | --- | --- | --- | --- |"]
     for model_id, model in refresh.models.items():
         rows.append(f"| {model_id} | {len(model.index)} | {model.index.backend} | {model.update.seconds:.3f} | "
-                    f"{stored_index_bytes(lake, model_id)} |")  # fmt: skip
+                    f"{stored[model_id]} |")  # fmt: skip
     main_id, main = max(refresh.models.items(), key=lambda item: len(item[1].index))
     sheet = _neighbours_sheet(lake, main)
     return metadata | index_metadata(main.index) | {
         "vectors_updated": main.update.vectors_added,
         "index_update_seconds": round(main.update.seconds, 3),
-        "stored_bytes": stored_index_bytes(lake, main_id),
+        "stored_bytes": stored[main_id],
         "indexes": MetadataValue.md("\n".join(rows)),
         "neighbours_sheet": MetadataValue.md(sheet),
         "neighbours_sheet_bytes": len(sheet.encode()),
@@ -177,12 +180,11 @@ def _thumbnails(lake: Lake, wanted: set[tuple[str, str]]) -> dict[tuple[str, str
 
 
 def _share_check(
-    lake: Lake, refresh: "IndexRefresh", found: Mapping[str, Mapping[str, Any]], similarity: SimilaritySettings
+    table: pa.Table, refresh: "IndexRefresh", found: Mapping[str, Mapping[str, Any]], similarity: SimilaritySettings
 ) -> AssetCheckResult:
-    from imgemb_assets.core.index_refresh import near_duplicate_shares
-    from imgemb_assets.core.near_duplicates import near_duplicate_share_check
+    """`table`: every near-duplicate row, all models."""
+    from imgemb_assets.core.near_duplicates import near_duplicate_share_check, near_duplicate_shares
 
-    table = lake.read(tables.NEAR_DUPLICATES)
     jumped: list[str] = []
     checked = 0
     for model_id, model in refresh.models.items():
