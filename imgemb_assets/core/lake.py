@@ -84,8 +84,13 @@ def partition_predicate(partition_key: str, column: str = PARTITION_COLUMN) -> s
     The key is a SQL string literal with quotes doubled, so no key can close the
     literal and widen the predicate.
     """
-    escaped = partition_key.replace("'", "''")
-    return f"{column} = '{escaped}'"
+    return f"{column} = {sql_string(partition_key)}"
+
+
+def sql_string(value: str) -> str:
+    """A SQL string literal of `value`, quotes doubled: no value can close the literal and widen a predicate."""
+    escaped = value.replace("'", "''")
+    return f"'{escaped}'"
 
 
 def partition_value(prefix: str) -> str:
@@ -147,19 +152,12 @@ class Lake:
         else:
             value = partition_value(partition_key)
 
-        def commit() -> None:
-            write_deltalake(
-                self.table_uri(name),
-                _with_storage_column(data, layout_column, value),
-                mode="overwrite",
-                predicate=partition_predicate(value, layout_column),
-                partition_by=[layout_column],
-                schema_mode="merge",
-                storage_options=self.current_storage_options(),
-                target_file_size=TARGET_FILE_BYTES,
-                writer_properties=WriterProperties(max_row_group_size=MAX_ROW_GROUP_ROWS),
-            )
-
+        commit = self._overwrite_where(
+            name,
+            lambda: _with_storage_column(data, layout_column, value),
+            partition_predicate(value, layout_column),
+            layout_column,
+        )
         _commit_with_retries(commit, f"partition {partition_key!r} of {name}", precondition)
 
     def replace_partitions(self, name: str, data: pa.Table, partition_keys: Sequence[str]) -> None:
@@ -187,14 +185,21 @@ class Lake:
             values = [partition_value(key) for key in keys]
             per_row = [partition_value(key) for key in data.column(PARTITION_COLUMN).to_pylist()]
             rows = data.append_column(pa.field(layout_column, pa.string(), nullable=False), pa.array(per_row, pa.string()))
-        listed = ", ".join("'" + value.replace("'", "''") + "'" for value in values)
+        listed = ", ".join(sql_string(value) for value in values)
+        commit = self._overwrite_where(name, lambda: rows, f"{layout_column} IN ({listed})", layout_column)
+        _commit_with_retries(commit, f"{len(keys)} partitions of {name}")
+
+    def _overwrite_where(
+        self, name: str, rows: Callable[[], pa.Table | pa.RecordBatchReader], predicate: str, layout_column: str
+    ) -> Callable[[], None]:
+        """One commit replacing the rows that match `predicate` with `rows()` (called afresh on each attempt)."""
 
         def commit() -> None:
             write_deltalake(
                 self.table_uri(name),
-                rows,
+                rows(),
                 mode="overwrite",
-                predicate=f"{layout_column} IN ({listed})",
+                predicate=predicate,
                 partition_by=[layout_column],
                 schema_mode="merge",
                 storage_options=self.current_storage_options(),
@@ -202,7 +207,7 @@ class Lake:
                 writer_properties=WriterProperties(max_row_group_size=MAX_ROW_GROUP_ROWS),
             )
 
-        _commit_with_retries(commit, f"{len(keys)} partitions of {name}")
+        return commit
 
     def delete_partition(self, name: str, partition_key: str) -> int:
         """Remove every row of one partition in one commit (its files leave the table, none is rewritten); the rows removed.
@@ -390,7 +395,7 @@ class Lake:
         hashed = sorted(values - plain)
         if not hashed:
             return sorted(plain)
-        listed = ", ".join("'" + value.replace("'", "''") + "'" for value in hashed)
+        listed = ", ".join(sql_string(value) for value in hashed)
         engine = QueryBuilder().register("t", table)
         query = f"SELECT DISTINCT {PARTITION_COLUMN} FROM t WHERE {PARTITION_STORAGE_COLUMN} IN ({listed})"
         found = pa.RecordBatchReader.from_stream(engine.execute(query)).read_all().column(0).to_pylist()
