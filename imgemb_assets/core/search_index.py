@@ -151,6 +151,9 @@ class AnnParameters:
     # Removed vectors stay in the graph as tombstones; past this fraction of the live
     # vectors the graph is rebuilt, so that searches do not wade through them.
     rebuild_after_removed_fraction: float = 0.5
+    # Threads inserting into the graph: 0 is every core. Concurrent insertion makes the
+    # graph depend on thread timing; 1 gives the same graph for the same insertions.
+    insert_threads: int = 0
 
 
 @dataclass(frozen=True)
@@ -404,10 +407,9 @@ class SearchIndex:
             expansion_search=parameters.expansion_search,
         )
 
-    @staticmethod
-    def _add_to_graph(graph: UsearchIndex, keys: np.ndarray, vectors: np.ndarray) -> None:
+    def _add_to_graph(self, graph: UsearchIndex, keys: np.ndarray, vectors: np.ndarray) -> None:
         if len(keys):
-            graph.add(keys, vectors, threads=0)
+            graph.add(keys, vectors, threads=self.ann_parameters.insert_threads)
 
     def _all_keys_and_vectors(self) -> tuple[np.ndarray, np.ndarray]:
         parts = list(self._partitions.values())
