@@ -137,6 +137,13 @@ def test_sensor_embeds_a_dropped_prefix_and_the_ui_api_launches_a_run(
         "near_duplicates": {"near_duplicate_share": ("SUCCEEDED", True)},
     }
     wait_for("every check shown passed", lambda: _asset_checks_shown_by_the_ui(port) == passing, DEADLINE_S, log, poll_s=2)
+    # Automation may have refreshed the index before any partition was embedded (an empty index)
+    # and refreshes it again after each embedding run: wait for the refresh that holds the prefix.
+    wait_for(
+        "the search index of the prefix",
+        lambda: _latest_metadata_shown_by_the_ui(port, "image_search_index")["vectors_indexed"] == expected,
+        DEADLINE_S, log, poll_s=2,
+    )  # fmt: skip
     index = _latest_metadata_shown_by_the_ui(port, "image_search_index")
     assert index["vectors_indexed"] == expected and index["recall_at_10"] == 1.0
     assert index["neighbours_sheet"].startswith("![") and "data:image/jpeg;base64," in index["neighbours_sheet"]

@@ -134,8 +134,8 @@ def _index_metadata(lake: Lake, refresh: "IndexRefresh") -> dict[str, Any]:
         "refresh_seconds": round(refresh.seconds, 3),
         "models": len(refresh.models),
     }
-    if not refresh.models:
-        return metadata
+    if not refresh.models:  # nothing embedded yet
+        return metadata | {"vectors_indexed": 0}
     stored = {model_id: stored_index_bytes(lake, model_id) for model_id in refresh.models}
     rows = ["| model_id | vectors | backend | update s | stored bytes |", "| --- | --- | --- | --- | --- |"]
     for model_id, model in refresh.models.items():
