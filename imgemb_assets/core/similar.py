@@ -177,7 +177,7 @@ def thumbnail_of_photo(photo: bytes, limits: ImageLimits = ImageLimits()) -> byt
     """The JPEG thumbnail the pipeline would store for this photo (same checks, same `downscale`)."""
     try:
         refuse_oversized_file(len(photo), limits)
-        return downscale(photo, limits.max_pixels).jpeg
+        return downscale(photo, limits.max_pixels, full_size_jpeg_decode=limits.full_size_jpeg_decode).jpeg
     except ImageRejected as exc:
         raise SimilarError(f"the query image cannot be used: {exc.reason}") from exc
 

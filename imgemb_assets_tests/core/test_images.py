@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import io
+import struct
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from imgemb_assets.core import images
 from imgemb_assets.core.images import (
     IMAGE_SIZE,
+    DecodeGate,
+    ImageLimits,
     ImageRejected,
+    decode_cost_bytes,
     decode_thumbnail,
     downscale,
+    encode_jpeg,
     image_id_from_key,
 )
+from imgemb_assets.dagster_wiring.resources import ImageLimitsResource
 
 
 def _encode(image: Image.Image, fmt: str, **params: object) -> bytes:
@@ -126,3 +133,204 @@ def test_decompression_bombs_are_refused_under_pillows_limit(monkeypatch: pytest
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000)
     with pytest.raises(ImageRejected, match="too large"):
         downscale(_encode(_noise(pixels // 10, 10), "PNG"))
+
+
+# --- any file becomes a thumbnail or a rejection ---------------------------------------------------------------
+
+
+def _dds_with_pixel_format(flags: int, fourcc: bytes) -> bytes:
+    """A DDS file whose pixel format Pillow's DDS plugin does not implement: it raised
+    NotImplementedError while identifying, which escaped `downscale` and failed the step."""
+    data = bytearray(_encode(Image.new("RGBA", (8, 8)), "DDS"))
+    data[80:88] = struct.pack("<I", flags) + fourcc  # DDS_PIXELFORMAT: flags, then FourCC
+    return bytes(data)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(_dds_with_pixel_format(0x4, b"ZZZZ"), id="dds-unimplemented-fourcc"),
+        pytest.param(_dds_with_pixel_format(0x0, b"\0\0\0\0"), id="dds-unknown-flags"),
+    ],
+)
+def test_a_file_whose_format_detection_raises_is_rejected(data: bytes) -> None:
+    with pytest.raises(ImageRejected, match="not a JPEG, PNG or WebP image"):
+        downscale(data)
+
+
+def _exif_block(*entries: tuple[int, int, int, bytes]) -> bytes:
+    """A little-endian EXIF block of one IFD: (tag, type, count, 4-byte value) entries."""
+    ifd = b"II*\x00" + struct.pack("<IH", 8, len(entries))
+    for tag, kind, count, value in entries:
+        ifd += struct.pack("<HHI", tag, kind, count) + value
+    return b"Exif\x00\x00" + ifd + struct.pack("<I", 0)
+
+
+def _jpeg_with_app1(image: Image.Image, app1: bytes) -> bytes:
+    jpeg = _encode(image, "JPEG", quality=95)
+    return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(app1) + 2) + app1 + jpeg[2:]
+
+
+_ORIENTATION_6 = (0x0112, 3, 1, struct.pack("<HH", 6, 0))
+
+
+@pytest.mark.parametrize(
+    "other_entry",
+    [
+        # Each made ImageOps.exif_transpose fail re-serializing the EXIF block, which the
+        # thumbnail does not even keep: struct.error and AttributeError escaped `downscale`.
+        pytest.param((0xA005, 1, 4, b"\xdc\x0a\xbb\xfa"), id="interop-pointer-as-bytes"),
+        pytest.param((0xA005, 8, 2, b"\x66\xa7\x75\x06"), id="interop-pointer-as-signed-shorts"),
+        pytest.param((0x010F, 11, 1, b"\xf7\xd0\x12\x2a"), id="make-as-float"),
+    ],
+)
+def test_an_odd_exif_tag_does_not_cost_the_image_its_orientation(other_entry: tuple[int, int, int, bytes]) -> None:
+    image = Image.new("RGB", (200, 100), (255, 0, 0))
+    image.paste((0, 0, 255), (0, 0, 100, 100))  # left half blue
+    thumbnail = downscale(_jpeg_with_app1(image, _exif_block(_ORIENTATION_6, other_entry)))
+    assert (thumbnail.width, thumbnail.height) == (100, 200)
+    top = decode_thumbnail(thumbnail.jpeg)[10, 112]
+    assert top[2] > 200 and top[0] < 60, "rotated: the displayed top is the stored left (blue) half"
+
+
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")
+def test_an_unreadable_exif_block_is_ignored_not_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
+    app1 = b"Exif\x00\x00II*\x00" + struct.pack("<I", 0xFFFFFF00) + bytes(20)  # first IFD far past the block's end
+    data = _jpeg_with_app1(_noise(120, 80), app1)
+    assert (downscale(data).width, downscale(data).height) == (120, 80)  # Pillow warns and reads no tag
+
+    def unparsable(self: Image.Image) -> Image.Exif:
+        raise SyntaxError("not a TIFF file")
+
+    # Should Pillow raise instead: the image is shown as stored, as browsers do, not rejected.
+    monkeypatch.setattr(Image.Image, "getexif", unparsable)
+    assert (downscale(data).width, downscale(data).height) == (120, 80)
+
+
+def test_a_png_signature_with_a_broken_header_is_called_corrupt() -> None:
+    data = _encode(_noise(20, 20), "PNG")
+    with pytest.raises(ImageRejected, match="corrupt or truncated image data: starts as a PNG file"):
+        downscale(data[:8] + b"\x00" * 8 + data[16:])  # IHDR's length and type gone
+
+
+@pytest.mark.parametrize(
+    ("error", "reason_part"),
+    [
+        (KeyError("mode"), "image cannot be decoded: KeyError: 'mode'"),
+        (RuntimeError("decoder exploded"), "image cannot be decoded: RuntimeError: decoder exploded"),
+        (NotImplementedError(), "image cannot be decoded: NotImplementedError"),
+        (OSError("broken data stream"), "corrupt or truncated image data: OSError: broken data stream"),
+        (Image.DecompressionBombError("too many pixels"), "image too large to decode safely: DecompressionBombError"),
+    ],
+)
+def test_any_error_decoding_one_image_becomes_its_rejection_naming_the_error(
+    monkeypatch: pytest.MonkeyPatch, error: Exception, reason_part: str
+) -> None:
+    def failing(*args: object, **kwargs: object) -> None:
+        raise error
+
+    monkeypatch.setattr(images, "_to_rgb", failing)
+    with pytest.raises(ImageRejected) as rejected:
+        downscale(_encode(_noise(30, 20), "PNG"))
+    assert reason_part in rejected.value.reason
+
+
+def test_a_long_error_message_is_shortened_in_the_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    def failing(*args: object, **kwargs: object) -> None:
+        raise ValueError("x" * 5_000)
+
+    monkeypatch.setattr(images, "_to_rgb", failing)
+    with pytest.raises(ImageRejected) as rejected:
+        downscale(_encode(_noise(30, 20), "PNG"))
+    assert len(rejected.value.reason) < 400 and rejected.value.reason.endswith("...")
+
+
+def _fail_with_memory_error(monkeypatch: pytest.MonkeyPatch, times: int) -> list[int]:
+    """`_to_rgb` raises MemoryError the first `times` calls; returns the list counting calls."""
+    calls: list[int] = []
+    real = images._to_rgb
+
+    def flaky(image: Image.Image) -> Image.Image:
+        calls.append(1)
+        if len(calls) <= times:
+            raise MemoryError
+        return real(image)
+
+    monkeypatch.setattr(images, "_to_rgb", flaky)
+    return calls
+
+
+def test_memory_error_is_retried_once_alone_through_the_gate(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _fail_with_memory_error(monkeypatch, times=1)
+    data = _encode(_noise(40, 30), "PNG")
+    gate = DecodeGate(1 << 30)
+    thumbnail = downscale(data, gate=gate)
+    assert len(calls) == 2
+    assert thumbnail.jpeg == downscale(data).jpeg
+    assert gate.peak_bytes == gate.budget_bytes, "the retry is charged the whole budget: it decodes alone"
+
+
+def test_memory_error_twice_rejects_the_image_instead_of_failing_the_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _fail_with_memory_error(monkeypatch, times=2)
+    with pytest.raises(ImageRejected, match=r"not enough memory to decode this image.*\(MemoryError\).*max_image_"):
+        downscale(_encode(_noise(40, 30), "PNG"))
+    assert len(calls) == 2
+
+
+# --- the JPEG draft decode and the full-size setting -----------------------------------------------------------
+
+
+def _large_photo_jpeg() -> bytes:
+    """A plain 4:2:0 RGB JPEG of 1000x760 px with detail at every scale, so the draft decode shows."""
+    rng = np.random.default_rng(3)
+    y, x = np.mgrid[0:760, 0:1000]
+    base = np.stack([128 + 100 * np.sin(x / 7.0), 128 + 100 * np.cos(y / 5.0), (x ^ y) & 255], axis=-1)
+    pixels = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
+    return _encode(Image.fromarray(pixels), "JPEG", quality=90)
+
+
+def _pillow_thumbnail(data: bytes, draft: bool) -> bytes:
+    """Pillow's plain open, (draft,) convert("RGB"), bilinear resize to 224, stored as the pipeline stores it."""
+    with Image.open(io.BytesIO(data)) as image:
+        if draft:
+            image.draft("RGB", (IMAGE_SIZE, IMAGE_SIZE))
+        resized = image.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
+    return encode_jpeg(resized)
+
+
+def test_full_size_jpeg_decode_gives_the_articles_pixels() -> None:
+    data = _large_photo_jpeg()
+    thumbnail = downscale(data, full_size_jpeg_decode=True)
+    assert thumbnail.jpeg == _pillow_thumbnail(data, draft=False)
+    assert (thumbnail.width, thumbnail.height) == (1000, 760)
+
+
+def test_the_default_keeps_the_draft_decode() -> None:
+    data = _large_photo_jpeg()
+    thumbnail = downscale(data)
+    assert thumbnail.jpeg == _pillow_thumbnail(data, draft=True)
+    assert (thumbnail.width, thumbnail.height) == (1000, 760)
+    assert thumbnail.jpeg != downscale(data, full_size_jpeg_decode=True).jpeg, "a 1000x760 JPEG is drafted (1/2 scale)"
+
+
+def test_full_size_decode_changes_nothing_for_png_or_a_small_jpeg() -> None:
+    for data in (_encode(_noise(900, 700), "PNG"), _encode(_noise(400, 300), "JPEG")):
+        assert downscale(data).jpeg == downscale(data, full_size_jpeg_decode=True).jpeg
+
+
+def test_full_size_decode_is_charged_its_full_size_at_the_gate() -> None:
+    data = _large_photo_jpeg()
+    drafted, full = DecodeGate(1 << 30), DecodeGate(1 << 30)
+    downscale(data, gate=drafted)
+    downscale(data, gate=full, full_size_jpeg_decode=True)
+    with Image.open(io.BytesIO(data)) as image:
+        assert full.peak_bytes == decode_cost_bytes(image)  # not drafted: 1000x760
+        image.draft("RGB", (IMAGE_SIZE, IMAGE_SIZE))
+        assert drafted.peak_bytes == decode_cost_bytes(image)  # 500x380
+    assert full.peak_bytes > 2 * drafted.peak_bytes
+
+
+def test_the_resource_passes_the_setting_on() -> None:
+    assert ImageLimits().full_size_jpeg_decode is False
+    assert ImageLimitsResource().limits().full_size_jpeg_decode is False
+    assert ImageLimitsResource(full_size_jpeg_decode=True).limits().full_size_jpeg_decode is True
