@@ -1,4 +1,5 @@
-"""Contact sheets: bad objects get a grey "no preview" tile, the markdown decodes back and stays small."""
+"""Contact sheets: bad objects get a grey "no preview" tile, the markdown decodes back and stays small. Objects are
+read through the real local object store, so a deleted object fails as production's does (`ObjectMissing`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import io
 import re
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,6 +35,7 @@ from imgemb_assets.core.contact_sheet import (
     rejected_images_sheet,
     sheet_markdown,
 )
+from imgemb_assets.core.storage import LocalObjectStore, ObjectInfo
 
 _RED = (220, 30, 30)
 _GREEN = (30, 200, 60)
@@ -105,41 +108,54 @@ def _cells(table_line: str) -> list[str]:
 
 
 class _Store:
-    """A real in-memory object store: bytes by URI; a missing URI raises, as a store does for a deleted object."""
+    """The real local object store over a folder holding `objects` (key -> bytes), listed as a manifest lists them.
 
-    def __init__(self, objects: dict[str, bytes]) -> None:
-        self.objects = objects
+    `read_bytes` is the store's own, counted: the reads the sheet made, in order.
+    """
+
+    def __init__(self, root: Path, objects: dict[str, bytes]) -> None:
+        for key, data in objects.items():
+            (root / key).parent.mkdir(parents=True, exist_ok=True)
+            (root / key).write_bytes(data)
+        self.store = LocalObjectStore(root)
+        self.listed: dict[str, ObjectInfo] = {info.key: info for info in self.store.list_objects("")}
+        assert sorted(self.listed) == sorted(objects)
         self.reads: list[str] = []
+
+    def uri(self, key: str) -> str:
+        return self.listed[key].uri
+
+    def rejected(self, key: str, reason: str = "rejected", image_id: str | None = "x") -> RejectedObject:
+        """The object as the rejected-images step hands it over: its listed URI and size."""
+        return RejectedObject(image_id=image_id, uri=self.uri(key), reason=reason, size_bytes=self.listed[key].size_bytes)
 
     def read_bytes(self, uri: str) -> bytes:
         self.reads.append(uri)
-        if uri not in self.objects:
-            raise FileNotFoundError(uri)
-        return self.objects[uri]
+        return self.store.read_bytes(uri)
 
 
-def _rejected(uri: str, data: bytes | None, reason: str = "rejected", image_id: str | None = "x") -> RejectedObject:
-    return RejectedObject(image_id=image_id, uri=uri, reason=reason, size_bytes=None if data is None else len(data))
-
-
-def test_bad_objects_get_grey_tiles_and_good_ones_a_preview() -> None:
+def test_bad_objects_get_grey_tiles_and_good_ones_a_preview(tmp_path: Path) -> None:
     truncated = _jpeg(_GREEN, size=(600, 600))
-    objects = {
-        "mem://p/red.jpg": _jpeg(_RED),
-        "mem://p/notes.txt": b"this is not an image at all\n" * 10,
-        "mem://p/truncated.jpg": truncated[: len(truncated) // 2],
-        "mem://p/bomb.png": _png_declaring(40_000, 40_000),
-        "mem://p/blue.png": _jpeg(_BLUE),  # a JPEG under a .png name still previews
-    }
-    store = _Store(objects)
+    store = _Store(
+        tmp_path,
+        {
+            "p/red.jpg": _jpeg(_RED),
+            "p/notes.txt": b"this is not an image at all\n" * 10,
+            "p/truncated.jpg": truncated[: len(truncated) // 2],
+            "p/bomb.png": _png_declaring(40_000, 40_000),
+            "p/gone.jpg": _jpeg(_GREEN),
+            "p/blue.png": _jpeg(_BLUE),  # a JPEG under a .png name still previews
+        },
+    )
     rejected = [
-        _rejected("mem://p/red.jpg", objects["mem://p/red.jpg"], "too small"),
-        _rejected("mem://p/notes.txt", objects["mem://p/notes.txt"], "not an image"),
-        _rejected("mem://p/truncated.jpg", objects["mem://p/truncated.jpg"], "truncated"),
-        _rejected("mem://p/bomb.png", objects["mem://p/bomb.png"], "decompression bomb"),
-        RejectedObject(image_id="gone", uri="mem://p/gone.jpg", reason="deleted", size_bytes=100),  # read raises
-        _rejected("mem://p/blue.png", objects["mem://p/blue.png"], "wrong extension"),
+        store.rejected("p/red.jpg", "too small"),
+        store.rejected("p/notes.txt", "not an image"),
+        store.rejected("p/truncated.jpg", "truncated"),
+        store.rejected("p/bomb.png", "decompression bomb"),
+        store.rejected("p/gone.jpg", "deleted", image_id="gone"),
+        store.rejected("p/blue.png", "wrong extension"),
     ]
+    (tmp_path / "p" / "gone.jpg").unlink()  # deleted after it was listed: reading it raises the store's error
 
     markdown = rejected_images_sheet(rejected, store.read_bytes)
 
@@ -151,22 +167,22 @@ def test_bad_objects_get_grey_tiles_and_good_ones_a_preview() -> None:
     assert _close(colours[0], _RED) and _close(colours[5], _BLUE)
     notes = [_unescaped(_cells(line)[3]) for line in _table_lines(markdown)[2:]]
     assert notes[0] == "shown" and notes[5] == "shown"
-    assert notes[4] == "read failed (FileNotFoundError)"
+    assert notes[4] == "read failed (ObjectMissing)"  # what the store raises for a deleted object
     assert notes[1] == notes[2] == notes[3] == "not a readable image"
 
 
-def test_objects_over_the_fetch_limit_or_of_unknown_size_are_not_fetched() -> None:
+def test_objects_over_the_fetch_limit_or_of_unknown_size_are_not_fetched(tmp_path: Path) -> None:
     small, large = _jpeg(_RED), _jpeg(_GREEN, size=(800, 800), quality=100)
-    store = _Store({"mem://small.jpg": small, "mem://large.jpg": large, "mem://unknown.jpg": small})
+    store = _Store(tmp_path, {"small.jpg": small, "large.jpg": large, "unknown.jpg": small})
     rejected = [
-        _rejected("mem://small.jpg", small),
-        _rejected("mem://large.jpg", large),
-        RejectedObject(image_id="u", uri="mem://unknown.jpg", reason="r", size_bytes=None),
+        store.rejected("small.jpg"),
+        store.rejected("large.jpg"),
+        RejectedObject(image_id="u", uri=store.uri("unknown.jpg"), reason="r", size_bytes=None),
     ]
 
     markdown = rejected_images_sheet(rejected, store.read_bytes, max_fetch_bytes=len(small))
 
-    assert store.reads == ["mem://small.jpg"]
+    assert store.reads == [store.uri("small.jpg")]
     notes = [_unescaped(_cells(line)[3]) for line in _table_lines(markdown)[2:]]
     assert notes == ["shown", f"{len(large)} bytes: over the fetch limit", "size unknown: not fetched"]
     sheet = _sheet_image(markdown)
@@ -174,10 +190,10 @@ def test_objects_over_the_fetch_limit_or_of_unknown_size_are_not_fetched() -> No
     assert _close(_tile_corner_colour(sheet, 1, REJECTED_COLUMNS), NO_PREVIEW_GREY)
 
 
-def test_an_object_bigger_than_its_listed_size_is_not_previewed() -> None:
+def test_an_object_bigger_than_its_listed_size_is_not_previewed(tmp_path: Path) -> None:
     data = _jpeg(_RED)
-    store = _Store({"mem://grown.jpg": data})
-    stale = RejectedObject(image_id="g", uri="mem://grown.jpg", reason="r", size_bytes=10)
+    store = _Store(tmp_path, {"grown.jpg": data})
+    stale = RejectedObject(image_id="g", uri=store.uri("grown.jpg"), reason="r", size_bytes=10)
 
     markdown = rejected_images_sheet([stale], store.read_bytes, max_fetch_bytes=100)
 
@@ -214,16 +230,16 @@ def test_transparent_images_are_flattened_onto_a_light_background() -> None:
     assert min(preview.getpixel((50, 50))) > 200  # not black, as a bare convert("RGB") would make it
 
 
-def test_full_rejected_sheet_stays_within_the_byte_target() -> None:
+def test_full_rejected_sheet_stays_within_the_byte_target(tmp_path: Path) -> None:
     # Worst case: noise at tile size (nothing for JPEG to save), and ids and reasons
     # long and full of characters that need escaping.
-    objects = {f"mem://p/{i}.jpg": _noise_jpeg(i, TILE_SIZE) for i in range(MAX_REJECTED_TILES + 5)}
+    store = _Store(tmp_path, {f"p/{i}.jpg": _noise_jpeg(i, TILE_SIZE) for i in range(MAX_REJECTED_TILES + 5)})
     rejected = [
-        RejectedObject(image_id="|*_" * 40, uri=uri, reason="[x](y) | `z`\n" * 30, size_bytes=len(data))
-        for uri, data in objects.items()
+        store.rejected(key, reason="[x](y) | `z`\n" * 30, image_id="|*_" * 40)
+        for key in (f"p/{i}.jpg" for i in range(MAX_REJECTED_TILES + 5))
     ]
 
-    markdown = rejected_images_sheet(rejected, _Store(objects).read_bytes)
+    markdown = rejected_images_sheet(rejected, store.read_bytes)
 
     assert markdown_bytes(markdown) <= MAX_SHEET_MARKDOWN_BYTES
     assert _sheet_image(markdown).size == grid_size(MAX_REJECTED_TILES, REJECTED_COLUMNS)
@@ -275,16 +291,17 @@ def test_neighbours_sheet_puts_each_query_first_and_lists_similarities() -> None
     assert [_unescaped(cell) for cell in _cells(lines[3])] == ["Q2", "d", "a (0.250)", ""]
 
 
-def test_pipes_and_newlines_in_ids_and_reasons_do_not_break_the_table() -> None:
+def test_pipes_and_newlines_in_ids_and_reasons_do_not_break_the_table(tmp_path: Path) -> None:
     nasty_id = "a|b\nc\r\nd\\|e"
     nasty_reason = "line one\nline | two\n\n| --- |"
-    objects = {"mem://1.jpg": _jpeg(_RED)}
+    store = _Store(tmp_path, {"1.jpg": _jpeg(_RED)})
     rejected = [
-        RejectedObject(image_id=nasty_id, uri="mem://1.jpg", reason=nasty_reason, size_bytes=len(objects["mem://1.jpg"])),
+        store.rejected("1.jpg", reason=nasty_reason, image_id=nasty_id),
+        # never read (size unknown): only its URI is shown
         RejectedObject(image_id=None, uri="mem://no|id\n.bin", reason="no | id", size_bytes=None),
     ]
 
-    markdown = rejected_images_sheet(rejected, _Store(objects).read_bytes)
+    markdown = rejected_images_sheet(rejected, store.read_bytes)
 
     table = markdown[markdown.index("\n| ") + 1 :].strip().splitlines()
     assert len(table) == 4  # header, separator, one line per object: no row was split
@@ -306,8 +323,8 @@ def test_sheet_markdown_lays_out_tiles_and_shrinks_quality_to_the_budget() -> No
     assert _sheet_image(tight).size == grid_size(8, 3)
 
 
-def test_nothing_to_show_gives_markdown_without_an_image() -> None:
-    markdown = rejected_images_sheet([], _Store({}).read_bytes)
+def test_nothing_to_show_gives_markdown_without_an_image(tmp_path: Path) -> None:
+    markdown = rejected_images_sheet([], _Store(tmp_path, {}).read_bytes)
 
     assert "data:image" not in markdown
     assert "nothing to show" in markdown

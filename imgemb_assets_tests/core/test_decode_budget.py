@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -80,6 +81,21 @@ def test_a_decode_that_does_not_fit_waits_for_the_running_ones_to_finish() -> No
     assert gate.peak_bytes == 60
 
 
+def _until(gate: DecodeGate, condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    """Poll the gate's state, under its lock, until `condition` holds: waits for a state, never for a guessed time.
+
+    A thread in the gate's waiting queue has already been refused admission once: it appends
+    itself and tests its turn while holding the lock, and lets go of it only to wait.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with gate._changed:
+            if condition():
+                return
+        assert time.monotonic() < deadline, "the gate never reached the state awaited"
+        time.sleep(0.001)
+
+
 def test_waiters_are_admitted_in_arrival_order_so_a_large_image_is_not_starved() -> None:
     gate = DecodeGate(100)
     order: list[str] = []
@@ -96,17 +112,20 @@ def test_waiters_are_admitted_in_arrival_order_so_a_large_image_is_not_starved()
 
     threads = [threading.Thread(target=hold)]
     threads[0].start()
-    holding.wait()
-    threads.append(threading.Thread(target=decode, args=("large", 100)))
-    threads[-1].start()
-    time.sleep(_SETTLE_S)  # the large image queues first
-    threads.append(threading.Thread(target=decode, args=("small", 10)))  # fits now, but arrived later
-    threads[-1].start()
-    time.sleep(_SETTLE_S)
-    assert order == []
-    release.set()
-    for thread in threads:
-        thread.join(10)
+    try:
+        holding.wait()
+        threads.append(threading.Thread(target=decode, args=("large", 100)))
+        threads[-1].start()
+        _until(gate, lambda: len(gate._waiting) == 1)  # the large image queues first
+        threads.append(threading.Thread(target=decode, args=("small", 10)))  # fits now, but arrived later
+        threads[-1].start()
+        # the small image has arrived: queued behind the large one, or (wrongly) admitted past it
+        _until(gate, lambda: len(gate._waiting) == 2 or "small" in order)
+        assert order == []
+    finally:  # a failed assertion must not leave the threads waiting forever
+        release.set()
+        for thread in threads:
+            thread.join(10)
     assert order == ["large", "small"]
 
 

@@ -81,13 +81,27 @@ def test_an_indexed_vector_is_its_own_nearest_neighbour(ann_threshold: int) -> N
 def test_exact_search_matches_a_brute_force_reference() -> None:
     parts = three_partitions()
     index = SearchIndex.build(MODEL, WIDTH, parts, ann_threshold=10**9)
-    everything = np.concatenate([p.vectors for p in parts])
-    ids = [i for p in parts for i in p.image_ids]
-    queries = clustered_vectors(5, seed=99)
+    everything = np.concatenate([p.vectors for p in parts]).astype(np.float64)
+    entries = [(i, p.prefix) for p in parts for i in p.image_ids]
+    column_of = {entry: column for column, entry in enumerate(entries)}
+    # every indexed vector asks (each partition's first and last rows among them), then a few new vectors
+    queries = np.concatenate([everything, clustered_vectors(5, seed=99)])
     normalised = everything / np.linalg.norm(everything, axis=1, keepdims=True)
     scores = (queries / np.linalg.norm(queries, axis=1, keepdims=True)) @ normalised.T
-    for row, found in enumerate(index.search(queries, k=10)):
-        assert [n.image_id for n in found] == [ids[i] for i in np.argsort(-scores[row], kind="stable")[:10]]
+    found = index.search(queries, k=len(entries) + 1)  # more than it holds: the full ranking
+    assert len(found) == len(queries)
+    for row, neighbours in enumerate(found):
+        ranked = [(n.image_id, n.prefix) for n in neighbours]
+        assert sorted(ranked) == sorted(entries)  # every indexed vector ranked, each once
+        similarities = np.array([n.similarity for n in neighbours])
+        reference = np.argsort(-scores[row], kind="stable")
+        # rank by rank the reference's similarities, and each its own vector's: the ranking, up to float ties
+        np.testing.assert_allclose(similarities, scores[row][reference], atol=1e-5)
+        np.testing.assert_allclose(similarities, scores[row][[column_of[e] for e in ranked]], atol=1e-5)
+        if row < len(entries):  # an indexed vector finds itself first
+            assert ranked[0] == entries[row]
+        else:
+            assert ranked[:10] == [entries[i] for i in reference[:10]]
 
 
 @pytest.mark.parametrize("ann_threshold", [10**9, 100], ids=["exact", "hnsw"])

@@ -37,6 +37,17 @@ def _counts(lake: Lake, prefix: str) -> dict[str, int]:
     return {name: lake.read(name, prefix).num_rows for name in tables.ALL_TABLES if name != tables.SALES}
 
 
+def _reported(results: list[ExecuteInProcessResult]) -> list[tuple[str, str | None, dict]]:
+    """(asset, partition, metadata) of every materialization the runs reported, in order."""
+    out = []
+    for result in results:
+        for event in result.get_asset_materialization_events():
+            materialization = event.step_materialization_data.materialization
+            metadata = {key: value.value for key, value in materialization.metadata.items()}
+            out.append((materialization.asset_key.to_user_string(), materialization.partition, metadata))
+    return out
+
+
 def _metadata(results: list[ExecuteInProcessResult], asset: str) -> list[dict]:
     out = []
     for result in results:
@@ -52,28 +63,35 @@ def test_two_partitions_give_the_expected_rows_in_every_table(
 ) -> None:
     results = _run_all(instance, small_dataset.prefixes)
     lake = Lake(str(tmp_path / "lake"))
-    assert lake.read(tables.SALES).num_rows == len(small_dataset.sales_image_ids)
+    # the rows each table should hold, from the sample: (table, prefix or None for sales) -> rows
+    expected: dict[tuple[str, str | None], int] = {(tables.SALES, None): len(small_dataset.sales_image_ids)}
     for prefix in small_dataset.prefixes:
         images, broken = small_dataset.image_ids[prefix], small_dataset.broken_files[prefix]
         assert broken, "each prefix of the sample holds broken files"
-        assert _counts(lake, prefix) == {
-            tables.RAW_IMAGE_MANIFEST: len(images) + len(broken),
-            tables.DOWNSCALED_IMAGES: len(images),
-            tables.REJECTED_IMAGES: len(broken),
-            tables.IMAGES_WITH_SALES: small_dataset.expected_joined(prefix),
-            tables.IMAGE_EMBEDDINGS: small_dataset.expected_joined(prefix),
+        assert 0 < small_dataset.expected_joined(prefix) < len(images), "some images have no sales row"
+        expected |= {
+            (tables.RAW_IMAGE_MANIFEST, prefix): len(images) + len(broken),
+            (tables.DOWNSCALED_IMAGES, prefix): len(images),
+            (tables.REJECTED_IMAGES, prefix): len(broken),
+            (tables.IMAGES_WITH_SALES, prefix): small_dataset.expected_joined(prefix),
+            (tables.IMAGE_EMBEDDINGS, prefix): small_dataset.expected_joined(prefix),
         }
-        assert small_dataset.expected_joined(prefix) < len(images), "some images have no sales row"
+    assert {key[0] for key in expected} == set(tables.ALL_TABLES)
+    assert lake.read(tables.SALES).num_rows == expected[(tables.SALES, None)]
+    for prefix in small_dataset.prefixes:
+        assert _counts(lake, prefix) == {name: rows for (name, at), rows in expected.items() if at == prefix}
         rejected = lake.read(tables.REJECTED_IMAGES, prefix).to_pylist()
-        assert sorted(Path(row["uri"]).name for row in rejected) == sorted(broken)
+        assert sorted(Path(row["uri"]).name for row in rejected) == sorted(small_dataset.broken_files[prefix])
         assert all(row["reason"] for row in rejected)
-    # every materialization reports its row count, where its table is, and the columns it holds
-    for name in tables.ALL_TABLES:
+    # every table reported one materialization per partition (sales one in all), each with the rows
+    # its partition holds, where its table is, and the columns it holds
+    reported = [(name, at, metadata) for name, at, metadata in _reported(results) if name in tables.ALL_TABLES]
+    assert sorted((name, at or "") for name, at, _ in reported) == sorted((name, at or "") for name, at in expected)
+    for name, at, metadata in reported:
+        assert metadata["dagster/row_count"] == expected[(name, at)], (name, at)
+        assert metadata["table_uri"] == lake.table_uri(name)
         columns = lake.read(name).column_names
-        for metadata in _metadata(results, name):
-            assert metadata["table_uri"] == lake.table_uri(name)
-            assert metadata["dagster/row_count"] >= 0
-            assert [column.name for column in metadata["dagster/column_schema"].columns] == columns, name
+        assert [column.name for column in metadata["dagster/column_schema"].columns] == columns, name
 
 
 def test_embedding_rows_carry_sales_columns_vectors_and_model_id(
