@@ -1,4 +1,9 @@
-"""Embedding a partition's joined rows, batch by batch, reusing stored vectors where nothing changed."""
+"""Embedding a partition's joined rows, batch by batch, reusing stored vectors where nothing changed.
+
+Vectors are reused from the partition as stored and from the vectors an earlier,
+interrupted attempt staged (`embedding_staging`); each model batch computed here is
+staged in turn before the next one runs, and progress is counted as rows come out.
+"""
 
 from __future__ import annotations
 
@@ -8,17 +13,21 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import BinaryIO, Final
+from typing import TYPE_CHECKING, BinaryIO, Final
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from imgemb_assets.core.drift import EmbeddingMoments
-from imgemb_assets.core.embedding import embed_thumbnails
+from imgemb_assets.core.embedding import iter_embeddings
 from imgemb_assets.core.model_settings import EmbeddingSettings, resolve_weights
 from imgemb_assets.core.models import EmbeddingModel, load_model, model_id_for
 from imgemb_assets.core.embedding_column import embedding_array
+from imgemb_assets.core.progress import Progress
+
+if TYPE_CHECKING:
+    from imgemb_assets.core.embedding_staging import PartitionStaging
 
 
 class SharedModel:
@@ -46,8 +55,10 @@ class EmbeddingRun:
     """What embedding a partition took; filled in while its batches stream through."""
 
     images_embedded: int = 0  # went through the model
-    images_reused: int = 0  # kept their stored vector
-    seconds: float = 0.0  # decoding and inference of the embedded images
+    images_reused: int = 0  # kept their stored vector (in the table, or staged by an earlier attempt)
+    images_resumed: int = 0  # of those, the vectors an earlier, interrupted attempt had staged
+    seconds: float = 0.0  # decoding, inference and staging of the embedded images
+    staging_seconds: float = 0.0  # of those, writing the staged batches
     model: EmbeddingModel | None = None  # None while this partition reused every vector
     model_id: str = ""  # on every row written; set when the stream starts
     width: int = 0  # the model's vector width; set when the stream starts
@@ -80,6 +91,9 @@ def embed_partition_batches(
     shared: SharedModel,
     schema: pa.Schema,
     run: EmbeddingRun,
+    *,
+    staging: PartitionStaging | None = None,
+    progress: Progress | None = None,
 ) -> Iterator[pa.RecordBatch]:
     """The joined rows, batch by batch, with their image replaced by its embedding and the model's id.
 
@@ -91,10 +105,17 @@ def embed_partition_batches(
     The stored vectors are spooled to a local file first and read back a batch at
     a time: memory holds one batch of them whatever the partition's size, plus
     their key index (about 250 bytes a stored row, see `StoredVectors`).
+
+    With `staging`, the vectors it holds (staged by an interrupted attempt at this
+    partition and model) are reused like stored ones, and each model batch computed
+    here is staged before the next one goes through the model, so a kill loses at
+    most the batch in the model (on CUDA, whose host runs one batch behind the GPU,
+    also the batch being staged). `progress` is advanced by every row, embedded or reused.
     """
     model_id = run.model_id = shared.model_id
     width = run.width = shared.width
-    with StoredVectors.spooled(_record_batches(previous), model_id, width) as stored:
+    staged = staging.read() if staging is not None else ()
+    with StoredVectors.spooled(_record_batches(previous), model_id, width, staged) as stored:
         run.stored_refused = stored.refused
         for batch in joined:
             if batch.num_rows == 0:
@@ -104,17 +125,16 @@ def embed_partition_batches(
             to_embed = [row for row, stored_row in enumerate(stored_rows) if stored_row is None]
             reused = [(row, stored_row) for row, stored_row in enumerate(stored_rows) if stored_row is not None]
             vectors = np.empty((batch.num_rows, width), dtype=np.float32)
+            if reused:
+                vectors[[row for row, _ in reused]] = stored.read([stored_row for _, stored_row in reused])
+                run.images_reused += len(reused)
+                run.images_resumed += sum(1 for _, stored_row in reused if stored.is_staged(stored_row))
+                if progress is not None:
+                    progress.advance(len(reused))
             if to_embed:
                 if run.model is None:
                     run.model = shared.get()
-                started = time.perf_counter()
-                jpegs = batch.column("image_jpeg").take(pa.array(to_embed)).to_pylist()
-                vectors[to_embed] = embed_thumbnails(run.model, jpegs)
-                run.seconds += time.perf_counter() - started
-            if reused:
-                vectors[[row for row, _ in reused]] = stored.read([stored_row for _, stored_row in reused])
-            run.images_embedded += len(to_embed)
-            run.images_reused += len(reused)
+                _embed_rows(batch, to_embed, vectors, run, staging, progress)
             run.rows += batch.num_rows
             run.widths.add(width)
             run.non_finite_rows += int((~np.isfinite(vectors).all(axis=1)).sum())
@@ -125,6 +145,39 @@ def embed_partition_batches(
                 .append_column("model_id", pa.array([model_id] * batch.num_rows, pa.string()))
             )
             yield from table.select(schema.names).cast(schema).to_batches()
+
+
+def _embed_rows(
+    batch: pa.RecordBatch,
+    rows: list[int],
+    vectors: np.ndarray,
+    run: EmbeddingRun,
+    staging: PartitionStaging | None,
+    progress: Progress | None,
+) -> None:
+    """Fill `vectors[rows]` through the model, a model batch at a time, staging each before the next runs."""
+    assert run.model is not None
+    started = time.perf_counter()
+    taken = pa.array(rows)
+    jpegs = batch.column("image_jpeg").take(taken).to_pylist()
+    image_ids = batch.column("image_id").take(taken).to_pylist() if staging is not None else []
+    etags = batch.column("etag").take(taken).to_pylist() if staging is not None else []
+    start = 0
+    for computed in iter_embeddings(run.model, jpegs):
+        end = start + len(computed)
+        vectors[rows[start:end]] = computed
+        if staging is not None:
+            # Before the next batch goes through the model on CPU, so a kill loses only the batch in
+            # the model; on CUDA the next one is already queued (the host runs one batch behind), and
+            # the write overlaps its forward pass.
+            staged_at = time.perf_counter()
+            staging.write(image_ids[start:end], etags[start:end], computed)
+            run.staging_seconds += time.perf_counter() - staged_at
+        run.images_embedded += len(computed)
+        if progress is not None:
+            progress.advance(len(computed))
+        start = end
+    run.seconds += time.perf_counter() - started
 
 
 # Rows per batch when `previous` comes as a whole table (2048 floats are 8 KiB a row).
@@ -155,14 +208,27 @@ class StoredVectors:
         self._row_bytes = width * np.dtype(np.float32).itemsize
         self._index: dict[tuple[str, str], int] = {}  # (image_id, etag) -> spool row
         self._rows = 0  # spooled so far
+        self._first_staged_row: int | None = None  # rows from here on came from staged batches
 
     @classmethod
     @contextmanager
-    def spooled(cls, batches: Iterable[pa.RecordBatch], model_id: str, width: int) -> Iterator[StoredVectors]:
-        """The reusable vectors of `batches`, read once; the spool file is deleted on exit."""
+    def spooled(
+        cls,
+        batches: Iterable[pa.RecordBatch],
+        model_id: str,
+        width: int,
+        staged: Iterable[pa.RecordBatch] = (),
+    ) -> Iterator[StoredVectors]:
+        """The reusable vectors of `batches`, then of `staged` (keys not already found), read once.
+
+        `staged` are batches an interrupted attempt staged (`PartitionStaging.read`), with the
+        same four columns; the spool file is deleted on exit.
+        """
         with tempfile.TemporaryFile(prefix="imgemb-vectors-") as spool:
             stored = cls(spool, width)
             stored._spool_all(batches, model_id)
+            stored._first_staged_row = stored._rows
+            stored._spool_all(staged, model_id, only_new_keys=True)
             yield stored
 
     def __len__(self) -> int:
@@ -170,6 +236,10 @@ class StoredVectors:
 
     def row_of(self, key: tuple[str, str]) -> int | None:
         return self._index.get(key)
+
+    def is_staged(self, row: int) -> bool:
+        """Whether spool row `row` came from a staged batch rather than from the stored partition."""
+        return self._first_staged_row is not None and row >= self._first_staged_row
 
     def read(self, rows: Sequence[int]) -> np.ndarray:
         """The vectors of spool rows `rows`, in that order, as (len(rows), width) float32."""
@@ -196,13 +266,13 @@ class StoredVectors:
                 raise EOFError(f"vector spool ended at byte {offset + done}")
             done += got
 
-    def _spool_all(self, batches: Iterable[pa.RecordBatch], model_id: str) -> None:
+    def _spool_all(self, batches: Iterable[pa.RecordBatch], model_id: str, only_new_keys: bool = False) -> None:
         # A method of its own, so no stored batch outlives it.
         for batch in batches:
-            self._add(batch, model_id)
+            self._add(batch, model_id, only_new_keys)
         self._spool.flush()
 
-    def _add(self, batch: pa.RecordBatch, model_id: str) -> None:
+    def _add(self, batch: pa.RecordBatch, model_id: str, only_new_keys: bool = False) -> None:
         same_model = batch.filter(pc.equal(batch.column("model_id"), model_id))
         if same_model.num_rows == 0:
             return
@@ -213,7 +283,9 @@ class StoredVectors:
         )
         finite = np.isfinite(vectors).all(axis=1)
         self.refused += same_model.num_rows - int(finite.sum())
-        keys = zip(right_width.column("image_id").to_pylist(), right_width.column("etag").to_pylist())
+        keys = list(zip(right_width.column("image_id").to_pylist(), right_width.column("etag").to_pylist()))
+        if only_new_keys:  # a vector the partition already holds is not spooled twice
+            finite &= np.array([key not in self._index for key in keys], dtype=bool)
         kept = [key for key, ok in zip(keys, finite) if ok]
         # Written from Arrow's own buffer when every vector is good (no copy).
         self._spool.write(np.ascontiguousarray(vectors if finite.all() else vectors[finite], dtype=np.float32))

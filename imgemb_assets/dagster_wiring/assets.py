@@ -12,7 +12,7 @@ and reports each prefix on its own. `automation` says when each asset runs.
 # `context` when the asset is defined.
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import pyarrow as pa
 from dagster import (
@@ -32,31 +32,24 @@ from dagster import (
 from imgemb_assets.core import tables
 from imgemb_assets.core.contact_sheet import RejectedObject, markdown_bytes, rejected_images_sheet
 from imgemb_assets.core.discovery import listing_fingerprint
-from imgemb_assets.core.drift import (
-    MOMENTS_BATCH_ROWS,
-    EmbeddingMoments,
-    embedding_drift,
-    moments_of_batches,
-    previous_partition,
-)
-from imgemb_assets.core.lake import Lake, all_of
+from imgemb_assets.core.lake import all_of
 from imgemb_assets.core.manifest import build_manifest
 from imgemb_assets.core.thumbnails import downscale_partition
 from imgemb_assets.core.quality import (
     CheckOutcome,
     duplicate_image_ids,
-    embedding_values,
     manifest_accounted_for,
     sales_coverage,
 )
 from imgemb_assets.core.sales import join_with_sales, list_sales_files, read_sales
 from imgemb_assets.core.storage import ObjectStore
 from imgemb_assets.dagster_wiring.automation import FOLLOWS_SOURCE, FOLLOWS_UPSTREAM
+from imgemb_assets.dagster_wiring.embedding_step import EMBEDDING_DRIFT_CHECK, EMBEDDING_VALUES_CHECK, embed_prefix
 from imgemb_assets.dagster_wiring.evaluation import build_evaluation_asset
 from imgemb_assets.dagster_wiring.similarity import build_similarity_assets
 from imgemb_assets.dagster_wiring.partition_steps import AssetReport, CheckReport, StepEvent, materialize_prefixes
 from imgemb_assets.dagster_wiring.partitions import s3_prefix_partitions
-from imgemb_assets.dagster_wiring.placement import GPU_POOL, gpu_step_tags, worker_identity
+from imgemb_assets.dagster_wiring.placement import GPU_POOL, gpu_step_tags
 from imgemb_assets.dagster_wiring.resources import (
     EmbeddingModelResource,
     ImageLimitsResource,
@@ -67,9 +60,6 @@ from imgemb_assets.dagster_wiring.retries import STEP_RETRY_POLICY, permanent_fa
 from imgemb_assets.dagster_wiring.settings import LocationSettings
 from imgemb_assets.dagster_wiring.table_metadata import table_metadata
 
-if TYPE_CHECKING:  # torch is imported by the embedding step only
-    from imgemb_assets.core.embedding_partition import SharedModel
-
 _KINDS = {"delta"}
 # On raw_images events and raw_image_manifest materializations: the prefix's listing.
 LISTING_FINGERPRINT_KEY = "listing_fingerprint"
@@ -77,17 +67,11 @@ LISTING_FINGERPRINT_KEY = "listing_fingerprint"
 SALES_FILES_FINGERPRINT_KEY = "sales_files_fingerprint"
 # On each sales materialization: nothing joins a table with duplicated image_ids.
 DUPLICATED_IMAGE_IDS_KEY = "duplicated_image_ids"
-# Joined rows per streamed batch (thumbnails are ~15-30 KB each).
-_EMBEDDING_READ_ROWS = 2048
-# Stored vectors per streamed batch (8 KiB each).
-_STORED_VECTOR_READ_ROWS = 4096
 
 # The asset checks' names, each used by its spec and by its result.
 MANIFEST_ACCOUNTED_FOR_CHECK: Final = "manifest_accounted_for"
 UNIQUE_IMAGE_IDS_CHECK: Final = "unique_image_ids"
 SALES_COVERAGE_CHECK: Final = "sales_coverage"
-EMBEDDING_VALUES_CHECK: Final = "embedding_values"
-EMBEDDING_DRIFT_CHECK: Final = "embedding_drift"
 
 RAW_IMAGES: Final = "raw_images"
 SALES_EXPORT: Final = "sales_export"
@@ -392,89 +376,10 @@ def _image_embeddings(policy: BackfillPolicy, gpu_tags: Mapping[str, str], code_
             model = SharedModel(embedding_model.settings())
         lake = storage.lake()
         yield from materialize_prefixes(
-            context, lambda prefix: _embed_prefix(context, lake, prefix, model, quality)
+            context, lambda prefix: embed_prefix(context, lake, prefix, model, quality)
         )
 
     return image_embeddings
-
-
-def _embed_prefix(
-    context: AssetExecutionContext, lake: Lake, prefix: str, model: "SharedModel", quality: QualityThresholds
-) -> Sequence[AssetReport]:
-    from imgemb_assets.core.allocator import release_free_heap
-    from imgemb_assets.core.embedding_partition import EmbeddingRun, embed_partition_batches
-
-    # The joined rows stream through in batches and are written in one commit, unless the
-    # join was rewritten meanwhile (a sales refresh): then the retry embeds the new rows.
-    joined_unchanged = lake.unchanged_since(tables.IMAGES_WITH_SALES, prefix)
-    joined = lake.read_batches(tables.IMAGES_WITH_SALES, prefix, batch_rows=_EMBEDDING_READ_ROWS)
-    # Streamed: the step spools the reusable vectors and looks them up a batch at a time.
-    previous = (
-        lake.read_batches(
-            tables.IMAGE_EMBEDDINGS,
-            prefix,
-            columns=["image_id", "etag", "model_id", "embedding"],
-            batch_rows=_STORED_VECTOR_READ_ROWS,
-        )
-        if lake.exists(tables.IMAGE_EMBEDDINGS)
-        else None
-    )
-    schema = tables.image_embeddings_schema(tables.sales_schema_of_joined(joined.schema))
-    run = EmbeddingRun()
-    rows = lake.write_partition_stream(
-        tables.IMAGE_EMBEDDINGS,
-        embed_partition_batches(joined, previous, model, schema, run),
-        schema,
-        prefix,
-        joined_unchanged,
-    )
-    release_free_heap()  # the step's memory stays that of one prefix, however many the run holds
-    if run.model is not None and run.model.is_random:
-        context.log.warning(f"{prefix}: embedded with {run.model.weights_description}")
-    metadata = table_metadata(
-        lake,
-        tables.IMAGE_EMBEDDINGS,
-        rows,
-        schema,
-        model_id=run.model_id,
-        images_embedded=run.images_embedded,
-        images_reused=run.images_reused,
-        # stored vectors that were NaN, infinite or of another width: recomputed, never reused
-        stored_vectors_refused=run.stored_refused,
-        embedding_seconds=round(run.seconds, 3),
-        worker=worker_identity(),  # the Celery worker, ECS task or pod that ran the step
-        images_per_second=round(run.images_per_second, 2),
-        **run.model_metadata(),
-    )
-    checks = [
-        CheckReport(
-            EMBEDDING_VALUES_CHECK,
-            embedding_values(run.widths, run.width, run.non_finite_rows, run.rows),
-        ),
-        CheckReport(
-            EMBEDDING_DRIFT_CHECK,
-            _drift_against_previous_partition(lake, prefix, run.model_id, run.moments, quality),
-            AssetCheckSeverity.WARN,
-        ),
-    ]
-    return [AssetReport(tables.IMAGE_EMBEDDINGS, metadata, checks)]
-
-
-def _drift_against_previous_partition(
-    lake: Lake, prefix: str, model_id: str, moments: EmbeddingMoments, quality: QualityThresholds
-) -> CheckOutcome:
-    previous_key = previous_partition(lake.partition_keys(tables.IMAGE_EMBEDDINGS), prefix)
-    previous = (
-        moments_of_batches(
-            lake.read_batches(
-                tables.IMAGE_EMBEDDINGS, previous_key, columns=["model_id", "embedding"], batch_rows=MOMENTS_BATCH_ROWS
-            ),
-            model_id,
-        )
-        if previous_key is not None
-        else None
-    )
-    return embedding_drift(moments, previous, previous_key, quality.drift_thresholds())
 
 
 def _rejected_contact_sheet(rejected: pa.Table, manifest: pa.Table, store: ObjectStore) -> dict[str, Any]:

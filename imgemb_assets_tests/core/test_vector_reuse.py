@@ -1,5 +1,6 @@
-"""Stored vectors are reused exactly: only under an identity that names the arithmetic, only when finite and
-of the model's width, and looked up a batch at a time (never the whole partition in memory)."""
+"""Stored vectors are reused exactly: only under an identity that names the arithmetic, only while the image's
+etag is unchanged (a new etag recomputes that vector alone), only when finite and of the model's width, and
+looked up a batch at a time (never the whole partition in memory)."""
 
 from __future__ import annotations
 
@@ -42,19 +43,23 @@ def thumbnails() -> list[bytes]:
     return out
 
 
-def _joined(jpegs: list[bytes], ids: list[str] | None = None) -> pa.RecordBatch:
+def _joined(jpegs: list[bytes], ids: list[str] | None = None, etags: dict[str, str] | None = None) -> pa.RecordBatch:
+    """Joined rows of `jpegs`; each etag is `etag-<image_id>` unless `etags` gives another."""
     ids = ids if ids is not None else [f"img_{i:04d}" for i in range(len(jpegs))]
+    etags = etags or {}
     return pa.RecordBatch.from_pylist(
         [
-            {"image_id": id_, tables.PARTITION_COLUMN: PREFIX, "etag": f"etag-{id_}", "width": 224, "height": 224,
-             "image_jpeg": jpeg, "sales": 1.0}
+            {"image_id": id_, tables.PARTITION_COLUMN: PREFIX, "etag": etags.get(id_, f"etag-{id_}"), "width": 224,
+             "height": 224, "image_jpeg": jpeg, "sales": 1.0}
             for id_, jpeg in zip(ids, jpegs)
         ],
         schema=JOINED_SCHEMA,
     )
 
 
-def _embed(lake: Lake, thumbnails: list[bytes], settings: EmbeddingSettings) -> EmbeddingRun:
+def _embed(
+    lake: Lake, thumbnails: list[bytes], settings: EmbeddingSettings, etags: dict[str, str] | None = None
+) -> EmbeddingRun:
     """What the embedding step does for one prefix: stream the stored vectors, write the new ones."""
     previous = (
         lake.read_batches(tables.IMAGE_EMBEDDINGS, PREFIX, columns=_STORED_COLUMNS)
@@ -62,13 +67,18 @@ def _embed(lake: Lake, thumbnails: list[bytes], settings: EmbeddingSettings) -> 
         else None
     )
     run = EmbeddingRun()
-    batches = embed_partition_batches([_joined(thumbnails)], previous, SharedModel(settings), EMBEDDINGS_SCHEMA, run)
+    joined = [_joined(thumbnails, etags=etags)]
+    batches = embed_partition_batches(joined, previous, SharedModel(settings), EMBEDDINGS_SCHEMA, run)
     lake.write_partition_stream(tables.IMAGE_EMBEDDINGS, batches, EMBEDDINGS_SCHEMA, PREFIX)
     return run
 
 
 def _stored(lake: Lake) -> pa.Table:
     return lake.read(tables.IMAGE_EMBEDDINGS, PREFIX).sort_by("image_id")
+
+
+def _vectors(table: pa.Table) -> np.ndarray:
+    return np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
 
 
 def test_the_identity_names_the_arithmetic() -> None:
@@ -120,6 +130,28 @@ def test_a_stored_vector_that_is_not_finite_or_of_another_width_is_recomputed(
         np.stack(_stored(lake).column("embedding").to_numpy(zero_copy_only=False)),
         np.stack(good.column("embedding").to_numpy(zero_copy_only=False)),
     )
+
+
+def test_a_changed_etag_recomputes_exactly_that_vector(tmp_path: Path, thumbnails: list[bytes]) -> None:
+    lake = Lake(str(tmp_path / "lake"))
+    _embed(lake, thumbnails, FP32)
+    before = _vectors(_stored(lake))
+    changed = 2
+    # the object under img_0002 was replaced by another photo: a new etag and new pixels, the same image_id
+    replaced = [*thumbnails[:changed], thumbnails[-1], *thumbnails[changed + 1 :]]
+    new_etag = {"img_0002": "etag-img_0002-rewritten"}
+
+    run = _embed(lake, replaced, FP32, etags=new_etag)
+
+    assert (run.images_embedded, run.images_reused, run.stored_refused) == (1, len(thumbnails) - 1, 0)
+    stored = _stored(lake)
+    after = _vectors(stored)
+    assert stored.column("etag")[changed].as_py() == new_etag["img_0002"]
+    others = [row for row in range(len(thumbnails)) if row != changed]
+    np.testing.assert_array_equal(after[others], before[others])  # reused untouched
+    # the changed row holds the new photo's vector, computed now (alone in its batch, as the run computed it)
+    np.testing.assert_array_equal(after[changed], embed_thumbnails(load_model(FP32), [thumbnails[-1]])[0])
+    assert not np.allclose(after[changed], before[changed], atol=1e-3)
 
 
 # --- memory: the stored vectors of a partition are never all in memory -------------------------------
