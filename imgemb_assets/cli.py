@@ -3,7 +3,9 @@
 They read the same IMGEMB_* (and AWS) variables as the code location, and
 DAGSTER_HOME for the instance that holds the partitions (`similar` reads the lake only).
 
-    imgemb discover                              register every prefix as an s3_prefix partition
+    imgemb discover                              register every partition of the root (IMGEMB_PARTITION_SCHEME
+                                                 cuts it) as an s3_prefix partition, and report those whose
+                                                 objects changed
     imgemb status [--asset image_embeddings]     each table's prefixes that are missing or stale
                                                  (written before their upstream last changed)
     imgemb backfill-missing [--asset image_embeddings] [--dry-run] [--no-discover] [--in-process | --submit]
@@ -31,7 +33,10 @@ from typing import TYPE_CHECKING
 from dagster import DagsterInstance
 
 from imgemb_assets.core import tables
+from imgemb_assets.core.partition_scheme import PartitionScheme
+from imgemb_assets.core.partitioned_root import PartitionedRoot
 from imgemb_assets.core.s3 import S3Settings
+from imgemb_assets.core.scheme_record import SchemeMismatchError, require_scheme
 from imgemb_assets.core.storage import open_object_store, partition_key_problem
 from imgemb_assets.dagster_wiring.partitions import S3_PREFIX_PARTITIONS_NAME, register_prefixes
 from imgemb_assets.dagster_wiring.settings import LocationSettings
@@ -59,23 +64,49 @@ def required_env(name: str, environ: Mapping[str, str]) -> str:
     return value
 
 
-def discover(instance: DagsterInstance, raw_images_uri: str, register: bool = True) -> tuple[list[str], list[str]]:
-    """Registers every prefix under the root (or only finds the new ones); (new, all prefixes)."""
+def discover(
+    instance: DagsterInstance, raw_images_uri: str, register: bool = True, environ: Mapping[str, str] | None = None
+) -> tuple[list[str], list[str]]:
+    """Registers every partition of the root (or only finds the new ones) and reports the changed ones; (new, all).
+
+    Every partition folder is listed (the sensor lists only new and recent ones): a partition whose
+    objects changed since its last report or manifest is reported as a new `raw_images`
+    materialization, as the sensor does, so `imgemb backfill-missing` (and automation) see it stale.
+    """
+    from imgemb_assets.core.discovery import plan_discovery
+    from imgemb_assets.dagster_wiring.sensors import known_prefixes, report_changed_listings, uncovered_objects_line
+
+    environ = os.environ if environ is None else environ
+    scheme = PartitionScheme.parse(LocationSettings.from_environ(environ).partition_scheme)
+    lake_uri = environ.get("IMGEMB_LAKE_URI")
+    if lake_uri and register:
+        try:
+            require_scheme(_lake_of(lake_uri), scheme)
+        except SchemeMismatchError as exc:
+            raise CommandError(str(exc)) from exc
     # The standard AWS variables, as the location's `s3` resource reads them by default.
-    store = open_object_store(raw_images_uri, S3Settings())
-    listing = store.list_partition_folders()
-    prefixes = listing.prefixes
+    root = PartitionedRoot(open_object_store(raw_images_uri, S3Settings()), scheme)
     known = list(instance.get_dynamic_partitions(S3_PREFIX_PARTITIONS_NAME))
-    added = register_prefixes(instance, prefixes, register)
+    plan = plan_discovery(root, known_prefixes(instance, known), recent=0, full=True)
+    added = register_prefixes(instance, plan.new_prefixes, register)
+    if register:
+        report_changed_listings(instance, plan.changed)
     # Refused names are reported, never registered: one of them must not stop the others.
-    for name, reason in sorted(listing.refused.items()):
-        print(f"warning: prefix {name!r} is not registered and its objects are in no partition: {reason}", file=sys.stderr)
+    for name, reason in sorted(plan.refused_prefixes.items()):
+        print(f"warning: folder {name!r} is no partition and its objects are in none: {reason}", file=sys.stderr)
+    for prefix, error in sorted(plan.listing_errors.items()):
+        print(f"warning: {prefix!r} could not be listed: {error}", file=sys.stderr)
     for key in known:
         if (problem := partition_key_problem(key)) is not None:
             print(f"warning: registered partition {key!r} is no valid prefix ({problem}); delete it in the UI", file=sys.stderr)
-    for name in store.list_root_files():
-        print(f"warning: {name} lies directly under the root and belongs to no partition", file=sys.stderr)
-    return added, prefixes
+        elif not scheme.is_partition_key(key):
+            print(f"warning: registered partition {key!r} is no partition of the scheme {str(scheme)!r}", file=sys.stderr)
+    if plan.root_objects:
+        print(f"warning: {uncovered_objects_line(plan.root_objects)}", file=sys.stderr)
+    changed_known = sorted(set(plan.changed) - set(plan.new_prefixes))
+    if changed_known:
+        print(f"{len(changed_known)} partitions changed since they were last read: {changed_known[:20]}")
+    return added, plan.listed_prefixes
 
 
 def _discover_command(args: argparse.Namespace) -> int:
@@ -86,7 +117,7 @@ def _discover_command(args: argparse.Namespace) -> int:
 
 def _discover_and_report(instance: DagsterInstance, register: bool = True) -> None:
     added, prefixes = discover(instance, required_env("IMGEMB_RAW_IMAGES_URI", os.environ), register)
-    print(f"{len(prefixes)} prefixes; {'registered' if register else 'would register'} {len(added)} new: {added}")
+    print(f"{len(prefixes)} partitions; {'registered' if register else 'would register'} {len(added)} new: {added}")
 
 
 def _backfill_missing_command(args: argparse.Namespace) -> int:

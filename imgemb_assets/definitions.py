@@ -30,7 +30,7 @@ from imgemb_assets.dagster_wiring.sensors import build_raw_prefix_sensor, build_
 from imgemb_assets.dagster_wiring.settings import LocationSettings
 
 
-def default_resources() -> dict[str, Any]:
+def default_resources(settings: LocationSettings | None = None) -> dict[str, Any]:
     """The resources the location ships with: roots and weights from IMGEMB_* variables, defaults elsewhere."""
     return {
         "storage": StorageResource(
@@ -39,6 +39,7 @@ def default_resources() -> dict[str, Any]:
             lake_uri=EnvVar("IMGEMB_LAKE_URI"),
             # Endpoint, region and credentials come from the standard AWS variables and chain.
             s3=ImgembS3Resource(),
+            partition_scheme=(settings or LocationSettings()).partition_scheme,
         ),
         "embedding_model": EmbeddingModelResource(weights=EnvVar("IMGEMB_MODEL_WEIGHTS")),
         "image_limits": ImageLimitsResource(),
@@ -49,7 +50,7 @@ def default_resources() -> dict[str, Any]:
 
 def build_definitions(settings: LocationSettings, resources: Mapping[str, Any] | None = None) -> Definitions:
     """The location's definitions; `resources` replace those of `default_resources()` they name (tests)."""
-    location_resources = {**default_resources(), **(resources or {})}
+    location_resources = {**default_resources(settings), **(resources or {})}
     return Definitions(
         assets=build_assets(settings, location_resources["embedding_model"].code_version()),
         jobs=[refresh_sales_job, embed_prefix_job, rejoin_sales_job, search_index_job],
@@ -59,6 +60,7 @@ def build_definitions(settings: LocationSettings, resources: Mapping[str, Any] |
                 settings.sensor_recent_prefixes,
                 settings.sensor_max_new_prefixes,
                 settings.vanished_prefixes,
+                settings.s3_events_queue_url,
             ),
             build_sales_change_sensor(settings.sensor_interval_s),
             build_automation_sensor(settings.sensor_interval_s),

@@ -25,6 +25,8 @@ from imgemb_assets.core import tables
 from imgemb_assets.core.lake import Lake
 from imgemb_assets.core.models import pretrained_weights_cached
 from imgemb_assets.core.sample_data import SampleDataset, generate_sample_dataset
+from imgemb_assets.core.partition_scheme import PartitionScheme
+from imgemb_assets.core.partitioned_root import PartitionedRoot
 from imgemb_assets.core.storage import open_object_store
 from imgemb_assets.definitions import defs as location_definitions
 from imgemb_assets.dagster_wiring.backfills import QUIET_CONSOLE
@@ -77,7 +79,8 @@ def prepare_dagster_home(path: Path) -> None:
 
 
 def register_partitions(instance: DagsterInstance, raw_images_uri: str) -> list[str]:
-    prefixes = open_object_store(raw_images_uri).list_prefixes()
+    # The demo's root holds first-level folders only: the default scheme's partitions are its folders.
+    prefixes = PartitionedRoot(open_object_store(raw_images_uri), PartitionScheme()).current_partitions()
     register_prefixes(instance, prefixes)
     return prefixes
 

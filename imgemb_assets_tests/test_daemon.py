@@ -3,7 +3,8 @@
 - `imgemb backfill-missing --submit` hands a fresh lake's work to the daemon as one asset backfill,
   which runs it in at most 1 + ceil(N / max_partitions_per_run) runs (sales first);
 - once everything is up to date, the sensors and automation launch nothing;
-- a prefix dropped into the raw-images root is embedded with no click.
+- a prefix dropped into the raw-images root is embedded with no click, and so are photos dropped directly under
+  the root (the article's flat layout: the default scheme's loose-object buckets).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from pathlib import Path
 import pytest
 from dagster import AssetKey, DagsterInstance
 
+from imgemb_assets.core.lake import Lake
+from imgemb_assets.core.partition_scheme import PartitionScheme
 from imgemb_assets.core.sample_data import SampleDataset, generate_sample_dataset
 from imgemb_assets.dagster_wiring.automation import AUTOMATION_SENSOR_NAME
 from imgemb_support.location import code_location_env, user_shell_env, wait_for
@@ -110,6 +113,25 @@ def test_a_submitted_backfill_then_nothing_then_a_dropped_prefix(daemon_env: dic
         shutil.move(tmp_path / "later", tmp_path / "raw" / PREFIXES[-1])
         wait_for("the dropped prefix", lambda: PREFIXES[-1] in _embedded(instance) and not _unfinished(instance), 400, log)
         assert all(run.is_success for run in instance.get_runs())
+
+        # Photos dropped directly under the root, as in the article's flat bucket, with no setting changed:
+        # the default scheme's loose-object buckets, registered and embedded without a click.
+        loose = _drop_loose_photos(tmp_path / "raw", 2)
+        buckets = {PartitionScheme().partition_of(name) for name in loose}
+        wait_for("the loose photos", lambda: buckets <= _embedded(instance) and not _unfinished(instance), 400, log)
+        assert all(run.is_success for run in instance.get_runs())
+        lake = Lake(daemon_env["IMGEMB_LAKE_URI"])
+        embedded = set(lake.read("image_embeddings", columns=["image_id"]).column("image_id").to_pylist())
+        assert {name.removesuffix(".jpg") for name in loose} <= embedded
+
+
+def _drop_loose_photos(root: Path, count: int) -> list[str]:
+    """Copies of photos of the root's first folder, directly under the root, named after sales ids that have no image."""
+    photos = sorted((root / PREFIXES[0]).glob("img_*.jpg"))[:count]
+    names = [f"img_orphan_{number:04d}.jpg" for number in range(count)]
+    for photo, name in zip(photos, names, strict=True):
+        shutil.copy(photo, root / name)
+    return names
 
 
 def _unfinished(instance: DagsterInstance) -> bool:

@@ -15,7 +15,8 @@ LIST calls) are answered with a fault:
 Requests whose method and path match `--hold` (`PUT:<regex>`) are never
 answered (counted as `held`): a writer stopped between writing its data files
 and committing, to be killed there.
-`GET /__fault_proxy__/stats` answers the counts as JSON.
+`GET /__fault_proxy__/stats` answers the counts as JSON, with one count per object path read
+(`object GET /<bucket>/<key>`).
 
     python -m imgemb_support.fault_proxy --upstream http://127.0.0.1:5000 --port 5001 --share 0.2
 """
@@ -46,6 +47,8 @@ from urllib.parse import urlparse
 from imgemb_support.moto_server import free_port, stop, wait_until_listening
 
 STATS_PATH = "/__fault_proxy__/stats"
+# Stats keys of object reads: this, then the request path (/<bucket>/<key>).
+OBJECT_GET = "object GET "
 _REPO_ROOT = Path(__file__).resolve().parents[1]
 FAULT_KINDS = ("slowdown", "reset", "stall", "truncate")
 _HOP_BY_HOP = frozenset(
@@ -89,6 +92,9 @@ class FaultPlan:
             if method != "GET":
                 return None
             self.counts["gets"] += 1
+            path_only, _, query = path.partition("?")
+            if "list-type=" not in query and "delimiter=" not in query:
+                self.counts[f"{OBJECT_GET}{path_only}"] += 1  # which objects were read, and how often
             if self.counts["gets"] <= self._outage_requests:
                 fault: str | None = "slowdown"
             elif self._random.random() < self._share:

@@ -1,10 +1,12 @@
 """Finding partitions and noticing when their objects change.
 
-A prefix's fingerprint is a hash of its listing (key, ETag, size of every
+A partition's fingerprint is a hash of its listing (key, ETag, size of every
 object), so adding, removing or replacing an object changes it, and an
-unchanged prefix keeps it. A tick lists the prefixes (one cheap delimited
-listing), then fingerprints only new prefixes and the most recent few; a full
-reconciliation fingerprints them all.
+unchanged partition keeps it. A tick walks the root down to its partition
+folders (one cheap delimited listing for the default scheme, which also finds
+the loose objects), then fingerprints only new folders and the most recent few;
+a full reconciliation fingerprints them all. "Prefix" and "partition" mean the
+same here: a partition key of the scheme (`partition_scheme.py`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from typing import Final
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from imgemb_assets.core.partition_scheme import PartitionScheme
+from imgemb_assets.core.partitioned_root import PartitionedRoot, UnitListing
 from imgemb_assets.core.storage import ObjectInfo, ObjectStore, StorageError, partition_key_problem
 
 # A prefix whose listing fails for one of these is reported and tried again next
@@ -32,31 +36,68 @@ def listing_fingerprint(objects: Iterable[ObjectInfo]) -> str:
     return digest.hexdigest()[:32]
 
 
-# Prefixes listed at once: an S3 listing is a round trip or more, and a reconciliation
+# Units listed at once: an S3 listing is a round trip or more, and a reconciliation
 # tick lists hundreds (sequential listings were 60% of such a tick on S3). Well
 # under S3Settings.max_pool_connections, so listings never wait for a connection.
 LISTING_THREADS: Final = 8
 
 
-def fingerprint_prefixes(store: ObjectStore, prefixes: Sequence[str]) -> tuple[dict[str, str], dict[str, str]]:
-    """Each prefix's listing fingerprint, listed `LISTING_THREADS` at a time; and the prefixes whose listing failed
-    (-> the error), which the caller reports and tries again later."""
+def as_partitioned_root(root: PartitionedRoot | ObjectStore) -> PartitionedRoot:
+    """A store alone is cut by the default scheme."""
+    return root if isinstance(root, PartitionedRoot) else PartitionedRoot(root, PartitionScheme())
 
-    def fingerprint(prefix: str) -> tuple[str, str | None, str | None]:
+
+@dataclass(frozen=True)
+class UnitFingerprints:
+    """Fingerprints of every partition of the units listed (empty ones included), and which hold objects."""
+
+    fingerprints: dict[str, str]
+    holding: set[str]
+    errors: dict[str, str]  # unit -> the error of its listing (reported, tried again later)
+
+
+def fingerprint_units(root: PartitionedRoot, units: Sequence[str], loose: bool) -> UnitFingerprints:
+    """Each listed unit's partitions' fingerprints, units listed `LISTING_THREADS` at a time; with `loose`, the loose buckets too."""
+
+    def listed(unit: str) -> tuple[str, UnitListing | None, str | None]:
         try:
-            return prefix, listing_fingerprint(store.list_objects(prefix)), None
+            return unit, root.list_unit(unit), None
         except LISTING_ERRORS as exc:
-            return prefix, None, f"{type(exc).__name__}: {exc}"
+            return unit, None, f"{type(exc).__name__}: {exc}"
 
     fingerprints: dict[str, str] = {}
+    holding: set[str] = set()
     errors: dict[str, str] = {}
+
+    def add(listing: UnitListing) -> None:
+        for key, objects in listing.by_partition.items():
+            fingerprints[key] = listing_fingerprint(objects)
+        holding.update(listing.holding())
+
     with ThreadPoolExecutor(max_workers=LISTING_THREADS, thread_name_prefix="listing") as pool:
-        for prefix, found, error in pool.map(fingerprint, prefixes):
-            if found is not None:
-                fingerprints[prefix] = found
+        for unit, listing, error in pool.map(listed, units):
+            if listing is not None:
+                add(listing)
             else:
-                errors[prefix] = str(error)
-    return fingerprints, errors
+                errors[unit] = str(error)
+    if loose:
+        add(root.loose_listing())
+    return UnitFingerprints(fingerprints, holding, errors)
+
+
+def fingerprint_prefixes(
+    root: PartitionedRoot | ObjectStore, prefixes: Sequence[str]
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Each partition's listing fingerprint, each unit listed once; and the partitions whose listing failed
+    (-> the error), which the caller reports and tries again later."""
+    root = as_partitioned_root(root)
+    places = {prefix: root.scheme.place_of(prefix) for prefix in prefixes}
+    units = sorted({place.folder for place in places.values() if place.folder is not None})
+    loose = any(place.folder is None for place in places.values())
+    found = fingerprint_units(root, units, loose)
+    fingerprints = {prefix: found.fingerprints.get(prefix, listing_fingerprint([])) for prefix in prefixes}
+    errors = {prefix: found.errors[place.folder] for prefix, place in places.items() if place.folder in found.errors}
+    return {prefix: fp for prefix, fp in fingerprints.items() if prefix not in errors}, errors
 
 
 _CURSOR_VERSION = 2  # version 1 was the bare {prefix: fingerprint} object (read as before)
@@ -119,7 +160,7 @@ class DiscoveryPlan:
     new_prefixes: list[str]  # to register as partitions
     listed_prefixes: list[str]  # every prefix holding objects now
     changed: dict[str, str]  # prefix -> new fingerprint: to (re)materialize
-    root_objects: list[str]  # directly under the root: in no partition
+    root_objects: list[str]  # loose objects the scheme puts in no partition (keys)
     # The cursor to store after this tick, when the known prefixes came from one (None otherwise).
     cursor: DiscoveryCursor | None
     prefixes_listed: int  # how many prefixes were fingerprinted this tick
@@ -139,7 +180,7 @@ def prefixes_to_fingerprint(
 
 
 def plan_discovery(
-    store: ObjectStore,
+    root: PartitionedRoot | ObjectStore,
     cursor: DiscoveryCursor | KnownPrefixes,
     recent: int,
     full: bool = False,
@@ -147,34 +188,51 @@ def plan_discovery(
 ) -> DiscoveryPlan:
     """What a tick must register and request, and (given a cursor) the cursor to store after it.
 
-    At most `max_new` new prefixes are taken per tick, so a first tick over a
-    large bucket stays within a sensor's time limit; the rest come next tick.
-    With `full`, every prefix is fingerprinted, including known prefixes that
-    vanished from the root (their partitions are requested so they empty out).
-    A prefix is changed when its fingerprint differs from the one last reported;
-    a new prefix always is.
+    The root is walked down to its partition folders (one delimited listing of the
+    root for the default scheme), which also finds the loose objects and so
+    fingerprints their buckets without another listing. Then only new partition
+    folders (at most `max_new` per tick, so a first tick over a large bucket stays
+    within a sensor's time limit) and the `recent` greatest known ones are listed.
+    With `full`, every folder is, including known ones that vanished from the root
+    (their partitions are requested so they empty out). A partition is changed when
+    its fingerprint differs from the one last reported; a new partition always is.
+    A store given alone is cut by the default scheme.
     """
+    root = as_partitioned_root(root)
+    scheme = root.scheme
     known = cursor.known() if isinstance(cursor, DiscoveryCursor) else cursor
-    listing = store.list_partition_folders()
-    current = listing.prefixes
-    # A key an earlier version took ('' from '<root>//', say) is never listed again:
+    # A key an earlier version took ('' from '<root>//'), or one of another scheme, is never listed:
     # listing '' would fingerprint the whole root.
-    known_prefixes = {prefix for prefix in known.prefixes if partition_key_problem(prefix) is None}
+    known_keys = {key for key in known.prefixes if partition_key_problem(key) is None and scheme.is_partition_key(key)}
+    walk = root.walk()
+    known_units = {unit for key in known_keys if (unit := scheme.place_of(key).folder) is not None}
     to_list = (
-        sorted(set(current) | known_prefixes) if full else prefixes_to_fingerprint(current, known_prefixes, recent, max_new)
+        sorted(set(walk.folders) | known_units)
+        if full
+        else prefixes_to_fingerprint(walk.folders, known_units, recent, max_new)
     )
-    fingerprints, listing_errors = fingerprint_prefixes(store, to_list)
-    previous = known.fingerprints_of([prefix for prefix in fingerprints if prefix in known_prefixes])
-    changed = {prefix: fp for prefix, fp in fingerprints.items() if previous.get(prefix) != fp}
+    found = fingerprint_units(root, to_list, loose=True)
+    # Partitions holding objects now: those found, and those of folders present but not listed
+    # (or whose listing failed) this tick, as known.
+    present = set(walk.folders)
+    listed = set(to_list) - set(found.errors)
+    current = set(found.holding)
+    if scheme.depth > 0 and not scheme.splits_folders:
+        current |= present  # a folder is its partition: present while the walk finds it
+    else:
+        current |= {key for key in known_keys if scheme.place_of(key).folder in present - listed}
+    fingerprints = {key: fp for key, fp in found.fingerprints.items() if key in found.holding or key in known_keys}
+    previous = known.fingerprints_of([key for key in fingerprints if key in known_keys])
+    changed = {key: fp for key, fp in fingerprints.items() if previous.get(key) != fp}
     return DiscoveryPlan(
-        new_prefixes=[prefix for prefix in fingerprints if prefix not in known_prefixes and prefix in current],
-        listed_prefixes=current,
+        new_prefixes=sorted(key for key in found.holding if key not in known_keys),
+        listed_prefixes=sorted(current),
         changed=changed,
-        root_objects=store.list_root_files(),
+        root_objects=root.uncovered_names(),
         cursor=_next_cursor(cursor, fingerprints) if isinstance(cursor, DiscoveryCursor) else None,
         prefixes_listed=len(to_list),
-        refused_prefixes=listing.refused,
-        listing_errors=listing_errors,
+        refused_prefixes=walk.refused,
+        listing_errors=found.errors,
     )
 
 

@@ -54,8 +54,21 @@ class PrefixListing:
     refused: dict[str, str] = field(default_factory=dict)  # name as shown -> reason
 
 
+@dataclass(frozen=True)
+class FolderListing:
+    """One folder's direct content: its objects, its sub-folders that hold objects, and the sub-folders refused."""
+
+    objects: list[ObjectInfo]  # directly in the folder, in key order
+    folders: list[str]  # sorted, each as a path relative to the root
+    refused: dict[str, str] = field(default_factory=dict)  # path as shown -> reason
+
+
 class ObjectStore(Protocol):
     root_uri: str
+
+    def list_folder(self, folder: str) -> FolderListing:
+        """The objects directly in `folder` ("" for the root) and its sub-folders, in one delimited listing."""
+        ...
 
     def list_prefixes(self) -> list[str]:
         """The partition keys: first path segments under the root that hold objects and can be partitions, sorted."""
@@ -218,6 +231,30 @@ class LocalObjectStore:
                     refused[shown_name(entry.name)] = problem
         return PrefixListing(sorted(prefixes), refused)
 
+    def list_folder(self, folder: str) -> FolderListing:
+        top = self._inside_root(self.root / folder) if folder else self.root
+        if not top.is_dir():
+            raise StorageError(f"raw-images folder {top} is not a folder")
+        objects: list[Path] = []
+        folders: list[str] = []
+        refused: dict[str, str] = {}
+        for entry in os.scandir(top):
+            path = Path(entry.path)
+            relative = f"{folder}/{entry.name}" if folder else entry.name
+            kind = _kind(path)
+            if kind == "link" and os.path.isdir(entry.path):  # isdir follows links
+                refused[shown_name(relative)] = "symbolic link to a folder: links are listed, never followed"
+            elif kind == "folder":
+                if any(self._walk(path)):
+                    problem = partition_key_problem(entry.name)
+                    if problem is None:
+                        folders.append(relative)
+                    else:
+                        refused[shown_name(relative)] = problem
+            elif kind in ("file", "link", "unknown"):
+                objects.append(path)
+        return FolderListing(list(self._infos(sorted(objects))), sorted(folders), refused)
+
     def list_objects(self, prefix: str) -> Iterator[ObjectInfo]:
         top = self.root / prefix
         if prefix and top.is_symlink():
@@ -346,20 +383,36 @@ class S3ObjectStore:
         refused = {name: problem for name in names if (problem := partition_key_problem(name)) is not None}
         return PrefixListing(sorted(name for name in names if name not in refused), refused)
 
+    def list_folder(self, folder: str) -> FolderListing:
+        start = self._key_prefix(folder)
+        root = self._key_prefix("")
+        objects: list[ObjectInfo] = []
+        names: list[str] = []
+        for page in self._pages(start, delimiter="/"):
+            objects += [self._info(entry) for entry in page.get("Contents", []) if not entry["Key"].endswith("/")]
+            names += [common["Prefix"][len(root) : -len("/")] for common in page.get("CommonPrefixes", [])]
+        refused = {
+            name: problem for name in names if (problem := partition_key_problem(name.rsplit("/", 1)[-1])) is not None
+        }
+        return FolderListing(objects, sorted(name for name in names if name not in refused), refused)
+
     def list_objects(self, prefix: str) -> Iterator[ObjectInfo]:
         start = self._key_prefix(prefix)
         for page in self._pages(start):
             for entry in page.get("Contents", []):
-                key = entry["Key"]
-                if key.endswith("/"):
+                if entry["Key"].endswith("/"):
                     continue  # a "folder" marker made by consoles, not an object with content
-                yield ObjectInfo(
-                    uri=f"s3://{self.bucket}/{key}",
-                    key=key[len(self._key_prefix("")) :],
-                    size_bytes=int(entry["Size"]),
-                    etag=entry["ETag"].strip('"'),
-                    last_modified=entry["LastModified"].astimezone(timezone.utc),
-                )
+                yield self._info(entry)
+
+    def _info(self, entry: dict[str, Any]) -> ObjectInfo:
+        key = entry["Key"]
+        return ObjectInfo(
+            uri=f"s3://{self.bucket}/{key}",
+            key=key[len(self._key_prefix("")) :],
+            size_bytes=int(entry["Size"]),
+            etag=entry["ETag"].strip('"'),
+            last_modified=entry["LastModified"].astimezone(timezone.utc),
+        )
 
     def list_root_files(self) -> list[str]:
         root = self._key_prefix("")

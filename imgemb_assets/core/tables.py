@@ -60,7 +60,12 @@ _IMAGE_PIXEL_FIELDS: Final = [
     pa.field("image_jpeg", pa.binary(), nullable=False),  # 224x224 RGB, JPEG-encoded
 ]
 
-DOWNSCALED_IMAGES_SCHEMA: Final = pa.schema(_IMAGE_KEY_FIELDS + _IMAGE_PIXEL_FIELDS)
+# The thumbnail recipe (decode settings and limits) an outcome was made with: a rewrite reuses a
+# stored thumbnail or rejection only when the object's etag and this are unchanged. Null in rows
+# written before it existed (never reused).
+_DECODED_WITH_FIELD: Final = pa.field("decoded_with", pa.string(), nullable=True)
+
+DOWNSCALED_IMAGES_SCHEMA: Final = pa.schema(_IMAGE_KEY_FIELDS + _IMAGE_PIXEL_FIELDS + [_DECODED_WITH_FIELD])
 
 REJECTED_IMAGES_SCHEMA: Final = pa.schema(
     [
@@ -68,6 +73,10 @@ REJECTED_IMAGES_SCHEMA: Final = pa.schema(
         pa.field(PARTITION_COLUMN, pa.string(), nullable=False),
         pa.field("uri", pa.string(), nullable=False),
         pa.field("reason", pa.string(), nullable=False),
+        # Null where the rejection does not follow from the content alone (a storage refusal, a deleted
+        # object, a duplicate id): such rows are decided again on every rewrite.
+        pa.field("etag", pa.string(), nullable=True),
+        _DECODED_WITH_FIELD,
     ]
 )
 
@@ -152,3 +161,13 @@ EMBEDDING_EVALUATION_SCHEMA: Final = pa.schema(
 # Made from the embeddings for what they are for (search, evaluation), per prefix like
 # the pipeline's tables: a prefix removed from the root leaves these too.
 DERIVED_TABLES: Final = (EMBEDDING_EVALUATION, NEAR_DUPLICATES)
+
+# The partition scheme the lake was written with (core/scheme_record.py): one row, not partitioned.
+PARTITION_SCHEME_TABLE: Final = "_partition_scheme"
+
+PARTITION_SCHEME_TABLE_SCHEMA: Final = pa.schema(
+    [
+        pa.field("scheme", pa.string(), nullable=False),
+        pa.field("recorded_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    ]
+)

@@ -32,9 +32,10 @@ from dagster import (
 from imgemb_assets.core import tables
 from imgemb_assets.core.contact_sheet import RejectedObject, markdown_bytes, rejected_images_sheet
 from imgemb_assets.core.discovery import listing_fingerprint
-from imgemb_assets.core.lake import all_of
+from imgemb_assets.core.lake import Lake, all_of
 from imgemb_assets.core.manifest import build_manifest
-from imgemb_assets.core.thumbnails import downscale_partition
+from imgemb_assets.core.progress import Progress
+from imgemb_assets.core.thumbnails import StoredThumbnails, downscale_partition, thumbnail_recipe
 from imgemb_assets.core.quality import (
     CheckOutcome,
     duplicate_image_ids,
@@ -139,12 +140,15 @@ def _raw_image_manifest(policy: BackfillPolicy) -> AssetsDefinition:
         description="One row per object under the partition's prefix of the raw-images root.",
     )
     def raw_image_manifest(context: AssetExecutionContext, storage: StorageResource) -> Iterator[StepEvent]:
-        lake, store = storage.lake(), storage.raw_images()
+        with permanent_failures():
+            lake = storage.lake_for_partitions()  # written with this partition scheme, or refused
+        # One per step: a unit (a split folder, the loose objects) is listed once for all its partitions.
+        root = storage.partitioned_root()
 
         def write(prefix: str) -> Sequence[AssetReport]:
-            objects = list(store.list_objects(prefix))
+            objects = root.list_partition(prefix)
             if not objects:
-                context.log.warning(f"no objects under prefix {prefix!r} of {storage.raw_images_uri}")
+                context.log.warning(f"no objects in partition {prefix!r} of {storage.raw_images_uri}")
             manifest = build_manifest(objects, prefix)
             lake.write_partition(tables.RAW_IMAGE_MANIFEST, manifest, prefix)
             # compared by the sensors and the reconciliation with a fresh listing
@@ -199,12 +203,21 @@ def _downscaled_images(policy: BackfillPolicy) -> AssetsDefinition:
         context: AssetExecutionContext, storage: StorageResource, image_limits: ImageLimitsResource
     ) -> Iterator[StepEvent]:
         lake, store, limits = storage.lake(), storage.raw_images(), image_limits.limits()
+        recipe = thumbnail_recipe(limits)
 
         def write(prefix: str) -> Sequence[AssetReport]:
             # Never commit over a newer result: see `Lake.unchanged_since`.
             manifest_unchanged = lake.unchanged_since(tables.RAW_IMAGE_MANIFEST, prefix)
             manifest = lake.read(tables.RAW_IMAGE_MANIFEST, prefix)
-            result = downscale_partition(store, manifest, limits)
+            # Unchanged objects keep their stored thumbnail or rejection: only new or changed ones are read.
+            stored = StoredThumbnails.of(
+                _stored_partition(lake, tables.DOWNSCALED_IMAGES, prefix),
+                _stored_partition(lake, tables.REJECTED_IMAGES, prefix),
+                recipe,
+            )
+            progress = Progress(f"{prefix}: thumbnails", manifest.num_rows, context.log.info, metadata_prefix="objects")
+            result = downscale_partition(store, manifest, limits, stored=stored, on_done=progress.advance)
+            progress.finish()
             lake.write_partition(tables.DOWNSCALED_IMAGES, result.images, prefix, manifest_unchanged)
             lake.write_partition(tables.REJECTED_IMAGES, result.rejected, prefix, manifest_unchanged)
             for row in result.rejected.to_pylist():
@@ -219,7 +232,13 @@ def _downscaled_images(policy: BackfillPolicy) -> AssetsDefinition:
                 AssetReport(
                     tables.DOWNSCALED_IMAGES,
                     table_metadata(
-                        lake, tables.DOWNSCALED_IMAGES, result.images.num_rows, tables.DOWNSCALED_IMAGES_SCHEMA
+                        lake,
+                        tables.DOWNSCALED_IMAGES,
+                        result.images.num_rows,
+                        tables.DOWNSCALED_IMAGES_SCHEMA,
+                        objects_decoded=result.decoded,
+                        objects_reused=result.reused,
+                        **progress.metadata(),
                     ),
                     [CheckReport(MANIFEST_ACCOUNTED_FOR_CHECK, accounted_for)],
                 ),
@@ -231,7 +250,8 @@ def _downscaled_images(policy: BackfillPolicy) -> AssetsDefinition:
                         result.rejected.num_rows,
                         tables.REJECTED_IMAGES_SCHEMA,
                         reasons=MetadataValue.md(_reasons_markdown(result.rejected)),
-                        **_rejected_contact_sheet(result.rejected, manifest, store),
+                        # of this write's new rejections: a reused one is not read again for its preview
+                        **_rejected_contact_sheet(result.rejected, result.newly_rejected, manifest, store),
                     ),
                 ),
             ]
@@ -382,8 +402,16 @@ def _image_embeddings(policy: BackfillPolicy, gpu_tags: Mapping[str, str], code_
     return image_embeddings
 
 
-def _rejected_contact_sheet(rejected: pa.Table, manifest: pa.Table, store: ObjectStore) -> dict[str, Any]:
-    """A contact sheet of the first rejected objects with their reasons, and its bytes; nothing when none was."""
+def _stored_partition(lake: Lake, table: str, prefix: str) -> pa.Table | None:
+    """What a table holds of one partition now (reused by its rewrite), or None before its first write."""
+    return lake.read(table, prefix) if lake.exists(table) else None
+
+
+def _rejected_contact_sheet(
+    rejected: pa.Table, newly_rejected: frozenset[str], manifest: pa.Table, store: ObjectStore
+) -> dict[str, Any]:
+    """A contact sheet of the first objects this write rejected, with their reasons, and its bytes; nothing when none was."""
+    rejected = rejected.filter(pa.array([uri in newly_rejected for uri in rejected.column("uri").to_pylist()], pa.bool_()))
     if rejected.num_rows == 0:
         return {}
     sizes = dict(zip(manifest.column("uri").to_pylist(), manifest.column("size_bytes").to_pylist(), strict=True))

@@ -69,8 +69,8 @@ class RemovePrefixesConfig(Config):
 
 @op(name="remove_prefixes")
 def remove_prefixes(context: OpExecutionContext, config: RemovePrefixesConfig, storage: StorageResource) -> Output[None]:
-    store, lake = storage.raw_images(), storage.lake()
-    still_there = set(store.list_partition_folders().prefixes)
+    lake = storage.lake()
+    still_there = set(storage.partitioned_root().current_partitions())
     registered = set(context.instance.get_dynamic_partitions(S3_PREFIX_PARTITIONS_NAME))
     removable = sorted(p for p in set(config.prefixes) if p not in still_there and p in registered)
     kept = sorted(set(config.prefixes) - set(removable))

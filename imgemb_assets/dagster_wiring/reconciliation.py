@@ -56,10 +56,11 @@ def build_reconciliation_sensor(minimum_interval_seconds: int, prefixes_per_tick
         context: SensorEvaluationContext, storage: StorageResource
     ) -> SensorResult | SkipReason:
         # A key an earlier version registered ('' from '<root>//') is never listed: it would list the whole root.
+        root = storage.partitioned_root()
         registered = [
             prefix
             for prefix in context.instance.get_dynamic_partitions(S3_PREFIX_PARTITIONS_NAME)
-            if partition_key_problem(prefix) is None
+            if partition_key_problem(prefix) is None and root.scheme.is_partition_key(prefix)
         ]
         window = next_window(registered, context.cursor or None, prefixes_per_tick)
         if not window:
@@ -67,7 +68,7 @@ def build_reconciliation_sensor(minimum_interval_seconds: int, prefixes_per_tick
         # Batched event-log queries for the whole window (one per prefix cost 4 s a tick on
         # PostgreSQL): the last report, else the manifest's fingerprint, as discovery compares.
         reported = known_prefixes(context.instance, window).fingerprints_of(window)
-        fingerprints, errors = fingerprint_prefixes(storage.raw_images(), window)
+        fingerprints, errors = fingerprint_prefixes(root, window)
         for prefix, error in errors.items():  # one prefix that cannot be listed does not stop the others
             context.log.warning(f"prefix {prefix!r} could not be listed (tried again next pass): {error}")
         changed = {prefix: fp for prefix, fp in fingerprints.items() if fp != reported.get(prefix)}

@@ -17,7 +17,10 @@ from imgemb_assets.core.model_settings import (
     RuntimeName,
     model_code_version,
 )
+from imgemb_assets.core.partition_scheme import DEFAULT_SCHEME_TEXT, PartitionScheme
+from imgemb_assets.core.partitioned_root import PartitionedRoot
 from imgemb_assets.core.s3 import S3Settings
+from imgemb_assets.core.scheme_record import require_scheme
 from imgemb_assets.core.storage import ObjectStore, open_object_store
 
 
@@ -80,9 +83,27 @@ class StorageResource(ConfigurableResource):
     sales_uri: str = Field(description="Root holding the sales export as .parquet files.")
     lake_uri: str = Field(description="Root under which each asset writes its Delta table.")
     s3: ImgembS3Resource
+    partition_scheme: str = Field(
+        default=DEFAULT_SCHEME_TEXT,
+        description="How the raw-images root is cut into partitions (IMGEMB_PARTITION_SCHEME): folders, folders:N, "
+        "folders:N,hash:B or hash:B, optionally ,loose:L; see imgemb_assets/core/partition_scheme.py.",
+    )
 
     def raw_images(self) -> ObjectStore:
         return open_object_store(self.raw_images_uri, self.s3.settings())
+
+    def scheme(self) -> PartitionScheme:
+        return PartitionScheme.parse(self.partition_scheme)
+
+    def partitioned_root(self) -> PartitionedRoot:
+        """The raw-images root as the scheme cuts it; one per step or tick (it remembers its listings)."""
+        return PartitionedRoot(self.raw_images(), self.scheme())
+
+    def lake_for_partitions(self) -> Lake:
+        """The lake, checked to be written with this scheme (recorded in a new lake); SchemeMismatchError if not."""
+        lake = self.lake()
+        require_scheme(lake, self.scheme())
+        return lake
 
     def sales(self) -> ObjectStore:
         return open_object_store(self.sales_uri, self.s3.settings())

@@ -18,13 +18,23 @@ from dagster import Backoff, Failure, Jitter, RetryPolicy
 from imgemb_assets.core.lake import CommitConflictError, LakeError
 from imgemb_assets.core.model_settings import ModelConfigError
 from imgemb_assets.core.s3 import S3ConfigError
+from imgemb_assets.core.partition_scheme import PartitionSchemeError
 from imgemb_assets.core.sales import SalesError
+from imgemb_assets.core.scheme_record import SchemeMismatchError
 from imgemb_assets.core.storage import StorageError
 
 # 2 s, 4 s, 8 s (each +-50%): long enough for throttling to ease.
 STEP_RETRY_POLICY: Final = RetryPolicy(max_retries=3, delay=2, backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS)
 
-_PERMANENT_ERRORS: Final = (SalesError, ModelConfigError, S3ConfigError, StorageError, LakeError)
+_PERMANENT_ERRORS: Final = (
+    SalesError,
+    ModelConfigError,
+    S3ConfigError,
+    StorageError,
+    LakeError,
+    SchemeMismatchError,
+    PartitionSchemeError,
+)
 # S3 answers that a retry can change: throttling and server-side errors.
 _TRANSIENT_HTTP_STATUS: Final = frozenset({408, 429}) | frozenset(range(500, 600))
 

@@ -41,6 +41,7 @@ from imgemb_assets.core.discovery import (
     plan_discovery,
     vanished_prefixes,
 )
+from imgemb_assets.core.notifications import acknowledge, drain_queue, partitions_touched, sqs_client
 from imgemb_assets.core.sales import list_sales_files
 from imgemb_assets.dagster_wiring.assets import (
     LISTING_FINGERPRINT_KEY,
@@ -58,6 +59,8 @@ DEFAULT_MINIMUM_INTERVAL_S: int = LocationSettings.model_fields["sensor_interval
 DEFAULT_RECENT_PREFIXES: int = LocationSettings.model_fields["sensor_recent_prefixes"].default
 DEFAULT_MAX_NEW_PREFIXES: int = LocationSettings.model_fields["sensor_max_new_prefixes"].default
 _ROOT_OBJECTS_SHOWN = 10
+# On raw_images events reported from the bucket's event queue: how many changed objects the partition had.
+S3_EVENTS_KEY = "s3_events"
 
 
 def recorded_fingerprint(instance: DagsterInstance, asset: str, key: str, partition: str | None = None) -> str | None:
@@ -109,14 +112,30 @@ def known_prefixes(instance: DagsterInstance, registered: Sequence[str]) -> Know
     return KnownPrefixes(frozenset(registered), fingerprints_of)
 
 
+def report_changed_listings(instance: DagsterInstance, changed: Mapping[str, str]) -> None:
+    """Report `raw_images` changed for these partitions (-> new fingerprint), as the sensor does, from outside a tick."""
+    for prefix, fingerprint in sorted(changed.items()):
+        instance.report_runless_asset_event(_raw_images_changed(prefix, fingerprint))
+
+
+def _raw_images_changed(prefix: str, fingerprint: str) -> AssetMaterialization:
+    return AssetMaterialization(asset_key=RAW_IMAGES, partition=prefix, metadata={LISTING_FINGERPRINT_KEY: fingerprint})
+
+
 def build_raw_prefix_sensor(
     minimum_interval_seconds: int = DEFAULT_MINIMUM_INTERVAL_S,
     recent_prefixes: int = DEFAULT_RECENT_PREFIXES,
     max_new_prefixes: int = DEFAULT_MAX_NEW_PREFIXES,
     vanished_policy: str = "keep",
+    events_queue_url: str | None = None,
 ) -> SensorDefinition:
-    """The discovery sensor; its interval, the recent prefixes it re-lists, the new ones it takes per tick and what
-    becomes of vanished prefixes (`keep` or `remove`) are settings."""
+    """The discovery sensor; its interval, the recent prefixes it re-lists, the new ones it takes per tick, what
+    becomes of vanished prefixes (`keep` or `remove`) and the SQS queue of the bucket's events are settings.
+
+    With a queue (`IMGEMB_S3_EVENTS_QUEUE_URL`), a tick lists nothing: it reads the S3 event
+    notifications waiting there, registers and reports the partitions their keys fall in, then
+    deletes the messages (see `_tick_from_events`).
+    """
 
     @sensor(
         name="raw_prefix_sensor",
@@ -134,8 +153,11 @@ def build_raw_prefix_sensor(
         # of each prefix is in the instance (see known_prefixes).
         last_vanished = DiscoveryCursor.from_json(context.cursor).vanished
         registered = context.instance.get_dynamic_partitions(S3_PREFIX_PARTITIONS_NAME)
+        storage.lake_for_partitions()  # the lake was written with this scheme (recorded in a new lake), else refused
+        if events_queue_url:
+            return _tick_from_events(context, storage, events_queue_url, registered, context.cursor)
         known = known_prefixes(context.instance, registered)
-        plan = plan_discovery(storage.raw_images(), known, recent=recent_prefixes, max_new=max_new_prefixes)
+        plan = plan_discovery(storage.partitioned_root(), known, recent=recent_prefixes, max_new=max_new_prefixes)
         _report_root_objects(context, plan.root_objects)
         _report_unusable_prefixes(context, plan.refused_prefixes, plan.listing_errors)
         vanished = vanished_prefixes(registered, plan.listed_prefixes)
@@ -147,16 +169,51 @@ def build_raw_prefix_sensor(
             dynamic_partitions_requests=(
                 [s3_prefix_partitions.build_add_request(plan.new_prefixes)] if plan.new_prefixes else []
             ),
-            asset_events=[
-                AssetMaterialization(
-                    asset_key=RAW_IMAGES, partition=prefix, metadata={LISTING_FINGERPRINT_KEY: fingerprint}
-                )
-                for prefix, fingerprint in sorted(plan.changed.items())
-            ],
+            asset_events=[_raw_images_changed(prefix, fingerprint) for prefix, fingerprint in sorted(plan.changed.items())],
             cursor=DiscoveryCursor(vanished=tuple(vanished)).to_json(),
         )
 
     return raw_prefix_sensor
+
+
+def _tick_from_events(
+    context: SensorEvaluationContext,
+    storage: StorageResource,
+    queue_url: str,
+    registered: Sequence[str],
+    cursor: str | None,
+) -> SensorResult:
+    """A discovery tick that lists nothing: the partitions touched by the queued S3 events are registered and reported.
+
+    A reported partition carries no listing fingerprint (nothing was listed): the manifest step
+    records the real one, which the reconciliation sensor compares with later. The messages are
+    deleted once the result is built; a tick that fails before sees them again after their
+    visibility timeout, and whatever the queue never held the reconciliation finds.
+    """
+    scheme = storage.scheme()
+    client = sqs_client(storage.s3.settings(), queue_url)
+    drained = drain_queue(client, queue_url, storage.raw_images_uri)
+    touched = partitions_touched(drained.changed, scheme.partition_of)
+    if touched.uncovered:
+        context.log.warning(uncovered_objects_line(list(touched.uncovered_sample), touched.uncovered))
+    if drained.malformed:
+        context.log.warning(f"{drained.malformed} queued messages were no S3 event this tick; deleted unread")
+    known = set(registered)
+    new = [key for key in touched.counts if key not in known]
+    result = SensorResult(
+        dynamic_partitions_requests=[s3_prefix_partitions.build_add_request(new)] if new else [],
+        asset_events=[
+            AssetMaterialization(asset_key=RAW_IMAGES, partition=key, metadata={S3_EVENTS_KEY: count})
+            for key, count in touched.counts.items()
+        ],
+        cursor=cursor,  # the vanished prefixes need a listing: left as the last listing tick found them
+    )
+    acknowledge(client, queue_url, drained)
+    context.log.info(
+        f"{drained.messages_read} queued S3 events: {len(touched.counts)} partitions touched, {len(new)} new"
+        + (" (more waiting: taken next tick)" if drained.more_waiting else "")
+    )
+    return result
 
 
 def build_sales_change_sensor(minimum_interval_seconds: int = DEFAULT_MINIMUM_INTERVAL_S) -> SensorDefinition:
@@ -181,11 +238,20 @@ def build_sales_change_sensor(minimum_interval_seconds: int = DEFAULT_MINIMUM_IN
 
 
 def _report_root_objects(context: SensorEvaluationContext, names: Sequence[str]) -> None:
+    """One line per tick, however many there are."""
     if names:
-        shown = ", ".join(names[:_ROOT_OBJECTS_SHOWN]) + (" ..." if len(names) > _ROOT_OBJECTS_SHOWN else "")
-        context.log.warning(
-            f"{len(names)} objects lie directly under the raw-images root and belong to no partition: {shown}"
-        )
+        context.log.warning(uncovered_objects_line(names))
+
+
+def uncovered_objects_line(names: Sequence[str], count: int | None = None) -> str:
+    """The one line that summarises the objects the partition scheme puts in no partition (`count` of them, names
+    a sample of them when given)."""
+    count = len(names) if count is None else count
+    shown = ", ".join(names[:_ROOT_OBJECTS_SHOWN]) + (" ..." if count > min(len(names), _ROOT_OBJECTS_SHOWN) else "")
+    return (
+        f"{count} objects lie above the partition folders and the partition scheme puts them in no "
+        f"partition (IMGEMB_PARTITION_SCHEME's loose:0): {shown}"
+    )
 
 
 def _report_vanished(context: SensorEvaluationContext, vanished: Sequence[str], registered: int, policy: str) -> None:

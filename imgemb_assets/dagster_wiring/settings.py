@@ -9,6 +9,11 @@
     IMGEMB_K8S_GPU_TOLERATIONS      JSON list, the embedding pod's tolerations
     IMGEMB_ECS_GPU_RUN_TASK_KWARGS  JSON object merged into the embedding task's run_task call
                                     (for example a GPU capacity provider strategy)
+    IMGEMB_PARTITION_SCHEME         how the raw-images root is cut into partitions (default folders: one per
+                                    first-level folder, loose objects in 16 hash buckets); folders:N,
+                                    folders:N,hash:B, hash:B, optionally ,loose:L (core/partition_scheme.py)
+    IMGEMB_S3_EVENTS_QUEUE_URL      an SQS queue receiving the bucket's S3 event notifications: the discovery
+                                    sensor then reads it and lists nothing (default: none, it lists)
     IMGEMB_SENSOR_INTERVAL_S        minimum interval of the discovery and sales sensors (default 30)
     IMGEMB_SENSOR_RECENT_PREFIXES   known prefixes re-listed on each discovery tick (default 3)
     IMGEMB_SENSOR_MAX_NEW_PREFIXES  new prefixes taken per discovery tick (default 100)
@@ -37,11 +42,12 @@ from typing import Any, Final, Literal, get_args
 
 import pydantic
 import pydantic_settings
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 from imgemb_assets.core import maintenance_defaults
+from imgemb_assets.core.partition_scheme import DEFAULT_SCHEME_TEXT, PartitionScheme, PartitionSchemeError
 
 Executor = Literal["in_process", "multiprocess", "celery", "ecs", "k8s"]
 VanishedPrefixPolicy = Literal["keep", "remove"]
@@ -86,6 +92,10 @@ class LocationSettings(BaseSettings):
     # the workers must be started with the same URLs, or they never see the steps.
     celery_broker_url: str | None = None
     celery_backend_url: str | None = None
+    # Parsed (and so validated) here, kept as its canonical text for the storage resource.
+    partition_scheme: str = DEFAULT_SCHEME_TEXT
+    # Discovery from the bucket's event notifications instead of listings (sensors.py, core/notifications.py).
+    s3_events_queue_url: str | None = None
     sensor_interval_s: int = Field(30, ge=1)
     sensor_recent_prefixes: int = Field(3, ge=0)
     # A first tick over a bucket with many prefixes must finish within Dagster's
@@ -115,6 +125,14 @@ class LocationSettings(BaseSettings):
             super().__init__(**values)
         except pydantic.ValidationError as exc:
             raise SettingsError(_described(exc)) from exc
+
+    @field_validator("partition_scheme")
+    @classmethod
+    def _scheme_parses(cls, text: str) -> str:
+        try:
+            return str(PartitionScheme.parse(text))
+        except PartitionSchemeError as exc:
+            raise ValueError(str(exc)) from exc
 
     @model_validator(mode="after")
     def _short_retention_is_meant(self) -> LocationSettings:

@@ -14,6 +14,8 @@ from imgemb_assets.core.discovery import (
     prefixes_to_fingerprint,
     vanished_prefixes,
 )
+from imgemb_assets.core.partition_scheme import PartitionScheme
+from imgemb_assets.core.partitioned_root import PartitionedRoot
 from imgemb_assets.core.storage import LocalObjectStore, ObjectInfo, StorageError, open_object_store
 
 
@@ -42,12 +44,16 @@ def test_fingerprint_changes_when_an_object_is_added_removed_or_replaced(tmp_pat
 def test_second_tick_with_the_returned_cursor_requests_nothing(tmp_path: Path) -> None:
     _tree(tmp_path, {"2026-11-01/a.jpg": b"a", "2026-11-02/b.jpg": b"b", "stray.jpg": b"s"})
     store = open_object_store(str(tmp_path))
+    stray_bucket = PartitionScheme().partition_of("stray.jpg")
+    assert stray_bucket is not None and stray_bucket.startswith("(loose)/part-")
     first = plan_discovery(store, DiscoveryCursor(), recent=3)
-    assert first.new_prefixes == ["2026-11-01", "2026-11-02"]
-    assert sorted(first.changed) == ["2026-11-01", "2026-11-02"]
-    assert first.root_objects == ["stray.jpg"]
+    assert first.new_prefixes == sorted(["2026-11-01", "2026-11-02", stray_bucket])
+    assert sorted(first.changed) == first.new_prefixes
+    assert first.root_objects == []  # the default scheme puts loose objects in hash buckets
     second = plan_discovery(store, DiscoveryCursor.from_json(first.cursor.to_json()), recent=3)
     assert second.new_prefixes == [] and second.changed == {}
+    without_loose = PartitionedRoot(store, PartitionScheme.parse("folders,loose:0"))
+    assert plan_discovery(without_loose, DiscoveryCursor(), recent=3).root_objects == ["stray.jpg"]
 
 
 def test_a_changed_recent_prefix_is_requested_again(tmp_path: Path) -> None:

@@ -4,7 +4,6 @@ the folder removed after the commit; on a local lake and on S3 (moto)."""
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
@@ -12,23 +11,19 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
 from imgemb_assets.core import tables
 from imgemb_assets.core.embedding import embed_thumbnails
 from imgemb_assets.core.embedding_partition import EmbeddingRun, SharedModel, embed_partition_batches
 from imgemb_assets.core.embedding_staging import STAGED_SCHEMA, PartitionStaging, staging_root_uri
-from imgemb_assets.core.images import downscale
 from imgemb_assets.core.lake import Lake
 from imgemb_assets.core.model_settings import EmbeddingSettings
 from imgemb_assets.core.progress import Progress
 from imgemb_assets.core.s3 import S3Settings
 from imgemb_support.counting_filesystem import CountingHandler
+from imgemb_support.rows import EMBEDDINGS_SCHEMA, JOINED_SCHEMA, random_thumbnails
 
 PREFIX = "2026-11-01"
-SALES_SCHEMA = pa.schema(tables.SALES_REQUIRED_FIELDS)
-JOINED_SCHEMA = tables.images_with_sales_schema(SALES_SCHEMA)
-EMBEDDINGS_SCHEMA = tables.image_embeddings_schema(SALES_SCHEMA)
 # resnet18 (512 wide), batches of 2: cheap forward passes, several model batches per partition.
 RESNET18 = EmbeddingSettings(weights="random", model="resnet18", device="cpu", precision="fp32", batch_size=2)
 OTHER_WEIGHTS = EmbeddingSettings(weights="random:1", model="resnet18", device="cpu", precision="fp32", batch_size=2)
@@ -37,13 +32,7 @@ ROWS = 6
 
 @pytest.fixture(scope="module")
 def thumbnails() -> list[bytes]:
-    rng = np.random.default_rng(7)
-    out = []
-    for _ in range(ROWS):
-        buffer = io.BytesIO()
-        Image.fromarray(rng.integers(0, 256, size=(90, 120, 3), dtype=np.uint8)).save(buffer, format="JPEG")
-        out.append(downscale(buffer.getvalue()).jpeg)
-    return out
+    return random_thumbnails(ROWS, seed=7, size=(90, 120))
 
 
 def _ids(rows: range | list[int]) -> list[str]:

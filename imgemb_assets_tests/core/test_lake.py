@@ -148,7 +148,8 @@ def batches():
     for start in range(0, 40_000, 1_000):
         ids = [str(i) for i in range(start, start + 1_000)]
         yield pa.record_batch(
-            [ids, ["a"] * len(ids), [f"a/{i}.jpg" for i in ids], ["replaced"] * len(ids)], schema=REJECTED_IMAGES_SCHEMA
+            [ids, ["a"] * len(ids), [f"a/{i}.jpg" for i in ids], ["replaced"] * len(ids), [None] * len(ids), [None] * len(ids)],
+            schema=REJECTED_IMAGES_SCHEMA,
         )
         if start == 20_000:
             halfway.touch()

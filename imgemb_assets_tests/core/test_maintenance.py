@@ -78,7 +78,7 @@ def batches():
         ids = [f"killed-{b}-{i}" for i in range(2000)]
         n = len(ids)
         reasons = [os.urandom(50).hex() for _ in ids]  # incompressible: files fill up
-        yield pa.record_batch([ids, [prefix] * n, ids, reasons, [prefix] * n], schema=schema)
+        yield pa.record_batch([ids, [prefix] * n, ids, reasons, [None] * n, [None] * n, [prefix] * n], schema=schema)
         if b == 12:
             halfway.touch()
             time.sleep(600)

@@ -4,27 +4,21 @@ check, while the stored, finite vectors reused beside them are not counted."""
 
 from __future__ import annotations
 
-import io
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from PIL import Image
 from torchvision.models import resnet18
 
 from imgemb_assets.core import tables
 from imgemb_assets.core.embedding_column import embedding_array
 from imgemb_assets.core.embedding_partition import EmbeddingRun, SharedModel, embed_partition_batches
-from imgemb_assets.core.images import downscale
 from imgemb_assets.core.model_settings import EmbeddingSettings
 from imgemb_assets.core.quality import embedding_values
+from imgemb_support.rows import EMBEDDINGS_SCHEMA, JOINED_SCHEMA, random_thumbnails
 
 PREFIX = "2026-11-01"
-SALES_SCHEMA = pa.schema(tables.SALES_REQUIRED_FIELDS)
-JOINED_SCHEMA = tables.images_with_sales_schema(SALES_SCHEMA)
-EMBEDDINGS_SCHEMA = tables.image_embeddings_schema(SALES_SCHEMA)
 WIDTH = 512  # resnet18 without its classifier
 INFINITE_COMPONENT = 7
 IMAGES = 6
@@ -33,13 +27,7 @@ STORED = 2  # the first images have a finite vector stored under the model's id:
 
 @pytest.fixture(scope="module")
 def thumbnails() -> list[bytes]:
-    rng = np.random.default_rng(11)
-    out = []
-    for _ in range(IMAGES):
-        buffer = io.BytesIO()
-        Image.fromarray(rng.integers(0, 256, size=(120, 160, 3), dtype=np.uint8)).save(buffer, format="JPEG")
-        out.append(downscale(buffer.getvalue()).jpeg)
-    return out
+    return random_thumbnails(IMAGES, seed=11, size=(120, 160))
 
 
 @pytest.fixture(scope="module")

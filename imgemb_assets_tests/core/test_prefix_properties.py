@@ -50,7 +50,8 @@ _FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthC
 
 def _rows(prefix: str, ids: list[str]) -> pa.Table:
     return pa.table(
-        {"image_id": ids, "prefix": [prefix] * len(ids), "uri": ids, "reason": ["r"] * len(ids)},
+        {"image_id": ids, "prefix": [prefix] * len(ids), "uri": ids, "reason": ["r"] * len(ids)}
+        | {"etag": [None] * len(ids), "decoded_with": [None] * len(ids)},
         schema=REJECTED_IMAGES_SCHEMA,
     )
 

@@ -7,6 +7,7 @@ import io
 import json
 import multiprocessing
 import threading
+import traceback
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -19,6 +20,8 @@ from deltalake import DeltaTable
 from PIL import Image
 
 from imgemb_assets.core.discovery import DiscoveryCursor, plan_discovery
+from imgemb_assets.core.partition_scheme import PartitionScheme
+from imgemb_assets.core.partitioned_root import PartitionedRoot
 from imgemb_assets.core.lake import Lake
 from imgemb_assets.core.manifest import build_manifest
 from imgemb_assets.core.thumbnails import downscale_partition
@@ -88,7 +91,8 @@ def test_reading_outside_the_root_is_refused(bucket: str) -> None:
 
 def _rows(prefix: str, ids: list[str]) -> pa.Table:
     return pa.table(
-        {"image_id": ids, "prefix": [prefix] * len(ids), "uri": ids, "reason": ["r"] * len(ids)},
+        {"image_id": ids, "prefix": [prefix] * len(ids), "uri": ids, "reason": ["r"] * len(ids)}
+        | {"etag": [None] * len(ids), "decoded_with": [None] * len(ids)},
         schema=REJECTED_IMAGES_SCHEMA,
     )
 
@@ -158,10 +162,18 @@ def test_credentials_stay_out_of_reprs_and_errors(bucket: str) -> None:
     assert secret not in repr(settings) and secret not in repr(lake)
     store = open_object_store(f"s3://{bucket}/raw", settings)
     assert secret not in repr(store)
-    missing = Lake("s3://no-such-bucket-imgemb/delta", storage_options=settings.delta_storage_options())
-    with pytest.raises(Exception) as error:
-        missing.write_partition("t", _rows("p", ["1"]), "p")
-    assert secret not in str(error.value)
+    # errors S3 itself answered (the bucket does not exist), through delta-rs and through boto3,
+    # with every exception they chain: none of them holds the secret
+    absent = "no-such-bucket-imgemb"
+    missing = Lake(f"s3://{absent}/delta", storage_options=settings.delta_storage_options())
+    with pytest.raises(OSError) as delta_error:  # what is written does not matter: the table is looked up first
+        missing.write_partition("t", pa.table({"image_id": ["1"], "prefix": ["p"]}), "p")
+    assert "NoSuchBucket" in str(delta_error.value) and absent in str(delta_error.value)
+    with pytest.raises(ClientError) as boto_error:
+        list(open_object_store(f"s3://{absent}/raw", settings).list_objects("p"))
+    assert boto_error.value.response["Error"]["Code"] == "NoSuchBucket"
+    for error in (delta_error.value, boto_error.value):
+        assert secret not in "".join(traceback.format_exception(error))
 
 
 def test_invalid_settings_and_uris_are_clear_errors() -> None:
@@ -268,10 +280,12 @@ def test_objects_under_an_empty_first_segment_are_no_partition(bucket: str) -> N
     for key in ["raw/p/a.jpg", "raw//x.jpg", "raw//deep/y.jpg", "raw/stray.jpg"]:
         client.put_object(Bucket=bucket, Key=key, Body=b"x")
     store = open_object_store(f"s3://{bucket}/raw")
+    stray = PartitionScheme().partition_of("stray.jpg")  # a loose object: in a hash bucket of the default scheme
     plan = plan_discovery(store, DiscoveryCursor(), recent=3, full=True)
-    assert plan.new_prefixes == ["p"] and list(plan.changed) == ["p"]
+    assert plan.new_prefixes == sorted(["p", stray]) and sorted(plan.changed) == plan.new_prefixes
     assert list(plan.refused_prefixes) == [""] and "empty first path segment" in plan.refused_prefixes[""]
-    assert plan.root_objects == ["stray.jpg"]
+    left_out = plan_discovery(PartitionedRoot(store, PartitionScheme.parse("folders,loose:0")), DiscoveryCursor(), recent=3)
+    assert left_out.new_prefixes == ["p"] and left_out.root_objects == ["stray.jpg"]
 
 
 def test_a_key_is_read_exactly_as_listed(bucket: str) -> None:

@@ -1,5 +1,6 @@
-"""Sales export validation (clear errors for bad files), the inner join onto images, and a sales
-column keeping one type in every table (issue 11, items 3 and 4), on real Delta tables."""
+"""Sales export validation (clear errors for bad files), the inner join onto images (refused while the sales
+table repeats an image_id), and a sales column keeping one type in every table (issue 11, items 3 and 4), on
+real Delta tables."""
 
 from __future__ import annotations
 
@@ -94,6 +95,7 @@ def test_join_is_inner_on_image_id() -> None:
             "width": pa.array([1, 2, 3], pa.int32()),
             "height": pa.array([1, 2, 3], pa.int32()),
             "image_jpeg": [b"1", b"2", b"3"],
+            "decoded_with": [None] * 3,
         },
         schema=DOWNSCALED_IMAGES_SCHEMA,
     )
@@ -104,6 +106,18 @@ def test_join_is_inner_on_image_id() -> None:
         {"image_id": "a", "sales": 1.0, "region": "x", "image_jpeg": b"2"},
         {"image_id": "b", "sales": 2.0, "region": "y", "image_jpeg": b"1"},
     ]
+
+
+@pytest.mark.parametrize("repeated", ["a", "no_image"], ids=["id_of_an_image_here", "id_with_no_image_here"])
+def test_repeated_sales_ids_are_refused_by_the_join(repeated: str) -> None:
+    # a repeat of an image's id would give that image (and later its embedding) a second row; a repeat of
+    # an id with no image in this partition still refuses the join: the export is wrong for every partition
+    images = downscaled_rows("p", ["a", "b"])
+    sales = validate_sales(pa.table({"image_id": ["a", "b", "no_image", repeated], "sales": [1, 2, 3, 4]}), "s")
+    assert sales.num_rows == 4  # validation keeps the repeat: the join is where it is refused
+
+    with pytest.raises(SalesError, match=rf"cannot be joined: 1 image_ids appear more than once .*\['{repeated}'\]"):
+        join_with_sales(images, sales, images_with_sales_schema(sales.schema))
 
 
 # --- issue 11: validation is the one place that decides (item 4) -------------------------

@@ -21,11 +21,9 @@ from imgemb_assets.core.images import downscale
 from imgemb_assets.core.lake import Lake
 from imgemb_assets.core.model_settings import EmbeddingSettings
 from imgemb_assets.core.models import load_model, model_id_for
+from imgemb_support.rows import EMBEDDINGS_SCHEMA, JOINED_SCHEMA
 
 PREFIX = "2026-11-01"
-SALES_SCHEMA = pa.schema(tables.SALES_REQUIRED_FIELDS)
-JOINED_SCHEMA = tables.images_with_sales_schema(SALES_SCHEMA)
-EMBEDDINGS_SCHEMA = tables.image_embeddings_schema(SALES_SCHEMA)
 # resnet18 (512 wide) keeps the forward passes cheap on a 2-core machine.
 FP32 = EmbeddingSettings(weights="random", model="resnet18", device="cpu", precision="fp32", batch_size=8)
 BF16 = EmbeddingSettings(weights="random", model="resnet18", device="cpu", precision="bf16", batch_size=8)

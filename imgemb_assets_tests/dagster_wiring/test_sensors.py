@@ -19,6 +19,7 @@ from dagster import (
 )
 
 from imgemb_assets.core.discovery import DiscoveryCursor
+from imgemb_assets.core.partition_scheme import PartitionScheme
 from imgemb_assets.core.sample_data import SampleDataset
 from imgemb_assets.definitions import build_definitions
 from imgemb_assets.dagster_wiring.assets import LISTING_FINGERPRINT_KEY, RAW_IMAGES, SALES_EXPORT
@@ -123,13 +124,34 @@ def test_a_new_sensor_on_an_up_to_date_instance_reports_only_what_changed(
         assert isinstance(build_sales_change_sensor()(context), SkipReason), "sales is up to date"
 
 
-def test_objects_directly_under_the_root_are_reported(
-    instance: DagsterInstance, storage: StorageResource, raw_root: Path, capfd: pytest.CaptureFixture[str]
+def test_objects_directly_under_the_root_are_partitions_of_the_default_scheme(
+    instance: DagsterInstance, storage: StorageResource, raw_root: Path
 ) -> None:
     (raw_root / "stray.jpg").write_bytes(b"x")
+    bucket = PartitionScheme().partition_of("stray.jpg")
+    result = _tick(instance, storage, None)
+    assert bucket in instance.get_dynamic_partitions(S3_PREFIX_PARTITIONS_NAME)
+    assert bucket in _reported(result)
+
+
+def test_loose_objects_left_out_by_the_scheme_are_summarised_in_one_line_per_tick(
+    instance: DagsterInstance, storage: StorageResource, raw_root: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    for number in range(200):
+        (raw_root / f"stray{number:03d}.jpg").write_bytes(b"x")
+    storage = StorageResource(
+        raw_images_uri=storage.raw_images_uri,
+        sales_uri=storage.sales_uri,
+        lake_uri=storage.lake_uri,
+        s3=ImgembS3Resource(),
+        partition_scheme="folders,loose:0",
+    )
     _tick(instance, storage, None)
-    captured = capfd.readouterr()
-    assert "1 objects lie directly under the raw-images root and belong to no partition: stray.jpg" in captured.err + captured.out
+    output = capfd.readouterr()
+    lines = [line for line in (output.err + output.out).splitlines() if "stray" in line]
+    assert len(lines) == 1, lines
+    assert "200 objects lie above the partition folders and the partition scheme puts them in no partition" in lines[0]
+    assert not any(key.startswith("(loose)") for key in instance.get_dynamic_partitions(S3_PREFIX_PARTITIONS_NAME))
 
 
 def test_sales_sensor_reports_the_export_only_when_the_files_change(
