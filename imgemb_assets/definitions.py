@@ -61,6 +61,7 @@ def build_definitions(settings: LocationSettings, resources: Mapping[str, Any] |
                 settings.sensor_max_new_prefixes,
                 settings.vanished_prefixes,
                 settings.s3_events_queue_url,
+                settings.sensor_max_root_pages,
             ),
             build_sales_change_sensor(settings.sensor_interval_s),
             build_automation_sensor(settings.sensor_interval_s),

@@ -63,8 +63,22 @@ class FolderListing:
     refused: dict[str, str] = field(default_factory=dict)  # path as shown -> reason
 
 
+@dataclass(frozen=True)
+class FolderPage:
+    """A slice of one folder's delimited listing, in key order, and where the next slice starts."""
+
+    listing: FolderListing
+    # Pass as `start_after` to continue; None once the folder has been listed to its end.
+    resume_after: str | None
+
+
 class ObjectStore(Protocol):
     root_uri: str
+
+    def list_folder_pages(self, folder: str, start_after: str | None, max_pages: int) -> FolderPage:
+        """At most `max_pages` listing requests of `list_folder`, starting after `start_after` (a key or folder
+        path relative to the root, as a previous page's `resume_after` gave it)."""
+        ...
 
     def list_folder(self, folder: str) -> FolderListing:
         """The objects directly in `folder` ("" for the root) and its sub-folders, in one delimited listing."""
@@ -255,6 +269,10 @@ class LocalObjectStore:
                 objects.append(path)
         return FolderListing(list(self._infos(sorted(objects))), sorted(folders), refused)
 
+    def list_folder_pages(self, folder: str, start_after: str | None, max_pages: int) -> FolderPage:
+        # A local folder is listed whole: a directory read has no pages, and a million entries take seconds.
+        return FolderPage(self.list_folder(folder), None)
+
     def list_objects(self, prefix: str) -> Iterator[ObjectInfo]:
         top = self.root / prefix
         if prefix and top.is_symlink():
@@ -365,6 +383,8 @@ class S3ObjectStore:
     # botocore retries a request until its headers arrive, not a body cut off
     # afterwards: such reads are retried here, this many times in all.
     body_read_attempts: int = 5
+    # Keys per listing request; None: S3's own 1,000 (tests use fewer to make many pages of few objects).
+    page_keys: int | None = None
 
     @property
     def root_uri(self) -> str:
@@ -395,6 +415,34 @@ class S3ObjectStore:
             name: problem for name in names if (problem := partition_key_problem(name.rsplit("/", 1)[-1])) is not None
         }
         return FolderListing(objects, sorted(name for name in names if name not in refused), refused)
+
+    def list_folder_pages(self, folder: str, start_after: str | None, max_pages: int) -> FolderPage:
+        start = self._key_prefix(folder)
+        root = self._key_prefix("")
+        arguments: dict[str, Any] = {"Bucket": self.bucket, "Prefix": start, "Delimiter": "/"}
+        if self.page_keys is not None:
+            arguments["MaxKeys"] = self.page_keys
+        if start_after is not None:
+            arguments["StartAfter"] = _after_folder(root + start_after)
+        objects: list[ObjectInfo] = []
+        names: list[str] = []
+        last = None
+        for _ in range(max(1, max_pages)):
+            page = self.client.list_objects_v2(**arguments)
+            objects += [self._info(entry) for entry in page.get("Contents", []) if not entry["Key"].endswith("/")]
+            names += [common["Prefix"][len(root) : -len("/")] for common in page.get("CommonPrefixes", [])]
+            keys = [entry["Key"] for entry in page.get("Contents", [])] + [c["Prefix"] for c in page.get("CommonPrefixes", [])]
+            last = max(keys, default=last)
+            if not page.get("IsTruncated"):
+                last = None
+                break
+            arguments.pop("StartAfter", None)
+            arguments["ContinuationToken"] = page["NextContinuationToken"]
+        refused = {
+            name: problem for name in names if (problem := partition_key_problem(name.rsplit("/", 1)[-1])) is not None
+        }
+        listing = FolderListing(objects, sorted(name for name in names if name not in refused), refused)
+        return FolderPage(listing, None if last is None else last[len(root) :])
 
     def list_objects(self, prefix: str) -> Iterator[ObjectInfo]:
         start = self._key_prefix(prefix)
@@ -472,6 +520,12 @@ class S3ObjectStore:
             arguments["Delimiter"] = delimiter
         # The paginator follows continuation tokens: a prefix may hold far more than 1,000 objects.
         yield from self.client.get_paginator("list_objects_v2").paginate(**arguments)
+
+
+def _after_folder(key: str) -> str:
+    """Where a listing resumes after `key`: past every key under it when it is a folder (`a/` -> `a0`), since
+    S3 lists `a/x` after `a/` and a delimited listing would roll it up into `a/` again."""
+    return key[:-1] + chr(ord("/") + 1) if key.endswith("/") else key
 
 
 def open_object_store(root_uri: str, s3: S3Settings | None = None) -> ObjectStore:

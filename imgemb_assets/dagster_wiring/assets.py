@@ -31,7 +31,7 @@ from dagster import (
 
 from imgemb_assets.core import tables
 from imgemb_assets.core.contact_sheet import RejectedObject, markdown_bytes, rejected_images_sheet
-from imgemb_assets.core.discovery import listing_fingerprint
+from imgemb_assets.core.discovery import listing_fingerprint, partition_fingerprint
 from imgemb_assets.core.lake import Lake, all_of
 from imgemb_assets.core.manifest import build_manifest
 from imgemb_assets.core.progress import Progress
@@ -157,7 +157,7 @@ def _raw_image_manifest(policy: BackfillPolicy) -> AssetsDefinition:
                 tables.RAW_IMAGE_MANIFEST,
                 manifest.num_rows,
                 tables.RAW_IMAGE_MANIFEST_SCHEMA,
-                **{LISTING_FINGERPRINT_KEY: listing_fingerprint(objects)},
+                **{LISTING_FINGERPRINT_KEY: partition_fingerprint(root.scheme, prefix, objects)},
             )
             return [AssetReport(tables.RAW_IMAGE_MANIFEST, metadata)]
 

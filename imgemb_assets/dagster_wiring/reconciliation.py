@@ -25,6 +25,7 @@ from dagster import (
 )
 
 from imgemb_assets.core.discovery import fingerprint_prefixes
+from imgemb_assets.core.partitioned_root import PartitionedRoot
 from imgemb_assets.core.storage import partition_key_problem
 from imgemb_assets.dagster_wiring.assets import LISTING_FINGERPRINT_KEY, RAW_IMAGES
 from imgemb_assets.dagster_wiring.partitions import S3_PREFIX_PARTITIONS_NAME
@@ -39,6 +40,12 @@ def next_window(registered: Sequence[str], after: str | None, size: int) -> list
     ordered = sorted(registered)
     start = 0 if after is None else next((i for i, prefix in enumerate(ordered) if prefix > after), 0)
     return (ordered[start:] + ordered[:start])[: min(size, len(ordered))]
+
+
+def _in_a_folder(root: PartitionedRoot, partition_key: str) -> bool:
+    """A partition of the scheme that lies in a partition folder. Loose-object buckets are left to discovery,
+    whose every pass (one tick, or several on a huge root) already lists all the loose objects."""
+    return root.scheme.is_partition_key(partition_key) and root.scheme.place_of(partition_key).folder is not None
 
 
 def build_reconciliation_sensor(minimum_interval_seconds: int, prefixes_per_tick: int) -> SensorDefinition:
@@ -60,7 +67,7 @@ def build_reconciliation_sensor(minimum_interval_seconds: int, prefixes_per_tick
         registered = [
             prefix
             for prefix in context.instance.get_dynamic_partitions(S3_PREFIX_PARTITIONS_NAME)
-            if partition_key_problem(prefix) is None and root.scheme.is_partition_key(prefix)
+            if partition_key_problem(prefix) is None and _in_a_folder(root, prefix)
         ]
         window = next_window(registered, context.cursor or None, prefixes_per_tick)
         if not window:

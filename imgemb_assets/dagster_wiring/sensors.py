@@ -58,6 +58,7 @@ from imgemb_assets.dagster_wiring.settings import LocationSettings
 DEFAULT_MINIMUM_INTERVAL_S: int = LocationSettings.model_fields["sensor_interval_s"].default
 DEFAULT_RECENT_PREFIXES: int = LocationSettings.model_fields["sensor_recent_prefixes"].default
 DEFAULT_MAX_NEW_PREFIXES: int = LocationSettings.model_fields["sensor_max_new_prefixes"].default
+DEFAULT_MAX_ROOT_PAGES: int = LocationSettings.model_fields["sensor_max_root_pages"].default
 _ROOT_OBJECTS_SHOWN = 10
 # On raw_images events reported from the bucket's event queue: how many changed objects the partition had.
 S3_EVENTS_KEY = "s3_events"
@@ -128,6 +129,7 @@ def build_raw_prefix_sensor(
     max_new_prefixes: int = DEFAULT_MAX_NEW_PREFIXES,
     vanished_policy: str = "keep",
     events_queue_url: str | None = None,
+    max_root_pages: int | None = DEFAULT_MAX_ROOT_PAGES,
 ) -> SensorDefinition:
     """The discovery sensor; its interval, the recent prefixes it re-lists, the new ones it takes per tick, what
     becomes of vanished prefixes (`keep` or `remove`) and the SQS queue of the bucket's events are settings.
@@ -151,13 +153,21 @@ def build_raw_prefix_sensor(
     def raw_prefix_sensor(context: SensorEvaluationContext, storage: StorageResource) -> SensorResult:
         # The cursor holds only the vanished prefixes last reported: what the sensor knows
         # of each prefix is in the instance (see known_prefixes).
-        last_vanished = DiscoveryCursor.from_json(context.cursor).vanished
+        last = DiscoveryCursor.from_json(context.cursor)
+        last_vanished = last.vanished
         registered = context.instance.get_dynamic_partitions(S3_PREFIX_PARTITIONS_NAME)
         storage.lake_for_partitions()  # the lake was written with this scheme (recorded in a new lake), else refused
         if events_queue_url:
             return _tick_from_events(context, storage, events_queue_url, registered, context.cursor)
         known = known_prefixes(context.instance, registered)
-        plan = plan_discovery(storage.partitioned_root(), known, recent=recent_prefixes, max_new=max_new_prefixes)
+        plan = plan_discovery(
+            storage.partitioned_root(),
+            known,
+            recent=recent_prefixes,
+            max_new=max_new_prefixes,
+            max_root_pages=max_root_pages,
+            loose_pass=last.loose_pass,
+        )
         _report_root_objects(context, plan.root_objects)
         _report_unusable_prefixes(context, plan.refused_prefixes, plan.listing_errors)
         vanished = vanished_prefixes(registered, plan.listed_prefixes)
@@ -170,7 +180,7 @@ def build_raw_prefix_sensor(
                 [s3_prefix_partitions.build_add_request(plan.new_prefixes)] if plan.new_prefixes else []
             ),
             asset_events=[_raw_images_changed(prefix, fingerprint) for prefix, fingerprint in sorted(plan.changed.items())],
-            cursor=DiscoveryCursor(vanished=tuple(vanished)).to_json(),
+            cursor=DiscoveryCursor(vanished=tuple(vanished), loose_pass=plan.loose_pass).to_json(),
         )
 
     return raw_prefix_sensor

@@ -17,6 +17,8 @@
     IMGEMB_SENSOR_INTERVAL_S        minimum interval of the discovery and sales sensors (default 30)
     IMGEMB_SENSOR_RECENT_PREFIXES   known prefixes re-listed on each discovery tick (default 3)
     IMGEMB_SENSOR_MAX_NEW_PREFIXES  new prefixes taken per discovery tick (default 100)
+    IMGEMB_SENSOR_MAX_ROOT_PAGES    pages of the root's listing (1,000 keys each on S3) one discovery tick reads;
+                                    a bigger root is listed over several ticks (default 100)
     IMGEMB_RECONCILIATION_INTERVAL_S          minimum interval of the rolling reconciliation (default 600)
     IMGEMB_RECONCILIATION_PREFIXES_PER_TICK   registered prefixes it re-lists per tick (default 500)
     IMGEMB_VANISHED_PREFIXES        keep (default) or remove: what becomes of a registered prefix that has
@@ -101,6 +103,9 @@ class LocationSettings(BaseSettings):
     # A first tick over a bucket with many prefixes must finish within Dagster's
     # sensor time limit (60 s by default); the rest are taken on later ticks.
     sensor_max_new_prefixes: int = Field(100, ge=1)
+    # A root of a million loose objects is 1,000 listing pages: a tick lists at most this many
+    # (about 100,000 keys, a few seconds on S3) and the next resumes where it stopped.
+    sensor_max_root_pages: int = Field(100, ge=1)
     # A full pass over P prefixes takes ceil(P / per_tick) ticks: with the
     # defaults, 10,000 prefixes are all re-listed every 200 minutes, each tick
     # well within the sensor time limit.

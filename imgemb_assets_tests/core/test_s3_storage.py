@@ -19,7 +19,7 @@ from botocore.exceptions import ClientError
 from deltalake import DeltaTable
 from PIL import Image
 
-from imgemb_assets.core.discovery import DiscoveryCursor, plan_discovery
+from imgemb_assets.core.discovery import DiscoveryCursor, partition_fingerprint, plan_discovery
 from imgemb_assets.core.partition_scheme import PartitionScheme
 from imgemb_assets.core.partitioned_root import PartitionedRoot
 from imgemb_assets.core.lake import Lake
@@ -317,3 +317,43 @@ def test_delta_partitions_of_long_non_ascii_prefixes_on_s3(bucket: str) -> None:
     assert {prefix: lake.read("t", prefix).column("image_id").to_pylist() for prefix in prefixes} == {
         prefix: [str(number)] for number, prefix in enumerate(prefixes)
     }
+
+
+def test_a_root_too_big_for_one_tick_is_listed_over_several_and_fingerprinted_once_whole(bucket: str) -> None:
+    client = S3Settings().client()
+    loose = [f"raw/img_{number:03d}.jpg" for number in range(230)]
+    for key in [*loose, "raw/2026-11-01/a.jpg", "raw/2026-11-02/b.jpg"]:
+        client.put_object(Bucket=bucket, Key=key, Body=key.encode())
+    lists: list[str] = []
+    client.meta.events.register("before-parameter-build.s3.ListObjectsV2", lambda params, **_: lists.append(params.get("Prefix", "")))
+    store = S3ObjectStore(client=client, bucket=bucket, root_key="raw", page_keys=50)
+    root = PartitionedRoot(store, PartitionScheme())
+    cursor, ticks, registered = DiscoveryCursor(), 0, []
+    while True:
+        lists.clear()
+        plan = plan_discovery(root, cursor, recent=0, max_root_pages=1)
+        ticks += 1
+        assert lists.count("raw/") == 1, "one page of the root per tick"
+        registered += plan.new_prefixes
+        cursor = plan.cursor
+        if plan.loose_pass is None:
+            break
+        assert not any(key.startswith("(loose)") for key in plan.changed), "a loose bucket is judged on the whole root"
+    assert ticks == 5  # 232 entries (230 objects, 2 folders) in pages of 50
+    expected = sorted({PartitionScheme().partition_of(key.removeprefix("raw/")) for key in loose})
+    assert sorted(key for key in registered if key.startswith("(loose)")) == expected
+    assert {"2026-11-01", "2026-11-02"} <= set(registered)
+    # the summed fingerprints of a pass equal those of the whole listing (what a manifest records)
+    whole = PartitionedRoot(store, PartitionScheme())
+    for key in expected:
+        assert cursor.fingerprints[key] == partition_fingerprint(whole.scheme, key, whole.list_partition(key))
+    # one object added: the next pass reports its bucket alone
+    client.put_object(Bucket=bucket, Key="raw/img_new.jpg", Body=b"new")
+    changed: dict[str, str] = {}
+    while True:
+        plan = plan_discovery(root, cursor, recent=0, max_root_pages=1)
+        changed |= plan.changed
+        cursor = plan.cursor
+        if plan.loose_pass is None:
+            break
+    assert list(changed) == [PartitionScheme().partition_of("img_new.jpg")]
