@@ -93,7 +93,7 @@ def discover(
         report_changed_listings(instance, plan.changed)
     # Refused names are reported, never registered: one of them must not stop the others.
     for name, reason in sorted(plan.refused_prefixes.items()):
-        print(f"warning: folder {name!r} is no partition and its objects are in none: {reason}", file=sys.stderr)
+        print(f"warning: prefix {name!r} is not registered and its objects are in no partition: {reason}", file=sys.stderr)
     for prefix, error in sorted(plan.listing_errors.items()):
         print(f"warning: {prefix!r} could not be listed: {error}", file=sys.stderr)
     for key in known:
