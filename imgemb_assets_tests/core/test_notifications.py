@@ -170,7 +170,11 @@ def test_a_drain_stops_at_its_bound_and_the_rest_waits(bucket: str, event_queue:
         reads.append((drained.messages_read, drained.more_waiting))
         seen |= drained.created
         acknowledge(sqs, event_queue, drained)
-    assert reads == [(12, True), (12, True), (1, False), (0, False)]  # 25 messages: the test event and 24 puts
+    # 25 messages (the test event and 24 puts), at most 12 a drain. moto may hand one message to two of a
+    # drain's receive threads at once (its visibility timeout is not atomic): counted once, so a drain that
+    # reached its bound may report 11 distinct messages.
+    assert reads[0] == (12, True) and all(read <= 12 for read, _ in reads)
+    assert sum(read for read, _ in reads) == 25 and reads[-1] == (0, False)
     assert len(seen) == 24
 
 
