@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from dagster import DagsterRunStatus
+from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
+from dagster._core.instance.ref import InstanceRef
 from dagster_graphql import DagsterGraphQLClient
 
 from imgemb_assets.core import tables
@@ -64,12 +65,17 @@ def dagster_dev(small_dataset: SampleDataset, bucket: str, tmp_path: Path) -> It
         wait_for("the webserver", lambda: _answers(f"http://127.0.0.1:{port}/server_info"), 180, log, poll_s=2)
         yield port, log, Lake(f"s3://{bucket}/delta", storage_options=S3Settings().delta_storage_options())
     finally:
+        # Runs that automation started last are let finish first. With an embedding run on S3 in flight,
+        # `dagster dev` twice failed to stop within 60 s of SIGTERM in full CI runs (never alone); the cause
+        # is not found yet, and this fixture is about the sensor and UI path, not about interrupting runs.
+        _wait_for_runs_to_finish(home, timeout_s=240)
         os.killpg(pgid, signal.SIGTERM)
         try:
             process.wait(timeout=60)
         except subprocess.TimeoutExpired:
+            still_running = "\n".join(_group_processes(pgid))
             os.killpg(pgid, signal.SIGKILL)
-            pytest.fail("dagster dev did not stop on SIGTERM")
+            pytest.fail(f"dagster dev did not stop on SIGTERM; still running:\n{still_running}")
         # `dagster dev` can restart its code server while shutting down ("Code server process
         # has exited with code 0. Restarting the code server process."), after the group was
         # signalled; that one stops itself once its heartbeat is gone, after its 45 s
@@ -81,6 +87,15 @@ def dagster_dev(small_dataset: SampleDataset, bucket: str, tmp_path: Path) -> It
         if leftover:
             os.killpg(pgid, signal.SIGKILL)
         assert not leftover, "processes of dagster dev were left behind:\n" + "\n".join(leftover)
+
+
+def _wait_for_runs_to_finish(home: Path, timeout_s: float) -> None:
+    """Until no run of the instance is queued or in progress (or `timeout_s` passed)."""
+    in_flight = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING, DagsterRunStatus.STARTED]
+    deadline = time.monotonic() + timeout_s
+    with DagsterInstance.from_ref(InstanceRef.from_dir(str(home))) as instance:
+        while instance.get_runs_count(RunsFilter(statuses=in_flight)) and time.monotonic() < deadline:
+            time.sleep(1)
 
 
 def _group_processes(pgid: int) -> list[str]:
