@@ -14,16 +14,19 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pytest
 from dagster import DagsterInstance
 from PIL import Image, ImageOps
 
 from imgemb_assets.core import tables
+from imgemb_assets.core.embedding_column import embedding_array
+from imgemb_assets.core.index_refresh import refresh_search_indexes
 from imgemb_assets.core.lake import Lake
 from imgemb_assets.core.s3 import S3Settings
 from imgemb_assets.core.sample_data import SampleDataset
-from imgemb_assets.core.search_index import Neighbour
+from imgemb_assets.core.search_index import Neighbour, load_index
 from imgemb_assets.core.similar import (
     SimilarError,
     rank_with_sales,
@@ -35,10 +38,12 @@ from imgemb_assets.definitions import build_definitions
 from imgemb_assets.dagster_wiring.jobs import PREFIX_JOB_NAME, SEARCH_INDEX_JOB_NAME
 from imgemb_assets.dagster_wiring.settings import LocationSettings
 from imgemb_support.location import code_location_env, run_user_command, user_shell_env
+from imgemb_support.rows import EMBEDDINGS_SCHEMA
 
 IMGEMB = str(Path(sys.executable).parent / "imgemb")
 MODEL_A = "torchvision/resnet50/random-seed0/fp32"  # IMGEMB_MODEL_WEIGHTS=random on CPU
 MODEL_B = "torchvision/resnet50/random-seed1/fp32"
+RESNET50_WIDTH = 2048
 
 
 # --- ranking, on numbers worked out by hand -------------------------------------------
@@ -80,6 +85,43 @@ def test_queries_that_cannot_be_answered_are_refused_with_what_to_do(tmp_path: P
         similar_to_photo(lake, b"sku,notes\n", weights="random")
     with pytest.raises(SimilarError, match="no search index under .*run the refresh_search_index job"):
         similar_to_photo(lake, _png(Image.new("RGB", (40, 30), "red")), weights="random")
+
+
+def test_an_index_left_with_no_vectors_is_refused_naming_its_model(tmp_path: Path) -> None:
+    # issue 23 item 12: every partition embedded again with other weights leaves the first model's index with
+    # no vector; a photo embedded with its weights was answered "0 images most similar", exit status 0.
+    lake = Lake(str(tmp_path / "lake"))
+    prefixes = ["2026-11-01", "2026-11-02"]
+    for model_id in (MODEL_A, MODEL_B):
+        for seed, prefix in enumerate(prefixes):
+            lake.write_partition(tables.IMAGE_EMBEDDINGS, _embedded_rows(prefix, model_id, count=3, seed=seed), prefix)
+        refresh_search_indexes(lake)
+    assert load_index(lake, MODEL_A).partition_counts() == dict.fromkeys(prefixes, 0)
+    photo = tmp_path / "query.png"
+    photo.write_bytes(_png(Image.new("RGB", (40, 30), "red")))
+
+    with pytest.raises(SimilarError, match=rf"^nothing is indexed for model '{MODEL_A}' under "):
+        similar_to_photo(lake, photo.read_bytes(), weights="random")
+    env = user_shell_env({"IMGEMB_LAKE_URI": str(tmp_path / "lake"), "IMGEMB_MODEL_WEIGHTS": "random"})
+    message = _fails([IMGEMB, "similar", "--image", str(photo)], env)
+    assert f"nothing is indexed for model '{MODEL_A}'" in message and "run the refresh_search_index job" in message
+
+
+def _embedded_rows(prefix: str, model_id: str, count: int, seed: int) -> pa.Table:
+    """`image_embeddings` rows of one prefix, as one model wrote them (random vectors of ResNet50's width)."""
+    ids = [f"img_{i:04d}" for i in range(count)]
+    vectors = np.random.default_rng(seed).random((count, RESNET50_WIDTH), dtype=np.float32)
+    return pa.table(
+        {
+            "image_id": ids,
+            tables.PARTITION_COLUMN: [prefix] * count,
+            "etag": [f"etag-{i}" for i in range(count)],
+            "sales": [1.0] * count,
+            "embedding": embedding_array(vectors),
+            "model_id": [model_id] * count,
+        },
+        schema=EMBEDDINGS_SCHEMA,
+    )
 
 
 # --- end to end: the installed command on the sample data -----------------------------

@@ -225,6 +225,10 @@ def join_with_sales(images: pa.Table, sales: pa.Table, schema: pa.Schema) -> pa.
 
 
 def _check_names(names: Sequence[str], source: str) -> None:
+    # Delta stores a column named "", but polars renames it (column_N) on the way into the
+    # join, so every join of the partitions would fail on a column it cannot find.
+    if "" in names:
+        raise SalesError(f"{source}: a column has no name (''): name it in the export, or leave it out")
     spellings: dict[str, list[str]] = {}
     for name in names:
         spellings.setdefault(name.lower(), []).append(name)

@@ -157,14 +157,15 @@ def similar_to_photo(
     thumbnail = thumbnail_of_photo(photo)
     settings, resolved = settings_matching_an_index(lake, weights, device, model)
     from imgemb_assets.core.embedding import embed_thumbnails  # torch: only here
-    from imgemb_assets.core.models import load_model
+    from imgemb_assets.core.models import load_model, model_id_for
 
+    # The index before the model: a refusal (no vectors, unreadable) costs no model load.
+    index = _load_index_or_explain(lake, model_id_for(settings, resolved))
     try:
         embedding_model = load_model(settings, resolved)
     except ModelConfigError as exc:
         raise SimilarError(f"the model cannot be loaded: {exc}") from exc
     vector = embed_thumbnails(embedding_model, [thumbnail])[0]
-    index = _load_index_or_explain(lake, embedding_model.model_id)
     try:
         (neighbours,) = index.search(vector[None, :], candidate_count(k), model_id=embedding_model.model_id)
     except SearchIndexError as exc:
@@ -293,11 +294,20 @@ def _check_query_settings(k: int, sales_weight: float) -> None:
 
 def _load_index_or_explain(lake: Lake, model_id: str) -> SearchIndex:
     try:
-        return load_index(lake, model_id)
+        index = load_index(lake, model_id)
     except IndexMissing as exc:
         raise SimilarError(f"no search index for model {model_id!r} under {lake.root_uri}: run the {REFRESH_JOB} job") from exc
     except SearchIndexError as exc:
         raise SimilarError(f"the search index of {model_id!r} cannot be read: {exc}; run the {REFRESH_JOB} job") from exc
+    if len(index) == 0:
+        # A refresh keeps the index of a model whose every partition was embedded again with other
+        # weights, with no vectors: searched, it would answer "0 images" as if none were similar.
+        raise SimilarError(
+            f"nothing is indexed for model {model_id!r} under {lake.root_uri}: its search index holds no vectors "
+            f"(no partition of {tables.IMAGE_EMBEDDINGS} held vectors of this model when the {REFRESH_JOB} job "
+            f"last ran); embed images with this model's weights, then run the {REFRESH_JOB} job"
+        )
+    return index
 
 
 def _ids(neighbours: Sequence[Neighbour]) -> list[str]:

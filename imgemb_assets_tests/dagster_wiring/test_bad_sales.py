@@ -49,6 +49,11 @@ def _opening_time(table: pa.Table) -> pa.Table:
     return table.append_column("opens", pa.array([0] * table.num_rows, pa.time64("us")))
 
 
+def _unnamed_column(table: pa.Table) -> pa.Table:
+    # issue 23 item 7: passed, then every join failed (polars renames a column named "").
+    return table.append_column("", pa.array(["x"] * table.num_rows))
+
+
 @pytest.mark.parametrize(
     ("break_export", "message"),
     [
@@ -59,8 +64,12 @@ def _opening_time(table: pa.Table) -> pa.Table:
         (_price_as_text, "column 'price' is string, but the sales table already holds it as double"),
         (_prefix_column, "columns ['Prefix'] clash with image columns"),
         (_opening_time, "column 'opens' has type time64[us], which Delta cannot store"),
+        (_unnamed_column, "a column has no name (''): name it in the export, or leave it out"),
     ],
-    ids=["missing_column", "mistyped_image_id", "mistyped_sales", "unreadable", "type_drift", "reserved_name_case", "time_of_day"],
+    ids=[
+        "missing_column", "mistyped_image_id", "mistyped_sales", "unreadable", "type_drift", "reserved_name_case",
+        "time_of_day", "unnamed_column",
+    ],
 )
 def test_bad_export_fails_once_and_keeps_the_previous_version(
     own_sales_instance: DagsterInstance, own_sales_dataset: SampleDataset, tmp_path: Path, break_export, message: str
