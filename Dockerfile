@@ -12,8 +12,13 @@
 # (`make image`), and deploy/image/smoke_test.sh checks the result (`make image-smoke`).
 FROM python:3.11-slim
 
+# DAGSTER_MAX_PARTITIONS_FOR_DA_TIMESTAMP_FETCH: automation tells "written after its upstream
+# changed" by the events' times (dagster_wiring/automation.py); past this many partitions of one
+# table updated between two evaluations Dagster uses the evaluation's time instead (default 100),
+# which can run a chunk of a big backfill twice. Read by the daemon.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
+    DAGSTER_MAX_PARTITIONS_FOR_DA_TIMESTAMP_FETCH=2000 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     DAGSTER_HOME=/opt/dagster/home \

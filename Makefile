@@ -29,7 +29,8 @@ test-fast: $(STAMP)
 
 ## The Dagster UI on the demo's instance and data (run `make demo` first).
 ui: $(STAMP)
-	set -a && . $(DEMO_DIR)/demo.env && set +a && $(BIN)/dagster dev -w workspace.yaml
+	set -a && . $(DEMO_DIR)/demo.env && set +a && DAGSTER_MAX_PARTITIONS_FOR_DA_TIMESTAMP_FETCH=2000 \
+		$(BIN)/dagster dev -w workspace.yaml
 
 ## The images most like one of the demo's (ID=img_000012) or like a photo file (IMAGE=path/to/photo.jpg).
 similar: $(STAMP)

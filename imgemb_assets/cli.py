@@ -136,11 +136,11 @@ def _backfill_missing_command(args: argparse.Namespace) -> int:
         if not args.no_discover:
             # A prefix that was never registered is missing too; a dry run changes nothing.
             _discover_and_report(instance, register=not args.dry_run)
-        plan = plan_backfill(instance, args.asset, sales_store)
+        submit = args.submit or (not args.in_process and daemon_is_running(instance))
+        plan = plan_backfill(instance, args.asset, sales_store, skip_unfinished_runs=submit)
         _print_plan(plan, args.asset)
         if plan.empty or args.dry_run:
             return 0
-        submit = args.submit or (not args.in_process and daemon_is_running(instance))
         defs = location_definitions()
         if submit:
             if plan.refresh_sales and not _print_outcome(refresh_sales_in_process(instance, defs)):
@@ -287,7 +287,7 @@ def _print_plan(plan: BackfillPlan, asset: str) -> None:
     if plan.refresh_sales:
         print(f"sales: materialized first ({plan.sales_reason})")
     if plan.skipped_in_progress:
-        print(f"{len(plan.skipped_in_progress)} prefixes left to a backfill in progress")
+        print(f"{len(plan.skipped_in_progress)} prefixes left to a backfill or run in progress")
     for key, problem in plan.skipped_invalid.items():
         print(f"registered partition {key!r} skipped: {problem}")
     if not plan.tables_by_prefix:

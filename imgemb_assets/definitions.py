@@ -14,7 +14,13 @@ from dagster import Definitions, EnvVar, definitions
 
 from imgemb_assets.dagster_wiring.assets import build_assets
 from imgemb_assets.dagster_wiring.automation import build_automation_sensor
-from imgemb_assets.dagster_wiring.jobs import embed_prefix_job, refresh_sales_job, rejoin_sales_job, search_index_job
+from imgemb_assets.dagster_wiring.jobs import (
+    embed_prefix_job,
+    new_prefixes_job,
+    refresh_sales_job,
+    rejoin_sales_job,
+    search_index_job,
+)
 from imgemb_assets.dagster_wiring.maintenance import build_maintenance_schedule
 from imgemb_assets.dagster_wiring.placement import location_executor
 from imgemb_assets.dagster_wiring.reconciliation import build_reconciliation_sensor
@@ -53,18 +59,19 @@ def build_definitions(settings: LocationSettings, resources: Mapping[str, Any] |
     location_resources = {**default_resources(settings), **(resources or {})}
     return Definitions(
         assets=build_assets(settings, location_resources["embedding_model"].code_version()),
-        jobs=[refresh_sales_job, embed_prefix_job, rejoin_sales_job, search_index_job],
+        jobs=[refresh_sales_job, embed_prefix_job, new_prefixes_job, rejoin_sales_job, search_index_job],
         sensors=[
             build_raw_prefix_sensor(
-                settings.sensor_interval_s,
+                settings.discovery_interval_s(),
                 settings.sensor_recent_prefixes,
                 settings.sensor_max_new_prefixes,
                 settings.vanished_prefixes,
                 settings.s3_events_queue_url,
                 settings.sensor_max_root_pages,
+                settings.max_partitions_per_run,
             ),
-            build_sales_change_sensor(settings.sensor_interval_s),
-            build_automation_sensor(settings.sensor_interval_s),
+            build_sales_change_sensor(settings.automation_interval_s()),
+            build_automation_sensor(settings.automation_interval_s()),
             build_reconciliation_sensor(
                 settings.reconciliation_interval_s, settings.reconciliation_prefixes_per_tick
             ),

@@ -3,7 +3,10 @@
 The sensors only notice what only we can see (new prefixes, changed objects,
 changed sales files) and report it: they register partitions and record a new
 materialization of the external assets `raw_images` (per prefix) and
-`sales_export`. Everything else follows from these conditions:
+`sales_export`. (The one run a sensor launches itself is the chain of the
+prefixes it registers: `new_prefix_runs.py`. These conditions then find those
+partitions in progress, and afterwards written after their report.) Everything
+else follows from these conditions:
 
 - a partition is *stale* from the moment it appears or one of its upstream
   tables (or its source) changes, until it is itself updated. Being requested
@@ -15,7 +18,11 @@ materialization of the external assets `raw_images` (per prefix) and
   ids re-joins nothing until it is fixed);
 - a stale partition whose latest run failed is requested again on each tick of
   the retry cron (hourly by default), not on every evaluation: a failure that
-  needs a person (a bad weights file) costs one run an hour, not one a minute.
+  needs a person (a bad weights file) costs one run an hour, not one a minute;
+- one evaluation requests every stale level of a partition: a table whose
+  upstream table is requested on this evaluation is requested with it, so a
+  partition's whole chain goes out at once, in one run (or one backfill whose
+  runs take the chain together), not one level per evaluation.
 
 A partition that is up to date is never requested, so starting the daemon on
 an existing instance launches nothing. The automation sensor emits backfills,
@@ -40,13 +47,28 @@ STALE_LABEL: Final = "stale: missing, or an upstream changed since its last upda
 
 _NOT_BUSY: Final = ~AutomationCondition.in_progress() & ~AutomationCondition.any_deps_in_progress()
 
-_BECAME_STALE: Final = AutomationCondition.newly_missing() | AutomationCondition.any_deps_updated()
-# Reset by an update only, never by a request: see the module docstring. An
-# update seen on the same tick as an upstream change does not reset it: the two
-# events cannot be ordered, so the partition runs once more rather than keep
-# rows older than its upstream (a run that finished just before the sensor
-# reported a new change, or a join re-written while the embedding step ran).
-_STALE: Final = _BECAME_STALE.since(AutomationCondition.newly_updated() & ~_BECAME_STALE).with_label(STALE_LABEL)
+# Stale from the latest change of an upstream table (or source) until an update later than it.
+# Each side of `since` is a bare operand (or one dep operator over one), so Dagster
+# compares the events' own times when both land between two evaluations: a run that
+# writes a table and then its downstream table leaves neither stale (the downstream
+# update is later), while an upstream change reported after the downstream update keeps
+# it stale. An AND or OR around them would drop those times, and Dagster's
+# `executed_with_root_target` (which `any_deps_updated` uses) sees only an asset's
+# single latest partition: after one run of many prefixes, every other prefix of the
+# chain came out stale again and ran twice. An upstream table rewritten while a downstream
+# step still reads its old rows is the writes' concern, not this rule's: each commit checks
+# that the partition it read is unchanged (Lake.unchanged_since) and retries otherwise.
+_UPDATED: Final = AutomationCondition.newly_updated()
+_UPSTREAM_UPDATED: Final = AutomationCondition.any_deps_match(AutomationCondition.newly_updated())
+_STALE: Final = (
+    AutomationCondition.newly_missing().since(_UPDATED) | _UPSTREAM_UPDATED.since(_UPDATED)
+).with_label(STALE_LABEL)
+# An upstream table requested on this evaluation makes this one stale once it updates:
+# request it now, so a new or changed prefix's whole chain goes out in one evaluation
+# (one run per prefix, or one backfill whose runs take the chain together).
+_UPSTREAM_REQUESTED_NOW: Final = AutomationCondition.any_deps_match(AutomationCondition.will_be_requested()).with_label(
+    "an upstream table is requested on this evaluation"
+)
 
 
 def _retry_due(retry_failed_cron: str) -> AutomationCondition:
@@ -64,7 +86,7 @@ def follows_source(retry_failed_cron: str = DEFAULT_RETRY_FAILED_CRON) -> Automa
 def follows_upstream(retry_failed_cron: str = DEFAULT_RETRY_FAILED_CRON) -> AutomationCondition:
     """For tables computed from other tables."""
     return (
-        _STALE
+        (_STALE | _UPSTREAM_REQUESTED_NOW)
         & _retry_due(retry_failed_cron)
         & ~AutomationCondition.any_deps_missing()
         & AutomationCondition.all_deps_blocking_checks_passed()

@@ -27,11 +27,16 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
-from dagster import AssetKey, DagsterInstance, Definitions
+from dagster import AssetKey, DagsterInstance, Definitions, RunsFilter
 from dagster._core.definitions.events import AssetKeyPartitionKey
 from dagster._core.definitions.assets.graph.asset_graph_subset import AssetGraphSubset
 from dagster._core.execution.backfill import BulkActionsFilter, BulkActionStatus, PartitionBackfill
-from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+from dagster._core.storage.dagster_run import NOT_FINISHED_STATUSES
+from dagster._core.storage.tags import (
+    ASSET_PARTITION_RANGE_END_TAG,
+    ASSET_PARTITION_RANGE_START_TAG,
+    PARTITION_NAME_TAG,
+)
 from dagster._core.utils import make_new_backfill_id
 
 from imgemb_assets.core import tables
@@ -40,6 +45,7 @@ from imgemb_assets.core.storage import ObjectStore, partition_key_problem
 from imgemb_assets.core.sales import list_sales_files
 from imgemb_assets.dagster_wiring.assets import RAW_IMAGES, SALES_FILES_FINGERPRINT_KEY
 from imgemb_assets.dagster_wiring.jobs import SALES_JOB_NAME
+from imgemb_assets.dagster_wiring.new_prefix_runs import LAUNCHED_BY_TAG
 from imgemb_assets.dagster_wiring.partitions import S3_PREFIX_PARTITIONS_NAME
 from imgemb_assets.dagster_wiring.sensors import recorded_fingerprint
 from imgemb_assets.dagster_wiring.staleness import PartitionStatus, partition_status
@@ -53,7 +59,6 @@ PREFIX_CHAIN: Final = (
     (tables.IMAGE_EMBEDDINGS,),
 )
 _JOINED_STEP: Final = 2  # images_with_sales: the first table that reads sales
-LAUNCHED_BY_TAG: Final = "imgemb/launched_by"
 _TAGS: Final = {LAUNCHED_BY_TAG: "backfill-missing"}
 # Runs here print warnings and errors; every event is in the instance (and the UI).
 QUIET_CONSOLE: Final = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
@@ -112,7 +117,14 @@ def not_current_by_step(
     return statuses
 
 
-def plan_backfill(instance: DagsterInstance, target: str, sales_store: ObjectStore) -> BackfillPlan:
+def plan_backfill(
+    instance: DagsterInstance, target: str, sales_store: ObjectStore, *, skip_unfinished_runs: bool = False
+) -> BackfillPlan:
+    """What to run for `target`; with `skip_unfinished_runs`, prefixes a queued or running run writes are left to it.
+
+    Only where a daemon runs: its run monitor ends the runs whose process died, so such
+    prefixes are not left behind for good.
+    """
     steps = chain_up_to(target)
     registered = list(instance.get_dynamic_partitions(S3_PREFIX_PARTITIONS_NAME))
     # Missing, or stale (a run failed after its upstream changed): what automation would run too.
@@ -122,6 +134,8 @@ def plan_backfill(instance: DagsterInstance, target: str, sales_store: ObjectSto
     # Prefixes with no thumbnails yet have joined nothing with the old sales.
     never_downscaled = set(statuses[_JOINED_STEP - 1].missing) if sales_reason is not None else set()
     in_progress = _targeted_by_running_backfills(instance, target)
+    if skip_unfinished_runs:
+        in_progress |= _targeted_by_unfinished_runs(instance, target, registered)
     tables_by_prefix: dict[str, tuple[str, ...]] = {}
     # A run for '' would list the whole root as one partition: such keys are never run.
     invalid = {prefix: problem for prefix in registered if (problem := partition_key_problem(prefix)) is not None}
@@ -253,4 +267,21 @@ def _targeted_by_running_backfills(instance: DagsterInstance, target: str) -> se
         if data is None or AssetKey(target) not in data.target_subset.partitions_subsets_by_asset_key:
             continue
         targeted |= set(data.target_subset.partitions_subsets_by_asset_key[AssetKey(target)].get_partition_keys())
+    return targeted
+
+
+def _targeted_by_unfinished_runs(instance: DagsterInstance, target: str, registered: Sequence[str]) -> set[str]:
+    """Prefixes whose `target` partition a queued or running run will write (one the discovery sensor launched
+    for new prefixes, automation's, the UI's): a backfill of them now would write them a second time."""
+    position = {prefix: index for index, prefix in enumerate(registered)}
+    targeted: set[str] = set()
+    for record in instance.get_run_records(RunsFilter(statuses=NOT_FINISHED_STATUSES)):
+        run = record.dagster_run
+        if run.asset_selection is not None and AssetKey(target) not in run.asset_selection:
+            continue
+        if (single := run.tags.get(PARTITION_NAME_TAG)) is not None:
+            targeted.add(single)
+        start, end = run.tags.get(ASSET_PARTITION_RANGE_START_TAG), run.tags.get(ASSET_PARTITION_RANGE_END_TAG)
+        if start in position and end in position:
+            targeted |= set(registered[position[start] : position[end] + 1])
     return targeted

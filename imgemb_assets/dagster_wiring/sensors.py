@@ -1,10 +1,12 @@
 """Sensors for what only we can see: new prefixes, changed objects under a prefix, changed sales files.
 
-They launch no runs of assets. They register new prefixes as partitions and report a
-new materialization of the external assets `raw_images` (one per prefix whose
-listing changed) and `sales_export` (when the sales files changed), with the
-listing's fingerprint; declarative automation (`automation.py`) then
-materializes what became stale, in runs of many prefixes.
+They register new prefixes as partitions and report a new materialization of the
+external assets `raw_images` (one per prefix whose listing changed) and
+`sales_export` (when the sales files changed), with the listing's fingerprint;
+declarative automation (`automation.py`) then materializes what became stale, in
+runs of many prefixes. The one exception is a new prefix: the discovery sensor
+launches its whole chain itself, in the tick that registers it
+(`new_prefix_runs.py`), so nothing waits for the next automation evaluation.
 
 A fingerprint is reported only when it differs from the last one reported
 (kept in the instance as that report's metadata, not in the cursor) or, for a
@@ -29,6 +31,7 @@ from dagster import (
     SensorDefinition,
     SensorEvaluationContext,
     SensorResult,
+    RunRequest,
     SkipReason,
     sensor,
 )
@@ -49,16 +52,19 @@ from imgemb_assets.dagster_wiring.assets import (
     SALES_EXPORT,
     SALES_FILES_FINGERPRINT_KEY,
 )
+from imgemb_assets.dagster_wiring.jobs import new_prefixes_job
+from imgemb_assets.dagster_wiring.new_prefix_runs import new_prefix_run_requests, sales_readiness
 from imgemb_assets.dagster_wiring.lifecycle import removal_refusal, removal_request, remove_vanished_prefixes_job, shown
 from imgemb_assets.dagster_wiring.partitions import S3_PREFIX_PARTITIONS_NAME, s3_prefix_partitions
 from imgemb_assets.dagster_wiring.resources import StorageResource
 from imgemb_assets.dagster_wiring.settings import LocationSettings
 
 # The location's defaults (IMGEMB_SENSOR_*), for sensors built without settings.
-DEFAULT_MINIMUM_INTERVAL_S: int = LocationSettings.model_fields["sensor_interval_s"].default
+DEFAULT_MINIMUM_INTERVAL_S: int = LocationSettings().automation_interval_s()
 DEFAULT_RECENT_PREFIXES: int = LocationSettings.model_fields["sensor_recent_prefixes"].default
 DEFAULT_MAX_NEW_PREFIXES: int = LocationSettings.model_fields["sensor_max_new_prefixes"].default
 DEFAULT_MAX_ROOT_PAGES: int = LocationSettings.model_fields["sensor_max_root_pages"].default
+DEFAULT_MAX_PARTITIONS_PER_RUN: int = LocationSettings.model_fields["max_partitions_per_run"].default
 _ROOT_OBJECTS_SHOWN = 10
 # On raw_images events reported from the bucket's event queue: how many changed objects the partition had.
 S3_EVENTS_KEY = "s3_events"
@@ -130,6 +136,7 @@ def build_raw_prefix_sensor(
     vanished_policy: str = "keep",
     events_queue_url: str | None = None,
     max_root_pages: int | None = DEFAULT_MAX_ROOT_PAGES,
+    max_partitions_per_run: int = DEFAULT_MAX_PARTITIONS_PER_RUN,
 ) -> SensorDefinition:
     """The discovery sensor; its interval, the recent prefixes it re-lists, the new ones it takes per tick, what
     becomes of vanished prefixes (`keep` or `remove`) and the SQS queue of the bucket's events are settings.
@@ -143,7 +150,7 @@ def build_raw_prefix_sensor(
         name="raw_prefix_sensor",
         minimum_interval_seconds=minimum_interval_seconds,
         default_status=DefaultSensorStatus.RUNNING,
-        jobs=[remove_vanished_prefixes_job],
+        jobs=[remove_vanished_prefixes_job, new_prefixes_job],
         description=(
             "Registers new prefixes of the raw-images root as s3_prefix partitions and reports raw_images changed "
             f"for every new or changed prefix (re-lists new prefixes and the {recent_prefixes} most recent ones); "
@@ -160,7 +167,9 @@ def build_raw_prefix_sensor(
         # tables inside the code server's sensor evaluation is left out (dagster dev on an S3 lake then
         # did not stop on SIGTERM in full CI runs; unconfirmed cause).
         if events_queue_url:
-            return _tick_from_events(context, storage, events_queue_url, registered, context.cursor)
+            return _tick_from_events(
+                context, storage, events_queue_url, registered, context.cursor, max_partitions_per_run
+            )
         known = known_prefixes(context.instance, registered)
         plan = plan_discovery(
             storage.partitioned_root(),
@@ -177,7 +186,8 @@ def build_raw_prefix_sensor(
             _report_vanished(context, vanished, len(registered), vanished_policy)
         removable = vanished_policy == "remove" and vanished and removal_refusal(vanished, len(registered)) is None
         return SensorResult(
-            run_requests=[removal_request(vanished)] if removable else [],
+            run_requests=([removal_request(vanished)] if removable else [])
+            + _new_prefix_runs(context, plan.new_prefixes, max_partitions_per_run),
             dynamic_partitions_requests=(
                 [s3_prefix_partitions.build_add_request(plan.new_prefixes)] if plan.new_prefixes else []
             ),
@@ -188,12 +198,26 @@ def build_raw_prefix_sensor(
     return raw_prefix_sensor
 
 
+def _new_prefix_runs(context: SensorEvaluationContext, new: Sequence[str], max_per_run: int) -> list[RunRequest]:
+    """The runs of the new prefixes' chain this tick launches (see new_prefix_runs.py), logged."""
+    if not new:
+        return []
+    readiness = sales_readiness(context.instance)
+    requests = new_prefix_run_requests(new, max_per_run, readiness)
+    if requests:
+        context.log.info(f"{len(new)} new prefixes: {len(requests)} runs of their whole chain launched ({readiness.reason})")
+    else:
+        context.log.info(f"{len(new)} new prefixes left to automation: {readiness.reason}")
+    return requests
+
+
 def _tick_from_events(
     context: SensorEvaluationContext,
     storage: StorageResource,
     queue_url: str,
     registered: Sequence[str],
     cursor: str | None,
+    max_partitions_per_run: int,
 ) -> SensorResult:
     """A discovery tick that lists nothing: the partitions touched by the queued S3 events are registered and reported.
 
@@ -214,6 +238,7 @@ def _tick_from_events(
     new = [key for key in touched.counts if key not in known]
     result = SensorResult(
         dynamic_partitions_requests=[s3_prefix_partitions.build_add_request(new)] if new else [],
+        run_requests=_new_prefix_runs(context, new, max_partitions_per_run),
         asset_events=[
             AssetMaterialization(asset_key=RAW_IMAGES, partition=key, metadata={S3_EVENTS_KEY: count})
             for key, count in touched.counts.items()

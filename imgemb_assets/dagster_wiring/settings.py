@@ -14,7 +14,11 @@
                                     folders:N,hash:B, hash:B, optionally ,loose:L (core/partition_scheme.py)
     IMGEMB_S3_EVENTS_QUEUE_URL      an SQS queue receiving the bucket's S3 event notifications: the discovery
                                     sensor then reads it and lists nothing (default: none, it lists)
-    IMGEMB_SENSOR_INTERVAL_S        minimum interval of the discovery and sales sensors (default 30)
+    IMGEMB_SENSOR_INTERVAL_S        minimum interval of the sensors and of automation's evaluations (default: 30;
+                                    the discovery sensor 5 where a tick costs no S3 request: a local root,
+                                    or the S3 event queue)
+    IMGEMB_RAW_IMAGES_URI           the raw-images root (read by the storage resource when a run starts);
+                                    here only to choose the discovery sensor's default interval
     IMGEMB_SENSOR_RECENT_PREFIXES   known prefixes re-listed on each discovery tick (default 3)
     IMGEMB_SENSOR_MAX_NEW_PREFIXES  new prefixes taken per discovery tick (default 100)
     IMGEMB_SENSOR_MAX_ROOT_PAGES    pages of the root's listing (1,000 keys each on S3) one discovery tick reads;
@@ -44,7 +48,9 @@ from typing import Any, Final, Literal, get_args
 
 import pydantic
 import pydantic_settings
+from dagster._utils.schedules import is_valid_cron_string
 from pydantic import Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -56,6 +62,8 @@ VanishedPrefixPolicy = Literal["keep", "remove"]
 EXECUTORS: Final = get_args(Executor)
 VANISHED_PREFIX_POLICIES: Final = get_args(VanishedPrefixPolicy)
 _ENV_PREFIX: Final = "IMGEMB_"
+LISTING_INTERVAL_S: Final = 30
+CHEAP_TICK_INTERVAL_S: Final = 5
 # How a pydantic error reads after the variable's name; other errors keep pydantic's own words.
 _PROBLEMS: Final = {
     "int_parsing": "must be an integer",
@@ -65,6 +73,10 @@ _PROBLEMS: Final = {
     "dict_type": "must be a JSON object",
     "literal_error": "must be one of {expected}",
     "greater_than_equal": "must be >= {ge}",
+    "cron_schedule": (
+        "must be a cron expression Dagster's schedules take: 5 fields (minute hour day-of-month month "
+        "day-of-week, in UTC) that some date matches, e.g. '0 3 * * *'"
+    ),
 }
 
 
@@ -98,7 +110,9 @@ class LocationSettings(BaseSettings):
     partition_scheme: str = DEFAULT_SCHEME_TEXT
     # Discovery from the bucket's event notifications instead of listings (sensors.py, core/notifications.py).
     s3_events_queue_url: str | None = None
-    sensor_interval_s: int = Field(30, ge=1)
+    # None: automation_interval_s() and discovery_interval_s() choose (LISTING_INTERVAL_S, CHEAP_TICK_INTERVAL_S).
+    sensor_interval_s: int | None = Field(None, ge=1)
+    raw_images_uri: str | None = None
     sensor_recent_prefixes: int = Field(3, ge=0)
     # A first tick over a bucket with many prefixes must finish within Dagster's
     # sensor time limit (60 s by default); the rest are taken on later ticks.
@@ -139,6 +153,15 @@ class LocationSettings(BaseSettings):
         except PartitionSchemeError as exc:
             raise ValueError(str(exc)) from exc
 
+    @field_validator("maintenance_cron")
+    @classmethod
+    def _cron_is_a_schedule(cls, cron: str) -> str:
+        # The check Dagster's ScheduleDefinition applies: refused there, it would take the whole
+        # code location down with an error that names the schedule, not the variable.
+        if not is_valid_cron_string(cron):
+            raise PydanticCustomError("cron_schedule", "not a cron expression Dagster's schedules take")
+        return cron
+
     @model_validator(mode="after")
     def _short_retention_is_meant(self) -> LocationSettings:
         shortest = maintenance_defaults.DELTA_DEFAULT_RETENTION_HOURS
@@ -162,6 +185,22 @@ class LocationSettings(BaseSettings):
         # The constructor takes its arguments and the defaults, never os.environ, a .env file or
         # secrets: tests and benchmarks build settings next to a deployment's IMGEMB_* variables.
         return (init_settings,)
+
+    def automation_interval_s(self) -> int:
+        """Of the automation sensor and the sales sensor: Dagster's usual 30 s unless set."""
+        return self.sensor_interval_s or LISTING_INTERVAL_S
+
+    def discovery_interval_s(self) -> int:
+        """Of the discovery sensor: 30 s where each tick lists an S3 root (requests are billed), else 5.
+
+        A new prefix's runs start in the tick that registers it, so this interval is most of
+        the wait between a prefix landing and its work starting. A tick of a local root, or of
+        the bucket's event queue, costs no S3 request; Dagster's sensor loop runs every 5 s.
+        """
+        if self.sensor_interval_s is not None:
+            return self.sensor_interval_s
+        lists_s3 = (self.raw_images_uri or "").startswith("s3://") and not self.s3_events_queue_url
+        return LISTING_INTERVAL_S if lists_s3 else CHEAP_TICK_INTERVAL_S
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> LocationSettings:

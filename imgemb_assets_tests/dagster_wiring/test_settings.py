@@ -3,6 +3,8 @@ parsing, and with errors that name the variable."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from imgemb_assets.core.lake import TARGET_FILE_BYTES
@@ -57,9 +59,21 @@ def test_errors_name_the_variable_and_the_problem() -> None:
 def test_the_defaults_are_written_once() -> None:
     defaults = LocationSettings()
     assert (DEFAULT_MINIMUM_INTERVAL_S, DEFAULT_RECENT_PREFIXES, DEFAULT_MAX_NEW_PREFIXES) == (
-        defaults.sensor_interval_s,
+        defaults.automation_interval_s(),
         defaults.sensor_recent_prefixes,
         defaults.sensor_max_new_prefixes,
     )
     # compaction aims at the size Lake writes
     assert MaintenanceSettings().target_file_bytes == defaults.compact_target_file_bytes == TARGET_FILE_BYTES
+
+
+@pytest.mark.parametrize("cron", ["not a cron", "0 3 * *", "61 3 * * *", "0 3 30 2 *", "0 0 3 * * *"])
+def test_an_invalid_maintenance_cron_is_refused_naming_the_variable_and_the_value(cron: str) -> None:
+    # issue 23 item 9: accepted here, then the code location failed to load on Dagster's
+    # "invalid cron schedule ... for schedule 'lake_maintenance_schedule'", which names no variable.
+    with pytest.raises(SettingsError, match=rf"^IMGEMB_MAINTENANCE_CRON must be a cron expression .*, got {re.escape(repr(cron))}$"):
+        LocationSettings.from_environ({"IMGEMB_MAINTENANCE_CRON": cron})
+    with pytest.raises(SettingsError, match="IMGEMB_MAINTENANCE_CRON"):
+        LocationSettings(maintenance_cron=cron)
+    # what Dagster's schedules accept is accepted
+    assert LocationSettings.from_environ({"IMGEMB_MAINTENANCE_CRON": "30 2 * * 0"}).maintenance_cron == "30 2 * * 0"
