@@ -27,6 +27,7 @@ from deltalake import DeltaTable
 
 from imgemb_assets.core import tables
 from imgemb_assets.core.embedding_staging import PartitionStaging, staging_root_uri
+from imgemb_assets.core import lake as lake_module
 from imgemb_assets.core.lake import Lake, LakeError
 from imgemb_assets.core.model_settings import EmbeddingSettings
 from imgemb_assets.core.models import model_id_for
@@ -94,21 +95,22 @@ def test_a_failed_commit_keeps_the_staged_vectors_and_the_rerun_embeds_nothing_a
     prefix = own_dataset.prefixes[0]
     total = own_dataset.expected_joined(prefix)
     lake = Lake(str(tmp_path / "lake"))
-    write_partition = Lake.write_partition
+    commit_with_retries = lake_module._commit_with_retries
 
-    def commit_refused(self: Lake, name: str, data, partition_key: str, precondition=None) -> None:
-        if name == tables.IMAGE_EMBEDDINGS:
+    def commit_refused(commit, what: str, precondition=None) -> None:  # noqa: ANN001
+        if what.endswith(f"of {tables.IMAGE_EMBEDDINGS}"):
             raise LakeError("the commit was refused (test)")  # a permanent failure: no step retry
-        write_partition(self, name, data, partition_key, precondition)
+        commit_with_retries(commit, what, precondition)
 
-    monkeypatch.setattr(Lake, "write_partition", commit_refused)
+    monkeypatch.setattr(lake_module, "_commit_with_retries", commit_refused)
     success, _ = _run_prefix(own_instance, prefix)
     assert not success
-    assert not lake.exists(tables.IMAGE_EMBEDDINGS)
+    # Nothing of the partition was committed (a streamed first write may have created the table empty).
+    assert not lake.exists(tables.IMAGE_EMBEDDINGS) or lake.read(tables.IMAGE_EMBEDDINGS, prefix).num_rows == 0
     staging = PartitionStaging(lake, tables.IMAGE_EMBEDDINGS, prefix, _model_id())
     assert len(staging.staged_files()) == -(-total // BATCH_SIZE)  # one file per model batch
 
-    monkeypatch.setattr(Lake, "write_partition", write_partition)
+    monkeypatch.setattr(lake_module, "_commit_with_retries", commit_with_retries)
     success, run_id = _run_prefix(own_instance, prefix)
     assert success
     metadata = _embedding_metadata(own_instance)
@@ -240,5 +242,7 @@ def test_sigkill_at_80_percent_then_a_rerun_resumes_from_the_staged_batches(
     table = lake.read(tables.IMAGE_EMBEDDINGS, KILL_PREFIX)
     ids = table.column("image_id").to_pylist()
     assert len(ids) == len(set(ids)) == KILL_IMAGES
-    assert DeltaTable(lake.table_uri(tables.IMAGE_EMBEDDINGS)).version() == 0
+    # One commit wrote the partition (the table was created empty just before it).
+    operations = [entry["operation"] for entry in DeltaTable(lake.table_uri(tables.IMAGE_EMBEDDINGS)).history()]
+    assert operations == ["WRITE", "CREATE TABLE"]
     assert staging.staged_files() == []

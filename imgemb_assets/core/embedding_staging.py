@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 
 from imgemb_assets.core.embedding_column import EMBEDDING_TYPE, embedding_array
 from imgemb_assets.core.lake import Lake, partition_value
-from imgemb_assets.core.search_index import _folder_at  # the lake's pyarrow filesystem, local or S3
+from imgemb_assets.core.arrow_filesystem import arrow_location
 from imgemb_assets.core.storage import local_path_of
 
 # Under the lake root, beside the tables (`_` keeps it out of any table name).
@@ -67,7 +67,7 @@ class PartitionStaging:
     def __init__(self, lake: Lake, table: str, prefix: str, model_id: str, warn: Warn | None = None) -> None:
         self.model_id = model_id
         self.uri = f"{staging_root_uri(lake)}/{table}/{partition_value(prefix)}/{partition_value(model_id)}"
-        folder = _folder_at(self.uri, lake)
+        folder = arrow_location(self.uri, lake.current_storage_options())
         self._fs: pafs.FileSystem = folder.filesystem
         self._path: str = folder.path
         self._is_local: bool = folder.is_local

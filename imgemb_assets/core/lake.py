@@ -11,11 +11,13 @@ migrated with `Lake.migrate_partitioning`.
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import re
 import tempfile
 import time
 import unicodedata
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +29,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from deltalake import DeltaTable, QueryBuilder, WriterProperties, write_deltalake
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
+from deltalake.transaction import AddAction
 
 from imgemb_assets.core import maintenance_defaults
+from imgemb_assets.core.arrow_filesystem import arrow_location
 from imgemb_assets.core.storage import local_path_of
 from imgemb_assets.core.tables import PARTITION_COLUMN, PARTITION_STORAGE_COLUMN
 
@@ -237,11 +241,75 @@ class Lake:
         partition_key: str,
         precondition: Precondition | None = None,
     ) -> int:
-        """Replace one partition with a stream of batches, holding only one batch in memory; the row count.
+        """Replace one partition with a stream of batches, holding only about one batch in memory; the row count.
 
-        The stream is spooled to a local parquet file first, so a commit that
-        loses to a concurrent writer can be retried without recomputing it.
+        delta-rs 1.6 collects a write's whole input in memory before writing it (delta-rs
+        issues 2255, 3578), which made a step's memory grow with its partition. So once the
+        table exists with this schema, the batches are written by pyarrow as parquet data
+        files straight into the table's folder and committed by delta-rs in one transaction
+        that replaces the partition (`create_write_transaction`); a commit that loses to a
+        concurrent writer is retried with the same files. A first write creates the table,
+        empty, just before its commit; a write that changes the table's columns goes through
+        delta-rs's own write, spooled to a local file.
         """
+        if not partition_key:
+            raise LakeError(f"an empty prefix is no partition of {name} (it would stand for the whole root)")
+        try:
+            table: DeltaTable | None = self._open(name)
+        except LakeError:
+            table = None  # created just before the commit: a write killed before it leaves no table
+        layout_column = PARTITION_STORAGE_COLUMN if table is None else _layout_column_of(table)
+        if table is not None:
+            stored_schema = _without(pa.schema(table.schema().to_arrow()), PARTITION_STORAGE_COLUMN)
+            if not _same_columns(stored_schema, schema):
+                return self._write_spooled(name, batches, schema, partition_key, precondition)
+        if layout_column == PARTITION_COLUMN:
+            self._require_folder_fits(name, partition_key)
+            value = partition_key
+        else:
+            value = partition_value(partition_key)
+        written = _DataFiles(self, name, layout_column, value, _without(schema, layout_column))
+        try:
+            rows = written.write(batches, partition_key)
+            if table is None:
+                self._create_empty(name, schema)
+
+            def commit() -> None:
+                latest = self._open(name)  # each attempt commits on top of the newest version
+                latest.create_write_transaction(
+                    written.actions,
+                    mode="overwrite",
+                    schema=latest.schema(),
+                    partition_by=[layout_column],
+                    partition_filters=[(layout_column, "=", value)],
+                )
+
+            _commit_with_retries(commit, f"partition {partition_key!r} of {name}", precondition)
+        except BaseException:
+            written.delete()  # never committed: nothing names them
+            raise
+        return rows
+
+    def _create_empty(self, name: str, schema: pa.Schema) -> DeltaTable:
+        """The table with no rows, partitioned in today's layout (one a concurrent writer created first is kept)."""
+        self._ensure_local_parent()
+        return DeltaTable.create(
+            self.table_uri(name),
+            schema=schema.append(pa.field(PARTITION_STORAGE_COLUMN, pa.string(), nullable=False)),
+            mode="ignore",
+            partition_by=[PARTITION_STORAGE_COLUMN],
+            storage_options=self.current_storage_options(),
+        )
+
+    def _write_spooled(
+        self,
+        name: str,
+        batches: Iterable[pa.RecordBatch],
+        schema: pa.Schema,
+        partition_key: str,
+        precondition: Precondition | None,
+    ) -> int:
+        """delta-rs's own write of a stream, spooled to a local parquet file so a lost commit can be retried."""
         rows = 0
         with tempfile.TemporaryDirectory(prefix="imgemb-spool-") as spool:
             path = f"{spool}/{name}.parquet"
@@ -540,3 +608,80 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+class _DataFiles:
+    """Parquet data files written by pyarrow into one partition folder of a table, for one transaction."""
+
+    def __init__(self, lake: Lake, name: str, layout_column: str, value: str, file_schema: pa.Schema) -> None:
+        self._location = arrow_location(lake.table_uri(name), lake.current_storage_options())
+        self._layout_column = layout_column
+        self._value = value
+        self._file_schema = file_schema
+        # delta-rs's own folder naming: the value percent-encoded.
+        self._folder = f"{layout_column}={quote(value, safe='')}"
+        self.actions: list[AddAction] = []
+        self._created: list[str] = []  # every file opened, committed or not
+
+    def write(self, batches: Iterable[pa.RecordBatch], partition_key: str) -> int:
+        """Write the batches into files of about TARGET_FILE_BYTES each; the row count."""
+        if self._location.is_local:
+            self._location.filesystem.create_dir(self._location.file(self._folder), recursive=True)
+        rows = file_rows = file_bytes = 0
+        writer: pq.ParquetWriter | None = None
+        try:
+            for batch in batches:
+                _require_single_partition(batch, partition_key)
+                if writer is None:
+                    writer = self._open_file()
+                    file_rows = file_bytes = 0
+                columns = [batch.column(field_.name) for field_ in self._file_schema]
+                writer.write_batch(pa.RecordBatch.from_arrays(columns, schema=self._file_schema))
+                file_rows += batch.num_rows
+                file_bytes += batch.nbytes
+                rows += batch.num_rows
+                if file_bytes >= TARGET_FILE_BYTES:
+                    writer.close()
+                    writer = None
+                    self._add(self._created[-1], file_rows)
+        finally:
+            if writer is not None:
+                writer.close()
+        if writer is not None:
+            self._add(self._created[-1], file_rows)
+        return rows
+
+    def _open_file(self) -> pq.ParquetWriter:
+        relative = f"{self._folder}/part-imgemb-{uuid.uuid4()}.parquet"
+        self._created.append(relative)
+        return pq.ParquetWriter(self._location.file(relative), self._file_schema, filesystem=self._location.filesystem)
+
+    def _add(self, relative: str, rows: int) -> None:
+        size = self._location.filesystem.get_file_info(self._location.file(relative)).size
+        self.actions.append(
+            AddAction(
+                path=quote(relative, safe="/="),
+                size=size,
+                partition_values={self._layout_column: self._value},
+                modification_time=int(time.time() * 1000),
+                data_change=True,
+                stats=json.dumps({"numRecords": rows}),
+            )
+        )
+
+    def delete(self) -> None:
+        for relative in self._created:
+            try:
+                self._location.filesystem.delete_file(self._location.file(relative))
+            except OSError:
+                pass  # left for vacuum: no version of the table names it
+
+
+def _without(schema: pa.Schema, column: str) -> pa.Schema:
+    index = schema.get_field_index(column)
+    return schema if index < 0 else schema.remove(index)
+
+
+def _same_columns(stored: pa.Schema, written: pa.Schema) -> bool:
+    """Whether the stored table has exactly the written columns and types (nullability aside)."""
+    return [(f.name, f.type) for f in stored] == [(f.name, f.type) for f in written]

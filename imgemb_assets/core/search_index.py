@@ -55,7 +55,6 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Final
-from urllib.parse import urlparse
 
 import numpy as np
 import pyarrow as pa
@@ -65,6 +64,7 @@ import pyarrow.parquet as pq
 from usearch.index import Index as UsearchIndex
 
 from imgemb_assets.core.embedding_column import vectors_of
+from imgemb_assets.core.arrow_filesystem import ArrowLocation, UnsupportedLocation, arrow_location
 from imgemb_assets.core.lake import Lake, partition_value
 from imgemb_assets.core.storage import local_path_of
 from imgemb_assets.core.tables import IMAGE_EMBEDDINGS
@@ -606,14 +606,8 @@ def read_partition_models(lake: Lake, prefix: str, fingerprint: str, table: str 
 # --- persistence under the lake root -----------------------------------------------
 
 
-@dataclass(frozen=True)
-class _IndexFolder:
-    filesystem: pafs.FileSystem
-    path: str  # the index folder, as `filesystem` names it
-    is_local: bool
-
-    def file(self, name: str) -> str:
-        return f"{self.path}/{name}"
+# An index folder: the lake's pyarrow filesystem (local or S3) and the folder's path on it.
+_IndexFolder = ArrowLocation
 
 
 def index_folder_uri(lake: Lake, model_id: str) -> str:
@@ -638,41 +632,10 @@ def _index_folder(lake: Lake, model_id: str) -> _IndexFolder:
 
 def _folder_at(uri: str, lake: Lake) -> _IndexFolder:
     """The folder at `uri` (the lake's index root or under it), with a filesystem that reaches it."""
-    if local_path_of(lake.root_uri) is not None:
-        return _IndexFolder(pafs.LocalFileSystem(), uri, True)
-    parsed = urlparse(uri)
-    if parsed.scheme != "s3":
-        raise SearchIndexError(f"lake root {lake.root_uri!r}: only a local folder or s3:// is supported")
-    return _IndexFolder(_s3_filesystem(lake.current_storage_options()), f"{parsed.netloc}{parsed.path}", False)
-
-
-def _s3_filesystem(options: Mapping[str, str] | None) -> pafs.S3FileSystem:
-    """pyarrow's S3 client configured like delta-rs (`S3Settings.delta_storage_options`)."""
-    if options is None:
-        return pafs.S3FileSystem()  # the AWS variables and default chain, as delta-rs without options
-    arguments: dict[str, Any] = {
-        "access_key": options.get("AWS_ACCESS_KEY_ID"),
-        "secret_key": options.get("AWS_SECRET_ACCESS_KEY"),
-        "session_token": options.get("AWS_SESSION_TOKEN"),
-        "region": options.get("AWS_REGION"),
-    }
-    endpoint = options.get("AWS_ENDPOINT_URL")
-    if endpoint:
-        parsed = urlparse(endpoint)
-        arguments["endpoint_override"] = parsed.netloc + parsed.path.rstrip("/") if parsed.scheme else endpoint
-        arguments["scheme"] = parsed.scheme or "https"
-    if options.get("AWS_ALLOW_HTTP", "").lower() == "true" and not endpoint:
-        arguments["scheme"] = "http"
-    if "connect_timeout" in options:
-        arguments["connect_timeout"] = _seconds(options["connect_timeout"])
-    if "timeout" in options:
-        arguments["request_timeout"] = _seconds(options["timeout"])
-    return pafs.S3FileSystem(**{key: value for key, value in arguments.items() if value is not None})
-
-
-def _seconds(duration: str) -> float:
-    # delta-rs durations as S3Settings writes them: "10000ms"
-    return float(duration.removesuffix("ms")) / 1000 if duration.endswith("ms") else float(duration.removesuffix("s"))
+    try:
+        return arrow_location(uri, lake.current_storage_options())
+    except UnsupportedLocation as exc:
+        raise SearchIndexError(f"lake root {lake.root_uri!r}: only a local folder or s3:// is supported") from exc
 
 
 def save_index(index: SearchIndex, lake: Lake) -> SaveReport:

@@ -6,16 +6,18 @@ decode settings and limits, `thumbnail_recipe`), keeps its stored thumbnail or
 rejection without being downloaded or decoded; only new or changed objects are.
 The partition is still written whole, in one commit.
 
-The Dagster asset calls this and writes what it returns; keeping it here lets
-tests and benchmarks run the step without Dagster.
+The partition is produced as a stream of batches (`downscale_partition_stream`), written
+to Delta as it comes: memory holds the manifest and one batch of objects, not the
+partition's thumbnails. The Dagster asset calls this and writes what it returns; keeping
+it here lets tests and benchmarks run the step without Dagster.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import pyarrow as pa
@@ -35,6 +37,11 @@ from imgemb_assets.core.tables import DOWNSCALED_IMAGES_SCHEMA, PARTITION_COLUMN
 THUMBNAIL_RECIPE_VERSION: Final = 1
 # ImageLimits fields that change no outcome (only how many decodes run at once).
 _RECIPE_IGNORES: Final = frozenset({"max_decode_bytes"})
+# Objects read and decoded per batch of a streamed partition: enough to keep the pool busy, few
+# enough that a batch's thumbnails (about 10 KB each) and source bytes stay a few MB.
+_OBJECTS_PER_BATCH: Final = 256
+# Stored thumbnail rows per batch when a rewrite streams the reused ones (about 10 KB each).
+STORED_BATCH_ROWS: Final = 512
 
 
 def thumbnail_recipe(limits: ImageLimits) -> str:
@@ -54,29 +61,61 @@ class _Rejection:
 
 @dataclass(frozen=True)
 class StoredThumbnails:
-    """A partition's stored outcomes that a rewrite may reuse: thumbnails by (image_id, etag), rejections by (uri, etag)."""
+    """A partition's stored outcomes that a rewrite may reuse: thumbnails by (image_id, etag), rejections by (uri, etag).
 
-    thumbnails: dict[tuple[str, str], dict[str, Any]]
+    Only the thumbnails' keys are held; their rows (JPEG bytes) are streamed from `rows()`
+    when the reused ones are written again, so memory does not grow with the partition.
+    """
+
+    thumbnail_keys: frozenset[tuple[str, str]]
     rejections: dict[tuple[str, str], str]
+    rows: Callable[[], Iterable[pa.RecordBatch]] = field(default=lambda: iter(()))
 
     @classmethod
     def of(cls, images: pa.Table | None, rejected: pa.Table | None, recipe: str) -> StoredThumbnails:
         """The rows of the stored tables made with `recipe` (rows of other recipes, or none, are made again)."""
-        thumbnails: dict[tuple[str, str], dict[str, Any]] = {}
-        if images is not None and "decoded_with" in images.column_names:
-            for row in images.to_pylist():
+        if images is None:
+            return cls.streamed(None, lambda: iter(()), rejected, recipe)
+        return cls.streamed(images, lambda: iter(images.to_batches(max_chunksize=STORED_BATCH_ROWS)), rejected, recipe)
+
+    @classmethod
+    def streamed(
+        cls,
+        keys: pa.Table | None,
+        rows: Callable[[], Iterable[pa.RecordBatch]],
+        rejected: pa.Table | None,
+        recipe: str,
+    ) -> StoredThumbnails:
+        """`keys`: the stored thumbnails' image_id, etag and decoded_with columns; `rows()`: all their rows, streamed."""
+        thumbnail_keys: set[tuple[str, str]] = set()
+        if keys is not None and "decoded_with" in keys.column_names:
+            for row in keys.select(["image_id", "etag", "decoded_with"]).to_pylist():
                 if row["decoded_with"] == recipe:
-                    thumbnails[(row["image_id"], row["etag"])] = row
+                    thumbnail_keys.add((row["image_id"], row["etag"]))
         rejections: dict[tuple[str, str], str] = {}
         if rejected is not None and {"etag", "decoded_with"} <= set(rejected.column_names):
             for row in rejected.select(["uri", "etag", "reason", "decoded_with"]).to_pylist():
                 if row["etag"] is not None and row["decoded_with"] == recipe:
                     rejections[(row["uri"], row["etag"])] = row["reason"]
-        return cls(thumbnails, rejections)
+        return cls(frozenset(thumbnail_keys), rejections, rows if thumbnail_keys else lambda: iter(()))
 
     @classmethod
     def none(cls) -> StoredThumbnails:
-        return cls({}, {})
+        return cls(frozenset(), {})
+
+
+@dataclass
+class DownscaleTally:
+    """What a streamed downscale settled besides its thumbnail rows; complete once the stream is consumed."""
+
+    thumbnails: int = 0
+    decoded: int = 0  # objects downloaded and decoded (or refused) by this write
+    reused: int = 0  # objects whose stored thumbnail or rejection was kept
+    rejected_rows: list[dict[str, Any]] = field(default_factory=list)  # small: no image bytes
+    newly_rejected: set[str] = field(default_factory=set)  # uris of the rejections decided by this write
+
+    def rejected(self) -> pa.Table:
+        return pa.Table.from_pylist(self.rejected_rows, schema=REJECTED_IMAGES_SCHEMA)
 
 
 @dataclass(frozen=True)
@@ -96,62 +135,122 @@ def downscale_partition(
     stored: StoredThumbnails | None = None,
     on_done: Callable[[int], None] | None = None,
 ) -> DownscaledPartition:
-    """Every manifest row ends in exactly one of the two tables returned.
+    """Every manifest row ends in exactly one of the two tables returned (the whole partition in memory: tests, tools)."""
+    batches, tally = downscale_partition_stream(store, manifest, limits, max_workers, stored, on_done)
+    images = pa.Table.from_batches(list(batches), schema=DOWNSCALED_IMAGES_SCHEMA)
+    return DownscaledPartition(
+        images=images,
+        rejected=tally.rejected(),
+        decoded=tally.decoded,
+        reused=tally.reused,
+        newly_rejected=frozenset(tally.newly_rejected),
+    )
 
-    `stored` outcomes are reused for unchanged objects; `on_done(n)` is called as objects are
-    settled (for progress lines), from the decoding threads.
+
+def downscale_partition_stream(
+    store: ObjectStore,
+    manifest: pa.Table,
+    limits: ImageLimits = ImageLimits(),
+    max_workers: int | None = None,
+    stored: StoredThumbnails | None = None,
+    on_done: Callable[[int], None] | None = None,
+    objects_per_batch: int = _OBJECTS_PER_BATCH,
+) -> tuple[Iterator[pa.RecordBatch], DownscaleTally]:
+    """The partition's thumbnail rows as a stream of batches, and the tally the stream fills (rejections included).
+
+    Every manifest row ends in exactly one thumbnail row or one rejection. Memory holds the
+    manifest, the stored keys and one batch of objects, whatever the partition's size: the
+    reused thumbnails are streamed from `stored.rows()` first, then new or changed objects
+    are read and decoded `objects_per_batch` at a time. Of two objects with one image_id,
+    the first kept (reused ones first, then in manifest order) stays and the other is rejected.
+    `on_done(n)` is called as objects are settled (for progress lines), from the decoding threads.
     """
     stored = stored or StoredThumbnails.none()
+    tally = DownscaleTally()
+    return _thumbnail_batches(store, manifest, limits, max_workers, stored, on_done, objects_per_batch, tally), tally
+
+
+def _thumbnail_batches(
+    store: ObjectStore,
+    manifest: pa.Table,
+    limits: ImageLimits,
+    max_workers: int | None,
+    stored: StoredThumbnails,
+    on_done: Callable[[int], None] | None,
+    objects_per_batch: int,
+    tally: DownscaleTally,
+) -> Iterator[pa.RecordBatch]:
     recipe = thumbnail_recipe(limits)
     entries = manifest.to_pylist()
-    outcomes: list[Thumbnail | _Rejection | dict[str, Any] | None] = [_stored_outcome(stored, e) for e in entries]
-    to_decode = [index for index, outcome in enumerate(outcomes) if outcome is None]
-    if on_done is not None and len(entries) > len(to_decode):
-        on_done(len(entries) - len(to_decode))
+    reusable: dict[tuple[str, str], dict[str, Any]] = {}
+    to_decode: list[dict[str, Any]] = []
+    for entry in entries:
+        key = (entry["image_id"], entry["etag"])
+        if entry["image_id"] is not None and key in stored.thumbnail_keys and key not in reusable:
+            reusable[key] = entry
+        elif (reason := stored.rejections.get((entry["uri"], entry["etag"]))) is not None:
+            tally.rejected_rows.append(_rejected_row(entry, _Rejection(reason, by_content=True, reused=True), recipe))
+        else:
+            to_decode.append(entry)
+    kept_uri_by_id: dict[str, str] = {}
+    yield from _reused_thumbnails(stored, reusable, recipe, kept_uri_by_id, tally)
+    # A stored row not found again (the partition rewritten since its keys were read) is made anew.
+    to_decode += reusable.values()
+    tally.decoded = len(to_decode)
+    tally.reused = len(entries) - len(to_decode)
+    if on_done is not None and tally.reused:
+        on_done(tally.reused)
 
-    def settle(index: int) -> Thumbnail | _Rejection:
-        outcome = _thumbnail_or_rejection(store, entries[index], limits, gate)
+    def settle(entry: dict[str, Any]) -> Thumbnail | _Rejection:
+        outcome = _thumbnail_or_rejection(store, entry, limits, gate)
         if on_done is not None:
             on_done(1)
         return outcome
 
     with ThreadPoolExecutor(max_workers=max_workers) as pool:  # I/O and Pillow both release the GIL
         gate = DecodeGate(limits.max_decode_bytes)  # one memory budget for all the pool's decodes
-        for index, outcome in zip(to_decode, pool.map(settle, to_decode)):
-            outcomes[index] = outcome
-    images: list[dict[str, Any]] = []
-    rejected: list[dict[str, Any]] = []
-    kept_uri_by_id: dict[str, str] = {}
-    newly_rejected: set[str] = set()
-    for entry, outcome in zip(entries, outcomes):
-        if not isinstance(outcome, _Rejection) and entry["image_id"] in kept_uri_by_id:
-            # Two files with one image_id would each join every sales row of that id.
-            reason = f"duplicate image_id {entry['image_id']!r}: {kept_uri_by_id[entry['image_id']]} has the same name"
-            outcome = _Rejection(reason, by_content=False)
-        if isinstance(outcome, _Rejection):
-            rejected.append(_rejected_row(entry, outcome, recipe))
-            if not outcome.reused:
-                newly_rejected.add(entry["uri"])
-            continue
-        kept_uri_by_id[entry["image_id"]] = entry["uri"]
-        images.append(outcome if isinstance(outcome, dict) else _thumbnail_row(entry, outcome, recipe))
-    return DownscaledPartition(
-        images=pa.Table.from_pylist(images, schema=DOWNSCALED_IMAGES_SCHEMA),
-        rejected=pa.Table.from_pylist(rejected, schema=REJECTED_IMAGES_SCHEMA),
-        decoded=len(to_decode),
-        reused=len(entries) - len(to_decode),
-        newly_rejected=frozenset(newly_rejected),
-    )
+        for start in range(0, len(to_decode), objects_per_batch):
+            chunk = to_decode[start : start + objects_per_batch]
+            rows: list[dict[str, Any]] = []
+            for entry, outcome in zip(chunk, pool.map(settle, chunk)):
+                if not isinstance(outcome, _Rejection) and entry["image_id"] in kept_uri_by_id:
+                    # Two files with one image_id would each join every sales row of that id.
+                    reason = f"duplicate image_id {entry['image_id']!r}: {kept_uri_by_id[entry['image_id']]} has the same name"
+                    outcome = _Rejection(reason, by_content=False)
+                if isinstance(outcome, _Rejection):
+                    tally.rejected_rows.append(_rejected_row(entry, outcome, recipe))
+                    tally.newly_rejected.add(entry["uri"])
+                    continue
+                kept_uri_by_id[entry["image_id"]] = entry["uri"]
+                rows.append(_thumbnail_row(entry, outcome, recipe))
+            if rows:
+                tally.thumbnails += len(rows)
+                yield pa.RecordBatch.from_pylist(rows, schema=DOWNSCALED_IMAGES_SCHEMA)
 
 
-def _stored_outcome(stored: StoredThumbnails, entry: dict[str, Any]) -> dict[str, Any] | _Rejection | None:
-    """The stored thumbnail row or rejection of an unchanged object, or None when it must be made."""
-    if entry["image_id"] is not None:
-        row = stored.thumbnails.get((entry["image_id"], entry["etag"]))
-        if row is not None:
-            return {**row, PARTITION_COLUMN: entry[PARTITION_COLUMN]}
-    reason = stored.rejections.get((entry["uri"], entry["etag"]))
-    return _Rejection(reason, by_content=True, reused=True) if reason is not None else None
+def _reused_thumbnails(
+    stored: StoredThumbnails,
+    reusable: dict[tuple[str, str], dict[str, Any]],
+    recipe: str,
+    kept_uri_by_id: dict[str, str],
+    tally: DownscaleTally,
+) -> Iterator[pa.RecordBatch]:
+    """The stored rows of the objects kept, streamed a batch at a time, each object once (taken out of `reusable`)."""
+    if not reusable:
+        return
+    columns = DOWNSCALED_IMAGES_SCHEMA.names
+    for batch in stored.rows():
+        rows = []
+        for row in pa.Table.from_batches([batch]).select(columns).to_pylist():
+            key = (row["image_id"], row["etag"])
+            if key not in reusable or row["decoded_with"] != recipe:
+                continue
+            entry = reusable.pop(key)
+            kept_uri_by_id[row["image_id"]] = entry["uri"]
+            rows.append({**row, PARTITION_COLUMN: entry[PARTITION_COLUMN]})
+        if rows:
+            tally.thumbnails += len(rows)
+            yield pa.RecordBatch.from_pylist(rows, schema=DOWNSCALED_IMAGES_SCHEMA)
 
 
 def _thumbnail_row(entry: dict[str, Any], thumbnail: Thumbnail, recipe: str) -> dict[str, Any]:

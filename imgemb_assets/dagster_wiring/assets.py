@@ -35,7 +35,12 @@ from imgemb_assets.core.discovery import listing_fingerprint, partition_fingerpr
 from imgemb_assets.core.lake import Lake, all_of
 from imgemb_assets.core.manifest import build_manifest
 from imgemb_assets.core.progress import Progress
-from imgemb_assets.core.thumbnails import StoredThumbnails, downscale_partition, thumbnail_recipe
+from imgemb_assets.core.thumbnails import (
+    STORED_BATCH_ROWS,
+    StoredThumbnails,
+    downscale_partition_stream,
+    thumbnail_recipe,
+)
 from imgemb_assets.core.quality import (
     CheckOutcome,
     duplicate_image_ids,
@@ -210,17 +215,17 @@ def _downscaled_images(policy: BackfillPolicy) -> AssetsDefinition:
             manifest_unchanged = lake.unchanged_since(tables.RAW_IMAGE_MANIFEST, prefix)
             manifest = lake.read(tables.RAW_IMAGE_MANIFEST, prefix)
             # Unchanged objects keep their stored thumbnail or rejection: only new or changed ones are read.
-            stored = StoredThumbnails.of(
-                _stored_partition(lake, tables.DOWNSCALED_IMAGES, prefix),
-                _stored_partition(lake, tables.REJECTED_IMAGES, prefix),
-                recipe,
-            )
+            stored = _stored_thumbnails(lake, prefix, recipe)
             progress = Progress(f"{prefix}: thumbnails", manifest.num_rows, context.log.info, metadata_prefix="objects")
-            result = downscale_partition(store, manifest, limits, stored=stored, on_done=progress.advance)
+            # Streamed to the table a batch of objects at a time: memory does not grow with the prefix.
+            batches, tally = downscale_partition_stream(store, manifest, limits, stored=stored, on_done=progress.advance)
+            thumbnails = lake.write_partition_stream(
+                tables.DOWNSCALED_IMAGES, batches, tables.DOWNSCALED_IMAGES_SCHEMA, prefix, manifest_unchanged
+            )
             progress.finish()
-            lake.write_partition(tables.DOWNSCALED_IMAGES, result.images, prefix, manifest_unchanged)
-            lake.write_partition(tables.REJECTED_IMAGES, result.rejected, prefix, manifest_unchanged)
-            for row in result.rejected.to_pylist():
+            rejected = tally.rejected()
+            lake.write_partition(tables.REJECTED_IMAGES, rejected, prefix, manifest_unchanged)
+            for row in rejected.to_pylist():
                 context.log.warning(f"rejected {row['uri']}: {row['reason']}")
             # what the two tables now hold, read back, against the manifest this step used
             accounted_for = manifest_accounted_for(
@@ -234,10 +239,10 @@ def _downscaled_images(policy: BackfillPolicy) -> AssetsDefinition:
                     table_metadata(
                         lake,
                         tables.DOWNSCALED_IMAGES,
-                        result.images.num_rows,
+                        thumbnails,
                         tables.DOWNSCALED_IMAGES_SCHEMA,
-                        objects_decoded=result.decoded,
-                        objects_reused=result.reused,
+                        objects_decoded=tally.decoded,
+                        objects_reused=tally.reused,
                         **progress.metadata(),
                     ),
                     [CheckReport(MANIFEST_ACCOUNTED_FOR_CHECK, accounted_for)],
@@ -247,11 +252,11 @@ def _downscaled_images(policy: BackfillPolicy) -> AssetsDefinition:
                     table_metadata(
                         lake,
                         tables.REJECTED_IMAGES,
-                        result.rejected.num_rows,
+                        rejected.num_rows,
                         tables.REJECTED_IMAGES_SCHEMA,
-                        reasons=MetadataValue.md(_reasons_markdown(result.rejected)),
+                        reasons=MetadataValue.md(_reasons_markdown(rejected)),
                         # of this write's new rejections: a reused one is not read again for its preview
-                        **_rejected_contact_sheet(result.rejected, result.newly_rejected, manifest, store),
+                        **_rejected_contact_sheet(rejected, frozenset(tally.newly_rejected), manifest, store),
                     ),
                 ),
             ]
@@ -400,6 +405,20 @@ def _image_embeddings(policy: BackfillPolicy, gpu_tags: Mapping[str, str], code_
         )
 
     return image_embeddings
+
+
+def _stored_thumbnails(lake: Lake, prefix: str, recipe: str) -> StoredThumbnails:
+    """A partition's stored thumbnails (their keys; rows streamed when reused) and rejections, for its rewrite."""
+    rejected = _stored_partition(lake, tables.REJECTED_IMAGES, prefix)  # no image bytes: small
+    if not lake.exists(tables.DOWNSCALED_IMAGES):
+        return StoredThumbnails.of(None, rejected, recipe)
+    key_columns = ["image_id", "etag", "decoded_with"]
+    if not set(key_columns) <= set(lake.read_batches(tables.DOWNSCALED_IMAGES, prefix).schema.names):
+        return StoredThumbnails.of(None, rejected, recipe)  # written before thumbnails recorded their recipe
+    keys = lake.read(tables.DOWNSCALED_IMAGES, prefix, columns=key_columns)
+    return StoredThumbnails.streamed(
+        keys, lambda: lake.read_batches(tables.DOWNSCALED_IMAGES, prefix, batch_rows=STORED_BATCH_ROWS), rejected, recipe
+    )
 
 
 def _stored_partition(lake: Lake, table: str, prefix: str) -> pa.Table | None:

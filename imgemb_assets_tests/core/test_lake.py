@@ -312,3 +312,48 @@ def test_replacing_several_partitions_is_one_commit_and_leaves_the_others(tmp_pa
     with pytest.raises(LakeError, match="not among those replaced"):
         lake.replace_partitions(REJECTED_IMAGES, rejected_rows("a", ["4"]), ["b"])
     assert _ids_by_prefix(lake) == {"a": ["old"], "b": ["1", "2"], "d": ["3"]}
+
+
+def _batches(table: pa.Table, rows_per_batch: int = 2) -> list[pa.RecordBatch]:
+    return table.to_batches(max_chunksize=rows_per_batch)
+
+
+@pytest.mark.parametrize("layout", ["today", "by prefix"])
+def test_a_streamed_write_replaces_its_partition_alone_in_one_commit(tmp_path: Path, layout: str) -> None:
+    lake = Lake(str(tmp_path))
+    if layout == "by prefix":
+        write_deltalake(lake.table_uri(REJECTED_IMAGES), rejected_rows("a", ["0"]), partition_by=["prefix"])
+    odd = "ä b%c=d" if layout == "today" else "plain-c"  # percent-encoded in the file's folder
+    for prefix, ids in (("a", ["1", "2"]), ("b", ["3"]), (odd, ["4"])):
+        lake.write_partition(REJECTED_IMAGES, rejected_rows(prefix, ids), prefix)
+    version = DeltaTable(lake.table_uri(REJECTED_IMAGES)).version()
+
+    assert lake.write_partition_stream(REJECTED_IMAGES, _batches(rejected_rows("a", ["5", "6", "7"])), REJECTED_IMAGES_SCHEMA, "a") == 3
+    assert lake.write_partition_stream(REJECTED_IMAGES, _batches(rejected_rows(odd, ["8"])), REJECTED_IMAGES_SCHEMA, odd) == 1
+    assert _ids_by_prefix(lake) == {"a": ["5", "6", "7"], "b": ["3"], odd: ["8"]}
+    table = DeltaTable(lake.table_uri(REJECTED_IMAGES))
+    assert table.version() == version + 2  # one commit each
+    assert sorted(DeltaTable(lake.table_uri(REJECTED_IMAGES), version=version).to_pyarrow_table()["image_id"].to_pylist()) == [
+        "1", "2", "3", "4"
+    ]  # a reader of the older version still reads it whole
+    assert all(Path(uri).is_file() for uri in table.file_uris())
+
+
+def test_a_streamed_write_creates_a_missing_table_and_an_empty_stream_empties_the_partition(tmp_path: Path) -> None:
+    lake = Lake(str(tmp_path))
+    assert lake.write_partition_stream(REJECTED_IMAGES, _batches(rejected_rows("a", ["1", "2", "3"])), REJECTED_IMAGES_SCHEMA, "a") == 3
+    lake.write_partition(REJECTED_IMAGES, rejected_rows("b", ["4"]), "b")
+    assert _ids_by_prefix(lake) == {"a": ["1", "2", "3"], "b": ["4"]}
+    assert lake.write_partition_stream(REJECTED_IMAGES, [], REJECTED_IMAGES_SCHEMA, "a") == 0
+    assert _ids_by_prefix(lake) == {"b": ["4"]}
+
+
+def test_a_streamed_write_refuses_rows_of_another_partition_and_leaves_no_file(tmp_path: Path) -> None:
+    lake = Lake(str(tmp_path))
+    lake.write_partition(REJECTED_IMAGES, rejected_rows("a", ["1"]), "a")
+    before = {str(path) for path in Path(lake.table_uri(REJECTED_IMAGES)).rglob("*.parquet")}
+    stray = _batches(rejected_rows("a", ["2", "3"])) + _batches(rejected_rows("b", ["4"]))
+    with pytest.raises(LakeError):
+        lake.write_partition_stream(REJECTED_IMAGES, stray, REJECTED_IMAGES_SCHEMA, "a")
+    assert _ids_by_prefix(lake) == {"a": ["1"]}
+    assert {str(path) for path in Path(lake.table_uri(REJECTED_IMAGES)).rglob("*.parquet")} == before
