@@ -233,6 +233,25 @@ class Lake:
         _commit_with_retries(commit, f"partition {partition_key!r} of {name}")
         return deleted
 
+    def delete_rows_where_in(self, name: str, column: str, values: Sequence[str]) -> int:
+        """Remove every row whose `column` holds one of `values`, in one commit; the rows removed (0 without a table)."""
+        if not values:
+            return 0
+        try:
+            self._open(name)
+        except LakeError:
+            return 0
+        deleted = 0
+        listed = ", ".join(sql_string(value) for value in dict.fromkeys(values))
+
+        def commit() -> None:
+            nonlocal deleted
+            metrics = self._open(name).delete(f"{_quote_identifier(column)} IN ({listed})")
+            deleted = int(metrics.get("num_deleted_rows") or 0)
+
+        _commit_with_retries(commit, f"rows of {name} whose {column} is one of {len(values)} values")
+        return deleted
+
     def write_partition_stream(
         self,
         name: str,

@@ -82,6 +82,8 @@ def remove_prefixes(context: OpExecutionContext, config: RemovePrefixesConfig, s
         context.instance.delete_dynamic_partition(S3_PREFIX_PARTITIONS_NAME, prefix)
         for name in PARTITIONED_TABLES:
             rows_removed[name] += lake.delete_partition(name, prefix)
+    # A pair is two images: one whose other side left goes too, from whichever partition holds it.
+    pairs_removed = lake.delete_rows_where_in(tables.NEAR_DUPLICATES, "other_prefix", removable)
     if removable:
         context.log.info(f"removed {len(removable)} vanished prefixes: {shown(removable)}")
     return Output(
@@ -90,6 +92,7 @@ def remove_prefixes(context: OpExecutionContext, config: RemovePrefixesConfig, s
             "prefixes_removed": MetadataValue.json(removable),
             "prefixes_left": MetadataValue.json(kept),
             **{f"rows_removed/{name}": rows for name, rows in rows_removed.items()},
+            "near_duplicates_removed_with_their_other_side": pairs_removed,
         },
     )
 

@@ -12,6 +12,7 @@ import logging
 import shutil
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 from dagster import AssetKey, DagsterInstance, RunRequest, SensorResult, build_sensor_context
 from dagster._core.definitions.partitions.context import partition_loading_context
@@ -161,3 +162,36 @@ def test_a_root_listing_almost_nothing_removes_nothing(
     assert result.run_requests == []
     assert sensor_log.said(logging.ERROR, "looks like a wrong root")
     assert sorted(own_instance.get_dynamic_partitions(S3_PREFIX_PARTITIONS_NAME)) == sorted(own_dataset.prefixes)
+
+
+def _pair(prefix: str, image_id: str, other_prefix: str, other_id: str) -> dict[str, object]:
+    return {
+        "image_id": image_id,
+        "prefix": prefix,
+        "other_image_id": other_id,
+        "other_prefix": other_prefix,
+        "similarity": 0.99,
+        "same_partition": prefix == other_prefix,
+        "model_id": "torchvision/resnet50/random-seed0/fp32",
+    }
+
+
+def test_a_removed_prefix_takes_the_pairs_pointing_at_it_from_the_prefixes_kept(
+    materialized: SampleDataset, own_instance: DagsterInstance, tmp_path: Path
+) -> None:
+    gone, kept = materialized.prefixes
+    storage = _storage(materialized, tmp_path / "lake")
+    lake = storage.lake()
+    # Near duplicates across the two prefixes and inside the kept one, as a refresh writes them.
+    kept_pairs = [_pair(kept, "k1", gone, "g1"), _pair(kept, "k2", kept, "k3")]
+    lake.write_partition(tables.NEAR_DUPLICATES, pa.Table.from_pylist(kept_pairs, schema=tables.NEAR_DUPLICATES_SCHEMA), kept)
+    lake.write_partition(
+        tables.NEAR_DUPLICATES, pa.Table.from_pylist([_pair(gone, "g1", kept, "k1")], schema=tables.NEAR_DUPLICATES_SCHEMA), gone
+    )
+    cursor = _tick(own_instance, storage, None, "remove").cursor
+    shutil.rmtree(Path(materialized.raw_images_uri) / gone)
+    (request,) = _tick(own_instance, storage, cursor, "remove").run_requests
+    run = defs.resolve_job_def(REMOVE_VANISHED_JOB_NAME).execute_in_process(instance=own_instance, run_config=request.run_config)
+    assert run.success
+    left = lake.read(tables.NEAR_DUPLICATES).to_pylist()
+    assert [(row["prefix"], row["image_id"], row["other_prefix"]) for row in left] == [(kept, "k2", kept)]
