@@ -95,7 +95,11 @@ def test_a_vanished_prefix_is_removed_from_every_table_and_the_instance(
     lake = storage.lake()
     cursor = _tick(own_instance, storage, None, "remove").cursor
     kept_rows = _rows_by_table(lake, kept)
-    # Every table holds rows of both prefixes (the sample has no near duplicates: that table may hold none).
+    # The kept prefix's pairs with an image of the removed one go with it; its other pairs stay.
+    kept_pairs = lake.read(tables.NEAR_DUPLICATES, kept).to_pylist()
+    kept_rows[tables.NEAR_DUPLICATES] = sum(pair["other_prefix"] != gone for pair in kept_pairs)
+    assert kept_rows[tables.NEAR_DUPLICATES] < len(kept_pairs)  # the sample has pairs across the two prefixes
+    # Every table holds rows of both prefixes (near duplicates only where the sample has some).
     for rows in (_rows_by_table(lake, gone), kept_rows):
         assert all(count for name, count in rows.items() if name != tables.NEAR_DUPLICATES), rows
 
