@@ -35,7 +35,7 @@ from dagster import DagsterInstance
 from imgemb_assets.core import tables
 from imgemb_assets.core.partition_scheme import PartitionScheme
 from imgemb_assets.core.partitioned_root import PartitionedRoot
-from imgemb_assets.core.s3 import S3Settings
+from imgemb_assets.core.s3 import S3ConfigError, S3Settings
 from imgemb_assets.core.scheme_record import SchemeMismatchError, require_scheme
 from imgemb_assets.core.storage import open_object_store, partition_key_problem
 from imgemb_assets.dagster_wiring.partitions import S3_PREFIX_PARTITIONS_NAME, register_prefixes
@@ -339,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
             "similar": _similar_command,
         }
         return handlers[args.command](args)
-    except CommandError as exc:
+    except (CommandError, S3ConfigError) as exc:  # a refusal to fix by hand: one line, no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

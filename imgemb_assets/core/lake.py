@@ -33,6 +33,7 @@ from deltalake.transaction import AddAction
 
 from imgemb_assets.core import maintenance_defaults
 from imgemb_assets.core.arrow_filesystem import arrow_location
+from imgemb_assets.core.s3 import refuse_credentials_in_uri
 from imgemb_assets.core.storage import local_path_of
 from imgemb_assets.core.tables import PARTITION_COLUMN, PARTITION_STORAGE_COLUMN
 
@@ -119,6 +120,9 @@ class Lake:
     # Options, or a function returning them (core.s3.DeltaStorageOptions), called at
     # each Delta operation so that expiring credentials are current when it starts.
     storage_options: dict[str, str] | Callable[[], dict[str, str]] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        refuse_credentials_in_uri(self.root_uri)  # before the URI reaches any message
 
     def current_storage_options(self) -> dict[str, str] | None:
         options = self.storage_options

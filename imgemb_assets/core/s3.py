@@ -163,8 +163,22 @@ class DeltaStorageOptions:
 
 
 
+def refuse_credentials_in_uri(uri: str) -> None:
+    """Refuse `s3://key:secret@bucket/...` without repeating it: a URI is echoed in errors, logs and metadata."""
+    if not uri.startswith("s3://"):
+        return
+    authority = uri[len("s3://") :].partition("/")[0]
+    if "@" in authority:
+        bucket = authority.rpartition("@")[2]
+        raise S3ConfigError(
+            f"an s3:// URI carries credentials (s3://<credentials>@{bucket}/...): remove them from the URI and set "
+            "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a profile or a role instead"
+        )
+
+
 def split_s3_uri(uri: str) -> tuple[str, str]:
     """`s3://bucket/a/b/` -> (`bucket`, `a/b`); the key prefix has no leading or trailing slash."""
+    refuse_credentials_in_uri(uri)
     if not uri.startswith("s3://"):
         raise S3ConfigError(f"{uri!r} is not an s3:// URI")
     bucket, _, key = uri[len("s3://") :].partition("/")

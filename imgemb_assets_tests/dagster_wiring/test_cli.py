@@ -59,3 +59,41 @@ def test_asset_materialize_cli_runs_every_asset_for_one_partition(
     with DagsterInstance.get() as instance:
         latest = instance.get_latest_materialization_event(AssetKey(tables.IMAGE_EMBEDDINGS))
     assert latest is not None, "the run is recorded in the instance the UI reads"
+
+
+SECRET_URI_PARTS = ("AKIAEXAMPLEKEY", "wJalrXUtnFEMIexamplesecret")
+
+
+@pytest.mark.parametrize("variable", ["IMGEMB_RAW_IMAGES_URI", "IMGEMB_SALES_URI"])
+def test_credentials_written_into_an_s3_uri_are_refused_in_one_line_that_does_not_repeat_them(
+    variable: str, tmp_path: Path
+) -> None:
+    key, secret = SECRET_URI_PARTS
+    env = user_shell_env(
+        {
+            "IMGEMB_RAW_IMAGES_URI": str(tmp_path / "raw"),
+            "IMGEMB_SALES_URI": str(tmp_path / "sales"),
+            "IMGEMB_LAKE_URI": str(tmp_path / "lake"),
+            variable: f"s3://{key}:{secret}@my-bucket/data",
+        }
+    ) | {"DAGSTER_HOME": str(tmp_path)}
+    (tmp_path / "raw").mkdir()
+    imgemb = Path(sys.executable).with_name("imgemb")
+    command = ["discover"] if variable == "IMGEMB_RAW_IMAGES_URI" else ["backfill-missing", "--in-process"]
+    done = subprocess.run([str(imgemb), *command], env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 2, done.stdout + done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "carries credentials (s3://<credentials>@my-bucket/...)" in errors[0], done.stderr
+    assert "Traceback" not in done.stderr
+    assert not any(part in done.stdout + done.stderr for part in SECRET_URI_PARTS)
+
+
+def test_a_lake_or_store_uri_with_credentials_is_refused_without_repeating_them() -> None:
+    from imgemb_assets.core.s3 import S3ConfigError
+    from imgemb_assets.core.storage import open_object_store
+
+    key, secret = SECRET_URI_PARTS
+    for open_it in (Lake, open_object_store):
+        with pytest.raises(S3ConfigError) as refused:
+            open_it(f"s3://{key}:{secret}@my-bucket/lake")
+        assert key not in str(refused.value) and secret not in str(refused.value)
