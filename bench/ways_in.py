@@ -138,6 +138,13 @@ def open_instance(env: Mapping[str, str]):  # noqa: ANN201 - a DagsterInstance
     return DagsterInstance.get()
 
 
+def record_when_quiet(instance, args: argparse.Namespace, result: WayResult) -> None:  # noqa: ANN001
+    """Once nothing has run for two automation intervals: the runs so far, and partitions written more than once."""
+    result.extra["quiet_after_s"] = wait_until_quiet(instance, 2 * automation_interval(args) + 5, args.timeout)
+    result.extra["runs_when_quiet"], result.extra["failed_runs_when_quiet"] = runs_so_far(instance)
+    result.extra["partitions_written_twice"] = partitions_written_twice(instance)
+
+
 def automation_interval(args: argparse.Namespace) -> int:
     from imgemb_assets.dagster_wiring.settings import LocationSettings
 
@@ -331,9 +338,7 @@ def way_daemon(corpus: Corpus, workdir: Path, args: argparse.Namespace, result: 
             result.runs, result.failed_runs = runs_so_far(instance)
             result.peak_pss_mb = sampler.peak_kb / 1024
             # The new prefix lands once the first ones are done and nothing runs (an automation tick passed).
-            result.extra["quiet_after_s"] = wait_until_quiet(instance, 2 * automation_interval(args) + 5, args.timeout)
-            result.extra["runs_when_quiet"], result.extra["failed_runs_when_quiet"] = runs_so_far(instance)
-            result.extra["partitions_written_twice"] = partitions_written_twice(instance)
+            record_when_quiet(instance, args, result)
             t1 = time.time()
             os.rename(workdir / "late" / late, raw / late)
             landed_readable, rows = wait_for_rows(
@@ -382,9 +387,7 @@ def way_daemon_commands(corpus: Corpus, workdir: Path, args: argparse.Namespace,
             result.extra["command_seconds"] = commands.seconds
             result.extra["submitted"] = "submitted asset backfill" in (workdir / "commands.log").read_text()
             # Whatever the commands or automation queued after the last row must not write a partition again.
-            result.extra["quiet_after_s"] = wait_until_quiet(instance, 2 * automation_interval(args) + 5, args.timeout)
-            result.extra["runs_when_quiet"], result.extra["failed_runs_when_quiet"] = runs_so_far(instance)
-            result.extra["partitions_written_twice"] = partitions_written_twice(instance)
+            record_when_quiet(instance, args, result)
             wait_for_runs_to_end(instance)
             stop_group(daemon)
     finally:

@@ -222,6 +222,23 @@ class Lake:
 
         Readers of earlier versions go on reading them until a vacuum past the retention removes the files.
         """
+        return self._delete_where(
+            name, lambda table: _partition_filter(table, partition_key), f"partition {partition_key!r} of {name}"
+        )
+
+    def delete_rows_where_in(self, name: str, column: str, values: Sequence[str]) -> int:
+        """Remove every row whose `column` holds one of `values`, in one commit; the rows removed (0 without a table)."""
+        if not values:
+            return 0
+        listed = ", ".join(sql_string(value) for value in dict.fromkeys(values))
+        return self._delete_where(
+            name,
+            lambda table: f"{_quote_identifier(column)} IN ({listed})",
+            f"rows of {name} whose {column} is one of {len(values)} values",
+        )
+
+    def _delete_where(self, name: str, predicate: Callable[[DeltaTable], str], what: str) -> int:
+        """One commit deleting the rows `predicate(table)` selects; the rows removed (0 without a table)."""
         try:
             self._open(name)
         except LakeError:
@@ -231,29 +248,10 @@ class Lake:
         def commit() -> None:
             nonlocal deleted
             table = self._open(name)  # each attempt deletes from the newest version
-            metrics = table.delete(_partition_filter(table, partition_key))
+            metrics = table.delete(predicate(table))
             deleted = int(metrics.get("num_deleted_rows") or 0)
 
-        _commit_with_retries(commit, f"partition {partition_key!r} of {name}")
-        return deleted
-
-    def delete_rows_where_in(self, name: str, column: str, values: Sequence[str]) -> int:
-        """Remove every row whose `column` holds one of `values`, in one commit; the rows removed (0 without a table)."""
-        if not values:
-            return 0
-        try:
-            self._open(name)
-        except LakeError:
-            return 0
-        deleted = 0
-        listed = ", ".join(sql_string(value) for value in dict.fromkeys(values))
-
-        def commit() -> None:
-            nonlocal deleted
-            metrics = self._open(name).delete(f"{_quote_identifier(column)} IN ({listed})")
-            deleted = int(metrics.get("num_deleted_rows") or 0)
-
-        _commit_with_retries(commit, f"rows of {name} whose {column} is one of {len(values)} values")
+        _commit_with_retries(commit, what)
         return deleted
 
     def write_partition_stream(

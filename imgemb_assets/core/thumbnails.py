@@ -108,7 +108,6 @@ class StoredThumbnails:
 class DownscaleTally:
     """What a streamed downscale settled besides its thumbnail rows; complete once the stream is consumed."""
 
-    thumbnails: int = 0
     decoded: int = 0  # objects downloaded and decoded (or refused) by this write
     reused: int = 0  # objects whose stored thumbnail or rejection was kept
     rejected_rows: list[dict[str, Any]] = field(default_factory=list)  # small: no image bytes
@@ -224,7 +223,6 @@ def _thumbnail_batches(
                 kept_uri_by_id[entry["image_id"]] = entry["uri"]
                 rows.append(_thumbnail_row(entry, outcome, recipe))
             if rows:
-                tally.thumbnails += len(rows)
                 yield pa.RecordBatch.from_pylist(rows, schema=DOWNSCALED_IMAGES_SCHEMA)
 
 
@@ -249,7 +247,6 @@ def _reused_thumbnails(
             kept_uri_by_id[row["image_id"]] = entry["uri"]
             rows.append({**row, PARTITION_COLUMN: entry[PARTITION_COLUMN]})
         if rows:
-            tally.thumbnails += len(rows)
             yield pa.RecordBatch.from_pylist(rows, schema=DOWNSCALED_IMAGES_SCHEMA)
 
 

@@ -32,6 +32,7 @@ from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PART
 from imgemb_assets.core import tables
 from imgemb_assets.dagster_wiring.assets import SALES_EXPORT, UNIQUE_IMAGE_IDS_CHECK
 from imgemb_assets.dagster_wiring.jobs import NEW_PREFIXES_JOB_NAME, PREFIX_CHAIN_ASSETS
+from imgemb_assets.dagster_wiring.staleness import latest_unpartitioned_id
 
 # Who launched a run (the discovery sensor, `imgemb backfill-missing`): on the run, for the UI and benchmarks.
 LAUNCHED_BY_TAG: Final = "imgemb/launched_by"
@@ -45,11 +46,6 @@ class SalesReadiness:
     usable: bool
     refresh: bool
     reason: str
-
-
-def _latest_id(instance: DagsterInstance, asset: str) -> int | None:
-    records = instance.fetch_materializations(AssetKey(asset), limit=1).records
-    return records[0].storage_id if records else None
 
 
 def _sales_in_progress(instance: DagsterInstance) -> bool:
@@ -69,12 +65,12 @@ def _unique_ids_check_failed(instance: DagsterInstance) -> bool:
 def sales_readiness(instance: DagsterInstance) -> SalesReadiness:
     if _sales_in_progress(instance):
         return SalesReadiness(False, False, "a run refreshing sales is queued or in progress")
-    written = _latest_id(instance, tables.SALES)
+    written = latest_unpartitioned_id(instance, tables.SALES)
     if written is None:
         return SalesReadiness(True, True, "sales was never materialized: the first run refreshes it")
     if _unique_ids_check_failed(instance):
         return SalesReadiness(False, False, f"the sales check {UNIQUE_IMAGE_IDS_CHECK} failed")
-    export_id = _latest_id(instance, SALES_EXPORT)
+    export_id = latest_unpartitioned_id(instance, SALES_EXPORT)
     if export_id is not None and export_id > written:
         return SalesReadiness(True, True, "the sales files changed: the first run refreshes sales")
     return SalesReadiness(True, False, "sales is current")

@@ -37,7 +37,8 @@ def latest_update_ids(instance: DagsterInstance, asset: str) -> Mapping[str, int
     )
 
 
-def _latest_unpartitioned_id(instance: DagsterInstance, asset: str) -> int | None:
+def latest_unpartitioned_id(instance: DagsterInstance, asset: str) -> int | None:
+    """Storage id of an unpartitioned asset's latest materialization (reported ones included), or None."""
     records = instance.fetch_materializations(AssetKey(asset), limit=1).records
     return records[0].storage_id if records else None
 
@@ -52,7 +53,7 @@ def partition_status(
     """The `prefixes` of `asset` that are missing, or stale against one of its upstream assets."""
     own = latest_update_ids(instance, asset)
     upstream_ids: dict[str, Mapping[str, int]] = {name: latest_update_ids(instance, name) for name in partitioned_upstream}
-    whole_ids = {name: _latest_unpartitioned_id(instance, name) for name in unpartitioned_upstream}
+    whole_ids = {name: latest_unpartitioned_id(instance, name) for name in unpartitioned_upstream}
     missing: list[str] = []
     stale: dict[str, list[str]] = {}
     for prefix in prefixes:
