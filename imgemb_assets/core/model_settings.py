@@ -51,10 +51,11 @@ class EmbeddingSettings:
     compile: run the model through torch.compile (worth it for long runs on GPU).
     runtime: `eager` runs the torchvision module as built (on CPU: fp32,
     contiguous tensors, the process's malloc untouched: the pinned reference).
-    `cpu-tuned` is the same module, with glibc malloc told to keep freed
-    activation buffers mapped (process-wide, see core/allocator.py): the
-    same vectors, without the page-fault storm that made eager 2-3x slower on
-    a busy CPU. On CUDA both are today's path (fp16 + channels_last).
+    `cpu-tuned` is the same weights in channels_last, with glibc malloc told
+    to keep freed activation buffers mapped (process-wide, see core/allocator.py):
+    vectors within 5e-7 (relative) of eager's, without the page-fault storm
+    that made eager 2-3x slower on a busy CPU, and 1.16-1.19x faster
+    convolutions. On CUDA both are today's path (fp16 + channels_last).
     `auto`: cpu-tuned on CPU, eager on CUDA.
     """
 

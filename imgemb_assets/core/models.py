@@ -124,7 +124,7 @@ def numerics_tag(dtype: torch.dtype, device: torch.device) -> str:
     1.4e-2, and bf16 on CPU differs from bf16 on CUDA by up to 1.8e-2, so bf16 names
     its device. fp32 is the same on both (2e-6) once CUDA is kept off TF32
     (`_full_fp32_on_cuda`). Neither the runtime (eager and cpu-tuned are
-    bit-identical), the batch size nor torch.compile (1.4e-3 at fp16) is part of it.
+    5e-7 apart), the batch size nor torch.compile (1.4e-3 at fp16) is part of it.
     """
     name = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
     return f"{name}-{device.type}" if dtype == torch.bfloat16 else name
@@ -198,21 +198,25 @@ def _remove_classifier(module: torch.nn.Module, head: str) -> int:
 
 
 def _tune_for_cpu(module: torch.nn.Module) -> torch.nn.Module:
-    """The same module, with this process's malloc told to keep freed activation buffers mapped.
+    """The same weights in channels_last, with this process's malloc told to keep freed activation buffers mapped.
 
-    The module itself is left exactly as eager builds it, so vectors are
-    bit-identical to the pinned eager reference (same kernels, same order).
-    What this buys: no page-fault storm when glibc unmaps and re-faults the
-    big activation buffers each forward pass (measured up to ~1.2 million
-    faults per 64 images and 2-3x slower on a loaded 2-core machine; see
-    core/allocator.py). Measured alternatives that change the arithmetic
-    (TorchScript freeze + optimize_for_inference, ONNX Runtime: BN folded into
-    the convolutions) miss the 1e-5 bar on realistic weights (~1.9e-5), cost
-    12-26 s to build per run, 2.5-3x the memory, for at most 1.14x; channels_last
-    was bit-identical and no faster.
+    Two measured changes, neither moving a vector past the 1e-5 bar:
+    - malloc: no page-fault storm when glibc unmaps and re-faults the big
+      activation buffers each forward pass (measured up to ~1.2 million faults
+      per 64 images and 2-3x slower on a loaded 2-core machine; see
+      core/allocator.py). Bit-identical.
+    - channels_last: oneDNN's NHWC convolutions, 1.16-1.19x the images/s of
+      contiguous tensors on the 2-core machine with torch 2.14 (batch 16,
+      malloc tuned both sides). The summation order changes, so vectors move
+      by 5e-7 relative to eager: inside the 1e-5 bar and far inside the 2e-3
+      that would call for its own model_id.
+    Measured alternatives that change the arithmetic more (TorchScript freeze +
+    optimize_for_inference, ONNX Runtime: BN folded into the convolutions) miss
+    the 1e-5 bar on realistic weights (~1.9e-5), cost 12-26 s to build per run,
+    2.5-3x the memory, for at most 1.14x.
     """
     keep_inference_memory_mapped()
-    return module
+    return module.to(memory_format=torch.channels_last)
 
 
 def _random(backbone: _Backbone, seed: int) -> tuple[torch.nn.Module, str]:
