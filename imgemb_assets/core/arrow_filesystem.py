@@ -28,6 +28,8 @@ class ArrowLocation:
     filesystem: pafs.FileSystem
     path: str  # the location as `filesystem` names it
     is_local: bool
+    # what the S3 filesystem was built from: a boto3 client for the same bucket is built from it too
+    storage_options: Mapping[str, str] | None = None
 
     def file(self, name: str) -> str:
         return f"{self.path}/{name}"
@@ -41,7 +43,9 @@ def arrow_location(uri: str, storage_options: Mapping[str, str] | None) -> Arrow
     parsed = urlparse(uri)
     if parsed.scheme != "s3":
         raise UnsupportedLocation(f"{uri!r}: only a local folder or s3:// is supported")
-    return ArrowLocation(s3_filesystem(storage_options), f"{parsed.netloc}{parsed.path}".rstrip("/"), False)
+    return ArrowLocation(
+        s3_filesystem(storage_options), f"{parsed.netloc}{parsed.path}".rstrip("/"), False, storage_options
+    )
 
 
 def s3_filesystem(options: Mapping[str, str] | None) -> pafs.S3FileSystem:

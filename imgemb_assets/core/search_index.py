@@ -39,9 +39,11 @@ folder (2 cores): a full save 2.0-2.6 s and 1 file (one file per partition:
 18.8 s, 10,000 files), a load 2.1-2.7 s and 2 files (14.4 s, 10,001 files), a
 save after 10 partitions changed 0.06 s and 1 file (0.16 s, 10 written and 10
 deleted); on the moto S3 server, 1,000 partitions: load 1.4 s against 15.9 s.
-New files get new names and the manifest is written last, so a reader never
-sees a manifest naming a file that is not complete; the files it no longer
-names are deleted after it.
+New files get new names and the manifest is written last, compare-and-swap
+(`core/conditional_write.py`), so a reader never sees a manifest naming a file
+that is not complete and two writers never both commit from one load. The files
+a manifest stops naming are retired (listed in it) and deleted by a later save
+after `RETIRED_GRACE_S`, so a reader of the previous manifest still finds them.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ from usearch.index import Index as UsearchIndex
 
 from imgemb_assets.core.embedding_column import vectors_of
 from imgemb_assets.core.arrow_filesystem import ArrowLocation, UnsupportedLocation, arrow_location
+from imgemb_assets.core.conditional_write import ConcurrentWrite, read_versioned, write_if_unchanged
 from imgemb_assets.core.lake import Lake, partition_value
 from imgemb_assets.core.storage import local_path_of
 from imgemb_assets.core.tables import IMAGE_EMBEDDINGS
@@ -94,6 +97,15 @@ _COMPACT_BELOW_LIVE_FRACTION: Final = 0.5
 # (whole partitions each), so neither a save nor a load holds a second copy of every vector.
 _SEGMENT_ROW_GROUP_BYTES: Final = 32 * 2**20
 _SEGMENT_COLUMNS: Final = ("prefix", "key", "image_id", "vector")
+# The folders of an index's data files, under its folder.
+_SEGMENTS: Final = "segments"
+_GRAPHS: Final = "ann"
+# How long a file the manifest stopped naming (and an orphan) is kept before a save deletes it:
+# a reader that read the previous manifest has this long to read the files it names.
+RETIRED_GRACE_S: float = 3600.0
+# A load that finds a named file gone re-reads the manifest (a save retired it past the grace
+# meanwhile) at most this many times.
+_LOAD_ATTEMPTS: Final = 3
 
 
 class SearchIndexError(Exception):
@@ -121,6 +133,10 @@ class ModelMismatch(SearchIndexError):
 
 class InvalidPartition(SearchIndexError):
     """A partition's ids and vectors do not fit together (count, duplicates, shape)."""
+
+
+class IndexCommitConflict(SearchIndexError):
+    """Another writer saved this model's index after this one loaded it: this save wrote nothing that counts."""
 
 
 @dataclass(frozen=True)
@@ -239,6 +255,7 @@ class SearchIndex:
         # What the last save or load saw stored: the index folder, and the rows (live or
         # not) of each segment the manifest names, which compaction weighs.
         self._stored_at: str | None = None
+        self._stored_version: str | None = None  # the manifest's version then: what the next save must find
         self._segment_rows: dict[str, int] = {}
 
     # --- building -------------------------------------------------------------------
@@ -436,6 +453,11 @@ class SearchIndex:
     def partition_counts(self) -> dict[str, int]:
         return {prefix: len(partition.keys) for prefix, partition in sorted(self._partitions.items())}
 
+    def partition_vectors(self, prefix: str) -> PartitionVectors:
+        """The vectors this index holds for `prefix`, as it holds them: L2-normalised, non-finite ones left out."""
+        partition = self._partitions[prefix]
+        return PartitionVectors(prefix, partition.fingerprint, list(partition.image_ids), partition.vectors)
+
     def memory_bytes(self) -> int:
         """Bytes of the vectors held for exact search and lookups, plus the graph's."""
         vectors = sum(partition.vectors.nbytes for partition in self._partitions.values())
@@ -621,6 +643,11 @@ def _index_root_uri(lake: Lake) -> str:
     return f"{root}/{INDEX_FOLDER}"
 
 
+def index_root(lake: Lake) -> _IndexFolder:
+    """The folder holding every model's index folder (and the refresh journal), with a filesystem that reaches it."""
+    return _folder_at(_index_root_uri(lake), lake)
+
+
 def _safe_name(model_id: str) -> str:
     # The lake's own rule for partition folders: readable when plain, stem and hash otherwise.
     return partition_value(model_id)
@@ -639,40 +666,68 @@ def _folder_at(uri: str, lake: Lake) -> _IndexFolder:
 
 
 def save_index(index: SearchIndex, lake: Lake) -> SaveReport:
-    """Write the index under the lake root: new files first, then the manifest, then delete old files.
+    """Write the index under the lake root: new files first, then the manifest (the commit), then clean up.
 
     At most one new segment (the partitions changed since the last save or load,
-    or every live row when compacting) and the graph when it changed; one writer
-    per model at a time (two would each delete the other's new files).
+    or every live row when compacting) and the graph when it changed. The
+    manifest is written only if it is still the one this index was loaded from
+    (compare-and-swap, `core/conditional_write.py`); an index not loaded from
+    this folder replaces whatever manifest it finds there. When another writer
+    saved in between, the save deletes its own new files and raises
+    IndexCommitConflict: load again and redo the update.
+
+    Files the new manifest no longer names are not deleted at once: the manifest
+    lists them as retired, and a save deletes them once they have been retired
+    for `RETIRED_GRACE_S`, so a reader that read the previous manifest still
+    finds every file it names. The same save deletes orphans (files of a save
+    that died before its manifest) older than the grace.
     """
     started = time.perf_counter()
     folder = _index_folder(lake, index.model_id)
     location = index_folder_uri(lake, index.model_id)
-    if index._stored_at != location:
+    loaded_here = index._stored_at == location
+    if not loaded_here:
         # the segments it knows are in another folder (or none): this folder gets everything
         _forget_stored_files(index)
-    previous = _read_manifest(folder)
+    stored = read_versioned(folder, MANIFEST_NAME)
+    if loaded_here and stored.version != index._stored_version:
+        raise IndexCommitConflict(_conflict_message(location))
+    previous = _parsed_manifest_or_none(stored.body)
     if folder.is_local:
         folder.filesystem.create_dir(folder.path, recursive=True)
     plan = _plan_segment(index)
-    written = bytes_written = 0
+    new_files: list[str] = []
+    bytes_written = 0
     segment_of = {prefix: partition.segment for prefix, partition in index._partitions.items()}
     segment_rows = dict(index._segment_rows)
-    if plan.prefixes:
-        name = f"segments/{uuid.uuid4().hex}.parquet"
-        bytes_written += _write_segment(folder, name, [(prefix, index._partitions[prefix]) for prefix in plan.prefixes])
-        written += 1
-        segment_of.update((prefix, name) for prefix in plan.prefixes)
-        segment_rows[name] = plan.rows
     graph_file = index._ann.file if index._ann is not None else None
-    if index._ann is not None and graph_file is None:
-        graph_file = f"ann/{uuid.uuid4().hex}.usearch"
-        bytes_written += _write_graph_file(folder, graph_file, index._ann.graph)
-        written += 1
-    named = set(segment_of.values()) - {None}
-    segment_rows = {name: rows for name, rows in segment_rows.items() if name in named}
-    manifest = _manifest_of(index, segment_of, segment_rows, graph_file)
-    _write_manifest(folder, manifest)
+    try:
+        if plan.prefixes:
+            name = f"{_SEGMENTS}/{uuid.uuid4().hex}.parquet"
+            new_files.append(name)
+            bytes_written += _write_segment(folder, name, [(prefix, index._partitions[prefix]) for prefix in plan.prefixes])
+            segment_of.update((prefix, name) for prefix in plan.prefixes)
+            segment_rows[name] = plan.rows
+        if index._ann is not None and graph_file is None:
+            graph_file = f"{_GRAPHS}/{uuid.uuid4().hex}.usearch"
+            new_files.append(graph_file)
+            bytes_written += _write_graph_file(folder, graph_file, index._ann.graph)
+        named = set(segment_of.values()) - {None}
+        segment_rows = {name: rows for name, rows in segment_rows.items() if name in named}
+        now = time.time()
+        manifest = _manifest_of(index, segment_of, segment_rows, graph_file)
+        retired = _retired_after(previous, set(_files_named(manifest)), now)
+        expired = sorted(name for name, at in retired.items() if now - at >= RETIRED_GRACE_S)
+        manifest["retired"] = {name: at for name, at in sorted(retired.items()) if name not in expired}
+        body = json.dumps(manifest, separators=(",", ":"), sort_keys=True).encode("utf-8")
+        try:
+            version = write_if_unchanged(folder, MANIFEST_NAME, body, stored.version)
+        except ConcurrentWrite as conflict:
+            raise IndexCommitConflict(_conflict_message(location)) from conflict
+    except BaseException:
+        # nothing names them: a failed or refused save leaves no file behind (a kill leaves orphans)
+        _delete_quietly(folder, new_files)
+        raise
     # Stored: only now does the index take the names on (a failed write leaves it to write them again).
     for prefix, partition in index._partitions.items():
         partition.segment = segment_of[prefix]
@@ -680,14 +735,60 @@ def save_index(index: SearchIndex, lake: Lake) -> SaveReport:
         index._ann.file = graph_file
     index._segment_rows = segment_rows
     index._stored_at = location
-    still_named = set(_files_named(manifest))
-    stale = [name for name in _files_named(previous) if name not in still_named]
-    for name in stale:
+    index._stored_version = version
+    deleted = _delete_quietly(folder, expired)
+    deleted += _delete_orphans(folder, set(_files_named(manifest)) | set(manifest["retired"]), now)
+    return SaveReport(len(new_files), deleted, bytes_written, time.perf_counter() - started)
+
+
+def _conflict_message(location: str) -> str:
+    return f"the search index at {location} was saved by another writer since this one loaded it; load it again"
+
+
+def _retired_after(previous: Mapping[str, Any] | None, still_named: set[str], now: float) -> dict[str, float]:
+    """The previous manifest's retired files, with the files it named that the new manifest does not."""
+    retired: dict[str, float] = {}
+    if previous is not None:
+        retired.update((name, float(at)) for name, at in dict(previous.get("retired") or {}).items())
+        retired.update((name, now) for name in _files_named(previous) if name not in retired)
+    return {name: at for name, at in retired.items() if name not in still_named}
+
+
+def _delete_quietly(folder: _IndexFolder, names: Iterable[str]) -> int:
+    """Delete what it can; a file left behind is an orphan a later save deletes. How many were deleted."""
+    deleted = 0
+    for name in names:
         try:
             folder.filesystem.delete_file(folder.file(name))
+            deleted += 1
         except FileNotFoundError:
             pass
-    return SaveReport(written, len(stale), bytes_written, time.perf_counter() - started)
+        except OSError:
+            continue
+    return deleted
+
+
+def _delete_orphans(folder: _IndexFolder, kept: set[str], now: float) -> int:
+    """Delete the data files (and local scratch manifests) nothing names, once older than the grace.
+
+    They come from saves that died between writing their files and their
+    manifest. The age spares the files of a save still under way.
+    """
+    listed: list[pafs.FileInfo] = []
+    for sub in (_SEGMENTS, _GRAPHS):
+        listed += folder.filesystem.get_file_info(pafs.FileSelector(folder.file(sub), allow_not_found=True))
+    if folder.is_local:
+        top = folder.filesystem.get_file_info(pafs.FileSelector(folder.path, allow_not_found=True))
+        listed += [info for info in top if info.base_name.startswith(f".{MANIFEST_NAME}.") and not info.base_name.endswith(".lock")]
+    orphans = []
+    for info in listed:
+        if info.type != pafs.FileType.File:
+            continue
+        name = info.path[len(folder.path) + 1 :]
+        modified = info.mtime.timestamp() if info.mtime is not None else now
+        if name not in kept and now - modified >= RETIRED_GRACE_S:
+            orphans.append(name)
+    return _delete_quietly(folder, orphans)
 
 
 def _forget_stored_files(index: SearchIndex) -> None:
@@ -727,18 +828,44 @@ def load_index(lake: Lake, model_id: str, width: int | None = None) -> SearchInd
     """The index of `model_id` saved under the lake root; IndexMissing when there is none.
 
     Reads the manifest, each segment it names once, and the graph: a bounded
-    number of files however many partitions there are.
+    number of files however many partitions there are. Damage (a manifest or a
+    file that cannot be read as what it should be) is a SearchIndexError that
+    names the file; a named file that is gone is looked for again under a newer
+    manifest, in case a save retired it meanwhile.
     """
     folder = _index_folder(lake, model_id)
     location = index_folder_uri(lake, model_id)
-    manifest = _read_manifest(folder)
-    if manifest is None:
-        raise IndexMissing(f"no search index for model {model_id!r} at {location}")
+    for attempt in range(_LOAD_ATTEMPTS):
+        stored = read_versioned(folder, MANIFEST_NAME)
+        if stored.body is None:
+            raise IndexMissing(f"no search index for model {model_id!r} at {location}")
+        manifest = _parsed_manifest(stored.body, folder.file(MANIFEST_NAME))
+        try:
+            index = _index_from_manifest(folder, location, manifest, model_id, width)
+        except _NamedFileMissing as missing:
+            if attempt + 1 < _LOAD_ATTEMPTS and read_versioned(folder, MANIFEST_NAME).version != stored.version:
+                continue
+            raise SearchIndexError(f"{folder.file(missing.name)}, named by {folder.file(MANIFEST_NAME)}, is missing") from missing
+        index._stored_version = stored.version
+        return index
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+class _NamedFileMissing(Exception):
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+def _index_from_manifest(
+    folder: _IndexFolder, location: str, manifest: Mapping[str, Any], model_id: str, width: int | None
+) -> SearchIndex:
     if manifest.get("format_version") != FORMAT_VERSION:
         raise SearchIndexError(
             f"search index format {manifest.get('format_version')!r} at {location}; "
             f"this code reads {FORMAT_VERSION}: build it again"
         )
+    _check_manifest_shape(manifest, folder.file(MANIFEST_NAME))
     if manifest["model_id"] != model_id or (width is not None and manifest["width"] != width):
         raise ModelMismatch(
             f"the index at {location} holds {manifest['model_id']!r} vectors of width "
@@ -763,7 +890,8 @@ def load_index(lake: Lake, model_id: str, width: int | None = None) -> SearchInd
         partition = _partition_of(rows.pop(prefix, None), index.width, entry["fingerprint"], entry["segment"])
         if len(partition.keys) != entry["count"]:
             raise SearchIndexError(
-                f"{entry['segment']} holds {len(partition.keys)} vectors of {prefix!r}, the manifest says {entry['count']}"
+                f"{folder.file(str(entry['segment']))} holds {len(partition.keys)} vectors of {prefix!r}, "
+                f"the manifest says {entry['count']}"
             )
         index._remember(prefix, partition)
     if ann["file"] is not None:
@@ -771,6 +899,28 @@ def load_index(lake: Lake, model_id: str, width: int | None = None) -> SearchInd
     index._segment_rows = dict(segment_rows)
     index._stored_at = location
     return index
+
+
+# The manifest's keys a load reads, with their types (partition entries are checked one by one).
+_MANIFEST_KEYS: Final[dict[str, type | tuple[type, ...]]] = {
+    "model_id": str, "width": int, "next_key": int, "ann_threshold": int, "build_seconds": (int, float),
+    "ann": dict, "segments": dict, "partitions": dict,
+}  # fmt: skip
+
+
+def _check_manifest_shape(manifest: Mapping[str, Any], file: str) -> None:
+    """SearchIndexError naming the file for a manifest whose keys a load reads are missing or of the wrong type."""
+    problems = [key for key, kind in _MANIFEST_KEYS.items() if not isinstance(manifest.get(key), kind)]
+    ann = manifest.get("ann")
+    if isinstance(ann, dict) and not (isinstance(ann.get("parameters"), dict) and "file" in ann and "removed_since_build" in ann):
+        problems.append("ann")
+    partitions = manifest.get("partitions")
+    if isinstance(partitions, dict) and not all(
+        isinstance(entry, dict) and {"segment", "count", "fingerprint"} <= entry.keys() for entry in partitions.values()
+    ):
+        problems.append("partitions")
+    if problems:
+        raise SearchIndexError(f"{file} is not a readable manifest: {', '.join(sorted(set(problems)))} missing or malformed")
 
 
 def _manifest_of(
@@ -826,34 +976,30 @@ def _files_named(manifest: Mapping[str, Any] | None) -> list[str]:
 
 
 def _read_manifest(folder: _IndexFolder) -> dict[str, Any] | None:
-    try:
-        with folder.filesystem.open_input_stream(folder.file(MANIFEST_NAME)) as stream:
-            body = stream.read()
-    except FileNotFoundError:
-        return None
+    body = read_versioned(folder, MANIFEST_NAME).body
+    return None if body is None else _parsed_manifest(body, folder.file(MANIFEST_NAME))
+
+
+def _parsed_manifest(body: bytes, file: str) -> dict[str, Any]:
     try:
         manifest = json.loads(body.decode("utf-8"))
     except ValueError as error:
-        raise SearchIndexError(f"{folder.file(MANIFEST_NAME)} is not a readable manifest: {error}") from error
+        raise SearchIndexError(f"{file} is not a readable manifest: {error}") from error
     if not isinstance(manifest, dict):
-        raise SearchIndexError(f"{folder.file(MANIFEST_NAME)} is not a readable manifest: not a JSON object")
+        raise SearchIndexError(f"{file} is not a readable manifest: not a JSON object")
     return manifest
 
 
-def _write_manifest(folder: _IndexFolder, manifest: Mapping[str, Any]) -> None:
-    # compact: with 10,000 partitions, indentation would be a third of the bytes
-    body = json.dumps(manifest, separators=(",", ":"), sort_keys=True).encode("utf-8")
-    target = folder.file(MANIFEST_NAME)
-    if not folder.is_local:
-        # one PUT: S3 shows readers the old object or the whole new one, never part of it
-        with folder.filesystem.open_output_stream(target) as stream:
-            stream.write(body)
-        return
-    # a local file appears whole through a rename
-    scratch = folder.file(f".{MANIFEST_NAME}.{uuid.uuid4().hex}")
-    with folder.filesystem.open_output_stream(scratch) as stream:
-        stream.write(body)
-    folder.filesystem.move(scratch, target)
+def _parsed_manifest_or_none(body: bytes | None) -> dict[str, Any] | None:
+    """A manifest being replaced: unreadable (damaged) is as good as none, its files become orphans."""
+    if body is None:
+        return None
+    try:
+        manifest = _parsed_manifest(body, MANIFEST_NAME)
+        _files_named(manifest)
+    except (SearchIndexError, KeyError, TypeError, AttributeError):
+        return None
+    return manifest
 
 
 def _segment_schema(width: int) -> pa.Schema:
@@ -922,14 +1068,19 @@ class _Rows:
 def _read_segment(folder: _IndexFolder, name: str, width: int, prefixes: set[str]) -> dict[str, _Rows]:
     """The rows of `prefixes` in one segment; rows of other prefixes (replaced since) are skipped."""
     found: dict[str, _Rows] = {}
-    with folder.filesystem.open_input_file(folder.file(name)) as source:
-        # pre_buffer: one coalesced read per row group, not one per column (a GET each on S3)
-        parquet = pq.ParquetFile(source, pre_buffer=True)
-        columns = parquet.schema_arrow.names
-        if list(columns) != list(_SEGMENT_COLUMNS):
-            raise SearchIndexError(f"{name} has columns {columns}, expected {list(_SEGMENT_COLUMNS)}")
-        for group in range(parquet.num_row_groups):
-            _take_rows(parquet.read_row_group(group), width, prefixes, found)
+    try:
+        with folder.filesystem.open_input_file(folder.file(name)) as source:
+            # pre_buffer: one coalesced read per row group, not one per column (a GET each on S3)
+            parquet = pq.ParquetFile(source, pre_buffer=True)
+            columns = parquet.schema_arrow.names
+            if list(columns) != list(_SEGMENT_COLUMNS):
+                raise SearchIndexError(f"{folder.file(name)} has columns {columns}, expected {list(_SEGMENT_COLUMNS)}")
+            for group in range(parquet.num_row_groups):
+                _take_rows(parquet.read_row_group(group), width, prefixes, found)
+    except FileNotFoundError as missing:
+        raise _NamedFileMissing(name) from missing
+    except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as damaged:  # truncated, empty, not parquet, wrong width
+        raise SearchIndexError(f"{folder.file(name)} is not a readable index segment: {damaged}") from damaged
     return found
 
 
@@ -981,10 +1132,16 @@ def _write_graph_file(folder: _IndexFolder, name: str, graph: UsearchIndex) -> i
 def _read_graph_file(folder: _IndexFolder, name: str) -> UsearchIndex:
     with tempfile.TemporaryDirectory(prefix="imgemb-index-") as scratch:
         local = os.path.join(scratch, "graph.usearch")
-        pafs.copy_files(folder.file(name), local, folder.filesystem, pafs.LocalFileSystem())
-        graph = UsearchIndex.restore(local)  # loads into memory; the file can go
+        try:
+            pafs.copy_files(folder.file(name), local, folder.filesystem, pafs.LocalFileSystem())
+        except FileNotFoundError as missing:
+            raise _NamedFileMissing(name) from missing
+        try:
+            graph = UsearchIndex.restore(local)  # loads into memory; the file can go
+        except (ValueError, RuntimeError) as damaged:
+            raise SearchIndexError(f"{folder.file(name)} is not a readable usearch index: {damaged}") from damaged
     if graph is None:
-        raise SearchIndexError(f"{name} is not a usearch index")
+        raise SearchIndexError(f"{folder.file(name)} is not a usearch index")
     return graph
 
 
@@ -999,8 +1156,16 @@ def stored_index_bytes(lake: Lake, model_id: str) -> int:
     return sum(info.size or 0 for info in infos)
 
 
-def stored_model_ids(lake: Lake) -> list[str]:
-    """The model_ids with an index under the lake root, sorted; empty when there is none.
+@dataclass(frozen=True)
+class StoredIndexes:
+    """What the index folders under a lake root hold."""
+
+    model_ids: list[str]  # sorted: the models whose folder holds a readable manifest
+    damaged: dict[str, str]  # folder uri -> why its manifest cannot be read
+
+
+def stored_indexes(lake: Lake) -> StoredIndexes:
+    """Every index folder under the lake root: its model_id from its manifest, or why that cannot be read.
 
     Read from each folder's manifest: folder names are lossy (a long or odd
     model_id becomes a stem and a hash). A folder without a manifest (a save
@@ -1009,20 +1174,47 @@ def stored_model_ids(lake: Lake) -> list[str]:
     """
     root = _folder_at(_index_root_uri(lake), lake)
     listed = root.filesystem.get_file_info(pafs.FileSelector(root.path, allow_not_found=True, recursive=False))
-    model_ids = set()
+    model_ids: set[str] = set()
+    damaged: dict[str, str] = {}
     for info in listed:
         if info.type != pafs.FileType.Directory:
             continue
-        manifest = _read_manifest(_IndexFolder(root.filesystem, info.path, root.is_local))
-        if manifest is not None and isinstance(manifest.get("model_id"), str):
+        try:
+            manifest = _read_manifest(_IndexFolder(root.filesystem, info.path, root.is_local, root.storage_options))
+        except SearchIndexError as exc:
+            damaged[_uri_of(root, info.path)] = str(exc)
+            continue
+        if manifest is None:
+            continue
+        if isinstance(manifest.get("model_id"), str):
             model_ids.add(manifest["model_id"])
-    return sorted(model_ids)
+        else:
+            damaged[_uri_of(root, info.path)] = f"{info.path}/{MANIFEST_NAME} names no model_id"
+    return StoredIndexes(sorted(model_ids), damaged)
+
+
+def stored_model_ids(lake: Lake) -> list[str]:
+    """The model_ids with a readable index manifest under the lake root, sorted; empty when there is none."""
+    return stored_indexes(lake).model_ids
+
+
+def set_damaged_index_aside(lake: Lake, folder_uri: str) -> str:
+    """Rename the damaged manifest of an index folder that no model claims, so it is no longer an index; its new name."""
+    folder = _folder_at(folder_uri, lake)
+    aside = f"{MANIFEST_NAME}.damaged-{int(time.time())}"
+    folder.filesystem.move(folder.file(MANIFEST_NAME), folder.file(aside))
+    return folder.file(aside)
+
+
+def _uri_of(root: _IndexFolder, path: str) -> str:
+    return path if root.is_local else f"s3://{path}"
 
 
 __all__ = [
     "DEFAULT_ANN_THRESHOLD",
     "AmbiguousImageId",
     "AnnParameters",
+    "IndexCommitConflict",
     "IndexMissing",
     "IndexUpdatePlan",
     "InvalidPartition",
@@ -1032,14 +1224,17 @@ __all__ = [
     "SaveReport",
     "SearchIndex",
     "SearchIndexError",
+    "StoredIndexes",
     "UnknownImageId",
     "UpdateReport",
     "index_folder_uri",
     "index_metadata",
+    "index_root",
     "load_index",
     "read_partition_models",
     "recall_at_k",
     "save_index",
     "stored_index_bytes",
+    "stored_indexes",
     "stored_model_ids",
 ]

@@ -40,6 +40,7 @@ if TYPE_CHECKING:  # usearch is imported by this step only
     from imgemb_assets.core.index_refresh import IndexRefresh, ModelRefresh
 
 SEARCH_INDEX: Final = "image_search_index"
+SEARCH_INDEX_POOL: Final = "search_index"
 NEAR_DUPLICATE_SHARE_CHECK: Final = "near_duplicate_share"
 # Earlier partitions a partition's near-duplicate share is compared with.
 _PREVIOUS_PARTITIONS: Final = 7
@@ -87,20 +88,20 @@ def build_similarity_assets(model_code_version: str) -> AssetsDefinition:
             )
         ],
         retry_policy=STEP_RETRY_POLICY,
+        # One refresh at a time queues runs instead of letting them race: the index itself
+        # refuses a stale commit (compare-and-swap), and a refresh that lost one starts over.
+        pool=SEARCH_INDEX_POOL,
     )
     def update_search_index(
         context: AssetExecutionContext, storage: StorageResource, similarity: SimilaritySettings
     ) -> Iterator[MaterializeResult | AssetCheckResult]:
-        from imgemb_assets.core.index_refresh import (
-            near_duplicates_of_changes,
-            refresh_search_indexes,
-            write_near_duplicates,
-        )
+        from imgemb_assets.core.index_refresh import refresh_search_indexes
 
         lake = storage.lake()
-        refresh = refresh_search_indexes(lake)
-        found = near_duplicates_of_changes(refresh, similarity.near_duplicate_threshold)
-        pairs = write_near_duplicates(lake, found, refresh.partitions_removed)
+        refresh = refresh_search_indexes(lake, threshold=similarity.near_duplicate_threshold)
+        found, pairs = refresh.near_duplicates, refresh.pairs_written
+        for rebuilt, reason in refresh.rebuilt.items():
+            context.log.warning(f"the search index of {rebuilt} was rebuilt from {tables.IMAGE_EMBEDDINGS}: {reason}")
         context.log.info(
             f"{len(refresh.partitions_read)} partitions read, {len(refresh.partitions_removed)} removed, "
             f"{pairs} near-duplicate pairs written, in {refresh.seconds:.1f} s"
@@ -132,7 +133,9 @@ def _index_metadata(lake: Lake, refresh: "IndexRefresh") -> dict[str, Any]:
         "partitions_read": len(refresh.partitions_read),
         "partitions_removed": len(refresh.partitions_removed),
         "refresh_seconds": round(refresh.seconds, 3),
+        "refresh_attempts": refresh.attempts,
         "models": len(refresh.models),
+        "indexes_rebuilt": MetadataValue.json(refresh.rebuilt),
     }
     if not refresh.models:  # nothing embedded yet
         return metadata | {"vectors_indexed": 0}

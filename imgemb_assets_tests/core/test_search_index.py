@@ -247,8 +247,7 @@ def test_round_trip_on_a_local_folder(tmp_path: Path, ann_threshold: int) -> Non
     _round_trip(lake, ann_threshold)
     folder = tmp_path / "lake" / "_search_index" / MODEL
     assert (folder / "manifest.json").is_file()
-    named = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
-    assert len(named) == 1 + 1 + (ann_threshold == 100)  # no file left behind that the manifest does not name
+    assert len(stored_files(lake)) == 1 + 1 + (ann_threshold == 100)  # no file left behind that the manifest does not name
 
 
 @pytest.mark.parametrize("ann_threshold", [10**9, 100], ids=["exact", "hnsw"])
@@ -334,10 +333,18 @@ def files_opened(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
         folder = original(lake, model_id)
         handler = CountingHandler(folder.filesystem)
         handler.read = opened
-        return type(folder)(pafs.PyFileSystem(handler), folder.path, folder.is_local)
+        return type(folder)(pafs.PyFileSystem(handler), folder.path, folder.is_local, folder.storage_options)
+
+    read_versioned = search_index_module.read_versioned
+
+    def counting_read_versioned(location: Any, name: str) -> Any:
+        # the manifest is read with its version, outside the pyarrow filesystem
+        opened.append(location.file(name))
+        return read_versioned(location, name)
 
     with monkeypatch.context() as patch:
         patch.setattr(search_index_module, "_index_folder", counting_folder)
+        patch.setattr(search_index_module, "read_versioned", counting_read_versioned)
         yield opened
 
 
@@ -349,6 +356,12 @@ def small_partitions(count: int, per_partition: int = 2, fingerprint: str = "f1"
         )
         for n in range(count)
     ]
+
+
+@pytest.fixture(autouse=True)
+def files_retired_are_deleted_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests count the files a save leaves without the readers' grace; test_index_refresh.py tests the grace."""
+    monkeypatch.setattr(search_index_module, "RETIRED_GRACE_S", 0.0)
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -367,7 +380,9 @@ def stored_files(lake: Lake, model_id: str = MODEL) -> set[str]:
         listed = S3Settings().client().list_objects_v2(Bucket=bucket, Prefix=f"{key}/")
         return {obj["Key"].removeprefix(f"{key}/") for obj in listed.get("Contents", []) if not obj["Key"].endswith("/")}
     folder = Path(uri)
-    return {path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file()} if folder.exists() else set()
+    # not the local writers' lock file (`.manifest.json.lock`): an empty file that only flock uses
+    files = {path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file() and not path.name.endswith(".lock")}
+    return files if folder.exists() else set()
 
 
 def segment_files(lake: Lake, model_id: str = MODEL) -> set[str]:

@@ -14,10 +14,10 @@ from dagster._core.loader import LoadingContextForTest
 from imgemb_assets.core import tables
 from imgemb_assets.core.lake import Lake
 from imgemb_assets.core.sample_data import SampleDataset
-from imgemb_assets.core.search_index import ModelMismatch, load_index, stored_model_ids
+from imgemb_assets.core.search_index import ModelMismatch, index_folder_uri, load_index, stored_model_ids
 from imgemb_assets.definitions import build_definitions
 from imgemb_assets.dagster_wiring.jobs import PREFIX_JOB_NAME, SEARCH_INDEX_JOB_NAME
-from imgemb_assets.dagster_wiring.similarity import NEAR_DUPLICATE_SHARE_CHECK, SEARCH_INDEX
+from imgemb_assets.dagster_wiring.similarity import NEAR_DUPLICATE_SHARE_CHECK, SEARCH_INDEX, SEARCH_INDEX_POOL
 from imgemb_assets.dagster_wiring.settings import LocationSettings
 
 MODEL_A = "torchvision/resnet50/random-seed0/fp32"
@@ -116,3 +116,22 @@ def test_other_weights_get_their_own_index_and_the_ui_marks_partitions_embedded_
 
 def _ids(lake: Lake, prefix: str) -> list[str]:
     return lake.read(tables.IMAGE_EMBEDDINGS, prefix).column("image_id").to_pylist()
+
+
+def test_the_refresh_step_queues_in_its_pool_and_rebuilds_a_damaged_index_saying_so(
+    own_dataset: SampleDataset, own_instance: DagsterInstance, tmp_path: Path
+) -> None:
+    defs = build_definitions(LocationSettings())
+    assert defs.resolve_assets_def(AssetKey(SEARCH_INDEX)).node_def.pool == SEARCH_INDEX_POOL
+    first = own_dataset.prefixes[0]
+    _embed(own_instance, [first])
+    _refresh(own_instance)
+    lake = Lake(str(tmp_path / "lake"))
+    folder = Path(index_folder_uri(lake, MODEL_A))
+    (segment,) = (folder / "segments").iterdir()
+    segment.write_bytes(segment.read_bytes()[:100])  # truncated
+
+    rebuilt = _index_metadata(_refresh(own_instance))["indexes_rebuilt"]
+    assert list(rebuilt) == [MODEL_A] and segment.name in rebuilt[MODEL_A]
+    embedded = lake.read(tables.IMAGE_EMBEDDINGS, first).num_rows
+    assert load_index(lake, MODEL_A).partition_counts() == {first: embedded}
