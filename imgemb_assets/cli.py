@@ -202,6 +202,11 @@ def _similar_command(args: argparse.Namespace) -> int:
             query = args.image_id if args.prefix is None else f"{args.image_id} (prefix {args.prefix})"
     except SimilarError as exc:
         raise CommandError(str(exc)) from exc
+    except OSError as exc:  # the search index is read with pyarrow, beside the lake's Delta tables
+        refusal = lake.denied_access_refusal(exc)
+        if refusal is None:
+            raise
+        raise refusal from exc
     print(f"{len(found)} images most similar to {query}, from the search index of model {found.model_id}")
     if model_id_has_random_weights(found.model_id):
         print(

@@ -80,3 +80,15 @@ def running_moto_server() -> Iterator[str]:
         yield url
     finally:
         stop(process)
+
+
+def set_iam_auth(endpoint: str, enabled: bool) -> None:
+    """Make the moto server check every request's credentials and IAM permissions, as AWS does (S3 then
+    answers 403 to unknown keys and to identities without permission), or stop checking them."""
+    request = urllib.request.Request(
+        f"{endpoint}/moto-api/reset-auth",
+        data=b"0" if enabled else b"inf",  # requests let through before checking starts
+        method="POST",
+        headers={"Content-Type": "text/plain"},  # else the body is read as a form and the server fails
+    )
+    urllib.request.urlopen(request, timeout=10).close()

@@ -10,6 +10,7 @@ migrated with `Lake.migrate_partitioning`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import random
@@ -18,10 +19,10 @@ import tempfile
 import time
 import unicodedata
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Concatenate, Final, ParamSpec, TypeVar
 from urllib.parse import quote
 
 import pyarrow as pa
@@ -33,7 +34,7 @@ from deltalake.transaction import AddAction
 
 from imgemb_assets.core import maintenance_defaults
 from imgemb_assets.core.arrow_filesystem import arrow_location
-from imgemb_assets.core.s3 import refuse_credentials_in_uri
+from imgemb_assets.core.s3 import S3AccessDenied, S3ConfigError, access_denied_refusal, refuse_credentials_in_uri
 from imgemb_assets.core.storage import local_path_of
 from imgemb_assets.core.tables import PARTITION_COLUMN, PARTITION_STORAGE_COLUMN
 
@@ -71,7 +72,15 @@ class InputChangedError(CommitConflictError):
     """The partition a write was computed from was rewritten meanwhile; nothing of this write was committed."""
 
 
-# Called just before each commit attempt; raises InputChangedError to abandon the write.
+class PartitionRemovedError(LakeError):
+    """The partition was removed (its prefix vanished) while this write was computed; nothing was committed.
+
+    Unlike InputChangedError, a retry cannot succeed: nothing will ask for the partition again.
+    """
+
+
+# Called just before each commit attempt; raises InputChangedError (a retry reads the new input) or
+# PartitionRemovedError (the partition is gone) to abandon the write.
 Precondition = Callable[[], None]
 
 
@@ -114,6 +123,33 @@ def partition_value(prefix: str) -> str:
     return f"{stem}~{digest}"
 
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _refusing_denied_access(method: Callable[Concatenate[Lake, _P], _R]) -> Callable[Concatenate[Lake, _P], _R]:
+    """The method, with S3 denying access to the lake (403) raised as one S3AccessDenied line naming the bucket.
+
+    delta-rs and pyarrow report a 403 as an OSError of many lines (request URLs, S3's XML answer)
+    that a Dagster step would retry and the CLI print as a traceback; it fails the same way until
+    the credentials or policies change.
+    """
+
+    @functools.wraps(method)
+    def refusing(self: Lake, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return method(self, *args, **kwargs)
+        except S3AccessDenied:
+            raise  # refused by a nested call already
+        except Exception as exc:
+            refusal = self.denied_access_refusal(exc)
+            if refusal is None:
+                raise
+            raise refusal from exc
+
+    return refusing
+
+
 @dataclass(frozen=True)
 class Lake:
     root_uri: str
@@ -123,6 +159,13 @@ class Lake:
 
     def __post_init__(self) -> None:
         refuse_credentials_in_uri(self.root_uri)  # before the URI reaches any message
+        if self.root_uri.startswith("s3://") and not self.root_uri[len("s3://") :].partition("/")[0]:
+            # delta-rs would take `s3:///name` for a table and fail with a parse error on first use
+            raise S3ConfigError(f"the lake root {self.root_uri!r} names no bucket: write s3://<bucket>/<folder>")
+
+    def denied_access_refusal(self, error: BaseException) -> S3AccessDenied | None:
+        """`error` as one line naming the lake and its bucket, when it is S3 denying access (403); else None."""
+        return access_denied_refusal(error, self.root_uri, "the lake")
 
     def current_storage_options(self) -> dict[str, str] | None:
         options = self.storage_options
@@ -134,9 +177,11 @@ class Lake:
             return str(local.resolve() / name)
         return f"{self.root_uri.rstrip('/')}/{name}"
 
+    @_refusing_denied_access
     def exists(self, name: str) -> bool:
         return DeltaTable.is_deltatable(self.table_uri(name), storage_options=self.current_storage_options())
 
+    @_refusing_denied_access
     def write_partition(
         self, name: str, data: Rows, partition_key: str, precondition: Precondition | None = None
     ) -> None:
@@ -168,6 +213,7 @@ class Lake:
         )
         _commit_with_retries(commit, f"partition {partition_key!r} of {name}", precondition)
 
+    @_refusing_denied_access
     def replace_partitions(self, name: str, data: pa.Table, partition_keys: Sequence[str]) -> None:
         """Replace several partitions with `data` in one commit: each key's rows become those of `data` (maybe none).
 
@@ -217,6 +263,7 @@ class Lake:
 
         return commit
 
+    @_refusing_denied_access
     def delete_partition(self, name: str, partition_key: str) -> int:
         """Remove every row of one partition in one commit (its files leave the table, none is rewritten); the rows removed.
 
@@ -226,6 +273,7 @@ class Lake:
             name, lambda table: _partition_filter(table, partition_key), f"partition {partition_key!r} of {name}"
         )
 
+    @_refusing_denied_access
     def delete_rows_where_in(self, name: str, column: str, values: Sequence[str]) -> int:
         """Remove every row whose `column` holds one of `values`, in one commit; the rows removed (0 without a table)."""
         if not values:
@@ -254,6 +302,7 @@ class Lake:
         _commit_with_retries(commit, what)
         return deleted
 
+    @_refusing_denied_access
     def write_partition_stream(
         self,
         name: str,
@@ -346,6 +395,7 @@ class Lake:
             self.write_partition(name, replay, partition_key, precondition)
         return rows
 
+    @_refusing_denied_access
     def partition_files(self, name: str, partition_key: str | None = None) -> frozenset[str]:
         """The data files holding one partition (or the whole table) now; none for a missing table.
 
@@ -360,6 +410,7 @@ class Lake:
             return frozenset(table.file_uris())
         return frozenset(table.file_uris(file_pruning_predicate=[_partition_filter_tuple(table, partition_key)]))
 
+    @_refusing_denied_access
     def partition_fingerprints(self, name: str) -> dict[str, str]:
         """Each prefix's fingerprint of the data files holding it now, from one read of the table's log.
 
@@ -386,6 +437,7 @@ class Lake:
             if value in prefix_of
         }
 
+    @_refusing_denied_access
     def unchanged_since(self, name: str, partition_key: str | None = None) -> Precondition:
         """A precondition: the partition (or the whole table) still holds the files it holds now.
 
@@ -404,6 +456,7 @@ class Lake:
 
         return check
 
+    @_refusing_denied_access
     def overwrite(self, name: str, data: pa.Table) -> None:
         """Replace the whole content (and schema) of an unpartitioned table in one commit."""
         self._ensure_local_parent()
@@ -415,6 +468,7 @@ class Lake:
             storage_options=self.current_storage_options(),
         )
 
+    @_refusing_denied_access
     def migrate_partitioning(self, name: str) -> bool:
         """Rewrite a table created partitioned by `prefix` in today's layout, in one commit; whether it had to.
 
@@ -443,6 +497,7 @@ class Lake:
         )
         return True
 
+    @_refusing_denied_access
     def read(self, name: str, partition_key: str | None = None, columns: list[str] | None = None) -> pa.Table:
         """A whole table, or one partition of it.
 
@@ -452,6 +507,7 @@ class Lake:
         """
         return self.read_batches(name, partition_key, columns).read_all()
 
+    @_refusing_denied_access
     def read_batches(
         self, name: str, partition_key: str | None = None, columns: list[str] | None = None, batch_rows: int = 8192
     ) -> pa.RecordBatchReader:
@@ -468,8 +524,20 @@ class Lake:
         ).register("t", table)
         stream = pa.RecordBatchReader.from_stream(engine.execute(f"SELECT {selected} FROM t{where}"))
         schema = without_view_types(stream.schema)
-        return pa.RecordBatchReader.from_batches(schema, (batch.cast(schema) for batch in stream))
+        batches = self._refused_when_denied(batch.cast(schema) for batch in stream)
+        return pa.RecordBatchReader.from_batches(schema, batches)
 
+    def _refused_when_denied(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        """A stream read after `read_batches` returned: a 403 then is refused in one line too."""
+        try:
+            yield from batches
+        except Exception as exc:
+            refusal = self.denied_access_refusal(exc)
+            if refusal is None:
+                raise
+            raise refusal from exc
+
+    @_refusing_denied_access
     def partition_keys(self, name: str) -> list[str]:
         """The prefixes holding rows: from the table's log, and the `prefix` column of hashed partitions only."""
         try:

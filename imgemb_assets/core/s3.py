@@ -16,12 +16,14 @@ Delta operation starts, and boto3 refreshes them before they expire.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 import boto3
 from botocore.config import Config
+from botocore.exceptions import ClientError
 
 RETRY_MODES: Final = ("standard", "adaptive")
 _DEFAULT_REGION: Final = "us-east-1"
@@ -30,6 +32,32 @@ _TRUE_VALUES: Final = frozenset({"1", "true", "yes", "on"})
 
 class S3ConfigError(ValueError):
     """The S3 settings are invalid; the message never contains a credential."""
+
+
+class S3AccessDenied(S3ConfigError):
+    """S3 refused the request (HTTP 403: unknown keys, a bad signature, a bucket or IAM policy); the message
+    names the bucket and S3's error code, never a credential or the client's own error text."""
+
+
+# S3's answers that concern who asks, not one object: the same request fails the same way until the
+# credentials or the policies change.
+_DENIED_CODES: Final = (
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "AllAccessDisabled",
+    "AccountProblem",
+    "RequestTimeTooSkewed",
+)
+# A 403 too, but about one archived object (Glacier), not who asks.
+_ONE_OBJECT_REFUSED: Final = "InvalidObjectState"
+# delta-rs (object_store) quotes S3's XML answer after its status line; pyarrow names the AWS SDK's error.
+_XML_CODE: Final = re.compile(r"<Code>(\w+)</Code>")
+_FORBIDDEN: Final = re.compile(r"\b403 Forbidden\b")
+_SDK_DENIED: Final = re.compile(
+    r"AWS Error (ACCESS_DENIED|INVALID_ACCESS_KEY_ID|SIGNATURE_DOES_NOT_MATCH"
+    r"|UNRECOGNIZED_CLIENT|REQUEST_TIME_TOO_SKEWED)\b"
+)
 
 
 @dataclass(frozen=True)
@@ -185,3 +213,53 @@ def split_s3_uri(uri: str) -> tuple[str, str]:
     if not bucket:
         raise S3ConfigError(f"{uri!r} names no bucket")
     return bucket, key.strip("/")
+
+
+def access_denied_refusal(error: BaseException, uri: str, what: str) -> S3AccessDenied | None:
+    """`error` (or one it was raised from) as one line naming `what` and its bucket, when it is S3 denying access.
+
+    boto3, delta-rs and pyarrow each word a 403 their own way, in messages of many lines (request
+    URLs, XML); the line says only the bucket, S3's code and what to check. `uri` must already be
+    free of credentials (`refuse_credentials_in_uri`).
+    """
+    if not uri.startswith("s3://"):
+        return None
+    code = next((found for cause in _causes(error) if (found := _denied_code(cause)) is not None), None)
+    if code is None:
+        return None
+    bucket = uri[len("s3://") :].partition("/")[0]
+    return S3AccessDenied(
+        f"S3 denied access to {what} ({uri}) in bucket {bucket!r}: {code}. Check the credentials it is reached "
+        "with (AWS_ACCESS_KEY_ID / AWS_PROFILE / the role, or the s3 resource's keys) and the bucket's and "
+        "the identity's policies"
+    )
+
+
+def _causes(error: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _denied_code(error: BaseException) -> str | None:
+    """S3's error code (or `HTTP 403`) when `error` is S3 denying access, else None."""
+    if isinstance(error, ClientError):
+        code = str(error.response.get("Error", {}).get("Code", ""))
+        status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code in _DENIED_CODES or (status == 403 and code != _ONE_OBJECT_REFUSED):
+            return code or "HTTP 403"
+        return None
+    if not isinstance(error, OSError):  # delta-rs and pyarrow raise their S3 errors as OSError
+        return None
+    text = str(error)
+    if (sdk := _SDK_DENIED.search(text)) is not None:
+        return sdk.group(1)
+    if _FORBIDDEN.search(text) is None:
+        return None
+    xml = _XML_CODE.search(text)
+    if xml is None:
+        return "HTTP 403"
+    return None if xml.group(1) == _ONE_OBJECT_REFUSED else xml.group(1)

@@ -54,7 +54,7 @@ from imgemb_assets.dagster_wiring.embedding_step import EMBEDDING_DRIFT_CHECK, E
 from imgemb_assets.dagster_wiring.evaluation import build_evaluation_asset
 from imgemb_assets.dagster_wiring.similarity import build_similarity_assets
 from imgemb_assets.dagster_wiring.partition_steps import AssetReport, CheckReport, StepEvent, materialize_prefixes
-from imgemb_assets.dagster_wiring.partitions import s3_prefix_partitions
+from imgemb_assets.dagster_wiring.partitions import s3_prefix_partitions, still_registered
 from imgemb_assets.dagster_wiring.placement import GPU_POOL, gpu_step_tags
 from imgemb_assets.dagster_wiring.resources import (
     EmbeddingModelResource,
@@ -155,7 +155,8 @@ def _raw_image_manifest(policy: BackfillPolicy) -> AssetsDefinition:
             if not objects:
                 context.log.warning(f"no objects in partition {prefix!r} of {storage.raw_images_uri}")
             manifest = build_manifest(objects, prefix)
-            lake.write_partition(tables.RAW_IMAGE_MANIFEST, manifest, prefix)
+            registered = still_registered(context.instance, prefix)  # not for a prefix removed meanwhile
+            lake.write_partition(tables.RAW_IMAGE_MANIFEST, manifest, prefix, registered)
             # compared by the sensors and the reconciliation with a fresh listing
             metadata = table_metadata(
                 lake,
@@ -211,8 +212,10 @@ def _downscaled_images(policy: BackfillPolicy) -> AssetsDefinition:
         recipe = thumbnail_recipe(limits)
 
         def write(prefix: str) -> Sequence[AssetReport]:
-            # Never commit over a newer result: see `Lake.unchanged_since`.
-            manifest_unchanged = lake.unchanged_since(tables.RAW_IMAGE_MANIFEST, prefix)
+            # Never commit over a newer result (see `Lake.unchanged_since`), nor for a prefix removed meanwhile.
+            manifest_unchanged = all_of(
+                lake.unchanged_since(tables.RAW_IMAGE_MANIFEST, prefix), still_registered(context.instance, prefix)
+            )
             manifest = lake.read(tables.RAW_IMAGE_MANIFEST, prefix)
             # Unchanged objects keep their stored thumbnail or rejection: only new or changed ones are read.
             stored = _stored_thumbnails(lake, prefix, recipe)
@@ -338,7 +341,11 @@ def _images_with_sales(policy: BackfillPolicy) -> AssetsDefinition:
 
         def write(prefix: str) -> Sequence[AssetReport]:
             # A sales refresh or a re-downscale landing meanwhile: the join is retried on the new rows.
-            inputs_unchanged = all_of(sales_unchanged, lake.unchanged_since(tables.DOWNSCALED_IMAGES, prefix))
+            inputs_unchanged = all_of(
+                sales_unchanged,
+                lake.unchanged_since(tables.DOWNSCALED_IMAGES, prefix),
+                still_registered(context.instance, prefix),
+            )
             images = lake.read(tables.DOWNSCALED_IMAGES, prefix)
             joined = join_with_sales(images, sales_table, schema)
             lake.write_partition(tables.IMAGES_WITH_SALES, joined, prefix, inputs_unchanged)

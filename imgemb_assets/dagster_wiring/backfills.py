@@ -27,16 +27,11 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
-from dagster import AssetKey, DagsterInstance, Definitions, RunsFilter
+from dagster import AssetKey, DagsterInstance, Definitions
 from dagster._core.definitions.events import AssetKeyPartitionKey
 from dagster._core.definitions.assets.graph.asset_graph_subset import AssetGraphSubset
 from dagster._core.execution.backfill import BulkActionsFilter, BulkActionStatus, PartitionBackfill
-from dagster._core.storage.dagster_run import NOT_FINISHED_STATUSES
-from dagster._core.storage.tags import (
-    ASSET_PARTITION_RANGE_END_TAG,
-    ASSET_PARTITION_RANGE_START_TAG,
-    PARTITION_NAME_TAG,
-)
+from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 from dagster._core.utils import make_new_backfill_id
 
 from imgemb_assets.core import tables
@@ -49,6 +44,7 @@ from imgemb_assets.dagster_wiring.new_prefix_runs import LAUNCHED_BY_TAG
 from imgemb_assets.dagster_wiring.partitions import S3_PREFIX_PARTITIONS_NAME
 from imgemb_assets.dagster_wiring.sensors import recorded_fingerprint
 from imgemb_assets.dagster_wiring.staleness import PartitionStatus, partition_status
+from imgemb_assets.dagster_wiring.unfinished_runs import unfinished_runs_by_prefix
 
 # The partitioned tables in the order they are computed; each step writes the
 # tables of its group (downscaled_images and rejected_images come together).
@@ -273,15 +269,4 @@ def _targeted_by_running_backfills(instance: DagsterInstance, target: str) -> se
 def _targeted_by_unfinished_runs(instance: DagsterInstance, target: str, registered: Sequence[str]) -> set[str]:
     """Prefixes whose `target` partition a queued or running run will write (one the discovery sensor launched
     for new prefixes, automation's, the UI's): a backfill of them now would write them a second time."""
-    position = {prefix: index for index, prefix in enumerate(registered)}
-    targeted: set[str] = set()
-    for record in instance.get_run_records(RunsFilter(statuses=NOT_FINISHED_STATUSES)):
-        run = record.dagster_run
-        if run.asset_selection is not None and AssetKey(target) not in run.asset_selection:
-            continue
-        if (single := run.tags.get(PARTITION_NAME_TAG)) is not None:
-            targeted.add(single)
-        start, end = run.tags.get(ASSET_PARTITION_RANGE_START_TAG), run.tags.get(ASSET_PARTITION_RANGE_END_TAG)
-        if start in position and end in position:
-            targeted |= set(registered[position[start] : position[end] + 1])
-    return targeted
+    return set(unfinished_runs_by_prefix(instance, registered, [target]))

@@ -15,10 +15,11 @@ from dagster import AssetCheckSeverity, AssetExecutionContext
 
 from imgemb_assets.core import tables
 from imgemb_assets.core.drift import MOMENTS_BATCH_ROWS, EmbeddingMoments, embedding_drift, moments_of_batches, previous_partition
-from imgemb_assets.core.lake import Lake
+from imgemb_assets.core.lake import Lake, PartitionRemovedError, all_of
 from imgemb_assets.core.progress import PROGRESS_INTERVAL_S, Progress
 from imgemb_assets.core.quality import CheckOutcome, embedding_values
 from imgemb_assets.dagster_wiring.partition_steps import AssetReport, CheckReport
+from imgemb_assets.dagster_wiring.partitions import still_registered
 from imgemb_assets.dagster_wiring.placement import worker_identity
 from imgemb_assets.dagster_wiring.resources import QualityThresholds
 from imgemb_assets.dagster_wiring.table_metadata import table_metadata
@@ -55,7 +56,9 @@ def embed_prefix(
 
     # The joined rows stream through in batches and are written in one commit, unless the
     # join was rewritten meanwhile (a sales refresh): then the retry embeds the new rows.
-    joined_unchanged = lake.unchanged_since(tables.IMAGES_WITH_SALES, prefix)
+    joined_unchanged = all_of(
+        lake.unchanged_since(tables.IMAGES_WITH_SALES, prefix), still_registered(context.instance, prefix)
+    )
     joined = lake.read_batches(tables.IMAGES_WITH_SALES, prefix, batch_rows=_EMBEDDING_READ_ROWS)
     # Streamed: the step spools the reusable vectors and looks them up a batch at a time.
     previous = (
@@ -80,13 +83,17 @@ def embed_prefix(
     )
     # Vectors an interrupted attempt staged are reused; this attempt's are staged until the commit.
     staging = PartitionStaging(lake, tables.IMAGE_EMBEDDINGS, prefix, model.model_id, warn=context.log.warning)
-    rows = lake.write_partition_stream(
-        tables.IMAGE_EMBEDDINGS,
-        embed_partition_batches(joined, previous, model, schema, run, staging=staging, progress=progress),
-        schema,
-        prefix,
-        joined_unchanged,
-    )
+    try:
+        rows = lake.write_partition_stream(
+            tables.IMAGE_EMBEDDINGS,
+            embed_partition_batches(joined, previous, model, schema, run, staging=staging, progress=progress),
+            schema,
+            prefix,
+            joined_unchanged,
+        )
+    except PartitionRemovedError:
+        staging.clear()  # no rerun will resume a removed prefix: its staged vectors would be left for good
+        raise
     # Committed: the partition holds every vector now, so the staged ones can go.
     staging.clear()
     progress.finish()

@@ -17,7 +17,7 @@ from imgemb_assets.core.lake import Lake
 from imgemb_assets.dagster_wiring.table_metadata import table_metadata
 from imgemb_assets.dagster_wiring.automation import FOLLOWS_UPSTREAM
 from imgemb_assets.dagster_wiring.partition_steps import AssetReport, StepEvent, materialize_prefixes
-from imgemb_assets.dagster_wiring.partitions import s3_prefix_partitions
+from imgemb_assets.dagster_wiring.partitions import s3_prefix_partitions, still_registered
 from imgemb_assets.dagster_wiring.resources import SimilaritySettings, StorageResource
 from imgemb_assets.dagster_wiring.retries import STEP_RETRY_POLICY
 
@@ -53,7 +53,9 @@ def _evaluate_prefix(context: AssetExecutionContext, lake: Lake, prefix: str, la
 
     embeddings = lake.read(tables.IMAGE_EMBEDDINGS, prefix)
     evaluation = evaluate_partition(embeddings, prefix, label)
-    lake.write_partition(tables.EMBEDDING_EVALUATION, evaluation.table, prefix)
+    # Not for a prefix removed while it was evaluated: its row would outlive it.
+    registered = still_registered(context.instance, prefix)
+    lake.write_partition(tables.EMBEDDING_EVALUATION, evaluation.table, prefix, registered)
     if label not in embeddings.column_names:
         context.log.warning(f"{prefix}: no column {label!r} in the embedding table: only similarities are reported")
     metadata = table_metadata(lake, tables.EMBEDDING_EVALUATION, evaluation.table.num_rows, evaluation.table.schema)

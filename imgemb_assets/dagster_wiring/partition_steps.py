@@ -37,6 +37,8 @@ from dagster._core.definitions.asset_checks.asset_check_evaluation import (
 )
 
 from imgemb_assets.core.quality import CheckOutcome
+from imgemb_assets.core.s3 import S3AccessDenied
+from imgemb_assets.dagster_wiring.partitions import S3_PREFIX_PARTITIONS_NAME
 from imgemb_assets.dagster_wiring.retries import permanent_failures
 
 _FAILURES_SHOWN: Final = 10
@@ -78,12 +80,33 @@ def materialize_prefixes(context: AssetExecutionContext, work: PrefixWork) -> It
             with permanent_failures():
                 reports[prefix] = work(prefix)
         except Exception as exc:  # one prefix's failure must not cost the others their work
+            if _refuses_every_prefix(exc):
+                # S3 denying the lake fails each prefix alike: the refusal alone is the step's failure.
+                yield from _reported_one_by_one(context.instance, reports)
+                raise
             context.log.exception(f"prefix {prefix!r} failed: {exc}")
             failures[prefix] = exc
+    for prefix in [prefix for prefix in reports if not _still_registered(context.instance, prefix)]:
+        # Removed after its commit: Dagster takes no event for a deleted partition, and the removal
+        # waited for this run to end before deleting what it wrote.
+        del reports[prefix]
+        failures[prefix] = Failure(
+            description=f"prefix {prefix!r} was removed (remove_vanished_prefixes) while this run wrote it; "
+            "what it wrote is deleted with it",
+            allow_retries=False,
+        )
     if failures:
         yield from _reported_one_by_one(context.instance, reports)
         raise _failure_naming(failures, len(prefixes))
     yield from _reported_with_outputs(context, reports)
+
+
+def _still_registered(instance: DagsterInstance, prefix: str) -> bool:
+    return instance.has_dynamic_partition(S3_PREFIX_PARTITIONS_NAME, prefix)
+
+
+def _refuses_every_prefix(error: Exception) -> bool:
+    return isinstance(error, Failure) and isinstance(error.__cause__, S3AccessDenied)
 
 
 def _reported_with_outputs(

@@ -22,6 +22,7 @@ from imgemb_assets.core.partitioned_root import PartitionedRoot
 from imgemb_assets.core.s3 import S3Settings
 from imgemb_assets.core.scheme_record import require_scheme
 from imgemb_assets.core.storage import ObjectStore, open_object_store
+from imgemb_assets.dagster_wiring.retries import permanent_failures
 
 
 class ImgembS3Resource(ConfigurableResource):
@@ -90,7 +91,8 @@ class StorageResource(ConfigurableResource):
     )
 
     def raw_images(self) -> ObjectStore:
-        return open_object_store(self.raw_images_uri, self.s3.settings())
+        with permanent_failures():  # a root it refuses (a bare s3://) fails the step in one line, unretried
+            return open_object_store(self.raw_images_uri, self.s3.settings())
 
     def scheme(self) -> PartitionScheme:
         return PartitionScheme.parse(self.partition_scheme)
@@ -106,13 +108,16 @@ class StorageResource(ConfigurableResource):
         return lake
 
     def sales(self) -> ObjectStore:
-        return open_object_store(self.sales_uri, self.s3.settings())
+        with permanent_failures():
+            return open_object_store(self.sales_uri, self.s3.settings())
 
     def lake(self) -> Lake:
-        if self.lake_uri.startswith("s3://"):
-            # Resolved at each Delta operation: a role's credentials may expire during a long step.
-            return Lake(self.lake_uri, storage_options=self.s3.settings().delta_storage_options_provider())
-        return Lake(self.lake_uri)
+        # A root the lake refuses (a bare s3://, credentials in the URI) fails the step in one line, unretried.
+        with permanent_failures():
+            if self.lake_uri.startswith("s3://"):
+                # Resolved at each Delta operation: a role's credentials may expire during a long step.
+                return Lake(self.lake_uri, storage_options=self.s3.settings().delta_storage_options_provider())
+            return Lake(self.lake_uri)
 
 
 class EmbeddingModelResource(ConfigurableResource):

@@ -46,6 +46,10 @@ def permanent_failures() -> Iterator[None]:
         yield
     except CommitConflictError:
         raise  # lost to concurrent writers: a later attempt can win
+    except S3ConfigError as exc:
+        # Already one line naming the bucket or setting and what to do (S3AccessDenied among them):
+        # it is the failure's whole message.
+        raise Failure(description=str(exc), allow_retries=False) from exc
     except _PERMANENT_ERRORS as exc:
         raise Failure(description=f"{type(exc).__name__}: {exc}", allow_retries=False) from exc
     except ClientError as exc:

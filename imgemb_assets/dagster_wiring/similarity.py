@@ -33,7 +33,7 @@ from imgemb_assets.core.lake import Lake
 from imgemb_assets.core.model_settings import model_id_has_random_weights
 from imgemb_assets.dagster_wiring.automation import FOLLOWS_UPSTREAM
 from imgemb_assets.dagster_wiring.resources import SimilaritySettings, StorageResource
-from imgemb_assets.dagster_wiring.retries import STEP_RETRY_POLICY
+from imgemb_assets.dagster_wiring.retries import STEP_RETRY_POLICY, permanent_failures
 from imgemb_assets.dagster_wiring.table_metadata import table_metadata
 
 if TYPE_CHECKING:  # usearch is imported by this step only
@@ -98,7 +98,14 @@ def build_similarity_assets(model_code_version: str) -> AssetsDefinition:
         from imgemb_assets.core.index_refresh import refresh_search_indexes
 
         lake = storage.lake()
-        refresh = refresh_search_indexes(lake, threshold=similarity.near_duplicate_threshold)
+        with permanent_failures():  # a bad setting or S3 denying the lake: one line, not retried
+            try:
+                refresh = refresh_search_indexes(lake, threshold=similarity.near_duplicate_threshold)
+            except Exception as exc:  # the index's files go through pyarrow and boto3, each wording a 403 its way
+                refusal = lake.denied_access_refusal(exc)
+                if refusal is None:
+                    raise
+                raise refusal from exc
         found, pairs = refresh.near_duplicates, refresh.pairs_written
         for rebuilt, reason in refresh.rebuilt.items():
             context.log.warning(f"the search index of {rebuilt} was rebuilt from {tables.IMAGE_EMBEDDINGS}: {reason}")
