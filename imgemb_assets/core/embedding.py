@@ -10,26 +10,36 @@ arithmetic, then cast to the model's precision.
 
 Decoding never waits for the model and the model never waits for decoding:
 on CPU a thread pool decodes the next batches with Pillow while the current
-one runs; on CUDA, a thread has nvJPEG decode the next batches on a side stream
-while the current one runs, results come back through pinned host buffers, and
-the host synchronizes one batch behind.
+one runs; on CUDA, a thread has the model's decoder (`thumbnail_decoders`:
+nvImageCodec, torchvision's nvJPEG, or Pillow as a last resort) decode the next
+batches on a side stream while the current one runs, results come back through
+pinned host buffers, and the host synchronizes one batch behind.
+
+A compiled model (`models.CompiledForward`) takes one fixed batch shape: a
+partial batch is padded with zero pixels to it and the padding rows' vectors
+are dropped, so every row's vector is what it would be in a full batch.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from typing import Final
 
 import numpy as np
 import torch
 
-from imgemb_assets.core.images import IMAGE_SIZE, decode_thumbnail
-from imgemb_assets.core.models import IMAGENET_NORMALIZATION, EmbeddingModel, Normalization
+from imgemb_assets.core.images import IMAGE_SIZE
+from imgemb_assets.core.models import IMAGENET_NORMALIZATION, CompiledForward, EmbeddingModel, Normalization
+
+# decode_batch is re-exported: the CPU path's Pillow decode, which tests and benchmarks call by this name.
+from imgemb_assets.core.thumbnail_decoders import DecodedBatch
+from imgemb_assets.core.thumbnail_decoders import decode_batch as decode_batch
 
 _CPU_DECODE_AHEAD: Final = 2  # batches decoded ahead of the model on CPU
-_CUDA_DECODE_AHEAD: Final = 2  # batches nvJPEG decodes ahead of the model on CUDA
+_CUDA_DECODE_AHEAD: Final = 2  # batches the GPU decoder decodes ahead of the model on CUDA
 
 
 def preprocess(
@@ -45,26 +55,63 @@ def preprocess(
     return normalized.to(dtype)
 
 
-def decode_batch(jpegs: Sequence[bytes]) -> torch.Tensor:
-    """Thumbnails decoded with Pillow into one (N, 3, 224, 224) uint8 tensor."""
-    batch = np.empty((len(jpegs), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
-    for index, jpeg in enumerate(jpegs):
-        batch[index] = decode_thumbnail(jpeg)
-    return torch.from_numpy(batch).permute(0, 3, 1, 2)
+def pad_batch(pixels: torch.Tensor, rows: int) -> torch.Tensor:
+    """`pixels` with zero-pixel rows appended up to `rows` (unchanged when it has as many)."""
+    missing = rows - pixels.shape[0]
+    if missing <= 0:
+        return pixels
+    return torch.cat([pixels, pixels.new_zeros((missing, *pixels.shape[1:]))])
 
 
 def run_model(model: EmbeddingModel, pixels: torch.Tensor) -> torch.Tensor:
+    """Vectors of uint8 `pixels` through the eager module."""
     with torch.inference_mode():
         return model.module(preprocess(pixels.to(model.device, non_blocking=True), model.dtype, model.normalization))
+
+
+def compiled_batch(model: EmbeddingModel, compiled: CompiledForward, pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 `pixels` as the compiled module takes them: padded to its batch shape, normalized, channels_last.
+
+    One layout for every batch (Pillow's come as NHWC views, a padded one as NCHW):
+    the compiled graph is specialised to its input's strides and would compile again.
+    """
+    padded = pad_batch(pixels.to(model.device, non_blocking=True), compiled.batch_size)
+    return preprocess(padded, model.dtype, model.normalization).contiguous(memory_format=torch.channels_last)
+
+
+def run_compiled(model: EmbeddingModel, compiled: CompiledForward, pixels: torch.Tensor) -> torch.Tensor:
+    """Vectors of uint8 `pixels` through the compiled module, the padding rows dropped."""
+    with torch.inference_mode():
+        return compiled(compiled_batch(model, compiled, pixels))[: pixels.shape[0]]
+
+
+def forward_for(model: EmbeddingModel, images: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The forward pass a call embedding `images` thumbnails runs: compiled where it pays (see CompiledForward).
+
+    A compile that is due happens here, on a batch of zero pixels, before the caller
+    starts its decode thread: CUDA graphs are then captured while no other thread of
+    this pipeline is issuing CUDA work.
+    """
+    compiled = model.compiled
+    if compiled is None or not compiled.worth_using(images):
+        return partial(run_model, model)
+    if compiled.compile_seconds is None:
+        run_compiled(
+            model, compiled, torch.zeros((1, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8, device=model.device)
+        )
+        if compiled.failure is not None:
+            return partial(run_model, model)
+    return partial(run_compiled, model, compiled)
 
 
 def iter_embeddings(model: EmbeddingModel, jpegs: Sequence[bytes]) -> Iterator[np.ndarray]:
     """(n, width) float32 embeddings of consecutive batches of `jpegs`, in order."""
     batches = [jpegs[start : start + model.batch_size] for start in range(0, len(jpegs), model.batch_size)]
+    forward = forward_for(model, len(jpegs))
     if model.device.type == "cuda":
-        yield from _iter_embeddings_cuda(model, batches)
+        yield from _iter_embeddings_cuda(model, batches, forward)
     else:
-        yield from _iter_embeddings_cpu(model, batches)
+        yield from _iter_embeddings_cpu(model, batches, forward)
 
 
 def embed_thumbnails(model: EmbeddingModel, jpegs: Sequence[bytes]) -> np.ndarray:
@@ -77,55 +124,61 @@ def embed_thumbnails(model: EmbeddingModel, jpegs: Sequence[bytes]) -> np.ndarra
     return out
 
 
-def _iter_embeddings_cpu(model: EmbeddingModel, batches: list[Sequence[bytes]]) -> Iterator[np.ndarray]:
+Forward = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _iter_embeddings_cpu(
+    model: EmbeddingModel, batches: list[Sequence[bytes]], forward: Forward
+) -> Iterator[np.ndarray]:
+    decode = model.decoder.decode
     with ThreadPoolExecutor(max_workers=_CPU_DECODE_AHEAD) as pool:
-        pending: deque[Future[torch.Tensor]] = deque(pool.submit(decode_batch, b) for b in batches[:_CPU_DECODE_AHEAD])
+        pending: deque[Future[DecodedBatch]] = deque(pool.submit(decode, b) for b in batches[:_CPU_DECODE_AHEAD])
         for following in [*batches[_CPU_DECODE_AHEAD:], *([None] * len(pending))]:
-            pixels = pending.popleft().result()
+            decoded = pending.popleft().result()
             if following is not None:
-                pending.append(pool.submit(decode_batch, following))
-            yield run_model(model, pixels).float().numpy()
+                pending.append(pool.submit(decode, following))
+            yield forward(decoded.pixels).float().numpy()
 
 
-def _iter_embeddings_cuda(model: EmbeddingModel, batches: list[Sequence[bytes]]) -> Iterator[np.ndarray]:
-    from torchvision.io import ImageReadMode, decode_jpeg
-
+def _iter_embeddings_cuda(
+    model: EmbeddingModel, batches: list[Sequence[bytes]], forward: Forward
+) -> Iterator[np.ndarray]:
     compute = torch.cuda.current_stream(model.device)
     decode_stream = torch.cuda.Stream(model.device)
 
-    def decode_on_side_stream(jpegs: Sequence[bytes]) -> tuple[torch.Tensor, torch.cuda.Event]:
+    def decode_on_side_stream(jpegs: Sequence[bytes]) -> tuple[DecodedBatch, torch.cuda.Event]:
         with torch.cuda.stream(decode_stream):
-            data = [torch.frombuffer(bytearray(jpeg), dtype=torch.uint8) for jpeg in jpegs]
-            pixels = torch.stack(decode_jpeg(data, mode=ImageReadMode.RGB, device=model.device))
+            decoded = model.decoder.decode(jpegs)
             ready = torch.cuda.Event()
             ready.record(decode_stream)
-        return pixels, ready
+        return decoded, ready
 
-    # nvJPEG decodes 224x224 thumbnails' entropy-coded data on the host (about 90%
-    # of a decode's wall time on an H100), so decoding runs in its own thread and
+    # GPU decoders still do part of their work on the host (torchvision's nvJPEG about
+    # 90% of a thumbnail's decode on an H100), so decoding runs in its own thread and
     # this one only launches the model: otherwise the GPU idles during each decode.
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvjpeg") as pool:
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"decode-{model.decoder.name}") as pool:
         pending = deque(pool.submit(decode_on_side_stream, b) for b in batches[:_CUDA_DECODE_AHEAD])
-        in_flight: deque[tuple[torch.Tensor, torch.cuda.Event]] = deque()
+        # Each decoded batch stays here until its vectors are back on the host, so the
+        # library buffers it was copied from outlive every kernel that read them.
+        in_flight: deque[tuple[torch.Tensor, torch.cuda.Event, DecodedBatch]] = deque()
         for following in [*batches[_CUDA_DECODE_AHEAD:], *([None] * len(pending))]:
-            pixels, ready = pending.popleft().result()
+            decoded, ready = pending.popleft().result()
             if following is not None:
                 pending.append(pool.submit(decode_on_side_stream, following))
             compute.wait_event(ready)
-            pixels.record_stream(compute)
-            with torch.inference_mode():
-                vectors = model.module(preprocess(pixels, model.dtype, model.normalization)).float()
+            decoded.pixels.record_stream(compute)
+            vectors = forward(decoded.pixels).float()
             host = torch.empty(vectors.shape, dtype=torch.float32, pin_memory=True)
             host.copy_(vectors, non_blocking=True)
             copied = torch.cuda.Event()
             copied.record(compute)
-            in_flight.append((host, copied))
+            in_flight.append((host, copied, decoded))
             if len(in_flight) > 1:  # hand back the previous batch: the host stays one batch behind
                 yield _when_copied(*in_flight.popleft())
         while in_flight:
             yield _when_copied(*in_flight.popleft())
 
 
-def _when_copied(host: torch.Tensor, copied: torch.cuda.Event) -> np.ndarray:
+def _when_copied(host: torch.Tensor, copied: torch.cuda.Event, _decoded: DecodedBatch) -> np.ndarray:
     copied.synchronize()
     return host.numpy()

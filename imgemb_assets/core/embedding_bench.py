@@ -2,10 +2,13 @@
 
     python -m imgemb_assets.core.embedding_bench [--model resnet50] [--device auto] [--precision auto]
                                        [--runtime auto] [--batch-size N] [--images 512] [--rounds 3]
+                                       [--compile | --no-compile] [--decoder auto]
                                        [--corpus DIR] [--reference | --no-reference]
 
 model-only: the same thumbnails, decoded and preprocessed beforehand and already
-on the device, through forward passes only.
+on the device, through forward passes only (the compiled module when the model
+is compiled, each batch padded to its fixed shape; the compile happens in the
+warm-up and is reported as `compile_s`).
 embed-stage: `embed_thumbnails` on real 224x224 JPEG thumbnails held in memory
 (decode, copy, normalize, forward, copy back), as the embedding asset runs it.
 Rounds alternate between the two and the best of each is kept, so both see the
@@ -35,11 +38,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from imgemb_assets.core.embedding import decode_batch, embed_thumbnails, preprocess
-from imgemb_assets.core.images import ImageRejected, downscale
 from imgemb_assets.core.allocator import malloc_tuning_applied
-from imgemb_assets.core.model_settings import BACKBONES, PRECISIONS, RUNTIMES, EmbeddingSettings
-from imgemb_assets.core.models import EmbeddingModel, load_model
+from imgemb_assets.core.embedding import compiled_batch, decode_batch, embed_thumbnails, preprocess
+from imgemb_assets.core.images import ImageRejected, downscale
+from imgemb_assets.core.model_settings import BACKBONES, DECODERS, PRECISIONS, RUNTIMES, EmbeddingSettings
+from imgemb_assets.core.models import CompiledForward, EmbeddingModel, load_model
 from imgemb_assets.core.synthetic import synthetic_photo
 
 
@@ -79,20 +82,26 @@ def model_only_images_per_second(model: EmbeddingModel, thumbnails: list[bytes])
     # The same pictures as the embed stage, decoded and preprocessed up front and
     # already on the device: CPU kernels are not data-independent (random noise
     # through random weights runs measurably slower than photos).
-    batches = [
-        preprocess(
-            decode_batch(thumbnails[start : start + model.batch_size]).to(model.device), model.dtype, model.normalization
-        )
-        for start in range(0, len(thumbnails), model.batch_size)
-    ]
-    with torch.inference_mode():
-        model.module(batches[0])  # warm-up
+    compiled = model.compiled if model.compiled is not None and model.compiled.worth_using(len(thumbnails)) else None
+    forward = compiled if compiled is not None else model.module
+    with torch.inference_mode():  # the inputs too: a compiled graph is specialised to inference tensors
+        batches = [
+            _model_input(model, compiled, decode_batch(thumbnails[start : start + model.batch_size]).to(model.device))
+            for start in range(0, len(thumbnails), model.batch_size)
+        ]
+        forward(batches[0])  # warm-up (and the compile, when compiled)
         _synchronize(model.device)
         started = time.perf_counter()
         for batch in batches:
-            model.module(batch)
+            forward(batch)
         _synchronize(model.device)
     return len(thumbnails) / (time.perf_counter() - started)
+
+
+def _model_input(model: EmbeddingModel, compiled: CompiledForward | None, pixels: torch.Tensor) -> torch.Tensor:
+    if compiled is None:
+        return preprocess(pixels, model.dtype, model.normalization)
+    return compiled_batch(model, compiled, pixels)
 
 
 def embed_stage_images_per_second(model: EmbeddingModel, thumbnails: list[bytes]) -> float:
@@ -104,7 +113,9 @@ def embed_stage_images_per_second(model: EmbeddingModel, thumbnails: list[bytes]
 
 def reference_settings(model: str) -> EmbeddingSettings:
     """The pinned CPU reference: eager fp32, batch 64, no allocator tuning. Never change it."""
-    return EmbeddingSettings(weights="random", device="cpu", batch_size=64, model=model, precision="fp32", runtime="eager")
+    return EmbeddingSettings(
+        weights="random", device="cpu", batch_size=64, model=model, precision="fp32", runtime="eager"
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -116,7 +127,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--images", type=int, default=512, help="images per measurement")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--compile", action="store_true")
+    parser.add_argument(
+        "--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on for CUDA, off for CPU"
+    )
+    parser.add_argument("--decoder", choices=DECODERS, default="auto")
     parser.add_argument("--corpus", type=Path, default=None, help="folder of photos to make thumbnails from")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--reference", action="store_true", help="measure only the pinned CPU reference (subprocess)")
@@ -207,22 +221,22 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         return summary_ref
     settings = EmbeddingSettings(
         weights="random", device=args.device, batch_size=args.batch_size, model=args.model,
-        precision=args.precision, compile=args.compile, runtime=args.runtime,
+        precision=args.precision, compile=args.compile, runtime=args.runtime, decoder=args.decoder,
     )  # fmt: skip
     started = time.perf_counter()
     model = load_model(settings)
     load_seconds = time.perf_counter() - started
     images = max(images, model.batch_size)
     # The reference is a CPU baseline: it is measured when the model runs on CPU.
-    reference = _ReferenceProcess(args, images) if model.device.type == "cpu" and not args.no_reference else None
+    alongside = _ReferenceProcess(args, images) if model.device.type == "cpu" and not args.no_reference else None
     thumbnails = _thumbnails(args, images)
     ours, theirs = [], []
     for _round in range(args.rounds):
         ours.append(_measure_round(model, thumbnails))
-        if reference is not None:
-            theirs.append(reference.round())
-    if reference is not None:
-        reference.close()
+        if alongside is not None:
+            theirs.append(alongside.round())
+    if alongside is not None:
+        alongside.close()
     model_only = max(r["model_only"] for r in ours)
     embed_stage = max(r["embed_stage"] for r in ours)
     summary: dict[str, object] = {
@@ -241,6 +255,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "embed_stage_img_s": round(embed_stage, 2),
         "ratio": round(embed_stage / model_only, 3),
         "thumbnail_kb": round(float(np.mean([len(t) for t in thumbnails])) / 1024, 1),
+        **model.runtime_metadata(),
     }
     if theirs:
         reference_model_only = max(r["model_only"] for r in theirs)

@@ -72,8 +72,8 @@ class EmbeddingRun:
     def images_per_second(self) -> float:
         return self.images_embedded / self.seconds if self.seconds > 0 else 0.0
 
-    def model_metadata(self) -> dict[str, str | int]:
-        """What ran the model, for the step's metadata: weights, width, device, precision, batch size."""
+    def model_metadata(self) -> dict[str, str | int | float | bool]:
+        """What ran the model, for the step's metadata: weights, width, device, precision, batch size, decoder, compile."""
         if self.model is None:
             return {"weights": "model not loaded: every vector was reused"}
         return {
@@ -82,6 +82,8 @@ class EmbeddingRun:
             "device": str(self.model.device),
             "precision": str(self.model.dtype).removeprefix("torch."),
             "batch_size": self.model.batch_size,
+            # decoder and why auto skipped a better one; compiled, its mode, seconds and any failure
+            **{key: value for key, value in self.model.runtime_metadata().items() if value is not None},
         }
 
 

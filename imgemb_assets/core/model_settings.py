@@ -24,9 +24,14 @@ BackboneName = Literal["resnet50", "resnet18", "vit_b_16"]
 PrecisionName = Literal["auto", "fp32", "fp16", "bf16"]  # auto: fp16 on CUDA, fp32 on CPU
 # How the forward pass runs (see EmbeddingSettings.runtime); auto: cpu-tuned on CPU, eager on CUDA.
 RuntimeName = Literal["auto", "eager", "cpu-tuned"]
+# What decodes the stored thumbnails (see EmbeddingSettings.decoder and core/thumbnail_decoders.py).
+DecoderName = Literal["auto", "pillow", "nvjpeg", "nvimgcodec"]
 BACKBONES: Final = get_args(BackboneName)
 PRECISIONS: Final = get_args(PrecisionName)
 RUNTIMES: Final = get_args(RuntimeName)
+DECODERS: Final = get_args(DecoderName)
+# Decoders that write into GPU memory: refused on a CPU device rather than silently replaced.
+GPU_DECODERS: Final = frozenset({"nvjpeg", "nvimgcodec"})
 # Each backbone's vector width with its classifier removed: known without building
 # the model, so stored vectors of another width are never reused.
 EMBEDDING_WIDTHS: Final = {"resnet50": 2048, "resnet18": 512, "vit_b_16": 768}
@@ -48,7 +53,11 @@ class EmbeddingSettings:
     model: a torchvision backbone, its classifier removed.
     batch_size: images per forward pass; None for 256 on CUDA and 16 on CPU.
     precision: `auto` is fp16 with channels_last on CUDA and fp32 on CPU.
-    compile: run the model through torch.compile (worth it for long runs on GPU).
+    compile: run the model through torch.compile for one fixed batch shape
+    (CUDA graphs on CUDA; a partial batch is padded to it and the padding rows
+    dropped). None (the default) means on for CUDA, off for CPU; True or False
+    is obeyed on any device, and an explicit True that fails to compile is an
+    error, where None falls back to eager (see models.CompiledForward).
     runtime: `eager` runs the torchvision module as built (on CPU: fp32,
     contiguous tensors, the process's malloc untouched: the pinned reference).
     `cpu-tuned` is the same weights in channels_last, with glibc malloc told
@@ -57,6 +66,13 @@ class EmbeddingSettings:
     that made eager 2-3x slower on a busy CPU, and 1.16-1.19x faster
     convolutions. On CUDA both are today's path (fp16 + channels_last).
     `auto`: cpu-tuned on CPU, eager on CUDA.
+    decoder: what decodes the stored JPEG thumbnails. `pillow` on the host
+    (the CPU path, and a last resort on CUDA), `nvjpeg` (torchvision's nvJPEG
+    decode into GPU memory), `nvimgcodec` (NVIDIA's nvImageCodec, batched, using
+    the hardware JPEG engines where the GPU has them; needs the optional
+    `nvidia-nvimgcodec-cu13[nvjpeg]` package). `auto` takes the best one that
+    works on the device (nvimgcodec, then nvjpeg, then pillow on CUDA; pillow on
+    CPU) and records why it skipped any; a named one that cannot work is an error.
     """
 
     weights: str
@@ -64,8 +80,9 @@ class EmbeddingSettings:
     batch_size: int | None = None
     model: str = "resnet50"
     precision: str = "auto"
-    compile: bool = False
+    compile: bool | None = None
     runtime: str = "auto"
+    decoder: str = "auto"
 
     def __post_init__(self) -> None:
         if not self.weights.strip():
@@ -80,6 +97,10 @@ class EmbeddingSettings:
             raise ModelConfigError(f"unknown runtime {self.runtime!r}; choose one of {RUNTIMES}")
         if not _DEVICE_PATTERN.fullmatch(self.device):
             raise ModelConfigError(f"unsupported device {self.device!r}; use auto, cpu, cuda or cuda:N")
+        if self.decoder not in DECODERS:
+            raise ModelConfigError(f"unknown decoder {self.decoder!r}; choose one of {DECODERS}")
+        if self.device == "cpu" and self.decoder in GPU_DECODERS:
+            raise ModelConfigError(f"decoder {self.decoder!r} decodes into GPU memory; use pillow or auto on CPU")
 
     @property
     def width(self) -> int:

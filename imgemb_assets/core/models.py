@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
@@ -11,6 +13,7 @@ import torch
 from torchvision.models import (
     ResNet18_Weights,
     ResNet50_Weights,
+    VisionTransformer,
     ViT_B_16_Weights,
     WeightsEnum,
     resnet18,
@@ -28,6 +31,9 @@ from imgemb_assets.core.model_settings import (
     ResolvedWeights,
     resolve_weights,
 )
+from imgemb_assets.core.thumbnail_decoders import PillowDecoder, ThumbnailDecoder, choose_decoder
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -57,9 +63,75 @@ _BACKBONES: Final = {
 }
 
 
+# CUDA graphs for the one batch shape the pipeline feeds (a partial batch is padded
+# to it), so a forward pass costs no per-kernel launches; a CPU has no graphs to capture.
+COMPILE_MODES: Final = {"cuda": "reduce-overhead", "cpu": "default"}
+# Calls until a compiled forward is in its steady state: the first compiles (and, under
+# CUDA graphs, warms up), the second records the graph; later ones replay it.
+_CALLS_TO_STEADY_STATE: Final = {"reduce-overhead": 2, "default": 1}
+_MAX_FAILURE_CHARS: Final = 500
+
+
+class CompiledForward:
+    """The module through torch.compile for one fixed batch shape, compiled on first use, its compile timed.
+
+    Every call takes exactly `batch_size` rows: the caller pads a partial batch
+    (`embedding.pad_batch`) and drops the padding rows' vectors. Compiling costs
+    tens of seconds on a GPU (`compile_seconds` records it; a persistent
+    TORCHINDUCTOR_CACHE_DIR shortens the next process's), so it starts only at a
+    call of at least one full batch (`worth_using`): a one-image query stays eager.
+    A compile that fails (Triton without a C compiler on a slim image, say) stops
+    the step when compile was asked for explicitly (`required`); under the default
+    the model stays eager and `failure` says why.
+    """
+
+    def __init__(self, module: torch.nn.Module, batch_size: int, device: torch.device, required: bool) -> None:
+        self.mode = COMPILE_MODES[device.type]
+        self.batch_size = batch_size
+        self.required = required
+        self.compile_seconds: float | None = None  # compile and warm-up, until the first steady-state call
+        self.failure: str | None = None
+        self._eager = module
+        self._compiled = torch.compile(module, mode=self.mode, dynamic=False, fullgraph=True)
+
+    def worth_using(self, images: int) -> bool:
+        """Whether a call embedding `images` thumbnails should go through the compiled module."""
+        if self.failure is not None:
+            return False
+        return self.compile_seconds is not None or images >= self.batch_size
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        if batch.shape[0] != self.batch_size:
+            raise ValueError(f"the compiled forward takes batches of {self.batch_size} rows, not {batch.shape[0]}")
+        if self.failure is not None:
+            return self._eager(batch)
+        if self.compile_seconds is None:
+            return self._first_call(batch)
+        # A clone: under CUDA graphs the output lives in the graph's memory pool, which
+        # the next replay overwrites while the caller may still hold this batch's vectors.
+        return self._compiled(batch).clone()
+
+    def _first_call(self, batch: torch.Tensor) -> torch.Tensor:
+        started = time.perf_counter()
+        try:
+            for _ in range(_CALLS_TO_STEADY_STATE[self.mode]):
+                out = self._compiled(batch)
+            if batch.device.type == "cuda":
+                torch.cuda.synchronize(batch.device)
+        except Exception as exc:  # dynamo, inductor and Triton fail with many types
+            reason = f"{type(exc).__name__}: {exc}"[:_MAX_FAILURE_CHARS]
+            if self.required:
+                raise ModelConfigError(f"torch.compile of the model failed: {reason}") from exc
+            self.failure = reason
+            _log.warning("torch.compile failed, the model runs eager: %s", reason)
+            return self._eager(batch)
+        self.compile_seconds = time.perf_counter() - started
+        return out.clone()
+
+
 @dataclass(frozen=True)
 class EmbeddingModel:
-    module: torch.nn.Module
+    module: torch.nn.Module  # the eager module (channels_last on CUDA and under cpu-tuned)
     model_id: str  # recorded on every embedding row
     weights_description: str  # for people: where the weights came from
     is_random: bool
@@ -69,6 +141,23 @@ class EmbeddingModel:
     batch_size: int
     runtime: str = "eager"  # the resolved runtime: eager or cpu-tuned (see EmbeddingSettings.runtime)
     normalization: Normalization = IMAGENET_NORMALIZATION  # the backbone's input normalization
+    decoder: ThumbnailDecoder = field(default_factory=PillowDecoder)  # decodes the stored thumbnails
+    decoder_note: str = ""  # why `auto` skipped a better decoder; empty when it got the best for the device
+    compiled: CompiledForward | None = None  # None when compile is off
+
+    def runtime_metadata(self) -> dict[str, str | float | bool | None]:
+        """What decodes and whether, how and at what cost the model was compiled: for step metadata and benchmarks."""
+        compiled = self.compiled
+        ran: dict[str, str | float | bool | None] = {"decoder": self.decoder.name, "decoder_note": self.decoder_note}
+        if compiled is None:
+            return ran | {"compiled": False}
+        seconds = None if compiled.compile_seconds is None else round(compiled.compile_seconds, 2)
+        return ran | {
+            "compiled": compiled.failure is None and seconds is not None,
+            "compile_mode": compiled.mode,
+            "compile_s": seconds,  # None: no call has been large enough to compile yet
+            "compile_failure": compiled.failure,
+        }
 
 
 def resolve_device(name: str) -> torch.device:
@@ -95,6 +184,18 @@ def resolve_runtime(runtime: str, device: torch.device) -> str:
     if device.type != "cpu":
         return "eager"
     return "cpu-tuned" if runtime == "auto" else runtime
+
+
+def resolve_compile(compile_setting: bool | None, device: torch.device) -> bool:
+    """Whether to compile: as set, or by default on CUDA only.
+
+    On CUDA the compiled model ran ResNet50 at 24.1k img/s against 13.8k eager
+    (H100, fp16, batch 256). On a CPU it is left off: inductor's C++ build takes
+    20 s or more on a small machine, and cpu-tuned is the measured CPU path.
+    """
+    if compile_setting is None:
+        return device.type == "cuda"
+    return compile_setting
 
 
 def model_id_for(settings: EmbeddingSettings, weights: ResolvedWeights | None = None) -> str:
@@ -124,7 +225,10 @@ def numerics_tag(dtype: torch.dtype, device: torch.device) -> str:
     1.4e-2, and bf16 on CPU differs from bf16 on CUDA by up to 1.8e-2, so bf16 names
     its device. fp32 is the same on both (2e-6) once CUDA is kept off TF32
     (`_full_fp32_on_cuda`). Neither the runtime (eager and cpu-tuned are
-    5e-7 apart), the batch size nor torch.compile (1.4e-3 at fp16) is part of it.
+    5e-7 apart), the batch size (a compiled model's padded last batch included),
+    torch.compile (1.4e-3 at fp16) nor the thumbnail decoder is part of it:
+    nvImageCodec's CPU backend gives Pillow's pixels exactly on stored thumbnails,
+    and bench/gpu_check.py measures the GPU decoders' vectors against fp32 CPU.
     """
     name = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
     return f"{name}-{device.type}" if dtype == torch.bfloat16 else name
@@ -155,8 +259,11 @@ def load_model(settings: EmbeddingSettings, weights: ResolvedWeights | None = No
         module = module.to(memory_format=torch.channels_last)
     elif runtime == "cpu-tuned":
         module = _tune_for_cpu(module)
-    if settings.compile:
-        module = torch.compile(module)
+    batch_size = settings.batch_size or (GPU_BATCH_SIZE if device.type == "cuda" else CPU_BATCH_SIZE)
+    compiled = None
+    if resolve_compile(settings.compile, device):
+        compiled = CompiledForward(module, batch_size, device, required=settings.compile is True)
+    decoding = choose_decoder(settings.decoder, device)
     return EmbeddingModel(
         module=module,
         model_id=model_id_for(settings, weights),
@@ -165,9 +272,12 @@ def load_model(settings: EmbeddingSettings, weights: ResolvedWeights | None = No
         device=device,
         dtype=dtype,
         width=width,
-        batch_size=settings.batch_size or (GPU_BATCH_SIZE if device.type == "cuda" else CPU_BATCH_SIZE),
+        batch_size=batch_size,
         runtime=runtime,
         normalization=backbone.normalization,
+        decoder=decoding.decoder,
+        decoder_note=decoding.note,
+        compiled=compiled,
     )
 
 
@@ -192,9 +302,16 @@ def pretrained_weights_cached(name: str = "DEFAULT", model: str = "resnet50") ->
 def _remove_classifier(module: torch.nn.Module, head: str) -> int:
     """Replaces the classifier with Identity; the embedding width."""
     classifier = getattr(module, head)
-    width = classifier.in_features if isinstance(classifier, torch.nn.Linear) else module.hidden_dim
+    width = classifier.in_features if isinstance(classifier, torch.nn.Linear) else _vit_hidden_dim(module)
     setattr(module, head, torch.nn.Identity())
     return int(width)
+
+
+def _vit_hidden_dim(module: torch.nn.Module) -> int:
+    # A ViT's heads are a Sequential; its width is the encoder's, which it keeps as an int attribute.
+    if not isinstance(module, VisionTransformer):
+        raise ModelConfigError(f"cannot tell the embedding width of a {type(module).__name__}")
+    return int(module.hidden_dim)
 
 
 def _tune_for_cpu(module: torch.nn.Module) -> torch.nn.Module:

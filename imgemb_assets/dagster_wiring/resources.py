@@ -11,6 +11,7 @@ from imgemb_assets.core.near_duplicates import DEFAULT_SIMILARITY_THRESHOLD, Sha
 from imgemb_assets.core.images import DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_IMAGE_BYTES, ImageLimits
 from imgemb_assets.core.lake import Lake
 from imgemb_assets.core.model_settings import (
+    DecoderName,
     BackboneName,
     EmbeddingSettings,
     PrecisionName,
@@ -132,7 +133,16 @@ class EmbeddingModelResource(ConfigurableResource):
     precision: PrecisionName = Field(
         default="auto", description="auto: fp16 + channels_last on CUDA, fp32 on CPU."
     )
-    compile: bool = Field(default=False, description="Run the model through torch.compile.")
+    compile: bool | None = Field(
+        default=None,
+        description="torch.compile with CUDA graphs for the fixed batch shape. Unset: on for CUDA, off for CPU; "
+        "a failed compile then leaves the model eager. true: compile or fail the step.",
+    )
+    decoder: DecoderName = Field(
+        default="auto",
+        description="What decodes the thumbnails: auto (nvimgcodec, else nvjpeg, else pillow on CUDA; pillow on "
+        "CPU), pillow, nvjpeg or nvimgcodec (needs the gpu extra: nvidia-nvimgcodec-cu13[nvjpeg]).",
+    )
     runtime: RuntimeName = Field(
         default="auto",
         description="auto: cpu-tuned on CPU (channels_last, glibc malloc keeping activation buffers mapped: vectors "
@@ -156,6 +166,7 @@ class EmbeddingModelResource(ConfigurableResource):
             precision=self.precision,
             compile=self.compile,
             runtime=self.runtime,
+            decoder=self.decoder,
         )
 
 
