@@ -131,7 +131,9 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="keep the generated data here (default: a temp dir)")
     args = parser.parse_args()
     jpegs = distinct_jpegs()
-    print(f"{len(jpegs)} distinct JPEGs, {sum(map(len, jpegs)) / len(jpegs) / 1024:.1f} KiB each on average", flush=True)
+    print(
+        f"{len(jpegs)} distinct JPEGs, {sum(map(len, jpegs)) / len(jpegs) / 1024:.1f} KiB each on average", flush=True
+    )
     results: dict[int, dict[str, object]] = {}
     with tempfile.TemporaryDirectory(prefix="downscale_rss-") as scratch:
         base = args.workdir or Path(scratch)

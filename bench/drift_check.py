@@ -56,7 +56,8 @@ def main() -> None:
         rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         started = time.perf_counter()
         moments = moments_of_batches(
-            lake.read_batches("vectors", "previous", columns=["model_id", "embedding"], batch_rows=MOMENTS_BATCH_ROWS), "m"
+            lake.read_batches("vectors", "previous", columns=["model_id", "embedding"], batch_rows=MOMENTS_BATCH_ROWS),
+            "m",
         )
         read_s = time.perf_counter() - started
         rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

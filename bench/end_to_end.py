@@ -164,7 +164,9 @@ def running_daemon(env: Mapping[str, str], sampler: PssSampler, log: Path) -> It
 
 
 def run_command(command: list[str], env: Mapping[str, str], sampler: PssSampler) -> None:
-    process = subprocess.Popen(command, env=dict(env), cwd=_REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        command, env=dict(env), cwd=_REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     sampler.roots.append(process.pid)
     output, _ = process.communicate()
     if process.returncode != 0:

@@ -92,7 +92,10 @@ def main() -> None:
             if done.returncode != 0:
                 raise SystemExit(done.stderr[-3000:])
             results[rows] = json.loads(done.stdout.strip().splitlines()[-1])
-            print(f"{rows:>7} images  {results[rows]['seconds']:8.1f} s  peak RSS {results[rows]['peak_rss_mb']:8.1f} MB", flush=True)
+            print(
+                f"{rows:>7} images  {results[rows]['seconds']:8.1f} s  peak RSS {results[rows]['peak_rss_mb']:8.1f} MB",
+                flush=True,
+            )
     smallest, largest = min(results), max(results)
     summary = {
         "model": args.model,

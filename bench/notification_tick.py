@@ -178,7 +178,7 @@ def main() -> None:
     if burst:
         summary |= {
             "burst_upload_s": round(burst_upload_s, 1),
-        "burst_tick_s": round(burst["s"], 3),
+            "burst_tick_s": round(burst["s"], 3),
             "burst_messages": burst["messages"],
             "burst_partitions_touched": burst["partitions"],
             "burst_s3_requests": burst["s3_requests"],

@@ -47,7 +47,9 @@ def main() -> None:
             started = time.perf_counter()
             job.execute_in_process(instance=instance, partition_key="p")
             seconds = time.perf_counter() - started
-            metadata = instance.get_latest_materialization_event(AssetKey(tables.IMAGE_EMBEDDINGS)).asset_materialization.metadata
+            metadata = instance.get_latest_materialization_event(
+                AssetKey(tables.IMAGE_EMBEDDINGS)
+            ).asset_materialization.metadata
             runs.append((seconds, metadata["images_embedded"].value, metadata["images_reused"].value))
     (first_s, first_embedded, _), (second_s, second_embedded, second_reused) = runs
     summary = {

@@ -40,7 +40,12 @@ def main() -> None:
         client = S3Settings().client()
         client.create_bucket(Bucket="bench")
         with ThreadPoolExecutor(32) as pool:
-            list(pool.map(lambda n: client.put_object(Bucket="bench", Key=f"raw/many/o_{n:06d}.jpg", Body=b"x"), range(args.objects)))
+            list(
+                pool.map(
+                    lambda n: client.put_object(Bucket="bench", Key=f"raw/many/o_{n:06d}.jpg", Body=b"x"),
+                    range(args.objects),
+                )
+            )
         store = open_object_store("s3://bench/raw")
         listed, list_s = _timed(lambda: list(store.list_objects("many")))
         assert len(listed) == args.objects

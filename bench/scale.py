@@ -151,7 +151,12 @@ class Profiler:
         self._save(name, profile)
 
     def command(
-        self, name: str, args: Sequence[str], env: Mapping[str, str], module: str = "imgemb_assets.cli", timeout_s: float = 600
+        self,
+        name: str,
+        args: Sequence[str],
+        env: Mapping[str, str],
+        module: str = "imgemb_assets.cli",
+        timeout_s: float = 600,
     ) -> None:
         """`python -m MODULE ARGS` (by default `imgemb ARGS`) under cProfile, in a process of its own."""
         if self.directory is None:
@@ -311,7 +316,9 @@ def measure_discovery_tick(report: Report, setting: Setting, instance: Any, orig
     setting.profiler.call(f"{setting.label} discovery tick nothing new",
                           lambda: _evaluate(sensor, instance, setting.cursor, storage))  # fmt: skip
     seconds, _ = repeated(lambda: write_tick_as_daemon(instance, origin, result.cursor, [], []), setting.repeat)
-    report.add(setting.label, "discovery tick, nothing new: daemon's writes (tick row + state, cursor in both)", seconds)
+    report.add(
+        setting.label, "discovery tick, nothing new: daemon's writes (tick row + state, cursor in both)", seconds
+    )
 
 
 def measure_new_prefixes_tick(report: Report, setting: Setting, instance: Any, origin: Any) -> None:
@@ -342,7 +349,9 @@ def measure_backfill_plan(report: Report, setting: Setting, instance: Any) -> No
     expected = len(setting.corpus.prefixes) - len(setting.lake.written)
     if len(plan.tables_by_prefix) != expected or plan.refresh_sales:
         raise RuntimeError(f"the plan holds {len(plan.tables_by_prefix)} prefixes, expected {expected}")
-    report.add(setting.label, "plan_backfill(image_embeddings)", seconds, f"{len(plan.tables_by_prefix)} prefixes to run")
+    report.add(
+        setting.label, "plan_backfill(image_embeddings)", seconds, f"{len(plan.tables_by_prefix)} prefixes to run"
+    )
     setting.profiler.call(f"{setting.label} plan_backfill",
                           lambda: plan_backfill(instance, tables.IMAGE_EMBEDDINGS, sales_store))  # fmt: skip
     imgemb = str(BIN / "imgemb")
@@ -503,8 +512,15 @@ def markdown(report: Report) -> str:
         lines.append(f"| {m.storage} | {m.operation} | {len(m.seconds)} | {m.best:.3f} | {m.median:.3f} | {m.note} |")
     tables = report.setup.get("tables", [])
     if tables:
-        lines += ["", "| table | _delta_log bytes | log files | data files | live files |", "| --- | --- | --- | --- | --- |"]
-        lines += [f"| {t['table']} | {t['log_bytes']:,} | {t['log_files']} | {t['data_files']} | {t['live_files']} |" for t in tables]
+        lines += [
+            "",
+            "| table | _delta_log bytes | log files | data files | live files |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        lines += [
+            f"| {t['table']} | {t['log_bytes']:,} | {t['log_files']} | {t['data_files']} | {t['live_files']} |"
+            for t in tables
+        ]
     setup = {key: value for key, value in report.setup.items() if key != "tables"}
     lines += ["", "setup: " + json.dumps(setup)]
     return "\n".join(lines)

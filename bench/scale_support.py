@@ -215,7 +215,9 @@ def _upload(client: Any, uploads: Sequence[tuple[Path, str]]) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(16) as pool:
-        list(pool.map(lambda item: client.put_object(Bucket=S3_BUCKET, Key=item[1], Body=item[0].read_bytes()), uploads))
+        list(
+            pool.map(lambda item: client.put_object(Bucket=S3_BUCKET, Key=item[1], Body=item[0].read_bytes()), uploads)
+        )
 
 
 # ---------------------------------------------------------------------------- lake
@@ -435,7 +437,9 @@ def run_timed(command: Sequence[str], env: Mapping[str, str], timeout_s: float) 
     )
     seconds = time.perf_counter() - started
     if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+        raise RuntimeError(
+            f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
+        )
     return seconds, done.stdout
 
 
@@ -460,7 +464,9 @@ def record_state(
     )
 
     def report(asset: str, partition: str | None, metadata: Mapping[str, Any]) -> None:
-        instance.report_runless_asset_event(AssetMaterialization(asset_key=asset, partition=partition, metadata=dict(metadata)))
+        instance.report_runless_asset_event(
+            AssetMaterialization(asset_key=asset, partition=partition, metadata=dict(metadata))
+        )
 
     count = 0
     for prefix in corpus.prefixes:
@@ -468,7 +474,9 @@ def record_state(
         count += 1
     log(f"instance: {count} raw_images events")
     report(SALES_EXPORT, None, {SALES_FILES_FINGERPRINT_KEY: lake.sales_fingerprint})
-    report(tables.SALES, None, {"dagster/row_count": lake.sales_rows, SALES_FILES_FINGERPRINT_KEY: lake.sales_fingerprint})
+    report(
+        tables.SALES, None, {"dagster/row_count": lake.sales_rows, SALES_FILES_FINGERPRINT_KEY: lake.sales_fingerprint}
+    )
     count += 2
     for table in (tables.RAW_IMAGE_MANIFEST, tables.DOWNSCALED_IMAGES, tables.REJECTED_IMAGES,
                   tables.IMAGES_WITH_SALES, tables.IMAGE_EMBEDDINGS):  # fmt: skip
@@ -491,7 +499,8 @@ def sensor_origin(sensor_name: str) -> Any:
     from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
 
     location = InProcessCodeLocationOrigin(
-        LoadableTargetOrigin(module_name="imgemb_assets.definitions", working_directory=str(REPO)), location_name="imgemb"
+        LoadableTargetOrigin(module_name="imgemb_assets.definitions", working_directory=str(REPO)),
+        location_name="imgemb",
     )
     return RemoteInstigatorOrigin(RemoteRepositoryOrigin(location, "__repository__"), sensor_name)
 
@@ -534,7 +543,9 @@ def write_tick_as_daemon(instance: Any, origin: Any, cursor: str, added: Sequenc
     if added:
         instance.add_dynamic_partitions(S3_PREFIX_PARTITIONS_NAME, list(added))
     instance.update_tick(tick.with_status(TickStatus.SKIPPED).with_cursor(cursor))
-    instance.update_instigator_state(state.with_data(SensorInstigatorData(last_tick_timestamp=tick.timestamp, cursor=cursor)))
+    instance.update_instigator_state(
+        state.with_data(SensorInstigatorData(last_tick_timestamp=tick.timestamp, cursor=cursor))
+    )
 
 
 # ---------------------------------------------------------------------------- UI
@@ -589,7 +600,9 @@ def running_webserver(env: Mapping[str, str], log_path: Path, timeout_s: float =
                 if process.poll() is not None:
                     raise RuntimeError(f"dagster-webserver exited ({process.returncode}); see {log_path}")
                 if time.perf_counter() - started > timeout_s:
-                    raise RuntimeError(f"dagster-webserver did not load the location in {timeout_s:.0f} s; see {log_path}")
+                    raise RuntimeError(
+                        f"dagster-webserver did not load the location in {timeout_s:.0f} s; see {log_path}"
+                    )
                 try:
                     answer = graphql(url, PARTITION_STATS_QUERY, {"assetKey": {"path": ["raw_images"]}}, timeout_s=30)
                     if answer.get("data", {}).get("assetNodeOrError", {}).get("id"):

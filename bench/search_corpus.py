@@ -54,6 +54,7 @@ from bench import print_summary
 from bench.search_index import dataset, latencies_ms, partitions_of
 from imgemb_assets.core import tables
 from imgemb_assets.core.evaluation import evaluate_embeddings
+
 # Imported here, before any job runs, so that the first refresh job does not pay for
 # importing usearch and the refresh code and the two job times compare the work alone.
 from imgemb_assets.core.index_refresh import refresh_search_indexes
@@ -193,7 +194,9 @@ def direct_refreshes(run: PipelineRun, scratch: Path, repeats: int) -> tuple[lis
             elapsed, refresh = timed(lambda: refresh_search_indexes(Lake(str(root))))
             expected = len(run.prefixes) if kind == "full" else 1
             if len(refresh.partitions_read) != expected:
-                raise RuntimeError(f"{kind} refresh read {len(refresh.partitions_read)} partitions, expected {expected}")
+                raise RuntimeError(
+                    f"{kind} refresh read {len(refresh.partitions_read)} partitions, expected {expected}"
+                )
             seconds.append(elapsed)
             shutil.rmtree(root)
     return full_s, incremental_s
@@ -225,8 +228,12 @@ class Row:
 _COLUMNS = (("case", 16, "<"), ("vectors", 7, ">"), ("backend", 13, "<"), ("recall@10", 9, ">"), ("p50 ms", 7, ">"),
             ("p99 ms", 7, ">"), ("build s", 8, ">"), ("memory MiB", 10, ">"), ("stored MiB", 10, ">"))  # fmt: skip
 HEADER = (
-    "| " + " | ".join(f"{name:{align}{width}s}" for name, width, align in _COLUMNS) + " |\n"
-    + "|" + "|".join("-" * (width + 1) + (":" if align == ">" else "-") for _, width, align in _COLUMNS) + "|"
+    "| "
+    + " | ".join(f"{name:{align}{width}s}" for name, width, align in _COLUMNS)
+    + " |\n"
+    + "|"
+    + "|".join("-" * (width + 1) + (":" if align == ">" else "-") for _, width, align in _COLUMNS)
+    + "|"
 )
 
 
@@ -317,7 +324,9 @@ def shown(value: float | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "imgemb-search-corpus")
-    parser.add_argument("--corpus", type=Path, help="corpus folder (default WORK_DIR/corpus; made when it has no manifest)")
+    parser.add_argument(
+        "--corpus", type=Path, help="corpus folder (default WORK_DIR/corpus; made when it has no manifest)"
+    )
     parser.add_argument("--corpus-size", type=int, default=1000, help="photos, when the corpus is made")
     parser.add_argument("--large", type=int, default=100_000, help="vectors of the synthetic size")
     parser.add_argument("--repeats", type=int, default=3, help="alternating direct refreshes, full and incremental")
@@ -347,7 +356,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nmodel {model_id}; the asset's index: {len(loaded)} vectors, {loaded.backend}\n")
     print(HEADER, flush=True)
     photos = len(manifest["images"])
-    rows = bench_pair(f"{photos // 1000}k corpus" if photos >= 1000 else f"{photos}-photo corpus", model_id, partitions, corpus_vectors)
+    rows = bench_pair(
+        f"{photos // 1000}k corpus" if photos >= 1000 else f"{photos}-photo corpus",
+        model_id,
+        partitions,
+        corpus_vectors,
+    )
     # bench.search_index's low-rank clustered vectors through a ReLU (CNN features' shape, not noise), 10 partitions
     large_vectors = dataset(args.large, _WIDTH, "lowrank", seed=1)
     sample = np.random.default_rng(0).choice(args.large, size=_SAMPLE, replace=False)

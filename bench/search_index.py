@@ -90,7 +90,9 @@ def dataset(count: int, width: int, kind: str, seed: int) -> np.ndarray:
         fixed = np.random.default_rng(12345)
         mapping = fixed.standard_normal((64, width), dtype=np.float32)
         centres = fixed.standard_normal((max(count // 100, 10), 64), dtype=np.float32)
-        latent = centres[rng.integers(0, len(centres), count)] + 0.5 * rng.standard_normal((count, 64), dtype=np.float32)
+        latent = centres[rng.integers(0, len(centres), count)] + 0.5 * rng.standard_normal(
+            (count, 64), dtype=np.float32
+        )
         return np.maximum(latent @ mapping, 0) + 0.05 * np.abs(rng.standard_normal((count, width), dtype=np.float32))
     centres_rng = np.random.default_rng(12345)  # the same centres for the data and its held-out queries
     clusters = max(count // 100, 10)
@@ -152,7 +154,8 @@ def bench_exact_f16(size, vectors, queries, truth, latency_queries, replacement)
     def search(batch: np.ndarray) -> np.ndarray:
         batch = normalised(np.atleast_2d(batch))
         scores = np.concatenate(
-            [batch @ stored[start : start + block].astype(np.float32).T for start in range(0, len(stored), block)], axis=1
+            [batch @ stored[start : start + block].astype(np.float32).T for start in range(0, len(stored), block)],
+            axis=1,
         )
         top = np.argpartition(-scores, _K - 1, axis=1)[:, :_K]
         return np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1), axis=1)
@@ -287,7 +290,10 @@ def bench_persistence(
     vectors = rng.standard_normal((partitions * per_partition, width), dtype=np.float32)
     sources = [
         module.PartitionVectors(
-            f"p{n:05d}", "f1", [f"p{n:05d}-{i}" for i in range(per_partition)], vectors[n * per_partition : (n + 1) * per_partition]
+            f"p{n:05d}",
+            "f1",
+            [f"p{n:05d}-{i}" for i in range(per_partition)],
+            vectors[n * per_partition : (n + 1) * per_partition],
         )
         for n in range(partitions)
     ]
@@ -300,8 +306,15 @@ def bench_persistence(
             with counted_files(module) as counter:
                 report = module.save_index(target, lake)
             rows.append(
-                PersistenceRow(step, report.seconds, len(counter.read), report.files_written, report.files_deleted,
-                               report.bytes_written / 2**20, files_in(module, lake, "bench"))
+                PersistenceRow(
+                    step,
+                    report.seconds,
+                    len(counter.read),
+                    report.files_written,
+                    report.files_deleted,
+                    report.bytes_written / 2**20,
+                    files_in(module, lake, "bench"),
+                )
             )
             print(rows[-1].line(), flush=True)
 
@@ -311,7 +324,11 @@ def bench_persistence(
                 result = module.load_index(lake, "bench", width)
                 seconds = time.perf_counter() - started
             assert len(result) == partitions * per_partition
-            rows.append(PersistenceRow(step, seconds, len(counter.read), len(counter.written), 0, 0.0, files_in(module, lake, "bench")))
+            rows.append(
+                PersistenceRow(
+                    step, seconds, len(counter.read), len(counter.written), 0, 0.0, files_in(module, lake, "bench")
+                )
+            )
             print(rows[-1].line(), flush=True)
             return result
 
@@ -320,7 +337,9 @@ def bench_persistence(
         again = loaded("load")
         replaced = [
             module.PartitionVectors(
-                f"p{n:05d}", "f2", [f"p{n:05d}-{i}" for i in range(per_partition)],
+                f"p{n:05d}",
+                "f2",
+                [f"p{n:05d}-{i}" for i in range(per_partition)],
                 rng.standard_normal((per_partition, width), dtype=np.float32),
             )
             for n in range(0, partitions, max(1, partitions // changed))[:changed]
@@ -342,11 +361,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=("search", "persistence"), help="run one part only (default: both)")
     parser.add_argument("--persist-partitions", type=int, default=10_000)
     parser.add_argument("--persist-vectors", type=int, default=10, help="vectors per partition")
-    parser.add_argument("--persist-changed", type=int, default=10, help="partitions changed before the incremental save")
-    parser.add_argument("--persist-on", choices=("local", "s3"), default="local",
-                        help="a local folder, or a moto S3 server subprocess (needs the dev extra; slow: fewer partitions)")
-    parser.add_argument("--module", default="imgemb_assets.core.search_index",
-                        help="the index module to measure persistence of (another copy with the same API, for a before/after)")
+    parser.add_argument(
+        "--persist-changed", type=int, default=10, help="partitions changed before the incremental save"
+    )
+    parser.add_argument(
+        "--persist-on",
+        choices=("local", "s3"),
+        default="local",
+        help="a local folder, or a moto S3 server subprocess (needs the dev extra; slow: fewer partitions)",
+    )
+    parser.add_argument(
+        "--module",
+        default="imgemb_assets.core.search_index",
+        help="the index module to measure persistence of (another copy with the same API, for a before/after)",
+    )
     args = parser.parse_args(argv)
     started = time.perf_counter()
     summary: dict[str, Any] = {"data": args.data, "width": args.width}

@@ -45,7 +45,10 @@ def main() -> None:
             list(pool.map(lambda key: client.put_object(Bucket="bench", Key=key, Body=b"x"), keys))
         upload_s = time.perf_counter() - started
         storage = StorageResource(
-            raw_images_uri="s3://bench/raw", sales_uri="s3://bench/sales", lake_uri="s3://bench/delta", s3=ImgembS3Resource()
+            raw_images_uri="s3://bench/raw",
+            sales_uri="s3://bench/sales",
+            lake_uri="s3://bench/delta",
+            s3=ImgembS3Resource(),
         )
         sensor = build_raw_prefix_sensor()
         timings: dict[str, float] = {}

@@ -125,7 +125,11 @@ def way_environment(corpus: Corpus, workdir: Path, sensor_interval: int | None, 
     """The user's variables (bench.end_to_end's), with this way's own copy of the raw root and sales."""
     shutil.copytree(corpus.root / "sales-data", workdir / "sales-data")
     env = user_environment(corpus.root, workdir)
-    env |= {"IMGEMB_RAW_IMAGES_URI": str(raw_root), "IMGEMB_SALES_URI": str(workdir / "sales-data"), "CUDA_VISIBLE_DEVICES": ""}
+    env |= {
+        "IMGEMB_RAW_IMAGES_URI": str(raw_root),
+        "IMGEMB_SALES_URI": str(workdir / "sales-data"),
+        "CUDA_VISIBLE_DEVICES": "",
+    }
     if sensor_interval is not None:
         env["IMGEMB_SENSOR_INTERVAL_S"] = str(sensor_interval)
     return env
@@ -327,13 +331,17 @@ def way_daemon(corpus: Corpus, workdir: Path, args: argparse.Namespace, result: 
     log = workdir / "daemon.log"
     try:
         with PssSampler() as sampler:
-            daemon = start_group([str(_BIN / "dagster-daemon"), "run", "-w", str(_REPO / "workspace.yaml")], env, _REPO, log)
+            daemon = start_group(
+                [str(_BIN / "dagster-daemon"), "run", "-w", str(_REPO / "workspace.yaml")], env, _REPO, log
+            )
             sampler.roots.append(daemon.pid)
             wait_for_daemon(instance, daemon, log)
             t0 = time.time()
             for prefix in corpus.prefixes:  # one rename each: a prefix lands whole
                 os.rename(landing / prefix, raw / prefix)
-            readable, result.rows = wait_for_rows(table, corpus.expected_rows, args.timeout, _died(daemon, "the daemon"))
+            readable, result.rows = wait_for_rows(
+                table, corpus.expected_rows, args.timeout, _died(daemon, "the daemon")
+            )
             result.seconds = readable - t0
             result.runs, result.failed_runs = runs_so_far(instance)
             result.peak_pss_mb = sampler.peak_kb / 1024
@@ -369,7 +377,9 @@ def way_daemon_commands(corpus: Corpus, workdir: Path, args: argparse.Namespace,
     log = workdir / "daemon.log"
     try:
         with PssSampler() as sampler:
-            daemon = start_group([str(_BIN / "dagster-daemon"), "run", "-w", str(_REPO / "workspace.yaml")], env, _REPO, log)
+            daemon = start_group(
+                [str(_BIN / "dagster-daemon"), "run", "-w", str(_REPO / "workspace.yaml")], env, _REPO, log
+            )
             sampler.roots.append(daemon.pid)
             wait_for_daemon(instance, daemon, log)
             commands = Commands([[imgemb, "discover"], [imgemb, "backfill-missing", "--asset", "image_embeddings"]],
@@ -470,9 +480,13 @@ def way_daft(corpus: Corpus, workdir: Path, args: argparse.Namespace, result: Wa
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     with PssSampler() as sampler:
         t0 = time.time()
-        process = start_group([args.daft_python, str(_DAFT_SCRIPT), "--data", str(data), "--out", str(out)], env, _REPO, log)
+        process = start_group(
+            [args.daft_python, str(_DAFT_SCRIPT), "--data", str(data), "--out", str(out)], env, _REPO, log
+        )
         sampler.roots.append(process.pid)
-        readable, result.rows = wait_for_rows(str(out), corpus.daft_expected_rows, args.timeout, _died(process, "daft_seed.py", ok=True))
+        readable, result.rows = wait_for_rows(
+            str(out), corpus.daft_expected_rows, args.timeout, _died(process, "daft_seed.py", ok=True)
+        )
         result.seconds = readable - t0
         result.peak_pss_mb = sampler.peak_kb / 1024
         code = process.wait(timeout=120)
@@ -535,7 +549,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--corpus", type=Path, required=True, help="DIR with raw-images/ and sales-data/")
     parser.add_argument("--ways", default=",".join(WAYS), help=f"comma-separated, in this order; of {','.join(WAYS)}")
     parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--sensor-interval", type=int, default=None, help="IMGEMB_SENSOR_INTERVAL_S (default: unset, 30)")
+    parser.add_argument(
+        "--sensor-interval", type=int, default=None, help="IMGEMB_SENSOR_INTERVAL_S (default: unset, 30)"
+    )
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds each wait may take")
     parser.add_argument("--daft-python", default="/tmp/venv-daft/bin/python")
     parser.add_argument("--out", type=Path, default=None, help="folder for logs and timelines.json")
@@ -611,7 +627,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         entry["speed_x_cli"] = None if over_cli is None else round(over_cli, 3)
         entry["speed_x_daft"] = None if over_daft is None else round(over_daft, 3)
         if len(results[way]) > 1:
-            entry["median_seconds"] = round(statistics.median(r.seconds for r in results[way] if r.seconds is not None), 2)
+            entry["median_seconds"] = round(
+                statistics.median(r.seconds for r in results[way] if r.seconds is not None), 2
+            )
         entry |= result.extra
         summary_ways[way] = entry
     daemon = best("daemon")

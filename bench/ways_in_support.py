@@ -32,7 +32,11 @@ def group_members(pgid: int) -> list[str]:
     """Processes of the group still running (zombies excluded): pid and command line."""
     done = subprocess.run(["ps", "-eo", "pgid=,pid=,stat=,args="], capture_output=True, text=True, check=True)
     rows = [line.split(None, 3) for line in done.stdout.splitlines() if line.strip()]
-    return [f"{row[1]} {row[3][:160]}" for row in rows if len(row) == 4 and row[0] == str(pgid) and not row[2].startswith("Z")]
+    return [
+        f"{row[1]} {row[3][:160]}"
+        for row in rows
+        if len(row) == 4 and row[0] == str(pgid) and not row[2].startswith("Z")
+    ]
 
 
 def stop_group(process: subprocess.Popen, grace_s: float = 60.0) -> list[str]:
@@ -231,7 +235,12 @@ def timeline(instance: object, t0: float) -> dict[str, list[dict[str, object]]]:
         for entry in instance.all_logs(run.run_id, of_type=set(kinds)):
             events.setdefault(kinds[entry.dagster_event_type], rel(entry.timestamp))
         steps = [
-            {"step": s.step_key, "start": rel(s.start_time), "end": rel(s.end_time), "status": getattr(s.status, "value", None)}
+            {
+                "step": s.step_key,
+                "start": rel(s.start_time),
+                "end": rel(s.end_time),
+                "status": getattr(s.status, "value", None),
+            }
             for s in instance.get_run_step_stats(run.run_id)
         ]
         tags = run.tags or {}
@@ -269,7 +278,9 @@ def _materializations(instance: object, rel: Callable[[object], float | None]) -
     found = []
     for asset in _TIMED_ASSETS:
         try:
-            records = instance.fetch_materializations(AssetRecordsFilter(asset_key=AssetKey(asset)), limit=10000).records
+            records = instance.fetch_materializations(
+                AssetRecordsFilter(asset_key=AssetKey(asset)), limit=10000
+            ).records
         except Exception:  # noqa: BLE001 - the timeline is a report: never fail the way for it
             continue
         for record in records:
@@ -294,7 +305,11 @@ def _num_partitions(backfill: object) -> int | None:
 
 def _launched_by(tags: Mapping[str, str]) -> str:
     parts = [f"backfill {tags['dagster/backfill']}"] if "dagster/backfill" in tags else []
-    parts += [f"{key.split('/')[-1]}={tags[key]}" for key in ("dagster/sensor_name", "dagster/from_automation_condition") if key in tags]
+    parts += [
+        f"{key.split('/')[-1]}={tags[key]}"
+        for key in ("dagster/sensor_name", "dagster/from_automation_condition")
+        if key in tags
+    ]
     return ", ".join(parts) or "its command (no backfill)"
 
 
@@ -320,7 +335,11 @@ def print_timeline(name: str, line: Mapping[str, list[dict[str, object]]], until
         events.append((tick["at"], what))
     skipped: dict[str, int] = {}
     for tick in line["ticks"]:
-        if tick["status"] == "SKIPPED" and not tick["partitions_added"] and (until is None or (tick["at"] or 0) <= until):
+        if (
+            tick["status"] == "SKIPPED"
+            and not tick["partitions_added"]
+            and (until is None or (tick["at"] or 0) <= until)
+        ):
             skipped[tick["sensor"]] = skipped.get(tick["sensor"], 0) + 1
     for backfill in line["backfills"]:
         origin = "automation" if backfill["tags"].get("dagster/from_automation_condition") else "a command or the UI"
@@ -329,9 +348,7 @@ def print_timeline(name: str, line: Mapping[str, list[dict[str, object]]], until
              f"status {backfill['status']}, ended {backfill['ended']}")
         )  # fmt: skip
     for run in line["runs"]:
-        steps = ", ".join(
-            f"{s['step']} {s['start']}..{s['end']}" for s in run["steps"] if s["start"] is not None
-        )
+        steps = ", ".join(f"{s['step']} {s['start']}..{s['end']}" for s in run["steps"] if s["start"] is not None)
         events.append(
             (
                 run["created"],

@@ -93,14 +93,21 @@ def discover(
         report_changed_listings(instance, plan.changed)
     # Refused names are reported, never registered: one of them must not stop the others.
     for name, reason in sorted(plan.refused_prefixes.items()):
-        print(f"warning: prefix {name!r} is not registered and its objects are in no partition: {reason}", file=sys.stderr)
+        print(
+            f"warning: prefix {name!r} is not registered and its objects are in no partition: {reason}", file=sys.stderr
+        )
     for prefix, error in sorted(plan.listing_errors.items()):
         print(f"warning: {prefix!r} could not be listed: {error}", file=sys.stderr)
     for key in known:
         if (problem := partition_key_problem(key)) is not None:
-            print(f"warning: registered partition {key!r} is no valid prefix ({problem}); delete it in the UI", file=sys.stderr)
+            print(
+                f"warning: registered partition {key!r} is no valid prefix ({problem}); delete it in the UI",
+                file=sys.stderr,
+            )
         elif not scheme.is_partition_key(key):
-            print(f"warning: registered partition {key!r} is no partition of the scheme {str(scheme)!r}", file=sys.stderr)
+            print(
+                f"warning: registered partition {key!r} is no partition of the scheme {str(scheme)!r}", file=sys.stderr
+            )
     if plan.root_objects:
         print(f"warning: {uncovered_objects_line(plan.root_objects)}", file=sys.stderr)
     changed_known = sorted(set(plan.changed) - set(plan.new_prefixes))
@@ -153,8 +160,12 @@ def _backfill_missing_command(args: argparse.Namespace) -> int:
                 f"{settings.max_partitions_per_run} prefixes, through the instance's run queue"
             )
             return 0
-        print(f"no daemon is running: materializing here, one run at a time, at most {settings.max_partitions_per_run} prefixes per run")
-        outcomes = [_print_outcome(outcome) for outcome in run_in_process(instance, defs, plan, settings.max_partitions_per_run)]
+        print(
+            f"no daemon is running: materializing here, one run at a time, at most {settings.max_partitions_per_run} prefixes per run"
+        )
+        outcomes = [
+            _print_outcome(outcome) for outcome in run_in_process(instance, defs, plan, settings.max_partitions_per_run)
+        ]
     return 0 if all(outcomes) else 1
 
 
@@ -269,7 +280,9 @@ def _table_of(images: Sequence[SimilarImage]) -> str:
         for rank, image in enumerate(images, start=1)
     ]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows])
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]
+    )
 
 
 def _shown(value: object) -> str:
@@ -298,7 +311,9 @@ def _print_plan(plan: BackfillPlan, asset: str) -> None:
     if not plan.tables_by_prefix:
         print(f"every registered partition of {asset} is materialized; nothing to launch")
         return
-    print(f"{len(plan.tables_by_prefix)} prefixes need {asset}: {plan.prefixes[:20]}{' ...' if len(plan.prefixes) > 20 else ''}")
+    print(
+        f"{len(plan.tables_by_prefix)} prefixes need {asset}: {plan.prefixes[:20]}{' ...' if len(plan.prefixes) > 20 else ''}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -309,7 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     backfill.add_argument("--asset", choices=PARTITIONED_ASSETS, default=tables.IMAGE_EMBEDDINGS)
     backfill.add_argument("--dry-run", action="store_true", help="print what would be launched")
     backfill.add_argument(
-        "--no-discover", action="store_true", help="only registered prefixes (by default new prefixes are registered first)"
+        "--no-discover",
+        action="store_true",
+        help="only registered prefixes (by default new prefixes are registered first)",
     )
     how = backfill.add_mutually_exclusive_group()
     how.add_argument("--in-process", action="store_true", help="materialize here even if a daemon is running")

@@ -72,9 +72,7 @@ def build_definitions(settings: LocationSettings, resources: Mapping[str, Any] |
             ),
             build_sales_change_sensor(settings.automation_interval_s()),
             build_automation_sensor(settings.automation_interval_s()),
-            build_reconciliation_sensor(
-                settings.reconciliation_interval_s, settings.reconciliation_prefixes_per_tick
-            ),
+            build_reconciliation_sensor(settings.reconciliation_interval_s, settings.reconciliation_prefixes_per_tick),
         ],
         # Brings its job, lake_maintenance, which can be launched by hand while the schedule is off.
         schedules=[build_maintenance_schedule(settings)],

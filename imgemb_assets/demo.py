@@ -85,8 +85,6 @@ def register_partitions(instance: DagsterInstance, raw_images_uri: str) -> list[
     return prefixes
 
 
-
-
 def materialize_all(instance: DagsterInstance, prefixes: list[str]) -> list[ExecuteInProcessResult]:
     defs = location_definitions()  # as Dagster loads the code location
     print("materializing sales ...", flush=True)
@@ -100,7 +98,9 @@ def materialize_all(instance: DagsterInstance, prefixes: list[str]) -> list[Exec
         )
     )
     print("updating the search index and the near duplicates ...", flush=True)
-    results.append(defs.resolve_job_def(SEARCH_INDEX_JOB_NAME).execute_in_process(instance=instance, run_config=QUIET_CONSOLE))
+    results.append(
+        defs.resolve_job_def(SEARCH_INDEX_JOB_NAME).execute_in_process(instance=instance, run_config=QUIET_CONSOLE)
+    )
     return results
 
 
@@ -178,7 +178,9 @@ def print_summary(
     embedded, reused, seconds = embedding_throughput(results)
     weights = env["IMGEMB_MODEL_WEIGHTS"]
     if embedded:
-        print(f"\nEmbedding step: {embedded} images in {seconds:.1f} s = {embedded / seconds:.1f} images/s ({weights} weights)")
+        print(
+            f"\nEmbedding step: {embedded} images in {seconds:.1f} s = {embedded / seconds:.1f} images/s ({weights} weights)"
+        )
     else:
         print("\nEmbedding step: no image needed the model")
     print(f"  vectors reused from the stored tables (same image content and model): {reused}")

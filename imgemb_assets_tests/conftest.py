@@ -55,7 +55,9 @@ def own_dataset(small_dataset: SampleDataset, tmp_path: Path) -> SampleDataset:
 
 
 @pytest.fixture
-def own_instance(own_dataset: SampleDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[DagsterInstance]:
+def own_instance(
+    own_dataset: SampleDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[DagsterInstance]:
     """An instance with `own_dataset`'s prefixes registered and its `sales` table materialized (lake in tmp_path)."""
     from imgemb_assets.definitions import build_definitions
     from imgemb_assets.dagster_wiring.jobs import SALES_JOB_NAME
@@ -68,6 +70,7 @@ def own_instance(own_dataset: SampleDataset, tmp_path: Path, monkeypatch: pytest
 
 
 # --- a real S3 API: moto's server in a subprocess on 127.0.0.1 -------------------
+
 
 @pytest.fixture(scope="session")
 def moto_endpoint() -> Iterator[str]:
@@ -93,5 +96,3 @@ def bucket(s3_env: dict[str, str]) -> str:
     name = f"imgemb-{uuid.uuid4().hex[:12]}"
     S3Settings().client().create_bucket(Bucket=name)
     return name
-
-

@@ -55,6 +55,7 @@ POLL_S = 0.2
 
 # --- moto's server, recording --------------------------------------------------------------------
 
+
 @contextmanager
 def running_moto_ecs_server(recording: Path) -> Iterator[str]:
     """The URL of a moto server subprocess that records every request into `recording`; stopped on exit."""
@@ -64,13 +65,19 @@ def running_moto_ecs_server(recording: Path) -> Iterator[str]:
     env = {**os.environ, "MOTO_ENABLE_RECORDING": "True", "MOTO_RECORDER_FILEPATH": str(recording)}
     process = subprocess.Popen(
         [str(moto_server), "-H", "127.0.0.1", "-p", str(port)],
-        env=env, cwd=recording.parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env=env,
+        cwd=recording.parent,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     try:
         wait_until_listening(f"{url}/moto-api/", process)
         # Tasks keep the status they are given: RUNNING from RunTask, STOPPED from StopTask.
-        _post_json(f"{url}/moto-api/state-manager/set-transition",
-                   {"model_name": "ecs::task", "transition": {"progression": "manual", "times": sys.maxsize}})
+        _post_json(
+            f"{url}/moto-api/state-manager/set-transition",
+            {"model_name": "ecs::task", "transition": {"progression": "manual", "times": sys.maxsize}},
+        )
         yield url
     finally:
         stop(process)
@@ -94,6 +101,7 @@ def recorded_requests(recording: Path, action: str) -> list[dict[str, Any]]:
 
 
 # --- the task metadata endpoint ------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class _TaskMetadata:
@@ -149,18 +157,28 @@ class TaskMetadataEndpoint:
         if len(parts) < 2 or parts[0] != "v4" or parts[1] not in self._tasks:
             return None
         task = self._tasks[parts[1]]
-        container = {"DockerId": parts[1], "Name": task.container_name, "Image": task.image,
-                     "KnownStatus": "RUNNING", "Labels": {"com.amazonaws.ecs.cluster": task.cluster_arn,
-                                                          "com.amazonaws.ecs.task-arn": task.task_arn}}
+        container = {
+            "DockerId": parts[1],
+            "Name": task.container_name,
+            "Image": task.image,
+            "KnownStatus": "RUNNING",
+            "Labels": {"com.amazonaws.ecs.cluster": task.cluster_arn, "com.amazonaws.ecs.task-arn": task.task_arn},
+        }
         if parts[2:] == []:
             return container
         if parts[2:] == ["task"]:
-            return {"Cluster": task.cluster_arn, "TaskARN": task.task_arn, "KnownStatus": "RUNNING",
-                    "DesiredStatus": "RUNNING", "Containers": [container]}
+            return {
+                "Cluster": task.cluster_arn,
+                "TaskARN": task.task_arn,
+                "KnownStatus": "RUNNING",
+                "DesiredStatus": "RUNNING",
+                "Containers": [container],
+            }
         return None
 
 
 # --- the container agent -------------------------------------------------------------------------
+
 
 @dataclass
 class ContainerRun:
@@ -247,8 +265,9 @@ class EcsAgent:
                 continue
             if arn in running:
                 # moto cannot store the exit code: it goes into the reason, and stays in `runs`.
-                self.ecs.stop_task(cluster=self.cluster, task=arn,
-                                   reason=f"Essential container in task exited (exit code {code})")
+                self.ecs.stop_task(
+                    cluster=self.cluster, task=arn, reason=f"Essential container in task exited (exit code {code})"
+                )
             with self._lock:
                 run.exit_code = code
 
@@ -272,7 +291,11 @@ class EcsAgent:
         task_id = task["taskArn"].rsplit("/", 1)[-1]
         log = self.workdir / f"task-{task_id}.log"
         process = subprocess.Popen(
-            command, env=environment, cwd=self.workdir, stdout=log.open("w"), stderr=subprocess.STDOUT,
+            command,
+            env=environment,
+            cwd=self.workdir,
+            stdout=log.open("w"),
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         return ContainerRun(task["taskArn"], name, command, gpus, log, process)

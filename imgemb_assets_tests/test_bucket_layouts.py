@@ -76,19 +76,26 @@ def test_the_articles_flat_root_is_embedded_with_no_setting_changed(
     keys = set(lake.read(tables.IMAGE_EMBEDDINGS, columns=["prefix"]).column("prefix").to_pylist())
     assert keys and all(key.startswith(f"{LOOSE_FOLDER}/part-") for key in keys)
     manifest = lake.read(tables.RAW_IMAGE_MANIFEST, columns=["uri"]).num_rows
-    accounted = lake.read(tables.DOWNSCALED_IMAGES, columns=["image_id"]).num_rows + lake.read(
-        tables.REJECTED_IMAGES, columns=["uri"]
-    ).num_rows
-    assert manifest == accounted == len(list((tmp_path / "raw").iterdir())), "every object in the manifest, and accounted for"
+    accounted = (
+        lake.read(tables.DOWNSCALED_IMAGES, columns=["image_id"]).num_rows
+        + lake.read(tables.REJECTED_IMAGES, columns=["uri"]).num_rows
+    )
+    assert manifest == accounted == len(list((tmp_path / "raw").iterdir())), (
+        "every object in the manifest, and accounted for"
+    )
 
 
 @pytest.mark.slow
-def test_date_folders_three_levels_deep_give_one_partition_per_day(small_dataset: SampleDataset, tmp_path: Path) -> None:
+def test_date_folders_three_levels_deep_give_one_partition_per_day(
+    small_dataset: SampleDataset, tmp_path: Path
+) -> None:
     raw = tmp_path / "raw"
     for prefix in small_dataset.prefixes:  # 2026-11-01 -> 2026/11/01
         shutil.copytree(Path(small_dataset.raw_images_uri) / prefix, raw / prefix.replace("-", "/"))
     dataset = replace(small_dataset, raw_images_uri=str(raw))
-    env = _instance_env(tmp_path, code_location_env(dataset, tmp_path / "lake") | {"IMGEMB_PARTITION_SCHEME": "folders:3"})
+    env = _instance_env(
+        tmp_path, code_location_env(dataset, tmp_path / "lake") | {"IMGEMB_PARTITION_SCHEME": "folders:3"}
+    )
     output = _readme_commands(env)
     days = [prefix.replace("-", "/") for prefix in small_dataset.prefixes]
     assert f"registered {len(days)} new: {days}" in output
@@ -128,7 +135,10 @@ def test_one_photo_added_on_s3_is_the_one_object_read_and_embedded_again(
         before = proxy.stats()
         again = _readme_commands(env)
         after = proxy.stats()
-        reads = {key: after.get(f"{OBJECT_GET}/{bucket}/raw-images/{key}", 0) - count for key, count in _keys_of(before, bucket).items()}
+        reads = {
+            key: after.get(f"{OBJECT_GET}/{bucket}/raw-images/{key}", 0) - count
+            for key, count in _keys_of(before, bucket).items()
+        }
         reads[f"{new_id}.jpg"] = after.get(f"{OBJECT_GET}/{bucket}/raw-images/{new_id}.jpg", 0)
         assert {key: n for key, n in reads.items() if n} == {f"{new_id}.jpg": 1}, again
     lake = Lake(str(tmp_path / "lake"))

@@ -100,16 +100,40 @@ class Worker:
         self.log = location.tmp / f"{name}.log"
         config = location.tmp / "celery.yaml"
         # The executor's config block, which `dagster-celery worker start -y` reads for the broker URLs.
-        config.write_text(yaml.safe_dump({"execution": {"config": {
-            "broker": location.env["IMGEMB_CELERY_BROKER_URL"], "backend": location.env["IMGEMB_CELERY_BACKEND_URL"],
-        }}}))
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "execution": {
+                        "config": {
+                            "broker": location.env["IMGEMB_CELERY_BROKER_URL"],
+                            "backend": location.env["IMGEMB_CELERY_BACKEND_URL"],
+                        }
+                    }
+                }
+            )
+        )
         command = [
-            str(BIN / "dagster-celery"), "worker", "start", "-A", "dagster_celery.app", "-y", str(config),
-            "-q", queue, "-n", name, "--", f"--concurrency={concurrency}",
+            str(BIN / "dagster-celery"),
+            "worker",
+            "start",
+            "-A",
+            "dagster_celery.app",
+            "-y",
+            str(config),
+            "-q",
+            queue,
+            "-n",
+            name,
+            "--",
+            f"--concurrency={concurrency}",
         ]
         self.process = subprocess.Popen(
-            command, cwd=location.tmp, env=location.env | {"IMGEMB_WORKER_NAME": name},
-            stdout=self.log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+            command,
+            cwd=location.tmp,
+            env=location.env | {"IMGEMB_WORKER_NAME": name},
+            stdout=self.log.open("w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
     def wait_ready(self, timeout_s: float = 120.0) -> None:
@@ -120,7 +144,9 @@ class Worker:
             if self.process.poll() is not None:
                 break
             time.sleep(0.5)
-        pytest.fail(f"celery worker {self.name} not ready (exit {self.process.poll()}):\n{self.log.read_text()[-4000:]}")
+        pytest.fail(
+            f"celery worker {self.name} not ready (exit {self.process.poll()}):\n{self.log.read_text()[-4000:]}"
+        )
 
     def signal_group(self, signum: int) -> None:
         try:
@@ -160,14 +186,28 @@ def workers(celery_location: CeleryLocation) -> Iterator[dict[str, Worker]]:
 
 
 def _materialize_command(prefix: str, selection: str) -> list[str]:
-    return [str(BIN / "dagster"), "asset", "materialize", "-m", "imgemb_assets.definitions", "--select", selection,
-            "--partition", prefix]
+    return [
+        str(BIN / "dagster"),
+        "asset",
+        "materialize",
+        "-m",
+        "imgemb_assets.definitions",
+        "--select",
+        selection,
+        "--partition",
+        prefix,
+    ]
 
 
 def _materialize(location: CeleryLocation, prefix: str, selection: str = "*", timeout_s: float = 600) -> None:
     done = subprocess.run(
-        _materialize_command(prefix, selection), cwd=location.tmp, env=location.env,
-        capture_output=True, text=True, timeout=timeout_s, check=False,
+        _materialize_command(prefix, selection),
+        cwd=location.tmp,
+        env=location.env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
@@ -229,7 +269,9 @@ def _step_events(instance: DagsterInstance, run_id: str, event_type: DagsterEven
     return [r.event_log_entry for r in records if r.event_log_entry.dagster_event.step_key == EMBEDDING_STEP]
 
 
-def _wait_for(condition: Callable[[], bool], what: str, run: subprocess.Popen, log: Path, timeout_s: float = 300) -> None:
+def _wait_for(
+    condition: Callable[[], bool], what: str, run: subprocess.Popen, log: Path, timeout_s: float = 300
+) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
         assert run.poll() is None, f"the run ended before {what}:\n{log.read_text()[-3000:]}"
@@ -240,8 +282,11 @@ def _wait_for(condition: Callable[[], bool], what: str, run: subprocess.Popen, l
 def _start_embedding_run(location: CeleryLocation, prefix: str) -> tuple[subprocess.Popen, Path]:
     log = location.tmp / f"embed-{prefix}.log"
     run = subprocess.Popen(
-        _materialize_command(prefix, EMBEDDING_STEP), cwd=location.tmp, env=location.env,
-        stdout=log.open("w"), stderr=subprocess.STDOUT,
+        _materialize_command(prefix, EMBEDDING_STEP),
+        cwd=location.tmp,
+        env=location.env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
     )
     return run, log
 
@@ -257,9 +302,15 @@ def test_the_gpu_pool_lets_one_embedding_step_run_at_a_time_across_runs(
 
     with DagsterInstance.get() as instance:
         first_run, first_log = _start_embedding_run(celery_location, first)
-        _wait_for(lambda: (run := _run_of(instance, first)) is not None
-                  and bool(_step_events(instance, run.run_id, DagsterEventType.STEP_START)),
-                  "the first embedding step to start", first_run, first_log)
+        _wait_for(
+            lambda: (
+                (run := _run_of(instance, first)) is not None
+                and bool(_step_events(instance, run.run_id, DagsterEventType.STEP_START))
+            ),
+            "the first embedding step to start",
+            first_run,
+            first_log,
+        )
         first_run_id = _run_of(instance, first).run_id
         (started,) = _step_events(instance, first_run_id, DagsterEventType.STEP_START)
         # Hold the first step inside the gpu worker (its pool process is paused) so that the second run
@@ -297,7 +348,9 @@ def test_the_gpu_pool_lets_one_embedding_step_run_at_a_time_across_runs(
 
 
 def _claimed_gpu_slots(instance: DagsterInstance) -> list[tuple[str, str | None]]:
-    return [(slot.run_id, slot.step_key) for slot in instance.event_log_storage.get_concurrency_info(GPU_POOL).claimed_slots]
+    return [
+        (slot.run_id, slot.step_key) for slot in instance.event_log_storage.get_concurrency_info(GPU_POOL).claimed_slots
+    ]
 
 
 def _waiting_gpu_steps(instance: DagsterInstance) -> list[tuple[str, str]]:
@@ -337,13 +390,18 @@ def test_killing_the_gpu_worker_mid_step_keeps_the_table_and_a_rerun_completes(
 
     log = (celery_location.tmp / "killed-run.log").open("w")
     run = subprocess.Popen(
-        _materialize_command(killed_prefix, EMBEDDING_STEP), cwd=celery_location.tmp, env=celery_location.env,
-        stdout=log, stderr=subprocess.STDOUT,
+        _materialize_command(killed_prefix, EMBEDDING_STEP),
+        cwd=celery_location.tmp,
+        env=celery_location.env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     with DagsterInstance.get() as instance:
         deadline = time.monotonic() + 300
         while not _embedding_step_started(instance):
-            assert run.poll() is None and time.monotonic() < deadline, (celery_location.tmp / "killed-run.log").read_text()[-3000:]
+            assert run.poll() is None and time.monotonic() < deadline, (
+                celery_location.tmp / "killed-run.log"
+            ).read_text()[-3000:]
             time.sleep(0.1)
     workers["gpu"].signal_group(signal.SIGKILL)  # the worker, its pool process and the step in it, at once
     workers["gpu"].process.wait(timeout=30)
@@ -357,7 +415,9 @@ def test_killing_the_gpu_worker_mid_step_keeps_the_table_and_a_rerun_completes(
         run.wait()
 
     assert DeltaTable(embeddings_uri).version() == version_before, "the killed step committed"
-    assert set(celery_location.lake.read(tables.IMAGE_EMBEDDINGS).column("prefix").unique().to_pylist()) == {done_prefix}
+    assert set(celery_location.lake.read(tables.IMAGE_EMBEDDINGS).column("prefix").unique().to_pylist()) == {
+        done_prefix
+    }
 
     # The killed step never released its `gpu` pool slot (pool limit 1): a rerun would wait for it forever
     # but for the daemon's run monitor, which frees the slots of a run that ended long enough ago.

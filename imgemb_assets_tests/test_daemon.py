@@ -55,7 +55,9 @@ def daemon_env(dataset: SampleDataset, tmp_path: Path, monkeypatch: pytest.Monke
     home = tmp_path / "dagster_home"
     home.mkdir()
     shutil.copy(REPO_ROOT / "dagster.yaml", home / "dagster.yaml")
-    location = code_location_env(replace(dataset, raw_images_uri=str(tmp_path / "raw")), tmp_path / "lake", dagster_home=home)
+    location = code_location_env(
+        replace(dataset, raw_images_uri=str(tmp_path / "raw")), tmp_path / "lake", dagster_home=home
+    )
     location |= {"IMGEMB_MAX_PARTITIONS_PER_RUN": str(MAX_PER_RUN), "IMGEMB_SENSOR_INTERVAL_S": str(SENSOR_INTERVAL_S)}
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     return user_shell_env(location)
@@ -111,7 +113,9 @@ def test_a_submitted_backfill_then_nothing_then_a_dropped_prefix(daemon_env: dic
 
         # A new prefix in the root: registered, reported and embedded without a click.
         shutil.move(tmp_path / "later", tmp_path / "raw" / PREFIXES[-1])
-        wait_for("the dropped prefix", lambda: PREFIXES[-1] in _embedded(instance) and not _unfinished(instance), 400, log)
+        wait_for(
+            "the dropped prefix", lambda: PREFIXES[-1] in _embedded(instance) and not _unfinished(instance), 400, log
+        )
         assert all(run.is_success for run in instance.get_runs())
 
         # Photos dropped directly under the root, as in the article's flat bucket, with no setting changed:

@@ -53,7 +53,16 @@ def dagster_dev(small_dataset: SampleDataset, bucket: str, tmp_path: Path) -> It
     log = tmp_path / "dagster-dev.log"
     with log.open("w") as out:
         process = subprocess.Popen(
-            [str(Path(sys.executable).with_name("dagster")), "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)],
+            [
+                str(Path(sys.executable).with_name("dagster")),
+                "dev",
+                "-w",
+                "workspace.yaml",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+            ],
             cwd=REPO_ROOT,
             env=env,
             stdout=out,
@@ -91,7 +100,12 @@ def dagster_dev(small_dataset: SampleDataset, bucket: str, tmp_path: Path) -> It
 
 def _wait_for_runs_to_finish(home: Path, timeout_s: float) -> None:
     """Until no run of the instance is queued or in progress (or `timeout_s` passed)."""
-    in_flight = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING, DagsterRunStatus.STARTED]
+    in_flight = [
+        DagsterRunStatus.QUEUED,
+        DagsterRunStatus.NOT_STARTED,
+        DagsterRunStatus.STARTING,
+        DagsterRunStatus.STARTED,
+    ]
     deadline = time.monotonic() + timeout_s
     with DagsterInstance.from_ref(InstanceRef.from_dir(str(home))) as instance:
         while instance.get_runs_count(RunsFilter(statuses=in_flight)) and time.monotonic() < deadline:
@@ -151,7 +165,9 @@ def test_sensor_embeds_a_dropped_prefix_and_the_ui_api_launches_a_run(
         "image_embeddings": {"embedding_values": ("SUCCEEDED", True), "embedding_drift": ("SUCCEEDED", True)},
         "near_duplicates": {"near_duplicate_share": ("SUCCEEDED", True)},
     }
-    wait_for("every check shown passed", lambda: _asset_checks_shown_by_the_ui(port) == passing, DEADLINE_S, log, poll_s=2)
+    wait_for(
+        "every check shown passed", lambda: _asset_checks_shown_by_the_ui(port) == passing, DEADLINE_S, log, poll_s=2
+    )
     # Automation may have refreshed the index before any partition was embedded (an empty index)
     # and refreshes it again after each embedding run: wait for the refresh that holds the prefix.
     wait_for(

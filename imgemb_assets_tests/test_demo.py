@@ -68,7 +68,11 @@ def test_demo_runs_twice_with_consistent_and_unchanged_tables(tmp_path: Path) ->
     assert embeddings["model_id"].unique().to_list() == ["torchvision/resnet50/random-seed0/fp32"]
 
     # The demo's own suggestion works: `imgemb similar` on one of its images, with the variables it wrote.
-    (command,) = [line.strip() for line in output.splitlines() if line.strip().startswith("DAGSTER_HOME=") and "imgemb similar img_" in line]
+    (command,) = [
+        line.strip()
+        for line in output.splitlines()
+        if line.strip().startswith("DAGSTER_HOME=") and "imgemb similar img_" in line
+    ]
     image_id = command.rsplit(" ", 1)[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("IMGEMB_", "DAGSTER_"))}
     env |= dict(shlex.split(line)[0].split("=", 1) for line in (data_dir / "demo.env").read_text().splitlines())

@@ -143,14 +143,24 @@ def _start_daemon_task(ecs: Any, location: Mapping[str, str], subnet: str, group
         requiresCompatibilities=["FARGATE", "EC2"],
         cpu="1024",
         memory="2048",
-        containerDefinitions=[{
-            "name": "daemon", "image": IMAGE, "essential": True, "cpu": 256, "memory": 1024,
-            "environment": _pairs(location),
-        }],
+        containerDefinitions=[
+            {
+                "name": "daemon",
+                "image": IMAGE,
+                "essential": True,
+                "cpu": 256,
+                "memory": 1024,
+                "environment": _pairs(location),
+            }
+        ],
     )["taskDefinition"]
     network = {"awsvpcConfiguration": {"subnets": [subnet], "securityGroups": [group], "assignPublicIp": "DISABLED"}}
-    [task] = ecs.run_task(cluster=CLUSTER, taskDefinition=definition["taskDefinitionArn"], launchType="FARGATE",
-                          networkConfiguration=network)["tasks"]
+    [task] = ecs.run_task(
+        cluster=CLUSTER,
+        taskDefinition=definition["taskDefinitionArn"],
+        launchType="FARGATE",
+        networkConfiguration=network,
+    )["tasks"]
     return task
 
 
@@ -173,8 +183,11 @@ def ecs_world(
         # What ECS gives every container besides its metadata URI: the region, and credentials (here moto's
         # test keys and endpoint, standing for the task role and AWS's endpoints).
         injected = client_environment(endpoint) | {"AWS_DEFAULT_REGION": location["AWS_REGION"]}
-        session = boto3.Session(region_name=location["AWS_REGION"], aws_access_key_id=injected["AWS_ACCESS_KEY_ID"],
-                                aws_secret_access_key=injected["AWS_SECRET_ACCESS_KEY"])
+        session = boto3.Session(
+            region_name=location["AWS_REGION"],
+            aws_access_key_id=injected["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=injected["AWS_SECRET_ACCESS_KEY"],
+        )
         ecs = session.client("ecs", endpoint_url=endpoint)
         ec2 = session.client("ec2", endpoint_url=endpoint)
         secrets = session.client("secretsmanager", endpoint_url=endpoint)
@@ -188,24 +201,44 @@ def ecs_world(
 
         metadata = stack.enter_context(TaskMetadataEndpoint())
         # The image's ENV (Dockerfile): its Python first on PATH, DAGSTER_HOME (here the test's instance home).
-        image_env = {"PATH": f"{BIN}{os.pathsep}/usr/local/bin:/usr/bin:/bin", "HOME": str(tmp_path),
-                     "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1", "DAGSTER_HOME": str(home)}
-        agent = stack.enter_context(EcsAgent(
-            ecs=ecs, secrets=secrets, cluster=CLUSTER, metadata=metadata, image_env=image_env,
-            injected_env=injected, workdir=workdir, not_mine={daemon["taskArn"]},
-        ))
+        image_env = {
+            "PATH": f"{BIN}{os.pathsep}/usr/local/bin:/usr/bin:/bin",
+            "HOME": str(tmp_path),
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "DAGSTER_HOME": str(home),
+        }
+        agent = stack.enter_context(
+            EcsAgent(
+                ecs=ecs,
+                secrets=secrets,
+                cluster=CLUSTER,
+                metadata=metadata,
+                image_env=image_env,
+                injected_env=injected,
+                workdir=workdir,
+                not_mine={daemon["taskArn"]},
+            )
+        )
 
         # This process is the daemon, in its task: the container's environment, and the metadata URI.
         for key in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
             monkeypatch.delenv(key, raising=False)
-        daemon_env = image_env | location | injected | {
-            PG_URL_VARIABLE: postgres_url,
-            "ECS_CONTAINER_METADATA_URI_V4": metadata.register(daemon["clusterArn"], daemon["taskArn"], "daemon", IMAGE),
-            # The image runs are launched in, which the code server (`dagster code-server start`, `dagster api
-            # grpc`) reads from here: without it EcsRunLauncher cannot launch a run ("Could not determine image
-            # to use for the run"). code-location.env names an example ECR image; this test's stands in for it.
-            "DAGSTER_CURRENT_IMAGE": IMAGE,
-        }
+        daemon_env = (
+            image_env
+            | location
+            | injected
+            | {
+                PG_URL_VARIABLE: postgres_url,
+                "ECS_CONTAINER_METADATA_URI_V4": metadata.register(
+                    daemon["clusterArn"], daemon["taskArn"], "daemon", IMAGE
+                ),
+                # The image runs are launched in, which the code server (`dagster code-server start`, `dagster api
+                # grpc`) reads from here: without it EcsRunLauncher cannot launch a run ("Could not determine image
+                # to use for the run"). code-location.env names an example ECR image; this test's stands in for it.
+                "DAGSTER_CURRENT_IMAGE": IMAGE,
+            }
+        )
         for key, value in daemon_env.items():
             if key not in ("PATH", "HOME"):  # pytest's own, for the in-process setup and the code server
                 monkeypatch.setenv(key, value)
@@ -230,12 +263,23 @@ def _launch_prefix_run(instance: DagsterInstance, workspace: WorkspaceRequestCon
     job: RemoteJob = repository.get_full_job(PREFIX_JOB_NAME)
     plan = location.get_execution_plan(job, {}, step_keys_to_execute=None, known_state=None, instance=instance)
     run = instance.create_run(
-        job_name=job.name, run_id=None, run_config={}, resolved_op_selection=None,
-        step_keys_to_execute=None, op_selection=None, status=None, root_run_id=None, parent_run_id=None,
+        job_name=job.name,
+        run_id=None,
+        run_config={},
+        resolved_op_selection=None,
+        step_keys_to_execute=None,
+        op_selection=None,
+        status=None,
+        root_run_id=None,
+        parent_run_id=None,
         tags={**job.tags, "dagster/partition": prefix},
-        job_snapshot=job.job_snapshot, execution_plan_snapshot=plan.execution_plan_snapshot,
-        parent_job_snapshot=job.parent_job_snapshot, remote_job_origin=job.get_remote_origin(),
-        job_code_origin=job.get_python_origin(), asset_selection=None, asset_check_selection=None,
+        job_snapshot=job.job_snapshot,
+        execution_plan_snapshot=plan.execution_plan_snapshot,
+        parent_job_snapshot=job.parent_job_snapshot,
+        remote_job_origin=job.get_remote_origin(),
+        job_code_origin=job.get_python_origin(),
+        asset_selection=None,
+        asset_check_selection=None,
         asset_graph=repository.asset_graph,
     )
     queued = instance.submit_run(run.run_id, workspace)
@@ -244,8 +288,10 @@ def _launch_prefix_run(instance: DagsterInstance, workspace: WorkspaceRequestCon
 
 
 def _container_logs(agent: EcsAgent) -> str:
-    return "\n".join(f"--- {run.task_arn} {' '.join(run.command[:3])}: exit {run.exit_code}\n{run.log.read_text()[-3000:]}"
-                     for run in agent.runs.values())
+    return "\n".join(
+        f"--- {run.task_arn} {' '.join(run.command[:3])}: exit {run.exit_code}\n{run.log.read_text()[-3000:]}"
+        for run in agent.runs.values()
+    )
 
 
 def _wait_for_run(instance: DagsterInstance, run_id: str, agent: EcsAgent) -> DagsterRun:
@@ -312,7 +358,9 @@ def test_only_the_embedding_step_task_asks_for_a_gpu_and_the_run_completes(
         assert instance.run_launcher.check_run_worker_health(run).status == WorkerStatus.SUCCESS
 
     # --- the RunTask requests, as moto received them ---------------------------------------------
-    run_tasks = [r for r in recorded_requests(ecs_world.recording, "RunTask") if _tags(r).get("dagster/run_id") == run.run_id]
+    run_tasks = [
+        r for r in recorded_requests(ecs_world.recording, "RunTask") if _tags(r).get("dagster/run_id") == run.run_id
+    ]
     run_requests = [r for r in run_tasks if STEP_KEY_TAG not in _tags(r)]
     step_requests = {_tags(r)[STEP_KEY_TAG]: r for r in run_tasks if STEP_KEY_TAG in _tags(r)}
     assert len(run_requests) == 1, run_requests
@@ -321,7 +369,9 @@ def test_only_the_embedding_step_task_asks_for_a_gpu_and_the_run_completes(
 
     [run_request] = run_requests
     [run_task] = ecs_world.ecs.describe_tasks(cluster=CLUSTER, tasks=[run_task_arn])["tasks"]
-    run_definition = ecs_world.ecs.describe_task_definition(taskDefinition=run_task["taskDefinitionArn"])["taskDefinition"]
+    run_definition = ecs_world.ecs.describe_task_definition(taskDefinition=run_task["taskDefinitionArn"])[
+        "taskDefinition"
+    ]
     gpu_strategy = json.loads(ecs_world.location["IMGEMB_ECS_GPU_RUN_TASK_KWARGS"])["capacityProviderStrategy"]
     cpu_strategy = ecs_world.launcher_run_task_kwargs["capacityProviderStrategy"]
     assert gpu_strategy != cpu_strategy
@@ -331,7 +381,9 @@ def test_only_the_embedding_step_task_asks_for_a_gpu_and_the_run_completes(
         wants_gpu = name == EMBEDDING_STEP
         # Only the embedding step asks for GPUs, as many as IMGEMB_GPU_COUNT, on the GPU capacity provider;
         # the run and every other step keep the launcher's CPU capacity.
-        expected_requirements = [{"type": "GPU", "value": ecs_world.location["IMGEMB_GPU_COUNT"]}] if wants_gpu else None
+        expected_requirements = (
+            [{"type": "GPU", "value": ecs_world.location["IMGEMB_GPU_COUNT"]}] if wants_gpu else None
+        )
         assert override.get("resourceRequirements") == expected_requirements, (name, override)
         assert request.get("capacityProviderStrategy") == (gpu_strategy if wants_gpu else cpu_strategy), (name, request)
         # ECS rejects a RunTask that names both a launch type and a capacity provider strategy.

@@ -11,7 +11,14 @@ from pathlib import Path
 import psycopg2
 import pytest
 import yaml
-from dagster import AssetKey, DagsterInstance, SensorResult, SkipReason, build_sensor_context, evaluate_automation_conditions
+from dagster import (
+    AssetKey,
+    DagsterInstance,
+    SensorResult,
+    SkipReason,
+    build_sensor_context,
+    evaluate_automation_conditions,
+)
 
 from imgemb_assets.core import tables
 from imgemb_assets.core.lake import Lake
@@ -49,7 +56,10 @@ def _query(url: str, sql: str) -> list[tuple]:
 
 @pytest.mark.slow
 def test_the_readme_user_path_on_a_postgres_instance(
-    small_dataset: SampleDataset, postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+    small_dataset: SampleDataset,
+    postgres_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,  # noqa: F811
 ) -> None:
     home = tmp_path / "dagster_home"
     _write_postgres_instance(home)
@@ -67,7 +77,9 @@ def test_the_readme_user_path_on_a_postgres_instance(
 
     # What the instance holds is in PostgreSQL itself, not in a SQLite file beside dagster.yaml.
     assert not list(home.rglob("*.db")), "the instance fell back to SQLite"
-    assert _query(postgres_url, "SELECT partition FROM dynamic_partitions ORDER BY partition") == [(p,) for p in prefixes]
+    assert _query(postgres_url, "SELECT partition FROM dynamic_partitions ORDER BY partition") == [
+        (p,) for p in prefixes
+    ]
     assert _query(postgres_url, "SELECT status FROM runs") == [("SUCCESS",)]
     [(materializations,)] = _query(
         postgres_url, "SELECT count(*) FROM event_logs WHERE dagster_event_type = 'ASSET_MATERIALIZATION'"
@@ -97,7 +109,9 @@ def test_the_readme_user_path_on_a_postgres_instance(
             if evaluation.get_num_requested(key)
         }
         assert requested == {
-            tables.EMBEDDING_EVALUATION: prefixes, SEARCH_INDEX: ["None"], tables.NEAR_DUPLICATES: ["None"]
+            tables.EMBEDDING_EVALUATION: prefixes,
+            SEARCH_INDEX: ["None"],
+            tables.NEAR_DUPLICATES: ["None"],
         }
 
 

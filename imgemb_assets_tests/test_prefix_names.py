@@ -59,7 +59,9 @@ def test_backfill_missing_takes_every_valid_prefix_and_names_the_refused_ones(
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert f"registered {len(PARTITIONS)} new" in done.stdout
     for name, reason_part in REFUSED.items():
-        (line,) = [line for line in done.stderr.splitlines() if line.startswith(f"warning: prefix {shown_name(name)!r}")]
+        (line,) = [
+            line for line in done.stderr.splitlines() if line.startswith(f"warning: prefix {shown_name(name)!r}")
+        ]
         assert reason_part in line, line
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     with DagsterInstance.get() as instance:

@@ -56,7 +56,12 @@ def test_sales_percentile_ranks_put_the_best_seller_at_one_and_share_ties() -> N
 
 
 def test_sales_weight_blends_similarity_with_the_sales_rank_among_the_candidates() -> None:
-    neighbours = [Neighbour("a", "p", 0.9), Neighbour("b", "p", 0.8), Neighbour("c", "q", 0.7), Neighbour("d", "q", 0.6)]
+    neighbours = [
+        Neighbour("a", "p", 0.9),
+        Neighbour("b", "p", 0.8),
+        Neighbour("c", "q", 0.7),
+        Neighbour("d", "q", 0.6),
+    ]
     sales = {"a": {"sales": 10.0, "category": "hats"}, "b": {"sales": None}, "c": {"sales": 500.0}}  # d: no row
 
     by_similarity = rank_with_sales(neighbours, sales, k=3, sales_weight=0.0)
@@ -141,8 +146,14 @@ def test_imgemb_similar_finds_neighbours_by_id_and_by_photo_and_explains_what_it
     lake = Lake(str(tmp_path / "lake"))
     defs = build_definitions(LocationSettings())
     for prefix in (first, second):
-        assert defs.resolve_job_def(PREFIX_JOB_NAME).execute_in_process(instance=own_instance, partition_key=prefix).success
-    embedded = {prefix: lake.read(tables.IMAGE_EMBEDDINGS, prefix).column("image_id").to_pylist() for prefix in (first, second)}
+        assert (
+            defs.resolve_job_def(PREFIX_JOB_NAME)
+            .execute_in_process(instance=own_instance, partition_key=prefix)
+            .success
+        )
+    embedded = {
+        prefix: lake.read(tables.IMAGE_EMBEDDINGS, prefix).column("image_id").to_pylist() for prefix in (first, second)
+    }
     query = next(i for i in embedded[first] if i != twin)
     (query_file,) = (raw / first).glob(f"{query}.*")
 
@@ -150,18 +161,28 @@ def test_imgemb_similar_finds_neighbours_by_id_and_by_photo_and_explains_what_it
     assert "run the refresh_search_index job" in _fails([IMGEMB, "similar", query], env)
     assert "run the refresh_search_index job" in _fails([IMGEMB, "similar", "--image", str(query_file)], env)
 
-    result = build_definitions(LocationSettings()).resolve_job_def(SEARCH_INDEX_JOB_NAME).execute_in_process(instance=own_instance)
+    result = (
+        build_definitions(LocationSettings())
+        .resolve_job_def(SEARCH_INDEX_JOB_NAME)
+        .execute_in_process(instance=own_instance)
+    )
     assert result.success
 
     # By id: k other images, most similar first, the id itself not among them; the Python API agrees.
     out = run_user_command([IMGEMB, "similar", query, "--k", "5"], env)
     header, rows = _parsed(out)
     assert f"model {MODEL_A}" in out and "weights are random" in out
-    assert header[:5] == ["rank", "image_id", "prefix", "similarity", "score"] and "sales" in header and "category" in header
+    assert (
+        header[:5] == ["rank", "image_id", "prefix", "similarity", "score"]
+        and "sales" in header
+        and "category" in header
+    )
     assert len(rows) == 5 and (first, query) not in {(r["prefix"], r["image_id"]) for r in rows}
     assert [r["rank"] for r in rows] == ["1", "2", "3", "4", "5"]
     similarities = [float(r["similarity"]) for r in rows]
-    assert similarities == sorted(similarities, reverse=True) and [r["score"] for r in rows] == [r["similarity"] for r in rows]
+    assert similarities == sorted(similarities, reverse=True) and [r["score"] for r in rows] == [
+        r["similarity"] for r in rows
+    ]
     api = similar_to_id(lake, query, k=5)
     assert [(i.prefix, i.image_id) for i in api] == [(r["prefix"], r["image_id"]) for r in rows]
     assert [f"{i.similarity:.4f}" for i in api] == [r["similarity"] for r in rows]
@@ -169,7 +190,9 @@ def test_imgemb_similar_finds_neighbours_by_id_and_by_photo_and_explains_what_it
     # An id in two prefixes needs --prefix; with it, the copy in the other prefix is its nearest neighbour.
     assert first in (message := _fails([IMGEMB, "similar", twin], env)) and second in message and "prefix" in message
     _, twin_rows = _parsed(run_user_command([IMGEMB, "similar", twin, "--prefix", second, "--k", "3"], env))
-    assert (twin_rows[0]["prefix"], twin_rows[0]["image_id"]) == (first, twin) and float(twin_rows[0]["similarity"]) > 0.999
+    assert (twin_rows[0]["prefix"], twin_rows[0]["image_id"]) == (first, twin) and float(
+        twin_rows[0]["similarity"]
+    ) > 0.999
 
     # Similar best-sellers: with weight 1, the order is the sales order among the candidates (here every other image).
     _, by_sales = _parsed(run_user_command([IMGEMB, "similar", query, "--k", "5", "--sales-weight", "1"], env))
@@ -193,7 +216,9 @@ def test_imgemb_similar_finds_neighbours_by_id_and_by_photo_and_explains_what_it
 
     # The photo as an S3 object (the standard AWS variables, here a moto server, reach it).
     S3Settings().client().put_object(Bucket=bucket, Key=f"queries/{query_file.name}", Body=query_file.read_bytes())
-    _, from_s3 = _parsed(run_user_command([IMGEMB, "similar", "--image", f"s3://{bucket}/queries/{query_file.name}"], env))
+    _, from_s3 = _parsed(
+        run_user_command([IMGEMB, "similar", "--image", f"s3://{bucket}/queries/{query_file.name}"], env)
+    )
     assert [(r["prefix"], r["image_id"]) for r in from_s3[:1]] == [(first, query)] and len(from_s3) == 10
     assert "no such object" in _fails([IMGEMB, "similar", "--image", f"s3://{bucket}/queries/missing.jpg"], env)
 
@@ -222,9 +247,7 @@ def test_imgemb_similar_finds_neighbours_by_id_and_by_photo_and_explains_what_it
     assert "sales_weight must be between 0 and 1" in _fails([IMGEMB, "similar", query, "--sales-weight", "-0.1"], env)
 
 
-def _mirror_misses(
-    lake: Lake, raw: Path, embedded: Mapping[str, list[str]], tmp_path: Path
-) -> dict[str, list[str]]:
+def _mirror_misses(lake: Lake, raw: Path, embedded: Mapping[str, list[str]], tmp_path: Path) -> dict[str, list[str]]:
     """Indexed photos whose mirrored copy does not find them (in any prefix) among its five most similar.
 
     Measured with random weights on this sample (seed 1): img_010005, a tall photo whose left half is one

@@ -41,7 +41,9 @@ def installed_or_fail(package: str, find: Callable[[], Found | None], where: str
             return found
         pytest.fail(f"apt-get installed {package} but nothing was found in {where}")
     reasons = ", ".join(why for why, holds in (("not root", not is_root), ("no apt-get", not has_apt)) if holds)
-    message = f"{package} is not installed ({where}) and cannot be installed here ({reasons}): install Debian's `{package}`"
+    message = (
+        f"{package} is not installed ({where}) and cannot be installed here ({reasons}): install Debian's `{package}`"
+    )
     if not is_root and not has_apt and not os.environ.get("CI"):
         pytest.skip(message)
     pytest.fail(message)

@@ -58,8 +58,19 @@ def running_preloaded_moto_server(bucket: str, key_format: str, count: int, time
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     process = subprocess.Popen(
-        [sys.executable, "-m", "imgemb_support.moto_preloaded", "--port", str(port), "--bucket", bucket,
-         "--key-format", key_format, "--count", str(count)],
+        [
+            sys.executable,
+            "-m",
+            "imgemb_support.moto_preloaded",
+            "--port",
+            str(port),
+            "--bucket",
+            bucket,
+            "--key-format",
+            key_format,
+            "--count",
+            str(count),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,

@@ -91,7 +91,9 @@ def _server_account() -> pwd.struct_passwd | None:
     try:
         return pwd.getpwnam(SUPERUSER)
     except KeyError:
-        pytest.fail(f"running as root and there is no `{SUPERUSER}` user to run PostgreSQL as (Debian's package creates it)")
+        pytest.fail(
+            f"running as root and there is no `{SUPERUSER}` user to run PostgreSQL as (Debian's package creates it)"
+        )
 
 
 def _run_as(account: pwd.struct_passwd | None, args: list[str], log: Path) -> None:
@@ -101,7 +103,9 @@ def _run_as(account: pwd.struct_passwd | None, args: list[str], log: Path) -> No
     done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120, check=False, **drop)
     if done.returncode != 0:
         server_log = log.read_text()[-3000:] if log.exists() else ""
-        pytest.fail(f"`{' '.join(args)}` failed ({done.returncode}):\n{done.stdout[-2000:]}{done.stderr[-2000:]}\n{server_log}")
+        pytest.fail(
+            f"`{' '.join(args)}` failed ({done.returncode}):\n{done.stdout[-2000:]}{done.stderr[-2000:]}\n{server_log}"
+        )
 
 
 @contextmanager
@@ -117,9 +121,17 @@ def running_postgres_server() -> Iterator[PostgresServer]:
     port = free_port()
     try:
         # --no-sync and fsync=off: a throwaway cluster need not survive a power cut, and fsyncs are slow on shared CI disks.
-        _run_as(account, [str(bin_dir / "initdb"), "-D", str(data), "-U", SUPERUSER, "--auth=trust", "-E", "UTF8", "--no-sync"], log)
+        _run_as(
+            account,
+            [str(bin_dir / "initdb"), "-D", str(data), "-U", SUPERUSER, "--auth=trust", "-E", "UTF8", "--no-sync"],
+            log,
+        )
         options = f"-c listen_addresses=127.0.0.1 -p {port} -k {root} -c fsync=off"
-        _run_as(account, [str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(log), "-o", options, "-w", "-t", "60", "start"], log)
+        _run_as(
+            account,
+            [str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(log), "-o", options, "-w", "-t", "60", "start"],
+            log,
+        )
         try:
             yield PostgresServer(host="127.0.0.1", port=port)
         finally:

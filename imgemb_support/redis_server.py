@@ -44,8 +44,23 @@ def running_redis_server(timeout_s: float = 30.0) -> Iterator[str]:
     port = free_port()
     log = root / "server.log"
     # No RDB snapshots, no AOF: a broker for one test session need not outlive it.
-    args = [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
-            "--dir", str(root), "--logfile", str(log), "--daemonize", "no"]
+    args = [
+        binary,
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(root),
+        "--logfile",
+        str(log),
+        "--daemonize",
+        "no",
+    ]
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + timeout_s

@@ -59,8 +59,10 @@ def dataset(root: str, images_per_prefix: str) -> None:
 
     made = generate_sample_dataset(Path(root), images_per_prefix=int(images_per_prefix))
     for prefix in made.prefixes:
-        print(f"  {prefix}: {len(made.image_ids[prefix])} images, {len(made.broken_files[prefix])} broken files, "
-              f"{made.expected_joined(prefix)} with a sales row")
+        print(
+            f"  {prefix}: {len(made.image_ids[prefix])} images, {len(made.broken_files[prefix])} broken files, "
+            f"{made.expected_joined(prefix)} with a sales row"
+        )
 
 
 def verify(root: str, images_per_prefix: str, prefix: str) -> None:
@@ -78,8 +80,10 @@ def verify(root: str, images_per_prefix: str, prefix: str) -> None:
     rows = embedded.filter(pc.equal(embedded["prefix"], prefix))
     widths = set(pc.list_value_length(rows["embedding"]).to_pylist())
     models = set(rows["model_id"].to_pylist())
-    print(f"  {lake.table_uri(tables.IMAGE_EMBEDDINGS)}: {rows.num_rows} rows for {prefix} "
-          f"(expected {made.expected_joined(prefix)}), vector width {widths}, model_id {models}, prefixes {per_prefix}")
+    print(
+        f"  {lake.table_uri(tables.IMAGE_EMBEDDINGS)}: {rows.num_rows} rows for {prefix} "
+        f"(expected {made.expected_joined(prefix)}), vector width {widths}, model_id {models}, prefixes {per_prefix}"
+    )
     assert rows.num_rows == made.expected_joined(prefix) > 0
     assert per_prefix == [prefix], "exactly one partition was materialized"
     assert widths == {2048}, widths  # ResNet50's pooled features
@@ -91,8 +95,10 @@ def verify(root: str, images_per_prefix: str, prefix: str) -> None:
         records = loaded.fetch_materializations(AssetKey(tables.IMAGE_EMBEDDINGS), limit=10).records
         partitions = [record.partition_key for record in records]
         storage = type(loaded.event_log_storage).__name__
-    print(f"  instance ({storage}): runs {[status.value for status in statuses]}, "
-          f"image_embeddings materializations for {partitions}")
+    print(
+        f"  instance ({storage}): runs {[status.value for status in statuses]}, "
+        f"image_embeddings materializations for {partitions}"
+    )
     assert statuses == [DagsterRunStatus.SUCCESS], statuses
     assert partitions == [prefix], partitions
 

@@ -77,8 +77,21 @@ def _apply_mallopt() -> bool:
 
 class _MallInfo2(ctypes.Structure):
     # glibc >= 2.33 <malloc.h>: struct mallinfo2, every field a size_t.
-    _fields_ = [(name, ctypes.c_size_t) for name in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
 
 
 # Free heap kept for the next partition's batches: releasing less than this costs

@@ -220,9 +220,7 @@ def rejected_images_sheet(
         preview = _jpeg(picture, _TILE_JPEG_QUALITY) if picture is not None else None
         # The caption only has room for a short id; the table has the full one.
         tiles.append(Tile(preview=preview, caption=f"{number} {item.image_id or 'no id'}"))
-        rows.append(
-            _table_row([str(number), _display_id(item), _shortened(item.reason, MAX_REASON_CHARS), note])
-        )
+        rows.append(_table_row([str(number), _display_id(item), _shortened(item.reason, MAX_REASON_CHARS), note]))
     table = _table(["#", "id", "reason", "preview"], rows)
     footer = f"\n\n{len(shown)} of {len(rejected)} rejected objects shown." if len(rejected) > len(shown) else ""
     return sheet_markdown(

@@ -170,13 +170,19 @@ class DiscoveryCursor:
         return cls(dict(data))
 
     def to_json(self) -> str:
-        data: dict[str, object] = {"version": _CURSOR_VERSION, "fingerprints": self.fingerprints, "vanished": list(self.vanished)}
+        data: dict[str, object] = {
+            "version": _CURSOR_VERSION,
+            "fingerprints": self.fingerprints,
+            "vanished": list(self.vanished),
+        }
         if self.loose_pass is not None:
             data["loose_pass"] = self.loose_pass.to_dict()
         return json.dumps(data, sort_keys=True, ensure_ascii=False)
 
     def known(self) -> KnownPrefixes:
-        return KnownPrefixes(frozenset(self.fingerprints), lambda prefixes: _fingerprints_in(self.fingerprints, prefixes))
+        return KnownPrefixes(
+            frozenset(self.fingerprints), lambda prefixes: _fingerprints_in(self.fingerprints, prefixes)
+        )
 
 
 @dataclass(frozen=True)
@@ -268,7 +274,9 @@ def plan_discovery(
     to_list = (
         sorted(set(tick.folders) | known_units)
         if full
-        else prefixes_to_fingerprint(sorted(set(tick.folders) | (known_units if tick.partial else set())), known_units, recent, max_new)
+        else prefixes_to_fingerprint(
+            sorted(set(tick.folders) | (known_units if tick.partial else set())), known_units, recent, max_new
+        )
     )
     found = fingerprint_units(root, to_list, loose=False)
     found.fingerprints.update(tick.loose_fingerprints)

@@ -101,7 +101,9 @@ def embedding_drift(
             {"previous_partition": previous_key, "vectors": current.count, "previous_vectors": previous.count},
         )
     if current.mean.shape != previous.mean.shape:
-        return CheckOutcome(False, f"width {current.mean.shape[0]} differs from {previous_key!r}'s {previous.mean.shape[0]}")
+        return CheckOutcome(
+            False, f"width {current.mean.shape[0]} differs from {previous_key!r}'s {previous.mean.shape[0]}"
+        )
     mean_shift = float(np.linalg.norm(current.mean - previous.mean) / np.sqrt(previous.variance.sum() + _EPSILON))
     variance_shift = float(np.abs(current.variance - previous.variance).sum() / (previous.variance.sum() + _EPSILON))
     centroid_cosine = float(

@@ -280,9 +280,7 @@ class StoredVectors:
             return
         lengths = pc.list_value_length(same_model.column("embedding"))
         right_width = same_model.filter(pc.fill_null(pc.equal(lengths, self.width), False))
-        vectors = (
-            right_width.column("embedding").flatten().to_numpy(zero_copy_only=False).reshape(-1, self.width)
-        )
+        vectors = right_width.column("embedding").flatten().to_numpy(zero_copy_only=False).reshape(-1, self.width)
         finite = np.isfinite(vectors).all(axis=1)
         self.refused += same_model.num_rows - int(finite.sum())
         keys = list(zip(right_width.column("image_id").to_pylist(), right_width.column("etag").to_pylist()))

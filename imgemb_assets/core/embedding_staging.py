@@ -102,8 +102,10 @@ class PartitionStaging:
             self.write_failures += 1
             self._maybe_left = True  # a local scratch file, perhaps
             if self.write_failures == 1:
-                self._warn(f"could not stage vectors under {self.uri} ({type(error).__name__}: {error}); "
-                           "a rerun after a kill recomputes what was not staged")
+                self._warn(
+                    f"could not stage vectors under {self.uri} ({type(error).__name__}: {error}); "
+                    "a rerun after a kill recomputes what was not staged"
+                )
             return
         self._written += 1
         self._maybe_left = True

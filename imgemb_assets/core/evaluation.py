@@ -320,7 +320,9 @@ def evaluate_partition(
     return PartitionEvaluation(table, results)
 
 
-def _evaluation_row(prefix: str, model_id: str, label_column: str | None, result: EmbeddingEvaluation) -> dict[str, object]:
+def _evaluation_row(
+    prefix: str, model_id: str, label_column: str | None, result: EmbeddingEvaluation
+) -> dict[str, object]:
     quantiles = result.similarity_quantiles
     return {
         PARTITION_COLUMN: prefix,

@@ -127,7 +127,9 @@ def _refresh_once(lake: Lake, table: str, threshold: float, redo: set[str]) -> I
     journal = _parsed_journal(stored_journal)
     current = lake.partition_fingerprints(table)
     stored = stored_indexes(lake)
-    indexes, rebuilt = _load_or_note_damage(lake, set(stored.model_ids) | set(journal.widths if journal else ()), journal)
+    indexes, rebuilt = _load_or_note_damage(
+        lake, set(stored.model_ids) | set(journal.widths if journal else ()), journal
+    )
     full_read = journal is None or bool(rebuilt) or bool(stored.damaged)
     recorded = [index.fingerprints() for index in indexes.values()]
     if journal is not None:
@@ -155,7 +157,9 @@ def _refresh_once(lake: Lake, table: str, threshold: float, redo: set[str]) -> I
         ]
         if fresh and not full_read:
             # the journal covers the partitions not read: none of them holds a vector of this model
-            shown += [_empty(prefix, fingerprint, width) for prefix, fingerprint in current.items() if prefix not in read]
+            shown += [
+                _empty(prefix, fingerprint, width) for prefix, fingerprint in current.items() if prefix not in read
+            ]
         update = index.update(shown, removed)
         if update.partitions_touched or fresh:
             save_index(index, lake)
@@ -230,9 +234,13 @@ def write_near_duplicates(lake: Lake, found: Mapping[str, Mapping[str, NearDupli
     changed = {*found, *removed}
     rows = [result.table for by_model in found.values() for result in by_model.values()]
     data = pa.concat_tables(rows) if rows else tables.NEAR_DUPLICATES_SCHEMA.empty_table()
-    mirrors = _mirrored(data.filter(pc.invert(pc.is_in(data.column("other_prefix"), pa.array(sorted(changed), pa.string())))))
+    mirrors = _mirrored(
+        data.filter(pc.invert(pc.is_in(data.column("other_prefix"), pa.array(sorted(changed), pa.string()))))
+    )
     existing = lake.read(tables.NEAR_DUPLICATES) if lake.exists(tables.NEAR_DUPLICATES) else data.schema.empty_table()
-    elsewhere = existing.filter(pc.invert(pc.is_in(existing.column(tables.PARTITION_COLUMN), pa.array(sorted(changed), pa.string()))))
+    elsewhere = existing.filter(
+        pc.invert(pc.is_in(existing.column(tables.PARTITION_COLUMN), pa.array(sorted(changed), pa.string())))
+    )
     about_changed = pc.is_in(elsewhere.column("other_prefix"), pa.array(sorted(changed), pa.string()))
     touched = set(elsewhere.filter(about_changed).column(tables.PARTITION_COLUMN).to_pylist())
     touched |= set(mirrors.column(tables.PARTITION_COLUMN).to_pylist())
@@ -272,7 +280,9 @@ def _journal_body(journal: _Journal) -> bytes:
     return json.dumps(document, separators=(",", ":"), sort_keys=True).encode("utf-8")
 
 
-def _width_of(model_id: str, read: Mapping[str, Mapping[str, PartitionVectors]], journal: _Journal | None) -> int | None:
+def _width_of(
+    model_id: str, read: Mapping[str, Mapping[str, PartitionVectors]], journal: _Journal | None
+) -> int | None:
     for by_model in read.values():
         vectors = by_model.get(model_id)
         if vectors is not None and vectors.vectors.size:

@@ -238,7 +238,9 @@ class Lake:
         else:
             values = [partition_value(key) for key in keys]
             per_row = [partition_value(key) for key in data.column(PARTITION_COLUMN).to_pylist()]
-            rows = data.append_column(pa.field(layout_column, pa.string(), nullable=False), pa.array(per_row, pa.string()))
+            rows = data.append_column(
+                pa.field(layout_column, pa.string(), nullable=False), pa.array(per_row, pa.string())
+            )
         listed = ", ".join(sql_string(value) for value in values)
         commit = self._overwrite_where(name, lambda: rows, f"{layout_column} IN ({listed})", layout_column)
         _commit_with_retries(commit, f"{len(keys)} partitions of {name}")
@@ -428,9 +430,11 @@ class Lake:
         for path, value in zip(actions["path"], actions[f"partition.{column}"], strict=True):
             files.setdefault(value, []).append(path)
         # A hashed layout's folder value is derived from the prefix: map it back through the prefixes.
-        prefix_of = {value: value for value in files} if column == PARTITION_COLUMN else {
-            partition_value(prefix): prefix for prefix in self.partition_keys(name)
-        }
+        prefix_of = (
+            {value: value for value in files}
+            if column == PARTITION_COLUMN
+            else {partition_value(prefix): prefix for prefix in self.partition_keys(name)}
+        )
         return {
             prefix_of[value]: hashlib.sha256("\n".join(sorted(paths)).encode()).hexdigest()[:32]
             for value, paths in files.items()

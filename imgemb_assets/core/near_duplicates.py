@@ -157,9 +157,7 @@ def near_duplicate_shares(pairs: pa.Table, images_per_partition: Mapping[str, in
         if row["same_partition"]:
             images.add(row["other_image_id"])
     return {
-        prefix: len(with_duplicate.get(prefix, ())) / count
-        for prefix, count in images_per_partition.items()
-        if count
+        prefix: len(with_duplicate.get(prefix, ())) / count for prefix, count in images_per_partition.items() if count
     }
 
 
@@ -231,9 +229,7 @@ def _check_inputs(image_ids: Sequence[str], vectors: np.ndarray, threshold: floa
         raise ValueError("image ids of one partition must be unique")
 
 
-def _pair_key(
-    query: tuple[str, str], other: tuple[str, str], prefix: str
-) -> tuple[tuple[str, str], tuple[str, str]]:
+def _pair_key(query: tuple[str, str], other: tuple[str, str], prefix: str) -> tuple[tuple[str, str], tuple[str, str]]:
     """(this partition's image, the other image); inside the partition, the smaller id first."""
     if other[0] == prefix and other < query:
         return other, query
@@ -245,9 +241,7 @@ def _images_in_pairs(pairs: dict[tuple[tuple[str, str], tuple[str, str]], float]
     return len(images)
 
 
-def _pairs_table(
-    pairs: dict[tuple[tuple[str, str], tuple[str, str]], float], prefix: str, model_id: str
-) -> pa.Table:
+def _pairs_table(pairs: dict[tuple[tuple[str, str], tuple[str, str]], float], prefix: str, model_id: str) -> pa.Table:
     ordered = sorted(pairs.items())
     return pa.Table.from_pydict(
         {

@@ -106,7 +106,9 @@ class PartitionScheme:
         if depth == 0 and "loose" in values:
             raise PartitionSchemeError(_usage(text, "hash:B already covers every object; loose applies to folders"))
         try:
-            return cls(depth=depth, split=values.get("hash", 1), loose_buckets=values.get("loose", DEFAULT_LOOSE_BUCKETS))
+            return cls(
+                depth=depth, split=values.get("hash", 1), loose_buckets=values.get("loose", DEFAULT_LOOSE_BUCKETS)
+            )
         except PartitionSchemeError as exc:
             raise PartitionSchemeError(_usage(text, str(exc))) from exc
 

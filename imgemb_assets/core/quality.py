@@ -43,7 +43,9 @@ def manifest_accounted_for(manifest_uris: Iterable[str], downscaled: int, reject
         else f"manifest {len(manifest)} != downscaled {downscaled} + rejected {len(rejected)}"
         + (f"; rejected objects not in the manifest: {stray[:_SHOWN]}" if stray else "")
     )
-    return CheckOutcome(balanced, description, {"manifest": len(manifest), "downscaled": downscaled, "rejected": len(rejected)})
+    return CheckOutcome(
+        balanced, description, {"manifest": len(manifest), "downscaled": downscaled, "rejected": len(rejected)}
+    )
 
 
 def sales_coverage(joined: int, downscaled: int, minimum: float) -> CheckOutcome:
@@ -58,7 +60,9 @@ def sales_coverage(joined: int, downscaled: int, minimum: float) -> CheckOutcome
     )
 
 
-def embedding_values(widths: Iterable[int], expected_width: int | None, non_finite_rows: int, rows: int) -> CheckOutcome:
+def embedding_values(
+    widths: Iterable[int], expected_width: int | None, non_finite_rows: int, rows: int
+) -> CheckOutcome:
     """Every vector has the model's width and only finite values."""
     seen = sorted(set(widths))
     width_ok = not seen or (len(seen) == 1 and (expected_width is None or seen[0] == expected_width))

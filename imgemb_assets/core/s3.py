@@ -190,7 +190,6 @@ class DeltaStorageOptions:
         return f"DeltaStorageOptions({sorted(self._settings)})"
 
 
-
 def refuse_credentials_in_uri(uri: str) -> None:
     """Refuse `s3://key:secret@bucket/...` without repeating it: a URI is echoed in errors, logs and metadata."""
     if not uri.startswith("s3://"):

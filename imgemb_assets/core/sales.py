@@ -254,7 +254,11 @@ def _check_names(names: Sequence[str], source: str) -> None:
 def _required_type(field: pa.Field, source: str) -> pa.DataType:
     value_type = _decoded(field.type)
     if field.name == _IMAGE_ID:
-        if pa.types.is_string(value_type) or pa.types.is_large_string(value_type) or pa.types.is_string_view(value_type):
+        if (
+            pa.types.is_string(value_type)
+            or pa.types.is_large_string(value_type)
+            or pa.types.is_string_view(value_type)
+        ):
             return pa.string()
         raise SalesError(f"{source}: column 'image_id' must be a string, found {field.type}")
     if pa.types.is_integer(value_type) or pa.types.is_floating(value_type) or pa.types.is_decimal(value_type):
@@ -293,7 +297,9 @@ def _cast_hint(field: pa.Field) -> str:
     if pa.types.is_date(type_):
         return "Delta stores dates as whole days: write the column as a timestamp"
     if pa.types.is_decimal(type_):
-        return f"Delta decimals hold at most {_DELTA_MAX_DECIMAL_DIGITS} digits: write the column as float64 or a string"
+        return (
+            f"Delta decimals hold at most {_DELTA_MAX_DECIMAL_DIGITS} digits: write the column as float64 or a string"
+        )
     return "write the column with a type Delta stores (integer, float, decimal, string, binary, bool, date, timestamp)"
 
 
@@ -369,9 +375,7 @@ def _storable_struct(type_: pa.StructType) -> pa.DataType:
         raise _Unstorable("Delta cannot store (a struct with no fields): leave the column out")
     if len({name.lower() for name in names}) != len(names):
         raise _Unstorable(f"Delta cannot store (fields {names} repeat a name, compared case-insensitively)")
-    return pa.struct(
-        [pa.field(name, _storable_type(type_.field(i).type, nested=True)) for i, name in enumerate(names)]
-    )
+    return pa.struct([pa.field(name, _storable_type(type_.field(i).type, nested=True)) for i, name in enumerate(names)])
 
 
 def _comparable(type_: pa.DataType) -> pa.DataType:

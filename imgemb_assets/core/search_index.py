@@ -387,7 +387,9 @@ class SearchIndex:
             if not prefixes:
                 del self._prefixes_of_id[image_id]
 
-    def _update_ann(self, old_keys: list[np.ndarray], new_keys: list[np.ndarray], new_vectors: list[np.ndarray]) -> bool:
+    def _update_ann(
+        self, old_keys: list[np.ndarray], new_keys: list[np.ndarray], new_vectors: list[np.ndarray]
+    ) -> bool:
         """Bring the graph in line with the partitions; whether it was built whole."""
         count = len(self)
         if self._ann is None:
@@ -488,7 +490,9 @@ class SearchIndex:
                 for row, count in enumerate(matches.counts.tolist())
             ]
         # usearch's cosine distance is 1 - similarity
-        return [[self._neighbour(key, 1.0 - distance) for key, distance in zip(keys, distances)] for keys, distances in rows]
+        return [
+            [self._neighbour(key, 1.0 - distance) for key, distance in zip(keys, distances)] for keys, distances in rows
+        ]
 
     def exact_search(self, queries: np.ndarray, k: int = 10, *, model_id: str | None = None) -> list[list[Neighbour]]:
         """Like `search`, always exact: the reference the graph's recall is measured against."""
@@ -557,9 +561,7 @@ class SearchIndex:
         if not prefixes:
             raise UnknownImageId(f"image_id {image_id!r} is not indexed ({self.model_id!r})")
         if len(prefixes) > 1:
-            raise AmbiguousImageId(
-                f"image_id {image_id!r} is indexed in prefixes {sorted(prefixes)}: say which prefix"
-            )
+            raise AmbiguousImageId(f"image_id {image_id!r} is indexed in prefixes {sorted(prefixes)}: say which prefix")
         return next(iter(prefixes))
 
 
@@ -608,7 +610,9 @@ def index_metadata(index: SearchIndex, recall_sample: int = 200) -> dict[str, An
 # --- reading partitions from the lake ---------------------------------------------
 
 
-def read_partition_models(lake: Lake, prefix: str, fingerprint: str, table: str = IMAGE_EMBEDDINGS) -> dict[str, PartitionVectors]:
+def read_partition_models(
+    lake: Lake, prefix: str, fingerprint: str, table: str = IMAGE_EMBEDDINGS
+) -> dict[str, PartitionVectors]:
     """One partition's vectors, per model that wrote some, each with `fingerprint`.
 
     Take the fingerprint (`Lake.partition_fingerprints`) before reading: a rewrite
@@ -705,7 +709,9 @@ def save_index(index: SearchIndex, lake: Lake) -> SaveReport:
         if plan.prefixes:
             name = f"{_SEGMENTS}/{uuid.uuid4().hex}.parquet"
             new_files.append(name)
-            bytes_written += _write_segment(folder, name, [(prefix, index._partitions[prefix]) for prefix in plan.prefixes])
+            bytes_written += _write_segment(
+                folder, name, [(prefix, index._partitions[prefix]) for prefix in plan.prefixes]
+            )
             segment_of.update((prefix, name) for prefix in plan.prefixes)
             segment_rows[name] = plan.rows
         if index._ann is not None and graph_file is None:
@@ -779,7 +785,11 @@ def _delete_orphans(folder: _IndexFolder, kept: set[str], now: float) -> int:
         listed += folder.filesystem.get_file_info(pafs.FileSelector(folder.file(sub), allow_not_found=True))
     if folder.is_local:
         top = folder.filesystem.get_file_info(pafs.FileSelector(folder.path, allow_not_found=True))
-        listed += [info for info in top if info.base_name.startswith(f".{MANIFEST_NAME}.") and not info.base_name.endswith(".lock")]
+        listed += [
+            info
+            for info in top
+            if info.base_name.startswith(f".{MANIFEST_NAME}.") and not info.base_name.endswith(".lock")
+        ]
     orphans = []
     for info in listed:
         if info.type != pafs.FileType.File:
@@ -845,7 +855,9 @@ def load_index(lake: Lake, model_id: str, width: int | None = None) -> SearchInd
         except _NamedFileMissing as missing:
             if attempt + 1 < _LOAD_ATTEMPTS and read_versioned(folder, MANIFEST_NAME).version != stored.version:
                 continue
-            raise SearchIndexError(f"{folder.file(missing.name)}, named by {folder.file(MANIFEST_NAME)}, is missing") from missing
+            raise SearchIndexError(
+                f"{folder.file(missing.name)}, named by {folder.file(MANIFEST_NAME)}, is missing"
+            ) from missing
         index._stored_version = stored.version
         return index
     raise AssertionError("unreachable: the last attempt returns or raises")
@@ -912,7 +924,9 @@ def _check_manifest_shape(manifest: Mapping[str, Any], file: str) -> None:
     """SearchIndexError naming the file for a manifest whose keys a load reads are missing or of the wrong type."""
     problems = [key for key, kind in _MANIFEST_KEYS.items() if not isinstance(manifest.get(key), kind)]
     ann = manifest.get("ann")
-    if isinstance(ann, dict) and not (isinstance(ann.get("parameters"), dict) and "file" in ann and "removed_since_build" in ann):
+    if isinstance(ann, dict) and not (
+        isinstance(ann.get("parameters"), dict) and "file" in ann and "removed_since_build" in ann
+    ):
         problems.append("ann")
     partitions = manifest.get("partitions")
     if isinstance(partitions, dict) and not all(
@@ -920,7 +934,9 @@ def _check_manifest_shape(manifest: Mapping[str, Any], file: str) -> None:
     ):
         problems.append("partitions")
     if problems:
-        raise SearchIndexError(f"{file} is not a readable manifest: {', '.join(sorted(set(problems)))} missing or malformed")
+        raise SearchIndexError(
+            f"{file} is not a readable manifest: {', '.join(sorted(set(problems)))} missing or malformed"
+        )
 
 
 def _manifest_of(
@@ -1029,7 +1045,9 @@ def _write_segment(folder: _IndexFolder, name: str, partitions: Sequence[tuple[s
         return stream.tell()
 
 
-def _row_groups(partitions: Sequence[tuple[str, _Partition]], rows_per_group: int) -> Iterable[list[tuple[str, _Partition]]]:
+def _row_groups(
+    partitions: Sequence[tuple[str, _Partition]], rows_per_group: int
+) -> Iterable[list[tuple[str, _Partition]]]:
     # whole partitions per group: a partition larger than a group gets one to itself
     group: list[tuple[str, _Partition]] = []
     rows = 0
@@ -1047,7 +1065,9 @@ def _segment_table(group: Sequence[tuple[str, _Partition]], width: int) -> pa.Ta
     flat = pa.array(np.concatenate([partition.vectors for _, partition in group]).reshape(-1), pa.float32())
     return pa.table(
         {
-            "prefix": pa.array([prefix for prefix, partition in group for _ in range(len(partition.keys))], pa.string()),
+            "prefix": pa.array(
+                [prefix for prefix, partition in group for _ in range(len(partition.keys))], pa.string()
+            ),
             "key": pa.array(np.concatenate([partition.keys for _, partition in group]), pa.uint64()),
             "image_id": pa.array([image_id for _, partition in group for image_id in partition.image_ids], pa.string()),
             "vector": pa.FixedSizeListArray.from_arrays(flat, width),

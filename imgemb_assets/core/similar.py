@@ -121,7 +121,9 @@ def _embedded_row_of(lake: Lake, image_id: str, prefix: str | None) -> tuple[str
         rows.extend(batch.filter(pc.equal(batch.column("image_id"), image_id)).to_pylist())
     where = {row[tables.PARTITION_COLUMN]: row["model_id"] for row in rows}
     if not where:
-        raise SimilarError(f"image_id {image_id!r} is in no partition of {tables.IMAGE_EMBEDDINGS} under {lake.root_uri}")
+        raise SimilarError(
+            f"image_id {image_id!r} is in no partition of {tables.IMAGE_EMBEDDINGS} under {lake.root_uri}"
+        )
     if prefix is not None:
         if prefix not in where:
             raise SimilarError(
@@ -296,9 +298,13 @@ def _load_index_or_explain(lake: Lake, model_id: str) -> SearchIndex:
     try:
         index = load_index(lake, model_id)
     except IndexMissing as exc:
-        raise SimilarError(f"no search index for model {model_id!r} under {lake.root_uri}: run the {REFRESH_JOB} job") from exc
+        raise SimilarError(
+            f"no search index for model {model_id!r} under {lake.root_uri}: run the {REFRESH_JOB} job"
+        ) from exc
     except SearchIndexError as exc:
-        raise SimilarError(f"the search index of {model_id!r} cannot be read: {exc}; run the {REFRESH_JOB} job") from exc
+        raise SimilarError(
+            f"the search index of {model_id!r} cannot be read: {exc}; run the {REFRESH_JOB} job"
+        ) from exc
     if len(index) == 0:
         # A refresh keeps the index of a model whose every partition was embedded again with other
         # weights, with no vectors: searched, it would answer "0 images" as if none were similar.

@@ -278,8 +278,12 @@ class LocalObjectStore:
         if prefix and top.is_symlink():
             # A partition registered before its folder became a link: following it would
             # list another partition's images (or anything outside the root) as its own.
-            where = "another folder of the root" if top.resolve().is_relative_to(self.root) else "a folder outside the root"
-            raise StorageError(f"the folder of prefix {prefix!r} is now a symbolic link to {where}: links are never followed")
+            where = (
+                "another folder of the root" if top.resolve().is_relative_to(self.root) else "a folder outside the root"
+            )
+            raise StorageError(
+                f"the folder of prefix {prefix!r} is now a symbolic link to {where}: links are never followed"
+            )
         folder = self._inside_root(top)
         if folder.is_dir():
             yield from self._infos(sorted(self._walk(folder)))
@@ -324,7 +328,9 @@ class LocalObjectStore:
             try:
                 os.scandir(path).close()
             except OSError as exc:
-                return f"folder cannot be listed ({exc.strerror}): its files are not in the manifest; fix its permissions"
+                return (
+                    f"folder cannot be listed ({exc.strerror}): its files are not in the manifest; fix its permissions"
+                )
             return "folder could not be listed when the manifest was made: materialize the partition again"
         return None
 
@@ -431,7 +437,9 @@ class S3ObjectStore:
             page = self.client.list_objects_v2(**arguments)
             objects += [self._info(entry) for entry in page.get("Contents", []) if not entry["Key"].endswith("/")]
             names += [common["Prefix"][len(root) : -len("/")] for common in page.get("CommonPrefixes", [])]
-            keys = [entry["Key"] for entry in page.get("Contents", [])] + [c["Prefix"] for c in page.get("CommonPrefixes", [])]
+            keys = [entry["Key"] for entry in page.get("Contents", [])] + [
+                c["Prefix"] for c in page.get("CommonPrefixes", [])
+            ]
             last = max(keys, default=last)
             if not page.get("IsTruncated"):
                 last = None
@@ -499,7 +507,9 @@ class S3ObjectStore:
         key = self._key_of(uri)
         if any(segment in (".", "..") for segment in key.split("/")):
             # urllib3 removes dot segments from the request path: the GET would read another object
-            return "key has a '.' or '..' path segment, which HTTP clients collapse: reading it would read another object"
+            return (
+                "key has a '.' or '..' path segment, which HTTP clients collapse: reading it would read another object"
+            )
         return None
 
     def _key_of(self, uri: str) -> str:

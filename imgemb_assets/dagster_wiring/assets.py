@@ -221,7 +221,9 @@ def _downscaled_images(policy: BackfillPolicy) -> AssetsDefinition:
             stored = _stored_thumbnails(lake, prefix, recipe)
             progress = Progress(f"{prefix}: thumbnails", manifest.num_rows, context.log.info, metadata_prefix="objects")
             # Streamed to the table a batch of objects at a time: memory does not grow with the prefix.
-            batches, tally = downscale_partition_stream(store, manifest, limits, stored=stored, on_done=progress.advance)
+            batches, tally = downscale_partition_stream(
+                store, manifest, limits, stored=stored, on_done=progress.advance
+            )
             thumbnails = lake.write_partition_stream(
                 tables.DOWNSCALED_IMAGES, batches, tables.DOWNSCALED_IMAGES_SCHEMA, prefix, manifest_unchanged
             )
@@ -407,9 +409,7 @@ def _image_embeddings(policy: BackfillPolicy, gpu_tags: Mapping[str, str], code_
             # Built at most once per step, on the first prefix that needs it.
             model = SharedModel(embedding_model.settings())
         lake = storage.lake()
-        yield from materialize_prefixes(
-            context, lambda prefix: embed_prefix(context, lake, prefix, model, quality)
-        )
+        yield from materialize_prefixes(context, lambda prefix: embed_prefix(context, lake, prefix, model, quality))
 
     return image_embeddings
 
@@ -424,7 +424,10 @@ def _stored_thumbnails(lake: Lake, prefix: str, recipe: str) -> StoredThumbnails
         return StoredThumbnails.of(None, rejected, recipe)  # written before thumbnails recorded their recipe
     keys = lake.read(tables.DOWNSCALED_IMAGES, prefix, columns=key_columns)
     return StoredThumbnails.streamed(
-        keys, lambda: lake.read_batches(tables.DOWNSCALED_IMAGES, prefix, batch_rows=STORED_BATCH_ROWS), rejected, recipe
+        keys,
+        lambda: lake.read_batches(tables.DOWNSCALED_IMAGES, prefix, batch_rows=STORED_BATCH_ROWS),
+        rejected,
+        recipe,
     )
 
 
@@ -437,7 +440,9 @@ def _rejected_contact_sheet(
     rejected: pa.Table, newly_rejected: frozenset[str], manifest: pa.Table, store: ObjectStore
 ) -> dict[str, Any]:
     """A contact sheet of the first objects this write rejected, with their reasons, and its bytes; nothing when none was."""
-    rejected = rejected.filter(pa.array([uri in newly_rejected for uri in rejected.column("uri").to_pylist()], pa.bool_()))
+    rejected = rejected.filter(
+        pa.array([uri in newly_rejected for uri in rejected.column("uri").to_pylist()], pa.bool_())
+    )
     if rejected.num_rows == 0:
         return {}
     sizes = dict(zip(manifest.column("uri").to_pylist(), manifest.column("size_bytes").to_pylist(), strict=True))

@@ -60,9 +60,9 @@ _NOT_BUSY: Final = ~AutomationCondition.in_progress() & ~AutomationCondition.any
 # that the partition it read is unchanged (Lake.unchanged_since) and retries otherwise.
 _UPDATED: Final = AutomationCondition.newly_updated()
 _UPSTREAM_UPDATED: Final = AutomationCondition.any_deps_match(AutomationCondition.newly_updated())
-_STALE: Final = (
-    AutomationCondition.newly_missing().since(_UPDATED) | _UPSTREAM_UPDATED.since(_UPDATED)
-).with_label(STALE_LABEL)
+_STALE: Final = (AutomationCondition.newly_missing().since(_UPDATED) | _UPSTREAM_UPDATED.since(_UPDATED)).with_label(
+    STALE_LABEL
+)
 # An upstream table requested on this evaluation makes this one stale once it updates:
 # request it now, so a new or changed prefix's whole chain goes out in one evaluation
 # (one run per prefix, or one backfill whose runs take the chain together).

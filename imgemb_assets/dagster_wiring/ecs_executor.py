@@ -39,11 +39,14 @@ def ecs_capacity_provider_executor() -> ExecutorDefinition:
     run_task_kwargs (deploy/ecs/dagster.yaml). As EcsRunLauncher already does for the run's task, the
     strategy wins and the launch type is left out.
     """
+
     def create(init_context: InitExecutorContext) -> Executor:
         # The body of dagster-aws's ecs_executor, with the handler above.
         run_launcher = init_context.instance.run_launcher
         if not isinstance(run_launcher, EcsRunLauncher):
-            raise DagsterInvariantViolationError("the ecs executor needs runs launched in ECS tasks by the EcsRunLauncher")
+            raise DagsterInvariantViolationError(
+                "the ecs executor needs runs launched in ECS tasks by the EcsRunLauncher"
+            )
         config = init_context.executor_config
         handler = CapacityProviderEcsStepHandler(
             run_launcher=run_launcher,

@@ -14,7 +14,13 @@ from typing import TYPE_CHECKING, Final
 from dagster import AssetCheckSeverity, AssetExecutionContext
 
 from imgemb_assets.core import tables
-from imgemb_assets.core.drift import MOMENTS_BATCH_ROWS, EmbeddingMoments, embedding_drift, moments_of_batches, previous_partition
+from imgemb_assets.core.drift import (
+    MOMENTS_BATCH_ROWS,
+    EmbeddingMoments,
+    embedding_drift,
+    moments_of_batches,
+    previous_partition,
+)
 from imgemb_assets.core.lake import Lake, PartitionRemovedError, all_of
 from imgemb_assets.core.progress import PROGRESS_INTERVAL_S, Progress
 from imgemb_assets.core.quality import CheckOutcome, embedding_values

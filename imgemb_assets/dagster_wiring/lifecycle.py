@@ -90,7 +90,9 @@ class RemovePrefixesConfig(Config):
 
 
 @op(name="remove_prefixes")
-def remove_prefixes(context: OpExecutionContext, config: RemovePrefixesConfig, storage: StorageResource) -> Output[None]:
+def remove_prefixes(
+    context: OpExecutionContext, config: RemovePrefixesConfig, storage: StorageResource
+) -> Output[None]:
     lake = storage.lake()
     still_there = set(storage.partitioned_root().current_partitions())
     # The order the runs' ranges were cut from, read before any partition leaves it.

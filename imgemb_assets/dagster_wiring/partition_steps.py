@@ -122,7 +122,9 @@ def _reported_with_outputs(
         yield Output(None, output_name=output_name)
 
 
-def _reported_one_by_one(instance: DagsterInstance, reports: Mapping[str, Sequence[AssetReport]]) -> Iterator[StepEvent]:
+def _reported_one_by_one(
+    instance: DagsterInstance, reports: Mapping[str, Sequence[AssetReport]]
+) -> Iterator[StepEvent]:
     for prefix, report in _each_report(reports):
         yield AssetMaterialization(asset_key=report.asset, partition=prefix, metadata=dict(report.metadata))
     yield from _check_evaluations(instance, reports)

@@ -1,6 +1,5 @@
 """Where the data lives and how the model is built, as Dagster resources."""
 
-
 from typing import Any, Literal
 
 from dagster import ConfigurableResource, EnvVar
@@ -130,9 +129,7 @@ class EmbeddingModelResource(ConfigurableResource):
     model: BackboneName = Field(default="resnet50", description="torchvision backbone.")
     device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N.")
     batch_size: int | None = Field(default=None, description="Images per forward pass; default 256 on CUDA, 16 on CPU.")
-    precision: PrecisionName = Field(
-        default="auto", description="auto: fp16 + channels_last on CUDA, fp32 on CPU."
-    )
+    precision: PrecisionName = Field(default="auto", description="auto: fp16 + channels_last on CUDA, fp32 on CPU.")
     compile: bool | None = Field(
         default=None,
         description="torch.compile with CUDA graphs for the fixed batch shape. Unset: on for CUDA, off for CPU; "

@@ -114,7 +114,9 @@ def known_prefixes(instance: DagsterInstance, registered: Sequence[str]) -> Know
     def fingerprints_of(prefixes: Sequence[str]) -> dict[str, str]:
         reported = recorded_fingerprints(instance, RAW_IMAGES, LISTING_FINGERPRINT_KEY, prefixes)
         unreported = [prefix for prefix in prefixes if prefix not in reported]
-        return reported | recorded_fingerprints(instance, tables.RAW_IMAGE_MANIFEST, LISTING_FINGERPRINT_KEY, unreported)
+        return reported | recorded_fingerprints(
+            instance, tables.RAW_IMAGE_MANIFEST, LISTING_FINGERPRINT_KEY, unreported
+        )
 
     return KnownPrefixes(frozenset(registered), fingerprints_of)
 
@@ -191,7 +193,9 @@ def build_raw_prefix_sensor(
             dynamic_partitions_requests=(
                 [s3_prefix_partitions.build_add_request(plan.new_prefixes)] if plan.new_prefixes else []
             ),
-            asset_events=[_raw_images_changed(prefix, fingerprint) for prefix, fingerprint in sorted(plan.changed.items())],
+            asset_events=[
+                _raw_images_changed(prefix, fingerprint) for prefix, fingerprint in sorted(plan.changed.items())
+            ],
             cursor=DiscoveryCursor(vanished=tuple(vanished), loose_pass=plan.loose_pass).to_json(),
         )
 
@@ -205,7 +209,9 @@ def _new_prefix_runs(context: SensorEvaluationContext, new: Sequence[str], max_p
     readiness = sales_readiness(context.instance)
     requests = new_prefix_run_requests(new, max_per_run, readiness)
     if requests:
-        context.log.info(f"{len(new)} new prefixes: {len(requests)} runs of their whole chain launched ({readiness.reason})")
+        context.log.info(
+            f"{len(new)} new prefixes: {len(requests)} runs of their whole chain launched ({readiness.reason})"
+        )
     else:
         context.log.info(f"{len(new)} new prefixes left to automation: {readiness.reason}")
     return requests
@@ -267,7 +273,9 @@ def build_sales_change_sensor(minimum_interval_seconds: int = DEFAULT_MINIMUM_IN
         if fingerprint == last_seen:
             return SkipReason("sales files unchanged")
         return SensorResult(
-            asset_events=[AssetMaterialization(asset_key=SALES_EXPORT, metadata={SALES_FILES_FINGERPRINT_KEY: fingerprint})],
+            asset_events=[
+                AssetMaterialization(asset_key=SALES_EXPORT, metadata={SALES_FILES_FINGERPRINT_KEY: fingerprint})
+            ],
             cursor=fingerprint,
         )
 

@@ -153,21 +153,27 @@ def _index_metadata(lake: Lake, refresh: "IndexRefresh") -> dict[str, Any]:
                     f"{stored[model_id]} |")  # fmt: skip
     main_id, main = max(refresh.models.items(), key=lambda item: len(item[1].index))
     sheet = _neighbours_sheet(lake, main)
-    return metadata | index_metadata(main.index) | {
-        "vectors_updated": main.update.vectors_added,
-        "index_update_seconds": round(main.update.seconds, 3),
-        "stored_bytes": stored[main_id],
-        "indexes": MetadataValue.md("\n".join(rows)),
-        "neighbours_sheet": MetadataValue.md(sheet),
-        "neighbours_sheet_bytes": len(sheet.encode()),
-    }
+    return (
+        metadata
+        | index_metadata(main.index)
+        | {
+            "vectors_updated": main.update.vectors_added,
+            "index_update_seconds": round(main.update.seconds, 3),
+            "stored_bytes": stored[main_id],
+            "indexes": MetadataValue.md("\n".join(rows)),
+            "neighbours_sheet": MetadataValue.md(sheet),
+            "neighbours_sheet_bytes": len(sheet.encode()),
+        }
+    )
 
 
 def _neighbours_sheet(lake: Lake, model: "ModelRefresh") -> str:
     """A few images of the changed partitions beside their nearest neighbours, as a person checks an index."""
     from imgemb_assets.core.contact_sheet import Neighbour, NeighbourRow, neighbours_sheet
 
-    candidates = [(prefix, image_id) for prefix, vectors in model.with_vectors.items() for image_id in vectors.image_ids]
+    candidates = [
+        (prefix, image_id) for prefix, vectors in model.with_vectors.items() for image_id in vectors.image_ids
+    ]
     queries = random.Random(0).sample(candidates, min(_SHEET_QUERIES, len(candidates)))
     found = {query: model.index.neighbours_of(query[1], _SHEET_NEIGHBOURS, prefix=query[0]) for query in queries}
     wanted = set(queries) | {(hit.prefix, hit.image_id) for hits in found.values() for hit in hits}
@@ -210,7 +216,9 @@ def _share_check(
         asset_key=tables.NEAR_DUPLICATES,
         passed=not jumped,
         severity=AssetCheckSeverity.WARN,
-        description=f"{len(jumped)} of {checked} changed partitions jumped" if jumped else f"{checked} changed partitions checked",
+        description=f"{len(jumped)} of {checked} changed partitions jumped"
+        if jumped
+        else f"{checked} changed partitions checked",
         metadata={"partitions_checked": checked, "jumped": MetadataValue.json(jumped[:20])},
     )
 

@@ -52,7 +52,9 @@ def partition_status(
 ) -> PartitionStatus:
     """The `prefixes` of `asset` that are missing, or stale against one of its upstream assets."""
     own = latest_update_ids(instance, asset)
-    upstream_ids: dict[str, Mapping[str, int]] = {name: latest_update_ids(instance, name) for name in partitioned_upstream}
+    upstream_ids: dict[str, Mapping[str, int]] = {
+        name: latest_update_ids(instance, name) for name in partitioned_upstream
+    }
     whole_ids = {name: latest_unpartitioned_id(instance, name) for name in unpartitioned_upstream}
     missing: list[str] = []
     stale: dict[str, list[str]] = {}
@@ -68,7 +70,9 @@ def partition_status(
     return PartitionStatus(asset=asset, missing=missing, stale=stale)
 
 
-def status_in_graph(instance: DagsterInstance, defs: Definitions, asset: str, prefixes: Iterable[str]) -> PartitionStatus:
+def status_in_graph(
+    instance: DagsterInstance, defs: Definitions, asset: str, prefixes: Iterable[str]
+) -> PartitionStatus:
     """`partition_status` with the asset's upstream assets taken from the location's asset graph."""
     graph = defs.resolve_asset_graph()
     parents = [graph.get(key) for key in graph.get(AssetKey(asset)).parent_keys]

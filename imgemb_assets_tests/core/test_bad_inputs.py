@@ -186,7 +186,9 @@ def world_readable_root() -> Iterator[Path]:
         shutil.rmtree(root)
 
 
-def test_unreadable_files_and_folders_are_rejected_with_their_reason_and_the_others_go_on(world_readable_root: Path) -> None:
+def test_unreadable_files_and_folders_are_rejected_with_their_reason_and_the_others_go_on(
+    world_readable_root: Path,
+) -> None:
     root = world_readable_root
     for folder in ("p", "p/sealed", "q", "r"):
         (root / folder).mkdir(mode=0o755)
@@ -207,7 +209,9 @@ def test_unreadable_files_and_folders_are_rejected_with_their_reason_and_the_oth
     }
     assert outcome["q"] == {
         "kept": [],
-        "rejected": {"q": "folder cannot be listed (Permission denied): its files are not in the manifest; fix its permissions"},
+        "rejected": {
+            "q": "folder cannot be listed (Permission denied): its files are not in the manifest; fix its permissions"
+        },
     }
     assert outcome["r"] == {"kept": ["fine"], "rejected": {}}
 
@@ -218,9 +222,11 @@ def test_fixing_permissions_changes_the_fingerprint(world_readable_root: Path) -
     (root / "p").mkdir(mode=0o755)
     (root / "p" / "a.jpg").write_bytes(b"a")
     (root / "p" / "a.jpg").chmod(0o000)
-    script = "import sys; from pathlib import Path; from imgemb_assets.core.discovery import listing_fingerprint; " \
-        "from imgemb_assets.core.storage import LocalObjectStore; " \
+    script = (
+        "import sys; from pathlib import Path; from imgemb_assets.core.discovery import listing_fingerprint; "
+        "from imgemb_assets.core.storage import LocalObjectStore; "
         "print(listing_fingerprint(LocalObjectStore(Path(sys.argv[1])).list_objects('p')))"
+    )
     locked = _run_unprivileged(script, str(root))
     (root / "p" / "a.jpg").chmod(0o644)
     assert _run_unprivileged(script, str(root)) != locked

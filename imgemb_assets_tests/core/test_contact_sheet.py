@@ -127,7 +127,9 @@ class _Store:
 
     def rejected(self, key: str, reason: str = "rejected", image_id: str | None = "x") -> RejectedObject:
         """The object as the rejected-images step hands it over: its listed URI and size."""
-        return RejectedObject(image_id=image_id, uri=self.uri(key), reason=reason, size_bytes=self.listed[key].size_bytes)
+        return RejectedObject(
+            image_id=image_id, uri=self.uri(key), reason=reason, size_bytes=self.listed[key].size_bytes
+        )
 
     def read_bytes(self, uri: str) -> bytes:
         self.reads.append(uri)
@@ -318,7 +320,11 @@ def test_sheet_markdown_lays_out_tiles_and_shrinks_quality_to_the_budget() -> No
     roomy = sheet_markdown(tiles, columns=3)
     tight = sheet_markdown(tiles, columns=3, max_markdown_bytes=markdown_bytes(roomy) // 2)
 
-    assert _sheet_image(roomy).size == grid_size(8, 3) == (3 * TILE_SIZE + 4 * GUTTER, 3 * (TILE_SIZE + LABEL_HEIGHT) + 4 * GUTTER)
+    assert (
+        _sheet_image(roomy).size
+        == grid_size(8, 3)
+        == (3 * TILE_SIZE + 4 * GUTTER, 3 * (TILE_SIZE + LABEL_HEIGHT) + 4 * GUTTER)
+    )
     assert markdown_bytes(tight) <= markdown_bytes(roomy) // 2
     assert _sheet_image(tight).size == grid_size(8, 3)
 

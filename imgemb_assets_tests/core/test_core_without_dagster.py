@@ -19,9 +19,7 @@ print(len(names))
 
 
 def test_core_imports_without_dagster() -> None:
-    done = subprocess.run(
-        [sys.executable, "-c", _IMPORT_ALL_CORE_MODULES], capture_output=True, text=True, check=False
-    )
+    done = subprocess.run([sys.executable, "-c", _IMPORT_ALL_CORE_MODULES], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
     assert int(done.stdout.strip()) >= 7  # every module under core/ was imported
 

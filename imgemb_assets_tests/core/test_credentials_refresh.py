@@ -55,7 +55,7 @@ class RotatingCredentials:
     def __init__(self, folder: Path) -> None:
         self._current = folder / "current.json"
         self.config = folder / "aws-config"
-        command = f"{sys.executable} -c \"import sys; sys.stdout.write(open(sys.argv[1]).read())\" {self._current}"
+        command = f'{sys.executable} -c "import sys; sys.stdout.write(open(sys.argv[1]).read())" {self._current}'
         self.config.write_text(f"[profile rotating]\ncredential_process = {command}\n")
 
     def issue(self, key: dict[str, str], lifetime: dt.timedelta = dt.timedelta(minutes=5)) -> None:
@@ -73,9 +73,7 @@ class RotatingCredentials:
 
 
 @pytest.fixture
-def rotating(
-    enforcing_moto: dict[str, object], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> RotatingCredentials:
+def rotating(enforcing_moto: dict[str, object], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> RotatingCredentials:
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
         monkeypatch.delenv(name, raising=False)
     credentials = RotatingCredentials(tmp_path)

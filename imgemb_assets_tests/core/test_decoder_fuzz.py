@@ -165,8 +165,12 @@ def other_format_files() -> dict[str, bytes]:
     made["eps_like"] = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 40 30\n%%EndComments\nshowpage\n%%EOF\n"
     made["eps_binary_header"] = b"\xc5\xd0\xd3\xc6" + struct.pack("<6I", 30, 60, 0, 0, 0, 0) + made["eps_like"]
     made["psd_header"] = b"8BPS\x00\x01" + bytes(6) + struct.pack(">HIIHH", 3, 30, 40, 8, 3) + bytes(12)
-    made["fits_header"] = (b"SIMPLE  =                    T".ljust(80) + b"BITPIX  =                    8".ljust(80)
-                           + b"NAXIS   =                    0".ljust(80) + b"END".ljust(80)).ljust(2880)
+    made["fits_header"] = (
+        b"SIMPLE  =                    T".ljust(80)
+        + b"BITPIX  =                    8".ljust(80)
+        + b"NAXIS   =                    0".ljust(80)
+        + b"END".ljust(80)
+    ).ljust(2880)
     made["xpm"] = b'/* XPM */\nstatic char *x[] = {\n"2 1 1 1",\n"a c #ff0000",\n"aa"\n};\n'
     made["sun_header"] = struct.pack(">8I", 0x59A66A95, 40, 30, 24, 3600, 1, 0, 0) + bytes(3600)
     made["ftex_header"] = b"FTEX" + struct.pack("<7I", 0x4E, 40, 30, 1, 1, 0, 1) + bytes(64)
@@ -272,9 +276,26 @@ def other_magic(data: bytes, rng: np.random.Generator) -> bytes:
     """Another format's first bytes over (or before) this file's."""
     magic = _pick(
         rng,
-        [b"GIF89a", b"BM", b"II*\x00", b"MM\x00*", b"\x00\x00\x01\x00", b"P6\n", b"8BPS", b"\x89PNG\r\n\x1a\n",
-         b"\xff\xd8\xff", b"RIFF\x00\x00\x00\x00WEBP", b"\x00\x00\x00\x0cjP  \r\n\x87\n", b"%!PS-Adobe-3.0",
-         b"\xc5\xd0\xd3\xc6", b"DDS ", b"qoif", b"SIMPLE  =", b"\x0a\x05\x01\x08", b"icns"],
+        [
+            b"GIF89a",
+            b"BM",
+            b"II*\x00",
+            b"MM\x00*",
+            b"\x00\x00\x01\x00",
+            b"P6\n",
+            b"8BPS",
+            b"\x89PNG\r\n\x1a\n",
+            b"\xff\xd8\xff",
+            b"RIFF\x00\x00\x00\x00WEBP",
+            b"\x00\x00\x00\x0cjP  \r\n\x87\n",
+            b"%!PS-Adobe-3.0",
+            b"\xc5\xd0\xd3\xc6",
+            b"DDS ",
+            b"qoif",
+            b"SIMPLE  =",
+            b"\x0a\x05\x01\x08",
+            b"icns",
+        ],
     )
     return magic + data if rng.random() < 0.5 else magic + data[len(magic) :]
 
@@ -316,9 +337,15 @@ def jpeg_garbage_app(data: bytes, rng: np.random.Generator) -> bytes:
     noise = rng.integers(0, 256, int(rng.integers(0, 200)), dtype=np.uint8).tobytes()
     body = _pick(
         rng,
-        [b"Exif\x00\x00" + noise, b"Exif\x00\x00II*\x00\x08\x00\x00\x00" + noise,
-         b"Exif\x00\x00MM\x00*\x00\x00\x00\x08" + noise, b"ICC_PROFILE\x00\x01\x01" + noise,
-         b"ICC_PROFILE\x00\x01\x01" + bit_flips(_srgb_icc(), rng), b"Adobe" + noise, b"MPF\x00" + noise],
+        [
+            b"Exif\x00\x00" + noise,
+            b"Exif\x00\x00II*\x00\x08\x00\x00\x00" + noise,
+            b"Exif\x00\x00MM\x00*\x00\x00\x00\x08" + noise,
+            b"ICC_PROFILE\x00\x01\x01" + noise,
+            b"ICC_PROFILE\x00\x01\x01" + bit_flips(_srgb_icc(), rng),
+            b"Adobe" + noise,
+            b"MPF\x00" + noise,
+        ],
     )
     marker = b"\xff\xe1"  # APP1: EXIF
     if body.startswith((b"ICC", b"MPF")):

@@ -114,7 +114,9 @@ def test_a_name_that_is_not_utf8_stops_no_tick(tmp_path: Path) -> None:
     (tmp_path / os.fsdecode(b"r\xe9sum\xe9") / "c.jpg").write_bytes(b"c")
     plan = plan_discovery(open_object_store(str(tmp_path)), DiscoveryCursor(), recent=3)
     assert plan.new_prefixes == ["a", "b"]
-    assert plan.refused_prefixes == {"r\\xe9sum\\xe9": "name is not valid UTF-8 (its bytes are shown as \\xNN): rename it in UTF-8"}
+    assert plan.refused_prefixes == {
+        "r\\xe9sum\\xe9": "name is not valid UTF-8 (its bytes are shown as \\xNN): rename it in UTF-8"
+    }
     assert DiscoveryCursor.from_json(plan.cursor.to_json()) == plan.cursor
 
 
@@ -146,7 +148,9 @@ def test_the_cursor_keeps_vanished_prefixes_and_reads_the_earlier_format() -> No
     cursor = DiscoveryCursor({"2026-11-01": "f1", "version": "a prefix named version"}, vanished=("2026-10-31",))
     assert DiscoveryCursor.from_json(cursor.to_json()) == cursor
     earlier = '{"2026-11-01": "f1", "version": "a prefix named version"}'  # the bare map of before
-    assert DiscoveryCursor.from_json(earlier) == DiscoveryCursor({"2026-11-01": "f1", "version": "a prefix named version"})
+    assert DiscoveryCursor.from_json(earlier) == DiscoveryCursor(
+        {"2026-11-01": "f1", "version": "a prefix named version"}
+    )
     assert DiscoveryCursor.from_json(None) == DiscoveryCursor()
 
 

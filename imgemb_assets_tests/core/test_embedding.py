@@ -39,7 +39,9 @@ def thumbnails() -> list[bytes]:
 
 def _article_embeddings(module: torch.nn.Module, jpegs: list[bytes]) -> np.ndarray:
     """The article's computation: per image, ToTensor + Normalize, then the headless model."""
-    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize(IMAGENET_NORMALIZATION.mean, IMAGENET_NORMALIZATION.std)])
+    transform = transforms.Compose(
+        [transforms.ToTensor(), transforms.Normalize(IMAGENET_NORMALIZATION.mean, IMAGENET_NORMALIZATION.std)]
+    )
     with torch.no_grad():
         return np.stack(
             [module(transform(Image.open(io.BytesIO(j)).convert("RGB")).unsqueeze(0))[0].numpy() for j in jpegs]
@@ -97,9 +99,7 @@ def test_state_dict_file_weights(tmp_path: Path, random_model: EmbeddingModel, t
     assert loaded.model_id.startswith("torchvision/resnet50/state-dict-sha256-")
     assert loaded.model_id.endswith("/fp32")
     assert not loaded.is_random
-    np.testing.assert_array_equal(
-        embed_thumbnails(loaded, thumbnails), embed_thumbnails(random_model, thumbnails)
-    )
+    np.testing.assert_array_equal(embed_thumbnails(loaded, thumbnails), embed_thumbnails(random_model, thumbnails))
 
 
 def test_backbone_only_state_dict_is_accepted(tmp_path: Path, random_model: EmbeddingModel) -> None:

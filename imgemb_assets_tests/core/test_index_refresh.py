@@ -102,11 +102,15 @@ def assert_in_step(lake: Lake) -> None:
     for model_id, partitions in by_model.items():
         partitions = {prefix: (ids, np.array(kept)) for prefix, (ids, kept) in partitions.items()}
         index = load_index(lake, model_id)
-        assert {p: n for p, n in index.partition_counts().items() if n} == {p: len(ids) for p, (ids, _) in partitions.items()}
+        assert {p: n for p, n in index.partition_counts().items() if n} == {
+            p: len(ids) for p, (ids, _) in partitions.items()
+        }
         exact = ExactIndex(partitions)
         for prefix, (ids, kept) in partitions.items():
             for image_id, vector in zip(ids, kept):
-                np.testing.assert_allclose(index.vector_of(image_id, prefix), vector / np.linalg.norm(vector), atol=1e-6)
+                np.testing.assert_allclose(
+                    index.vector_of(image_id, prefix), vector / np.linalg.norm(vector), atol=1e-6
+                )
             found = find_near_duplicates(ids, kept, prefix, model_id, exact.search, DEFAULT_SIMILARITY_THRESHOLD)
             expected_pairs |= _pair_keys(found.table)
     stored_pairs = _pair_keys(lake.read(tables.NEAR_DUPLICATES)) if lake.exists(tables.NEAR_DUPLICATES) else set()
@@ -374,7 +378,9 @@ def test_retired_files_stay_for_the_grace_then_go(lake: Lake, monkeypatch: pytes
     assert_in_step(lake)
 
 
-def test_the_orphan_of_a_killed_save_is_deleted_after_the_grace(any_lake: Lake, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_orphan_of_a_killed_save_is_deleted_after_the_grace(
+    any_lake: Lake, monkeypatch: pytest.MonkeyPatch
+) -> None:
     embed(any_lake, P1, seed=1)
     refresh_search_indexes(any_lake)
     # What a save killed between its segment and its manifest leaves: a file nothing names.
@@ -434,7 +440,11 @@ _operations = st.one_of(
 )  # fmt: skip
 
 
-@settings(max_examples=int(os.environ.get("IMGEMB_PROPERTY_EXAMPLES", "10")), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=int(os.environ.get("IMGEMB_PROPERTY_EXAMPLES", "10")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 @given(operations=st.lists(_operations, min_size=1, max_size=7))
 def test_random_interleavings_of_refreshes_removals_reembeds_and_kills_end_in_step(operations: list[tuple]) -> None:
     with tempfile.TemporaryDirectory() as root, pytest.MonkeyPatch.context() as patch:

@@ -210,7 +210,9 @@ def test_a_table_created_partitioned_by_prefix_keeps_its_layout_until_migrated(t
     assert DeltaTable(lake.table_uri(REJECTED_IMAGES)).metadata().partition_columns == ["prefix"]
     assert _ids_by_prefix(lake) == {"a": ["3"], "b": ["2"]}
     assert lake.partition_keys(REJECTED_IMAGES) == ["a", "b"]
-    with pytest.raises(LakeError, match=r"too long for a folder name there .*\.migrate_partitioning\('rejected_images'\)"):
+    with pytest.raises(
+        LakeError, match=r"too long for a folder name there .*\.migrate_partitioning\('rejected_images'\)"
+    ):
         lake.write_partition(REJECTED_IMAGES, rejected_rows(LONG_CYRILLIC, ["4"]), LONG_CYRILLIC)
     assert lake.migrate_partitioning(REJECTED_IMAGES) is True
     assert lake.migrate_partitioning(REJECTED_IMAGES) is False
@@ -236,6 +238,7 @@ def test_a_write_whose_input_partition_was_rewritten_meanwhile_commits_nothing(t
     """Two runs computing the same partition from different versions of its input: the one that read the
     older input never commits over the newer result, whichever finishes last."""
     lake = Lake(str(tmp_path / "lake"))
+
     def source(value: int, prefix: str = "p") -> pa.Table:
         return pa.table({"prefix": [prefix, prefix], "v": [value, value + 1]})
 
@@ -328,20 +331,33 @@ def test_a_streamed_write_replaces_its_partition_alone_in_one_commit(tmp_path: P
         lake.write_partition(REJECTED_IMAGES, rejected_rows(prefix, ids), prefix)
     version = DeltaTable(lake.table_uri(REJECTED_IMAGES)).version()
 
-    assert lake.write_partition_stream(REJECTED_IMAGES, _batches(rejected_rows("a", ["5", "6", "7"])), REJECTED_IMAGES_SCHEMA, "a") == 3
-    assert lake.write_partition_stream(REJECTED_IMAGES, _batches(rejected_rows(odd, ["8"])), REJECTED_IMAGES_SCHEMA, odd) == 1
+    assert (
+        lake.write_partition_stream(
+            REJECTED_IMAGES, _batches(rejected_rows("a", ["5", "6", "7"])), REJECTED_IMAGES_SCHEMA, "a"
+        )
+        == 3
+    )
+    assert (
+        lake.write_partition_stream(REJECTED_IMAGES, _batches(rejected_rows(odd, ["8"])), REJECTED_IMAGES_SCHEMA, odd)
+        == 1
+    )
     assert _ids_by_prefix(lake) == {"a": ["5", "6", "7"], "b": ["3"], odd: ["8"]}
     table = DeltaTable(lake.table_uri(REJECTED_IMAGES))
     assert table.version() == version + 2  # one commit each
-    assert sorted(DeltaTable(lake.table_uri(REJECTED_IMAGES), version=version).to_pyarrow_table()["image_id"].to_pylist()) == [
-        "1", "2", "3", "4"
-    ]  # a reader of the older version still reads it whole
+    assert sorted(
+        DeltaTable(lake.table_uri(REJECTED_IMAGES), version=version).to_pyarrow_table()["image_id"].to_pylist()
+    ) == ["1", "2", "3", "4"]  # a reader of the older version still reads it whole
     assert all(Path(uri).is_file() for uri in table.file_uris())
 
 
 def test_a_streamed_write_creates_a_missing_table_and_an_empty_stream_empties_the_partition(tmp_path: Path) -> None:
     lake = Lake(str(tmp_path))
-    assert lake.write_partition_stream(REJECTED_IMAGES, _batches(rejected_rows("a", ["1", "2", "3"])), REJECTED_IMAGES_SCHEMA, "a") == 3
+    assert (
+        lake.write_partition_stream(
+            REJECTED_IMAGES, _batches(rejected_rows("a", ["1", "2", "3"])), REJECTED_IMAGES_SCHEMA, "a"
+        )
+        == 3
+    )
     lake.write_partition(REJECTED_IMAGES, rejected_rows("b", ["4"]), "b")
     assert _ids_by_prefix(lake) == {"a": ["1", "2", "3"], "b": ["4"]}
     assert lake.write_partition_stream(REJECTED_IMAGES, [], REJECTED_IMAGES_SCHEMA, "a") == 0

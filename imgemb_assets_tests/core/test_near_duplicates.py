@@ -179,7 +179,9 @@ def test_the_jump_decision_fires_on_a_jump_and_not_on_steady_shares() -> None:
     assert not share_jumped(0.9, [0.02, 0.02], RULE)
 
 
-def _partition_with_copies(rng: np.random.Generator, tag: str, images: int, copied: int) -> tuple[list[str], np.ndarray]:
+def _partition_with_copies(
+    rng: np.random.Generator, tag: str, images: int, copied: int
+) -> tuple[list[str], np.ndarray]:
     ids, vectors = _photos(rng, images, tag)
     for n in range(copied):  # image 2n+1 a copy of image 2n
         vectors[2 * n + 1] = vectors[2 * n] + rng.normal(scale=0.01, size=WIDTH)

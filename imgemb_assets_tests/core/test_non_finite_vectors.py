@@ -47,8 +47,15 @@ def one_infinite_component(tmp_path_factory: pytest.TempPathFactory) -> Embeddin
 def _joined(jpegs: list[bytes]) -> pa.RecordBatch:
     return pa.RecordBatch.from_pylist(
         [
-            {"image_id": f"img_{i:04d}", tables.PARTITION_COLUMN: PREFIX, "etag": f"etag-{i}", "width": 224,
-             "height": 224, "image_jpeg": jpeg, "sales": 1.0}
+            {
+                "image_id": f"img_{i:04d}",
+                tables.PARTITION_COLUMN: PREFIX,
+                "etag": f"etag-{i}",
+                "width": 224,
+                "height": 224,
+                "image_jpeg": jpeg,
+                "sales": 1.0,
+            }
             for i, jpeg in enumerate(jpegs)
         ],
         schema=JOINED_SCHEMA,

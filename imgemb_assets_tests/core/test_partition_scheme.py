@@ -64,7 +64,20 @@ def test_schemes_parse_to_one_canonical_text(text: str, canonical: str) -> None:
     assert PartitionScheme.parse(str(scheme)) == scheme
 
 
-@pytest.mark.parametrize("text", ["", "folder", "folders:x", "hash", "hash:1", "hash:8,folders:2", "folders:9", "hash:8,loose:4", "folders,folders:2"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "folder",
+        "folders:x",
+        "hash",
+        "hash:1",
+        "hash:8,folders:2",
+        "folders:9",
+        "hash:8,loose:4",
+        "folders,folders:2",
+    ],
+)
 def test_a_scheme_that_does_not_parse_says_what_is_accepted(text: str) -> None:
     with pytest.raises(PartitionSchemeError, match="folders"):
         PartitionScheme.parse(text)
@@ -109,7 +122,12 @@ def test_the_articles_flat_root_is_cut_into_loose_buckets_and_loses_nothing(tmp_
 
 
 def test_date_folders_three_levels_deep_give_one_partition_per_day(tmp_path: Path) -> None:
-    keys = [f"2026/{month:02d}/{day:02d}/img_{month}_{day}_{n}.jpg" for month in (10, 11) for day in (1, 2, 30) for n in range(3)]
+    keys = [
+        f"2026/{month:02d}/{day:02d}/img_{month}_{day}_{n}.jpg"
+        for month in (10, 11)
+        for day in (1, 2, 30)
+        for n in range(3)
+    ]
     keys += ["2026/11/readme.jpg", "stray.jpg"]  # above the day folders: loose objects
     _tree(tmp_path, keys)
     root = _root(tmp_path, "folders:3")

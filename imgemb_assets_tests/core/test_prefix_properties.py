@@ -33,12 +33,16 @@ _AWKWARD = st.sampled_from(
         "prefix_partition", "CON", "~",
     ]
 )  # fmt: skip
-PREFIXES = st.one_of(
-    _AWKWARD,
-    st.text(_ANY_CHARACTER, max_size=40),
-    st.text(st.sampled_from("ab .'\"~%_-\u00e9\u0436\u2615/"), max_size=80),
-    st.text(_ANY_CHARACTER, min_size=100, max_size=MAX_PREFIX_BYTES),
-).map(lambda text: text.replace("/", "_")).filter(lambda text: len(text.encode()) <= MAX_PREFIX_BYTES)
+PREFIXES = (
+    st.one_of(
+        _AWKWARD,
+        st.text(_ANY_CHARACTER, max_size=40),
+        st.text(st.sampled_from("ab .'\"~%_-\u00e9\u0436\u2615/"), max_size=80),
+        st.text(_ANY_CHARACTER, min_size=100, max_size=MAX_PREFIX_BYTES),
+    )
+    .map(lambda text: text.replace("/", "_"))
+    .filter(lambda text: len(text.encode()) <= MAX_PREFIX_BYTES)
+)
 # What a local folder may be called: any bytes but '/' and NUL, UTF-8 or not.
 LOCAL_NAMES = st.one_of(
     PREFIXES.map(lambda text: text.replace("\x00", "")),

@@ -48,7 +48,9 @@ def test_a_prefix_with_more_than_1000_objects_is_listed_completely(bucket: str) 
     store = open_object_store(f"s3://{bucket}/raw-images")
     listed = list(store.list_objects("big"))
     assert [obj.key for obj in listed] == [key.removeprefix("raw-images/") for key in keys]
-    assert all(obj.size_bytes == 1 and obj.etag and obj.uri.startswith(f"s3://{bucket}/raw-images/big/") for obj in listed)
+    assert all(
+        obj.size_bytes == 1 and obj.etag and obj.uri.startswith(f"s3://{bucket}/raw-images/big/") for obj in listed
+    )
 
 
 def test_prefixes_root_objects_and_folder_markers(bucket: str) -> None:
@@ -109,7 +111,9 @@ def test_delta_partitions_with_odd_keys_on_s3(bucket: str) -> None:
 
 
 def _write_partition_in_child(storage_options: dict[str, str], uri: str, prefix: str, count: int) -> None:
-    Lake(uri, storage_options=storage_options).write_partition("t", _rows(prefix, [f"{prefix}-{i}" for i in range(count)]), prefix)
+    Lake(uri, storage_options=storage_options).write_partition(
+        "t", _rows(prefix, [f"{prefix}-{i}" for i in range(count)]), prefix
+    )
 
 
 def test_concurrent_writers_of_different_partitions_both_land(bucket: str) -> None:
@@ -120,7 +124,8 @@ def test_concurrent_writers_of_different_partitions_both_land(bucket: str) -> No
     context = multiprocessing.get_context("spawn")
     for _round in range(3):
         children = [
-            context.Process(target=_write_partition_in_child, args=(options, root, prefix, 50)) for prefix in ("left", "right")
+            context.Process(target=_write_partition_in_child, args=(options, root, prefix, 50))
+            for prefix in ("left", "right")
         ]
         for child in children:
             child.start()
@@ -143,7 +148,9 @@ def test_one_config_feeds_boto3_and_delta(s3_env: dict[str, str]) -> None:
     client = settings.client()
     assert client.meta.endpoint_url == s3_env["AWS_ENDPOINT_URL"]
     assert client.meta.config.retries == {"total_max_attempts": 5, "mode": "standard"}
-    explicit = S3Settings(endpoint_url="http://other:9000", region_name="eu-west-1", retry_mode="adaptive", max_attempts=9)
+    explicit = S3Settings(
+        endpoint_url="http://other:9000", region_name="eu-west-1", retry_mode="adaptive", max_attempts=9
+    )
     assert explicit.delta_storage_options()["AWS_ENDPOINT_URL"] == "http://other:9000"
     assert explicit.delta_storage_options()["AWS_REGION"] == "eu-west-1"
     assert explicit.client().meta.config.retries == {"total_max_attempts": 9, "mode": "adaptive"}
@@ -152,7 +159,9 @@ def test_one_config_feeds_boto3_and_delta(s3_env: dict[str, str]) -> None:
 def test_allow_http_follows_the_variable_or_the_endpoint_scheme() -> None:
     assert S3Settings(endpoint_url="http://minio:9000").delta_storage_options({})["AWS_ALLOW_HTTP"] == "true"
     assert "AWS_ALLOW_HTTP" not in S3Settings(endpoint_url="https://minio:9000").delta_storage_options({})
-    assert "AWS_ALLOW_HTTP" not in S3Settings(endpoint_url="http://m:9000").delta_storage_options({"AWS_ALLOW_HTTP": "false"})
+    assert "AWS_ALLOW_HTTP" not in S3Settings(endpoint_url="http://m:9000").delta_storage_options(
+        {"AWS_ALLOW_HTTP": "false"}
+    )
 
 
 def test_credentials_stay_out_of_reprs_and_errors(bucket: str) -> None:
@@ -220,7 +229,12 @@ def test_archived_and_denied_objects_are_rejected_with_their_reason_and_the_othe
     client.put_object(Bucket=bucket, Key="raw/p/ok.jpg", Body=_jpeg())
     client.put_object(Bucket=bucket, Key="raw/p/cold.jpg", Body=_jpeg(), StorageClass="GLACIER")
     client.put_object(Bucket=bucket, Key="raw/p/denied.jpg", Body=_jpeg())
-    deny = {"Effect": "Deny", "Principal": "*", "Action": "s3:GetObject", "Resource": f"arn:aws:s3:::{bucket}/raw/p/denied.jpg"}
+    deny = {
+        "Effect": "Deny",
+        "Principal": "*",
+        "Action": "s3:GetObject",
+        "Resource": f"arn:aws:s3:::{bucket}/raw/p/denied.jpg",
+    }
     client.put_bucket_policy(Bucket=bucket, Policy=json.dumps({"Version": "2012-10-17", "Statement": [deny]}))
     store = open_object_store(f"s3://{bucket}/raw")
     result = downscale_partition(store, build_manifest(store.list_objects("p"), "p"))
@@ -284,7 +298,9 @@ def test_objects_under_an_empty_first_segment_are_no_partition(bucket: str) -> N
     plan = plan_discovery(store, DiscoveryCursor(), recent=3, full=True)
     assert plan.new_prefixes == sorted(["p", stray]) and sorted(plan.changed) == plan.new_prefixes
     assert list(plan.refused_prefixes) == [""] and "empty first path segment" in plan.refused_prefixes[""]
-    left_out = plan_discovery(PartitionedRoot(store, PartitionScheme.parse("folders,loose:0")), DiscoveryCursor(), recent=3)
+    left_out = plan_discovery(
+        PartitionedRoot(store, PartitionScheme.parse("folders,loose:0")), DiscoveryCursor(), recent=3
+    )
     assert left_out.new_prefixes == ["p"] and left_out.root_objects == ["stray.jpg"]
 
 
@@ -325,7 +341,9 @@ def test_a_root_too_big_for_one_tick_is_listed_over_several_and_fingerprinted_on
     for key in [*loose, "raw/2026-11-01/a.jpg", "raw/2026-11-02/b.jpg"]:
         client.put_object(Bucket=bucket, Key=key, Body=key.encode())
     lists: list[str] = []
-    client.meta.events.register("before-parameter-build.s3.ListObjectsV2", lambda params, **_: lists.append(params.get("Prefix", "")))
+    client.meta.events.register(
+        "before-parameter-build.s3.ListObjectsV2", lambda params, **_: lists.append(params.get("Prefix", ""))
+    )
     store = S3ObjectStore(client=client, bucket=bucket, root_key="raw", page_keys=50)
     root = PartitionedRoot(store, PartitionScheme())
     cursor, ticks, registered = DiscoveryCursor(), 0, []

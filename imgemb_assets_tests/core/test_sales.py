@@ -65,7 +65,13 @@ def test_all_parquet_files_are_read_and_sales_becomes_float(tmp_path: Path) -> N
         (pa.table({"image_id": ["a"]}), "required column 'sales' is missing"),
         (pa.table({"image_id": [1], "sales": [1.0]}), "'image_id' must be a string, found int64"),
         (pa.table({"image_id": ["a"], "sales": ["12"]}), "'sales' must be numeric, found string"),
-        (pa.table({"image_id": [None, "b"], "sales": [1.0, 2.0]}, schema=pa.schema([("image_id", pa.string()), ("sales", pa.float64())])), "1 rows have no image_id"),
+        (
+            pa.table(
+                {"image_id": [None, "b"], "sales": [1.0, 2.0]},
+                schema=pa.schema([("image_id", pa.string()), ("sales", pa.float64())]),
+            ),
+            "1 rows have no image_id",
+        ),
         (pa.table({"image_id": ["a"], "sales": [1.0], "embedding": [0]}), "clash with image columns"),
     ],
 )
@@ -99,7 +105,9 @@ def test_join_is_inner_on_image_id() -> None:
         },
         schema=DOWNSCALED_IMAGES_SCHEMA,
     )
-    sales = validate_sales(pa.table({"image_id": ["a", "b", "no_image"], "sales": [1, 2, 3], "region": ["x", "y", "z"]}), "s")
+    sales = validate_sales(
+        pa.table({"image_id": ["a", "b", "no_image"], "sales": [1, 2, 3], "region": ["x", "y", "z"]}), "s"
+    )
     joined = join_with_sales(images, sales, images_with_sales_schema(sales.schema))
     assert joined.schema == images_with_sales_schema(sales.schema)
     assert joined.select(["image_id", "sales", "region", "image_jpeg"]).to_pylist() == [
@@ -122,13 +130,16 @@ def test_repeated_sales_ids_are_refused_by_the_join(repeated: str) -> None:
 
 # --- issue 11: validation is the one place that decides (item 4) -------------------------
 
+
 def _publish(lake: Lake, sales_root: Path, prefix: str) -> pa.Table:
     """What the `sales` and `images_with_sales` steps do: validate, write sales, join one prefix, write it."""
     table = read_sales(open_object_store(str(sales_root)), lake)
     lake.overwrite(SALES, table)
     sales = lake.read(SALES)
     images = downscaled_rows(prefix, sales.column("image_id").to_pylist())
-    lake.write_partition(IMAGES_WITH_SALES, join_with_sales(images, sales, images_with_sales_schema(sales.schema)), prefix)
+    lake.write_partition(
+        IMAGES_WITH_SALES, join_with_sales(images, sales, images_with_sales_schema(sales.schema)), prefix
+    )
     return lake.read(IMAGES_WITH_SALES, prefix)
 
 
@@ -152,7 +163,9 @@ def test_a_reserved_name_in_another_case_is_refused(name: str) -> None:
 def test_names_that_differ_only_in_case_are_refused(tmp_path: Path) -> None:
     # Passed before; the sales write then failed.
     table = pa.table({"image_id": ["a"], "sales": [1.0], "Region": ["x"], "region": ["y"]})
-    with pytest.raises(SalesError, match=r"x.parquet: columns \[\['Region', 'region'\]\] repeat a name, or differ only in case"):
+    with pytest.raises(
+        SalesError, match=r"x.parquet: columns \[\['Region', 'region'\]\] repeat a name, or differ only in case"
+    ):
         validate_sales(table, source="s3://b/x.parquet")
 
 
@@ -162,7 +175,9 @@ def test_a_column_spelled_differently_in_two_files_is_refused(tmp_path: Path) ->
         a=pa.table({"image_id": ["a"], "sales": [1.0], "Region": ["x"]}),
         b=pa.table({"image_id": ["b"], "sales": [1.0], "region": ["y"]}),
     )
-    with pytest.raises(SalesError, match=r"column 'region' of .*b.parquet and 'Region' of .*a.parquet differ only in case"):
+    with pytest.raises(
+        SalesError, match=r"column 'region' of .*b.parquet and 'Region' of .*a.parquet differ only in case"
+    ):
         read_sales(open_object_store(str(tmp_path)))
 
 
@@ -213,11 +228,26 @@ def test_widths_and_encodings_are_not_types_across_files(tmp_path: Path) -> None
 @pytest.mark.parametrize(
     ("column", "message"),
     [
-        (pa.array([1], pa.time64("us")), r"'opens' has type time64\[us\], which Delta cannot store \(it has no time-of-day"),
-        (pa.array([1], pa.time32("s")), r"'opens' has type time32\[s\], which Delta cannot store \(it has no time-of-day"),
-        (pa.array([1], pa.duration("s")), r"'opens' has type duration\[s\], which Delta cannot store \(it has no duration"),
-        (pa.array([2**63], pa.uint64()), r"'opens' \(uint64\) cannot be stored as int64 without changing .*decimal\(20, 0\)"),
-        (pa.array([1001], pa.timestamp("ns")), r"'opens' \(timestamp\[ns\]\) cannot be stored as .*round the values to micro"),
+        (
+            pa.array([1], pa.time64("us")),
+            r"'opens' has type time64\[us\], which Delta cannot store \(it has no time-of-day",
+        ),
+        (
+            pa.array([1], pa.time32("s")),
+            r"'opens' has type time32\[s\], which Delta cannot store \(it has no time-of-day",
+        ),
+        (
+            pa.array([1], pa.duration("s")),
+            r"'opens' has type duration\[s\], which Delta cannot store \(it has no duration",
+        ),
+        (
+            pa.array([2**63], pa.uint64()),
+            r"'opens' \(uint64\) cannot be stored as int64 without changing .*decimal\(20, 0\)",
+        ),
+        (
+            pa.array([1001], pa.timestamp("ns")),
+            r"'opens' \(timestamp\[ns\]\) cannot be stored as .*round the values to micro",
+        ),
     ],
     ids=["time64", "time32", "duration", "uint64_above_int64", "nanoseconds"],
 )
@@ -229,7 +259,9 @@ def test_columns_delta_cannot_store_are_refused_by_validation(tmp_path: Path, co
 
 def test_a_small_uint64_column_is_kept_exactly(tmp_path: Path) -> None:
     lake = Lake(str(tmp_path / "lake"))
-    _export(tmp_path / "sales", a=pa.table({"image_id": ["a"], "sales": [1.0], "n": pa.array([2**63 - 1], pa.uint64())}))
+    _export(
+        tmp_path / "sales", a=pa.table({"image_id": ["a"], "sales": [1.0], "n": pa.array([2**63 - 1], pa.uint64())})
+    )
     assert _publish(lake, tmp_path / "sales", "p").column("n").to_pylist() == [2**63 - 1]
 
 
@@ -244,7 +276,10 @@ def test_a_categorical_image_id_is_a_string(tmp_path: Path) -> None:
     lake = Lake(str(tmp_path / "lake"))
     _export(tmp_path / "sales", a=pa.table({"image_id": pa.array(["a", "b"]).dictionary_encode(), "sales": [1, 2]}))
     joined = _publish(lake, tmp_path / "sales", "p")
-    assert joined.select(["image_id", "sales"]).to_pylist() == [{"image_id": "a", "sales": 1.0}, {"image_id": "b", "sales": 2.0}]
+    assert joined.select(["image_id", "sales"]).to_pylist() == [
+        {"image_id": "a", "sales": 1.0},
+        {"image_id": "b", "sales": 2.0},
+    ]
 
 
 def test_an_untyped_empty_column_is_refused_until_the_lake_types_it(tmp_path: Path) -> None:
@@ -263,6 +298,7 @@ def test_an_untyped_empty_column_is_refused_until_the_lake_types_it(tmp_path: Pa
 
 # --- issue 11: a sales column keeps its type in every table (item 3) ----------------------
 
+
 def test_a_column_that_turns_from_int_to_float_is_refused_before_anything_is_written(tmp_path: Path) -> None:
     # Was accepted: sales showed 2.5 while images_with_sales truncated it to 2.
     lake, sales_root = Lake(str(tmp_path / "lake")), tmp_path / "sales"
@@ -278,15 +314,25 @@ def test_a_column_that_turns_from_int_to_float_is_refused_before_anything_is_wri
     assert {name: DeltaTable(lake.table_uri(name)).version() for name in versions} == versions
     # The way forward the message gives: a new name is a new column, with its values exactly.
     _export(sales_root, a=pa.table({"image_id": ["a"], "sales": [1.0], "units_exact": [2.5]}))
-    assert _publish(lake, sales_root, "p1").select(["units", "units_exact"]).to_pylist() == [{"units": None, "units_exact": 2.5}]
+    assert _publish(lake, sales_root, "p1").select(["units", "units_exact"]).to_pylist() == [
+        {"units": None, "units_exact": 2.5}
+    ]
 
 
 def test_a_wider_number_lands_exactly_where_a_narrower_one_was(tmp_path: Path) -> None:
     # float32 then 1e300 became inf in images_with_sales; int32 then 2**40 failed with a Cast error, retried forever;
     # decimal(10, 2) then decimal(12, 2) failed to merge.
     lake, sales_root = Lake(str(tmp_path / "lake")), tmp_path / "sales"
-    narrow = {"w": pa.array([0.5], pa.float32()), "n": pa.array([7], pa.int32()), "d": pa.array([Decimal("1")], pa.decimal128(10, 2))}
-    wide = {"w": pa.array([1e300]), "n": pa.array([2**40]), "d": pa.array([Decimal("1234567890.12")], pa.decimal128(12, 2))}
+    narrow = {
+        "w": pa.array([0.5], pa.float32()),
+        "n": pa.array([7], pa.int32()),
+        "d": pa.array([Decimal("1")], pa.decimal128(10, 2)),
+    }
+    wide = {
+        "w": pa.array([1e300]),
+        "n": pa.array([2**40]),
+        "d": pa.array([Decimal("1234567890.12")], pa.decimal128(12, 2)),
+    }
     _export(sales_root, a=pa.table({"image_id": ["a"], "sales": [1.0], **narrow}))
     _publish(lake, sales_root, "p1")
     _export(sales_root, a=pa.table({"image_id": ["a"], "sales": [1.0], **wide}))
@@ -301,7 +347,9 @@ def test_a_column_that_turns_from_string_to_int_is_refused(tmp_path: Path) -> No
     _export(sales_root, a=pa.table({"image_id": ["a"], "sales": [1.0], "code": ["7"]}))
     _publish(lake, sales_root, "p1")
     _export(sales_root, a=pa.table({"image_id": ["a"], "sales": [1.0], "code": [7]}))
-    with pytest.raises(SalesError, match="a.parquet: column 'code' is int64, but the sales table already holds it as string"):
+    with pytest.raises(
+        SalesError, match="a.parquet: column 'code' is int64, but the sales table already holds it as string"
+    ):
         _publish(lake, sales_root, "p2")
 
 
@@ -313,7 +361,10 @@ def test_a_column_dropped_and_brought_back_with_another_type_is_refused(tmp_path
     _export(sales_root, a=pa.table({"image_id": ["a"], "sales": [1.0]}))
     _publish(lake, sales_root, "p1")
     _export(sales_root, a=pa.table({"image_id": ["a"], "sales": [1.0], "units": [2.5]}))
-    with pytest.raises(SalesError, match="a.parquet: column 'units' is double, but the images_with_sales table already holds it as int64"):
+    with pytest.raises(
+        SalesError,
+        match="a.parquet: column 'units' is double, but the images_with_sales table already holds it as int64",
+    ):
         _publish(lake, sales_root, "p1")
 
 

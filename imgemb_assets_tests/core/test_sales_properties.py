@@ -102,7 +102,9 @@ def _decimal_spec(precision: int, scale: int) -> ColumnSpec:
     # Built from strings: Decimal arithmetic, negation included, rounds to 28 digits.
     low, high = (Decimal(f"{sign}{10**precision - 1}e-{scale}") for sign in "-+")
     values = st.decimals(min_value=low, max_value=high, places=scale, allow_nan=False, allow_infinity=False)
-    return ColumnSpec(f"decimal({precision}, {scale})", f"decimal_{scale}", values, _typed(pa.decimal128(precision, scale)))
+    return ColumnSpec(
+        f"decimal({precision}, {scale})", f"decimal_{scale}", values, _typed(pa.decimal128(precision, scale))
+    )
 
 
 def _float_expect(value: float) -> Any:
@@ -125,7 +127,13 @@ _SPECS = [
     ColumnSpec("binary", "binary", st.binary(max_size=4), _typed(pa.binary())),
     ColumnSpec("fixed_size_binary", "binary", st.binary(min_size=2, max_size=2), _typed(pa.binary(2))),
     ColumnSpec("bool", "bool", st.booleans(), _typed(pa.bool_())),
-    ColumnSpec("date32", "date", st.integers(-100_000, 100_000), _typed(pa.date32()), lambda d: dt.date(1970, 1, 1) + dt.timedelta(days=d)),
+    ColumnSpec(
+        "date32",
+        "date",
+        st.integers(-100_000, 100_000),
+        _typed(pa.date32()),
+        lambda d: dt.date(1970, 1, 1) + dt.timedelta(days=d),
+    ),
     _timestamp_spec("us", None),
     _timestamp_spec("ms", None),
     _timestamp_spec("ns", "UTC"),
@@ -260,6 +268,7 @@ def _read_back(value: Any) -> Any:
 
 # --- publishing, as the `sales` and `images_with_sales` steps do ------------------------
 
+
 def _write_export(root: Path, files: list[SalesFile]) -> None:
     root.mkdir(parents=True)
     for file in files:
@@ -267,7 +276,10 @@ def _write_export(root: Path, files: list[SalesFile]) -> None:
 
 
 def _versions(lake: Lake) -> dict[str, int | None]:
-    return {name: DeltaTable(lake.table_uri(name)).version() if lake.exists(name) else None for name in (SALES, IMAGES_WITH_SALES)}
+    return {
+        name: DeltaTable(lake.table_uri(name)).version() if lake.exists(name) else None
+        for name in (SALES, IMAGES_WITH_SALES)
+    }
 
 
 def _publish(lake: Lake, sales_root: Path, prefix: str) -> None:
@@ -275,7 +287,9 @@ def _publish(lake: Lake, sales_root: Path, prefix: str) -> None:
     lake.overwrite(SALES, table)
     sales = lake.read(SALES)
     images = downscaled_rows(prefix, sorted(sales.column("image_id").to_pylist()))
-    lake.write_partition(IMAGES_WITH_SALES, join_with_sales(images, sales, images_with_sales_schema(sales.schema)), prefix)
+    lake.write_partition(
+        IMAGES_WITH_SALES, join_with_sales(images, sales, images_with_sales_schema(sales.schema)), prefix
+    )
 
 
 def _assert_tables_hold(lake: Lake, prefix: str, expected: dict[str, dict[str, Any]]) -> None:

@@ -54,7 +54,9 @@ def clustered_vectors(count: int, seed: int, clusters: int = 20, width: int = WI
 
 
 def partition(prefix: str, count: int, seed: int, fingerprint: str = "f1") -> PartitionVectors:
-    return PartitionVectors(prefix, fingerprint, [f"{prefix}-img{i:04d}" for i in range(count)], clustered_vectors(count, seed))
+    return PartitionVectors(
+        prefix, fingerprint, [f"{prefix}-img{i:04d}" for i in range(count)], clustered_vectors(count, seed)
+    )
 
 
 def three_partitions() -> list[PartitionVectors]:
@@ -122,7 +124,9 @@ def test_an_incremental_update_equals_a_full_rebuild(ann_threshold: int) -> None
     assert not report.ann_rebuilt  # the graph had vectors removed and added, not rebuilt
     rebuilt = SearchIndex.build(MODEL, WIDTH, [first, second_again, fourth], ann_threshold, in_place)
     assert len(index) == len(rebuilt) == 360
-    assert index.fingerprints() == rebuilt.fingerprints() == {"2026-11-01": "f1", "2026-11-02": "f2", "2026-11-04": "f1"}
+    assert (
+        index.fingerprints() == rebuilt.fingerprints() == {"2026-11-01": "f1", "2026-11-02": "f2", "2026-11-04": "f1"}
+    )
     queries = clustered_vectors(20, seed=7)
     assert ids_and_prefixes(index.exact_search(queries, 10)) == ids_and_prefixes(rebuilt.exact_search(queries, 10))
     if ann_threshold == 10**9:
@@ -164,7 +168,8 @@ def test_unknown_and_ambiguous_ids_are_refused() -> None:
     with pytest.raises(AmbiguousImageId, match="2026-11-01.*2026-11-02"):
         index.vector_of("2026-11-01-img0000")
     assert not np.allclose(
-        index.vector_of("2026-11-01-img0000", prefix="2026-11-01"), index.vector_of("2026-11-01-img0000", prefix="2026-11-02")
+        index.vector_of("2026-11-01-img0000", prefix="2026-11-01"),
+        index.vector_of("2026-11-01-img0000", prefix="2026-11-02"),
     )
     assert issubclass(UnknownImageId, SearchIndexError) and issubclass(AmbiguousImageId, SearchIndexError)
 
@@ -247,7 +252,9 @@ def test_round_trip_on_a_local_folder(tmp_path: Path, ann_threshold: int) -> Non
     _round_trip(lake, ann_threshold)
     folder = tmp_path / "lake" / "_search_index" / MODEL
     assert (folder / "manifest.json").is_file()
-    assert len(stored_files(lake)) == 1 + 1 + (ann_threshold == 100)  # no file left behind that the manifest does not name
+    assert len(stored_files(lake)) == 1 + 1 + (
+        ann_threshold == 100
+    )  # no file left behind that the manifest does not name
 
 
 @pytest.mark.parametrize("ann_threshold", [10**9, 100], ids=["exact", "hnsw"])
@@ -348,11 +355,16 @@ def files_opened(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
         yield opened
 
 
-def small_partitions(count: int, per_partition: int = 2, fingerprint: str = "f1", seed: int = 0) -> list[PartitionVectors]:
+def small_partitions(
+    count: int, per_partition: int = 2, fingerprint: str = "f1", seed: int = 0
+) -> list[PartitionVectors]:
     vectors = clustered_vectors(count * per_partition, seed)
     return [
         PartitionVectors(
-            f"p{n:04d}", fingerprint, [f"p{n:04d}-{i}" for i in range(per_partition)], vectors[n * per_partition : (n + 1) * per_partition]
+            f"p{n:04d}",
+            fingerprint,
+            [f"p{n:04d}-{i}" for i in range(per_partition)],
+            vectors[n * per_partition : (n + 1) * per_partition],
         )
         for n in range(count)
     ]
@@ -378,10 +390,16 @@ def stored_files(lake: Lake, model_id: str = MODEL) -> set[str]:
     if lake.root_uri.startswith("s3://"):
         bucket, key = uri.removeprefix("s3://").split("/", 1)
         listed = S3Settings().client().list_objects_v2(Bucket=bucket, Prefix=f"{key}/")
-        return {obj["Key"].removeprefix(f"{key}/") for obj in listed.get("Contents", []) if not obj["Key"].endswith("/")}
+        return {
+            obj["Key"].removeprefix(f"{key}/") for obj in listed.get("Contents", []) if not obj["Key"].endswith("/")
+        }
     folder = Path(uri)
     # not the local writers' lock file (`.manifest.json.lock`): an empty file that only flock uses
-    files = {path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file() and not path.name.endswith(".lock")}
+    files = {
+        path.relative_to(folder).as_posix()
+        for path in folder.rglob("*")
+        if path.is_file() and not path.name.endswith(".lock")
+    }
     return files if folder.exists() else set()
 
 
@@ -455,7 +473,9 @@ def test_more_than_32_segments_are_compacted_into_one(tmp_path: Path, monkeypatc
 
 
 @pytest.mark.parametrize("ann_threshold", [10**9, 100], ids=["exact", "hnsw"])
-def test_mostly_dead_segments_are_compacted_and_answers_survive_the_round_trip(any_lake: Lake, ann_threshold: int) -> None:
+def test_mostly_dead_segments_are_compacted_and_answers_survive_the_round_trip(
+    any_lake: Lake, ann_threshold: int
+) -> None:
     def replaced(first: int, last: int, fingerprint: str, seed: int) -> list[PartitionVectors]:
         return small_partitions(40, per_partition=5, fingerprint=fingerprint, seed=seed)[first:last]
 
@@ -470,7 +490,10 @@ def test_mostly_dead_segments_are_compacted_and_answers_survive_the_round_trip(a
         assert (report.files_written, report.files_deleted) == (1 + index.uses_ann, index.uses_ann), live_of_total
         segments.append(segment_files(any_lake))
     assert segments[0] < segments[1] < segments[2] and len(segments[2]) == 3
-    before_compaction = {"search": index.search(clustered_vectors(10, seed=42), 10), "fingerprints": index.fingerprints()}
+    before_compaction = {
+        "search": index.search(clustered_vectors(10, seed=42), 10),
+        "fingerprints": index.fingerprints(),
+    }
     index.update(replaced(19, 26, "f4", 5), removed=["p0039"])  # 195 live of 405: under half
     report = save_index(index, any_lake)
     assert (report.files_written, report.files_deleted) == (1 + index.uses_ann, 3 + index.uses_ann)
@@ -500,7 +523,9 @@ def test_partitions_with_no_vectors_cost_no_file_and_keep_their_fingerprint(any_
     empties = [
         PartitionVectors("2026-11-05", "e1", [], np.empty((0, WIDTH), np.float32)),
         PartitionVectors("2026-11-06", "e2", [], np.empty(0)),  # any empty shape will do
-        PartitionVectors("2026-11-07", "e3", ["a", "b"], np.zeros((2, WIDTH), np.float32)),  # no vector with a direction
+        PartitionVectors(
+            "2026-11-07", "e3", ["a", "b"], np.zeros((2, WIDTH), np.float32)
+        ),  # no vector with a direction
     ]
     only_empty = SearchIndex.build(MODEL, WIDTH, empties)
     report = save_index(only_empty, any_lake)
@@ -516,7 +541,13 @@ def test_partitions_with_no_vectors_cost_no_file_and_keep_their_fingerprint(any_
     assert save_index(loaded, any_lake).files_written == 1
     assert len(segment_files(any_lake)) == 1
     again = load_index(any_lake, MODEL)
-    assert again.fingerprints() == {**fingerprints, "2026-11-05": "e1b", "2026-11-01": "f1", "2026-11-02": "f1", "2026-11-03": "f1"}
+    assert again.fingerprints() == {
+        **fingerprints,
+        "2026-11-05": "e1b",
+        "2026-11-01": "f1",
+        "2026-11-02": "f1",
+        "2026-11-03": "f1",
+    }
     assert again.partition_counts()["2026-11-05"] == 0 and again.partition_counts()["2026-11-01"] == 150
     _assert_same_answers(again, loaded)
     # a partition that loses its vectors: no new file (300 of the segment's 450 rows still live)
@@ -539,7 +570,9 @@ def test_stored_model_ids_reads_the_manifests(any_lake: Lake) -> None:
     put_file(any_lake, "half-written/segments/0123.parquet", b"not yet")
     assert stored_model_ids(any_lake) == sorted([MODEL, odd])
     # an index with nothing in it is an index still
-    save_index(SearchIndex.build("empty-model", WIDTH, [PartitionVectors("p", "f", [], np.empty((0, WIDTH)))]), any_lake)
+    save_index(
+        SearchIndex.build("empty-model", WIDTH, [PartitionVectors("p", "f", [], np.empty((0, WIDTH)))]), any_lake
+    )
     assert stored_model_ids(any_lake) == sorted([MODEL, odd, "empty-model"])
 
 
@@ -547,7 +580,10 @@ def test_an_index_of_the_old_format_is_refused_and_a_rebuild_replaces_its_files(
     lake = Lake(str(tmp_path / "lake"))
     # what format 1 wrote: one parquet file per partition, listed in the manifest
     old_manifest = {
-        "format_version": 1, "model_id": MODEL, "width": WIDTH, "ann": {"file": None},
+        "format_version": 1,
+        "model_id": MODEL,
+        "width": WIDTH,
+        "ann": {"file": None},
         "partitions": [{"prefix": "2026-11-01", "fingerprint": "f1", "count": 5, "file": "partitions/old.parquet"}],
     }
     put_file(lake, f"{MODEL}/manifest.json", json.dumps(old_manifest).encode())

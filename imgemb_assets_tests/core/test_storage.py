@@ -97,7 +97,15 @@ def test_a_linked_partition_folder_is_refused_and_never_followed(tmp_path: Path)
 
 def test_first_segments_that_cannot_be_partitions_are_refused_by_name(tmp_path: Path) -> None:
     # name -> None (a partition) or a part of the reason it is refused
-    names = {"ok": None, " lead": None, "trail ": None, "it's": None, "a...b": "'...'", "tab\there": "U+0009", "bell\x07": "U+0007"}
+    names = {
+        "ok": None,
+        " lead": None,
+        "trail ": None,
+        "it's": None,
+        "a...b": "'...'",
+        "tab\there": "U+0009",
+        "bell\x07": "U+0007",
+    }
     for name in names:
         (tmp_path / name).mkdir()
         (tmp_path / name / "a.jpg").write_bytes(b"a")
@@ -127,6 +135,8 @@ def test_partition_key_problems_name_the_reason(name: str, reason_part: str) -> 
     assert problem is not None and reason_part in problem
 
 
-@pytest.mark.parametrize("name", ["2026-11-01", " lead", "trail ", "it's", 'say "hi"', "café ☕", "ж" * 300, "a..b", "100%"])
+@pytest.mark.parametrize(
+    "name", ["2026-11-01", " lead", "trail ", "it's", 'say "hi"', "café ☕", "ж" * 300, "a..b", "100%"]
+)
 def test_ordinary_and_odd_but_valid_names_are_partition_keys(name: str) -> None:
     assert partition_key_problem(name) is None

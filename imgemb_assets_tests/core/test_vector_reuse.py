@@ -47,8 +47,15 @@ def _joined(jpegs: list[bytes], ids: list[str] | None = None, etags: dict[str, s
     etags = etags or {}
     return pa.RecordBatch.from_pylist(
         [
-            {"image_id": id_, tables.PARTITION_COLUMN: PREFIX, "etag": etags.get(id_, f"etag-{id_}"), "width": 224,
-             "height": 224, "image_jpeg": jpeg, "sales": 1.0}
+            {
+                "image_id": id_,
+                tables.PARTITION_COLUMN: PREFIX,
+                "etag": etags.get(id_, f"etag-{id_}"),
+                "width": 224,
+                "height": 224,
+                "image_jpeg": jpeg,
+                "sales": 1.0,
+            }
             for id_, jpeg in zip(ids, jpegs)
         ],
         schema=JOINED_SCHEMA,

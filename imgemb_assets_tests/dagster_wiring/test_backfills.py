@@ -68,7 +68,9 @@ def test_a_fresh_lake_takes_ceil_n_over_max_runs_sales_in_the_first_each_prefix_
         # and one check evaluation per prefix
         checks = [
             record.event_log_entry.dagster_event.event_specific_data
-            for record in instance.get_records_for_run(runs[0].run_id, of_type=DagsterEventType.ASSET_CHECK_EVALUATION).records
+            for record in instance.get_records_for_run(
+                runs[0].run_id, of_type=DagsterEventType.ASSET_CHECK_EVALUATION
+            ).records
         ]
         assert sorted((c.check_name, c.partition) for c in checks if c.check_name == "embedding_values") == [
             ("embedding_values", prefix) for prefix in PREFIXES[-1:]
@@ -92,7 +94,9 @@ def test_a_failing_prefix_is_named_and_left_for_the_next_run_the_others_are_kept
         instance.add_dynamic_partitions(S3_PREFIX_PARTITIONS_NAME, list(PREFIXES))
         outcomes = _run_backfill(instance, dataset)
         assert outcomes == [False, True, True], "only the run holding the broken prefix fails"
-        failed_run = next(r for r in instance.get_runs() if r.tags.get("dagster/asset_partition_range_start") == PREFIXES[0])
+        failed_run = next(
+            r for r in instance.get_runs() if r.tags.get("dagster/asset_partition_range_start") == PREFIXES[0]
+        )
         (failure,) = [
             r.event_log_entry.dagster_event
             for r in instance.get_records_for_run(failed_run.run_id, of_type=DagsterEventType.STEP_FAILURE).records
@@ -121,7 +125,13 @@ def test_a_failing_prefix_is_named_and_left_for_the_next_run_the_others_are_kept
 def test_runs_cover_ranges_of_registered_prefixes_that_need_the_same_tables() -> None:
     from imgemb_assets.dagster_wiring.backfills import BackfillPlan
 
-    full = (tables.RAW_IMAGE_MANIFEST, tables.DOWNSCALED_IMAGES, tables.REJECTED_IMAGES, tables.IMAGES_WITH_SALES, tables.IMAGE_EMBEDDINGS)
+    full = (
+        tables.RAW_IMAGE_MANIFEST,
+        tables.DOWNSCALED_IMAGES,
+        tables.REJECTED_IMAGES,
+        tables.IMAGES_WITH_SALES,
+        tables.IMAGE_EMBEDDINGS,
+    )
     tail = (tables.IMAGE_EMBEDDINGS,)
     plan = BackfillPlan(False, "", {"a": full, "b": full, "c": full, "e": tail, "f": full})
     chunks = run_chunks(plan, ["a", "b", "c", "d", "e", "f"], max_per_run=2)

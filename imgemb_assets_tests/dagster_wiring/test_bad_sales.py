@@ -67,8 +67,14 @@ def _unnamed_column(table: pa.Table) -> pa.Table:
         (_unnamed_column, "a column has no name (''): name it in the export, or leave it out"),
     ],
     ids=[
-        "missing_column", "mistyped_image_id", "mistyped_sales", "unreadable", "type_drift", "reserved_name_case",
-        "time_of_day", "unnamed_column",
+        "missing_column",
+        "mistyped_image_id",
+        "mistyped_sales",
+        "unreadable",
+        "type_drift",
+        "reserved_name_case",
+        "time_of_day",
+        "unnamed_column",
     ],
 )
 def test_bad_export_fails_once_and_keeps_the_previous_version(

@@ -99,7 +99,9 @@ def test_a_change_reported_after_a_table_was_written_keeps_it_stale_even_between
 
 
 @pytest.fixture
-def fresh_instance(own_dataset: SampleDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[DagsterInstance]:
+def fresh_instance(
+    own_dataset: SampleDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[DagsterInstance]:
     """An instance with nothing registered and nothing materialized, the location's variables pointing at `own_dataset`."""
     for key, value in code_location_env(own_dataset, tmp_path / "lake").items():
         monkeypatch.setenv(key, value)
@@ -107,9 +109,14 @@ def fresh_instance(own_dataset: SampleDataset, tmp_path: Path, monkeypatch: pyte
         yield instance
 
 
-def _discovery_tick(instance: DagsterInstance, own_dataset: SampleDataset, lake: Path, max_per_run: int) -> SensorResult:
+def _discovery_tick(
+    instance: DagsterInstance, own_dataset: SampleDataset, lake: Path, max_per_run: int
+) -> SensorResult:
     storage = StorageResource(
-        raw_images_uri=own_dataset.raw_images_uri, sales_uri=own_dataset.sales_uri, lake_uri=str(lake), s3=ImgembS3Resource()
+        raw_images_uri=own_dataset.raw_images_uri,
+        sales_uri=own_dataset.sales_uri,
+        lake_uri=str(lake),
+        s3=ImgembS3Resource(),
     )
     sensor = build_raw_prefix_sensor(max_partitions_per_run=max_per_run)
     with build_sensor_context(instance=instance, resources={"storage": storage}) as context:
@@ -133,9 +140,9 @@ def test_the_discovery_tick_launches_the_chain_of_the_prefixes_it_registers_and_
     prefixes = own_dataset.prefixes
     result = _discovery_tick(fresh_instance, own_dataset, tmp_path / "lake", max_per_run=1)
     # One run per prefix here (at most max_partitions_per_run each); the first refreshes sales, never materialized.
-    assert [(r.tags[ASSET_PARTITION_RANGE_START_TAG], r.tags[ASSET_PARTITION_RANGE_END_TAG]) for r in result.run_requests] == [
-        (prefix, prefix) for prefix in prefixes
-    ]
+    assert [
+        (r.tags[ASSET_PARTITION_RANGE_START_TAG], r.tags[ASSET_PARTITION_RANGE_END_TAG]) for r in result.run_requests
+    ] == [(prefix, prefix) for prefix in prefixes]
     selections = [[key.to_user_string() for key in request.asset_selection or []] for request in result.run_requests]
     assert selections == [[tables.SALES, *PREFIX_CHAIN_ASSETS]] + [list(PREFIX_CHAIN_ASSETS)] * (len(prefixes) - 1)
 
@@ -160,7 +167,9 @@ def test_no_chain_is_launched_while_a_run_refreshes_sales_automation_takes_the_p
     fresh_instance.create_run_for_job(sales_job, asset_selection=frozenset({AssetKey(tables.SALES)}))
     result = _discovery_tick(fresh_instance, own_dataset, tmp_path / "lake", max_per_run=32)
     assert result.run_requests == []
-    assert [key for request in result.dynamic_partitions_requests for key in request.partition_keys] == own_dataset.prefixes
+    assert [
+        key for request in result.dynamic_partitions_requests for key in request.partition_keys
+    ] == own_dataset.prefixes
 
 
 def test_backfill_missing_with_a_daemon_leaves_the_prefixes_a_queued_run_writes_to_it(

@@ -23,7 +23,11 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.slow
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_asset_materialize_cli_runs_every_asset_for_one_partition(
-    where: str, small_dataset: SampleDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+    where: str,
+    small_dataset: SampleDataset,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
 ) -> None:
     home = tmp_path / "dagster_home"
     home.mkdir()
@@ -43,7 +47,17 @@ def test_asset_materialize_cli_runs_every_asset_for_one_partition(
     env = user_shell_env(location_env)
     dagster = Path(sys.executable).with_name("dagster")
     done = subprocess.run(
-        [str(dagster), "asset", "materialize", "-m", "imgemb_assets.definitions", "--select", "*", "--partition", prefix],
+        [
+            str(dagster),
+            "asset",
+            "materialize",
+            "-m",
+            "imgemb_assets.definitions",
+            "--select",
+            "*",
+            "--partition",
+            prefix,
+        ],
         cwd=tmp_path,
         env=env,
         capture_output=True,

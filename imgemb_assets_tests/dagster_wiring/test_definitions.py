@@ -102,7 +102,9 @@ def test_the_embedding_code_version_names_the_backbone_and_the_weights(tmp_path:
     from imgemb_assets.dagster_wiring.resources import EmbeddingModelResource
 
     def code_version(model: EmbeddingModelResource) -> str | None:
-        graph = build_definitions(LocationSettings(), {**default_resources(), "embedding_model": model}).resolve_asset_graph()
+        graph = build_definitions(
+            LocationSettings(), {**default_resources(), "embedding_model": model}
+        ).resolve_asset_graph()
         return graph.get(AssetKey(tables.IMAGE_EMBEDDINGS)).code_version
 
     state_dict = tmp_path / "weights.pt"

@@ -20,7 +20,9 @@ defs = build_definitions(LocationSettings())
 
 
 @pytest.fixture
-def instance(small_dataset: SampleDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[DagsterInstance]:
+def instance(
+    small_dataset: SampleDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[DagsterInstance]:
     with code_location_instance(small_dataset, tmp_path / "lake", monkeypatch) as instance:
         yield instance
 
@@ -28,7 +30,9 @@ def instance(small_dataset: SampleDataset, tmp_path: Path, monkeypatch: pytest.M
 def _run_all(instance: DagsterInstance, prefixes: list[str]) -> list[ExecuteInProcessResult]:
     results = [defs.resolve_job_def(SALES_JOB_NAME).execute_in_process(instance=instance)]
     for prefix in prefixes:
-        results.append(defs.resolve_job_def(PREFIX_JOB_NAME).execute_in_process(instance=instance, partition_key=prefix))
+        results.append(
+            defs.resolve_job_def(PREFIX_JOB_NAME).execute_in_process(instance=instance, partition_key=prefix)
+        )
     assert all(result.success for result in results)
     return results
 
@@ -102,7 +106,14 @@ def test_embedding_rows_carry_sales_columns_vectors_and_model_id(
     lake = Lake(str(tmp_path / "lake"))
     embeddings = lake.read(tables.IMAGE_EMBEDDINGS, prefix)
     assert embeddings.column_names == [
-        "image_id", "prefix", "etag", "sales", "category", "price", "embedding", "model_id",
+        "image_id",
+        "prefix",
+        "etag",
+        "sales",
+        "category",
+        "price",
+        "embedding",
+        "model_id",
     ]
     assert {len(vector) for vector in embeddings.column("embedding").to_pylist()} == {2048}
     assert set(embeddings.column("model_id").to_pylist()) == {"torchvision/resnet50/random-seed0/fp32"}

@@ -65,13 +65,19 @@ def test_a_sales_change_rewrites_sales_columns_without_a_forward_pass(
     assert after.column("embedding").equals(before.column("embedding"))
 
 
-def test_a_changed_image_alone_goes_through_the_model(own_instance: DagsterInstance, own_dataset: SampleDataset, tmp_path: Path) -> None:
+def test_a_changed_image_alone_goes_through_the_model(
+    own_instance: DagsterInstance, own_dataset: SampleDataset, tmp_path: Path
+) -> None:
     prefix = own_dataset.prefixes[0]
     _embed(own_instance, prefix)
     before = {row["image_id"]: row["embedding"] for row in _embeddings(tmp_path, prefix).to_pylist()}
     image_id = sorted(before)[0]
     (path,) = [p for p in (Path(own_dataset.raw_images_uri) / prefix).iterdir() if p.stem == image_id]
-    other = next(p for p in (Path(own_dataset.raw_images_uri) / own_dataset.prefixes[1]).iterdir() if p.suffix == path.suffix and p.stem.startswith("img_"))
+    other = next(
+        p
+        for p in (Path(own_dataset.raw_images_uri) / own_dataset.prefixes[1]).iterdir()
+        if p.suffix == path.suffix and p.stem.startswith("img_")
+    )
     shutil.copyfile(other, path)  # new content under the same name
     metadata = _embed(own_instance, prefix)
     assert metadata["images_embedded"] == 1
@@ -89,4 +95,6 @@ def test_changing_the_weights_recomputes_every_vector(
     metadata = _embed(own_instance, prefix)
     assert metadata["images_embedded"] == own_dataset.expected_joined(prefix)
     assert metadata["images_reused"] == 0
-    assert set(_embeddings(tmp_path, prefix).column("model_id").to_pylist()) == {"torchvision/resnet50/random-seed1/fp32"}
+    assert set(_embeddings(tmp_path, prefix).column("model_id").to_pylist()) == {
+        "torchvision/resnet50/random-seed1/fp32"
+    }

@@ -87,7 +87,12 @@ def test_each_executor_is_selectable_and_its_config_validates(executor: str, con
     defs = build_definitions(LocationSettings(executor=executor))
     Definitions.validate_loadable(defs)
     executor_def = defs.resolve_job_def("embed_prefix").executor_def
-    assert executor_def.name == {"in_process": "in_process", "multiprocess": "multiprocess", "celery": "celery", "ecs": "ecs", "k8s": "k8s"}[executor]
+    assert (
+        executor_def.name
+        == {"in_process": "in_process", "multiprocess": "multiprocess", "celery": "celery", "ecs": "ecs", "k8s": "k8s"}[
+            executor
+        ]
+    )
     result = validate_config(executor_def.config_schema.config_type, config)
     assert result.success, result.errors
 

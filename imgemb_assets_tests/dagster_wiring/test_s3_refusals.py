@@ -44,7 +44,11 @@ from imgemb_support.moto_server import (
 BUCKET = "imgemb-refused"
 WRONG_KEYS = ("AKIAIMGEMBWRONGKEY00", "imgemb-wrong-secret-0123456789abcdef")
 # The step each job fails at: the first to open the lake.
-FIRST_STEP = {SALES_JOB_NAME: tables.SALES, PREFIX_JOB_NAME: tables.RAW_IMAGE_MANIFEST, SEARCH_INDEX_JOB_NAME: "update_search_index"}
+FIRST_STEP = {
+    SALES_JOB_NAME: tables.SALES,
+    PREFIX_JOB_NAME: tables.RAW_IMAGE_MANIFEST,
+    SEARCH_INDEX_JOB_NAME: "update_search_index",
+}
 
 
 @dataclass(frozen=True)
@@ -158,11 +162,15 @@ def test_imgemb_refuses_a_lake_it_cannot_use_in_one_error_line_with_exit_2(
         "IMGEMB_SALES_URI": own_dataset.sales_uri,
         "IMGEMB_LAKE_URI": lake_uri,
     }
-    env = user_shell_env(location) | client_environment(refusing_s3.endpoint) | {
-        "AWS_ACCESS_KEY_ID": key,
-        "AWS_SECRET_ACCESS_KEY": secret,
-        "DAGSTER_HOME": str(tmp_path),
-    }
+    env = (
+        user_shell_env(location)
+        | client_environment(refusing_s3.endpoint)
+        | {
+            "AWS_ACCESS_KEY_ID": key,
+            "AWS_SECRET_ACCESS_KEY": secret,
+            "DAGSTER_HOME": str(tmp_path),
+        }
+    )
     imgemb = Path(sys.executable).with_name("imgemb")
 
     done = subprocess.run([str(imgemb), *command], env=env, capture_output=True, text=True, timeout=300, check=False)

@@ -52,7 +52,10 @@ def raw_root(small_dataset: SampleDataset, tmp_path: Path) -> Path:
 @pytest.fixture
 def storage(small_dataset: SampleDataset, raw_root: Path, tmp_path: Path) -> StorageResource:
     return StorageResource(
-        raw_images_uri=str(raw_root), sales_uri=small_dataset.sales_uri, lake_uri=str(tmp_path / "lake"), s3=ImgembS3Resource()
+        raw_images_uri=str(raw_root),
+        sales_uri=small_dataset.sales_uri,
+        lake_uri=str(tmp_path / "lake"),
+        s3=ImgembS3Resource(),
     )
 
 
@@ -70,7 +73,9 @@ def _tick(instance: DagsterInstance, storage: StorageResource, cursor: str | Non
     return result
 
 
-def _materialize_sales(storage: StorageResource, instance: DagsterInstance, monkeypatch: pytest.MonkeyPatch, dataset: SampleDataset) -> None:
+def _materialize_sales(
+    storage: StorageResource, instance: DagsterInstance, monkeypatch: pytest.MonkeyPatch, dataset: SampleDataset
+) -> None:
     for key, value in code_location_env(dataset, storage.lake_uri).items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("IMGEMB_RAW_IMAGES_URI", storage.raw_images_uri)
@@ -124,7 +129,11 @@ def test_a_changed_prefix_is_reported_again_and_a_new_one_registered(
 
 
 def test_a_new_sensor_on_an_up_to_date_instance_reports_only_what_changed(
-    instance: DagsterInstance, storage: StorageResource, raw_root: Path, small_dataset: SampleDataset, monkeypatch: pytest.MonkeyPatch
+    instance: DagsterInstance,
+    storage: StorageResource,
+    raw_root: Path,
+    small_dataset: SampleDataset,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """An empty cursor (a daemon started on an existing instance) must not re-run every prefix."""
     _materialize_sales(storage, instance, monkeypatch, small_dataset)
@@ -173,7 +182,12 @@ def test_sales_sensor_reports_the_export_only_when_the_files_change(
 ) -> None:
     sales_root = tmp_path / "sales"
     shutil.copytree(small_dataset.sales_uri, sales_root)
-    storage = StorageResource(raw_images_uri=storage.raw_images_uri, sales_uri=str(sales_root), lake_uri=storage.lake_uri, s3=ImgembS3Resource())
+    storage = StorageResource(
+        raw_images_uri=storage.raw_images_uri,
+        sales_uri=str(sales_root),
+        lake_uri=storage.lake_uri,
+        s3=ImgembS3Resource(),
+    )
 
     def tick(cursor: str | None) -> SensorResult | SkipReason:
         with build_sensor_context(instance=instance, cursor=cursor, resources={"storage": storage}) as context:
@@ -235,8 +249,12 @@ def test_recorded_fingerprints_of_many_prefixes_match_one_by_one(instance: Dagst
     instance.add_dynamic_partitions(S3_PREFIX_PARTITIONS_NAME, ["a", "b", "c", "d"])
     for prefix, fingerprint in (("a", "old"), ("b", "b1"), ("a", "new"), ("c", None)):
         metadata = {} if fingerprint is None else {LISTING_FINGERPRINT_KEY: fingerprint}
-        instance.report_runless_asset_event(AssetMaterialization(asset_key=RAW_IMAGES, partition=prefix, metadata=metadata))
+        instance.report_runless_asset_event(
+            AssetMaterialization(asset_key=RAW_IMAGES, partition=prefix, metadata=metadata)
+        )
     window = ["a", "b", "c", "d"]
     batched = recorded_fingerprints(instance, RAW_IMAGES, LISTING_FINGERPRINT_KEY, window)
-    one_by_one = {p: fp for p in window if (fp := recorded_fingerprint(instance, RAW_IMAGES, LISTING_FINGERPRINT_KEY, p))}
+    one_by_one = {
+        p: fp for p in window if (fp := recorded_fingerprint(instance, RAW_IMAGES, LISTING_FINGERPRINT_KEY, p))
+    }
     assert batched == one_by_one == {"a": "new", "b": "b1"}

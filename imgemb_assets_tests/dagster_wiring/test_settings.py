@@ -9,7 +9,11 @@ import pytest
 
 from imgemb_assets.core.lake import TARGET_FILE_BYTES
 from imgemb_assets.core.maintenance import MaintenanceSettings
-from imgemb_assets.dagster_wiring.sensors import DEFAULT_MAX_NEW_PREFIXES, DEFAULT_MINIMUM_INTERVAL_S, DEFAULT_RECENT_PREFIXES
+from imgemb_assets.dagster_wiring.sensors import (
+    DEFAULT_MAX_NEW_PREFIXES,
+    DEFAULT_MINIMUM_INTERVAL_S,
+    DEFAULT_RECENT_PREFIXES,
+)
 from imgemb_assets.dagster_wiring.settings import LocationSettings, SettingsError
 
 
@@ -25,8 +29,18 @@ def test_the_constructor_never_reads_the_process_environment(monkeypatch: pytest
 
 @pytest.mark.parametrize(
     ("raw", "expected"),
-    [("true", True), ("yes", True), ("on", True), ("1", True), ("TRUE", True),
-     ("false", False), ("no", False), ("off", False), ("0", False), ("False", False)],
+    [
+        ("true", True),
+        ("yes", True),
+        ("on", True),
+        ("1", True),
+        ("TRUE", True),
+        ("false", False),
+        ("no", False),
+        ("off", False),
+        ("0", False),
+        ("False", False),
+    ],
 )
 def test_booleans_take_the_usual_spellings(raw: str, expected: bool) -> None:
     settings = LocationSettings.from_environ({"IMGEMB_VACUUM_ALLOW_SHORT_RETENTION": raw})
@@ -35,7 +49,12 @@ def test_booleans_take_the_usual_spellings(raw: str, expected: bool) -> None:
 
 def test_an_empty_variable_leaves_the_default_and_lower_case_names_are_not_settings() -> None:
     settings = LocationSettings.from_environ(
-        {"IMGEMB_GPU_COUNT": "", "IMGEMB_CELERY_BROKER_URL": "", "IMGEMB_K8S_GPU_TOLERATIONS": "", "imgemb_executor": "k8s"}
+        {
+            "IMGEMB_GPU_COUNT": "",
+            "IMGEMB_CELERY_BROKER_URL": "",
+            "IMGEMB_K8S_GPU_TOLERATIONS": "",
+            "imgemb_executor": "k8s",
+        }
     )
     assert settings == LocationSettings()
 
@@ -71,7 +90,9 @@ def test_the_defaults_are_written_once() -> None:
 def test_an_invalid_maintenance_cron_is_refused_naming_the_variable_and_the_value(cron: str) -> None:
     # issue 23 item 9: accepted here, then the code location failed to load on Dagster's
     # "invalid cron schedule ... for schedule 'lake_maintenance_schedule'", which names no variable.
-    with pytest.raises(SettingsError, match=rf"^IMGEMB_MAINTENANCE_CRON must be a cron expression .*, got {re.escape(repr(cron))}$"):
+    with pytest.raises(
+        SettingsError, match=rf"^IMGEMB_MAINTENANCE_CRON must be a cron expression .*, got {re.escape(repr(cron))}$"
+    ):
         LocationSettings.from_environ({"IMGEMB_MAINTENANCE_CRON": cron})
     with pytest.raises(SettingsError, match="IMGEMB_MAINTENANCE_CRON"):
         LocationSettings(maintenance_cron=cron)

@@ -31,7 +31,11 @@ def _embed(instance: DagsterInstance, prefixes: list[str]) -> None:
 
 
 def _refresh(instance: DagsterInstance) -> ExecuteInProcessResult:
-    result = build_definitions(LocationSettings()).resolve_job_def(SEARCH_INDEX_JOB_NAME).execute_in_process(instance=instance)
+    result = (
+        build_definitions(LocationSettings())
+        .resolve_job_def(SEARCH_INDEX_JOB_NAME)
+        .execute_in_process(instance=instance)
+    )
     assert result.success
     return result
 
@@ -56,7 +60,9 @@ def test_each_image_finds_itself_first_and_a_copy_in_another_prefix_is_a_near_du
 
     lake = Lake(str(tmp_path / "lake"))
     index = load_index(lake, MODEL_A)
-    embedded = {prefix: lake.read(tables.IMAGE_EMBEDDINGS, prefix).column("image_id").to_pylist() for prefix in (first, second)}
+    embedded = {
+        prefix: lake.read(tables.IMAGE_EMBEDDINGS, prefix).column("image_id").to_pylist() for prefix in (first, second)
+    }
     assert index.partition_counts() == {prefix: len(ids) for prefix, ids in embedded.items()}
     copies = {(first, original), (second, spare_id)}
     for prefix, ids in embedded.items():
@@ -73,8 +79,12 @@ def test_each_image_finds_itself_first_and_a_copy_in_another_prefix_is_a_near_du
     assert metadata["vectors_indexed"] == sum(len(ids) for ids in embedded.values())
     assert metadata["recall_at_10"] == 1.0 and metadata["backend"] == "exact"
     assert metadata["partitions_read"] == 2 and metadata["neighbours_sheet"].startswith("![")
-    (pairs_event,) = [e for e in result.get_asset_materialization_events() if e.asset_key == AssetKey(tables.NEAR_DUPLICATES)]
-    assert "random, untrained weights" in pairs_event.step_materialization_data.materialization.metadata["warning"].value
+    (pairs_event,) = [
+        e for e in result.get_asset_materialization_events() if e.asset_key == AssetKey(tables.NEAR_DUPLICATES)
+    ]
+    assert (
+        "random, untrained weights" in pairs_event.step_materialization_data.materialization.metadata["warning"].value
+    )
 
     # Only the partition written again is read again.
     _embed(own_instance, [second])

@@ -201,7 +201,9 @@ def test_imgemb_status_prints_the_missing_and_stale_partitions(
     first, second = own_dataset.prefixes
     assert _run_prefix(own_instance, first).success
     _report_listing(own_instance, Path(own_dataset.raw_images_uri), first)
-    monkeypatch.setenv("DAGSTER_HOME", own_instance.root_directory)  # the command opens the own_instance as a user would
+    monkeypatch.setenv(
+        "DAGSTER_HOME", own_instance.root_directory
+    )  # the command opens the own_instance as a user would
     assert cli.main(["status"]) == 0
     printed = capsys.readouterr().out.splitlines()
     assert printed[:3] == [

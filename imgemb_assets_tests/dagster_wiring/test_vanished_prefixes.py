@@ -82,7 +82,11 @@ def _rows_by_table(lake: Lake, prefix: str) -> dict[str, int]:
 @pytest.fixture
 def materialized(own_dataset: SampleDataset, own_instance: DagsterInstance) -> SampleDataset:
     for prefix in own_dataset.prefixes:
-        assert defs.resolve_job_def(PREFIX_JOB_NAME).execute_in_process(instance=own_instance, partition_key=prefix).success
+        assert (
+            defs.resolve_job_def(PREFIX_JOB_NAME)
+            .execute_in_process(instance=own_instance, partition_key=prefix)
+            .success
+        )
     assert defs.resolve_job_def(SEARCH_INDEX_JOB_NAME).execute_in_process(instance=own_instance).success
     return own_dataset
 
@@ -188,14 +192,20 @@ def test_a_removed_prefix_takes_the_pairs_pointing_at_it_from_the_prefixes_kept(
     lake = storage.lake()
     # Near duplicates across the two prefixes and inside the kept one, as a refresh writes them.
     kept_pairs = [_pair(kept, "k1", gone, "g1"), _pair(kept, "k2", kept, "k3")]
-    lake.write_partition(tables.NEAR_DUPLICATES, pa.Table.from_pylist(kept_pairs, schema=tables.NEAR_DUPLICATES_SCHEMA), kept)
     lake.write_partition(
-        tables.NEAR_DUPLICATES, pa.Table.from_pylist([_pair(gone, "g1", kept, "k1")], schema=tables.NEAR_DUPLICATES_SCHEMA), gone
+        tables.NEAR_DUPLICATES, pa.Table.from_pylist(kept_pairs, schema=tables.NEAR_DUPLICATES_SCHEMA), kept
+    )
+    lake.write_partition(
+        tables.NEAR_DUPLICATES,
+        pa.Table.from_pylist([_pair(gone, "g1", kept, "k1")], schema=tables.NEAR_DUPLICATES_SCHEMA),
+        gone,
     )
     cursor = _tick(own_instance, storage, None, "remove").cursor
     shutil.rmtree(Path(materialized.raw_images_uri) / gone)
     (request,) = _tick(own_instance, storage, cursor, "remove").run_requests
-    run = defs.resolve_job_def(REMOVE_VANISHED_JOB_NAME).execute_in_process(instance=own_instance, run_config=request.run_config)
+    run = defs.resolve_job_def(REMOVE_VANISHED_JOB_NAME).execute_in_process(
+        instance=own_instance, run_config=request.run_config
+    )
     assert run.success
     left = lake.read(tables.NEAR_DUPLICATES).to_pylist()
     assert [(row["prefix"], row["image_id"], row["other_prefix"]) for row in left] == [(kept, "k2", kept)]
