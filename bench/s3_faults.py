@@ -20,8 +20,8 @@ from imgemb_assets.core import tables
 from imgemb_assets.core.lake import Lake
 from imgemb_assets.core.s3 import S3Settings
 from imgemb_assets.core.sample_data import generate_sample_dataset
-from imgemb_support.location import dataset_on_s3
 from imgemb_support.fault_proxy import running_fault_proxy
+from imgemb_support.location import dataset_on_s3
 from imgemb_support.moto_server import client_environment, running_moto_server
 from imgemb_support.s3_graph import comparable_rows, run_partition_through, step_retries
 

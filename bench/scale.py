@@ -50,10 +50,10 @@ import argparse
 import cProfile
 import io
 import json
-import pstats
-import re
 import math
 import os
+import pstats
+import re
 import statistics
 import sys
 import tempfile
@@ -296,8 +296,8 @@ def _evaluate(sensor: Any, instance: Any, cursor: str | None, storage: Any) -> A
 
 def _location_sensor(name: str) -> Any:
     """The sensor as the code location defines it, with the settings in the environment."""
-    from imgemb_assets.definitions import build_definitions
     from imgemb_assets.dagster_wiring.settings import LocationSettings
+    from imgemb_assets.definitions import build_definitions
 
     return build_definitions(LocationSettings.from_environ(os.environ)).resolve_sensor_def(name)
 
@@ -448,9 +448,9 @@ def evaluate_automation_once() -> None:
     from dagster._core.instance.types import CachingDynamicPartitionsLoader
     from dagster._time import get_current_datetime
 
-    from imgemb_assets.definitions import build_definitions
     from imgemb_assets.dagster_wiring.automation import AUTOMATION_SENSOR_NAME
     from imgemb_assets.dagster_wiring.settings import LocationSettings
+    from imgemb_assets.definitions import build_definitions
 
     defs = build_definitions(LocationSettings.from_environ(os.environ))
     sensor = defs.resolve_sensor_def(AUTOMATION_SENSOR_NAME)

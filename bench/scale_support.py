@@ -322,8 +322,8 @@ def write_prefix(lake: Any, raw: Any, prefix: str, sales_table: pa.Table) -> Pre
     from imgemb_assets.core import tables
     from imgemb_assets.core.discovery import listing_fingerprint
     from imgemb_assets.core.manifest import build_manifest
-    from imgemb_assets.core.thumbnails import downscale_partition
     from imgemb_assets.core.sales import join_with_sales
+    from imgemb_assets.core.thumbnails import downscale_partition
 
     objects = list(raw.list_objects(prefix))
     manifest = build_manifest(objects, prefix)
@@ -506,8 +506,8 @@ def sensor_origin(sensor_name: str) -> Any:
 
 
 def store_sensor_state(instance: Any, origin: Any, cursor: str) -> None:
-    from dagster._core.scheduler.instigation import InstigatorState, InstigatorStatus, SensorInstigatorData
     from dagster._core.definitions.run_request import InstigatorType
+    from dagster._core.scheduler.instigation import InstigatorState, InstigatorStatus, SensorInstigatorData
 
     instance.add_instigator_state(
         InstigatorState(origin, InstigatorType.SENSOR, InstigatorStatus.RUNNING, SensorInstigatorData(cursor=cursor))

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import itertools
 import json
 import os
 import tempfile
@@ -111,7 +112,7 @@ def partitions_of(vectors: np.ndarray) -> list[PartitionVectors]:
     bounds = np.linspace(0, len(vectors), _PARTITIONS + 1).astype(int)
     return [
         PartitionVectors(f"p{n:02d}", "f", [f"p{n:02d}-{i}" for i in range(start, end)], vectors[start:end])
-        for n, (start, end) in enumerate(zip(bounds[:-1], bounds[1:]))
+        for n, (start, end) in enumerate(itertools.pairwise(bounds))
     ]
 
 

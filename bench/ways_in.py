@@ -135,14 +135,14 @@ def way_environment(corpus: Corpus, workdir: Path, sensor_interval: int | None, 
     return env
 
 
-def open_instance(env: Mapping[str, str]):  # noqa: ANN201 - a DagsterInstance
+def open_instance(env: Mapping[str, str]):  # a DagsterInstance
     from dagster import DagsterInstance
 
     os.environ["DAGSTER_HOME"] = env["DAGSTER_HOME"]
     return DagsterInstance.get()
 
 
-def record_when_quiet(instance, args: argparse.Namespace, result: WayResult) -> None:  # noqa: ANN001
+def record_when_quiet(instance, args: argparse.Namespace, result: WayResult) -> None:
     """Once nothing has run for two automation intervals: the runs so far, and partitions written more than once."""
     result.extra["quiet_after_s"] = wait_until_quiet(instance, 2 * automation_interval(args) + 5, args.timeout)
     result.extra["runs_when_quiet"], result.extra["failed_runs_when_quiet"] = runs_so_far(instance)
@@ -162,14 +162,14 @@ def discovery_interval(args: argparse.Namespace) -> int:
     return LocationSettings(sensor_interval_s=args.sensor_interval, raw_images_uri="/local").discovery_interval_s()
 
 
-def runs_so_far(instance) -> tuple[int, int]:  # noqa: ANN001
+def runs_so_far(instance) -> tuple[int, int]:
     from dagster import DagsterRunStatus
 
     records = instance.get_run_records()
     return len(records), sum(r.dagster_run.status == DagsterRunStatus.FAILURE for r in records)
 
 
-def partitions_written_twice(instance) -> dict[str, int]:  # noqa: ANN001
+def partitions_written_twice(instance) -> dict[str, int]:
     """Per table of the prefix chain, how many of its partitions were materialized more than once."""
     from collections import Counter
 
@@ -229,7 +229,7 @@ class Commands(threading.Thread):
         return self.error
 
 
-def wait_for_daemon(instance, process: subprocess.Popen, log: Path, timeout_s: float = 180) -> None:  # noqa: ANN001
+def wait_for_daemon(instance, process: subprocess.Popen, log: Path, timeout_s: float = 180) -> None:
     from imgemb_assets.dagster_wiring.backfills import daemon_is_running
 
     deadline = time.time() + timeout_s
@@ -239,14 +239,14 @@ def wait_for_daemon(instance, process: subprocess.Popen, log: Path, timeout_s: f
         time.sleep(0.5)
 
 
-def wait_for_runs_to_end(instance, timeout_s: float = 120) -> None:  # noqa: ANN001
+def wait_for_runs_to_end(instance, timeout_s: float = 120) -> None:
     """Lets the runs in flight end before their daemon is stopped (a run killed with it would show as failed)."""
     deadline = time.time() + timeout_s
     while time.time() < deadline and any(not r.is_finished for r in instance.get_runs()):
         time.sleep(1)
 
 
-def wait_until_quiet(instance, quiet_s: float, timeout_s: float) -> float:  # noqa: ANN001
+def wait_until_quiet(instance, quiet_s: float, timeout_s: float) -> float:
     """Waits until no run is unfinished and no backfill in progress for `quiet_s` in a row; seconds waited."""
     from dagster._core.execution.backfill import BulkActionStatus
 
@@ -530,7 +530,7 @@ def run_way(way: str, corpus: Corpus, args: argparse.Namespace, round_number: in
         workdir = Path(tmp)
         try:
             _RUNNERS[way](corpus, workdir, args, result)
-        except Exception as exc:  # noqa: BLE001 - one way failing must not stop the others
+        except Exception as exc:  # one way failing must not stop the others
             result.error = f"{type(exc).__name__}: {exc}"[:500]
             traceback.print_exc()
         finally:

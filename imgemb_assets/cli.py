@@ -128,7 +128,6 @@ def _discover_and_report(instance: DagsterInstance, register: bool = True) -> No
 
 
 def _backfill_missing_command(args: argparse.Namespace) -> int:
-    from imgemb_assets.definitions import defs as location_definitions
     from imgemb_assets.dagster_wiring.backfills import (
         daemon_is_running,
         plan_backfill,
@@ -136,6 +135,7 @@ def _backfill_missing_command(args: argparse.Namespace) -> int:
         run_in_process,
         submit_asset_backfill,
     )
+    from imgemb_assets.definitions import defs as location_definitions
 
     settings = LocationSettings.from_environ(os.environ)
     sales_store = open_object_store(required_env("IMGEMB_SALES_URI", os.environ), S3Settings())

@@ -18,7 +18,6 @@ from imgemb_assets.core.lake import Lake
 from imgemb_assets.core.sample_data import SampleDataset
 from imgemb_support.location import REPO_ROOT, code_location_env, run_user_command, user_shell_env
 
-
 BIN = Path(sys.executable).parent
 
 
@@ -69,6 +68,6 @@ def test_the_readme_commands_embed_every_prefix_from_a_fresh_lake(
     with DagsterInstance.get() as instance:
         for prefix in prefixes:
             records = instance.fetch_materializations(AssetKey(tables.IMAGE_EMBEDDINGS), limit=10).records
-            latest = [r for r in records if r.partition_key == prefix][0]
+            latest = next(r for r in records if r.partition_key == prefix)
             assert latest.asset_materialization.metadata["images_embedded"].value == 0
             assert latest.asset_materialization.metadata["images_reused"].value == dataset.expected_joined(prefix)

@@ -27,10 +27,10 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from deltalake import DeltaTable
 from dagster import AssetKey, DagsterEventType, DagsterInstance, DagsterRun, DagsterRunStatus, EventLogEntry, RunsFilter
 from dagster._core.storage.tags import PARTITION_NAME_TAG
 from dagster._daemon.monitoring import execute_concurrency_slots_iteration
+from deltalake import DeltaTable
 
 from imgemb_assets.core import tables
 from imgemb_assets.core.lake import Lake
@@ -67,7 +67,7 @@ def _write_instance(home: Path) -> None:
 def celery_location(
     small_dataset: SampleDataset,
     postgres_url: str,
-    redis_url: str,  # noqa: F811
+    redis_url: str,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> CeleryLocation:

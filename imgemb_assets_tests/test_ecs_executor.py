@@ -60,11 +60,10 @@ from dagster._serdes import deserialize_value
 from imgemb_assets.core import tables
 from imgemb_assets.core.lake import Lake
 from imgemb_assets.core.sample_data import SampleDataset
-from imgemb_assets.definitions import build_definitions
 from imgemb_assets.dagster_wiring.jobs import PREFIX_JOB_NAME, SALES_JOB_NAME
 from imgemb_assets.dagster_wiring.partitions import S3_PREFIX_PARTITIONS_NAME
 from imgemb_assets.dagster_wiring.settings import LocationSettings
-from imgemb_support.location import REPO_ROOT, code_location_env
+from imgemb_assets.definitions import build_definitions
 from imgemb_assets_tests.ecs_agent import (
     ContainerRun,
     EcsAgent,
@@ -72,6 +71,7 @@ from imgemb_assets_tests.ecs_agent import (
     recorded_requests,
     running_moto_ecs_server,
 )
+from imgemb_support.location import REPO_ROOT, code_location_env
 from imgemb_support.moto_server import client_environment
 from imgemb_support.postgres_server import PG_URL_VARIABLE, with_postgres_storage
 

@@ -25,9 +25,9 @@ import pytest
 from dagster import AssetKey, DagsterInstance
 from deltalake import DeltaTable
 
+from imgemb_assets.core import lake as lake_module
 from imgemb_assets.core import tables
 from imgemb_assets.core.embedding_staging import PartitionStaging, staging_root_uri
-from imgemb_assets.core import lake as lake_module
 from imgemb_assets.core.lake import Lake, LakeError
 from imgemb_assets.core.model_settings import EmbeddingSettings
 from imgemb_assets.core.models import model_id_for
@@ -97,7 +97,7 @@ def test_a_failed_commit_keeps_the_staged_vectors_and_the_rerun_embeds_nothing_a
     lake = Lake(str(tmp_path / "lake"))
     commit_with_retries = lake_module._commit_with_retries
 
-    def commit_refused(commit, what: str, precondition=None) -> None:  # noqa: ANN001
+    def commit_refused(commit, what: str, precondition=None) -> None:
         if what.endswith(f"of {tables.IMAGE_EMBEDDINGS}"):
             raise LakeError("the commit was refused (test)")  # a permanent failure: no step retry
         commit_with_retries(commit, what, precondition)

@@ -26,8 +26,8 @@ from imgemb_assets.core.models import model_id_for
 from imgemb_assets.core.s3 import S3Settings
 from imgemb_assets.core.sample_data import SampleDataset
 from imgemb_assets.dagster_wiring.partitions import S3_PREFIX_PARTITIONS_NAME
-from imgemb_support.location import code_location_env, dataset_on_s3, user_shell_env
 from imgemb_support.fault_proxy import running_fault_proxy
+from imgemb_support.location import code_location_env, dataset_on_s3, user_shell_env
 
 NEW_WEIGHTS = "random:1"  # the rerun must recompute every vector, so it has something to write
 

@@ -23,16 +23,15 @@ from dagster import (
 from imgemb_assets.core import tables
 from imgemb_assets.core.lake import Lake
 from imgemb_assets.core.sample_data import SampleDataset
-from imgemb_assets.definitions import build_definitions
 from imgemb_assets.dagster_wiring.assets import RAW_IMAGES
 from imgemb_assets.dagster_wiring.partitions import S3_PREFIX_PARTITIONS_NAME
 from imgemb_assets.dagster_wiring.resources import ImgembS3Resource, StorageResource
 from imgemb_assets.dagster_wiring.sensors import build_raw_prefix_sensor, build_sales_change_sensor
-from imgemb_assets.dagster_wiring.similarity import SEARCH_INDEX
 from imgemb_assets.dagster_wiring.settings import LocationSettings
+from imgemb_assets.dagster_wiring.similarity import SEARCH_INDEX
+from imgemb_assets.definitions import build_definitions
 from imgemb_support.location import REPO_ROOT, code_location_env, run_user_command, user_shell_env
 from imgemb_support.postgres_server import PG_URL_VARIABLE, with_postgres_storage
-
 
 BIN = Path(sys.executable).parent
 PARTITIONED = [name for name in tables.ALL_TABLES if name != tables.SALES]
@@ -59,7 +58,7 @@ def test_the_readme_user_path_on_a_postgres_instance(
     small_dataset: SampleDataset,
     postgres_url: str,
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     home = tmp_path / "dagster_home"
     _write_postgres_instance(home)

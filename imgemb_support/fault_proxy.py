@@ -114,7 +114,7 @@ def _handler_class(upstream: str, plan: FaultPlan, stall_s: float) -> type[BaseH
     class FaultInjectingHandler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        def log_message(self, format: str, *args: Any) -> None:  # the base class's name
             pass
 
         def do_GET(self) -> None:

@@ -10,7 +10,6 @@ from dagster import DagsterEventType, ExecuteInProcessResult, instance_for_test
 from imgemb_assets.core.images import DEFAULT_MAX_IMAGE_BYTES
 from imgemb_assets.core.lake import Lake
 from imgemb_assets.core.sample_data import SampleDataset
-from imgemb_assets.definitions import build_definitions, default_resources
 from imgemb_assets.dagster_wiring.jobs import PREFIX_JOB_NAME, SALES_JOB_NAME
 from imgemb_assets.dagster_wiring.partitions import S3_PREFIX_PARTITIONS_NAME
 from imgemb_assets.dagster_wiring.resources import (
@@ -20,6 +19,7 @@ from imgemb_assets.dagster_wiring.resources import (
     StorageResource,
 )
 from imgemb_assets.dagster_wiring.settings import LocationSettings
+from imgemb_assets.definitions import build_definitions, default_resources
 
 
 def run_partition_through(

@@ -363,7 +363,7 @@ def _jpeg(image: Image.Image, quality: int) -> bytes:
 def _flattened_rgb(image: Image.Image) -> Image.Image:
     """RGB, with any transparency laid over the letterbox colour (a bare convert("RGB") turns it black)."""
     if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-        background = Image.new("RGBA", image.size, _LETTERBOX + (255,))
+        background = Image.new("RGBA", image.size, (*_LETTERBOX, 255))
         background.alpha_composite(image.convert("RGBA"))
         return background.convert("RGB")
     return image.convert("RGB")

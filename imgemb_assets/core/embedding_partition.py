@@ -21,9 +21,9 @@ import pyarrow.compute as pc
 
 from imgemb_assets.core.drift import EmbeddingMoments
 from imgemb_assets.core.embedding import iter_embeddings
+from imgemb_assets.core.embedding_column import embedding_array
 from imgemb_assets.core.model_settings import EmbeddingSettings, resolve_weights
 from imgemb_assets.core.models import EmbeddingModel, load_model, model_id_for
-from imgemb_assets.core.embedding_column import embedding_array
 from imgemb_assets.core.progress import Progress
 
 if TYPE_CHECKING:

@@ -39,9 +39,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from imgemb_assets.core.arrow_filesystem import arrow_location
 from imgemb_assets.core.embedding_column import EMBEDDING_TYPE, embedding_array
 from imgemb_assets.core.lake import Lake, partition_value
-from imgemb_assets.core.arrow_filesystem import arrow_location
 from imgemb_assets.core.storage import local_path_of
 
 # Under the lake root, beside the tables (`_` keeps it out of any table name).

@@ -109,7 +109,7 @@ class Progress:
 
 def format_duration(seconds: float) -> str:
     """`h:mm:ss`, rounded to the second (hours unbounded: `27:46:40`)."""
-    whole = max(0, int(round(seconds)))
+    whole = max(0, round(seconds))
     hours, rest = divmod(whole, 3600)
     minutes, secs = divmod(rest, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}"

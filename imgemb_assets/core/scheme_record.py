@@ -15,7 +15,7 @@ default (its loose objects simply become new partitions).
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Final
 
 import pyarrow as pa
@@ -58,5 +58,5 @@ def require_scheme(lake: Lake, scheme: PartitionScheme) -> None:
 
 def _record(scheme: PartitionScheme) -> pa.Table:
     return pa.Table.from_pylist(
-        [{"scheme": str(scheme), "recorded_at": datetime.now(timezone.utc)}], schema=PARTITION_SCHEME_TABLE_SCHEMA
+        [{"scheme": str(scheme), "recorded_at": datetime.now(UTC)}], schema=PARTITION_SCHEME_TABLE_SCHEMA
     )

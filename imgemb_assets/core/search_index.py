@@ -65,9 +65,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from usearch.index import Index as UsearchIndex
 
-from imgemb_assets.core.embedding_column import vectors_of
 from imgemb_assets.core.arrow_filesystem import ArrowLocation, UnsupportedLocation, arrow_location
 from imgemb_assets.core.conditional_write import ConcurrentWrite, read_versioned, write_if_unchanged
+from imgemb_assets.core.embedding_column import vectors_of
 from imgemb_assets.core.lake import Lake, partition_value
 from imgemb_assets.core.storage import local_path_of
 from imgemb_assets.core.tables import IMAGE_EMBEDDINGS

@@ -13,7 +13,7 @@ import stat
 import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
@@ -360,7 +360,7 @@ class LocalObjectStore:
                 key=shown_name(path.relative_to(self.root).as_posix()),
                 size_bytes=0 if status is None else status.st_size,
                 etag=_etag(path, status),
-                last_modified=datetime.fromtimestamp(0 if status is None else status.st_mtime, tz=timezone.utc),
+                last_modified=datetime.fromtimestamp(0 if status is None else status.st_mtime, tz=UTC),
             )
 
     def _inside_root(self, path: Path) -> Path:
@@ -467,7 +467,7 @@ class S3ObjectStore:
             key=key[len(self._key_prefix("")) :],
             size_bytes=int(entry["Size"]),
             etag=entry["ETag"].strip('"'),
-            last_modified=entry["LastModified"].astimezone(timezone.utc),
+            last_modified=entry["LastModified"].astimezone(UTC),
         )
 
     def list_root_files(self) -> list[str]:

@@ -35,12 +35,6 @@ from imgemb_assets.core.discovery import listing_fingerprint, partition_fingerpr
 from imgemb_assets.core.lake import Lake, all_of
 from imgemb_assets.core.manifest import build_manifest
 from imgemb_assets.core.progress import Progress
-from imgemb_assets.core.thumbnails import (
-    STORED_BATCH_ROWS,
-    StoredThumbnails,
-    downscale_partition_stream,
-    thumbnail_recipe,
-)
 from imgemb_assets.core.quality import (
     CheckOutcome,
     duplicate_image_ids,
@@ -49,10 +43,15 @@ from imgemb_assets.core.quality import (
 )
 from imgemb_assets.core.sales import join_with_sales, list_sales_files, read_sales
 from imgemb_assets.core.storage import ObjectStore
+from imgemb_assets.core.thumbnails import (
+    STORED_BATCH_ROWS,
+    StoredThumbnails,
+    downscale_partition_stream,
+    thumbnail_recipe,
+)
 from imgemb_assets.dagster_wiring.automation import FOLLOWS_SOURCE, FOLLOWS_UPSTREAM
 from imgemb_assets.dagster_wiring.embedding_step import EMBEDDING_DRIFT_CHECK, EMBEDDING_VALUES_CHECK, embed_prefix
 from imgemb_assets.dagster_wiring.evaluation import build_evaluation_asset
-from imgemb_assets.dagster_wiring.similarity import build_similarity_assets
 from imgemb_assets.dagster_wiring.partition_steps import AssetReport, CheckReport, StepEvent, materialize_prefixes
 from imgemb_assets.dagster_wiring.partitions import s3_prefix_partitions, still_registered
 from imgemb_assets.dagster_wiring.placement import GPU_POOL, gpu_step_tags
@@ -64,6 +63,7 @@ from imgemb_assets.dagster_wiring.resources import (
 )
 from imgemb_assets.dagster_wiring.retries import STEP_RETRY_POLICY, permanent_failures
 from imgemb_assets.dagster_wiring.settings import LocationSettings
+from imgemb_assets.dagster_wiring.similarity import build_similarity_assets
 from imgemb_assets.dagster_wiring.table_metadata import table_metadata
 
 _KINDS = {"delta"}

@@ -14,12 +14,12 @@ from dagster import AssetExecutionContext, AssetsDefinition, BackfillPolicy, Met
 
 from imgemb_assets.core import tables
 from imgemb_assets.core.lake import Lake
-from imgemb_assets.dagster_wiring.table_metadata import table_metadata
 from imgemb_assets.dagster_wiring.automation import FOLLOWS_UPSTREAM
 from imgemb_assets.dagster_wiring.partition_steps import AssetReport, StepEvent, materialize_prefixes
 from imgemb_assets.dagster_wiring.partitions import s3_prefix_partitions, still_registered
 from imgemb_assets.dagster_wiring.resources import SimilaritySettings, StorageResource
 from imgemb_assets.dagster_wiring.retries import STEP_RETRY_POLICY
+from imgemb_assets.dagster_wiring.table_metadata import table_metadata
 
 
 def build_evaluation_asset(policy: BackfillPolicy, model_code_version: str) -> AssetsDefinition:

@@ -6,17 +6,17 @@ from dagster import ConfigurableResource, EnvVar
 from pydantic import Field
 
 from imgemb_assets.core.drift import DriftThresholds
-from imgemb_assets.core.near_duplicates import DEFAULT_SIMILARITY_THRESHOLD, ShareJumpRule
 from imgemb_assets.core.images import DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_IMAGE_BYTES, ImageLimits
 from imgemb_assets.core.lake import Lake
 from imgemb_assets.core.model_settings import (
-    DecoderName,
     BackboneName,
+    DecoderName,
     EmbeddingSettings,
     PrecisionName,
     RuntimeName,
     model_code_version,
 )
+from imgemb_assets.core.near_duplicates import DEFAULT_SIMILARITY_THRESHOLD, ShareJumpRule
 from imgemb_assets.core.partition_scheme import DEFAULT_SCHEME_TEXT, PartitionScheme
 from imgemb_assets.core.partitioned_root import PartitionedRoot
 from imgemb_assets.core.s3 import S3Settings

@@ -17,8 +17,8 @@ from dagster import Backoff, Failure, Jitter, RetryPolicy
 
 from imgemb_assets.core.lake import CommitConflictError, LakeError
 from imgemb_assets.core.model_settings import ModelConfigError
-from imgemb_assets.core.s3 import S3ConfigError
 from imgemb_assets.core.partition_scheme import PartitionSchemeError
+from imgemb_assets.core.s3 import S3ConfigError
 from imgemb_assets.core.sales import SalesError
 from imgemb_assets.core.scheme_record import SchemeMismatchError
 from imgemb_assets.core.storage import StorageError

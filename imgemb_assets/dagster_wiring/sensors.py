@@ -28,10 +28,10 @@ from dagster import (
     DagsterEventType,
     DagsterInstance,
     DefaultSensorStatus,
+    RunRequest,
     SensorDefinition,
     SensorEvaluationContext,
     SensorResult,
-    RunRequest,
     SkipReason,
     sensor,
 )
@@ -53,8 +53,8 @@ from imgemb_assets.dagster_wiring.assets import (
     SALES_FILES_FINGERPRINT_KEY,
 )
 from imgemb_assets.dagster_wiring.jobs import new_prefixes_job
-from imgemb_assets.dagster_wiring.new_prefix_runs import new_prefix_run_requests, sales_readiness
 from imgemb_assets.dagster_wiring.lifecycle import removal_refusal, removal_request, remove_vanished_prefixes_job, shown
+from imgemb_assets.dagster_wiring.new_prefix_runs import new_prefix_run_requests, sales_readiness
 from imgemb_assets.dagster_wiring.partitions import S3_PREFIX_PARTITIONS_NAME, s3_prefix_partitions
 from imgemb_assets.dagster_wiring.resources import StorageResource
 from imgemb_assets.dagster_wiring.settings import LocationSettings

@@ -50,8 +50,8 @@ import pydantic
 import pydantic_settings
 from dagster._utils.schedules import is_valid_cron_string
 from pydantic import Field, field_validator, model_validator
-from pydantic_core import PydanticCustomError
 from pydantic.fields import FieldInfo
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 from imgemb_assets.core import maintenance_defaults

@@ -12,6 +12,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -19,8 +20,8 @@ from PIL import Image
 
 from imgemb_assets.core.images import ImageLimits
 from imgemb_assets.core.manifest import build_manifest
-from imgemb_assets.core.thumbnails import downscale_partition
 from imgemb_assets.core.storage import LocalObjectStore
+from imgemb_assets.core.thumbnails import downscale_partition
 from imgemb_support.bad_inputs import TEST_MAX_IMAGE_BYTES, bad_input_cases, write_cases
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -74,7 +75,7 @@ def test_exif_rotation_is_applied_to_the_recorded_size(outcome: tuple[dict[str, 
 
 def test_an_object_over_the_size_limit_is_not_downloaded(tmp_path: Path) -> None:
     class CountingStore(LocalObjectStore):
-        reads: list[str] = []
+        reads: ClassVar[list[str]] = []
 
         def read_bytes(self, uri: str) -> bytes:
             self.reads.append(uri)

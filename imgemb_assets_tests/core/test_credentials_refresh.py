@@ -59,7 +59,7 @@ class RotatingCredentials:
         self.config.write_text(f"[profile rotating]\ncredential_process = {command}\n")
 
     def issue(self, key: dict[str, str], lifetime: dt.timedelta = dt.timedelta(minutes=5)) -> None:
-        expiration = dt.datetime.now(dt.timezone.utc) + lifetime
+        expiration = dt.datetime.now(dt.UTC) + lifetime
         self._current.write_text(
             json.dumps(
                 {

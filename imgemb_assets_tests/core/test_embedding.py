@@ -14,10 +14,9 @@ from torchvision import transforms
 from torchvision.models import ResNet50_Weights, resnet50
 
 from imgemb_assets.core.embedding import embed_thumbnails
-from imgemb_assets.core.models import IMAGENET_NORMALIZATION
 from imgemb_assets.core.images import downscale
 from imgemb_assets.core.model_settings import EmbeddingSettings, ModelConfigError
-from imgemb_assets.core.models import EmbeddingModel, load_model, pretrained_weights_cached
+from imgemb_assets.core.models import IMAGENET_NORMALIZATION, EmbeddingModel, load_model, pretrained_weights_cached
 
 
 @pytest.fixture(scope="module")

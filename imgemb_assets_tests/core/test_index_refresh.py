@@ -9,9 +9,9 @@ the other party at that point), never hoped for.
 
 from __future__ import annotations
 
-import shutil
 import functools
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path

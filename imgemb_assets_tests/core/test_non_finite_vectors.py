@@ -4,7 +4,6 @@ check, while the stored, finite vectors reused beside them are not counted."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import pyarrow as pa
 import pytest

@@ -5,7 +5,7 @@ under a scheme, and the scheme recorded with the lake."""
 from __future__ import annotations
 
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
@@ -209,4 +209,4 @@ def test_a_lake_from_before_schemes_is_taken_as_written_with_the_default(tmp_pat
 
 def _manifest_rows() -> pa.Table:
     row = {"image_id": "a", "prefix": "2026-11-01", "uri": "/x/a.jpg", "size_bytes": 1, "etag": "e"}
-    return pa.Table.from_pylist([row | {"last_modified": datetime.now(timezone.utc)}], schema=RAW_IMAGE_MANIFEST_SCHEMA)
+    return pa.Table.from_pylist([row | {"last_modified": datetime.now(UTC)}], schema=RAW_IMAGE_MANIFEST_SCHEMA)

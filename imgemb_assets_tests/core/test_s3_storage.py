@@ -20,14 +20,14 @@ from deltalake import DeltaTable
 from PIL import Image
 
 from imgemb_assets.core.discovery import DiscoveryCursor, partition_fingerprint, plan_discovery
-from imgemb_assets.core.partition_scheme import PartitionScheme
-from imgemb_assets.core.partitioned_root import PartitionedRoot
 from imgemb_assets.core.lake import Lake
 from imgemb_assets.core.manifest import build_manifest
-from imgemb_assets.core.thumbnails import downscale_partition
+from imgemb_assets.core.partition_scheme import PartitionScheme
+from imgemb_assets.core.partitioned_root import PartitionedRoot
 from imgemb_assets.core.s3 import S3ConfigError, S3Settings, split_s3_uri
 from imgemb_assets.core.storage import ObjectMissing, ObjectRefused, S3ObjectStore, StorageError, open_object_store
 from imgemb_assets.core.tables import REJECTED_IMAGES_SCHEMA
+from imgemb_assets.core.thumbnails import downscale_partition
 from imgemb_support.fault_proxy import running_fault_proxy
 from imgemb_support.moto_server import MOTO_CREDENTIALS
 
@@ -264,7 +264,7 @@ def _s3_answering(code: str) -> Iterator[str]:
             self.end_headers()
             self.wfile.write(body)
 
-        def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
+        def log_message(self, format: str, *args: object) -> None:  # the base class's name
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)

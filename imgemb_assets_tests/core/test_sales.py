@@ -10,7 +10,6 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from deltalake import DeltaTable
 
 from imgemb_assets.core.lake import Lake

@@ -86,7 +86,7 @@ def _timestamp_spec(unit: str, tz: str | None) -> ColumnSpec:
 
     def expect(ticks_: int) -> dt.datetime:
         local = _EPOCH + dt.timedelta(microseconds=as_us(ticks_))
-        return local if tz is None else local.replace(tzinfo=dt.timezone.utc)
+        return local if tz is None else local.replace(tzinfo=dt.UTC)
 
     return ColumnSpec(
         f"timestamp[{unit}, {tz}]",

@@ -16,10 +16,10 @@ from imgemb_assets.core import tables
 from imgemb_assets.core.lake import Lake
 from imgemb_assets.core.sample_data import SampleDataset, generate_sample_dataset
 from imgemb_assets.core.storage import open_object_store
-from imgemb_assets.definitions import build_definitions
 from imgemb_assets.dagster_wiring.backfills import plan_backfill, run_chunks, run_in_process
 from imgemb_assets.dagster_wiring.partitions import S3_PREFIX_PARTITIONS_NAME
 from imgemb_assets.dagster_wiring.settings import LocationSettings
+from imgemb_assets.definitions import build_definitions
 from imgemb_support.location import code_location_env
 
 PREFIXES = ("2026-09-01", "2026-09-02", "2026-09-03", "2026-09-04", "2026-09-05")

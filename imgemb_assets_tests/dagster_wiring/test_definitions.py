@@ -10,10 +10,10 @@ import pytest
 from dagster import AssetKey, Definitions, DynamicPartitionsDefinition
 
 from imgemb_assets.core import tables
-from imgemb_assets.definitions import build_definitions
 from imgemb_assets.dagster_wiring.assets import RAW_IMAGES, SALES_EXPORT
 from imgemb_assets.dagster_wiring.settings import LocationSettings
 from imgemb_assets.dagster_wiring.similarity import SEARCH_INDEX
+from imgemb_assets.definitions import build_definitions
 from imgemb_support.location import user_shell_env
 
 defs = build_definitions(LocationSettings())
@@ -98,8 +98,8 @@ def test_every_partitioned_asset_takes_many_prefixes_per_run() -> None:
 
 def test_the_embedding_code_version_names_the_backbone_and_the_weights(tmp_path: Path) -> None:
     """Other weights give another code version, so the UI marks partitions embedded before stale."""
-    from imgemb_assets.definitions import default_resources
     from imgemb_assets.dagster_wiring.resources import EmbeddingModelResource
+    from imgemb_assets.definitions import default_resources
 
     def code_version(model: EmbeddingModelResource) -> str | None:
         graph = build_definitions(

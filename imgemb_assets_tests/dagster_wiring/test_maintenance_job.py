@@ -27,7 +27,6 @@ from deltalake import write_deltalake
 from imgemb_assets.core import tables
 from imgemb_assets.core.lake import Lake
 from imgemb_assets.core.maintenance import MaintenanceSettings
-from imgemb_assets.definitions import build_definitions
 from imgemb_assets.dagster_wiring.maintenance import (
     GUARD_OP_NAME,
     MAINTENANCE_JOB_NAME,
@@ -35,6 +34,7 @@ from imgemb_assets.dagster_wiring.maintenance import (
     maintenance_op_name,
 )
 from imgemb_assets.dagster_wiring.settings import LocationSettings, SettingsError
+from imgemb_assets.definitions import build_definitions
 
 PREFIX = "2026-11-01"
 STORAGE_COLUMN = tables.PARTITION_STORAGE_COLUMN

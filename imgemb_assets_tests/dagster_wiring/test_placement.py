@@ -20,9 +20,9 @@ from dagster_aws.ecs.executor import EcsStepHandler
 from dagster_k8s.job import DagsterK8sJobConfig, construct_dagster_k8s_job, get_user_defined_k8s_config
 
 from imgemb_assets.core import tables
-from imgemb_assets.definitions import build_definitions
 from imgemb_assets.dagster_wiring.placement import GPU_POOL, celery_executor_config, gpu_step_tags
 from imgemb_assets.dagster_wiring.settings import LocationSettings, SettingsError
+from imgemb_assets.definitions import build_definitions
 
 
 def _node(defs: Definitions, asset: str):  # type: ignore[no-untyped-def]

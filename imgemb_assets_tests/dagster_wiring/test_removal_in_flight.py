@@ -103,7 +103,7 @@ class InThread(threading.Thread):
     def run(self) -> None:
         try:
             self.result = self._execute()
-        except BaseException as exc:  # noqa: BLE001  (reported by the test, not lost in the thread)
+        except BaseException as exc:  # reported by the test, not lost in the thread
             self.error = exc
 
     def outcome(self) -> ExecuteInProcessResult:

@@ -19,8 +19,8 @@ from imgemb_assets.core.lake import Lake
 from imgemb_assets.core.s3 import S3Settings
 from imgemb_assets.core.sample_data import SampleDataset
 from imgemb_support.bad_inputs import CORPUS_PREFIX, TEST_MAX_IMAGE_BYTES, write_corpus_dataset
-from imgemb_support.location import dataset_on_s3
 from imgemb_support.fault_proxy import running_fault_proxy
+from imgemb_support.location import dataset_on_s3
 from imgemb_support.s3_graph import comparable_rows, run_partition_through, step_retries
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")]

@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 from dagster import (
     AssetMaterialization,
     DagsterInstance,
@@ -19,16 +18,16 @@ from dagster import (
     build_sensor_context,
     instance_for_test,
 )
+from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
 from imgemb_assets.core.discovery import DiscoveryCursor
 from imgemb_assets.core.partition_scheme import PartitionScheme
 from imgemb_assets.core.sample_data import SampleDataset
-from imgemb_assets.definitions import build_definitions
 from imgemb_assets.dagster_wiring.assets import LISTING_FINGERPRINT_KEY, RAW_IMAGES, SALES_EXPORT
 from imgemb_assets.dagster_wiring.jobs import PREFIX_JOB_NAME, SALES_JOB_NAME
 from imgemb_assets.dagster_wiring.partitions import S3_PREFIX_PARTITIONS_NAME
-from imgemb_assets.dagster_wiring.resources import ImgembS3Resource, StorageResource
 from imgemb_assets.dagster_wiring.reconciliation import build_reconciliation_sensor, next_window
+from imgemb_assets.dagster_wiring.resources import ImgembS3Resource, StorageResource
 from imgemb_assets.dagster_wiring.sensors import (
     build_raw_prefix_sensor,
     build_sales_change_sensor,
@@ -36,6 +35,7 @@ from imgemb_assets.dagster_wiring.sensors import (
     recorded_fingerprints,
 )
 from imgemb_assets.dagster_wiring.settings import LocationSettings
+from imgemb_assets.definitions import build_definitions
 from imgemb_support.location import code_location_env, store_sensor_result
 
 defs = build_definitions(LocationSettings())

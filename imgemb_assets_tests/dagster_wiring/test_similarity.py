@@ -15,10 +15,10 @@ from imgemb_assets.core import tables
 from imgemb_assets.core.lake import Lake
 from imgemb_assets.core.sample_data import SampleDataset
 from imgemb_assets.core.search_index import ModelMismatch, index_folder_uri, load_index, stored_model_ids
-from imgemb_assets.definitions import build_definitions
 from imgemb_assets.dagster_wiring.jobs import PREFIX_JOB_NAME, SEARCH_INDEX_JOB_NAME
-from imgemb_assets.dagster_wiring.similarity import NEAR_DUPLICATE_SHARE_CHECK, SEARCH_INDEX, SEARCH_INDEX_POOL
 from imgemb_assets.dagster_wiring.settings import LocationSettings
+from imgemb_assets.dagster_wiring.similarity import NEAR_DUPLICATE_SHARE_CHECK, SEARCH_INDEX, SEARCH_INDEX_POOL
+from imgemb_assets.definitions import build_definitions
 
 MODEL_A = "torchvision/resnet50/random-seed0/fp32"
 MODEL_B = "torchvision/resnet50/random-seed1/fp32"

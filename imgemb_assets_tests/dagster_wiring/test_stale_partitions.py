@@ -8,7 +8,7 @@ ones a daemon would read.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pyarrow.compute as pc
@@ -29,12 +29,12 @@ from imgemb_assets.core.discovery import listing_fingerprint
 from imgemb_assets.core.lake import Lake
 from imgemb_assets.core.sample_data import SampleDataset
 from imgemb_assets.core.storage import LocalObjectStore
-from imgemb_assets.definitions import build_definitions
 from imgemb_assets.dagster_wiring.assets import LISTING_FINGERPRINT_KEY, RAW_IMAGES
 from imgemb_assets.dagster_wiring.backfills import plan_backfill
 from imgemb_assets.dagster_wiring.jobs import PREFIX_JOB_NAME, SALES_JOB_NAME
 from imgemb_assets.dagster_wiring.settings import LocationSettings
 from imgemb_assets.dagster_wiring.staleness import PartitionStatus, status_in_graph
+from imgemb_assets.definitions import build_definitions
 
 defs = build_definitions(LocationSettings())
 
@@ -127,7 +127,7 @@ def test_a_partition_whose_embedding_step_failed_is_requested_again_and_ends_up_
     assert dict(plan.tables_by_prefix) == {prefix: (tables.IMAGE_EMBEDDINGS,)} and not plan.refresh_sales
 
     # Not on every tick: a failure that needs a person must not launch a run a minute.
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     assert prefix not in ticks.requested(tables.IMAGE_EMBEDDINGS, at=now)
     # On the next tick of the retry cron it is requested again, alone: its upstream is current.
     retry_at = now + timedelta(hours=1, minutes=1)

@@ -22,7 +22,6 @@ from imgemb_assets.core import tables
 from imgemb_assets.core.discovery import DiscoveryCursor
 from imgemb_assets.core.lake import Lake
 from imgemb_assets.core.sample_data import SampleDataset
-from imgemb_assets.definitions import build_definitions
 from imgemb_assets.core.search_index import load_index
 from imgemb_assets.dagster_wiring.jobs import PREFIX_JOB_NAME, SEARCH_INDEX_JOB_NAME
 from imgemb_assets.dagster_wiring.lifecycle import PARTITIONED_TABLES, REMOVE_VANISHED_JOB_NAME
@@ -30,6 +29,7 @@ from imgemb_assets.dagster_wiring.partitions import S3_PREFIX_PARTITIONS_NAME, s
 from imgemb_assets.dagster_wiring.resources import ImgembS3Resource, StorageResource
 from imgemb_assets.dagster_wiring.sensors import build_raw_prefix_sensor
 from imgemb_assets.dagster_wiring.settings import LocationSettings
+from imgemb_assets.definitions import build_definitions
 from imgemb_support.location import store_sensor_result
 
 defs = build_definitions(LocationSettings())
