@@ -5,7 +5,7 @@ DEMO_DIR ?= demo-data
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-fast ui similar validate clean
+.PHONY: venv demo test test-fast check ui similar validate clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,12 @@ demo: $(STAMP)
 ## The test suite, slow end-to-end tests included (CI runs this).
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+## The lint, format and type gate (CI runs it before the tests).
+check: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 ## The tests without the slow end-to-end ones.
 test-fast: $(STAMP)

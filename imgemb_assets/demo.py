@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import cast
 
 import polars as pl
 from dagster import DagsterInstance, ExecuteInProcessResult
@@ -111,9 +112,10 @@ def embedding_throughput(results: list[ExecuteInProcessResult]) -> tuple[int, in
         for event in result.get_asset_materialization_events():
             materialization = event.step_materialization_data.materialization
             if materialization.asset_key.to_user_string() == tables.IMAGE_EMBEDDINGS:
-                embedded += int(materialization.metadata["images_embedded"].value)
-                reused += int(materialization.metadata["images_reused"].value)
-                seconds += float(materialization.metadata["embedding_seconds"].value)
+                metadata = materialization.metadata  # the embedding step writes these as numbers
+                embedded += int(cast(int, metadata["images_embedded"].value))
+                reused += int(cast(int, metadata["images_reused"].value))
+                seconds += float(cast(float, metadata["embedding_seconds"].value))
     return embedded, reused, seconds
 
 

@@ -16,7 +16,7 @@ import json
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, cast
 
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -144,7 +144,8 @@ class LoosePass:
     def from_dict(cls, data: Mapping[str, object] | None) -> LoosePass | None:
         if not data:
             return None
-        return cls(str(data["resume_after"]), {str(k): str(v) for k, v in dict(data.get("sums") or {}).items()})
+        sums = cast(Mapping[str, object], data.get("sums") or {})  # as to_dict wrote it
+        return cls(str(data["resume_after"]), {str(k): str(v) for k, v in sums.items()})
 
 
 @dataclass(frozen=True)

@@ -260,7 +260,7 @@ class StoredVectors:
     # Read with preadv rather than through a memory map: mapped pages would count in the
     # step's resident memory and grow with the partition, which this class exists to avoid.
     def _read_into(self, block: np.ndarray, offset: int) -> None:
-        view = memoryview(block).cast("B")
+        view = memoryview(block).cast("B")  # type: ignore[arg-type]  # numpy arrays export the buffer protocol
         done = 0
         while done < len(view):
             got = os.preadv(self._spool.fileno(), [view[done:]], offset + done)
@@ -288,6 +288,6 @@ class StoredVectors:
             finite &= np.array([key not in self._index for key in keys], dtype=bool)
         kept = [key for key, ok in zip(keys, finite) if ok]
         # Written from Arrow's own buffer when every vector is good (no copy).
-        self._spool.write(np.ascontiguousarray(vectors if finite.all() else vectors[finite], dtype=np.float32))
+        self._spool.write(np.ascontiguousarray(vectors if finite.all() else vectors[finite], dtype=np.float32).data)
         self._index.update((key, self._rows + offset) for offset, key in enumerate(kept))
         self._rows += len(kept)

@@ -148,7 +148,7 @@ def evaluate_embeddings(
     counts, edges = _histogram(similarities, settings.histogram_bins)
 
     notes: list[str] = []
-    labelled_rows = np.array([row for row in valid_rows if labels[row] is not None], dtype=np.int64)
+    labelled_rows = np.array([row for row in valid_rows.tolist() if labels[row] is not None], dtype=np.int64)
     sampled_rows = _sample_rows(labelled_rows, settings.sample_size, rng, notes)
     # Unit rows: float32 halves scikit-learn's work, and unit length keeps any input within its range.
     sample = (vectors[sampled_rows] / norms[sampled_rows, None]).astype(np.float32)

@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Concatenate, Final, ParamSpec, TypeVar
+from typing import Concatenate, Final, ParamSpec, TypeAlias, TypeVar
 from urllib.parse import quote
 
 import pyarrow as pa
@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from deltalake import DeltaTable, QueryBuilder, WriterProperties, write_deltalake
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
-from deltalake.transaction import AddAction
+from deltalake.transaction import AddAction, RemoveAction
 
 from imgemb_assets.core import maintenance_defaults
 from imgemb_assets.core.arrow_filesystem import arrow_location
@@ -57,7 +57,7 @@ _MAX_NAME_BYTES: Final = 255
 
 # Something that can be written more than once: a table, or a function that
 # opens a fresh stream of record batches (a retried commit replays it).
-Rows = pa.Table | Callable[[], pa.RecordBatchReader]
+Rows: TypeAlias = pa.Table | Callable[[], pa.RecordBatchReader]
 
 
 class LakeError(Exception):
@@ -349,7 +349,7 @@ class Lake:
             def commit() -> None:
                 latest = self._open(name)  # each attempt commits on top of the newest version
                 latest.create_write_transaction(
-                    written.actions,
+                    list[AddAction | RemoveAction](written.actions),
                     mode="overwrite",
                     schema=latest.schema(),
                     partition_by=[layout_column],

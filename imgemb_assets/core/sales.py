@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Mapping, Sequence
-from typing import Final
+from typing import Final, cast
 
 import polars as pl
 import pyarrow as pa
@@ -220,7 +220,9 @@ def join_with_sales(images: pa.Table, sales: pa.Table, schema: pa.Schema) -> pa.
     unique_ids = duplicate_image_ids(sales)
     if not unique_ids.passed:
         raise SalesError(f"the sales table cannot be joined: {unique_ids.description}; fix the export")
-    joined = pl.from_arrow(images).join(pl.from_arrow(sales), on="image_id", how="inner").sort("image_id")
+    # from_arrow gives a DataFrame for a Table (a Series only for an Array)
+    left, right = cast(pl.DataFrame, pl.from_arrow(images)), cast(pl.DataFrame, pl.from_arrow(sales))
+    joined = left.join(right, on="image_id", how="inner").sort("image_id")
     return joined.to_arrow().select(schema.names).cast(schema)
 
 

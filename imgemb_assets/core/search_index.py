@@ -485,9 +485,10 @@ class SearchIndex:
         if matches.keys.ndim == 1:
             rows = [(matches.keys.tolist(), matches.distances.tolist())]
         else:
+            counts = matches.counts  # type: ignore[union-attr]  # 2-D keys: a BatchMatches
             rows = [
                 (matches.keys[row][:count].tolist(), matches.distances[row][:count].tolist())
-                for row, count in enumerate(matches.counts.tolist())
+                for row, count in enumerate(counts.tolist())
             ]
         # usearch's cosine distance is 1 - similarity
         return [
@@ -821,7 +822,7 @@ def _plan_segment(index: SearchIndex) -> _SegmentPlan:
     stored = [(prefix, partition) for prefix, partition in sorted(index._partitions.items()) if len(partition.keys)]
     changed = [prefix for prefix, partition in stored if partition.segment is None]
     changed_rows = sum(len(index._partitions[prefix].keys) for prefix in changed)
-    live = Counter()
+    live: Counter[str] = Counter()
     for _, partition in stored:
         if partition.segment is not None:
             live[partition.segment] += len(partition.keys)

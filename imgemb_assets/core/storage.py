@@ -73,7 +73,8 @@ class FolderPage:
 
 
 class ObjectStore(Protocol):
-    root_uri: str
+    @property
+    def root_uri(self) -> str: ...
 
     def list_folder_pages(self, folder: str, start_after: str | None, max_pages: int) -> FolderPage:
         """At most `max_pages` listing requests of `list_folder`, starting after `start_after` (a key or folder

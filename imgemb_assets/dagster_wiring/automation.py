@@ -74,7 +74,8 @@ _UPSTREAM_REQUESTED_NOW: Final = AutomationCondition.any_deps_match(AutomationCo
 def _retry_due(retry_failed_cron: str) -> AutomationCondition:
     return (
         ~AutomationCondition.execution_failed()
-        | AutomationCondition.cron_tick_passed(retry_failed_cron).since_last_handled()
+        # Dagster types cron_tick_passed for asset keys and since_last_handled for any key: the same at run time
+        | AutomationCondition.cron_tick_passed(retry_failed_cron).since_last_handled()  # type: ignore[misc, operator]
     ).with_label(f"not failed, or failed and the retry cron {retry_failed_cron!r} ticked")
 
 

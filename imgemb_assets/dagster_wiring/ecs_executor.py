@@ -67,7 +67,7 @@ def ecs_capacity_provider_executor() -> ExecutorDefinition:
 
     return ExecutorDefinition(
         name=ecs_executor.name,
-        config_schema=ecs_executor.config_schema,
+        config_schema=ecs_executor.config_schema,  # type: ignore[arg-type]  # Dagster's own executor's schema, as it is
         requirements=ecs_executor.get_requirements,
         executor_creation_fn=create,
         description=ecs_executor.description,

@@ -66,5 +66,5 @@ def _evaluate_prefix(context: AssetExecutionContext, lake: Lake, prefix: str, la
         prefix_key = f"{model_id}/" if several else ""
         metadata[f"{prefix_key}model_id"] = model_id
         for key, value in result.metadata().items():
-            metadata[prefix_key + key] = MetadataValue.md(value) if key == "summary" else value
+            metadata[prefix_key + key] = MetadataValue.md(str(value)) if key == "summary" else value
     return [AssetReport(tables.EMBEDDING_EVALUATION, metadata)]
