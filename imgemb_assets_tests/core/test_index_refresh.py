@@ -40,14 +40,6 @@ P1, P2, P3 = "2026-11-01", "2026-11-02", "2026-11-03"
 _TAGS = {MODEL_A: "a", MODEL_B: "b"}
 
 
-@pytest.fixture(params=["local", "s3"])
-def any_lake(request: pytest.FixtureRequest, tmp_path: Path) -> Lake:
-    if request.param == "local":
-        return Lake(str(tmp_path / "lake"))
-    bucket = request.getfixturevalue("bucket")
-    return Lake(f"s3://{bucket}/lake", S3Settings().delta_storage_options_provider())
-
-
 @pytest.fixture
 def lake(tmp_path: Path) -> Lake:
     return Lake(str(tmp_path / "lake"))

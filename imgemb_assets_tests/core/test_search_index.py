@@ -376,14 +376,6 @@ def files_retired_are_deleted_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(search_index_module, "RETIRED_GRACE_S", 0.0)
 
 
-@pytest.fixture(params=["local", "s3"])
-def any_lake(request: pytest.FixtureRequest, tmp_path: Path) -> Lake:
-    if request.param == "local":
-        return Lake(str(tmp_path / "lake"))
-    bucket = request.getfixturevalue("bucket")
-    return Lake(f"s3://{bucket}/lake", S3Settings().delta_storage_options_provider())
-
-
 def stored_files(lake: Lake, model_id: str = MODEL) -> set[str]:
     """The files under the model's index folder, relative to it (S3's empty "folder/" markers are not files)."""
     uri = index_folder_uri(lake, model_id)
