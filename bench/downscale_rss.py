@@ -38,7 +38,7 @@ DISTINCT_IMAGES = 8
 _CHILD = """
 import json, resource, sys, time
 from dagster import instance_for_test, materialize
-from imgemb_assets.core import tables
+from imgemb_assets.core.lake import tables
 from imgemb_assets.dagster_wiring.assets import build_assets
 from imgemb_assets.dagster_wiring.resources import ImageLimitsResource, ImgembS3Resource, StorageResource
 from imgemb_assets.dagster_wiring.settings import LocationSettings

@@ -36,10 +36,10 @@ import numpy as np
 from PIL import Image
 
 from bench import print_summary
-from imgemb_assets.core.embedding import embed_thumbnails
-from imgemb_assets.core.images import IMAGE_SIZE, ImageRejected, decode_thumbnail, downscale
-from imgemb_assets.core.model_settings import EmbeddingSettings
-from imgemb_assets.core.models import load_model
+from imgemb_assets.core.embedding.inference import embed_thumbnails
+from imgemb_assets.core.embedding.model_settings import EmbeddingSettings
+from imgemb_assets.core.embedding.models import load_model
+from imgemb_assets.core.imaging.images import IMAGE_SIZE, ImageRejected, decode_thumbnail, downscale
 
 
 def jpeg_files(folder: Path, limit: int) -> list[tuple[Path, bytes]]:

@@ -17,9 +17,9 @@ import numpy as np
 import pyarrow as pa
 
 from bench import print_summary
-from imgemb_assets.core.drift import MOMENTS_BATCH_ROWS, moments_of_batches
-from imgemb_assets.core.embedding_column import embedding_array
-from imgemb_assets.core.lake import Lake
+from imgemb_assets.core.embedding.drift import MOMENTS_BATCH_ROWS, moments_of_batches
+from imgemb_assets.core.lake.embedding_column import embedding_array
+from imgemb_assets.core.lake.lake import Lake
 
 _BATCH = 4096
 

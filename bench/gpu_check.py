@@ -52,10 +52,10 @@ from PIL import Image
 from torchvision import transforms
 
 from imgemb_assets.core import embedding_bench as bench
-from imgemb_assets.core.embedding import decode_batch, embed_thumbnails, forward_for
-from imgemb_assets.core.model_settings import EmbeddingSettings
-from imgemb_assets.core.models import IMAGENET_NORMALIZATION, EmbeddingModel, load_model
-from imgemb_assets.core.thumbnail_decoders import (
+from imgemb_assets.core.embedding.inference import decode_batch, embed_thumbnails, forward_for
+from imgemb_assets.core.embedding.model_settings import EmbeddingSettings
+from imgemb_assets.core.embedding.models import IMAGENET_NORMALIZATION, EmbeddingModel, load_model
+from imgemb_assets.core.embedding.thumbnail_decoders import (
     DecodedBatch,
     DecoderUnavailable,
     NvimgcodecDecoder,
@@ -295,8 +295,8 @@ def measure_step(args: argparse.Namespace, model: EmbeddingModel, thumbnails: li
     try:
         import pyarrow as pa
 
-        from imgemb_assets.core import tables
-        from imgemb_assets.core.embedding_partition import EmbeddingRun, SharedModel, embed_partition_batches
+        from imgemb_assets.core.embedding.partition import EmbeddingRun, SharedModel, embed_partition_batches
+        from imgemb_assets.core.lake import tables
     except ImportError as exc:
         return {"skipped": f"{exc.name} is not importable here"}
 
@@ -334,10 +334,10 @@ def measure_step(args: argparse.Namespace, model: EmbeddingModel, thumbnails: li
 def _delta_step(joined: Any, schema: Any, shared: Any, compiled_model_only: float | None) -> dict[str, Any]:
     """As dagster_wiring.embedding_step.embed_prefix calls the core for a new partition, without Dagster."""
     try:
-        from imgemb_assets.core import tables
-        from imgemb_assets.core.embedding_partition import EmbeddingRun, embed_partition_batches
-        from imgemb_assets.core.embedding_staging import PartitionStaging
-        from imgemb_assets.core.lake import Lake
+        from imgemb_assets.core.embedding.partition import EmbeddingRun, embed_partition_batches
+        from imgemb_assets.core.embedding.staging import PartitionStaging
+        from imgemb_assets.core.lake import tables
+        from imgemb_assets.core.lake.lake import Lake
     except ImportError as exc:
         return {"skipped": f"{exc.name} is not importable here (the project's lake needs deltalake, pyarrow, boto3)"}
     with tempfile.TemporaryDirectory(prefix="gpu_check_lake_") as root:

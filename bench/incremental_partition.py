@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 from dagster import AssetKey, DagsterInstance, instance_for_test
 
 from bench import print_summary
-from imgemb_assets.core import tables
+from imgemb_assets.core.lake import tables
 from imgemb_assets.dagster_wiring.jobs import PREFIX_JOB_NAME, SALES_JOB_NAME
 from imgemb_assets.dagster_wiring.partitions import S3_PREFIX_PARTITIONS_NAME
 from imgemb_assets.dagster_wiring.resources import EmbeddingModelResource

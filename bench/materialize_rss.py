@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from imgemb_assets.core import tables
 from imgemb_assets.core.embedding_bench import generated_thumbnails
-from imgemb_assets.core.lake import Lake
+from imgemb_assets.core.lake import tables
+from imgemb_assets.core.lake.lake import Lake
 
 _CHILD = """
 import json, resource, sys, time

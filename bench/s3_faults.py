@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 
 from bench import print_summary
-from imgemb_assets.core import tables
-from imgemb_assets.core.lake import Lake
-from imgemb_assets.core.s3 import S3Settings
-from imgemb_assets.core.sample_data import generate_sample_dataset
+from imgemb_assets.core.lake import tables
+from imgemb_assets.core.lake.lake import Lake
+from imgemb_assets.core.sample.dataset import generate_sample_dataset
+from imgemb_assets.core.storage.s3 import S3Settings
 from imgemb_support.fault_proxy import running_fault_proxy
 from imgemb_support.location import dataset_on_s3
 from imgemb_support.moto_server import client_environment, running_moto_server

@@ -16,11 +16,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from bench import print_summary
-from imgemb_assets.core.manifest import build_manifest
-from imgemb_assets.core.s3 import S3Settings
-from imgemb_assets.core.sample_data import generate_sample_dataset
-from imgemb_assets.core.storage import open_object_store
-from imgemb_assets.core.thumbnails import downscale_partition
+from imgemb_assets.core.ingest.manifest import build_manifest
+from imgemb_assets.core.ingest.thumbnails import downscale_partition
+from imgemb_assets.core.sample.dataset import generate_sample_dataset
+from imgemb_assets.core.storage.objects import open_object_store
+from imgemb_assets.core.storage.s3 import S3Settings
 from imgemb_support.moto_server import client_environment, running_moto_server
 
 

@@ -185,8 +185,8 @@ class Profiler:
 
 
 def measure_lake(report: Report, lake: LakeState, repeat: int) -> None:
-    from imgemb_assets.core import tables
-    from imgemb_assets.core.lake import Lake
+    from imgemb_assets.core.lake import tables
+    from imgemb_assets.core.lake.lake import Lake
 
     prefix = lake.written[len(lake.written) // 2].prefix
     for name in tables.ALL_TABLES:
@@ -201,9 +201,9 @@ def measure_lake(report: Report, lake: LakeState, repeat: int) -> None:
 
 def full_fingerprints(report: Report, corpus: Corpus) -> str:
     """Every prefix fingerprinted (what the sensor's cursor holds once all are known); the cursor."""
-    from imgemb_assets.core.discovery import DiscoveryCursor, plan_discovery
-    from imgemb_assets.core.s3 import S3Settings
-    from imgemb_assets.core.storage import open_object_store
+    from imgemb_assets.core.ingest.discovery import DiscoveryCursor, plan_discovery
+    from imgemb_assets.core.storage.objects import open_object_store
+    from imgemb_assets.core.storage.s3 import S3Settings
     from imgemb_assets.dagster_wiring.sensors import DEFAULT_RECENT_PREFIXES
 
     store = open_object_store(corpus.raw_images_uri, S3Settings())
@@ -237,7 +237,7 @@ class Setting:
 def measure_instance(report: Report, setting: Setting, cycle_budget_s: float, automation: bool) -> None:
     from dagster import DagsterInstance
 
-    from imgemb_assets.core.discovery import DiscoveryCursor
+    from imgemb_assets.core.ingest.discovery import DiscoveryCursor
 
     storage, env = setting.label, setting.env
     imgemb = str(BIN / "imgemb")
@@ -339,9 +339,9 @@ def measure_new_prefixes_tick(report: Report, setting: Setting, instance: Any, o
 
 
 def measure_backfill_plan(report: Report, setting: Setting, instance: Any) -> None:
-    from imgemb_assets.core import tables
-    from imgemb_assets.core.s3 import S3Settings
-    from imgemb_assets.core.storage import open_object_store
+    from imgemb_assets.core.lake import tables
+    from imgemb_assets.core.storage.objects import open_object_store
+    from imgemb_assets.core.storage.s3 import S3Settings
     from imgemb_assets.dagster_wiring.backfills import plan_backfill
 
     sales_store = open_object_store(setting.corpus.sales_uri, S3Settings())
@@ -395,7 +395,7 @@ def measure_reconciliation(report: Report, setting: Setting, instance: Any, budg
 
 
 def measure_graphql(report: Report, setting: Setting) -> None:
-    from imgemb_assets.core import tables
+    from imgemb_assets.core.lake import tables
     from imgemb_assets.dagster_wiring.assets import RAW_IMAGES
 
     log = setting.work_dir / f"webserver-{setting.label}.log"

@@ -43,8 +43,8 @@ import numpy as np
 import pyarrow as pa
 import yaml
 
-from imgemb_assets.core.model_settings import EMBEDDING_WIDTHS
-from imgemb_assets.core.sample_data import write_sales_export
+from imgemb_assets.core.embedding.model_settings import EMBEDDING_WIDTHS
+from imgemb_assets.core.sample.dataset import write_sales_export
 from imgemb_support.postgres_server import PG_URL_VARIABLE, running_postgres_server, with_postgres_storage
 
 REPO: Final = Path(__file__).resolve().parents[1]
@@ -118,7 +118,7 @@ def build_corpus(work_dir: Path, prefixes: int, seed: int = 0) -> Corpus:
 
 
 def _write_tiny_jpeg(folder: Path, image_id: str, rng: np.random.Generator) -> str:
-    from imgemb_assets.core.synthetic import synthetic_photo
+    from imgemb_assets.core.imaging.synthetic import synthetic_photo
 
     width, height = (int(v) for v in rng.integers(32, 160, size=2))
     synthetic_photo(rng, width, height).save(folder / f"{image_id}.jpg", format="JPEG", quality=80)
@@ -176,7 +176,7 @@ def corpus_on_s3(corpus: Corpus) -> Iterator[tuple[Corpus, dict[str, str]]]:
 
     The new prefixes stay local until a tick needs them. The lake stays local.
     """
-    from imgemb_assets.core.s3 import S3Settings
+    from imgemb_assets.core.storage.s3 import S3Settings
     from imgemb_support.moto_server import client_environment, running_moto_server
 
     with running_moto_server() as endpoint:
@@ -197,7 +197,7 @@ def corpus_on_s3(corpus: Corpus) -> Iterator[tuple[Corpus, dict[str, str]]]:
 
 @contextmanager
 def _new_prefixes_on_s3(corpus: Corpus) -> Iterator[None]:
-    from imgemb_assets.core.s3 import S3Settings
+    from imgemb_assets.core.storage.s3 import S3Settings
 
     client = S3Settings().client()
     uploads = [(path, f"raw-images/{path.relative_to(corpus.incoming).as_posix()}")
@@ -250,11 +250,11 @@ def materialized_prefixes(corpus: Corpus, share: float) -> list[str]:
 
 def build_lake(work_dir: Path, corpus: Corpus, share: float, log: Any = print) -> LakeState:
     """The lake with `share` of the corpus materialized; written once, resumed if interrupted."""
-    from imgemb_assets.core import tables
-    from imgemb_assets.core.discovery import listing_fingerprint
-    from imgemb_assets.core.lake import Lake
-    from imgemb_assets.core.sales import list_sales_files, read_sales
-    from imgemb_assets.core.storage import LocalObjectStore
+    from imgemb_assets.core.ingest.discovery import listing_fingerprint
+    from imgemb_assets.core.lake import tables
+    from imgemb_assets.core.lake.lake import Lake
+    from imgemb_assets.core.sales.join import list_sales_files, read_sales
+    from imgemb_assets.core.storage.objects import LocalObjectStore
 
     root = work_dir / f"lake-{len(corpus.prefixes)}-{share:g}"
     params = {"corpus": corpus.root, "prefixes": len(corpus.prefixes), "share": share, "version": 1}
@@ -319,11 +319,11 @@ def _read_progress(progress: Path) -> list[PrefixWritten]:
 
 def write_prefix(lake: Any, raw: Any, prefix: str, sales_table: pa.Table) -> PrefixWritten:
     """Every partitioned table of one prefix, as the four steps write them: five Delta commits."""
-    from imgemb_assets.core import tables
-    from imgemb_assets.core.discovery import listing_fingerprint
-    from imgemb_assets.core.manifest import build_manifest
-    from imgemb_assets.core.sales import join_with_sales
-    from imgemb_assets.core.thumbnails import downscale_partition
+    from imgemb_assets.core.ingest.discovery import listing_fingerprint
+    from imgemb_assets.core.ingest.manifest import build_manifest
+    from imgemb_assets.core.ingest.thumbnails import downscale_partition
+    from imgemb_assets.core.lake import tables
+    from imgemb_assets.core.sales.join import join_with_sales
 
     objects = list(raw.list_objects(prefix))
     manifest = build_manifest(objects, prefix)
@@ -350,7 +350,7 @@ def write_prefix(lake: Any, raw: Any, prefix: str, sales_table: pa.Table) -> Pre
 
 def random_embeddings(joined: pa.Table, schema: pa.Schema) -> pa.RecordBatch:
     """The embedding table's rows for the joined rows, with random vectors in place of the model's."""
-    from imgemb_assets.core import tables
+    from imgemb_assets.core.lake import tables
 
     vectors = _RNG.standard_normal((joined.num_rows, EMBEDDING_WIDTH), dtype=np.float32)
     embedding = pa.ListArray.from_arrays(
@@ -378,7 +378,7 @@ class TableFootprint:
 def table_footprints(lake_uri: str) -> list[TableFootprint]:
     from deltalake import DeltaTable
 
-    from imgemb_assets.core import tables
+    from imgemb_assets.core.lake import tables
 
     footprints = []
     for name in tables.ALL_TABLES:
@@ -455,7 +455,7 @@ def record_state(
     """
     from dagster import AssetMaterialization, MetadataValue
 
-    from imgemb_assets.core import tables
+    from imgemb_assets.core.lake import tables
     from imgemb_assets.dagster_wiring.assets import (
         LISTING_FINGERPRINT_KEY,
         RAW_IMAGES,

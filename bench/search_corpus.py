@@ -52,14 +52,10 @@ from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PART
 
 from bench import print_summary
 from bench.search_index import dataset, latencies_ms, partitions_of
-from imgemb_assets.core import tables
-from imgemb_assets.core.evaluation import evaluate_embeddings
-
-# Imported here, before any job runs, so that the first refresh job does not pay for
-# importing usearch and the refresh code and the two job times compare the work alone.
-from imgemb_assets.core.index_refresh import refresh_search_indexes
-from imgemb_assets.core.lake import Lake
-from imgemb_assets.core.search_index import (
+from imgemb_assets.core.evaluation.scores import evaluate_embeddings
+from imgemb_assets.core.lake import tables
+from imgemb_assets.core.lake.lake import Lake
+from imgemb_assets.core.search.index import (
     INDEX_FOLDER,
     PartitionVectors,
     SearchIndex,
@@ -68,7 +64,11 @@ from imgemb_assets.core.search_index import (
     save_index,
     stored_index_bytes,
 )
-from imgemb_assets.core.storage import open_object_store
+
+# Imported here, before any job runs, so that the first refresh job does not pay for
+# importing usearch and the refresh code and the two job times compare the work alone.
+from imgemb_assets.core.search.refresh import refresh_search_indexes
+from imgemb_assets.core.storage.objects import open_object_store
 from imgemb_assets.dagster_wiring.backfills import QUIET_CONSOLE
 from imgemb_assets.dagster_wiring.jobs import PREFIX_JOB_NAME, SALES_JOB_NAME, SEARCH_INDEX_JOB_NAME
 from imgemb_assets.dagster_wiring.partitions import S3_PREFIX_PARTITIONS_NAME

@@ -28,7 +28,7 @@ local lake folder (or, `--persist-on s3`, a moto S3 server subprocess, where eve
 an HTTP request): the full save, a load, and the save after `--persist-changed`
 partitions changed (plus a load of that), with the files each wrote or opened, counted
 through a pyarrow filesystem wrapped around the real one. `--module` names another
-module with the same API (an earlier copy of `imgemb_assets.core.search_index` on
+module with the same API (an earlier copy of `imgemb_assets.core.search.index` on
 PYTHONPATH, say) to measure the same steps before a change, on the same machine.
 
 Prints a table and ends with one JSON line.
@@ -53,8 +53,8 @@ from typing import Any
 import numpy as np
 import pyarrow.fs as pafs
 
-from imgemb_assets.core.lake import Lake
-from imgemb_assets.core.search_index import PartitionVectors, SearchIndex
+from imgemb_assets.core.lake.lake import Lake
+from imgemb_assets.core.search.index import PartitionVectors, SearchIndex
 from imgemb_support.counting_filesystem import CountingHandler
 
 _PARTITIONS = 10
@@ -274,7 +274,7 @@ def lake_on(storage: str) -> Iterator[Lake]:
         with tempfile.TemporaryDirectory(prefix="bench-search-index-") as scratch:
             yield Lake(str(Path(scratch) / "lake"))
         return
-    from imgemb_assets.core.s3 import S3Settings
+    from imgemb_assets.core.storage.s3 import S3Settings
     from imgemb_support.moto_server import client_environment, running_moto_server
 
     with running_moto_server() as endpoint:
@@ -373,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--module",
-        default="imgemb_assets.core.search_index",
+        default="imgemb_assets.core.search.index",
         help="the index module to measure persistence of (another copy with the same API, for a before/after)",
     )
     args = parser.parse_args(argv)

@@ -32,18 +32,18 @@ from typing import TYPE_CHECKING
 
 from dagster import DagsterInstance
 
-from imgemb_assets.core import tables
-from imgemb_assets.core.partition_scheme import PartitionScheme
-from imgemb_assets.core.partitioned_root import PartitionedRoot
-from imgemb_assets.core.s3 import S3ConfigError, S3Settings
-from imgemb_assets.core.scheme_record import SchemeMismatchError, require_scheme
-from imgemb_assets.core.storage import open_object_store, partition_key_problem
+from imgemb_assets.core.ingest.partition_scheme import PartitionScheme
+from imgemb_assets.core.ingest.partitioned_root import PartitionedRoot
+from imgemb_assets.core.ingest.scheme_record import SchemeMismatchError, require_scheme
+from imgemb_assets.core.lake import tables
+from imgemb_assets.core.storage.objects import open_object_store, partition_key_problem
+from imgemb_assets.core.storage.s3 import S3ConfigError, S3Settings
 from imgemb_assets.dagster_wiring.partitions import S3_PREFIX_PARTITIONS_NAME, register_prefixes
 from imgemb_assets.dagster_wiring.settings import LocationSettings
 
 if TYPE_CHECKING:
-    from imgemb_assets.core.lake import Lake
-    from imgemb_assets.core.similar import SimilarImage
+    from imgemb_assets.core.lake.lake import Lake
+    from imgemb_assets.core.search.similar import SimilarImage
     from imgemb_assets.dagster_wiring.backfills import BackfillPlan, RunOutcome
 
 # Each command is a process of its own in the user's path: it imports only what it uses
@@ -73,7 +73,7 @@ def discover(
     objects changed since its last report or manifest is reported as a new `raw_images`
     materialization, as the sensor does, so `imgemb backfill-missing` (and automation) see it stale.
     """
-    from imgemb_assets.core.discovery import plan_discovery
+    from imgemb_assets.core.ingest.discovery import plan_discovery
     from imgemb_assets.dagster_wiring.sensors import known_prefixes, report_changed_listings, uncovered_objects_line
 
     environ = os.environ if environ is None else environ
@@ -190,8 +190,8 @@ def _status_command(args: argparse.Namespace) -> int:
 
 def _similar_command(args: argparse.Namespace) -> int:
     # usearch, pyarrow and (for --image) torch load here only: the other commands never pay for them.
-    from imgemb_assets.core.model_settings import model_id_has_random_weights
-    from imgemb_assets.core.similar import (
+    from imgemb_assets.core.embedding.model_settings import model_id_has_random_weights
+    from imgemb_assets.core.search.similar import (
         SimilarError,
         candidate_count,
         similar_to_id,
@@ -235,7 +235,7 @@ def _similar_command(args: argparse.Namespace) -> int:
 
 def _lake_of(lake_uri: str) -> Lake:
     # As the location's StorageResource.lake() builds it, from the standard AWS variables.
-    from imgemb_assets.core.lake import Lake
+    from imgemb_assets.core.lake.lake import Lake
 
     if lake_uri.startswith("s3://"):
         return Lake(lake_uri, storage_options=S3Settings().delta_storage_options_provider())
@@ -246,7 +246,7 @@ def _read_photo(location: str) -> bytes:
     """The bytes of a local file or an s3:// object (the standard AWS variables reach S3)."""
     from botocore.exceptions import BotoCoreError, ClientError
 
-    from imgemb_assets.core.storage import ObjectMissing, StorageError
+    from imgemb_assets.core.storage.objects import ObjectMissing, StorageError
 
     if location.startswith("s3://"):
         bucket = location[len("s3://") :].split("/", 1)[0]

@@ -22,13 +22,13 @@ import polars as pl
 from dagster import DagsterInstance, ExecuteInProcessResult
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
-from imgemb_assets.core import tables
-from imgemb_assets.core.lake import Lake
-from imgemb_assets.core.models import pretrained_weights_cached
-from imgemb_assets.core.partition_scheme import PartitionScheme
-from imgemb_assets.core.partitioned_root import PartitionedRoot
-from imgemb_assets.core.sample_data import SampleDataset, generate_sample_dataset
-from imgemb_assets.core.storage import open_object_store
+from imgemb_assets.core.embedding.models import pretrained_weights_cached
+from imgemb_assets.core.ingest.partition_scheme import PartitionScheme
+from imgemb_assets.core.ingest.partitioned_root import PartitionedRoot
+from imgemb_assets.core.lake import tables
+from imgemb_assets.core.lake.lake import Lake
+from imgemb_assets.core.sample.dataset import SampleDataset, generate_sample_dataset
+from imgemb_assets.core.storage.objects import open_object_store
 from imgemb_assets.dagster_wiring.backfills import QUIET_CONSOLE
 from imgemb_assets.dagster_wiring.jobs import PREFIX_JOB_NAME, SALES_JOB_NAME, SEARCH_INDEX_JOB_NAME
 from imgemb_assets.dagster_wiring.partitions import S3_PREFIX_PARTITIONS_NAME, register_prefixes

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from dagster import DagsterInstance
 
-from imgemb_assets.core.s3 import S3Settings
-from imgemb_assets.core.sample_data import SampleDataset, generate_sample_dataset
+from imgemb_assets.core.sample.dataset import SampleDataset, generate_sample_dataset
+from imgemb_assets.core.storage.s3 import S3Settings
 from imgemb_support.location import code_location_instance
 from imgemb_support.moto_server import client_environment, running_moto_server
 

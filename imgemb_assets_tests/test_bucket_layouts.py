@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 from dagster import AssetKey, DagsterInstance
 
-from imgemb_assets.core import tables
-from imgemb_assets.core.lake import Lake
-from imgemb_assets.core.partition_scheme import LOOSE_FOLDER, PartitionScheme
-from imgemb_assets.core.s3 import S3Settings
-from imgemb_assets.core.sample_data import SampleDataset
+from imgemb_assets.core.ingest.partition_scheme import LOOSE_FOLDER, PartitionScheme
+from imgemb_assets.core.lake import tables
+from imgemb_assets.core.lake.lake import Lake
+from imgemb_assets.core.sample.dataset import SampleDataset
+from imgemb_assets.core.storage.s3 import S3Settings
 from imgemb_support.fault_proxy import OBJECT_GET, running_fault_proxy
 from imgemb_support.location import REPO_ROOT, code_location_env, run_user_command, upload_tree, user_shell_env
 from imgemb_support.moto_server import client_environment

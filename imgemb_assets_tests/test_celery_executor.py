@@ -32,9 +32,9 @@ from dagster._core.storage.tags import PARTITION_NAME_TAG
 from dagster._daemon.monitoring import execute_concurrency_slots_iteration
 from deltalake import DeltaTable
 
-from imgemb_assets.core import tables
-from imgemb_assets.core.lake import Lake
-from imgemb_assets.core.sample_data import SampleDataset
+from imgemb_assets.core.lake import tables
+from imgemb_assets.core.lake.lake import Lake
+from imgemb_assets.core.sample.dataset import SampleDataset
 from imgemb_assets.dagster_wiring.partitions import S3_PREFIX_PARTITIONS_NAME
 from imgemb_assets.dagster_wiring.placement import GPU_POOL
 from imgemb_support.location import REPO_ROOT, code_location_env, user_shell_env

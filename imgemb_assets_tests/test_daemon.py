@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 from dagster import AssetKey, DagsterInstance
 
-from imgemb_assets.core.lake import Lake
-from imgemb_assets.core.partition_scheme import PartitionScheme
-from imgemb_assets.core.sample_data import SampleDataset, generate_sample_dataset
+from imgemb_assets.core.ingest.partition_scheme import PartitionScheme
+from imgemb_assets.core.lake.lake import Lake
+from imgemb_assets.core.sample.dataset import SampleDataset, generate_sample_dataset
 from imgemb_assets.dagster_wiring.automation import AUTOMATION_SENSOR_NAME
 from imgemb_support.location import code_location_env, user_shell_env, wait_for
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from imgemb_assets.core import tables
+from imgemb_assets.core.lake import tables
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -57,9 +57,9 @@ from dagster._core.workspace.load_target import WorkspaceFileTarget
 from dagster._grpc.types import ExecuteStepArgs
 from dagster._serdes import deserialize_value
 
-from imgemb_assets.core import tables
-from imgemb_assets.core.lake import Lake
-from imgemb_assets.core.sample_data import SampleDataset
+from imgemb_assets.core.lake import tables
+from imgemb_assets.core.lake.lake import Lake
+from imgemb_assets.core.sample.dataset import SampleDataset
 from imgemb_assets.dagster_wiring.jobs import PREFIX_JOB_NAME, SALES_JOB_NAME
 from imgemb_assets.dagster_wiring.partitions import S3_PREFIX_PARTITIONS_NAME
 from imgemb_assets.dagster_wiring.settings import LocationSettings

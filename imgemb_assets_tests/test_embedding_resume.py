@@ -25,14 +25,14 @@ import pytest
 from dagster import AssetKey, DagsterInstance
 from deltalake import DeltaTable
 
-from imgemb_assets.core import lake as lake_module
-from imgemb_assets.core import tables
-from imgemb_assets.core.embedding_staging import PartitionStaging, staging_root_uri
-from imgemb_assets.core.lake import Lake, LakeError
-from imgemb_assets.core.model_settings import EmbeddingSettings
-from imgemb_assets.core.models import model_id_for
-from imgemb_assets.core.sample_data import SampleDataset, write_sales_export
-from imgemb_assets.core.synthetic import synthetic_photo
+from imgemb_assets.core.embedding.model_settings import EmbeddingSettings
+from imgemb_assets.core.embedding.models import model_id_for
+from imgemb_assets.core.embedding.staging import PartitionStaging, staging_root_uri
+from imgemb_assets.core.imaging.synthetic import synthetic_photo
+from imgemb_assets.core.lake import lake as lake_module
+from imgemb_assets.core.lake import tables
+from imgemb_assets.core.lake.lake import Lake, LakeError
+from imgemb_assets.core.sample.dataset import SampleDataset, write_sales_export
 from imgemb_assets.dagster_wiring import embedding_step
 from imgemb_assets.dagster_wiring.jobs import PREFIX_JOB_NAME
 from imgemb_assets.dagster_wiring.partitions import S3_PREFIX_PARTITIONS_NAME

@@ -20,20 +20,20 @@ import pytest
 from dagster import DagsterInstance
 from PIL import Image, ImageOps
 
-from imgemb_assets.core import tables
-from imgemb_assets.core.embedding_column import embedding_array
-from imgemb_assets.core.index_refresh import refresh_search_indexes
-from imgemb_assets.core.lake import Lake
-from imgemb_assets.core.s3 import S3Settings
-from imgemb_assets.core.sample_data import SampleDataset
-from imgemb_assets.core.search_index import Neighbour, load_index
-from imgemb_assets.core.similar import (
+from imgemb_assets.core.lake import tables
+from imgemb_assets.core.lake.embedding_column import embedding_array
+from imgemb_assets.core.lake.lake import Lake
+from imgemb_assets.core.sample.dataset import SampleDataset
+from imgemb_assets.core.search.index import Neighbour, load_index
+from imgemb_assets.core.search.refresh import refresh_search_indexes
+from imgemb_assets.core.search.similar import (
     SimilarError,
     rank_with_sales,
     sales_percentile_ranks,
     similar_to_id,
     similar_to_photo,
 )
+from imgemb_assets.core.storage.s3 import S3Settings
 from imgemb_assets.dagster_wiring.jobs import PREFIX_JOB_NAME, SEARCH_INDEX_JOB_NAME
 from imgemb_assets.dagster_wiring.settings import LocationSettings
 from imgemb_assets.definitions import build_definitions

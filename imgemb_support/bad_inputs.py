@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from imgemb_assets.core.sample_data import SampleDataset
+from imgemb_assets.core.sample.dataset import SampleDataset
 
 # The graph tests set `image_limits.max_image_bytes` to this, so that one
 # ordinary (if noisy) PNG is over the limit without a 50 MiB fixture.

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from dagster import AddDynamicPartitionsRequest, AssetMaterialization, DagsterInstance, SensorResult, instance_for_test
 
-from imgemb_assets.core.s3 import S3Settings
-from imgemb_assets.core.sample_data import SampleDataset
+from imgemb_assets.core.sample.dataset import SampleDataset
+from imgemb_assets.core.storage.s3 import S3Settings
 from imgemb_assets.dagster_wiring.partitions import register_prefixes
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -8,9 +8,9 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from imgemb_assets.core import tables
-from imgemb_assets.core.images import downscale
-from imgemb_assets.core.tables import DOWNSCALED_IMAGES_SCHEMA, REJECTED_IMAGES_SCHEMA
+from imgemb_assets.core.imaging.images import downscale
+from imgemb_assets.core.lake import tables
+from imgemb_assets.core.lake.tables import DOWNSCALED_IMAGES_SCHEMA, REJECTED_IMAGES_SCHEMA
 
 # The joined and embedding tables of a sales export holding only the required columns.
 SALES_SCHEMA = pa.schema(tables.SALES_REQUIRED_FIELDS)

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from dagster import DagsterEventType, ExecuteInProcessResult, instance_for_test
 
-from imgemb_assets.core.images import DEFAULT_MAX_IMAGE_BYTES
-from imgemb_assets.core.lake import Lake
-from imgemb_assets.core.sample_data import SampleDataset
+from imgemb_assets.core.imaging.images import DEFAULT_MAX_IMAGE_BYTES
+from imgemb_assets.core.lake.lake import Lake
+from imgemb_assets.core.sample.dataset import SampleDataset
 from imgemb_assets.dagster_wiring.jobs import PREFIX_JOB_NAME, SALES_JOB_NAME
 from imgemb_assets.dagster_wiring.partitions import S3_PREFIX_PARTITIONS_NAME
 from imgemb_assets.dagster_wiring.resources import (

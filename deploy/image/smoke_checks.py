@@ -55,7 +55,7 @@ def instance() -> None:
 
 
 def dataset(root: str, images_per_prefix: str) -> None:
-    from imgemb_assets.core.sample_data import generate_sample_dataset
+    from imgemb_assets.core.sample.dataset import generate_sample_dataset
 
     made = generate_sample_dataset(Path(root), images_per_prefix=int(images_per_prefix))
     for prefix in made.prefixes:
@@ -69,9 +69,9 @@ def verify(root: str, images_per_prefix: str, prefix: str) -> None:
     import pyarrow.compute as pc
     from dagster import AssetKey, DagsterInstance, DagsterRunStatus
 
-    from imgemb_assets.core import tables
-    from imgemb_assets.core.lake import Lake
-    from imgemb_assets.core.sample_data import generate_sample_dataset
+    from imgemb_assets.core.lake import tables
+    from imgemb_assets.core.lake.lake import Lake
+    from imgemb_assets.core.sample.dataset import generate_sample_dataset
 
     made = generate_sample_dataset(Path(root), images_per_prefix=int(images_per_prefix))  # reuses it
     lake = Lake(os.environ["IMGEMB_LAKE_URI"])

@@ -38,12 +38,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from imgemb_assets.core.allocator import malloc_tuning_applied
-from imgemb_assets.core.embedding import compiled_batch, decode_batch, embed_thumbnails, preprocess
-from imgemb_assets.core.images import ImageRejected, downscale
-from imgemb_assets.core.model_settings import BACKBONES, DECODERS, PRECISIONS, RUNTIMES, EmbeddingSettings
-from imgemb_assets.core.models import CompiledForward, EmbeddingModel, load_model
-from imgemb_assets.core.synthetic import synthetic_photo
+from imgemb_assets.core.embedding.allocator import malloc_tuning_applied
+from imgemb_assets.core.embedding.inference import compiled_batch, decode_batch, embed_thumbnails, preprocess
+from imgemb_assets.core.embedding.model_settings import BACKBONES, DECODERS, PRECISIONS, RUNTIMES, EmbeddingSettings
+from imgemb_assets.core.embedding.models import CompiledForward, EmbeddingModel, load_model
+from imgemb_assets.core.imaging.images import ImageRejected, downscale
+from imgemb_assets.core.imaging.synthetic import synthetic_photo
 
 
 def thumbnails_from(folder: Path, count: int) -> list[bytes]:

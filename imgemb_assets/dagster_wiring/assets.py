@@ -1,7 +1,7 @@
 """The five assets (plus `rejected_images`), each a Delta table under the lake root, and the two
 external assets they read: the raw images under each prefix and the sales export.
 
-Each asset computes its rows with a function from `imgemb_assets.core.manifest`, `core.thumbnails`
+Each asset computes its rows with a function from `imgemb_assets.core.ingest.manifest`, `core.thumbnails`
 or `core.sales` and writes one partition per prefix of its run (or, for `sales`,
 the whole table). A run covers a range of prefixes, at most the location's
 `max_partitions_per_run` (Dagster's `BackfillPolicy`); `partition_steps` writes
@@ -29,26 +29,26 @@ from dagster import (
     multi_asset,
 )
 
-from imgemb_assets.core import tables
-from imgemb_assets.core.contact_sheet import RejectedObject, markdown_bytes, rejected_images_sheet
-from imgemb_assets.core.discovery import listing_fingerprint, partition_fingerprint
-from imgemb_assets.core.lake import Lake, all_of
-from imgemb_assets.core.manifest import build_manifest
-from imgemb_assets.core.progress import Progress
-from imgemb_assets.core.quality import (
-    CheckOutcome,
-    duplicate_image_ids,
-    manifest_accounted_for,
-    sales_coverage,
-)
-from imgemb_assets.core.sales import join_with_sales, list_sales_files, read_sales
-from imgemb_assets.core.storage import ObjectStore
-from imgemb_assets.core.thumbnails import (
+from imgemb_assets.core.embedding.progress import Progress
+from imgemb_assets.core.imaging.contact_sheet import RejectedObject, markdown_bytes, rejected_images_sheet
+from imgemb_assets.core.ingest.discovery import listing_fingerprint, partition_fingerprint
+from imgemb_assets.core.ingest.manifest import build_manifest
+from imgemb_assets.core.ingest.thumbnails import (
     STORED_BATCH_ROWS,
     StoredThumbnails,
     downscale_partition_stream,
     thumbnail_recipe,
 )
+from imgemb_assets.core.lake import tables
+from imgemb_assets.core.lake.lake import Lake, all_of
+from imgemb_assets.core.quality.checks import (
+    CheckOutcome,
+    duplicate_image_ids,
+    manifest_accounted_for,
+    sales_coverage,
+)
+from imgemb_assets.core.sales.join import join_with_sales, list_sales_files, read_sales
+from imgemb_assets.core.storage.objects import ObjectStore
 from imgemb_assets.dagster_wiring.automation import FOLLOWS_SOURCE, FOLLOWS_UPSTREAM
 from imgemb_assets.dagster_wiring.embedding_step import EMBEDDING_DRIFT_CHECK, EMBEDDING_VALUES_CHECK, embed_prefix
 from imgemb_assets.dagster_wiring.evaluation import build_evaluation_asset
@@ -403,7 +403,7 @@ def _image_embeddings(policy: BackfillPolicy, gpu_tags: Mapping[str, str], code_
     ) -> Iterator[StepEvent]:
         # torch is imported here, by the one step that needs it, rather than by
         # every process that loads the code location (several seconds each).
-        from imgemb_assets.core.embedding_partition import SharedModel
+        from imgemb_assets.core.embedding.partition import SharedModel
 
         with permanent_failures():
             # Built at most once per step, on the first prefix that needs it.

@@ -34,10 +34,10 @@ from dagster._core.execution.backfill import BulkActionsFilter, BulkActionStatus
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 from dagster._core.utils import make_new_backfill_id
 
-from imgemb_assets.core import tables
-from imgemb_assets.core.discovery import listing_fingerprint
-from imgemb_assets.core.sales import list_sales_files
-from imgemb_assets.core.storage import ObjectStore, partition_key_problem
+from imgemb_assets.core.ingest.discovery import listing_fingerprint
+from imgemb_assets.core.lake import tables
+from imgemb_assets.core.sales.join import list_sales_files
+from imgemb_assets.core.storage.objects import ObjectStore, partition_key_problem
 from imgemb_assets.dagster_wiring.assets import RAW_IMAGES, SALES_FILES_FINGERPRINT_KEY
 from imgemb_assets.dagster_wiring.jobs import SALES_JOB_NAME
 from imgemb_assets.dagster_wiring.new_prefix_runs import LAUNCHED_BY_TAG

@@ -3,7 +3,7 @@ vectors), write the partition in one commit, and report its metadata and checks.
 
 A big partition is visible and resumable: the step logs its progress (done/total,
 images/s, ETA) at least every `EMBEDDING_PROGRESS_INTERVAL_S`, and stages every model
-batch's vectors under the lake (`core.embedding_staging`) until the partition's commit
+batch's vectors under the lake (`core.embedding.staging`) until the partition's commit
 succeeds, so a step killed mid-partition resumes where it was on the rerun.
 """
 
@@ -13,17 +13,17 @@ from typing import TYPE_CHECKING, Final
 
 from dagster import AssetCheckSeverity, AssetExecutionContext
 
-from imgemb_assets.core import tables
-from imgemb_assets.core.drift import (
+from imgemb_assets.core.embedding.drift import (
     MOMENTS_BATCH_ROWS,
     EmbeddingMoments,
     embedding_drift,
     moments_of_batches,
     previous_partition,
 )
-from imgemb_assets.core.lake import Lake, PartitionRemovedError, all_of
-from imgemb_assets.core.progress import PROGRESS_INTERVAL_S, Progress
-from imgemb_assets.core.quality import CheckOutcome, embedding_values
+from imgemb_assets.core.embedding.progress import PROGRESS_INTERVAL_S, Progress
+from imgemb_assets.core.lake import tables
+from imgemb_assets.core.lake.lake import Lake, PartitionRemovedError, all_of
+from imgemb_assets.core.quality.checks import CheckOutcome, embedding_values
 from imgemb_assets.dagster_wiring.partition_steps import AssetReport, CheckReport
 from imgemb_assets.dagster_wiring.partitions import still_registered
 from imgemb_assets.dagster_wiring.placement import worker_identity
@@ -31,7 +31,7 @@ from imgemb_assets.dagster_wiring.resources import QualityThresholds
 from imgemb_assets.dagster_wiring.table_metadata import table_metadata
 
 if TYPE_CHECKING:  # torch is imported by the embedding step only
-    from imgemb_assets.core.embedding_partition import SharedModel
+    from imgemb_assets.core.embedding.partition import SharedModel
 
 # The embedding asset's checks' names, each used by its spec and by its result.
 EMBEDDING_VALUES_CHECK: Final = "embedding_values"
@@ -56,9 +56,9 @@ def embed_prefix(
     quality: QualityThresholds,
     progress_interval_s: float | None = None,
 ) -> Sequence[AssetReport]:
-    from imgemb_assets.core.allocator import release_free_heap
-    from imgemb_assets.core.embedding_partition import EmbeddingRun, embed_partition_batches
-    from imgemb_assets.core.embedding_staging import PartitionStaging
+    from imgemb_assets.core.embedding.allocator import release_free_heap
+    from imgemb_assets.core.embedding.partition import EmbeddingRun, embed_partition_batches
+    from imgemb_assets.core.embedding.staging import PartitionStaging
 
     # The joined rows stream through in batches and are written in one commit, unless the
     # join was rewritten meanwhile (a sales refresh): then the retry embeds the new rows.

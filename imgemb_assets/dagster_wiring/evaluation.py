@@ -1,7 +1,7 @@
 """The `embedding_evaluation` asset: how well each model's vectors of a partition separate a sales label.
 
 The article's quantitative evaluation (silhouette score, kNN label agreement, the
-distribution of pairwise cosine similarities; `core/evaluation.py`), one row per
+distribution of pairwise cosine similarities; `core/evaluation/scores.py`), one row per
 partition and model in a Delta table, and the numbers plus a text histogram as
 metadata, so materializations under two models sit side by side in the UI.
 Scores of random weights are computed like any others and labelled meaningless.
@@ -12,8 +12,8 @@ from collections.abc import Iterator, Sequence
 
 from dagster import AssetExecutionContext, AssetsDefinition, BackfillPolicy, MetadataValue, asset
 
-from imgemb_assets.core import tables
-from imgemb_assets.core.lake import Lake
+from imgemb_assets.core.lake import tables
+from imgemb_assets.core.lake.lake import Lake
 from imgemb_assets.dagster_wiring.automation import FOLLOWS_UPSTREAM
 from imgemb_assets.dagster_wiring.partition_steps import AssetReport, StepEvent, materialize_prefixes
 from imgemb_assets.dagster_wiring.partitions import s3_prefix_partitions, still_registered
@@ -49,7 +49,7 @@ def build_evaluation_asset(policy: BackfillPolicy, model_code_version: str) -> A
 
 def _evaluate_prefix(context: AssetExecutionContext, lake: Lake, prefix: str, label: str) -> Sequence[AssetReport]:
     # scikit-learn is imported by this step only, not by every process that loads the location.
-    from imgemb_assets.core.evaluation import evaluate_partition
+    from imgemb_assets.core.evaluation.scores import evaluate_partition
 
     embeddings = lake.read(tables.IMAGE_EMBEDDINGS, prefix)
     evaluation = evaluate_partition(embeddings, prefix, label)

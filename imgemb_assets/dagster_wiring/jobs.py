@@ -4,7 +4,7 @@ from typing import Final
 
 from dagster import AssetSelection, define_asset_job
 
-from imgemb_assets.core import tables
+from imgemb_assets.core.lake import tables
 from imgemb_assets.dagster_wiring.similarity import SEARCH_INDEX
 
 SALES_JOB_NAME = "refresh_sales"

@@ -37,7 +37,7 @@ from dagster import Config, Failure, MetadataValue, OpExecutionContext, Output, 
 from dagster._core.storage.dagster_run import ACTIVE_RUN_STATUSES
 from pydantic import Field
 
-from imgemb_assets.core import tables
+from imgemb_assets.core.lake import tables
 from imgemb_assets.dagster_wiring.partitions import S3_PREFIX_PARTITIONS_NAME
 from imgemb_assets.dagster_wiring.resources import StorageResource
 from imgemb_assets.dagster_wiring.retries import permanent_failures

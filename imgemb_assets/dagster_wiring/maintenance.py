@@ -1,4 +1,4 @@
-"""Lake maintenance as a job: compact, checkpoint and vacuum every table of the lake (core/maintenance.py).
+"""Lake maintenance as a job: compact, checkpoint and vacuum every table of the lake (core/lake/maintenance.py).
 
 `lake_maintenance` has one op per table, run one after another in the run's
 own process whatever the location's executor (the work is delta-rs I/O; a
@@ -8,7 +8,7 @@ compaction must not race the partition writers (delta-rs fails one of the two
 commits, and a compacted input makes a writer's precondition abandon its
 write). Launch it with `ignore_active_runs: true` where those runs write no
 table. What starts after that check is handled per partition by
-core/maintenance.py.
+core/lake/maintenance.py.
 
 Each table's op reports what it did as an `AssetObservation` of the table's
 asset, so it shows on the asset's page; an observation is no materialization,
@@ -48,8 +48,8 @@ from dagster import (
 )
 from pydantic import Field
 
-from imgemb_assets.core import tables
-from imgemb_assets.core.maintenance import MaintenanceReport, MaintenanceSettings, maintain_table
+from imgemb_assets.core.lake import tables
+from imgemb_assets.core.lake.maintenance import MaintenanceReport, MaintenanceSettings, maintain_table
 from imgemb_assets.dagster_wiring.resources import StorageResource
 from imgemb_assets.dagster_wiring.settings import LocationSettings
 

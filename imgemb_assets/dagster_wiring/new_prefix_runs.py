@@ -29,7 +29,7 @@ from dagster._core.storage.asset_check_execution_record import AssetCheckExecuti
 from dagster._core.storage.dagster_run import NOT_FINISHED_STATUSES
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
-from imgemb_assets.core import tables
+from imgemb_assets.core.lake import tables
 from imgemb_assets.dagster_wiring.assets import SALES_EXPORT, UNIQUE_IMAGE_IDS_CHECK
 from imgemb_assets.dagster_wiring.jobs import NEW_PREFIXES_JOB_NAME, PREFIX_CHAIN_ASSETS
 from imgemb_assets.dagster_wiring.staleness import latest_unpartitioned_id

@@ -24,9 +24,9 @@ from dagster import (
     sensor,
 )
 
-from imgemb_assets.core.discovery import fingerprint_prefixes
-from imgemb_assets.core.partitioned_root import PartitionedRoot
-from imgemb_assets.core.storage import partition_key_problem
+from imgemb_assets.core.ingest.discovery import fingerprint_prefixes
+from imgemb_assets.core.ingest.partitioned_root import PartitionedRoot
+from imgemb_assets.core.storage.objects import partition_key_problem
 from imgemb_assets.dagster_wiring.assets import LISTING_FINGERPRINT_KEY, RAW_IMAGES
 from imgemb_assets.dagster_wiring.partitions import S3_PREFIX_PARTITIONS_NAME
 from imgemb_assets.dagster_wiring.resources import StorageResource

@@ -5,10 +5,8 @@ from typing import Any, Literal
 from dagster import ConfigurableResource, EnvVar
 from pydantic import Field
 
-from imgemb_assets.core.drift import DriftThresholds
-from imgemb_assets.core.images import DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_IMAGE_BYTES, ImageLimits
-from imgemb_assets.core.lake import Lake
-from imgemb_assets.core.model_settings import (
+from imgemb_assets.core.embedding.drift import DriftThresholds
+from imgemb_assets.core.embedding.model_settings import (
     BackboneName,
     DecoderName,
     EmbeddingSettings,
@@ -16,12 +14,14 @@ from imgemb_assets.core.model_settings import (
     RuntimeName,
     model_code_version,
 )
-from imgemb_assets.core.near_duplicates import DEFAULT_SIMILARITY_THRESHOLD, ShareJumpRule
-from imgemb_assets.core.partition_scheme import DEFAULT_SCHEME_TEXT, PartitionScheme
-from imgemb_assets.core.partitioned_root import PartitionedRoot
-from imgemb_assets.core.s3 import S3Settings
-from imgemb_assets.core.scheme_record import require_scheme
-from imgemb_assets.core.storage import ObjectStore, open_object_store
+from imgemb_assets.core.imaging.images import DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_IMAGE_BYTES, ImageLimits
+from imgemb_assets.core.ingest.partition_scheme import DEFAULT_SCHEME_TEXT, PartitionScheme
+from imgemb_assets.core.ingest.partitioned_root import PartitionedRoot
+from imgemb_assets.core.ingest.scheme_record import require_scheme
+from imgemb_assets.core.lake.lake import Lake
+from imgemb_assets.core.search.near_duplicates import DEFAULT_SIMILARITY_THRESHOLD, ShareJumpRule
+from imgemb_assets.core.storage.objects import ObjectStore, open_object_store
+from imgemb_assets.core.storage.s3 import S3Settings
 from imgemb_assets.dagster_wiring.retries import permanent_failures
 
 
@@ -34,7 +34,7 @@ class ImgembS3Resource(ConfigurableResource):
     use_ssl, verify) would be accepted and not honoured. Unset values fall back
     to the standard AWS variables (AWS_ENDPOINT_URL, AWS_REGION, AWS_ALLOW_HTTP,
     the credential chain). The same settings build the boto3 client and the
-    delta-rs storage options (`imgemb_assets.core.s3`).
+    delta-rs storage options (`imgemb_assets.core.storage.s3`).
     """
 
     endpoint_url: str | None = Field(default=None, description="A custom S3 endpoint (MinIO, a moto server).")
@@ -87,7 +87,7 @@ class StorageResource(ConfigurableResource):
     partition_scheme: str = Field(
         default=DEFAULT_SCHEME_TEXT,
         description="How the raw-images root is cut into partitions (IMGEMB_PARTITION_SCHEME): folders, folders:N, "
-        "folders:N,hash:B or hash:B, optionally ,loose:L; see imgemb_assets/core/partition_scheme.py.",
+        "folders:N,hash:B or hash:B, optionally ,loose:L; see imgemb_assets/core/ingest/partition_scheme.py.",
     )
 
     def raw_images(self) -> ObjectStore:

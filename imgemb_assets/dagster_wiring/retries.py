@@ -15,13 +15,13 @@ from typing import Final
 from botocore.exceptions import ClientError
 from dagster import Backoff, Failure, Jitter, RetryPolicy
 
-from imgemb_assets.core.lake import CommitConflictError, LakeError
-from imgemb_assets.core.model_settings import ModelConfigError
-from imgemb_assets.core.partition_scheme import PartitionSchemeError
-from imgemb_assets.core.s3 import S3ConfigError
-from imgemb_assets.core.sales import SalesError
-from imgemb_assets.core.scheme_record import SchemeMismatchError
-from imgemb_assets.core.storage import StorageError
+from imgemb_assets.core.embedding.model_settings import ModelConfigError
+from imgemb_assets.core.ingest.partition_scheme import PartitionSchemeError
+from imgemb_assets.core.ingest.scheme_record import SchemeMismatchError
+from imgemb_assets.core.lake.lake import CommitConflictError, LakeError
+from imgemb_assets.core.sales.join import SalesError
+from imgemb_assets.core.storage.objects import StorageError
+from imgemb_assets.core.storage.s3 import S3ConfigError
 
 # 2 s, 4 s, 8 s (each +-50%): long enough for throttling to ease.
 STEP_RETRY_POLICY: Final = RetryPolicy(max_retries=3, delay=2, backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS)

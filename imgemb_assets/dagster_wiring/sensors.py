@@ -36,16 +36,16 @@ from dagster import (
     sensor,
 )
 
-from imgemb_assets.core import tables
-from imgemb_assets.core.discovery import (
+from imgemb_assets.core.ingest.discovery import (
     DiscoveryCursor,
     KnownPrefixes,
     listing_fingerprint,
     plan_discovery,
     vanished_prefixes,
 )
-from imgemb_assets.core.notifications import acknowledge, drain_queue, partitions_touched, sqs_client
-from imgemb_assets.core.sales import list_sales_files
+from imgemb_assets.core.ingest.notifications import acknowledge, drain_queue, partitions_touched, sqs_client
+from imgemb_assets.core.lake import tables
+from imgemb_assets.core.sales.join import list_sales_files
 from imgemb_assets.dagster_wiring.assets import (
     LISTING_FINGERPRINT_KEY,
     RAW_IMAGES,

@@ -11,7 +11,7 @@
                                     (for example a GPU capacity provider strategy)
     IMGEMB_PARTITION_SCHEME         how the raw-images root is cut into partitions (default folders: one per
                                     first-level folder, loose objects in 16 hash buckets); folders:N,
-                                    folders:N,hash:B, hash:B, optionally ,loose:L (core/partition_scheme.py)
+                                    folders:N,hash:B, hash:B, optionally ,loose:L (core/ingest/partition_scheme.py)
     IMGEMB_S3_EVENTS_QUEUE_URL      an SQS queue receiving the bucket's S3 event notifications: the discovery
                                     sensor then reads it and lists nothing (default: none, it lists)
     IMGEMB_SENSOR_INTERVAL_S        minimum interval of the sensors and of automation's evaluations (default: 30;
@@ -54,8 +54,8 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
-from imgemb_assets.core import maintenance_defaults
-from imgemb_assets.core.partition_scheme import DEFAULT_SCHEME_TEXT, PartitionScheme, PartitionSchemeError
+from imgemb_assets.core.ingest.partition_scheme import DEFAULT_SCHEME_TEXT, PartitionScheme, PartitionSchemeError
+from imgemb_assets.core.lake import maintenance_defaults
 
 Executor = Literal["in_process", "multiprocess", "celery", "ecs", "k8s"]
 VanishedPrefixPolicy = Literal["keep", "remove"]
@@ -108,7 +108,7 @@ class LocationSettings(BaseSettings):
     celery_backend_url: str | None = None
     # Parsed (and so validated) here, kept as its canonical text for the storage resource.
     partition_scheme: str = DEFAULT_SCHEME_TEXT
-    # Discovery from the bucket's event notifications instead of listings (sensors.py, core/notifications.py).
+    # Discovery from the bucket's event notifications instead of listings (sensors.py, core/ingest/notifications.py).
     s3_events_queue_url: str | None = None
     # None: automation_interval_s() and discovery_interval_s() choose (LISTING_INTERVAL_S, CHEAP_TICK_INTERVAL_S).
     sensor_interval_s: int | None = Field(None, ge=1)

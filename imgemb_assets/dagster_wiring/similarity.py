@@ -1,7 +1,7 @@
 """The search index and the near-duplicate table, kept in step with `image_embeddings` by one step.
 
 `image_search_index` is one index per model_id under `<lake>/_search_index/`
-(`core/search_index.py`), updated a partition at a time (`core/index_refresh.py`).
+(`core/search/index.py`), updated a partition at a time (`core/search/refresh.py`).
 `near_duplicates` holds, for each partition that changed, its image pairs above
 the similarity resource's threshold against the whole index of the same model;
 its check warns when a partition's share of images with a near duplicate jumps.
@@ -28,16 +28,16 @@ from dagster import (
     multi_asset,
 )
 
-from imgemb_assets.core import tables
-from imgemb_assets.core.lake import Lake
-from imgemb_assets.core.model_settings import model_id_has_random_weights
+from imgemb_assets.core.embedding.model_settings import model_id_has_random_weights
+from imgemb_assets.core.lake import tables
+from imgemb_assets.core.lake.lake import Lake
 from imgemb_assets.dagster_wiring.automation import FOLLOWS_UPSTREAM
 from imgemb_assets.dagster_wiring.resources import SimilaritySettings, StorageResource
 from imgemb_assets.dagster_wiring.retries import STEP_RETRY_POLICY, permanent_failures
 from imgemb_assets.dagster_wiring.table_metadata import table_metadata
 
 if TYPE_CHECKING:  # usearch is imported by this step only
-    from imgemb_assets.core.index_refresh import IndexRefresh, ModelRefresh
+    from imgemb_assets.core.search.refresh import IndexRefresh, ModelRefresh
 
 SEARCH_INDEX: Final = "image_search_index"
 SEARCH_INDEX_POOL: Final = "search_index"
@@ -95,7 +95,7 @@ def build_similarity_assets(model_code_version: str) -> AssetsDefinition:
     def update_search_index(
         context: AssetExecutionContext, storage: StorageResource, similarity: SimilaritySettings
     ) -> Iterator[MaterializeResult | AssetCheckResult]:
-        from imgemb_assets.core.index_refresh import refresh_search_indexes
+        from imgemb_assets.core.search.refresh import refresh_search_indexes
 
         lake = storage.lake()
         with permanent_failures():  # a bad setting or S3 denying the lake: one line, not retried
@@ -134,7 +134,7 @@ def build_similarity_assets(model_code_version: str) -> AssetsDefinition:
 
 def _index_metadata(lake: Lake, refresh: "IndexRefresh") -> dict[str, Any]:
     """The largest model's numbers at the top (the one a person queries), every model in a table."""
-    from imgemb_assets.core.search_index import index_metadata, stored_index_bytes
+    from imgemb_assets.core.search.index import index_metadata, stored_index_bytes
 
     metadata: dict[str, Any] = {
         "partitions_read": len(refresh.partitions_read),
@@ -169,7 +169,7 @@ def _index_metadata(lake: Lake, refresh: "IndexRefresh") -> dict[str, Any]:
 
 def _neighbours_sheet(lake: Lake, model: "ModelRefresh") -> str:
     """A few images of the changed partitions beside their nearest neighbours, as a person checks an index."""
-    from imgemb_assets.core.contact_sheet import Neighbour, NeighbourRow, neighbours_sheet
+    from imgemb_assets.core.imaging.contact_sheet import Neighbour, NeighbourRow, neighbours_sheet
 
     candidates = [
         (prefix, image_id) for prefix, vectors in model.with_vectors.items() for image_id in vectors.image_ids
@@ -199,7 +199,7 @@ def _share_check(
     table: pa.Table, refresh: "IndexRefresh", found: Mapping[str, Mapping[str, Any]], similarity: SimilaritySettings
 ) -> AssetCheckResult:
     """`table`: every near-duplicate row, all models."""
-    from imgemb_assets.core.near_duplicates import near_duplicate_share_check, near_duplicate_shares
+    from imgemb_assets.core.search.near_duplicates import near_duplicate_share_check, near_duplicate_shares
 
     jumped: list[str] = []
     checked = 0

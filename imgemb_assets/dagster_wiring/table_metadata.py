@@ -5,7 +5,7 @@ from typing import Any
 import pyarrow as pa
 from dagster import MetadataValue, TableColumn, TableColumnConstraints, TableSchema
 
-from imgemb_assets.core.lake import Lake
+from imgemb_assets.core.lake.lake import Lake
 
 
 def table_metadata(lake: Lake, name: str, rows: int, schema: pa.Schema, **extra: Any) -> dict[str, Any]:

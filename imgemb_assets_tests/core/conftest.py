@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from imgemb_assets.core.lake import Lake
-from imgemb_assets.core.s3 import S3Settings
+from imgemb_assets.core.lake.lake import Lake
+from imgemb_assets.core.storage.s3 import S3Settings
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgemb_assets.core.images import ImageLimits
-from imgemb_assets.core.manifest import build_manifest
-from imgemb_assets.core.storage import LocalObjectStore
-from imgemb_assets.core.thumbnails import downscale_partition
+from imgemb_assets.core.imaging.images import ImageLimits
+from imgemb_assets.core.ingest.manifest import build_manifest
+from imgemb_assets.core.ingest.thumbnails import downscale_partition
+from imgemb_assets.core.storage.objects import LocalObjectStore
 from imgemb_support.bad_inputs import TEST_MAX_IMAGE_BYTES, bad_input_cases, write_cases
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -142,10 +142,10 @@ def test_a_file_name_that_is_not_utf8_is_rejected_by_name_and_the_others_kept(tm
 _AS_UNPRIVILEGED = """
 import json, sys
 from pathlib import Path
-from imgemb_assets.core.discovery import DiscoveryCursor, plan_discovery
-from imgemb_assets.core.manifest import build_manifest
-from imgemb_assets.core.thumbnails import downscale_partition
-from imgemb_assets.core.storage import LocalObjectStore
+from imgemb_assets.core.ingest.discovery import DiscoveryCursor, plan_discovery
+from imgemb_assets.core.ingest.manifest import build_manifest
+from imgemb_assets.core.ingest.thumbnails import downscale_partition
+from imgemb_assets.core.storage.objects import LocalObjectStore
 
 store = LocalObjectStore(Path(sys.argv[1]))
 plan = plan_discovery(store, DiscoveryCursor(), recent=5)
@@ -224,8 +224,8 @@ def test_fixing_permissions_changes_the_fingerprint(world_readable_root: Path) -
     (root / "p" / "a.jpg").write_bytes(b"a")
     (root / "p" / "a.jpg").chmod(0o000)
     script = (
-        "import sys; from pathlib import Path; from imgemb_assets.core.discovery import listing_fingerprint; "
-        "from imgemb_assets.core.storage import LocalObjectStore; "
+        "import sys; from pathlib import Path; from imgemb_assets.core.ingest.discovery import listing_fingerprint; "
+        "from imgemb_assets.core.storage.objects import LocalObjectStore; "
         "print(listing_fingerprint(LocalObjectStore(Path(sys.argv[1])).list_objects('p')))"
     )
     locked = _run_unprivileged(script, str(root))

@@ -14,10 +14,16 @@ import numpy as np
 import pytest
 import torch
 
-from imgemb_assets.core.embedding import decode_batch, embed_thumbnails, forward_for, pad_batch, run_model
+from imgemb_assets.core.embedding.inference import decode_batch, embed_thumbnails, forward_for, pad_batch, run_model
+from imgemb_assets.core.embedding.model_settings import EmbeddingSettings, ModelConfigError
+from imgemb_assets.core.embedding.models import (
+    COMPILE_MODES,
+    CompiledForward,
+    load_model,
+    model_id_for,
+    resolve_compile,
+)
 from imgemb_assets.core.embedding_bench import generated_thumbnails
-from imgemb_assets.core.model_settings import EmbeddingSettings, ModelConfigError
-from imgemb_assets.core.models import COMPILE_MODES, CompiledForward, load_model, model_id_for, resolve_compile
 
 CPU = torch.device("cpu")
 RESNET18 = dict(weights="random:3", model="resnet18", device="cpu", batch_size=4)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgemb_assets.core.contact_sheet import (
+from imgemb_assets.core.imaging.contact_sheet import (
     GUTTER,
     LABEL_HEIGHT,
     MAX_NEIGHBOUR_ROWS,
@@ -35,7 +35,7 @@ from imgemb_assets.core.contact_sheet import (
     rejected_images_sheet,
     sheet_markdown,
 )
-from imgemb_assets.core.storage import LocalObjectStore, ObjectInfo
+from imgemb_assets.core.storage.objects import LocalObjectStore, ObjectInfo
 
 _RED = (220, 30, 30)
 _GREEN = (30, 200, 60)

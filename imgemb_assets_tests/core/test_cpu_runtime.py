@@ -13,12 +13,12 @@ import pytest
 import torch
 from torchvision.models import resnet50
 
-from imgemb_assets.core.allocator import keep_inference_memory_mapped
-from imgemb_assets.core.embedding import decode_batch, embed_thumbnails, preprocess
-from imgemb_assets.core.images import downscale
-from imgemb_assets.core.model_settings import EmbeddingSettings, ModelConfigError
-from imgemb_assets.core.models import load_model, resolve_runtime
-from imgemb_assets.core.synthetic import synthetic_photo
+from imgemb_assets.core.embedding.allocator import keep_inference_memory_mapped
+from imgemb_assets.core.embedding.inference import decode_batch, embed_thumbnails, preprocess
+from imgemb_assets.core.embedding.model_settings import EmbeddingSettings, ModelConfigError
+from imgemb_assets.core.embedding.models import load_model, resolve_runtime
+from imgemb_assets.core.imaging.images import downscale
+from imgemb_assets.core.imaging.synthetic import synthetic_photo
 
 SEED = 5
 GLIBC = platform.libc_ver()[0] == "glibc"  # the tuning exists only there
@@ -102,9 +102,9 @@ def test_malloc_tuning_is_idempotent() -> None:
 
 _PROBE = """
 import json, sys
-from imgemb_assets.core.allocator import malloc_tuning_applied
-from imgemb_assets.core.model_settings import EmbeddingSettings
-from imgemb_assets.core.models import load_model
+from imgemb_assets.core.embedding.allocator import malloc_tuning_applied
+from imgemb_assets.core.embedding.model_settings import EmbeddingSettings
+from imgemb_assets.core.embedding.models import load_model
 before = malloc_tuning_applied()
 model = load_model(EmbeddingSettings(weights="random", model="resnet18", device="cpu", runtime=sys.argv[1]))
 print(json.dumps({"before": before, "after": malloc_tuning_applied(), "runtime": model.runtime}))
@@ -124,7 +124,7 @@ def test_malloc_is_tuned_when_a_cpu_tuned_model_is_built_and_never_for_eager(run
 _RELEASE_PROBE = """
 import json, resource
 import torch
-from imgemb_assets.core.allocator import keep_inference_memory_mapped, release_free_heap
+from imgemb_assets.core.embedding.allocator import keep_inference_memory_mapped, release_free_heap
 
 def rss_mb():
     with open("/proc/self/statm") as f:

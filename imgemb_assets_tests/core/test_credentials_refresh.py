@@ -20,9 +20,9 @@ import boto3
 import pyarrow as pa
 import pytest
 
-from imgemb_assets.core.lake import Lake
-from imgemb_assets.core.s3 import S3AccessDenied, S3Settings
-from imgemb_assets.core.tables import PARTITION_COLUMN
+from imgemb_assets.core.lake.lake import Lake
+from imgemb_assets.core.lake.tables import PARTITION_COLUMN
+from imgemb_assets.core.storage.s3 import S3AccessDenied, S3Settings
 from imgemb_assets.dagster_wiring.resources import ImgembS3Resource, StorageResource
 from imgemb_support.moto_server import running_moto_server
 

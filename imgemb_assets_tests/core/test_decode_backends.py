@@ -23,11 +23,9 @@ import pytest
 import torch
 from PIL import Image
 
-from imgemb_assets.core.images import downscale
-from imgemb_assets.core.model_settings import EmbeddingSettings, ModelConfigError
-from imgemb_assets.core.models import load_model
-from imgemb_assets.core.synthetic import synthetic_photo
-from imgemb_assets.core.thumbnail_decoders import (
+from imgemb_assets.core.embedding.model_settings import EmbeddingSettings, ModelConfigError
+from imgemb_assets.core.embedding.models import load_model
+from imgemb_assets.core.embedding.thumbnail_decoders import (
     BUILDERS,
     DecodedBatch,
     DecoderUnavailable,
@@ -38,6 +36,8 @@ from imgemb_assets.core.thumbnail_decoders import (
     probe_thumbnail,
     working_decoder,
 )
+from imgemb_assets.core.imaging.images import downscale
+from imgemb_assets.core.imaging.synthetic import synthetic_photo
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda")
@@ -133,7 +133,7 @@ def test_auto_on_cuda_falls_back_to_nvjpeg_when_nvimgcodec_is_missing_and_says_w
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     builders = {**BUILDERS, "nvjpeg": _NvjpegStandIn}
-    with caplog.at_level(logging.WARNING, logger="imgemb_assets.core.thumbnail_decoders"):
+    with caplog.at_level(logging.WARNING, logger="imgemb_assets.core.embedding.thumbnail_decoders"):
         choice = choose_decoder("auto", CUDA, builders)
     assert isinstance(choice.decoder, _NvjpegStandIn)
     assert len(choice.skipped) == 1

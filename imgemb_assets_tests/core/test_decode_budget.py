@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgemb_assets.core.images import DecodeGate, ImageLimits, decode_cost_bytes, downscale
+from imgemb_assets.core.imaging.images import DecodeGate, ImageLimits, decode_cost_bytes, downscale
 from imgemb_assets.dagster_wiring.resources import ImageLimitsResource
 
 _SETTLE_S = 0.3  # long enough for a wrongly admitted thread to get in

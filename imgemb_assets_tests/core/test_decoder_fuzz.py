@@ -34,7 +34,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageCms, features
 
-from imgemb_assets.core.images import DecodeGate, ImageRejected, Thumbnail, decode_thumbnail, downscale
+from imgemb_assets.core.imaging.images import DecodeGate, ImageRejected, Thumbnail, decode_thumbnail, downscale
 
 SEED = 20261207
 # Large enough for the fuzz to reach the pixel-limit refusal, small enough that

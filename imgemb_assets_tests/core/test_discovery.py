@@ -7,16 +7,16 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from imgemb_assets.core.discovery import (
+from imgemb_assets.core.ingest.discovery import (
     DiscoveryCursor,
     listing_fingerprint,
     plan_discovery,
     prefixes_to_fingerprint,
     vanished_prefixes,
 )
-from imgemb_assets.core.partition_scheme import PartitionScheme
-from imgemb_assets.core.partitioned_root import PartitionedRoot
-from imgemb_assets.core.storage import LocalObjectStore, ObjectInfo, StorageError, open_object_store
+from imgemb_assets.core.ingest.partition_scheme import PartitionScheme
+from imgemb_assets.core.ingest.partitioned_root import PartitionedRoot
+from imgemb_assets.core.storage.objects import LocalObjectStore, ObjectInfo, StorageError, open_object_store
 
 
 def _tree(root: Path, files: dict[str, bytes]) -> None:

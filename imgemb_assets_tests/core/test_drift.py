@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from imgemb_assets.core.drift import (
+from imgemb_assets.core.embedding.drift import (
     DriftThresholds,
     EmbeddingMoments,
     embedding_drift,
     moments_of_batches,
     previous_partition,
 )
-from imgemb_assets.core.embedding_column import embedding_array
+from imgemb_assets.core.lake.embedding_column import embedding_array
 
 WIDTH = 64
 

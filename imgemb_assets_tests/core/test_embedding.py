@@ -13,10 +13,15 @@ from PIL import Image
 from torchvision import transforms
 from torchvision.models import ResNet50_Weights, resnet50
 
-from imgemb_assets.core.embedding import embed_thumbnails
-from imgemb_assets.core.images import downscale
-from imgemb_assets.core.model_settings import EmbeddingSettings, ModelConfigError
-from imgemb_assets.core.models import IMAGENET_NORMALIZATION, EmbeddingModel, load_model, pretrained_weights_cached
+from imgemb_assets.core.embedding.inference import embed_thumbnails
+from imgemb_assets.core.embedding.model_settings import EmbeddingSettings, ModelConfigError
+from imgemb_assets.core.embedding.models import (
+    IMAGENET_NORMALIZATION,
+    EmbeddingModel,
+    load_model,
+    pretrained_weights_cached,
+)
+from imgemb_assets.core.imaging.images import downscale
 
 
 @pytest.fixture(scope="module")

@@ -12,14 +12,14 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from imgemb_assets.core import tables
-from imgemb_assets.core.embedding import embed_thumbnails
-from imgemb_assets.core.embedding_partition import EmbeddingRun, SharedModel, embed_partition_batches
-from imgemb_assets.core.embedding_staging import STAGED_SCHEMA, PartitionStaging, staging_root_uri
-from imgemb_assets.core.lake import Lake
-from imgemb_assets.core.model_settings import EmbeddingSettings
-from imgemb_assets.core.progress import Progress
-from imgemb_assets.core.s3 import S3Settings
+from imgemb_assets.core.embedding.inference import embed_thumbnails
+from imgemb_assets.core.embedding.model_settings import EmbeddingSettings
+from imgemb_assets.core.embedding.partition import EmbeddingRun, SharedModel, embed_partition_batches
+from imgemb_assets.core.embedding.progress import Progress
+from imgemb_assets.core.embedding.staging import STAGED_SCHEMA, PartitionStaging, staging_root_uri
+from imgemb_assets.core.lake import tables
+from imgemb_assets.core.lake.lake import Lake
+from imgemb_assets.core.storage.s3 import S3Settings
 from imgemb_support.counting_filesystem import CountingHandler
 from imgemb_support.rows import EMBEDDINGS_SCHEMA, JOINED_SCHEMA, random_thumbnails
 

@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from imgemb_assets.core.evaluation import (
+from imgemb_assets.core.evaluation.scores import (
     RANDOM_WEIGHTS_WARNING,
     EvaluationSettings,
     evaluate_embeddings,

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgemb_assets.core import images
-from imgemb_assets.core.images import (
+from imgemb_assets.core.imaging import images
+from imgemb_assets.core.imaging.images import (
     IMAGE_SIZE,
     DecodeGate,
     ImageLimits,

@@ -23,13 +23,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from imgemb_assets.core import index_refresh, search_index, tables
-from imgemb_assets.core.embedding_column import embedding_array, vectors_of
-from imgemb_assets.core.index_refresh import JOURNAL_NAME, refresh_search_indexes
-from imgemb_assets.core.lake import Lake
-from imgemb_assets.core.near_duplicates import DEFAULT_SIMILARITY_THRESHOLD, find_near_duplicates
-from imgemb_assets.core.s3 import S3Settings
-from imgemb_assets.core.search_index import IndexCommitConflict, index_folder_uri, load_index, stored_model_ids
+from imgemb_assets.core.lake import tables
+from imgemb_assets.core.lake.embedding_column import embedding_array, vectors_of
+from imgemb_assets.core.lake.lake import Lake
+from imgemb_assets.core.search import index as search_index
+from imgemb_assets.core.search import refresh as index_refresh
+from imgemb_assets.core.search.index import IndexCommitConflict, index_folder_uri, load_index, stored_model_ids
+from imgemb_assets.core.search.near_duplicates import DEFAULT_SIMILARITY_THRESHOLD, find_near_duplicates
+from imgemb_assets.core.search.refresh import JOURNAL_NAME, refresh_search_indexes
+from imgemb_assets.core.storage.s3 import S3Settings
 from imgemb_assets_tests.core.test_near_duplicates import ExactIndex
 from imgemb_support.rows import EMBEDDINGS_SCHEMA
 

@@ -14,8 +14,8 @@ import pyarrow as pa
 import pytest
 from deltalake import DeltaTable, write_deltalake
 
-from imgemb_assets.core.lake import InputChangedError, Lake, LakeError, partition_predicate, partition_value
-from imgemb_assets.core.tables import PARTITION_STORAGE_COLUMN, REJECTED_IMAGES, REJECTED_IMAGES_SCHEMA
+from imgemb_assets.core.lake.lake import InputChangedError, Lake, LakeError, partition_predicate, partition_value
+from imgemb_assets.core.lake.tables import PARTITION_STORAGE_COLUMN, REJECTED_IMAGES, REJECTED_IMAGES_SCHEMA
 from imgemb_support.rows import rejected_rows
 
 
@@ -94,7 +94,7 @@ _READ_THEN_EXIT = """
 import sys
 import time
 import pyarrow as pa
-from imgemb_assets.core.lake import Lake
+from imgemb_assets.core.lake.lake import Lake
 lake = Lake(sys.argv[1])
 for attempt in range(10):
     lake.write_partition("t", pa.table({"prefix": ["p"], "x": [attempt]}), "p")
@@ -139,8 +139,8 @@ _STREAMING_WRITER = """
 import sys, time
 from pathlib import Path
 import pyarrow as pa
-from imgemb_assets.core.lake import Lake
-from imgemb_assets.core.tables import REJECTED_IMAGES, REJECTED_IMAGES_SCHEMA
+from imgemb_assets.core.lake.lake import Lake
+from imgemb_assets.core.lake.tables import REJECTED_IMAGES, REJECTED_IMAGES_SCHEMA
 
 root, halfway = sys.argv[1], Path(sys.argv[2])
 

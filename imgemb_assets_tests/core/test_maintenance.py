@@ -13,9 +13,9 @@ import pyarrow as pa
 import pytest
 from deltalake import DeltaTable, QueryBuilder, write_deltalake
 
-from imgemb_assets.core.lake import Lake
-from imgemb_assets.core.maintenance import MaintenanceSettings, compact_partitions, maintain_table
-from imgemb_assets.core.tables import (
+from imgemb_assets.core.lake.lake import Lake
+from imgemb_assets.core.lake.maintenance import MaintenanceSettings, compact_partitions, maintain_table
+from imgemb_assets.core.lake.tables import (
     PARTITION_STORAGE_COLUMN,
     REJECTED_IMAGES,
     SALES,
@@ -68,7 +68,7 @@ import os, sys, time
 from pathlib import Path
 import pyarrow as pa
 from deltalake import write_deltalake
-from imgemb_assets.core.tables import PARTITION_STORAGE_COLUMN, REJECTED_IMAGES_SCHEMA
+from imgemb_assets.core.lake.tables import PARTITION_STORAGE_COLUMN, REJECTED_IMAGES_SCHEMA
 
 uri, prefix, halfway = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 schema = REJECTED_IMAGES_SCHEMA.append(pa.field(PARTITION_STORAGE_COLUMN, pa.string(), nullable=False))

@@ -7,14 +7,14 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from imgemb_assets.core.near_duplicates import (
+from imgemb_assets.core.lake.tables import NEAR_DUPLICATES_SCHEMA
+from imgemb_assets.core.search.near_duplicates import (
     NearDuplicates,
     ShareJumpRule,
     find_near_duplicates,
     near_duplicate_share_check,
     share_jumped,
 )
-from imgemb_assets.core.tables import NEAR_DUPLICATES_SCHEMA
 
 WIDTH = 256
 MODEL = "resnet50-test"

@@ -10,11 +10,11 @@ import pytest
 import torch
 from torchvision.models import resnet18
 
-from imgemb_assets.core import tables
-from imgemb_assets.core.embedding_column import embedding_array
-from imgemb_assets.core.embedding_partition import EmbeddingRun, SharedModel, embed_partition_batches
-from imgemb_assets.core.model_settings import EmbeddingSettings
-from imgemb_assets.core.quality import embedding_values
+from imgemb_assets.core.embedding.model_settings import EmbeddingSettings
+from imgemb_assets.core.embedding.partition import EmbeddingRun, SharedModel, embed_partition_batches
+from imgemb_assets.core.lake import tables
+from imgemb_assets.core.lake.embedding_column import embedding_array
+from imgemb_assets.core.quality.checks import embedding_values
 from imgemb_support.rows import EMBEDDINGS_SCHEMA, JOINED_SCHEMA, random_thumbnails
 
 PREFIX = "2026-11-01"

@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from imgemb_assets.core.notifications import (
+from imgemb_assets.core.ingest.notifications import (
     EventQueueConfigError,
     QueueDrain,
     acknowledge,
@@ -20,8 +20,8 @@ from imgemb_assets.core.notifications import (
     queue_region_and_endpoint,
     sqs_client,
 )
-from imgemb_assets.core.s3 import S3Settings
-from imgemb_assets.core.storage import partition_key_of
+from imgemb_assets.core.storage.objects import partition_key_of
+from imgemb_assets.core.storage.s3 import S3Settings
 from imgemb_support.s3_notifications import create_event_queue, moto_sqs_client, queue_depth
 
 ROOT = "raw-images"

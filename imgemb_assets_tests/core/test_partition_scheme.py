@@ -11,18 +11,18 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from imgemb_assets.core.discovery import DiscoveryCursor, fingerprint_prefixes, plan_discovery
-from imgemb_assets.core.lake import Lake
-from imgemb_assets.core.partition_scheme import (
+from imgemb_assets.core.ingest.discovery import DiscoveryCursor, fingerprint_prefixes, plan_discovery
+from imgemb_assets.core.ingest.partition_scheme import (
     LOOSE_FOLDER,
     PartitionScheme,
     PartitionSchemeError,
     bucket_of,
 )
-from imgemb_assets.core.partitioned_root import PartitionedRoot
-from imgemb_assets.core.scheme_record import SchemeMismatchError, recorded_scheme, require_scheme
-from imgemb_assets.core.storage import LocalObjectStore
-from imgemb_assets.core.tables import RAW_IMAGE_MANIFEST, RAW_IMAGE_MANIFEST_SCHEMA
+from imgemb_assets.core.ingest.partitioned_root import PartitionedRoot
+from imgemb_assets.core.ingest.scheme_record import SchemeMismatchError, recorded_scheme, require_scheme
+from imgemb_assets.core.lake.lake import Lake
+from imgemb_assets.core.lake.tables import RAW_IMAGE_MANIFEST, RAW_IMAGE_MANIFEST_SCHEMA
+from imgemb_assets.core.storage.objects import LocalObjectStore
 
 
 def _tree(root: Path, keys: list[str]) -> None:

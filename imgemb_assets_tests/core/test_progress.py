@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 
-from imgemb_assets.core.progress import PROGRESS_INTERVAL_S, Progress, format_duration
+from imgemb_assets.core.embedding.progress import PROGRESS_INTERVAL_S, Progress, format_duration
 
 
 class FakeClock:

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from imgemb_assets.core.quality import duplicate_image_ids, embedding_values, manifest_accounted_for, sales_coverage
+from imgemb_assets.core.quality.checks import (
+    duplicate_image_ids,
+    embedding_values,
+    manifest_accounted_for,
+    sales_coverage,
+)
 
 
 def test_duplicate_sales_ids_fail_and_name_an_example() -> None:

@@ -19,15 +19,21 @@ from botocore.exceptions import ClientError
 from deltalake import DeltaTable
 from PIL import Image
 
-from imgemb_assets.core.discovery import DiscoveryCursor, partition_fingerprint, plan_discovery
-from imgemb_assets.core.lake import Lake
-from imgemb_assets.core.manifest import build_manifest
-from imgemb_assets.core.partition_scheme import PartitionScheme
-from imgemb_assets.core.partitioned_root import PartitionedRoot
-from imgemb_assets.core.s3 import S3ConfigError, S3Settings, split_s3_uri
-from imgemb_assets.core.storage import ObjectMissing, ObjectRefused, S3ObjectStore, StorageError, open_object_store
-from imgemb_assets.core.tables import REJECTED_IMAGES_SCHEMA
-from imgemb_assets.core.thumbnails import downscale_partition
+from imgemb_assets.core.ingest.discovery import DiscoveryCursor, partition_fingerprint, plan_discovery
+from imgemb_assets.core.ingest.manifest import build_manifest
+from imgemb_assets.core.ingest.partition_scheme import PartitionScheme
+from imgemb_assets.core.ingest.partitioned_root import PartitionedRoot
+from imgemb_assets.core.ingest.thumbnails import downscale_partition
+from imgemb_assets.core.lake.lake import Lake
+from imgemb_assets.core.lake.tables import REJECTED_IMAGES_SCHEMA
+from imgemb_assets.core.storage.objects import (
+    ObjectMissing,
+    ObjectRefused,
+    S3ObjectStore,
+    StorageError,
+    open_object_store,
+)
+from imgemb_assets.core.storage.s3 import S3ConfigError, S3Settings, split_s3_uri
 from imgemb_support.fault_proxy import running_fault_proxy
 from imgemb_support.moto_server import MOTO_CREDENTIALS
 

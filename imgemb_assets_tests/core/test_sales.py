@@ -12,17 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable
 
-from imgemb_assets.core.lake import Lake
-from imgemb_assets.core.sales import (
-    SalesError,
-    check_against_lake,
-    join_with_sales,
-    read_sales,
-    validate_sales,
-    written_sales_columns,
-)
-from imgemb_assets.core.storage import open_object_store
-from imgemb_assets.core.tables import (
+from imgemb_assets.core.lake.lake import Lake
+from imgemb_assets.core.lake.tables import (
     DOWNSCALED_IMAGES_SCHEMA,
     IMAGE_EMBEDDINGS,
     IMAGES_WITH_SALES,
@@ -30,6 +21,15 @@ from imgemb_assets.core.tables import (
     image_embeddings_schema,
     images_with_sales_schema,
 )
+from imgemb_assets.core.sales.join import (
+    SalesError,
+    check_against_lake,
+    join_with_sales,
+    read_sales,
+    validate_sales,
+    written_sales_columns,
+)
+from imgemb_assets.core.storage.objects import open_object_store
 from imgemb_support.rows import downscaled_rows
 
 

@@ -30,15 +30,15 @@ from deltalake import DeltaTable
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from imgemb_assets.core.lake import Lake
-from imgemb_assets.core.sales import SalesError, join_with_sales, read_sales
-from imgemb_assets.core.storage import open_object_store
-from imgemb_assets.core.tables import (
+from imgemb_assets.core.lake.lake import Lake
+from imgemb_assets.core.lake.tables import (
     IMAGES_WITH_SALES,
     RESERVED_SALES_COLUMNS,
     SALES,
     images_with_sales_schema,
 )
+from imgemb_assets.core.sales.join import SalesError, join_with_sales, read_sales
+from imgemb_assets.core.storage.objects import open_object_store
 from imgemb_support.rows import downscaled_rows
 
 _EPOCH = dt.datetime(1970, 1, 1)

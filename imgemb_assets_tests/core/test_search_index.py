@@ -17,10 +17,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pytest
 
-from imgemb_assets.core import search_index as search_index_module
-from imgemb_assets.core.lake import Lake
-from imgemb_assets.core.s3 import S3Settings
-from imgemb_assets.core.search_index import (
+from imgemb_assets.core.lake.lake import Lake
+from imgemb_assets.core.search import index as search_index_module
+from imgemb_assets.core.search.index import (
     AmbiguousImageId,
     AnnParameters,
     IndexMissing,
@@ -39,6 +38,7 @@ from imgemb_assets.core.search_index import (
     stored_index_bytes,
     stored_model_ids,
 )
+from imgemb_assets.core.storage.s3 import S3Settings
 from imgemb_support.counting_filesystem import CountingHandler
 
 WIDTH = 128

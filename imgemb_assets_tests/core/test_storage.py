@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from imgemb_assets.core.storage import (
+from imgemb_assets.core.storage.objects import (
     LocalObjectStore,
     ObjectRefused,
     StorageError,

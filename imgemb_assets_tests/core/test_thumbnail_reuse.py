@@ -9,10 +9,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from imgemb_assets.core.images import ImageLimits
-from imgemb_assets.core.manifest import build_manifest
-from imgemb_assets.core.storage import LocalObjectStore
-from imgemb_assets.core.thumbnails import DownscaledPartition, StoredThumbnails, downscale_partition, thumbnail_recipe
+from imgemb_assets.core.imaging.images import ImageLimits
+from imgemb_assets.core.ingest.manifest import build_manifest
+from imgemb_assets.core.ingest.thumbnails import (
+    DownscaledPartition,
+    StoredThumbnails,
+    downscale_partition,
+    thumbnail_recipe,
+)
+from imgemb_assets.core.storage.objects import LocalObjectStore
 
 
 class _CountingStore(LocalObjectStore):

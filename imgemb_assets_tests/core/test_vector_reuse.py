@@ -14,13 +14,13 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from imgemb_assets.core import tables
-from imgemb_assets.core.embedding import embed_thumbnails
-from imgemb_assets.core.embedding_partition import EmbeddingRun, SharedModel, embed_partition_batches
-from imgemb_assets.core.images import downscale
-from imgemb_assets.core.lake import Lake
-from imgemb_assets.core.model_settings import EmbeddingSettings
-from imgemb_assets.core.models import load_model, model_id_for
+from imgemb_assets.core.embedding.inference import embed_thumbnails
+from imgemb_assets.core.embedding.model_settings import EmbeddingSettings
+from imgemb_assets.core.embedding.models import load_model, model_id_for
+from imgemb_assets.core.embedding.partition import EmbeddingRun, SharedModel, embed_partition_batches
+from imgemb_assets.core.imaging.images import downscale
+from imgemb_assets.core.lake import tables
+from imgemb_assets.core.lake.lake import Lake
 from imgemb_support.rows import EMBEDDINGS_SCHEMA, JOINED_SCHEMA
 
 PREFIX = "2026-11-01"

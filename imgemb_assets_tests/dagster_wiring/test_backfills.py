@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from dagster import AssetKey, DagsterEventType, DagsterInstance, instance_for_test
 
-from imgemb_assets.core import tables
-from imgemb_assets.core.lake import Lake
-from imgemb_assets.core.sample_data import SampleDataset, generate_sample_dataset
-from imgemb_assets.core.storage import open_object_store
+from imgemb_assets.core.lake import tables
+from imgemb_assets.core.lake.lake import Lake
+from imgemb_assets.core.sample.dataset import SampleDataset, generate_sample_dataset
+from imgemb_assets.core.storage.objects import open_object_store
 from imgemb_assets.dagster_wiring.backfills import plan_backfill, run_chunks, run_in_process
 from imgemb_assets.dagster_wiring.partitions import S3_PREFIX_PARTITIONS_NAME
 from imgemb_assets.dagster_wiring.settings import LocationSettings

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from dagster import AssetKey, DagsterInstance
 
-from imgemb_assets.core import tables
-from imgemb_assets.core.embedding_column import vectors_of
-from imgemb_assets.core.lake import Lake
+from imgemb_assets.core.lake import tables
+from imgemb_assets.core.lake.embedding_column import vectors_of
+from imgemb_assets.core.lake.lake import Lake
 from imgemb_assets.dagster_wiring.jobs import PREFIX_JOB_NAME, SALES_JOB_NAME
 from imgemb_assets.dagster_wiring.settings import LocationSettings
 from imgemb_assets.definitions import build_definitions

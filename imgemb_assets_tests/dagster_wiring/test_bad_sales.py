@@ -10,9 +10,9 @@ import pytest
 from dagster import DagsterEventType, DagsterInstance
 from deltalake import DeltaTable
 
-from imgemb_assets.core import tables
-from imgemb_assets.core.lake import Lake
-from imgemb_assets.core.sample_data import SampleDataset
+from imgemb_assets.core.lake import tables
+from imgemb_assets.core.lake.lake import Lake
+from imgemb_assets.core.sample.dataset import SampleDataset
 from imgemb_assets.dagster_wiring.jobs import SALES_JOB_NAME
 from imgemb_assets.dagster_wiring.settings import LocationSettings
 from imgemb_assets.definitions import build_definitions

@@ -15,10 +15,10 @@ import pytest
 from dagster import AssetKey, DagsterInstance, RunRequest, SensorResult, build_sensor_context, instance_for_test
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
-from imgemb_assets.core import tables
-from imgemb_assets.core.lake import Lake
-from imgemb_assets.core.sample_data import SampleDataset
-from imgemb_assets.core.storage import open_object_store
+from imgemb_assets.core.lake import tables
+from imgemb_assets.core.lake.lake import Lake
+from imgemb_assets.core.sample.dataset import SampleDataset
+from imgemb_assets.core.storage.objects import open_object_store
 from imgemb_assets.dagster_wiring.backfills import plan_backfill
 from imgemb_assets.dagster_wiring.jobs import NEW_PREFIXES_JOB_NAME, PREFIX_CHAIN_ASSETS, SALES_JOB_NAME
 from imgemb_assets.dagster_wiring.resources import ImgembS3Resource, StorageResource

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from dagster import AssetKey, DagsterInstance
 
-from imgemb_assets.core import tables
-from imgemb_assets.core.lake import Lake
-from imgemb_assets.core.s3 import S3Settings
-from imgemb_assets.core.sample_data import SampleDataset
+from imgemb_assets.core.lake import tables
+from imgemb_assets.core.lake.lake import Lake
+from imgemb_assets.core.sample.dataset import SampleDataset
+from imgemb_assets.core.storage.s3 import S3Settings
 from imgemb_assets.dagster_wiring.partitions import S3_PREFIX_PARTITIONS_NAME
 from imgemb_support.location import code_location_env, dataset_on_s3, user_shell_env
 
@@ -103,8 +103,8 @@ def test_credentials_written_into_an_s3_uri_are_refused_in_one_line_that_does_no
 
 
 def test_a_lake_or_store_uri_with_credentials_is_refused_without_repeating_them() -> None:
-    from imgemb_assets.core.s3 import S3ConfigError
-    from imgemb_assets.core.storage import open_object_store
+    from imgemb_assets.core.storage.objects import open_object_store
+    from imgemb_assets.core.storage.s3 import S3ConfigError
 
     key, secret = SECRET_URI_PARTS
     for open_it in (Lake, open_object_store):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from dagster import AssetKey, Definitions, DynamicPartitionsDefinition
 
-from imgemb_assets.core import tables
+from imgemb_assets.core.lake import tables
 from imgemb_assets.dagster_wiring.assets import RAW_IMAGES, SALES_EXPORT
 from imgemb_assets.dagster_wiring.settings import LocationSettings
 from imgemb_assets.dagster_wiring.similarity import SEARCH_INDEX

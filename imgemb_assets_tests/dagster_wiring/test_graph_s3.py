@@ -10,10 +10,10 @@ import pyarrow as pa
 import pytest
 from dagster import instance_for_test
 
-from imgemb_assets.core import tables
-from imgemb_assets.core.lake import Lake
-from imgemb_assets.core.s3 import S3Settings
-from imgemb_assets.core.sample_data import SampleDataset
+from imgemb_assets.core.lake import tables
+from imgemb_assets.core.lake.lake import Lake
+from imgemb_assets.core.sample.dataset import SampleDataset
+from imgemb_assets.core.storage.s3 import S3Settings
 from imgemb_assets.dagster_wiring.jobs import PREFIX_JOB_NAME, SALES_JOB_NAME
 from imgemb_assets.dagster_wiring.partitions import S3_PREFIX_PARTITIONS_NAME
 from imgemb_assets.dagster_wiring.settings import LocationSettings

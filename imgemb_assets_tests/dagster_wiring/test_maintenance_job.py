@@ -24,9 +24,9 @@ from dagster import (
 )
 from deltalake import write_deltalake
 
-from imgemb_assets.core import tables
-from imgemb_assets.core.lake import Lake
-from imgemb_assets.core.maintenance import MaintenanceSettings
+from imgemb_assets.core.lake import tables
+from imgemb_assets.core.lake.lake import Lake
+from imgemb_assets.core.lake.maintenance import MaintenanceSettings
 from imgemb_assets.dagster_wiring.maintenance import (
     GUARD_OP_NAME,
     MAINTENANCE_JOB_NAME,
@@ -179,7 +179,7 @@ def test_the_maintenance_settings_come_from_the_environment() -> None:
         LocationSettings.from_environ({"IMGEMB_VACUUM_RETENTION_HOURS": "24"})
     with pytest.raises(SettingsError, match="IMGEMB_VACUUM_ALLOW_SHORT_RETENTION"):
         LocationSettings.from_environ({"IMGEMB_VACUUM_ALLOW_SHORT_RETENTION": "maybe"})
-    # the location's defaults are the core's (both take them from core/maintenance_defaults.py)
+    # the location's defaults are the core's (both take them from core/lake/maintenance_defaults.py)
     defaults, core = LocationSettings(), MaintenanceSettings()
     assert (defaults.compact_min_files, defaults.compact_target_file_bytes, defaults.vacuum_retention_hours) == (
         core.compact_min_files,

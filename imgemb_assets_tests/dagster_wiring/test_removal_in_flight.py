@@ -24,10 +24,10 @@ from typing import Any
 import pytest
 from dagster import AssetKey, DagsterInstance, ExecuteInProcessResult, RunsFilter
 
-from imgemb_assets.core import lake as lake_module
-from imgemb_assets.core import tables
-from imgemb_assets.core.lake import Lake
-from imgemb_assets.core.sample_data import SampleDataset
+from imgemb_assets.core.lake import lake as lake_module
+from imgemb_assets.core.lake import tables
+from imgemb_assets.core.lake.lake import Lake
+from imgemb_assets.core.sample.dataset import SampleDataset
 from imgemb_assets.dagster_wiring.jobs import PREFIX_JOB_NAME
 from imgemb_assets.dagster_wiring.lifecycle import (
     PARTITIONED_TABLES,

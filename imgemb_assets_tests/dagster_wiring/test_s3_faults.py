@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from dagster import ExecuteInProcessResult
 
-from imgemb_assets.core import tables
-from imgemb_assets.core.lake import Lake
-from imgemb_assets.core.s3 import S3Settings
-from imgemb_assets.core.sample_data import SampleDataset
+from imgemb_assets.core.lake import tables
+from imgemb_assets.core.lake.lake import Lake
+from imgemb_assets.core.sample.dataset import SampleDataset
+from imgemb_assets.core.storage.s3 import S3Settings
 from imgemb_support.bad_inputs import CORPUS_PREFIX, TEST_MAX_IMAGE_BYTES, write_corpus_dataset
 from imgemb_support.fault_proxy import running_fault_proxy
 from imgemb_support.location import dataset_on_s3

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from dagster import DagsterInstance, SensorResult, build_sensor_context, instance_for_test
 
-from imgemb_assets.core.partition_scheme import PartitionScheme
-from imgemb_assets.core.s3 import S3Settings
+from imgemb_assets.core.ingest.partition_scheme import PartitionScheme
+from imgemb_assets.core.storage.s3 import S3Settings
 from imgemb_assets.dagster_wiring.partitions import S3_PREFIX_PARTITIONS_NAME
 from imgemb_assets.dagster_wiring.resources import ImgembS3Resource, StorageResource
 from imgemb_assets.dagster_wiring.sensors import S3_EVENTS_KEY, build_raw_prefix_sensor

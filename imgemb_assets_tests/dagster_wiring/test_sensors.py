@@ -20,9 +20,9 @@ from dagster import (
 )
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
-from imgemb_assets.core.discovery import DiscoveryCursor
-from imgemb_assets.core.partition_scheme import PartitionScheme
-from imgemb_assets.core.sample_data import SampleDataset
+from imgemb_assets.core.ingest.discovery import DiscoveryCursor
+from imgemb_assets.core.ingest.partition_scheme import PartitionScheme
+from imgemb_assets.core.sample.dataset import SampleDataset
 from imgemb_assets.dagster_wiring.assets import LISTING_FINGERPRINT_KEY, RAW_IMAGES, SALES_EXPORT
 from imgemb_assets.dagster_wiring.jobs import PREFIX_JOB_NAME, SALES_JOB_NAME
 from imgemb_assets.dagster_wiring.partitions import S3_PREFIX_PARTITIONS_NAME

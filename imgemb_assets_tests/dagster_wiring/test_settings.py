@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from imgemb_assets.core.lake import TARGET_FILE_BYTES
-from imgemb_assets.core.maintenance import MaintenanceSettings
+from imgemb_assets.core.lake.lake import TARGET_FILE_BYTES
+from imgemb_assets.core.lake.maintenance import MaintenanceSettings
 from imgemb_assets.dagster_wiring.sensors import (
     DEFAULT_MAX_NEW_PREFIXES,
     DEFAULT_MINIMUM_INTERVAL_S,

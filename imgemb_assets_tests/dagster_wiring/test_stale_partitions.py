@@ -24,11 +24,11 @@ from dagster._core.definitions.asset_daemon_cursor import AssetDaemonCursor
 from PIL import Image
 
 from imgemb_assets import cli
-from imgemb_assets.core import tables
-from imgemb_assets.core.discovery import listing_fingerprint
-from imgemb_assets.core.lake import Lake
-from imgemb_assets.core.sample_data import SampleDataset
-from imgemb_assets.core.storage import LocalObjectStore
+from imgemb_assets.core.ingest.discovery import listing_fingerprint
+from imgemb_assets.core.lake import tables
+from imgemb_assets.core.lake.lake import Lake
+from imgemb_assets.core.sample.dataset import SampleDataset
+from imgemb_assets.core.storage.objects import LocalObjectStore
 from imgemb_assets.dagster_wiring.assets import LISTING_FINGERPRINT_KEY, RAW_IMAGES
 from imgemb_assets.dagster_wiring.backfills import plan_backfill
 from imgemb_assets.dagster_wiring.jobs import PREFIX_JOB_NAME, SALES_JOB_NAME

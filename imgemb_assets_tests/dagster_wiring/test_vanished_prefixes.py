@@ -18,11 +18,11 @@ from dagster import AssetKey, DagsterInstance, RunRequest, SensorResult, build_s
 from dagster._core.definitions.partitions.context import partition_loading_context
 from dagster._core.storage.partition_status_cache import get_and_update_asset_status_cache_value
 
-from imgemb_assets.core import tables
-from imgemb_assets.core.discovery import DiscoveryCursor
-from imgemb_assets.core.lake import Lake
-from imgemb_assets.core.sample_data import SampleDataset
-from imgemb_assets.core.search_index import load_index
+from imgemb_assets.core.ingest.discovery import DiscoveryCursor
+from imgemb_assets.core.lake import tables
+from imgemb_assets.core.lake.lake import Lake
+from imgemb_assets.core.sample.dataset import SampleDataset
+from imgemb_assets.core.search.index import load_index
 from imgemb_assets.dagster_wiring.jobs import PREFIX_JOB_NAME, SEARCH_INDEX_JOB_NAME
 from imgemb_assets.dagster_wiring.lifecycle import PARTITIONED_TABLES, REMOVE_VANISHED_JOB_NAME
 from imgemb_assets.dagster_wiring.partitions import S3_PREFIX_PARTITIONS_NAME, s3_prefix_partitions

@@ -1,0 +1,53 @@
+"""The core's domains import only the domains below them (the order in the README's Layout section)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+CORE = Path(__file__).resolve().parents[2] / "imgemb_assets" / "core"
+# Lower levels first; a domain may import its own modules and those of lower levels only.
+LEVELS: dict[str, int] = {
+    "storage": 0, "imaging": 0, "quality": 0,
+    "lake": 1,
+    "ingest": 2, "sales": 2, "embedding": 2,
+    "search": 3, "evaluation": 3,
+    "sample": 4,
+}  # fmt: skip
+# Entry modules at the top of core/ (a benchmark's `-m` path, the README's Python API) may import any domain.
+ENTRY_MODULES = {"embedding_bench.py", "similar.py", "__init__.py"}
+
+
+def _imported_domains(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        for name in names:
+            parts = name.split(".")
+            if parts[:2] == ["imgemb_assets", "core"] and len(parts) > 2:
+                found.add(parts[2])
+    return found
+
+
+def test_every_module_of_core_is_in_a_known_domain_or_an_entry_module() -> None:
+    top = {path.name for path in CORE.glob("*.py")}
+    assert top == ENTRY_MODULES
+    assert {path.name for path in CORE.iterdir() if path.is_dir() and path.name != "__pycache__"} == set(LEVELS)
+
+
+def test_each_domain_imports_only_itself_and_the_domains_below_it() -> None:
+    wrong = []
+    for domain, level in LEVELS.items():
+        for path in sorted((CORE / domain).glob("*.py")):
+            for imported in _imported_domains(path) - {domain}:
+                if imported not in LEVELS or LEVELS[imported] >= level:
+                    wrong.append(f"{domain}/{path.name} imports {imported}")
+    assert wrong == []
+
+
+def test_domain_packages_import_nothing_when_imported() -> None:
+    for domain in LEVELS:
+        tree = ast.parse((CORE / domain / "__init__.py").read_text())
+        assert not [node for node in tree.body if isinstance(node, ast.Import | ast.ImportFrom)], domain
