@@ -16,27 +16,28 @@ from __future__ import annotations
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-from dagster import AssetKey, DagsterInstance, ExecuteInProcessResult, RunsFilter
+from dagster import AssetKey, DagsterInstance, ExecuteInProcessResult, RunsFilter, instance_for_test
 
 from imgemb_assets.core.lake import lake as lake_module
 from imgemb_assets.core.lake import tables
 from imgemb_assets.core.lake.lake import Lake
 from imgemb_assets.core.sample.dataset import SampleDataset
-from imgemb_assets.dagster_wiring.jobs import PREFIX_JOB_NAME
+from imgemb_assets.dagster_wiring.jobs import PREFIX_JOB_NAME, SALES_JOB_NAME
 from imgemb_assets.dagster_wiring.lifecycle import (
     PARTITIONED_TABLES,
     REMOVE_VANISHED_JOB_NAME,
     removal_request,
 )
-from imgemb_assets.dagster_wiring.partitions import S3_PREFIX_PARTITIONS_NAME
+from imgemb_assets.dagster_wiring.partitions import S3_PREFIX_PARTITIONS_NAME, register_prefixes
 from imgemb_assets.dagster_wiring.settings import LocationSettings
 from imgemb_assets.definitions import build_definitions
+from imgemb_support.location import code_location_env
 
 SMALL_MODEL = {"weights": "random", "model": "resnet18", "device": "cpu", "batch_size": 8}
 RUN_CONFIG = {"resources": {"embedding_model": {"config": SMALL_MODEL}}}
@@ -111,6 +112,27 @@ class InThread(threading.Thread):
         assert not self.is_alive(), "the run did not end"
         assert self.error is None and self.result is not None, self.error
         return self.result
+
+
+@pytest.fixture
+def own_instance(
+    own_dataset: SampleDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[DagsterInstance]:
+    """conftest's own_instance, without capturing compute logs.
+
+    These tests run two in-process executions at once, in threads. Dagster's local compute-log
+    capture redirects the process's stdout and stderr through a `tail` subprocess per step: two at
+    once in one process deadlocked a run's thread on that subprocess (seen in CI). Nothing here
+    reads the captured logs.
+    """
+    for key, value in code_location_env(own_dataset, tmp_path / "lake").items():
+        monkeypatch.setenv(key, value)
+    no_capture = {"module": "dagster._core.storage.noop_compute_log_manager", "class": "NoOpComputeLogManager"}
+    with instance_for_test(overrides={"compute_logs": no_capture}) as instance:
+        register_prefixes(instance, own_dataset.prefixes)
+        sales_job = build_definitions(LocationSettings()).resolve_job_def(SALES_JOB_NAME)
+        assert sales_job.execute_in_process(instance=instance).success
+        yield instance
 
 
 def _wait_until(what: str, condition: Callable[[], bool]) -> None:
