@@ -22,6 +22,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
+from dagster._core.execution.backfill import BulkActionsFilter, BulkActionStatus
 from dagster._core.instance.ref import InstanceRef
 from dagster_graphql import DagsterGraphQLClient
 
@@ -99,16 +100,23 @@ def dagster_dev(small_dataset: SampleDataset, bucket: str, tmp_path: Path) -> It
 
 
 def _wait_for_runs_to_finish(home: Path, timeout_s: float) -> None:
-    """Until no run of the instance is queued or in progress (or `timeout_s` passed)."""
+    """Until no run of the instance is queued or in progress and no backfill waits to launch one (or `timeout_s`).
+
+    Automation requests what follows the embeddings (the search index) as a backfill, which the
+    backfill daemon launches on its own loop: with no run in flight a run may still be about to start.
+    """
     in_flight = [
         DagsterRunStatus.QUEUED,
         DagsterRunStatus.NOT_STARTED,
         DagsterRunStatus.STARTING,
         DagsterRunStatus.STARTED,
     ]
+    requested = BulkActionsFilter(statuses=[BulkActionStatus.REQUESTED])
     deadline = time.monotonic() + timeout_s
     with DagsterInstance.from_ref(InstanceRef.from_dir(str(home))) as instance:
-        while instance.get_runs_count(RunsFilter(statuses=in_flight)) and time.monotonic() < deadline:
+        while time.monotonic() < deadline and (
+            instance.get_runs_count(RunsFilter(statuses=in_flight)) or instance.get_backfills(filters=requested)
+        ):
             time.sleep(1)
 
 
