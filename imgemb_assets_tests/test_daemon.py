@@ -113,8 +113,17 @@ def test_a_submitted_backfill_then_nothing_then_a_dropped_prefix(daemon_env: dic
 
         # What follows the embeddings (the search index, the evaluation) is requested by automation as a
         # backfill that the backfill daemon launches on its own loop: let it launch and end first.
+        # Two automation ticks after the backfill, then nothing in flight or waiting to launch.
+        ticks_after_backfill = _automation_ticks(instance)
         wait_for(
-            "the downstream work", lambda: not _unfinished(instance) and not _backfills_pending(instance), 400, log
+            "the downstream work",
+            lambda: (
+                _automation_ticks(instance) >= ticks_after_backfill + 2
+                and not _unfinished(instance)
+                and not _backfills_pending(instance)
+            ),
+            400,
+            log,
         )
         followers = instance.get_runs()[: len(instance.get_runs()) - len(runs)]  # newest first
         assert all(
