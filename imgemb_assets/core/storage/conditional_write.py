@@ -21,6 +21,7 @@ stored version is another.
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import os
 import uuid
@@ -131,10 +132,20 @@ def location_client(location: ArrowLocation) -> Any:
 
 
 def s3_client(options: Mapping[str, str] | None) -> Any:
-    """boto3's S3 client configured like delta-rs and `arrow_filesystem.s3_filesystem` (same options)."""
+    """boto3's S3 client configured like delta-rs and `arrow_filesystem.s3_filesystem` (same options).
+
+    One client per distinct set of options (credentials included, so rotated ones get a new one):
+    a refresh reads and writes a manifest per model, and building a boto3 client each time costs more
+    than the request.
+    """
+    return _client_for(tuple(sorted((options or {}).items())))
+
+
+@functools.lru_cache(maxsize=8)
+def _client_for(option_items: tuple[tuple[str, str], ...]) -> Any:
     import boto3
 
-    options = options or {}
+    options = dict(option_items)
     endpoint = options.get("AWS_ENDPOINT_URL") or None
     if endpoint and not urlparse(endpoint).scheme:
         endpoint = f"{'http' if options.get('AWS_ALLOW_HTTP', '').lower() == 'true' else 'https'}://{endpoint}"
