@@ -13,7 +13,7 @@
 FROM python:3.11-slim
 
 # DAGSTER_MAX_PARTITIONS_FOR_DA_TIMESTAMP_FETCH: automation tells "written after its upstream
-# changed" by the events' times (dagster_wiring/automation.py); past this many partitions of one
+# changed" by the events' times (dagster_wiring/location/automation.py); past this many partitions of one
 # table updated between two evaluations Dagster uses the evaluation's time instead (default 100),
 # which can run a chunk of a big backfill twice. Read by the daemon.
 ENV PYTHONDONTWRITEBYTECODE=1 \

@@ -39,12 +39,14 @@ _CHILD = """
 import json, resource, sys, time
 from dagster import instance_for_test, materialize
 from imgemb_assets.core.lake import tables
-from imgemb_assets.dagster_wiring.assets import build_assets
-from imgemb_assets.dagster_wiring.resources import ImageLimitsResource, ImgembS3Resource, StorageResource
-from imgemb_assets.dagster_wiring.settings import LocationSettings
+from imgemb_assets.dagster_wiring.ingest.assets import build_ingest_assets
+from imgemb_assets.dagster_wiring.location.partitions import prefix_backfill_policy
+from imgemb_assets.dagster_wiring.ingest.resources import ImageLimitsResource
+from imgemb_assets.dagster_wiring.location.resources import ImgembS3Resource, StorageResource
+from imgemb_assets.dagster_wiring.location.settings import LocationSettings
 raw, sales, lake, prefix = sys.argv[1:5]
 wanted = {"raw_image_manifest", "downscaled_images"}
-assets = [a for a in build_assets(LocationSettings(), "bench") if getattr(a, "node_def", None) is not None and a.node_def.name in wanted]
+assets = [a for a in build_ingest_assets(prefix_backfill_policy(LocationSettings())) if getattr(a, "node_def", None) is not None and a.node_def.name in wanted]
 assert {a.node_def.name for a in assets} == wanted, [a.node_def.name for a in assets]
 rss_before_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 with instance_for_test() as instance:

@@ -73,7 +73,7 @@ REFERENCE_IMAGES: Final = 64
 PIXEL_SAMPLE: Final = 256
 DISTINCT_THUMBNAILS: Final = 200  # made once and cycled: making each costs a downscale
 PILLOW_IMAGES: Final = 2048  # Pillow decodes ~2k img/s on one thread: fewer images keep it short
-# Rows per record batch as the embedding step reads the joined table (dagster_wiring.embedding_step's
+# Rows per record batch as the embedding step reads the joined table (dagster_wiring.embedding.step's
 # _EMBEDDING_READ_ROWS, not imported: that module needs Dagster).
 STEP_READ_ROWS: Final = 2048
 PREFIX: Final = "gpu-check"
@@ -332,7 +332,7 @@ def measure_step(args: argparse.Namespace, model: EmbeddingModel, thumbnails: li
 
 
 def _delta_step(joined: Any, schema: Any, shared: Any, compiled_model_only: float | None) -> dict[str, Any]:
-    """As dagster_wiring.embedding_step.embed_prefix calls the core for a new partition, without Dagster."""
+    """As dagster_wiring.embedding.step.embed_prefix calls the core for a new partition, without Dagster."""
     try:
         from imgemb_assets.core.embedding.partition import EmbeddingRun, embed_partition_batches
         from imgemb_assets.core.embedding.staging import PartitionStaging

@@ -40,10 +40,9 @@ from dagster import AssetKey, DagsterInstance, instance_for_test
 
 from bench import print_summary
 from imgemb_assets.core.lake import tables
-from imgemb_assets.dagster_wiring.jobs import PREFIX_JOB_NAME, SALES_JOB_NAME
-from imgemb_assets.dagster_wiring.partitions import S3_PREFIX_PARTITIONS_NAME
-from imgemb_assets.dagster_wiring.resources import EmbeddingModelResource
-from imgemb_assets.dagster_wiring.settings import LocationSettings
+from imgemb_assets.dagster_wiring.embedding.resources import EmbeddingModelResource
+from imgemb_assets.dagster_wiring.location.settings import LocationSettings
+from imgemb_assets.dagster_wiring.names import PREFIX_JOB_NAME, S3_PREFIX_PARTITIONS_NAME, SALES_JOB_NAME
 from imgemb_assets.definitions import build_definitions
 
 PARTITION = "big"

@@ -28,15 +28,17 @@ from imgemb_assets.core.lake.lake import Lake
 _CHILD = """
 import json, resource, sys, time
 from dagster import instance_for_test, materialize
-from imgemb_assets.dagster_wiring.assets import build_assets
-from imgemb_assets.dagster_wiring.resources import EmbeddingModelResource, ImgembS3Resource, StorageResource
-from imgemb_assets.dagster_wiring.settings import LocationSettings
+from imgemb_assets.dagster_wiring.embedding.assets import build_embedding_asset
+from imgemb_assets.dagster_wiring.location.partitions import prefix_backfill_policy
+from imgemb_assets.dagster_wiring.embedding.resources import EmbeddingModelResource
+from imgemb_assets.dagster_wiring.location.resources import ImgembS3Resource, StorageResource
+from imgemb_assets.dagster_wiring.location.settings import LocationSettings
 lake, model = sys.argv[1], sys.argv[2]
 with instance_for_test() as instance:
     instance.add_dynamic_partitions("s3_prefix", ["p"])
     started = time.perf_counter()
     result = materialize(
-        [a for a in build_assets(LocationSettings(), "bench") if getattr(a, "key", None) and a.key.to_user_string() == "image_embeddings"],
+        [build_embedding_asset(prefix_backfill_policy(LocationSettings()), {}, "bench")],
         partition_key="p",
         instance=instance,
         resources={

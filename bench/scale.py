@@ -204,7 +204,7 @@ def full_fingerprints(report: Report, corpus: Corpus) -> str:
     from imgemb_assets.core.ingest.discovery import DiscoveryCursor, plan_discovery
     from imgemb_assets.core.storage.objects import open_object_store
     from imgemb_assets.core.storage.s3 import S3Settings
-    from imgemb_assets.dagster_wiring.sensors import DEFAULT_RECENT_PREFIXES
+    from imgemb_assets.dagster_wiring.ingest.discovery_sensor import DEFAULT_RECENT_PREFIXES
 
     store = open_object_store(corpus.raw_images_uri, S3Settings())
     seconds, plan = timed(lambda: plan_discovery(store, DiscoveryCursor(), DEFAULT_RECENT_PREFIXES, full=True))
@@ -277,7 +277,7 @@ def measure_discover_again(report: Report, setting: Setting) -> None:
 
 
 def _storage_resource(setting: Setting) -> Any:
-    from imgemb_assets.dagster_wiring.resources import ImgembS3Resource, StorageResource
+    from imgemb_assets.dagster_wiring.location.resources import ImgembS3Resource, StorageResource
 
     return StorageResource(
         raw_images_uri=setting.corpus.raw_images_uri,
@@ -296,7 +296,7 @@ def _evaluate(sensor: Any, instance: Any, cursor: str | None, storage: Any) -> A
 
 def _location_sensor(name: str) -> Any:
     """The sensor as the code location defines it, with the settings in the environment."""
-    from imgemb_assets.dagster_wiring.settings import LocationSettings
+    from imgemb_assets.dagster_wiring.location.settings import LocationSettings
     from imgemb_assets.definitions import build_definitions
 
     return build_definitions(LocationSettings.from_environ(os.environ)).resolve_sensor_def(name)
@@ -365,8 +365,8 @@ def measure_backfill_plan(report: Report, setting: Setting, instance: Any) -> No
 
 
 def measure_reconciliation(report: Report, setting: Setting, instance: Any, budget_s: float) -> None:
-    from imgemb_assets.dagster_wiring.reconciliation import RECONCILIATION_SENSOR_NAME
-    from imgemb_assets.dagster_wiring.settings import LocationSettings
+    from imgemb_assets.dagster_wiring.location.settings import LocationSettings
+    from imgemb_assets.dagster_wiring.names import RECONCILIATION_SENSOR_NAME
 
     settings = LocationSettings.from_environ(os.environ)
     per_tick = settings.reconciliation_prefixes_per_tick
@@ -396,7 +396,7 @@ def measure_reconciliation(report: Report, setting: Setting, instance: Any, budg
 
 def measure_graphql(report: Report, setting: Setting) -> None:
     from imgemb_assets.core.lake import tables
-    from imgemb_assets.dagster_wiring.assets import RAW_IMAGES
+    from imgemb_assets.dagster_wiring.names import RAW_IMAGES
 
     log = setting.work_dir / f"webserver-{setting.label}.log"
     with running_webserver(setting.env, log) as server:
@@ -448,8 +448,8 @@ def evaluate_automation_once() -> None:
     from dagster._core.instance.types import CachingDynamicPartitionsLoader
     from dagster._time import get_current_datetime
 
-    from imgemb_assets.dagster_wiring.automation import AUTOMATION_SENSOR_NAME
-    from imgemb_assets.dagster_wiring.settings import LocationSettings
+    from imgemb_assets.dagster_wiring.location.settings import LocationSettings
+    from imgemb_assets.dagster_wiring.names import AUTOMATION_SENSOR_NAME
     from imgemb_assets.definitions import build_definitions
 
     defs = build_definitions(LocationSettings.from_environ(os.environ))

@@ -456,7 +456,7 @@ def record_state(
     from dagster import AssetMaterialization, MetadataValue
 
     from imgemb_assets.core.lake import tables
-    from imgemb_assets.dagster_wiring.assets import (
+    from imgemb_assets.dagster_wiring.names import (
         LISTING_FINGERPRINT_KEY,
         RAW_IMAGES,
         SALES_EXPORT,
@@ -525,7 +525,7 @@ def write_tick_as_daemon(instance: Any, origin: Any, cursor: str, added: Sequenc
     from dagster._core.definitions.run_request import InstigatorType
     from dagster._core.scheduler.instigation import SensorInstigatorData, TickData, TickStatus
 
-    from imgemb_assets.dagster_wiring.partitions import S3_PREFIX_PARTITIONS_NAME
+    from imgemb_assets.dagster_wiring.names import S3_PREFIX_PARTITIONS_NAME
 
     state = instance.get_instigator_state(origin.get_id(), origin.get_selector().get_id())
     tick = instance.create_tick(

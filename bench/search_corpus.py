@@ -70,9 +70,13 @@ from imgemb_assets.core.search.index import (
 from imgemb_assets.core.search.refresh import refresh_search_indexes
 from imgemb_assets.core.storage.objects import open_object_store
 from imgemb_assets.dagster_wiring.backfills import QUIET_CONSOLE
-from imgemb_assets.dagster_wiring.jobs import PREFIX_JOB_NAME, SALES_JOB_NAME, SEARCH_INDEX_JOB_NAME
-from imgemb_assets.dagster_wiring.partitions import S3_PREFIX_PARTITIONS_NAME
-from imgemb_assets.dagster_wiring.similarity import SEARCH_INDEX
+from imgemb_assets.dagster_wiring.names import (
+    PREFIX_JOB_NAME,
+    S3_PREFIX_PARTITIONS_NAME,
+    SALES_JOB_NAME,
+    SEARCH_INDEX,
+    SEARCH_INDEX_JOB_NAME,
+)
 
 _MAKE_CORPUS = Path("/work/shared/corpus/make_corpus.py")
 _K = 10

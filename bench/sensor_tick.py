@@ -22,9 +22,13 @@ from bench import print_summary
 from bench.scale_support import sensor_origin, store_sensor_state, write_tick_as_daemon
 from imgemb_assets.core.ingest.discovery import plan_discovery
 from imgemb_assets.core.storage.s3 import S3Settings
-from imgemb_assets.dagster_wiring.partitions import S3_PREFIX_PARTITIONS_NAME
-from imgemb_assets.dagster_wiring.resources import ImgembS3Resource, StorageResource
-from imgemb_assets.dagster_wiring.sensors import DEFAULT_RECENT_PREFIXES, build_raw_prefix_sensor, known_prefixes
+from imgemb_assets.dagster_wiring.ingest.discovery_sensor import (
+    DEFAULT_RECENT_PREFIXES,
+    build_raw_prefix_sensor,
+    known_prefixes,
+)
+from imgemb_assets.dagster_wiring.location.resources import ImgembS3Resource, StorageResource
+from imgemb_assets.dagster_wiring.names import S3_PREFIX_PARTITIONS_NAME
 from imgemb_support.moto_server import client_environment, running_moto_server
 
 

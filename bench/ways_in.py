@@ -150,14 +150,14 @@ def record_when_quiet(instance, args: argparse.Namespace, result: WayResult) -> 
 
 
 def automation_interval(args: argparse.Namespace) -> int:
-    from imgemb_assets.dagster_wiring.settings import LocationSettings
+    from imgemb_assets.dagster_wiring.location.settings import LocationSettings
 
     return LocationSettings(sensor_interval_s=args.sensor_interval).automation_interval_s()
 
 
 def discovery_interval(args: argparse.Namespace) -> int:
     """The discovery sensor's interval on the way's local root."""
-    from imgemb_assets.dagster_wiring.settings import LocationSettings
+    from imgemb_assets.dagster_wiring.location.settings import LocationSettings
 
     return LocationSettings(sensor_interval_s=args.sensor_interval, raw_images_uri="/local").discovery_interval_s()
 
@@ -175,7 +175,7 @@ def partitions_written_twice(instance) -> dict[str, int]:
 
     from dagster import AssetKey
 
-    from imgemb_assets.dagster_wiring.jobs import PREFIX_CHAIN_ASSETS
+    from imgemb_assets.dagster_wiring.names import PREFIX_CHAIN_ASSETS
 
     twice = {}
     for asset in PREFIX_CHAIN_ASSETS:

@@ -38,8 +38,9 @@ from imgemb_assets.core.ingest.scheme_record import SchemeMismatchError, require
 from imgemb_assets.core.lake import tables
 from imgemb_assets.core.storage.objects import open_object_store, partition_key_problem
 from imgemb_assets.core.storage.s3 import S3ConfigError, S3Settings
-from imgemb_assets.dagster_wiring.partitions import S3_PREFIX_PARTITIONS_NAME, register_prefixes
-from imgemb_assets.dagster_wiring.settings import LocationSettings
+from imgemb_assets.dagster_wiring.location.partitions import register_prefixes
+from imgemb_assets.dagster_wiring.location.settings import LocationSettings
+from imgemb_assets.dagster_wiring.names import S3_PREFIX_PARTITIONS_NAME
 
 if TYPE_CHECKING:
     from imgemb_assets.core.lake.lake import Lake
@@ -74,7 +75,11 @@ def discover(
     materialization, as the sensor does, so `imgemb backfill-missing` (and automation) see it stale.
     """
     from imgemb_assets.core.ingest.discovery import plan_discovery
-    from imgemb_assets.dagster_wiring.sensors import known_prefixes, report_changed_listings, uncovered_objects_line
+    from imgemb_assets.dagster_wiring.ingest.discovery_sensor import (
+        known_prefixes,
+        report_changed_listings,
+        uncovered_objects_line,
+    )
 
     environ = os.environ if environ is None else environ
     scheme = PartitionScheme.parse(LocationSettings.from_environ(environ).partition_scheme)

@@ -3,7 +3,9 @@
 `defs` is built when Dagster loads the location (not when this module is
 imported), from the deployment settings in the environment; tests build their
 own with `build_definitions`. The IMGEMB_* roots and weights are Dagster
-`EnvVar`s, read when each run starts.
+`EnvVar`s, read when each run starts. Each domain of `dagster_wiring` builds its
+own definitions; this module merges them and adds what the whole location shares
+(the resources, the executor, the automation sensor).
 """
 
 import os
@@ -12,28 +14,29 @@ from typing import Any
 
 from dagster import Definitions, EnvVar, definitions
 
-from imgemb_assets.dagster_wiring.assets import build_assets
-from imgemb_assets.dagster_wiring.automation import build_automation_sensor
-from imgemb_assets.dagster_wiring.jobs import (
-    embed_prefix_job,
-    new_prefixes_job,
-    refresh_sales_job,
-    rejoin_sales_job,
-    search_index_job,
+from imgemb_assets.dagster_wiring.embedding.definitions import build_embedding_defs
+from imgemb_assets.dagster_wiring.embedding.resources import EmbeddingModelResource
+from imgemb_assets.dagster_wiring.evaluation.definitions import build_evaluation_defs
+from imgemb_assets.dagster_wiring.ingest.definitions import build_ingest_defs
+from imgemb_assets.dagster_wiring.ingest.resources import ImageLimitsResource
+from imgemb_assets.dagster_wiring.lake.definitions import build_lake_defs
+from imgemb_assets.dagster_wiring.location.automation import build_automation_sensor
+from imgemb_assets.dagster_wiring.location.placement import location_executor
+from imgemb_assets.dagster_wiring.location.resources import ImgembS3Resource, QualityThresholds, StorageResource
+from imgemb_assets.dagster_wiring.location.settings import LocationSettings
+from imgemb_assets.dagster_wiring.sales.definitions import build_sales_defs
+from imgemb_assets.dagster_wiring.search.definitions import build_search_defs
+from imgemb_assets.dagster_wiring.search.resources import SimilaritySettings
+
+# Each builds one domain's assets, checks, jobs, sensors and schedules; in the order of the domains.
+_DOMAINS = (
+    build_ingest_defs,
+    build_sales_defs,
+    build_embedding_defs,
+    build_evaluation_defs,
+    build_search_defs,
+    build_lake_defs,
 )
-from imgemb_assets.dagster_wiring.maintenance import build_maintenance_schedule
-from imgemb_assets.dagster_wiring.placement import location_executor
-from imgemb_assets.dagster_wiring.reconciliation import build_reconciliation_sensor
-from imgemb_assets.dagster_wiring.resources import (
-    EmbeddingModelResource,
-    ImageLimitsResource,
-    ImgembS3Resource,
-    QualityThresholds,
-    SimilaritySettings,
-    StorageResource,
-)
-from imgemb_assets.dagster_wiring.sensors import build_raw_prefix_sensor, build_sales_change_sensor
-from imgemb_assets.dagster_wiring.settings import LocationSettings
 
 
 def default_resources(settings: LocationSettings | None = None) -> dict[str, Any]:
@@ -57,27 +60,13 @@ def default_resources(settings: LocationSettings | None = None) -> dict[str, Any
 def build_definitions(settings: LocationSettings, resources: Mapping[str, Any] | None = None) -> Definitions:
     """The location's definitions; `resources` replace those of `default_resources()` they name (tests)."""
     location_resources = {**default_resources(settings), **(resources or {})}
-    return Definitions(
-        assets=build_assets(settings, location_resources["embedding_model"].code_version()),
-        jobs=[refresh_sales_job, embed_prefix_job, new_prefixes_job, rejoin_sales_job, search_index_job],
-        sensors=[
-            build_raw_prefix_sensor(
-                settings.discovery_interval_s(),
-                settings.sensor_recent_prefixes,
-                settings.sensor_max_new_prefixes,
-                settings.vanished_prefixes,
-                settings.s3_events_queue_url,
-                settings.sensor_max_root_pages,
-                settings.max_partitions_per_run,
-            ),
-            build_sales_change_sensor(settings.automation_interval_s()),
-            build_automation_sensor(settings.automation_interval_s()),
-            build_reconciliation_sensor(settings.reconciliation_interval_s, settings.reconciliation_prefixes_per_tick),
-        ],
-        # Brings its job, lake_maintenance, which can be launched by hand while the schedule is off.
-        schedules=[build_maintenance_schedule(settings)],
-        executor=location_executor(settings),
-        resources=location_resources,
+    return Definitions.merge(
+        *(build_domain_defs(settings, location_resources) for build_domain_defs in _DOMAINS),
+        Definitions(
+            sensors=[build_automation_sensor(settings.automation_interval_s())],
+            executor=location_executor(settings),
+            resources=location_resources,
+        ),
     )
 
 

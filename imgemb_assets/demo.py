@@ -30,9 +30,14 @@ from imgemb_assets.core.lake.lake import Lake
 from imgemb_assets.core.sample.dataset import SampleDataset, generate_sample_dataset
 from imgemb_assets.core.storage.objects import open_object_store
 from imgemb_assets.dagster_wiring.backfills import QUIET_CONSOLE
-from imgemb_assets.dagster_wiring.jobs import PREFIX_JOB_NAME, SALES_JOB_NAME, SEARCH_INDEX_JOB_NAME
-from imgemb_assets.dagster_wiring.partitions import S3_PREFIX_PARTITIONS_NAME, register_prefixes
-from imgemb_assets.dagster_wiring.similarity import SEARCH_INDEX
+from imgemb_assets.dagster_wiring.location.partitions import register_prefixes
+from imgemb_assets.dagster_wiring.names import (
+    PREFIX_JOB_NAME,
+    S3_PREFIX_PARTITIONS_NAME,
+    SALES_JOB_NAME,
+    SEARCH_INDEX,
+    SEARCH_INDEX_JOB_NAME,
+)
 from imgemb_assets.definitions import defs as location_definitions
 
 _RANDOM_WEIGHTS_BANNER = """

@@ -59,8 +59,8 @@ def own_instance(
     own_dataset: SampleDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[DagsterInstance]:
     """An instance with `own_dataset`'s prefixes registered and its `sales` table materialized (lake in tmp_path)."""
-    from imgemb_assets.dagster_wiring.jobs import SALES_JOB_NAME
-    from imgemb_assets.dagster_wiring.settings import LocationSettings
+    from imgemb_assets.dagster_wiring.location.settings import LocationSettings
+    from imgemb_assets.dagster_wiring.names import SALES_JOB_NAME
     from imgemb_assets.definitions import build_definitions
 
     with code_location_instance(own_dataset, tmp_path / "lake", monkeypatch) as instance:

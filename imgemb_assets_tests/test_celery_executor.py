@@ -35,8 +35,7 @@ from deltalake import DeltaTable
 from imgemb_assets.core.lake import tables
 from imgemb_assets.core.lake.lake import Lake
 from imgemb_assets.core.sample.dataset import SampleDataset
-from imgemb_assets.dagster_wiring.partitions import S3_PREFIX_PARTITIONS_NAME
-from imgemb_assets.dagster_wiring.placement import GPU_POOL
+from imgemb_assets.dagster_wiring.names import GPU_POOL, S3_PREFIX_PARTITIONS_NAME
 from imgemb_support.location import REPO_ROOT, code_location_env, user_shell_env
 from imgemb_support.postgres_server import PG_URL_VARIABLE, with_postgres_storage
 

@@ -27,7 +27,7 @@ from dagster._core.execution.backfill import BulkActionsFilter, BulkActionStatus
 from imgemb_assets.core.ingest.partition_scheme import PartitionScheme
 from imgemb_assets.core.lake.lake import Lake
 from imgemb_assets.core.sample.dataset import SampleDataset, generate_sample_dataset
-from imgemb_assets.dagster_wiring.automation import AUTOMATION_SENSOR_NAME
+from imgemb_assets.dagster_wiring.names import AUTOMATION_SENSOR_NAME
 from imgemb_support.location import code_location_env, user_shell_env, wait_for
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ run's task and every other step's task ask for no GPU and keep the launcher's CP
 each task carries what it needs: the run's task definition (the image and the IMGEMB_* settings),
 the instance's database URL as a Secrets Manager secret, and its own DAGSTER_* step arguments.
 ECS (and moto) reject a RunTask that names both a launchType and a capacityProviderStrategy; dagster-aws's
-step handler sent both for every step, which dagster_wiring/ecs_executor.py corrects, and
+step handler sent both for every step, which dagster_wiring/location/ecs_executor.py corrects, and
 every request is checked for it. The run's task definition is a copy of the daemon's task's (EcsRunLauncher
 copies the task it runs in), so the IMGEMB_* settings reach runs and steps only through the daemon's task
 definition: the test gives it code-location.env's variables, as a deployment must.
@@ -60,9 +60,8 @@ from dagster._serdes import deserialize_value
 from imgemb_assets.core.lake import tables
 from imgemb_assets.core.lake.lake import Lake
 from imgemb_assets.core.sample.dataset import SampleDataset
-from imgemb_assets.dagster_wiring.jobs import PREFIX_JOB_NAME, SALES_JOB_NAME
-from imgemb_assets.dagster_wiring.partitions import S3_PREFIX_PARTITIONS_NAME
-from imgemb_assets.dagster_wiring.settings import LocationSettings
+from imgemb_assets.dagster_wiring.location.settings import LocationSettings
+from imgemb_assets.dagster_wiring.names import PREFIX_JOB_NAME, S3_PREFIX_PARTITIONS_NAME, SALES_JOB_NAME
 from imgemb_assets.definitions import build_definitions
 from imgemb_assets_tests.ecs_agent import (
     ContainerRun,

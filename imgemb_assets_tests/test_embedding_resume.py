@@ -33,10 +33,9 @@ from imgemb_assets.core.lake import lake as lake_module
 from imgemb_assets.core.lake import tables
 from imgemb_assets.core.lake.lake import Lake, LakeError
 from imgemb_assets.core.sample.dataset import SampleDataset, write_sales_export
-from imgemb_assets.dagster_wiring import embedding_step
-from imgemb_assets.dagster_wiring.jobs import PREFIX_JOB_NAME
-from imgemb_assets.dagster_wiring.partitions import S3_PREFIX_PARTITIONS_NAME
-from imgemb_assets.dagster_wiring.settings import LocationSettings
+from imgemb_assets.dagster_wiring.embedding import step as embedding_step
+from imgemb_assets.dagster_wiring.location.settings import LocationSettings
+from imgemb_assets.dagster_wiring.names import PREFIX_JOB_NAME, S3_PREFIX_PARTITIONS_NAME
 from imgemb_assets.definitions import build_definitions
 from imgemb_support.location import code_location_env, user_shell_env
 

@@ -25,7 +25,7 @@ from imgemb_assets.core.lake import tables
 from imgemb_assets.core.lake.lake import Lake
 from imgemb_assets.core.sample.dataset import SampleDataset
 from imgemb_assets.core.storage.s3 import S3Settings
-from imgemb_assets.dagster_wiring.partitions import S3_PREFIX_PARTITIONS_NAME
+from imgemb_assets.dagster_wiring.names import S3_PREFIX_PARTITIONS_NAME
 from imgemb_support.fault_proxy import running_fault_proxy
 from imgemb_support.location import code_location_env, dataset_on_s3, user_shell_env
 

@@ -23,12 +23,11 @@ from dagster import (
 from imgemb_assets.core.lake import tables
 from imgemb_assets.core.lake.lake import Lake
 from imgemb_assets.core.sample.dataset import SampleDataset
-from imgemb_assets.dagster_wiring.assets import RAW_IMAGES
-from imgemb_assets.dagster_wiring.partitions import S3_PREFIX_PARTITIONS_NAME
-from imgemb_assets.dagster_wiring.resources import ImgembS3Resource, StorageResource
-from imgemb_assets.dagster_wiring.sensors import build_raw_prefix_sensor, build_sales_change_sensor
-from imgemb_assets.dagster_wiring.settings import LocationSettings
-from imgemb_assets.dagster_wiring.similarity import SEARCH_INDEX
+from imgemb_assets.dagster_wiring.ingest.discovery_sensor import build_raw_prefix_sensor
+from imgemb_assets.dagster_wiring.location.resources import ImgembS3Resource, StorageResource
+from imgemb_assets.dagster_wiring.location.settings import LocationSettings
+from imgemb_assets.dagster_wiring.names import RAW_IMAGES, S3_PREFIX_PARTITIONS_NAME, SEARCH_INDEX
+from imgemb_assets.dagster_wiring.sales.sensor import build_sales_change_sensor
 from imgemb_assets.definitions import build_definitions
 from imgemb_support.location import REPO_ROOT, code_location_env, run_user_command, user_shell_env
 from imgemb_support.postgres_server import PG_URL_VARIABLE, with_postgres_storage

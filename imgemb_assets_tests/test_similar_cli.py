@@ -34,8 +34,8 @@ from imgemb_assets.core.search.similar import (
     similar_to_photo,
 )
 from imgemb_assets.core.storage.s3 import S3Settings
-from imgemb_assets.dagster_wiring.jobs import PREFIX_JOB_NAME, SEARCH_INDEX_JOB_NAME
-from imgemb_assets.dagster_wiring.settings import LocationSettings
+from imgemb_assets.dagster_wiring.location.settings import LocationSettings
+from imgemb_assets.dagster_wiring.names import PREFIX_JOB_NAME, SEARCH_INDEX_JOB_NAME
 from imgemb_assets.definitions import build_definitions
 from imgemb_support.location import code_location_env, run_user_command, user_shell_env
 from imgemb_support.rows import EMBEDDINGS_SCHEMA

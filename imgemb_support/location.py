@@ -16,7 +16,7 @@ from dagster import AddDynamicPartitionsRequest, AssetMaterialization, DagsterIn
 
 from imgemb_assets.core.sample.dataset import SampleDataset
 from imgemb_assets.core.storage.s3 import S3Settings
-from imgemb_assets.dagster_wiring.partitions import register_prefixes
+from imgemb_assets.dagster_wiring.location.partitions import register_prefixes
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

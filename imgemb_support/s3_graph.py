@@ -10,15 +10,11 @@ from dagster import DagsterEventType, ExecuteInProcessResult, instance_for_test
 from imgemb_assets.core.imaging.images import DEFAULT_MAX_IMAGE_BYTES
 from imgemb_assets.core.lake.lake import Lake
 from imgemb_assets.core.sample.dataset import SampleDataset
-from imgemb_assets.dagster_wiring.jobs import PREFIX_JOB_NAME, SALES_JOB_NAME
-from imgemb_assets.dagster_wiring.partitions import S3_PREFIX_PARTITIONS_NAME
-from imgemb_assets.dagster_wiring.resources import (
-    EmbeddingModelResource,
-    ImageLimitsResource,
-    ImgembS3Resource,
-    StorageResource,
-)
-from imgemb_assets.dagster_wiring.settings import LocationSettings
+from imgemb_assets.dagster_wiring.embedding.resources import EmbeddingModelResource
+from imgemb_assets.dagster_wiring.ingest.resources import ImageLimitsResource
+from imgemb_assets.dagster_wiring.location.resources import ImgembS3Resource, StorageResource
+from imgemb_assets.dagster_wiring.location.settings import LocationSettings
+from imgemb_assets.dagster_wiring.names import PREFIX_JOB_NAME, S3_PREFIX_PARTITIONS_NAME, SALES_JOB_NAME
 from imgemb_assets.definitions import build_definitions, default_resources
 
 

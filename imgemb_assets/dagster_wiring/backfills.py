@@ -38,13 +38,16 @@ from imgemb_assets.core.ingest.discovery import listing_fingerprint
 from imgemb_assets.core.lake import tables
 from imgemb_assets.core.sales.join import list_sales_files
 from imgemb_assets.core.storage.objects import ObjectStore, partition_key_problem
-from imgemb_assets.dagster_wiring.assets import RAW_IMAGES, SALES_FILES_FINGERPRINT_KEY
-from imgemb_assets.dagster_wiring.jobs import SALES_JOB_NAME
-from imgemb_assets.dagster_wiring.new_prefix_runs import LAUNCHED_BY_TAG
-from imgemb_assets.dagster_wiring.partitions import S3_PREFIX_PARTITIONS_NAME
-from imgemb_assets.dagster_wiring.sensors import recorded_fingerprint
-from imgemb_assets.dagster_wiring.staleness import PartitionStatus, partition_status
-from imgemb_assets.dagster_wiring.unfinished_runs import unfinished_runs_by_prefix
+from imgemb_assets.dagster_wiring.location.recorded_metadata import recorded_fingerprint
+from imgemb_assets.dagster_wiring.location.staleness import PartitionStatus, partition_status
+from imgemb_assets.dagster_wiring.location.unfinished_runs import unfinished_runs_by_prefix
+from imgemb_assets.dagster_wiring.names import (
+    LAUNCHED_BY_TAG,
+    RAW_IMAGES,
+    S3_PREFIX_PARTITIONS_NAME,
+    SALES_FILES_FINGERPRINT_KEY,
+    SALES_JOB_NAME,
+)
 
 # The partitioned tables in the order they are computed; each step writes the
 # tables of its group (downscaled_images and rejected_images come together).

@@ -23,7 +23,7 @@ import pytest
 from imgemb_assets.core.lake.lake import Lake
 from imgemb_assets.core.lake.tables import PARTITION_COLUMN
 from imgemb_assets.core.storage.s3 import S3AccessDenied, S3Settings
-from imgemb_assets.dagster_wiring.resources import ImgembS3Resource, StorageResource
+from imgemb_assets.dagster_wiring.location.resources import ImgembS3Resource, StorageResource
 from imgemb_support.moto_server import running_moto_server
 
 _ALLOW_ALL = json.dumps({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]})

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from imgemb_assets.core.imaging.images import DecodeGate, ImageLimits, decode_cost_bytes, downscale
-from imgemb_assets.dagster_wiring.resources import ImageLimitsResource
+from imgemb_assets.dagster_wiring.ingest.resources import ImageLimitsResource
 
 _SETTLE_S = 0.3  # long enough for a wrongly admitted thread to get in
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+from imgemb_assets_tests.import_order import imported_domains
+
 CORE = Path(__file__).resolve().parents[2] / "imgemb_assets" / "core"
 # Lower levels first; a domain may import its own modules and those of lower levels only.
 LEVELS: dict[str, int] = {
@@ -18,19 +20,6 @@ LEVELS: dict[str, int] = {
 ENTRY_MODULES = {"embedding_bench.py", "similar.py", "__init__.py"}
 
 
-def _imported_domains(path: Path) -> set[str]:
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        names = [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-        if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        for name in names:
-            parts = name.split(".")
-            if parts[:2] == ["imgemb_assets", "core"] and len(parts) > 2:
-                found.add(parts[2])
-    return found
-
-
 def test_every_module_of_core_is_in_a_known_domain_or_an_entry_module() -> None:
     top = {path.name for path in CORE.glob("*.py")}
     assert top == ENTRY_MODULES
@@ -41,7 +30,7 @@ def test_each_domain_imports_only_itself_and_the_domains_below_it() -> None:
     wrong = []
     for domain, level in LEVELS.items():
         for path in sorted((CORE / domain).glob("*.py")):
-            for imported in _imported_domains(path) - {domain}:
+            for imported in imported_domains(path, "imgemb_assets.core") - {domain}:
                 if imported not in LEVELS or LEVELS[imported] >= level:
                     wrong.append(f"{domain}/{path.name} imports {imported}")
     assert wrong == []

@@ -21,7 +21,7 @@ from imgemb_assets.core.imaging.images import (
     encode_jpeg,
     image_id_from_key,
 )
-from imgemb_assets.dagster_wiring.resources import ImageLimitsResource
+from imgemb_assets.dagster_wiring.ingest.resources import ImageLimitsResource
 
 
 def _encode(image: Image.Image, fmt: str, **params: object) -> bytes:

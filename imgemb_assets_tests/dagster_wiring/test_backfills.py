@@ -17,8 +17,8 @@ from imgemb_assets.core.lake.lake import Lake
 from imgemb_assets.core.sample.dataset import SampleDataset, generate_sample_dataset
 from imgemb_assets.core.storage.objects import open_object_store
 from imgemb_assets.dagster_wiring.backfills import plan_backfill, run_chunks, run_in_process
-from imgemb_assets.dagster_wiring.partitions import S3_PREFIX_PARTITIONS_NAME
-from imgemb_assets.dagster_wiring.settings import LocationSettings
+from imgemb_assets.dagster_wiring.location.settings import LocationSettings
+from imgemb_assets.dagster_wiring.names import S3_PREFIX_PARTITIONS_NAME
 from imgemb_assets.definitions import build_definitions
 from imgemb_support.location import code_location_env
 

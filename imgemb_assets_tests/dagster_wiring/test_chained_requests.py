@@ -20,9 +20,9 @@ from imgemb_assets.core.lake.lake import Lake
 from imgemb_assets.core.sample.dataset import SampleDataset
 from imgemb_assets.core.storage.objects import open_object_store
 from imgemb_assets.dagster_wiring.backfills import plan_backfill
-from imgemb_assets.dagster_wiring.jobs import NEW_PREFIXES_JOB_NAME, PREFIX_CHAIN_ASSETS, SALES_JOB_NAME
-from imgemb_assets.dagster_wiring.resources import ImgembS3Resource, StorageResource
-from imgemb_assets.dagster_wiring.sensors import build_raw_prefix_sensor
+from imgemb_assets.dagster_wiring.ingest.discovery_sensor import build_raw_prefix_sensor
+from imgemb_assets.dagster_wiring.location.resources import ImgembS3Resource, StorageResource
+from imgemb_assets.dagster_wiring.names import NEW_PREFIXES_JOB_NAME, PREFIX_CHAIN_ASSETS, SALES_JOB_NAME
 from imgemb_assets_tests.dagster_wiring.test_stale_partitions import Ticks, _report_listing, defs
 from imgemb_support.location import code_location_env, store_sensor_result
 

@@ -10,9 +10,8 @@ import pytest
 from dagster import AssetKey, Definitions, DynamicPartitionsDefinition
 
 from imgemb_assets.core.lake import tables
-from imgemb_assets.dagster_wiring.assets import RAW_IMAGES, SALES_EXPORT
-from imgemb_assets.dagster_wiring.settings import LocationSettings
-from imgemb_assets.dagster_wiring.similarity import SEARCH_INDEX
+from imgemb_assets.dagster_wiring.location.settings import LocationSettings
+from imgemb_assets.dagster_wiring.names import RAW_IMAGES, SALES_EXPORT, SEARCH_INDEX
 from imgemb_assets.definitions import build_definitions
 from imgemb_support.location import user_shell_env
 
@@ -98,7 +97,7 @@ def test_every_partitioned_asset_takes_many_prefixes_per_run() -> None:
 
 def test_the_embedding_code_version_names_the_backbone_and_the_weights(tmp_path: Path) -> None:
     """Other weights give another code version, so the UI marks partitions embedded before stale."""
-    from imgemb_assets.dagster_wiring.resources import EmbeddingModelResource
+    from imgemb_assets.dagster_wiring.embedding.resources import EmbeddingModelResource
     from imgemb_assets.definitions import default_resources
 
     def code_version(model: EmbeddingModelResource) -> str | None:

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from dagster import Definitions
 
-from imgemb_assets.dagster_wiring.settings import LocationSettings
+from imgemb_assets.dagster_wiring.location.settings import LocationSettings
 from imgemb_assets.definitions import build_definitions
 
 SNAPSHOT = Path(__file__).with_name("definitions_snapshot.json")

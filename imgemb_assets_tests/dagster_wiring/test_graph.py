@@ -11,8 +11,8 @@ from dagster import DagsterInstance, ExecuteInProcessResult
 from imgemb_assets.core.lake import tables
 from imgemb_assets.core.lake.lake import Lake
 from imgemb_assets.core.sample.dataset import SampleDataset
-from imgemb_assets.dagster_wiring.jobs import PREFIX_JOB_NAME, SALES_JOB_NAME
-from imgemb_assets.dagster_wiring.settings import LocationSettings
+from imgemb_assets.dagster_wiring.location.settings import LocationSettings
+from imgemb_assets.dagster_wiring.names import PREFIX_JOB_NAME, SALES_JOB_NAME
 from imgemb_assets.definitions import build_definitions
 from imgemb_support.location import code_location_instance
 

@@ -15,8 +15,8 @@ from dagster import AssetKey, DagsterInstance
 from imgemb_assets.core.lake import tables
 from imgemb_assets.core.lake.lake import Lake
 from imgemb_assets.core.sample.dataset import SampleDataset
-from imgemb_assets.dagster_wiring.jobs import PREFIX_JOB_NAME, REJOIN_JOB_NAME, SALES_JOB_NAME
-from imgemb_assets.dagster_wiring.settings import LocationSettings
+from imgemb_assets.dagster_wiring.location.settings import LocationSettings
+from imgemb_assets.dagster_wiring.names import PREFIX_JOB_NAME, REJOIN_JOB_NAME, SALES_JOB_NAME
 from imgemb_assets.definitions import build_definitions
 
 defs = build_definitions(LocationSettings())

@@ -27,13 +27,9 @@ from deltalake import write_deltalake
 from imgemb_assets.core.lake import tables
 from imgemb_assets.core.lake.lake import Lake
 from imgemb_assets.core.lake.maintenance import MaintenanceSettings
-from imgemb_assets.dagster_wiring.maintenance import (
-    GUARD_OP_NAME,
-    MAINTENANCE_JOB_NAME,
-    MAINTENANCE_SCHEDULE_NAME,
-    maintenance_op_name,
-)
-from imgemb_assets.dagster_wiring.settings import LocationSettings, SettingsError
+from imgemb_assets.dagster_wiring.lake.maintenance import maintenance_op_name
+from imgemb_assets.dagster_wiring.location.settings import LocationSettings, SettingsError
+from imgemb_assets.dagster_wiring.names import GUARD_OP_NAME, MAINTENANCE_JOB_NAME, MAINTENANCE_SCHEDULE_NAME
 from imgemb_assets.definitions import build_definitions
 
 PREFIX = "2026-11-01"

@@ -20,8 +20,9 @@ from dagster_aws.ecs.executor import EcsStepHandler
 from dagster_k8s.job import DagsterK8sJobConfig, construct_dagster_k8s_job, get_user_defined_k8s_config
 
 from imgemb_assets.core.lake import tables
-from imgemb_assets.dagster_wiring.placement import GPU_POOL, celery_executor_config, gpu_step_tags
-from imgemb_assets.dagster_wiring.settings import LocationSettings, SettingsError
+from imgemb_assets.dagster_wiring.location.placement import celery_executor_config, gpu_step_tags
+from imgemb_assets.dagster_wiring.location.settings import LocationSettings, SettingsError
+from imgemb_assets.dagster_wiring.names import GPU_POOL
 from imgemb_assets.definitions import build_definitions
 
 

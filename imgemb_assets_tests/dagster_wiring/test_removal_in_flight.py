@@ -28,14 +28,15 @@ from imgemb_assets.core.lake import lake as lake_module
 from imgemb_assets.core.lake import tables
 from imgemb_assets.core.lake.lake import Lake
 from imgemb_assets.core.sample.dataset import SampleDataset
-from imgemb_assets.dagster_wiring.jobs import PREFIX_JOB_NAME, SALES_JOB_NAME
-from imgemb_assets.dagster_wiring.lifecycle import (
-    PARTITIONED_TABLES,
+from imgemb_assets.dagster_wiring.ingest.vanished_prefixes import PARTITIONED_TABLES, removal_request
+from imgemb_assets.dagster_wiring.location.partitions import register_prefixes
+from imgemb_assets.dagster_wiring.location.settings import LocationSettings
+from imgemb_assets.dagster_wiring.names import (
+    PREFIX_JOB_NAME,
     REMOVE_VANISHED_JOB_NAME,
-    removal_request,
+    S3_PREFIX_PARTITIONS_NAME,
+    SALES_JOB_NAME,
 )
-from imgemb_assets.dagster_wiring.partitions import S3_PREFIX_PARTITIONS_NAME, register_prefixes
-from imgemb_assets.dagster_wiring.settings import LocationSettings
 from imgemb_assets.definitions import build_definitions
 from imgemb_support.location import code_location_env
 

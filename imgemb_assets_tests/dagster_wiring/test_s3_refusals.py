@@ -24,14 +24,15 @@ from imgemb_assets.core.lake.lake import Lake
 from imgemb_assets.core.sample.dataset import SampleDataset
 from imgemb_assets.core.storage.arrow_filesystem import arrow_location
 from imgemb_assets.core.storage.s3 import S3Settings
-from imgemb_assets.dagster_wiring.jobs import PREFIX_JOB_NAME, SALES_JOB_NAME, SEARCH_INDEX_JOB_NAME
-from imgemb_assets.dagster_wiring.partitions import S3_PREFIX_PARTITIONS_NAME
-from imgemb_assets.dagster_wiring.resources import (
-    EmbeddingModelResource,
-    ImgembS3Resource,
-    StorageResource,
+from imgemb_assets.dagster_wiring.embedding.resources import EmbeddingModelResource
+from imgemb_assets.dagster_wiring.location.resources import ImgembS3Resource, StorageResource
+from imgemb_assets.dagster_wiring.location.settings import LocationSettings
+from imgemb_assets.dagster_wiring.names import (
+    PREFIX_JOB_NAME,
+    S3_PREFIX_PARTITIONS_NAME,
+    SALES_JOB_NAME,
+    SEARCH_INDEX_JOB_NAME,
 )
-from imgemb_assets.dagster_wiring.settings import LocationSettings
 from imgemb_assets.definitions import build_definitions, default_resources
 from imgemb_support.location import user_shell_env
 from imgemb_support.moto_server import (

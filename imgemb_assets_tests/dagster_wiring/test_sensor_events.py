@@ -12,9 +12,9 @@ from dagster import DagsterInstance, SensorResult, build_sensor_context, instanc
 
 from imgemb_assets.core.ingest.partition_scheme import PartitionScheme
 from imgemb_assets.core.storage.s3 import S3Settings
-from imgemb_assets.dagster_wiring.partitions import S3_PREFIX_PARTITIONS_NAME
-from imgemb_assets.dagster_wiring.resources import ImgembS3Resource, StorageResource
-from imgemb_assets.dagster_wiring.sensors import S3_EVENTS_KEY, build_raw_prefix_sensor
+from imgemb_assets.dagster_wiring.ingest.discovery_sensor import build_raw_prefix_sensor
+from imgemb_assets.dagster_wiring.location.resources import ImgembS3Resource, StorageResource
+from imgemb_assets.dagster_wiring.names import S3_EVENTS_KEY, S3_PREFIX_PARTITIONS_NAME
 from imgemb_support.fault_proxy import running_fault_proxy
 from imgemb_support.location import store_sensor_result
 from imgemb_support.s3_notifications import create_event_queue, moto_sqs_client, queue_depth

@@ -23,18 +23,20 @@ from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PART
 from imgemb_assets.core.ingest.discovery import DiscoveryCursor
 from imgemb_assets.core.ingest.partition_scheme import PartitionScheme
 from imgemb_assets.core.sample.dataset import SampleDataset
-from imgemb_assets.dagster_wiring.assets import LISTING_FINGERPRINT_KEY, RAW_IMAGES, SALES_EXPORT
-from imgemb_assets.dagster_wiring.jobs import PREFIX_JOB_NAME, SALES_JOB_NAME
-from imgemb_assets.dagster_wiring.partitions import S3_PREFIX_PARTITIONS_NAME
-from imgemb_assets.dagster_wiring.reconciliation import build_reconciliation_sensor, next_window
-from imgemb_assets.dagster_wiring.resources import ImgembS3Resource, StorageResource
-from imgemb_assets.dagster_wiring.sensors import (
-    build_raw_prefix_sensor,
-    build_sales_change_sensor,
-    recorded_fingerprint,
-    recorded_fingerprints,
+from imgemb_assets.dagster_wiring.ingest.discovery_sensor import build_raw_prefix_sensor
+from imgemb_assets.dagster_wiring.ingest.reconciliation import build_reconciliation_sensor, next_window
+from imgemb_assets.dagster_wiring.location.recorded_metadata import recorded_fingerprint, recorded_fingerprints
+from imgemb_assets.dagster_wiring.location.resources import ImgembS3Resource, StorageResource
+from imgemb_assets.dagster_wiring.location.settings import LocationSettings
+from imgemb_assets.dagster_wiring.names import (
+    LISTING_FINGERPRINT_KEY,
+    PREFIX_JOB_NAME,
+    RAW_IMAGES,
+    S3_PREFIX_PARTITIONS_NAME,
+    SALES_EXPORT,
+    SALES_JOB_NAME,
 )
-from imgemb_assets.dagster_wiring.settings import LocationSettings
+from imgemb_assets.dagster_wiring.sales.sensor import build_sales_change_sensor
 from imgemb_assets.definitions import build_definitions
 from imgemb_support.location import code_location_env, store_sensor_result
 

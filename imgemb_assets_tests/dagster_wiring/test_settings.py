@@ -9,12 +9,8 @@ import pytest
 
 from imgemb_assets.core.lake.lake import TARGET_FILE_BYTES
 from imgemb_assets.core.lake.maintenance import MaintenanceSettings
-from imgemb_assets.dagster_wiring.sensors import (
-    DEFAULT_MAX_NEW_PREFIXES,
-    DEFAULT_MINIMUM_INTERVAL_S,
-    DEFAULT_RECENT_PREFIXES,
-)
-from imgemb_assets.dagster_wiring.settings import LocationSettings, SettingsError
+from imgemb_assets.dagster_wiring.ingest.discovery_sensor import DEFAULT_MAX_NEW_PREFIXES, DEFAULT_RECENT_PREFIXES
+from imgemb_assets.dagster_wiring.location.settings import DEFAULT_MINIMUM_INTERVAL_S, LocationSettings, SettingsError
 
 
 def test_the_constructor_never_reads_the_process_environment(monkeypatch: pytest.MonkeyPatch) -> None:

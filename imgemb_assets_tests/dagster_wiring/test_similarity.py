@@ -15,9 +15,14 @@ from imgemb_assets.core.lake import tables
 from imgemb_assets.core.lake.lake import Lake
 from imgemb_assets.core.sample.dataset import SampleDataset
 from imgemb_assets.core.search.index import ModelMismatch, index_folder_uri, load_index, stored_model_ids
-from imgemb_assets.dagster_wiring.jobs import PREFIX_JOB_NAME, SEARCH_INDEX_JOB_NAME
-from imgemb_assets.dagster_wiring.settings import LocationSettings
-from imgemb_assets.dagster_wiring.similarity import NEAR_DUPLICATE_SHARE_CHECK, SEARCH_INDEX, SEARCH_INDEX_POOL
+from imgemb_assets.dagster_wiring.location.settings import LocationSettings
+from imgemb_assets.dagster_wiring.names import (
+    NEAR_DUPLICATE_SHARE_CHECK,
+    PREFIX_JOB_NAME,
+    SEARCH_INDEX,
+    SEARCH_INDEX_JOB_NAME,
+    SEARCH_INDEX_POOL,
+)
 from imgemb_assets.definitions import build_definitions
 
 MODEL_A = "torchvision/resnet50/random-seed0/fp32"

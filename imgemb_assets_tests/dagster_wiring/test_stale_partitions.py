@@ -29,11 +29,10 @@ from imgemb_assets.core.lake import tables
 from imgemb_assets.core.lake.lake import Lake
 from imgemb_assets.core.sample.dataset import SampleDataset
 from imgemb_assets.core.storage.objects import LocalObjectStore
-from imgemb_assets.dagster_wiring.assets import LISTING_FINGERPRINT_KEY, RAW_IMAGES
 from imgemb_assets.dagster_wiring.backfills import plan_backfill
-from imgemb_assets.dagster_wiring.jobs import PREFIX_JOB_NAME, SALES_JOB_NAME
-from imgemb_assets.dagster_wiring.settings import LocationSettings
-from imgemb_assets.dagster_wiring.staleness import PartitionStatus, status_in_graph
+from imgemb_assets.dagster_wiring.location.settings import LocationSettings
+from imgemb_assets.dagster_wiring.location.staleness import PartitionStatus, status_in_graph
+from imgemb_assets.dagster_wiring.names import LISTING_FINGERPRINT_KEY, PREFIX_JOB_NAME, RAW_IMAGES, SALES_JOB_NAME
 from imgemb_assets.definitions import build_definitions
 
 defs = build_definitions(LocationSettings())

@@ -23,12 +23,17 @@ from imgemb_assets.core.lake import tables
 from imgemb_assets.core.lake.lake import Lake
 from imgemb_assets.core.sample.dataset import SampleDataset
 from imgemb_assets.core.search.index import load_index
-from imgemb_assets.dagster_wiring.jobs import PREFIX_JOB_NAME, SEARCH_INDEX_JOB_NAME
-from imgemb_assets.dagster_wiring.lifecycle import PARTITIONED_TABLES, REMOVE_VANISHED_JOB_NAME
-from imgemb_assets.dagster_wiring.partitions import S3_PREFIX_PARTITIONS_NAME, s3_prefix_partitions
-from imgemb_assets.dagster_wiring.resources import ImgembS3Resource, StorageResource
-from imgemb_assets.dagster_wiring.sensors import build_raw_prefix_sensor
-from imgemb_assets.dagster_wiring.settings import LocationSettings
+from imgemb_assets.dagster_wiring.ingest.discovery_sensor import build_raw_prefix_sensor
+from imgemb_assets.dagster_wiring.ingest.vanished_prefixes import PARTITIONED_TABLES
+from imgemb_assets.dagster_wiring.location.partitions import s3_prefix_partitions
+from imgemb_assets.dagster_wiring.location.resources import ImgembS3Resource, StorageResource
+from imgemb_assets.dagster_wiring.location.settings import LocationSettings
+from imgemb_assets.dagster_wiring.names import (
+    PREFIX_JOB_NAME,
+    REMOVE_VANISHED_JOB_NAME,
+    S3_PREFIX_PARTITIONS_NAME,
+    SEARCH_INDEX_JOB_NAME,
+)
 from imgemb_assets.definitions import build_definitions
 from imgemb_support.location import store_sensor_result
 

@@ -56,7 +56,7 @@ from deltalake.exceptions import CommitFailedError, TableNotFoundError
 from imgemb_assets.core.lake.lake import MAX_ROW_GROUP_ROWS, Lake, LakeError
 
 # The defaults (the file size compaction aims at among them) live in a deltalake-free module,
-# which the location's settings (dagster_wiring/settings.py) share.
+# which the location's settings (dagster_wiring/location/settings.py) share.
 from imgemb_assets.core.lake.maintenance_defaults import (
     COMPACT_MIN_FILES,
     DELTA_DEFAULT_RETENTION_HOURS,

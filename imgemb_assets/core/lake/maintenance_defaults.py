@@ -1,6 +1,6 @@
 """The defaults of lake maintenance, in a module free of deltalake.
 
-`core.maintenance.MaintenanceSettings` and the location's settings (`dagster_wiring/settings.py`, which the CLI
+`core.maintenance.MaintenanceSettings` and the location's settings (`dagster_wiring/location/settings.py`, which the CLI
 imports without deltalake) both take their defaults from here, so that they are written once.
 """
 

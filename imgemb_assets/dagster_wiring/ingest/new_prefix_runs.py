@@ -1,6 +1,6 @@
 """The runs the discovery sensor launches itself: the whole chain of the prefixes it registers.
 
-Automation (`automation.py`) would request the same chain, but only on its own
+Automation (`location/automation.py`) would request the same chain, but only on its own
 next evaluation, and a request of many prefixes becomes a backfill that waits
 for the backfill daemon's 30 s loop: up to a minute of waiting before any work.
 A new prefix has nothing in flight and nothing written, so the sensor can launch
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final
 
 from dagster import AssetCheckKey, AssetKey, DagsterInstance, RunRequest, RunsFilter
 from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
@@ -30,13 +29,15 @@ from dagster._core.storage.dagster_run import NOT_FINISHED_STATUSES
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
 from imgemb_assets.core.lake import tables
-from imgemb_assets.dagster_wiring.assets import SALES_EXPORT, UNIQUE_IMAGE_IDS_CHECK
-from imgemb_assets.dagster_wiring.jobs import NEW_PREFIXES_JOB_NAME, PREFIX_CHAIN_ASSETS
-from imgemb_assets.dagster_wiring.staleness import latest_unpartitioned_id
-
-# Who launched a run (the discovery sensor, `imgemb backfill-missing`): on the run, for the UI and benchmarks.
-LAUNCHED_BY_TAG: Final = "imgemb/launched_by"
-LAUNCHED_BY_DISCOVERY: Final = "discovery"
+from imgemb_assets.dagster_wiring.location.staleness import latest_unpartitioned_id
+from imgemb_assets.dagster_wiring.names import (
+    LAUNCHED_BY_DISCOVERY,
+    LAUNCHED_BY_TAG,
+    NEW_PREFIXES_JOB_NAME,
+    PREFIX_CHAIN_ASSETS,
+    SALES_EXPORT,
+    UNIQUE_IMAGE_IDS_CHECK,
+)
 
 
 @dataclass(frozen=True)

@@ -38,12 +38,11 @@ from dagster._core.storage.dagster_run import ACTIVE_RUN_STATUSES
 from pydantic import Field
 
 from imgemb_assets.core.lake import tables
-from imgemb_assets.dagster_wiring.partitions import S3_PREFIX_PARTITIONS_NAME
-from imgemb_assets.dagster_wiring.resources import StorageResource
-from imgemb_assets.dagster_wiring.retries import permanent_failures
-from imgemb_assets.dagster_wiring.unfinished_runs import unfinished_runs_by_prefix
+from imgemb_assets.dagster_wiring.location.resources import StorageResource
+from imgemb_assets.dagster_wiring.location.retries import permanent_failures
+from imgemb_assets.dagster_wiring.location.unfinished_runs import unfinished_runs_by_prefix
+from imgemb_assets.dagster_wiring.names import REMOVE_VANISHED_JOB_NAME, S3_PREFIX_PARTITIONS_NAME
 
-REMOVE_VANISHED_JOB_NAME: Final = "remove_vanished_prefixes"
 # More than this share of the registered prefixes vanishing in one listing is refused.
 MAX_VANISHED_SHARE: Final = 0.5
 _SHOWN: Final = 10

@@ -31,17 +31,16 @@ from dagster import (
 from imgemb_assets.core.embedding.model_settings import model_id_has_random_weights
 from imgemb_assets.core.lake import tables
 from imgemb_assets.core.lake.lake import Lake
-from imgemb_assets.dagster_wiring.automation import FOLLOWS_UPSTREAM
-from imgemb_assets.dagster_wiring.resources import SimilaritySettings, StorageResource
-from imgemb_assets.dagster_wiring.retries import STEP_RETRY_POLICY, permanent_failures
-from imgemb_assets.dagster_wiring.table_metadata import table_metadata
+from imgemb_assets.dagster_wiring.location.automation import FOLLOWS_UPSTREAM
+from imgemb_assets.dagster_wiring.location.resources import StorageResource
+from imgemb_assets.dagster_wiring.location.retries import STEP_RETRY_POLICY, permanent_failures
+from imgemb_assets.dagster_wiring.location.table_metadata import table_metadata
+from imgemb_assets.dagster_wiring.names import NEAR_DUPLICATE_SHARE_CHECK, SEARCH_INDEX, SEARCH_INDEX_POOL
+from imgemb_assets.dagster_wiring.search.resources import SimilaritySettings
 
 if TYPE_CHECKING:  # usearch is imported by this step only
     from imgemb_assets.core.search.refresh import IndexRefresh, ModelRefresh
 
-SEARCH_INDEX: Final = "image_search_index"
-SEARCH_INDEX_POOL: Final = "search_index"
-NEAR_DUPLICATE_SHARE_CHECK: Final = "near_duplicate_share"
 # Earlier partitions a partition's near-duplicate share is compared with.
 _PREVIOUS_PARTITIONS: Final = 7
 # Images of the changed partitions shown beside their nearest neighbours.

@@ -1,28 +1,18 @@
-"""Where the data lives and how the model is built, as Dagster resources."""
+"""The resources every domain's wiring uses: where the data lives (the three roots, S3) and the checks' thresholds."""
 
 from typing import Any, Literal
 
-from dagster import ConfigurableResource, EnvVar
+from dagster import ConfigurableResource
 from pydantic import Field
 
 from imgemb_assets.core.embedding.drift import DriftThresholds
-from imgemb_assets.core.embedding.model_settings import (
-    BackboneName,
-    DecoderName,
-    EmbeddingSettings,
-    PrecisionName,
-    RuntimeName,
-    model_code_version,
-)
-from imgemb_assets.core.imaging.images import DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_IMAGE_BYTES, ImageLimits
 from imgemb_assets.core.ingest.partition_scheme import DEFAULT_SCHEME_TEXT, PartitionScheme
 from imgemb_assets.core.ingest.partitioned_root import PartitionedRoot
 from imgemb_assets.core.ingest.scheme_record import require_scheme
 from imgemb_assets.core.lake.lake import Lake
-from imgemb_assets.core.search.near_duplicates import DEFAULT_SIMILARITY_THRESHOLD, ShareJumpRule
 from imgemb_assets.core.storage.objects import ObjectStore, open_object_store
 from imgemb_assets.core.storage.s3 import S3Settings
-from imgemb_assets.dagster_wiring.retries import permanent_failures
+from imgemb_assets.dagster_wiring.location.retries import permanent_failures
 
 
 class ImgembS3Resource(ConfigurableResource):
@@ -120,86 +110,6 @@ class StorageResource(ConfigurableResource):
             return Lake(self.lake_uri)
 
 
-class EmbeddingModelResource(ConfigurableResource):
-    """The embedding model's settings; see `EmbeddingSettings` for what each value means."""
-
-    weights: str = Field(
-        description="DEFAULT (torchvision's pretrained weights), a state-dict path, or random / random:<seed>."
-    )
-    model: BackboneName = Field(default="resnet50", description="torchvision backbone.")
-    device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N.")
-    batch_size: int | None = Field(default=None, description="Images per forward pass; default 256 on CUDA, 16 on CPU.")
-    precision: PrecisionName = Field(default="auto", description="auto: fp16 + channels_last on CUDA, fp32 on CPU.")
-    compile: bool | None = Field(
-        default=None,
-        description="torch.compile with CUDA graphs for the fixed batch shape. Unset: on for CUDA, off for CPU; "
-        "a failed compile then leaves the model eager. true: compile or fail the step.",
-    )
-    decoder: DecoderName = Field(
-        default="auto",
-        description="What decodes the thumbnails: auto (nvimgcodec, else nvjpeg, else pillow on CUDA; pillow on "
-        "CPU), pillow, nvjpeg or nvimgcodec (needs the gpu extra: nvidia-nvimgcodec-cu13[nvjpeg]).",
-    )
-    runtime: RuntimeName = Field(
-        default="auto",
-        description="auto: cpu-tuned on CPU (channels_last, glibc malloc keeping activation buffers mapped: vectors "
-        "within 5e-7 of eager's, no page-fault storm), eager on CUDA; eager: the module as torchvision builds it.",
-    )
-
-    def code_version(self) -> str:
-        """The embedding asset's code version for these weights and backbone (see `model_code_version`).
-
-        Read when the location loads: the weights variable, if unset there, gives `unset`.
-        """
-        weights = self.weights.get_value() if isinstance(self.weights, EnvVar) else self.weights
-        return model_code_version(self.model, weights or "unset")
-
-    def settings(self) -> EmbeddingSettings:
-        return EmbeddingSettings(
-            weights=self.weights,
-            device=self.device,
-            batch_size=self.batch_size,
-            model=self.model,
-            precision=self.precision,
-            compile=self.compile,
-            runtime=self.runtime,
-            decoder=self.decoder,
-        )
-
-
-class ImageLimitsResource(ConfigurableResource):
-    """What an original image may cost before it is rejected (with the reason) instead of decoded."""
-
-    max_image_bytes: int = Field(
-        default=DEFAULT_MAX_IMAGE_BYTES, description="Larger objects are rejected without being downloaded."
-    )
-    max_image_pixels: int | None = Field(
-        default=None,
-        description="Larger images are rejected before decoding; default: Pillow's decompression-bomb limit.",
-    )
-    max_decode_bytes: int = Field(
-        default=DEFAULT_MAX_DECODE_BYTES,
-        description="Memory the images decoded at once may take, estimated from their headers (an image estimated "
-        "above it decodes alone).",
-    )
-    full_size_jpeg_decode: bool = Field(
-        default=False,
-        description="Decode every JPEG at its full size before the bilinear resize to 224x224, as the article does. "
-        "Default (false): a JPEG at least twice 224 px on both sides is decoded at 1/2, 1/4 or 1/8 scale in the DCT "
-        "domain first (Pillow's draft), which is faster and needs far less memory but gives slightly different "
-        "thumbnails and vectors (see the README). PNG and WebP are always decoded at full size. Changing it "
-        "makes every stored thumbnail again.",
-    )
-
-    def limits(self) -> ImageLimits:
-        return ImageLimits(
-            max_bytes=self.max_image_bytes,
-            max_pixels=self.max_image_pixels,
-            max_decode_bytes=self.max_decode_bytes,
-            full_size_jpeg_decode=self.full_size_jpeg_decode,
-        )
-
-
 class QualityThresholds(ConfigurableResource):
     """Thresholds of the asset checks."""
 
@@ -232,25 +142,3 @@ class QualityThresholds(ConfigurableResource):
             max_variance_shift=self.max_embedding_variance_shift,
             min_centroid_cosine=self.min_embedding_centroid_cosine,
         )
-
-
-class SimilaritySettings(ConfigurableResource):
-    """What the search index, near-duplicate and evaluation assets use (`dagster_wiring/similarity.py`, `dagster_wiring/evaluation.py`)."""
-
-    evaluation_label_column: str = Field(
-        default="category",
-        description="The sales column whose values the evaluation asks the embeddings to separate "
-        "(silhouette, kNN label agreement); without it only the similarity distribution is reported.",
-    )
-    near_duplicate_threshold: float = Field(
-        default=DEFAULT_SIMILARITY_THRESHOLD,
-        description="Two images whose embeddings have at least this cosine similarity are near duplicates.",
-    )
-    max_near_duplicate_share_jump_points: float = Field(
-        default=ShareJumpRule.max_points_above_median,
-        description="Warn when a partition's share of images with a near duplicate is more than this many "
-        "percentage points above the median of the previous partitions'.",
-    )
-
-    def share_jump_rule(self) -> ShareJumpRule:
-        return ShareJumpRule(max_points_above_median=self.max_near_duplicate_share_jump_points)

@@ -4,7 +4,7 @@ The sensors only notice what only we can see (new prefixes, changed objects,
 changed sales files) and report it: they register partitions and record a new
 materialization of the external assets `raw_images` (per prefix) and
 `sales_export`. (The one run a sensor launches itself is the chain of the
-prefixes it registers: `new_prefix_runs.py`. These conditions then find those
+prefixes it registers: `ingest/new_prefix_runs.py`. These conditions then find those
 partitions in progress, and afterwards written after their report.) Everything
 else follows from these conditions:
 
@@ -40,7 +40,8 @@ from dagster import (
     DefaultSensorStatus,
 )
 
-AUTOMATION_SENSOR_NAME: Final = "imgemb_automation"
+from imgemb_assets.dagster_wiring.names import AUTOMATION_SENSOR_NAME
+
 DEFAULT_RETRY_FAILED_CRON: Final = "0 * * * *"
 
 STALE_LABEL: Final = "stale: missing, or an upstream changed since its last update"

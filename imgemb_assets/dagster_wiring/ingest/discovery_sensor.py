@@ -1,105 +1,69 @@
-"""Sensors for what only we can see: new prefixes, changed objects under a prefix, changed sales files.
+"""The discovery sensor: new prefixes, changed objects under a prefix, prefixes that vanished.
 
-They register new prefixes as partitions and report a new materialization of the
-external assets `raw_images` (one per prefix whose listing changed) and
-`sales_export` (when the sales files changed), with the listing's fingerprint;
-declarative automation (`automation.py`) then materializes what became stale, in
-runs of many prefixes. The one exception is a new prefix: the discovery sensor
-launches its whole chain itself, in the tick that registers it
-(`new_prefix_runs.py`), so nothing waits for the next automation evaluation.
+It registers new prefixes as partitions and reports a new materialization of the
+external asset `raw_images` (one per prefix whose listing changed), with the
+listing's fingerprint; declarative automation (`location/automation.py`) then
+materializes what became stale, in runs of many prefixes. The one exception is a
+new prefix: the sensor launches its whole chain itself, in the tick that registers
+it (`new_prefix_runs.py`), so nothing waits for the next automation evaluation.
+The sales files have a sensor of their own (`sales/sensor.py`).
 
 A fingerprint is reported only when it differs from the last one reported
 (kept in the instance as that report's metadata, not in the cursor) or, for a
 prefix never reported (a new sensor on an existing instance), the one the
-prefix's last manifest (or the last sales materialization) recorded. Starting
-the daemon on an up-to-date instance therefore reports nothing and launches
-nothing.
+prefix's last manifest recorded. Starting the daemon on an up-to-date instance
+therefore reports nothing and launches nothing.
 
-The discovery sensor also notices registered prefixes that vanished from the
-root, and reports them or requests their removal (`lifecycle.py`).
+The sensor also notices registered prefixes that vanished from the root, and
+reports them or requests their removal (`vanished_prefixes.py`).
 """
 
 from collections.abc import Mapping, Sequence
 
 from dagster import (
-    AssetKey,
     AssetMaterialization,
-    AssetRecordsFilter,
-    DagsterEventType,
     DagsterInstance,
     DefaultSensorStatus,
     RunRequest,
     SensorDefinition,
     SensorEvaluationContext,
     SensorResult,
-    SkipReason,
     sensor,
 )
 
 from imgemb_assets.core.ingest.discovery import (
     DiscoveryCursor,
     KnownPrefixes,
-    listing_fingerprint,
     plan_discovery,
     vanished_prefixes,
 )
 from imgemb_assets.core.ingest.notifications import acknowledge, drain_queue, partitions_touched, sqs_client
 from imgemb_assets.core.lake import tables
-from imgemb_assets.core.sales.join import list_sales_files
-from imgemb_assets.dagster_wiring.assets import (
+from imgemb_assets.dagster_wiring.ingest.jobs import new_prefixes_job
+from imgemb_assets.dagster_wiring.ingest.new_prefix_runs import new_prefix_run_requests, sales_readiness
+from imgemb_assets.dagster_wiring.ingest.vanished_prefixes import (
+    removal_refusal,
+    removal_request,
+    remove_vanished_prefixes_job,
+    shown,
+)
+from imgemb_assets.dagster_wiring.location.partitions import s3_prefix_partitions
+from imgemb_assets.dagster_wiring.location.recorded_metadata import recorded_fingerprints
+from imgemb_assets.dagster_wiring.location.resources import StorageResource
+from imgemb_assets.dagster_wiring.location.settings import DEFAULT_MINIMUM_INTERVAL_S, LocationSettings
+from imgemb_assets.dagster_wiring.names import (
     LISTING_FINGERPRINT_KEY,
     RAW_IMAGES,
-    SALES_EXPORT,
-    SALES_FILES_FINGERPRINT_KEY,
+    S3_EVENTS_KEY,
+    S3_PREFIX_PARTITIONS_NAME,
 )
-from imgemb_assets.dagster_wiring.jobs import new_prefixes_job
-from imgemb_assets.dagster_wiring.lifecycle import removal_refusal, removal_request, remove_vanished_prefixes_job, shown
-from imgemb_assets.dagster_wiring.new_prefix_runs import new_prefix_run_requests, sales_readiness
-from imgemb_assets.dagster_wiring.partitions import S3_PREFIX_PARTITIONS_NAME, s3_prefix_partitions
-from imgemb_assets.dagster_wiring.resources import StorageResource
-from imgemb_assets.dagster_wiring.settings import LocationSettings
 
 # The location's defaults (IMGEMB_SENSOR_*), for sensors built without settings.
-DEFAULT_MINIMUM_INTERVAL_S: int = LocationSettings().automation_interval_s()
 DEFAULT_RECENT_PREFIXES: int = LocationSettings.model_fields["sensor_recent_prefixes"].default
 DEFAULT_MAX_NEW_PREFIXES: int = LocationSettings.model_fields["sensor_max_new_prefixes"].default
 DEFAULT_MAX_ROOT_PAGES: int = LocationSettings.model_fields["sensor_max_root_pages"].default
 DEFAULT_MAX_PARTITIONS_PER_RUN: int = LocationSettings.model_fields["max_partitions_per_run"].default
 _ROOT_OBJECTS_SHOWN = 10
-# On raw_images events reported from the bucket's event queue: how many changed objects the partition had.
-S3_EVENTS_KEY = "s3_events"
-
-
-def recorded_fingerprint(instance: DagsterInstance, asset: str, key: str, partition: str | None = None) -> str | None:
-    """The fingerprint metadata `key` of the asset's (partition's) latest materialization, if any."""
-    records = instance.fetch_materializations(
-        AssetRecordsFilter(asset_key=AssetKey(asset), asset_partitions=None if partition is None else [partition]),
-        limit=1,
-    ).records
-    if not records or records[0].asset_materialization is None:
-        return None
-    value = records[0].asset_materialization.metadata.get(key)
-    return None if value is None else str(value.value)
-
-
-def recorded_fingerprints(instance: DagsterInstance, asset: str, key: str, partitions: Sequence[str]) -> dict[str, str]:
-    """`recorded_fingerprint` of many partitions in two queries (not one per partition); partitions without one are left out."""
-    if not partitions:
-        return {}  # no partition filter would mean every partition
-    latest = instance.get_latest_storage_id_by_partition(
-        AssetKey(asset), DagsterEventType.ASSET_MATERIALIZATION, partitions=set(partitions)
-    )
-    if not latest:
-        return {}
-    records = instance.fetch_materializations(
-        AssetRecordsFilter(asset_key=AssetKey(asset), storage_ids=list(latest.values())), limit=len(latest)
-    ).records
-    found: dict[str, str] = {}
-    for record in records:
-        value = None if record.asset_materialization is None else record.asset_materialization.metadata.get(key)
-        if value is not None and record.partition_key is not None:
-            found[record.partition_key] = str(value.value)
-    return found
 
 
 def known_prefixes(instance: DagsterInstance, registered: Sequence[str]) -> KnownPrefixes:
@@ -257,29 +221,6 @@ def _tick_from_events(
         + (" (more waiting: taken next tick)" if drained.more_waiting else "")
     )
     return result
-
-
-def build_sales_change_sensor(minimum_interval_seconds: int = DEFAULT_MINIMUM_INTERVAL_S) -> SensorDefinition:
-    @sensor(
-        name="sales_change_sensor",
-        minimum_interval_seconds=minimum_interval_seconds,
-        default_status=DefaultSensorStatus.RUNNING,
-        description="Reports sales_export changed when the sales files change (their keys, ETags or sizes); "
-        "automation re-materializes sales, then re-joins every prefix.",
-    )
-    def sales_change_sensor(context: SensorEvaluationContext, storage: StorageResource) -> SensorResult | SkipReason:
-        fingerprint = listing_fingerprint(list_sales_files(storage.sales()))
-        last_seen = context.cursor or recorded_fingerprint(context.instance, tables.SALES, SALES_FILES_FINGERPRINT_KEY)
-        if fingerprint == last_seen:
-            return SkipReason("sales files unchanged")
-        return SensorResult(
-            asset_events=[
-                AssetMaterialization(asset_key=SALES_EXPORT, metadata={SALES_FILES_FINGERPRINT_KEY: fingerprint})
-            ],
-            cursor=fingerprint,
-        )
-
-    return sales_change_sensor
 
 
 def _report_root_objects(context: SensorEvaluationContext, names: Sequence[str]) -> None:

@@ -38,8 +38,8 @@ from dagster._core.definitions.asset_checks.asset_check_evaluation import (
 
 from imgemb_assets.core.quality.checks import CheckOutcome
 from imgemb_assets.core.storage.s3 import S3AccessDenied
-from imgemb_assets.dagster_wiring.partitions import S3_PREFIX_PARTITIONS_NAME
-from imgemb_assets.dagster_wiring.retries import permanent_failures
+from imgemb_assets.dagster_wiring.location.retries import permanent_failures
+from imgemb_assets.dagster_wiring.names import S3_PREFIX_PARTITIONS_NAME
 
 _FAILURES_SHOWN: Final = 10
 

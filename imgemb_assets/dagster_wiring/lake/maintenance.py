@@ -50,12 +50,10 @@ from pydantic import Field
 
 from imgemb_assets.core.lake import tables
 from imgemb_assets.core.lake.maintenance import MaintenanceReport, MaintenanceSettings, maintain_table
-from imgemb_assets.dagster_wiring.resources import StorageResource
-from imgemb_assets.dagster_wiring.settings import LocationSettings
+from imgemb_assets.dagster_wiring.location.resources import StorageResource
+from imgemb_assets.dagster_wiring.location.settings import LocationSettings
+from imgemb_assets.dagster_wiring.names import GUARD_OP_NAME, MAINTENANCE_JOB_NAME, MAINTENANCE_SCHEDULE_NAME
 
-MAINTENANCE_JOB_NAME: Final = "lake_maintenance"
-MAINTENANCE_SCHEDULE_NAME: Final = "lake_maintenance_schedule"
-GUARD_OP_NAME: Final = "no_other_runs"
 # Runs that may be writing now. Queued runs are not: a run queue may hold them for hours.
 _BUSY_STATUSES: Final = (DagsterRunStatus.STARTING, DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING)
 _RUNS_NAMED: Final = 10

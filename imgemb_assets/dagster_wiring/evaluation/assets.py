@@ -14,25 +14,21 @@ from dagster import AssetExecutionContext, AssetsDefinition, BackfillPolicy, Met
 
 from imgemb_assets.core.lake import tables
 from imgemb_assets.core.lake.lake import Lake
-from imgemb_assets.dagster_wiring.automation import FOLLOWS_UPSTREAM
-from imgemb_assets.dagster_wiring.partition_steps import AssetReport, StepEvent, materialize_prefixes
-from imgemb_assets.dagster_wiring.partitions import s3_prefix_partitions, still_registered
-from imgemb_assets.dagster_wiring.resources import SimilaritySettings, StorageResource
-from imgemb_assets.dagster_wiring.retries import STEP_RETRY_POLICY
-from imgemb_assets.dagster_wiring.table_metadata import table_metadata
+from imgemb_assets.dagster_wiring.location.partition_steps import AssetReport, StepEvent, materialize_prefixes
+from imgemb_assets.dagster_wiring.location.partitions import per_prefix_asset, still_registered
+from imgemb_assets.dagster_wiring.location.resources import StorageResource
+from imgemb_assets.dagster_wiring.location.table_metadata import table_metadata
+from imgemb_assets.dagster_wiring.search.resources import SimilaritySettings
 
 
 def build_evaluation_asset(policy: BackfillPolicy, model_code_version: str) -> AssetsDefinition:
     @asset(
+        **per_prefix_asset(policy),
         name=tables.EMBEDDING_EVALUATION,
         deps=[tables.IMAGE_EMBEDDINGS],
-        partitions_def=s3_prefix_partitions,
-        backfill_policy=policy,
-        automation_condition=FOLLOWS_UPSTREAM,
         code_version=model_code_version,
         kinds={"delta", "scikit-learn"},
         group_name="embeddings",
-        retry_policy=STEP_RETRY_POLICY,
         description="Per partition and model: silhouette score and kNN agreement of the embeddings with a sales "
         "label column (the similarity resource's evaluation_label_column), and the distribution of pairwise "
         "cosine similarities. Meaningless for random weights, and labelled so.",

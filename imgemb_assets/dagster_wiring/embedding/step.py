@@ -24,26 +24,22 @@ from imgemb_assets.core.embedding.progress import PROGRESS_INTERVAL_S, Progress
 from imgemb_assets.core.lake import tables
 from imgemb_assets.core.lake.lake import Lake, PartitionRemovedError, all_of
 from imgemb_assets.core.quality.checks import CheckOutcome, embedding_values
-from imgemb_assets.dagster_wiring.partition_steps import AssetReport, CheckReport
-from imgemb_assets.dagster_wiring.partitions import still_registered
-from imgemb_assets.dagster_wiring.placement import worker_identity
-from imgemb_assets.dagster_wiring.resources import QualityThresholds
-from imgemb_assets.dagster_wiring.table_metadata import table_metadata
+from imgemb_assets.dagster_wiring.location.partition_steps import AssetReport, CheckReport
+from imgemb_assets.dagster_wiring.location.partitions import still_registered
+from imgemb_assets.dagster_wiring.location.placement import worker_identity
+from imgemb_assets.dagster_wiring.location.resources import QualityThresholds
+from imgemb_assets.dagster_wiring.location.table_metadata import table_metadata
+from imgemb_assets.dagster_wiring.names import EMBEDDING_DRIFT_CHECK, EMBEDDING_VALUES_CHECK, PROGRESS_METADATA_PREFIX
 
 if TYPE_CHECKING:  # torch is imported by the embedding step only
     from imgemb_assets.core.embedding.partition import SharedModel
 
-# The embedding asset's checks' names, each used by its spec and by its result.
-EMBEDDING_VALUES_CHECK: Final = "embedding_values"
-EMBEDDING_DRIFT_CHECK: Final = "embedding_drift"
 # Joined rows per streamed batch (thumbnails are ~15-30 KB each).
 _EMBEDDING_READ_ROWS: Final = 2048
 # Stored vectors per streamed batch (8 KiB each).
 _STORED_VECTOR_READ_ROWS: Final = 4096
 # A progress line at least this often while a prefix is embedded (read at each call: tests shorten it).
 EMBEDDING_PROGRESS_INTERVAL_S: float = PROGRESS_INTERVAL_S
-# The progress totals' metadata keys start with this (`progress_done`, `progress_total`, ...).
-PROGRESS_METADATA_PREFIX: Final = "progress"
 # image_ids per batch when counting the joined rows before streaming them.
 _COUNT_READ_ROWS: Final = 65_536
 

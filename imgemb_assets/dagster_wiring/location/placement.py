@@ -16,9 +16,7 @@ from typing import Any
 
 from dagster import ExecutorDefinition, in_process_executor, multiprocess_executor
 
-from imgemb_assets.dagster_wiring.settings import LocationSettings
-
-GPU_POOL = "gpu"
+from imgemb_assets.dagster_wiring.location.settings import LocationSettings
 
 
 def gpu_step_tags(settings: LocationSettings) -> dict[str, str]:
@@ -73,7 +71,7 @@ def location_executor(settings: LocationSettings) -> ExecutorDefinition:
         # sensors) so that no run config has to repeat them.
         return celery_executor.configured(config, name="celery") if config else celery_executor
     if settings.executor == "ecs":
-        from imgemb_assets.dagster_wiring.ecs_executor import ecs_capacity_provider_executor
+        from imgemb_assets.dagster_wiring.location.ecs_executor import ecs_capacity_provider_executor
 
         return ecs_capacity_provider_executor()
     if settings.executor == "k8s":

@@ -12,7 +12,6 @@ other change; nothing is keyed on a fingerprint seen before.
 """
 
 from collections.abc import Sequence
-from typing import Final
 
 from dagster import (
     AssetMaterialization,
@@ -27,12 +26,14 @@ from dagster import (
 from imgemb_assets.core.ingest.discovery import fingerprint_prefixes
 from imgemb_assets.core.ingest.partitioned_root import PartitionedRoot
 from imgemb_assets.core.storage.objects import partition_key_problem
-from imgemb_assets.dagster_wiring.assets import LISTING_FINGERPRINT_KEY, RAW_IMAGES
-from imgemb_assets.dagster_wiring.partitions import S3_PREFIX_PARTITIONS_NAME
-from imgemb_assets.dagster_wiring.resources import StorageResource
-from imgemb_assets.dagster_wiring.sensors import known_prefixes
-
-RECONCILIATION_SENSOR_NAME: Final = "full_reconciliation_sensor"
+from imgemb_assets.dagster_wiring.ingest.discovery_sensor import known_prefixes
+from imgemb_assets.dagster_wiring.location.resources import StorageResource
+from imgemb_assets.dagster_wiring.names import (
+    LISTING_FINGERPRINT_KEY,
+    RAW_IMAGES,
+    RECONCILIATION_SENSOR_NAME,
+    S3_PREFIX_PARTITIONS_NAME,
+)
 
 
 def next_window(registered: Sequence[str], after: str | None, size: int) -> list[str]:

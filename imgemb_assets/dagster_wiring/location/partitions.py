@@ -1,14 +1,32 @@
 """The one partitioning scheme: a partition is a first-level prefix under the raw-images root."""
 
 from collections.abc import Sequence
+from typing import Any
 
-from dagster import DagsterInstance, DynamicPartitionsDefinition
+from dagster import AutomationCondition, BackfillPolicy, DagsterInstance, DynamicPartitionsDefinition
 
 from imgemb_assets.core.lake.lake import PartitionRemovedError, Precondition
-
-S3_PREFIX_PARTITIONS_NAME = "s3_prefix"
+from imgemb_assets.dagster_wiring.location.automation import FOLLOWS_UPSTREAM
+from imgemb_assets.dagster_wiring.location.retries import STEP_RETRY_POLICY
+from imgemb_assets.dagster_wiring.location.settings import LocationSettings
+from imgemb_assets.dagster_wiring.names import S3_PREFIX_PARTITIONS_NAME
 
 s3_prefix_partitions = DynamicPartitionsDefinition(name=S3_PREFIX_PARTITIONS_NAME)
+
+
+def prefix_backfill_policy(settings: LocationSettings) -> BackfillPolicy:
+    """Runs of a partitioned asset cover at most `settings.max_partitions_per_run` prefixes."""
+    return BackfillPolicy.multi_run(max_partitions_per_run=settings.max_partitions_per_run)
+
+
+def per_prefix_asset(policy: BackfillPolicy, automation: AutomationCondition = FOLLOWS_UPSTREAM) -> dict[str, Any]:
+    """What every asset with one partition per prefix passes to `@asset`: its partitions, runs, automation, retries."""
+    return {
+        "partitions_def": s3_prefix_partitions,
+        "backfill_policy": policy,
+        "automation_condition": automation,
+        "retry_policy": STEP_RETRY_POLICY,
+    }
 
 
 def register_prefixes(instance: DagsterInstance, prefixes: Sequence[str], register: bool = True) -> list[str]:

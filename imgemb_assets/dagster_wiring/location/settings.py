@@ -255,3 +255,7 @@ def _described(exc: pydantic.ValidationError) -> str:
         problem = template.format(**error.get("ctx", {})) if template else f"is invalid ({error['msg']})"
         lines.append(f"{_variable(str(field_name))}{where} {problem}, got {error['input']!r}")
     return "; ".join(lines)
+
+
+# The automation and sales sensors' interval where settings leave it unset, for sensors built without settings.
+DEFAULT_MINIMUM_INTERVAL_S: Final = LocationSettings().automation_interval_s()

@@ -1,0 +1,15 @@
+"""The evaluation domain's definitions: the `embedding_evaluation` asset."""
+
+from collections.abc import Mapping
+from typing import Any
+
+from dagster import Definitions
+
+from imgemb_assets.dagster_wiring.evaluation.assets import build_evaluation_asset
+from imgemb_assets.dagster_wiring.location.partitions import prefix_backfill_policy
+from imgemb_assets.dagster_wiring.location.settings import LocationSettings
+
+
+def build_evaluation_defs(settings: LocationSettings, resources: Mapping[str, Any]) -> Definitions:
+    model_code_version = resources["embedding_model"].code_version()
+    return Definitions(assets=[build_evaluation_asset(prefix_backfill_policy(settings), model_code_version)])
