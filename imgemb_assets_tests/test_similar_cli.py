@@ -39,7 +39,7 @@ from imgemb_assets.dagster_wiring.jobs import PREFIX_JOB_NAME, SEARCH_INDEX_JOB_
 from imgemb_assets.dagster_wiring.settings import LocationSettings
 from imgemb_assets.definitions import build_definitions
 from imgemb_support.location import code_location_env, run_user_command, user_shell_env
-from imgemb_support.rows import EMBEDDINGS_SCHEMA, write_fan_catalogue
+from imgemb_support.rows import EMBEDDINGS_SCHEMA, write_catalogue, write_fan_catalogue
 
 IMGEMB = str(Path(sys.executable).parent / "imgemb")
 MODEL_A = "torchvision/resnet50/random-seed0/fp32"  # IMGEMB_MODEL_WEIGHTS=random on CPU
@@ -184,6 +184,24 @@ def test_where_that_cannot_be_answered_is_refused_in_one_line(
     assert line.startswith(message), line
     if "cannot filter" in message:
         assert line.endswith("(image_id, prefix, sales, category, price), e.g. \"price < 50 AND category = 'shoes'\"")
+
+
+def test_a_photo_query_is_filtered_too(tmp_path: Path) -> None:
+    # The photo is embedded by random ResNet50 weights (MODEL_A); the catalogue's vectors are random ones of that
+    # model, so only the filter decides which images can be answered.
+    lake = Lake(str(tmp_path / "lake"))
+    rows = [(f"img_{i:02d}", "shoes" if i % 3 == 0 else "hats", float(i)) for i in range(12)]
+    vectors = np.random.default_rng(3).random((len(rows), RESNET50_WIDTH), dtype=np.float32)
+    write_catalogue(lake, "p1", rows, vectors, MODEL_A)
+    refresh_search_indexes(lake)
+    photo = _png(Image.new("RGB", (40, 30), "red"))
+
+    everything = similar_to_photo(lake, photo, weights="random", k=12)
+    shoes = similar_to_photo(lake, photo, weights="random", k=3, where="category = 'shoes' AND price > 0")
+    assert [i.image_id for i in shoes] == [
+        i.image_id for i in everything if i.sales["category"] == "shoes" and i.sales["price"] > 0
+    ]
+    assert (len(shoes), shoes.matching, shoes.model_id) == (3, 3, MODEL_A)
 
 
 # --- end to end: the installed command on the sample data -----------------------------
