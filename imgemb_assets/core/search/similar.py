@@ -248,7 +248,7 @@ def similar_to_vector(
     elif index.model_id != model_id:
         raise SimilarError(f"a query vector of model {model_id!r} was asked of the search index of {index.model_id!r}")
     query = np.asarray(vector)[None, :] if np.ndim(vector) == 1 else np.asarray(vector)
-    if query.shape[0] != 1:
+    if query.ndim != 2 or query.shape[0] != 1:
         raise SimilarError(f"one query vector at a time, got an array of shape {np.shape(vector)}")
     if sales_filter is not None:
         return _filtered_answer(lake, index, query, k, sales_weight, sales_filter)
