@@ -14,12 +14,14 @@ DAGSTER_HOME for the instance that holds the partitions (`similar` reads the lak
                                                  when it is missing or its files changed: with a
                                                  daemon running, as one asset backfill it executes;
                                                  without one, here, one run at a time
-    imgemb similar IMAGE_ID [--k 10] [--prefix P] [--sales-weight W]
-    imgemb similar --image PATH_OR_S3_URI [--k 10] [--sales-weight W]
+    imgemb similar IMAGE_ID [--k 10] [--prefix P] [--sales-weight W] [--where EXPR]
+    imgemb similar --image PATH_OR_S3_URI [--k 10] [--sales-weight W] [--where EXPR]
                                                  the images most like one in the lake, or like a new
                                                  photo (embedded with IMGEMB_MODEL_WEIGHTS), from the
                                                  index the refresh_search_index job keeps; with a sales
-                                                 weight, similar best-sellers first
+                                                 weight, similar best-sellers first; with --where, only
+                                                 images whose images_with_sales row matches EXPR (one SQL
+                                                 boolean expression, e.g. "price < 50 AND category = 'shoes'")
 """
 
 from __future__ import annotations
@@ -211,10 +213,12 @@ def _similar_command(args: argparse.Namespace) -> int:
     try:
         if args.image is not None:
             weights = required_env("IMGEMB_MODEL_WEIGHTS", os.environ)
-            found = similar_to_photo(lake, _read_photo(args.image), weights, args.k, args.sales_weight)
+            found = similar_to_photo(
+                lake, _read_photo(args.image), weights, args.k, args.sales_weight, where=args.where
+            )
             query = args.image
         else:
-            found = similar_to_id(lake, args.image_id, args.k, args.prefix, args.sales_weight)
+            found = similar_to_id(lake, args.image_id, args.k, args.prefix, args.sales_weight, where=args.where)
             query = args.image_id if args.prefix is None else f"{args.image_id} (prefix {args.prefix})"
     except SimilarError as exc:
         raise CommandError(str(exc)) from exc
@@ -223,7 +227,10 @@ def _similar_command(args: argparse.Namespace) -> int:
         if refusal is None:
             raise
         raise refusal from exc
-    print(f"{len(found)} images most similar to {query}, from the search index of model {found.model_id}")
+    among = "" if found.where is None else f" among those where {found.where}"
+    print(f"{len(found)} images most similar to {query}{among}, from the search index of model {found.model_id}")
+    if found.matching is not None and found.matching < args.k:
+        print(f"only {found.matching} of the indexed images match --where {found.where}")
     if model_id_has_random_weights(found.model_id):
         print(
             "warning: this model's weights are random (never trained): similar here means similar colours and "
@@ -353,6 +360,13 @@ def main(argv: list[str] | None = None) -> int:
         default=0.0,
         metavar="W",
         help="0..1: weight of the sales percentile against similarity (default 0: by similarity only)",
+    )
+    similar.add_argument(
+        "--where",
+        metavar="EXPR",
+        help="only images whose images_with_sales row matches EXPR, one SQL boolean expression over image_id, "
+        "prefix and the sales columns, e.g. \"price < 50 AND category = 'shoes'\" (comparisons, AND/OR/NOT, IN, "
+        "LIKE, BETWEEN, IS NULL; no aggregates, window functions or subqueries)",
     )
     args = parser.parse_args(argv)
     if args.command in _INSTANCE_COMMANDS and "DAGSTER_HOME" not in os.environ:

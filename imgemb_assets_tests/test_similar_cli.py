@@ -1,5 +1,6 @@
 """`imgemb similar` and `core.similar` on the sample data: by an image_id, by a new photo (its own file, a
-mirrored copy), similar best-sellers, and the errors a person can act on, each exit status 2.
+mirrored copy), similar best-sellers, and the errors a person can act on, each exit status 2; `--where` on a
+catalogue whose answers are known: it narrows the answer, says when nothing matches, refuses bad expressions.
 
 The end-to-end test embeds two prefixes with random weights (`random`), builds the index with the
 refresh_search_index job in-process, and runs the installed `imgemb` command as a user would.
@@ -38,7 +39,7 @@ from imgemb_assets.dagster_wiring.location.settings import LocationSettings
 from imgemb_assets.dagster_wiring.names import PREFIX_JOB_NAME, SEARCH_INDEX_JOB_NAME
 from imgemb_assets.definitions import build_definitions
 from imgemb_support.location import code_location_env, run_user_command, user_shell_env
-from imgemb_support.rows import EMBEDDINGS_SCHEMA
+from imgemb_support.rows import EMBEDDINGS_SCHEMA, write_catalogue, write_fan_catalogue
 
 IMGEMB = str(Path(sys.executable).parent / "imgemb")
 MODEL_A = "torchvision/resnet50/random-seed0/fp32"  # IMGEMB_MODEL_WEIGHTS=random on CPU
@@ -127,6 +128,80 @@ def _embedded_rows(prefix: str, model_id: str, count: int, seed: int) -> pa.Tabl
         },
         schema=EMBEDDINGS_SCHEMA,
     )
+
+
+# --- --where: the installed command on a catalogue whose answers are known (`write_fan_catalogue`) ---
+
+
+@pytest.fixture
+def catalogue_env(tmp_path: Path) -> dict[str, str]:
+    write_fan_catalogue(Lake(str(tmp_path / "lake")), MODEL_A)
+    return user_shell_env({"IMGEMB_LAKE_URI": str(tmp_path / "lake")})
+
+
+def test_where_narrows_the_answer_to_matching_images(catalogue_env: dict[str, str]) -> None:
+    out = run_user_command(
+        [IMGEMB, "similar", "q", "--k", "3", "--where", "category = 'shoes' AND price < 70"], catalogue_env
+    )
+    _, rows = _parsed(out)
+    assert (
+        f"3 images most similar to q among those where category = 'shoes' AND price < 70, from the search index of model {MODEL_A}"
+        in out
+    )
+    assert [(r["prefix"], r["image_id"], r["category"]) for r in rows] == [
+        ("p1", "img_09", "shoes"),
+        ("p2", "img_10", "shoes"),
+        ("p1", "img_11", "shoes"),
+    ]
+    assert "only" not in out  # four shoes match: k of them are shown
+
+    few = run_user_command([IMGEMB, "similar", "q", "--k", "5", "--where", "price IS NULL"], catalogue_env)
+    assert "only 1 of the indexed images match --where price IS NULL" in few and [
+        r["image_id"] for r in _parsed(few)[1]
+    ] == ["img_12"]
+
+
+@pytest.mark.parametrize(
+    ("where", "message"),
+    [
+        (
+            "category = 'boots'",
+            "error: no image matches \"category = 'boots'\": none of the 21 rows of images_with_sales",
+        ),
+        ("price <", "error: cannot filter by 'price <': it is not one SQL expression"),
+        (
+            "colour = 'red'",
+            "error: cannot filter by \"colour = 'red'\": images_with_sales has no sales column 'colour'",
+        ),
+        ("price > avg(price)", "error: cannot filter by 'price > avg(price)': it uses an aggregate function"),
+        ("price * 2", "error: cannot filter by 'price * 2': it is not a boolean expression"),
+    ],
+)
+def test_where_that_cannot_be_answered_is_refused_in_one_line(
+    catalogue_env: dict[str, str], where: str, message: str
+) -> None:
+    line = _fails([IMGEMB, "similar", "q", "--where", where], catalogue_env)
+    assert line.startswith(message), line
+    if "cannot filter" in message:
+        assert line.endswith("(image_id, prefix, sales, category, price), e.g. \"price < 50 AND category = 'shoes'\"")
+
+
+def test_a_photo_query_is_filtered_too(tmp_path: Path) -> None:
+    # The photo is embedded by random ResNet50 weights (MODEL_A); the catalogue's vectors are random ones of that
+    # model, so only the filter decides which images can be answered.
+    lake = Lake(str(tmp_path / "lake"))
+    rows = [(f"img_{i:02d}", "shoes" if i % 3 == 0 else "hats", float(i)) for i in range(12)]
+    vectors = np.random.default_rng(3).random((len(rows), RESNET50_WIDTH), dtype=np.float32)
+    write_catalogue(lake, "p1", rows, vectors, MODEL_A)
+    refresh_search_indexes(lake)
+    photo = _png(Image.new("RGB", (40, 30), "red"))
+
+    everything = similar_to_photo(lake, photo, weights="random", k=12)
+    shoes = similar_to_photo(lake, photo, weights="random", k=3, where="category = 'shoes' AND price > 0")
+    assert [i.image_id for i in shoes] == [
+        i.image_id for i in everything if i.sales["category"] == "shoes" and i.sales["price"] > 0
+    ]
+    assert (len(shoes), shoes.matching, shoes.model_id) == (3, 3, MODEL_A)
 
 
 # --- end to end: the installed command on the sample data -----------------------------

@@ -5,7 +5,13 @@ The article's quantitative evaluation, on bounded samples so it stays cheap:
   tight cluster far from the others, near 0 when labels do not follow the space;
 - kNN label agreement: the share of each vector's k nearest neighbours (cosine)
   with its own label, next to the share random labels would give (chance);
-- pairwise cosine similarities of random pairs: quantiles and a histogram.
+- pairwise cosine similarities of random pairs: quantiles and a histogram;
+- zero-shot agreement, for a model with a text tower paired with its image
+  tower (CLIP): the share of images whose nearest class prompt ("a photo of a
+  {value}", one per label value, encoded by the text tower) is their own label,
+  next to the share shuffled labels would give (`zero_shot_agreement`). The
+  caller encodes the prompts (this module has no model) and sets
+  `EmbeddingEvaluation.zero_shot`, which the markdown and metadata then show.
 
 Rules for awkward inputs, so every result says what it measured:
 - vectors that are not finite or have zero length (no direction) are left out;
@@ -83,6 +89,8 @@ class EmbeddingEvaluation:
     histogram_counts: tuple[int, ...]
     histogram_edges: tuple[float, ...]
     notes: tuple[str, ...] = field(default_factory=tuple)
+    # Set by the caller for a model with a text tower (`zero_shot_agreement`); shown beside the kNN score.
+    zero_shot: ZeroShotAgreement | None = None
 
     def markdown(self) -> str:
         lines = [f"**Warning:** {RANDOM_WEIGHTS_WARNING}", ""] if self.weights_are_random else []
@@ -91,13 +99,15 @@ class EmbeddingEvaluation:
             "|---|---|",
             f"| silhouette (cosine) | {_shown(self.silhouette)} |",
             f"| kNN agreement, k={self.k} | {_shown(self.knn_agreement)} (chance {_shown(self.knn_agreement_chance)}) |",
+            *([self.zero_shot.markdown_row()] if self.zero_shot is not None else []),
             f"| labelled vectors sampled / labels | {self.labelled_sampled} / {self.labels} |",
         ]
         if self.similarity_quantiles:
             quantiles = ", ".join(f"p{q * 100:g} {v:.3f}" for q, v in self.similarity_quantiles.items())
             lines += ["", f"Cosine similarity of {self.pairs_sampled} random pairs: {quantiles}", ""]
             lines += ["```", *_histogram_lines(self.histogram_counts, self.histogram_edges), "```"]
-        lines += ([""] + [f"- {note}" for note in self.notes]) if self.notes else []
+        notes = [*self.notes, *(f"zero-shot: {note}" for note in (self.zero_shot.notes if self.zero_shot else ()))]
+        lines += ([""] + [f"- {note}" for note in notes]) if notes else []
         return "\n".join(lines)
 
     def metadata(self) -> dict[str, float | int | str]:
@@ -120,6 +130,8 @@ class EmbeddingEvaluation:
         }
         values |= {name: round(value, 4) for name, value in scores.items() if value is not None}
         values |= {f"similarity_p{q * 100:g}": round(v, 4) for q, v in self.similarity_quantiles.items()}
+        if self.zero_shot is not None:
+            values |= self.zero_shot.metadata()
         if self.weights_are_random:
             values["warning"] = RANDOM_WEIGHTS_WARNING
         values["summary"] = self.markdown()
@@ -268,6 +280,154 @@ def _knn_agreement(
     members = Counter(sample_labels.tolist())
     chance = float(np.mean([(members[label] - 1) / (len(sample) - 1) for label in sample_labels[queries]]))
     return agreement, chance
+
+
+# --- zero-shot agreement -----------------------------------------------------------
+
+ZERO_SHOT_PROMPT_TEMPLATE: Final = "a photo of a {value}"
+NOISE_LABEL: Final = "noise: random weights"
+
+
+@dataclass(frozen=True)
+class ZeroShotAgreement:
+    """How often an image's nearest class prompt (cosine) is its own label, and what shuffled labels would give."""
+
+    agreement: float | None  # share of scored images whose nearest prompt is their label; None when not computed
+    chance: float | None  # expected agreement were the labels shuffled among the scored images
+    classes: int  # class prompts given
+    scored: int  # images scored: valid vector, and a label with a prompt
+    left_out: int  # images not scored: no direction, no label, or a label without a prompt
+    weights_are_random: bool
+    notes: tuple[str, ...] = ()
+
+    @property
+    def caveat(self) -> str | None:
+        """NOISE_LABEL when the weights are random: the agreement then says nothing about the images."""
+        return NOISE_LABEL if self.weights_are_random else None
+
+    def markdown_row(self) -> str:
+        caveat = f" ({self.caveat})" if self.caveat else ""
+        return (
+            f"| zero-shot agreement, {self.classes} prompts | {_shown(self.agreement)} "
+            f"(chance {_shown(self.chance)}){caveat} |"
+        )
+
+    def metadata(self) -> dict[str, float | int | str]:
+        """Plain values for asset metadata, beside the kNN score's; a score not computed is left out."""
+        values: dict[str, float | int | str] = {
+            "zero_shot_classes": self.classes,
+            "zero_shot_scored": self.scored,
+        }
+        if self.agreement is not None:
+            values["zero_shot_agreement"] = round(self.agreement, 4)
+        if self.chance is not None:
+            values["zero_shot_agreement_chance"] = round(self.chance, 4)
+        if self.caveat:
+            values["zero_shot_caveat"] = self.caveat
+        return values
+
+
+def zero_shot_prompts(
+    labels: Sequence[object | None] | pa.Array | pa.ChunkedArray, template: str = ZERO_SHOT_PROMPT_TEMPLATE
+) -> dict[str, str]:
+    """One prompt per distinct label value (nulls left out), value (as text) -> prompt, in sorted order of value.
+
+    `template` holds `{value}` once or more; ValueError otherwise.
+    """
+    if isinstance(labels, (pa.Array, pa.ChunkedArray)):
+        labels = labels.to_pylist()
+    if "{value}" not in template:
+        raise ValueError(f"a zero-shot prompt template must hold {{value}}, got {template!r}")
+    try:
+        template.format(value="")  # checked whatever the labels: other fields, or stray braces
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ValueError(f"the zero-shot prompt template {template!r} is not usable: {exc!r}") from exc
+    return {value: template.format(value=value) for value in sorted({str(v) for v in labels if v is not None})}
+
+
+def zero_shot_agreement(
+    image_vectors: np.ndarray,
+    class_vectors: np.ndarray,
+    classes: Sequence[str],
+    labels: Sequence[object | None] | pa.Array | pa.ChunkedArray,
+    *,
+    weights_are_random: bool,
+) -> ZeroShotAgreement:
+    """Zero-shot labels against known ones: image i is labelled with the class whose vector is nearest by cosine.
+
+    `image_vectors` (N, width): one model's image vectors; `labels`: their N labels (null for
+    unknown), compared as text; `class_vectors` (C, width): the text tower's vectors of the C
+    prompts of `classes` (`zero_shot_prompts`), in that order, from the text tower paired with
+    the image tower that made `image_vectors`. Images without a direction or a label, or whose
+    label has no prompt, are left out and counted. The chance level is the kNN score's notion:
+    the agreement expected were the labels shuffled among the scored images, sum over classes
+    of (share predicted c) x (share labelled c); it is 1/C when predictions spread evenly, and
+    the share of the one class a collapsed model names for every image. ValueError when the
+    class vectors do not fit (count, width, a class twice, a vector with no direction).
+    """
+    if isinstance(labels, (pa.Array, pa.ChunkedArray)):
+        labels = labels.to_pylist()
+    classes = [str(c) for c in classes]
+    if image_vectors.ndim != 2 or image_vectors.shape[0] != len(labels):
+        raise ValueError(
+            f"expected {len(labels)} image vectors in an (N, width) array, got shape {image_vectors.shape}"
+        )
+    if class_vectors.ndim != 2 or class_vectors.shape != (len(classes), image_vectors.shape[1]):
+        raise ValueError(
+            f"expected one class vector per class, ({len(classes)}, {image_vectors.shape[1]}), "
+            f"got shape {class_vectors.shape}"
+        )
+    if len(set(classes)) != len(classes):
+        raise ValueError(f"a class is given twice: {sorted(c for c in set(classes) if classes.count(c) > 1)}")
+    class_norms = _row_norms(class_vectors)
+    if not np.all(np.isfinite(class_norms) & (class_norms > 0)):
+        raise ValueError("a class vector is all zero or not finite: it has no direction to compare")
+
+    notes: list[str] = []
+    position = {c: n for n, c in enumerate(classes)}
+    norms = _row_norms(image_vectors)
+    valid = np.isfinite(norms) & (norms > 0)
+    label_texts = [None if label is None else str(label) for label in labels]
+    valid_rows = np.flatnonzero(valid).tolist()
+    rows = np.array([row for row in valid_rows if label_texts[row] in position], dtype=np.int64)
+    unlabelled = sum(1 for row in valid_rows if label_texts[row] is None)
+    unprompted = len(valid_rows) - len(rows) - unlabelled
+    if invalid := len(labels) - len(valid_rows):
+        notes.append(f"{invalid} vectors not finite or of zero length: left out")
+    if unlabelled:
+        notes.append(f"{unlabelled} vectors without a label: left out")
+    if unprompted:
+        notes.append(f"{unprompted} vectors whose label has no prompt: left out")
+    truth = np.array([position[label_texts[row]] for row in rows.tolist()], dtype=np.int64)
+    agreement = chance = None
+    if len(classes) < 2:
+        notes.append("zero-shot agreement needs two classes (with one, every image agrees): not computed")
+    elif not len(rows):
+        notes.append("zero-shot agreement needs an image with a valid vector and a prompted label: not computed")
+    else:
+        predicted = _nearest_class(image_vectors, norms, rows, class_vectors / class_norms[:, None])
+        agreement = float((predicted == truth).mean())
+        shares = np.bincount(predicted, minlength=len(classes)) * np.bincount(truth, minlength=len(classes))
+        chance = float(shares.sum() / len(rows) ** 2)
+    return ZeroShotAgreement(
+        agreement=agreement,
+        chance=chance,
+        classes=len(classes),
+        scored=len(rows),
+        left_out=len(labels) - len(rows),
+        weights_are_random=weights_are_random,
+        notes=tuple(notes),
+    )
+
+
+def _nearest_class(vectors: np.ndarray, norms: np.ndarray, rows: np.ndarray, unit_classes: np.ndarray) -> np.ndarray:
+    """Index of the most similar unit class vector for each of `rows`, in bounded float64 blocks; ties: the first."""
+    nearest = np.empty(len(rows), dtype=np.int64)
+    for start in range(0, len(rows), _ROWS_AT_ONCE):
+        chosen = rows[start : start + _ROWS_AT_ONCE]
+        unit = vectors[chosen].astype(np.float64) / norms[chosen, None]
+        nearest[start : start + _ROWS_AT_ONCE] = np.argmax(unit @ unit_classes.T.astype(np.float64), axis=1)
+    return nearest
 
 
 def _histogram_lines(counts: Sequence[int], edges: Sequence[float]) -> list[str]:

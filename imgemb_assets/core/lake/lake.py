@@ -547,6 +547,11 @@ class Lake:
             raise refusal from exc
 
     @_refusing_denied_access
+    def schema(self, name: str) -> pa.Schema:
+        """The table's columns as `read` returns them (never `prefix_partition`), from its log: no data is read."""
+        return without_view_types(_without(pa.schema(self._open(name).schema().to_arrow()), PARTITION_STORAGE_COLUMN))
+
+    @_refusing_denied_access
     def partition_keys(self, name: str) -> list[str]:
         """The prefixes holding rows: from the table's log, and the `prefix` column of hashed partitions only."""
         try:

@@ -54,7 +54,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Final
 
@@ -502,6 +502,43 @@ class SearchIndex:
             return [[] for _ in range(len(normalised))]
         return self._exact(normalised, k)
 
+    def search_among(
+        self,
+        queries: np.ndarray,
+        allowed: Mapping[str, Collection[str]],
+        k: int = 10,
+        *,
+        model_id: str | None = None,
+    ) -> list[list[Neighbour]]:
+        """The k most similar to each query among the indexed vectors of `allowed` (prefix -> image_ids), exactly.
+
+        Exact whatever the index's size: the graph cannot be asked for "the nearest among these", and
+        asking it for more and more neighbours until k are allowed loses recall exactly when few are. An
+        allowed image that is not indexed (in that prefix) is no candidate.
+        """
+        normalised = self._normalised_queries(queries, model_id)
+        if k < 1:
+            return [[] for _ in range(len(normalised))]
+        return self._exact(normalised, k, self._allowed_blocks(allowed))
+
+    def count_among(self, allowed: Mapping[str, Collection[str]]) -> int:
+        """How many of `allowed` (prefix -> image_ids) are indexed."""
+        return sum(len(keys) for keys, _ in self._allowed_blocks(allowed))
+
+    def _allowed_blocks(self, allowed: Mapping[str, Collection[str]]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(keys, vectors) of the allowed indexed rows, at most `_EXACT_BLOCK_ROWS` at a time, in insertion order."""
+        for prefix, partition in self._partitions.items():
+            image_ids = allowed.get(prefix)
+            if not image_ids:
+                continue
+            rows = np.array(sorted(partition.row_of_id[i] for i in image_ids if i in partition.row_of_id), np.int64)
+            if len(rows) == len(partition.keys):  # the whole partition: its arrays as they are, no copy
+                yield from _blocks_of(partition.keys, partition.vectors)
+                continue
+            for start in range(0, len(rows), _EXACT_BLOCK_ROWS):
+                chosen = rows[start : start + _EXACT_BLOCK_ROWS]
+                yield partition.keys[chosen], partition.vectors[chosen]
+
     def neighbours_of(self, image_id: str, k: int = 10, prefix: str | None = None) -> list[Neighbour]:
         """The k indexed vectors most similar to an indexed image's, that image itself excluded."""
         found_prefix = self._prefix_of(image_id, prefix)
@@ -528,18 +565,25 @@ class SearchIndex:
             raise SearchIndexError("a query vector is all zero or not finite: it has no direction to compare")
         return np.ascontiguousarray(array / norms)
 
-    def _exact(self, queries: np.ndarray, k: int) -> list[list[Neighbour]]:
+    def _exact(
+        self, queries: np.ndarray, k: int, blocks: Iterable[tuple[np.ndarray, np.ndarray]] | None = None
+    ) -> list[list[Neighbour]]:
+        """The k best of `blocks` ((keys, vectors) pairs; every indexed vector when None) for each query."""
         # The best k of each block, then the best k of those: never all similarities at once.
         best_keys: list[np.ndarray] = []
         best_scores: list[np.ndarray] = []
-        for partition in self._partitions.values():
-            for start in range(0, len(partition.keys), _EXACT_BLOCK_ROWS):
-                block = partition.vectors[start : start + _EXACT_BLOCK_ROWS]
-                scores = queries @ block.T  # (queries, rows)
-                take = min(k, scores.shape[1])
-                top = np.argpartition(-scores, take - 1, axis=1)[:, :take]
-                best_scores.append(np.take_along_axis(scores, top, axis=1))
-                best_keys.append(partition.keys[start : start + _EXACT_BLOCK_ROWS][top])
+        if blocks is None:
+            blocks = (block for p in self._partitions.values() for block in _blocks_of(p.keys, p.vectors))
+        for block_keys, block in blocks:
+            if not len(block_keys):
+                continue
+            scores = queries @ block.T  # (queries, rows)
+            take = min(k, scores.shape[1])
+            top = np.argpartition(-scores, take - 1, axis=1)[:, :take]
+            best_scores.append(np.take_along_axis(scores, top, axis=1))
+            best_keys.append(block_keys[top])
+        if not best_keys:
+            return [[] for _ in range(len(queries))]
         scores = np.concatenate(best_scores, axis=1)
         keys = np.concatenate(best_keys, axis=1)
         # stable order on ties: by similarity, then by key (insertion order)
@@ -564,6 +608,11 @@ class SearchIndex:
         if len(prefixes) > 1:
             raise AmbiguousImageId(f"image_id {image_id!r} is indexed in prefixes {sorted(prefixes)}: say which prefix")
         return next(iter(prefixes))
+
+
+def _blocks_of(keys: np.ndarray, vectors: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    for start in range(0, len(keys), _EXACT_BLOCK_ROWS):
+        yield keys[start : start + _EXACT_BLOCK_ROWS], vectors[start : start + _EXACT_BLOCK_ROWS]
 
 
 # --- what the caller reports -------------------------------------------------------

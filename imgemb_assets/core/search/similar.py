@@ -8,10 +8,29 @@ The Python API behind `imgemb similar`, for notebooks:
     lake = Lake("s3://bucket/lake", storage_options=...)
     similar_to_id(lake, "img_0001", k=10)
     similar_to_photo(lake, open("new.jpg", "rb").read(), weights="DEFAULT", sales_weight=0.3)
+    similar_to_id(lake, "img_0001", where="price < 50 AND category = 'shoes'")
 
 Both answer from the search index that the `refresh_search_index` job keeps
 under the lake root, one per model_id (`core/search/index.py`): a query is only
-ever compared with vectors of the model that made it.
+ever compared with vectors of the model that made it. Both go through
+`similar_to_vector`, which answers any query vector of a model (an image
+tower's, or a text tower's paired with it) from that model's index.
+
+Filtering (`where="price < 50 AND category = 'shoes'"`, `imgemb similar --where`):
+one SQL boolean expression over image_id, prefix and the sales columns of
+`images_with_sales` (what is accepted: `core/search/sales_filter.py`). The filter
+runs first, over those columns of the whole table, and gives the images an
+answer may hold; the query is then searched exactly among the indexed vectors of
+those images only (`SearchIndex.search_among`). So the answer is the true k
+nearest among the images that match, k of them whenever k match, however few
+match, and from the HNSW index too: asking the graph for more and more
+neighbours until k pass the filter loses recall exactly when few images match,
+and may end up reading every vector anyway. The cost is an exact search over the
+matching vectors (about 0.75 ms per 1,000 per query here, so 73 ms when 100,000
+match) plus one read of a few short columns of images_with_sales; the vectors are
+in memory already (a loaded index holds them for exact search and lookups).
+Sales ranking (below) then applies among the matching candidates. A query by
+image_id need not match the filter itself; it is never in its own answer.
 
 Ranking: with `sales_weight` w > 0 ("similar best-sellers"), the max(5k, 50)
 most similar images are the candidates, each scored
@@ -54,6 +73,13 @@ from imgemb_assets.core.search.index import (
     load_index,
     stored_model_ids,
 )
+from imgemb_assets.core.search.sales_filter import (
+    FILTER_TABLE,
+    SalesFilter,
+    SalesFilterError,
+    matching_images,
+    sales_filter_for,
+)
 
 # Candidates re-ranked when sales count: enough that a best-seller a little less
 # similar than the k most similar can still rise into the k returned.
@@ -76,28 +102,48 @@ class SimilarImage:
 
 
 class SimilarImages(list[SimilarImage]):
-    """A query's answer, best first, and the model whose index gave it (the CLI names it)."""
+    """A query's answer, best first, and the model whose index gave it (the CLI names it).
 
-    def __init__(self, model_id: str, images: list[SimilarImage]) -> None:
+    With a filter, `where` is its text and `matching` how many indexed images of the model
+    it let through, the query image left out: fewer than k means every one of them is here.
+    """
+
+    def __init__(
+        self, model_id: str, images: list[SimilarImage], where: str | None = None, matching: int | None = None
+    ) -> None:
         super().__init__(images)
         self.model_id = model_id
+        self.where = where
+        self.matching = matching
 
 
 # --- by image_id ------------------------------------------------------------------
 
 
 def similar_to_id(
-    lake: Lake, image_id: str, k: int = 10, prefix: str | None = None, sales_weight: float = 0.0
+    lake: Lake,
+    image_id: str,
+    k: int = 10,
+    prefix: str | None = None,
+    sales_weight: float = 0.0,
+    where: str | SalesFilter | None = None,
 ) -> SimilarImages:
     """The k images most like `image_id` (itself excluded), from the index of the model that embedded it.
 
-    An image_id in several prefixes needs `prefix`. Raises SimilarError.
+    An image_id in several prefixes needs `prefix`. With `where`, only images it lets
+    through are answered (the module docstring). Raises SimilarError.
     """
     _check_query_settings(k, sales_weight)
+    sales_filter = checked_filter(lake, where)
     found_prefix, model_id = _embedded_row_of(lake, image_id, prefix)
-    index = _load_index_or_explain(lake, model_id)
+    index = load_index_for_query(lake, model_id)
     try:
-        neighbours = index.neighbours_of(image_id, candidate_count(k), prefix=found_prefix)
+        if sales_filter is None:
+            return SimilarImages(
+                model_id,
+                _ranked(lake, index.neighbours_of(image_id, candidate_count(k), found_prefix), k, sales_weight),
+            )
+        vector = index.vector_of(image_id, found_prefix)
     except UnknownImageId as exc:
         # In the table but not in the index: the partition was embedded after the last refresh.
         raise SimilarError(
@@ -106,7 +152,7 @@ def similar_to_id(
         ) from exc
     except SearchIndexError as exc:
         raise SimilarError(str(exc)) from exc
-    return SimilarImages(model_id, rank_with_sales(neighbours, sales_of(lake, _ids(neighbours)), k, sales_weight))
+    return _filtered_answer(lake, index, vector, k, sales_weight, sales_filter, itself=(found_prefix, image_id))
 
 
 def _embedded_row_of(lake: Lake, image_id: str, prefix: str | None) -> tuple[str, str]:
@@ -148,32 +194,119 @@ def similar_to_photo(
     sales_weight: float = 0.0,
     device: str = "auto",
     model: str = "resnet50",
+    where: str | SalesFilter | None = None,
 ) -> SimilarImages:
     """The k indexed images most like a photo, embedded here as the pipeline would have embedded it.
 
     The photo becomes a 224x224 thumbnail by the pipeline's own `downscale`, and
     is embedded by `weights` (`EmbeddingSettings.weights`) with the pipeline's
-    preprocessing; the model's id must have an index under the lake. Raises SimilarError.
+    preprocessing; the model's id must have an index under the lake. With `where`,
+    only images it lets through are answered. Raises SimilarError.
     """
     _check_query_settings(k, sales_weight)
+    sales_filter = checked_filter(lake, where)
     thumbnail = thumbnail_of_photo(photo)
     settings, resolved = settings_matching_an_index(lake, weights, device, model)
     from imgemb_assets.core.embedding.inference import embed_thumbnails  # torch: only here
     from imgemb_assets.core.embedding.models import load_model, model_id_for
 
-    # The index before the model: a refusal (no vectors, unreadable) costs no model load.
-    index = _load_index_or_explain(lake, model_id_for(settings, resolved))
+    # The filter and the index before the model: a refusal (a bad filter, no vectors, unreadable) costs no model load.
+    index = load_index_for_query(lake, model_id_for(settings, resolved))
     try:
         embedding_model = load_model(settings, resolved)
     except ModelConfigError as exc:
         raise SimilarError(f"the model cannot be loaded: {exc}") from exc
     vector = embed_thumbnails(embedding_model, [thumbnail])[0]
+    return similar_to_vector(lake, vector, embedding_model.model_id, k, sales_weight, where=sales_filter, index=index)
+
+
+# --- by a query vector (an image tower's, or a text tower's paired with it) ------------
+
+
+def similar_to_vector(
+    lake: Lake,
+    vector: np.ndarray,
+    model_id: str,
+    k: int = 10,
+    sales_weight: float = 0.0,
+    where: str | SalesFilter | None = None,
+    index: SearchIndex | None = None,
+) -> SimilarImages:
+    """The k indexed images most like a query `vector` of `model_id`, from that model's index.
+
+    The one path every query takes once it is a vector: a photo's (`similar_to_photo`),
+    or a text's, encoded by the text tower paired with `model_id`'s image tower. The
+    vector's width must be the index's; it need not be normalised. `index`: the index of
+    `model_id`, when the caller loaded it already (`load_index_for_query`, to refuse
+    before loading a model). With `where`, only images it lets through are answered.
+    Raises SimilarError.
+    """
+    _check_query_settings(k, sales_weight)
+    sales_filter = checked_filter(lake, where)
+    if index is None:
+        index = load_index_for_query(lake, model_id)
+    elif index.model_id != model_id:
+        raise SimilarError(f"a query vector of model {model_id!r} was asked of the search index of {index.model_id!r}")
+    query = np.asarray(vector)[None, :] if np.ndim(vector) == 1 else np.asarray(vector)
+    if query.ndim != 2 or query.shape[0] != 1:
+        raise SimilarError(f"one query vector at a time, got an array of shape {np.shape(vector)}")
+    if sales_filter is not None:
+        return _filtered_answer(lake, index, query, k, sales_weight, sales_filter)
     try:
-        (neighbours,) = index.search(vector[None, :], candidate_count(k), model_id=embedding_model.model_id)
+        (neighbours,) = index.search(query, candidate_count(k), model_id=model_id)
     except SearchIndexError as exc:
         raise SimilarError(str(exc)) from exc
-    ranked = rank_with_sales(neighbours, sales_of(lake, _ids(neighbours)), k, sales_weight)
-    return SimilarImages(embedding_model.model_id, ranked)
+    return SimilarImages(model_id, _ranked(lake, neighbours, k, sales_weight))
+
+
+def checked_filter(lake: Lake, where: str | SalesFilter | None) -> SalesFilter | None:
+    """`where` checked against the lake's images_with_sales (its schema only is read); SimilarError if refused."""
+    if where is None or isinstance(where, SalesFilter):
+        return where
+    try:
+        return sales_filter_for(lake, where)
+    except SalesFilterError as exc:
+        raise SimilarError(str(exc)) from exc
+
+
+def _filtered_answer(
+    lake: Lake,
+    index: SearchIndex,
+    query: np.ndarray,
+    k: int,
+    sales_weight: float,
+    sales_filter: SalesFilter,
+    itself: tuple[str, str] | None = None,
+) -> SimilarImages:
+    """The answer among the images the filter lets through: exact search over their vectors only."""
+    try:
+        matches = matching_images(lake, sales_filter)
+    except SalesFilterError as exc:
+        raise SimilarError(str(exc)) from exc
+    where = sales_filter.text
+    if not matches.count:
+        raise SimilarError(
+            f"no image matches {where!r}: none of the {matches.rows} rows of {FILTER_TABLE} under {lake.root_uri}"
+        )
+    indexed = index.count_among(matches.by_prefix)
+    if not indexed:
+        raise SimilarError(
+            f"{matches.count} images of {FILTER_TABLE} match {where!r}, but none of them is in the search index of "
+            f"{index.model_id!r}: embed their prefixes with this model, then run the {REFRESH_JOB} job"
+        )
+    # A query by image_id is indexed (its vector came from the index): when it matches, it is no answer.
+    query_matches = itself is not None and itself[1] in matches.by_prefix.get(itself[0], ())
+    answerable = indexed - query_matches
+    if not answerable:
+        raise SimilarError(f"no image but the query itself matches {where!r} in the search index of {index.model_id!r}")
+    try:
+        (neighbours,) = index.search_among(
+            query, matches.by_prefix, candidate_count(k) + query_matches, model_id=index.model_id
+        )
+    except SearchIndexError as exc:
+        raise SimilarError(str(exc)) from exc
+    neighbours = [n for n in neighbours if (n.prefix, n.image_id) != itself][: candidate_count(k)]
+    return SimilarImages(index.model_id, _ranked(lake, neighbours, k, sales_weight), where, answerable)
 
 
 def thumbnail_of_photo(photo: bytes, limits: ImageLimits = ImageLimits()) -> bytes:
@@ -294,7 +427,8 @@ def _check_query_settings(k: int, sales_weight: float) -> None:
         raise SimilarError(f"sales_weight must be between 0 and 1, got {sales_weight}")
 
 
-def _load_index_or_explain(lake: Lake, model_id: str) -> SearchIndex:
+def load_index_for_query(lake: Lake, model_id: str) -> SearchIndex:
+    """The search index of `model_id` under the lake, holding vectors; SimilarError saying what to run if not."""
     try:
         index = load_index(lake, model_id)
     except IndexMissing as exc:
@@ -316,8 +450,8 @@ def _load_index_or_explain(lake: Lake, model_id: str) -> SearchIndex:
     return index
 
 
-def _ids(neighbours: Sequence[Neighbour]) -> list[str]:
-    return [n.image_id for n in neighbours]
+def _ranked(lake: Lake, neighbours: Sequence[Neighbour], k: int, sales_weight: float) -> list[SimilarImage]:
+    return rank_with_sales(neighbours, sales_of(lake, [n.image_id for n in neighbours]), k, sales_weight)
 
 
 __all__ = [
@@ -325,11 +459,14 @@ __all__ = [
     "SimilarImage",
     "SimilarImages",
     "candidate_count",
+    "checked_filter",
+    "load_index_for_query",
     "rank_with_sales",
     "sales_of",
     "sales_percentile_ranks",
     "settings_matching_an_index",
     "similar_to_id",
     "similar_to_photo",
+    "similar_to_vector",
     "thumbnail_of_photo",
 ]
