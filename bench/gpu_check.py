@@ -52,9 +52,10 @@ from PIL import Image
 from torchvision import transforms
 
 from imgemb_assets.core import embedding_bench as bench
+from imgemb_assets.core.embedding.backbones.specs import IMAGENET_NORMALIZATION
 from imgemb_assets.core.embedding.inference import decode_batch, embed_thumbnails, forward_for
 from imgemb_assets.core.embedding.model_settings import EmbeddingSettings
-from imgemb_assets.core.embedding.models import IMAGENET_NORMALIZATION, EmbeddingModel, load_model
+from imgemb_assets.core.embedding.models import EmbeddingModel, load_model
 from imgemb_assets.core.embedding.thumbnail_decoders import (
     DecodedBatch,
     DecoderUnavailable,

@@ -5,9 +5,9 @@ from typing import Any, Literal
 from dagster import ConfigurableResource, EnvVar
 from pydantic import Field
 
+from imgemb_assets.core.embedding.backbones.specs import BackboneName
 from imgemb_assets.core.embedding.drift import DriftThresholds
 from imgemb_assets.core.embedding.model_settings import (
-    BackboneName,
     DecoderName,
     EmbeddingSettings,
     PrecisionName,

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal, get_args
 
+from imgemb_assets.core.embedding.backbones.specs import BACKBONE_SPECS, BACKBONES
+
 # A quarter of the article's 64: model-only images/s within 4% of 64 on a 2-core CPU
 # (22.7 vs 23.6), and each batch's activations small enough that a run's free heap
 # stays under allocator.DEFAULT_KEPT_FREE_BYTES, so no prefix faults them in again:
@@ -20,21 +22,16 @@ CPU_BATCH_SIZE: Final = 16
 GPU_BATCH_SIZE: Final = 256
 RANDOM_WEIGHTS: Final = "random"
 # Each choice declared once, as the type the Dagster resource's config uses; the tuples derive from it.
-BackboneName = Literal["resnet50", "resnet18", "vit_b_16"]
 PrecisionName = Literal["auto", "fp32", "fp16", "bf16"]  # auto: fp16 on CUDA, fp32 on CPU
 # How the forward pass runs (see EmbeddingSettings.runtime); auto: cpu-tuned on CPU, eager on CUDA.
 RuntimeName = Literal["auto", "eager", "cpu-tuned"]
 # What decodes the stored thumbnails (see EmbeddingSettings.decoder and core/embedding/thumbnail_decoders.py).
 DecoderName = Literal["auto", "pillow", "nvjpeg", "nvimgcodec"]
-BACKBONES: Final = get_args(BackboneName)
 PRECISIONS: Final = get_args(PrecisionName)
 RUNTIMES: Final = get_args(RuntimeName)
 DECODERS: Final = get_args(DecoderName)
 # Decoders that write into GPU memory: refused on a CPU device rather than silently replaced.
 GPU_DECODERS: Final = frozenset({"nvjpeg", "nvimgcodec"})
-# Each backbone's vector width with its classifier removed: known without building
-# the model, so stored vectors of another width are never reused.
-EMBEDDING_WIDTHS: Final = {"resnet50": 2048, "resnet18": 512, "vit_b_16": 768}
 _DEVICE_PATTERN: Final = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
@@ -50,7 +47,7 @@ class EmbeddingSettings:
     (downloaded through torchvision's own cache), the path of a state-dict file,
     or `random` / `random:<seed>` for explicitly random-initialised weights.
     device: `auto` (CUDA when present, else CPU), `cpu`, `cuda` or `cuda:N`.
-    model: a torchvision backbone, its classifier removed.
+    model: a backbone of `backbones.specs.BACKBONE_SPECS`, its classifier removed.
     batch_size: images per forward pass; None for 256 on CUDA and 16 on CPU.
     precision: `auto` is fp16 with channels_last on CUDA and fp32 on CPU.
     compile: run the model through torch.compile for one fixed batch shape
@@ -104,8 +101,9 @@ class EmbeddingSettings:
 
     @property
     def width(self) -> int:
-        """The width of the vectors this model writes."""
-        return EMBEDDING_WIDTHS[self.model]
+        """The width of the vectors this model writes: known without building the model, so stored vectors
+        of another width are never reused."""
+        return BACKBONE_SPECS[self.model].width
 
 
 def parse_random_seed(weights: str) -> int | None:
