@@ -30,6 +30,8 @@ from typing import Final
 
 import numpy as np
 import torch
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as image_functional
 
 from imgemb_assets.core.embedding.backbones.specs import IMAGENET_AT_THUMBNAIL_SIZE, Preprocessing
 from imgemb_assets.core.embedding.models import CompiledForward, EmbeddingModel
@@ -41,6 +43,7 @@ from imgemb_assets.core.imaging.images import IMAGE_SIZE
 
 _CPU_DECODE_AHEAD: Final = 2  # batches decoded ahead of the model on CPU
 _CUDA_DECODE_AHEAD: Final = 2  # batches the GPU decoder decodes ahead of the model on CUDA
+_INTERPOLATIONS: Final = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
 
 
 def preprocess(
@@ -48,7 +51,19 @@ def preprocess(
     dtype: torch.dtype = torch.float32,
     preprocessing: Preprocessing = IMAGENET_AT_THUMBNAIL_SIZE,
 ) -> torch.Tensor:
-    """(N, 3, H, W) uint8 -> normalized `dtype`, as `ToTensor` then `Normalize` (in fp32) with the backbone's normalization."""
+    """(N, 3, H, W) uint8 -> normalized `dtype`, as `ToTensor` then `Normalize` (in fp32) with the backbone's normalization.
+
+    Thumbnails of another size than the backbone's input (a CLIP trained at 32 or
+    336 px, say) are first resized to it, antialiased, with the backbone's
+    interpolation, and rounded back to uint8 as open_clip's PIL resize does (the
+    values are within rounding of PIL's, not identical). At the input size they
+    are used as they are: no resize, so no change to any 224 px backbone's vectors.
+    """
+    size = preprocessing.input_size
+    if tuple(pixels.shape[-2:]) != (size, size):
+        pixels = image_functional.resize(
+            pixels, [size, size], interpolation=_INTERPOLATIONS[preprocessing.interpolation], antialias=True
+        )
     normalization = preprocessing.normalization
     images = pixels.to(torch.float32).div(255)
     mean = torch.tensor(normalization.mean, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)

@@ -1,11 +1,14 @@
-"""Backbones ready for inference: built by their family (core/embedding/backbones/), named, placed on a device, tuned, compiled."""
+"""Backbones ready for inference: built by their family (core/embedding/backbones/), named, placed on a device, tuned, compiled.
+
+A CLIP's image tower is built here like any backbone; its text tower is built on its own by text_encoder.py.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, assert_never
 
 import torch
 
@@ -111,6 +114,8 @@ class EmbeddingModel:
     decoder: ThumbnailDecoder = field(default_factory=PillowDecoder)  # decodes the stored thumbnails
     decoder_note: str = ""  # why `auto` skipped a better decoder; empty when it got the best for the device
     compiled: CompiledForward | None = None  # None when compile is off
+    # Whether the same weights embed text (a CLIP): text_encoder.load_text_encoder builds that tower on its own.
+    has_text_tower: bool = False
 
     def runtime_metadata(self) -> dict[str, str | float | bool | None]:
         """What decodes and whether, how and at what cost the model was compiled: for step metadata and benchmarks."""
@@ -190,7 +195,7 @@ def numerics_tag(dtype: torch.dtype, device: torch.device) -> str:
     random weights, H100): fp16 on CUDA 6e-4 to 1.6e-3 by backbone, bf16 3.5e-3 to
     1.4e-2, and bf16 on CPU differs from bf16 on CUDA by up to 1.8e-2, so bf16 names
     its device. fp32 is the same on both (2e-6) once CUDA is kept off TF32
-    (`_full_fp32_on_cuda`). Neither the runtime (eager and cpu-tuned are
+    (`full_fp32_on_cuda`). Neither the runtime (eager and cpu-tuned are
     5e-7 apart), the batch size (a compiled model's padded last batch included),
     torch.compile (1.4e-3 at fp16) nor the thumbnail decoder is part of it:
     nvImageCodec's CPU backend gives Pillow's pixels exactly on stored thumbnails,
@@ -214,7 +219,7 @@ def load_model(settings: EmbeddingSettings, weights: ResolvedWeights | None = No
     module = built.module.eval().to(device=device, dtype=dtype)
     runtime = resolve_runtime(settings.runtime, device)
     if device.type == "cuda" and dtype == torch.float32:
-        _full_fp32_on_cuda()
+        full_fp32_on_cuda()
     if device.type == "cuda":
         module = module.to(memory_format=torch.channels_last)
     elif runtime == "cpu-tuned":
@@ -238,10 +243,11 @@ def load_model(settings: EmbeddingSettings, weights: ResolvedWeights | None = No
         decoder=decoding.decoder,
         decoder_note=decoding.note,
         compiled=compiled,
+        has_text_tower=spec.text_tower,
     )
 
 
-def _full_fp32_on_cuda() -> None:
+def full_fp32_on_cuda() -> None:
     """fp32 on CUDA computes in fp32, so its vectors are those of fp32 on CPU (and share its model_id).
 
     cuDNN runs fp32 convolutions in TF32 by default, which moved ResNet50 vectors
@@ -285,3 +291,9 @@ def family_of(spec: BackboneSpec) -> BackboneFamily:
             from imgemb_assets.core.embedding.backbones import vit
 
             return vit
+        case "clip":
+            from imgemb_assets.core.embedding.backbones import clip
+
+            return clip
+        case _:
+            assert_never(spec.family)

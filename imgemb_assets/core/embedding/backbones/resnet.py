@@ -14,9 +14,12 @@ weights_id = torchvision_weights.weights_id
 
 def create_model_and_preprocessing(spec: BackboneSpec, weights: ResolvedWeights) -> BuiltBackbone:
     """The ResNet with `fc` replaced by Identity: its vectors are the pooled features, `fc.in_features` wide."""
-    module, description = torchvision_weights.build(spec, weights)
-    classifier = getattr(module, spec.head)
+    backbone = torchvision_weights.torchvision_backbone(spec)
+    module, description = torchvision_weights.build(backbone, weights)
+    classifier = getattr(module, backbone.head)
     if not isinstance(classifier, torch.nn.Linear):
-        raise ModelConfigError(f"{spec.name}'s {spec.head} is a {type(classifier).__name__}, not a Linear classifier")
-    setattr(module, spec.head, torch.nn.Identity())
-    return BuiltBackbone(module, spec.preprocessing, description, int(classifier.in_features))
+        raise ModelConfigError(
+            f"{spec.name}'s {backbone.head} is a {type(classifier).__name__}, not a Linear classifier"
+        )
+    setattr(module, backbone.head, torch.nn.Identity())
+    return BuiltBackbone(module, backbone.preprocessing, description, int(classifier.in_features))

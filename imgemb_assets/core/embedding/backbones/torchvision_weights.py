@@ -5,24 +5,42 @@ Shared by the torchvision families (resnet, vit); each removes its own classifie
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torchvision import models
 from torchvision.models import WeightsEnum
 
-from imgemb_assets.core.embedding.backbones.specs import BACKBONE_SPECS, BackboneSpec
+from imgemb_assets.core.embedding.backbones.specs import BACKBONE_SPECS, BackboneSpec, Preprocessing
 from imgemb_assets.core.embedding.model_settings import RANDOM_WEIGHTS, ModelConfigError, ResolvedWeights
+
+
+@dataclass(frozen=True)
+class TorchvisionBackbone:
+    """A table entry's torchvision facts, every one present (see specs.BackboneSpec)."""
+
+    name: str
+    architecture: str
+    weights: str
+    head: str
+    preprocessing: Preprocessing
+
+
+def torchvision_backbone(spec: BackboneSpec) -> TorchvisionBackbone:
+    if spec.architecture is None or spec.weights is None or spec.head is None or spec.preprocessing is None:
+        raise ModelConfigError(f"{spec.name} is not a torchvision backbone with a classifier")
+    return TorchvisionBackbone(spec.name, spec.architecture, spec.weights, spec.head, spec.preprocessing)
 
 
 def weights_id(spec: BackboneSpec, weights: ResolvedWeights) -> str:
     """The weights' part of the model_id: torchvision's name for pretrained weights (DEFAULT resolved), else the identity."""
-    if weights.kind == "torchvision":
-        return weights_enum(spec, weights.identity).name
+    if weights.kind == "pretrained":
+        return weights_enum(torchvision_backbone(spec), weights.identity).name
     return weights.identity
 
 
-def build(spec: BackboneSpec, weights: ResolvedWeights) -> tuple[torch.nn.Module, str]:
+def build(spec: TorchvisionBackbone, weights: ResolvedWeights) -> tuple[torch.nn.Module, str]:
     """The full torchvision model (classifier included) with these weights, and where they came from."""
     if weights.seed is not None:
         return _random(spec, weights.seed)
@@ -33,12 +51,12 @@ def build(spec: BackboneSpec, weights: ResolvedWeights) -> tuple[torch.nn.Module
 
 def pretrained_weights_cached(name: str = "DEFAULT", model: str = "resnet50") -> bool:
     """Whether torchvision's weights file is already in the local torch hub cache."""
-    weights = weights_enum(BACKBONE_SPECS[model], name)
+    weights = weights_enum(torchvision_backbone(BACKBONE_SPECS[model]), name)
     filename = weights.url.rsplit("/", 1)[-1]
     return (Path(torch.hub.get_dir()) / "checkpoints" / filename).is_file()
 
 
-def weights_enum(spec: BackboneSpec, name: str) -> WeightsEnum:
+def weights_enum(spec: TorchvisionBackbone, name: str) -> WeightsEnum:
     enum: type[WeightsEnum] = getattr(models, spec.weights)
     try:
         return enum.DEFAULT if name == "DEFAULT" else enum[name]
@@ -47,7 +65,7 @@ def weights_enum(spec: BackboneSpec, name: str) -> WeightsEnum:
         raise ModelConfigError(f"unknown {spec.name} weights {name!r}; choose one of {choices}") from exc
 
 
-def _random(spec: BackboneSpec, seed: int) -> tuple[torch.nn.Module, str]:
+def _random(spec: TorchvisionBackbone, seed: int) -> tuple[torch.nn.Module, str]:
     # Seed a forked RNG so building the model never disturbs the caller's random state.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -55,7 +73,7 @@ def _random(spec: BackboneSpec, seed: int) -> tuple[torch.nn.Module, str]:
     return module, f"RANDOM-initialised weights (seed {seed}): embeddings are not meaningful"
 
 
-def _from_state_dict(spec: BackboneSpec, path: Path, identity: str) -> tuple[torch.nn.Module, str]:
+def _from_state_dict(spec: TorchvisionBackbone, path: Path, identity: str) -> tuple[torch.nn.Module, str]:
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict):
         raise ModelConfigError(f"{path} holds a {type(state).__name__}, not a state dict")
@@ -73,7 +91,7 @@ def _from_state_dict(spec: BackboneSpec, path: Path, identity: str) -> tuple[tor
     return module, f"state dict {path} ({identity})"
 
 
-def _pretrained(spec: BackboneSpec, name: str) -> tuple[torch.nn.Module, str]:
+def _pretrained(spec: TorchvisionBackbone, name: str) -> tuple[torch.nn.Module, str]:
     weights = weights_enum(spec, name)
     try:
         module = models.get_model_builder(spec.architecture)(weights=weights)

@@ -15,9 +15,10 @@ weights_id = torchvision_weights.weights_id
 
 def create_model_and_preprocessing(spec: BackboneSpec, weights: ResolvedWeights) -> BuiltBackbone:
     """The ViT with `heads` replaced by Identity: its vectors are the class token's, `hidden_dim` wide."""
-    module, description = torchvision_weights.build(spec, weights)
+    backbone = torchvision_weights.torchvision_backbone(spec)
+    module, description = torchvision_weights.build(backbone, weights)
     # A ViT's heads are a Sequential; its width is the encoder's, which it keeps as an int attribute.
     if not isinstance(module, VisionTransformer):
         raise ModelConfigError(f"cannot tell the embedding width of a {type(module).__name__}")
-    setattr(module, spec.head, torch.nn.Identity())
-    return BuiltBackbone(module, spec.preprocessing, description, int(module.hidden_dim))
+    setattr(module, backbone.head, torch.nn.Identity())
+    return BuiltBackbone(module, backbone.preprocessing, description, int(module.hidden_dim))
