@@ -54,7 +54,7 @@ from torchvision import transforms
 from imgemb_assets.core import embedding_bench as bench
 from imgemb_assets.core.embedding.inference import decode_batch, embed_thumbnails, forward_for
 from imgemb_assets.core.embedding.model_settings import EmbeddingSettings
-from imgemb_assets.core.embedding.models import IMAGENET_NORMALIZATION, EmbeddingModel, load_model
+from imgemb_assets.core.embedding.models import EmbeddingModel, load_model
 from imgemb_assets.core.embedding.thumbnail_decoders import (
     DecodedBatch,
     DecoderUnavailable,
@@ -117,7 +117,9 @@ def reference_embeddings(jpegs: list[bytes], model_name: str) -> np.ndarray:
         decoder="pillow",
     )  # fmt: skip
     model = load_model(settings)
-    normalize = transforms.Normalize(IMAGENET_NORMALIZATION.mean, IMAGENET_NORMALIZATION.std)
+    # The backbone's own normalization (ImageNet's for torchvision's, OpenAI's for a CLIP); all take 224 px as stored.
+    normalization = model.preprocessing.normalization
+    normalize = transforms.Normalize(normalization.mean, normalization.std)
     transform = transforms.Compose([transforms.ToTensor(), normalize])
     with torch.inference_mode():
         return np.stack(

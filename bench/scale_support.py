@@ -43,7 +43,7 @@ import numpy as np
 import pyarrow as pa
 import yaml
 
-from imgemb_assets.core.embedding.model_settings import EMBEDDING_WIDTHS
+from imgemb_assets.core.embedding.backbones.specs import BACKBONE_SPECS
 from imgemb_assets.core.sample.dataset import write_sales_export
 from imgemb_support.postgres_server import PG_URL_VARIABLE, running_postgres_server, with_postgres_storage
 
@@ -51,7 +51,7 @@ REPO: Final = Path(__file__).resolve().parents[1]
 BIN: Final = Path(sys.executable).parent
 FIRST_DAY: Final = date(2000, 1, 1)
 NEW_PREFIXES: Final = 100
-EMBEDDING_WIDTH: Final = EMBEDDING_WIDTHS["resnet50"]
+EMBEDDING_WIDTH: Final = BACKBONE_SPECS["resnet50"].width
 BENCH_MODEL_ID: Final = "bench-random-float32-2048"
 S3_BUCKET: Final = "imgemb-scale"
 _CORPUS_MARKER: Final = "corpus.json"

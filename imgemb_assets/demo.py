@@ -22,7 +22,7 @@ import polars as pl
 from dagster import DagsterInstance, ExecuteInProcessResult
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
-from imgemb_assets.core.embedding.models import pretrained_weights_cached
+from imgemb_assets.core.embedding.backbones.torchvision_weights import pretrained_weights_cached
 from imgemb_assets.core.ingest.partition_scheme import PartitionScheme
 from imgemb_assets.core.ingest.partitioned_root import PartitionedRoot
 from imgemb_assets.core.lake import tables

@@ -39,8 +39,9 @@ import numpy as np
 import torch
 
 from imgemb_assets.core.embedding.allocator import malloc_tuning_applied
+from imgemb_assets.core.embedding.backbones.specs import BACKBONES
 from imgemb_assets.core.embedding.inference import compiled_batch, decode_batch, embed_thumbnails, preprocess
-from imgemb_assets.core.embedding.model_settings import BACKBONES, DECODERS, PRECISIONS, RUNTIMES, EmbeddingSettings
+from imgemb_assets.core.embedding.model_settings import DECODERS, PRECISIONS, RUNTIMES, EmbeddingSettings
 from imgemb_assets.core.embedding.models import CompiledForward, EmbeddingModel, load_model
 from imgemb_assets.core.imaging.images import ImageRejected, downscale
 from imgemb_assets.core.imaging.synthetic import synthetic_photo
@@ -100,7 +101,7 @@ def model_only_images_per_second(model: EmbeddingModel, thumbnails: list[bytes])
 
 def _model_input(model: EmbeddingModel, compiled: CompiledForward | None, pixels: torch.Tensor) -> torch.Tensor:
     if compiled is None:
-        return preprocess(pixels, model.dtype, model.normalization)
+        return preprocess(pixels, model.dtype, model.preprocessing)
     return compiled_batch(model, compiled, pixels)
 
 

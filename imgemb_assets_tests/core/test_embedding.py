@@ -13,14 +13,11 @@ from PIL import Image
 from torchvision import transforms
 from torchvision.models import ResNet50_Weights, resnet50
 
+from imgemb_assets.core.embedding.backbones.specs import IMAGENET_NORMALIZATION
+from imgemb_assets.core.embedding.backbones.torchvision_weights import pretrained_weights_cached
 from imgemb_assets.core.embedding.inference import embed_thumbnails
 from imgemb_assets.core.embedding.model_settings import EmbeddingSettings, ModelConfigError
-from imgemb_assets.core.embedding.models import (
-    IMAGENET_NORMALIZATION,
-    EmbeddingModel,
-    load_model,
-    pretrained_weights_cached,
-)
+from imgemb_assets.core.embedding.models import EmbeddingModel, load_model
 from imgemb_assets.core.imaging.images import downscale
 
 

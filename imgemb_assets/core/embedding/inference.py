@@ -4,7 +4,7 @@ Needs torch, numpy and Pillow only (no pyarrow, no Dagster), so it runs and
 benchmarks on a bare GPU machine.
 
 Preprocessing is the article's `ToTensor` + `Normalize` with the backbone's own
-normalization (`EmbeddingModel.normalization`: ImageNet's for torchvision's
+normalization (`EmbeddingModel.preprocessing`: ImageNet's for torchvision's
 backbones), done on whole uint8 batches on the model's device with the same fp32
 arithmetic, then cast to the model's precision.
 
@@ -30,8 +30,11 @@ from typing import Final
 
 import numpy as np
 import torch
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as image_functional
 
-from imgemb_assets.core.embedding.models import IMAGENET_NORMALIZATION, CompiledForward, EmbeddingModel, Normalization
+from imgemb_assets.core.embedding.backbones.specs import IMAGENET_AT_THUMBNAIL_SIZE, Preprocessing
+from imgemb_assets.core.embedding.models import CompiledForward, EmbeddingModel
 
 # decode_batch is re-exported: the CPU path's Pillow decode, which tests and benchmarks call by this name.
 from imgemb_assets.core.embedding.thumbnail_decoders import DecodedBatch
@@ -40,12 +43,28 @@ from imgemb_assets.core.imaging.images import IMAGE_SIZE
 
 _CPU_DECODE_AHEAD: Final = 2  # batches decoded ahead of the model on CPU
 _CUDA_DECODE_AHEAD: Final = 2  # batches the GPU decoder decodes ahead of the model on CUDA
+_INTERPOLATIONS: Final = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
 
 
 def preprocess(
-    pixels: torch.Tensor, dtype: torch.dtype = torch.float32, normalization: Normalization = IMAGENET_NORMALIZATION
+    pixels: torch.Tensor,
+    dtype: torch.dtype = torch.float32,
+    preprocessing: Preprocessing = IMAGENET_AT_THUMBNAIL_SIZE,
 ) -> torch.Tensor:
-    """(N, 3, H, W) uint8 -> normalized `dtype`, as `ToTensor` then `Normalize` (in fp32)."""
+    """(N, 3, H, W) uint8 -> normalized `dtype`, as `ToTensor` then `Normalize` (in fp32) with the backbone's normalization.
+
+    Thumbnails of another size than the backbone's input (a CLIP trained at 32 or
+    336 px, say) are first resized to it, antialiased, with the backbone's
+    interpolation, and rounded back to uint8 as open_clip's PIL resize does (the
+    values are within rounding of PIL's, not identical). At the input size they
+    are used as they are: no resize, so no change to any 224 px backbone's vectors.
+    """
+    size = preprocessing.input_size
+    if tuple(pixels.shape[-2:]) != (size, size):
+        pixels = image_functional.resize(
+            pixels, [size, size], interpolation=_INTERPOLATIONS[preprocessing.interpolation], antialias=True
+        )
+    normalization = preprocessing.normalization
     images = pixels.to(torch.float32).div(255)
     mean = torch.tensor(normalization.mean, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
     std = torch.tensor(normalization.std, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
@@ -66,7 +85,7 @@ def pad_batch(pixels: torch.Tensor, rows: int) -> torch.Tensor:
 def run_model(model: EmbeddingModel, pixels: torch.Tensor) -> torch.Tensor:
     """Vectors of uint8 `pixels` through the eager module."""
     with torch.inference_mode():
-        return model.module(preprocess(pixels.to(model.device, non_blocking=True), model.dtype, model.normalization))
+        return model.module(preprocess(pixels.to(model.device, non_blocking=True), model.dtype, model.preprocessing))
 
 
 def compiled_batch(model: EmbeddingModel, compiled: CompiledForward, pixels: torch.Tensor) -> torch.Tensor:
@@ -76,7 +95,7 @@ def compiled_batch(model: EmbeddingModel, compiled: CompiledForward, pixels: tor
     the compiled graph is specialised to its input's strides and would compile again.
     """
     padded = pad_batch(pixels.to(model.device, non_blocking=True), compiled.batch_size)
-    return preprocess(padded, model.dtype, model.normalization).contiguous(memory_format=torch.channels_last)
+    return preprocess(padded, model.dtype, model.preprocessing).contiguous(memory_format=torch.channels_last)
 
 
 def run_compiled(model: EmbeddingModel, compiled: CompiledForward, pixels: torch.Tensor) -> torch.Tensor:

@@ -1,31 +1,28 @@
-"""torchvision backbones without their classifier: building, loading weights, naming, placing on a device."""
+"""Backbones ready for inference: built by their family (core/embedding/backbones/), named, placed on a device, tuned, compiled.
+
+A CLIP's image tower is built here like any backbone; its text tower is built on its own by text_encoder.py.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Final
+from typing import Final, assert_never
 
 import torch
-from torchvision.models import (
-    ResNet18_Weights,
-    ResNet50_Weights,
-    VisionTransformer,
-    ViT_B_16_Weights,
-    WeightsEnum,
-    resnet18,
-    resnet50,
-    vit_b_16,
-)
 
 from imgemb_assets.core.embedding.allocator import keep_inference_memory_mapped
+from imgemb_assets.core.embedding.backbones.family import BackboneFamily
+from imgemb_assets.core.embedding.backbones.specs import (
+    BACKBONE_SPECS,
+    IMAGENET_AT_THUMBNAIL_SIZE,
+    BackboneSpec,
+    Preprocessing,
+)
 from imgemb_assets.core.embedding.model_settings import (
     CPU_BATCH_SIZE,
     GPU_BATCH_SIZE,
-    RANDOM_WEIGHTS,
     EmbeddingSettings,
     ModelConfigError,
     ResolvedWeights,
@@ -34,33 +31,6 @@ from imgemb_assets.core.embedding.model_settings import (
 from imgemb_assets.core.embedding.thumbnail_decoders import PillowDecoder, ThumbnailDecoder, choose_decoder
 
 _log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Normalization:
-    """What the backbone was trained on: per-channel mean and std of [0, 1] pixels (the article's `Normalize`)."""
-
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
-
-# torchvision's weights for these backbones were all trained on ImageNet, normalized so.
-IMAGENET_NORMALIZATION: Final = Normalization(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
-
-
-@dataclass(frozen=True)
-class _Backbone:
-    build: Callable[..., torch.nn.Module]
-    weights: type[WeightsEnum]
-    head: str  # the attribute holding the classifier, replaced by Identity
-    normalization: Normalization = IMAGENET_NORMALIZATION
-
-
-_BACKBONES: Final = {
-    "resnet50": _Backbone(resnet50, ResNet50_Weights, "fc"),
-    "resnet18": _Backbone(resnet18, ResNet18_Weights, "fc"),
-    "vit_b_16": _Backbone(vit_b_16, ViT_B_16_Weights, "heads"),
-}
 
 
 # CUDA graphs for the one batch shape the pipeline feeds (a partial batch is padded
@@ -140,10 +110,12 @@ class EmbeddingModel:
     width: int
     batch_size: int
     runtime: str = "eager"  # the resolved runtime: eager or cpu-tuned (see EmbeddingSettings.runtime)
-    normalization: Normalization = IMAGENET_NORMALIZATION  # the backbone's input normalization
+    preprocessing: Preprocessing = IMAGENET_AT_THUMBNAIL_SIZE  # what the backbone's input needs (see backbones.specs)
     decoder: ThumbnailDecoder = field(default_factory=PillowDecoder)  # decodes the stored thumbnails
     decoder_note: str = ""  # why `auto` skipped a better decoder; empty when it got the best for the device
     compiled: CompiledForward | None = None  # None when compile is off
+    # Whether the same weights embed text (a CLIP): text_encoder.load_text_encoder builds that tower on its own.
+    has_text_tower: bool = False
 
     def runtime_metadata(self) -> dict[str, str | float | bool | None]:
         """What decodes and whether, how and at what cost the model was compiled: for step metadata and benchmarks."""
@@ -209,12 +181,11 @@ def model_id_for(settings: EmbeddingSettings, weights: ResolvedWeights | None = 
     resolved from `settings.weights` so a state-dict file is not hashed again.
     """
     weights = weights or resolve_weights(settings.weights)
-    weights_id = weights.identity
-    if weights.kind == "torchvision":  # DEFAULT is resolved to the weights it means
-        weights_id = _weights_enum(settings.model, weights.identity).name
+    spec = BACKBONE_SPECS[settings.model]
+    weights_id = family_of(spec).weights_id(spec, weights)  # DEFAULT is resolved to the weights it means
     device = resolve_device(settings.device)
     numerics = numerics_tag(resolve_dtype(settings.precision, device), device)
-    return f"torchvision/{settings.model}/{weights_id}/{numerics}"
+    return f"{spec.library}/{settings.model}/{weights_id}/{numerics}"
 
 
 def numerics_tag(dtype: torch.dtype, device: torch.device) -> str:
@@ -224,7 +195,7 @@ def numerics_tag(dtype: torch.dtype, device: torch.device) -> str:
     random weights, H100): fp16 on CUDA 6e-4 to 1.6e-3 by backbone, bf16 3.5e-3 to
     1.4e-2, and bf16 on CPU differs from bf16 on CUDA by up to 1.8e-2, so bf16 names
     its device. fp32 is the same on both (2e-6) once CUDA is kept off TF32
-    (`_full_fp32_on_cuda`). Neither the runtime (eager and cpu-tuned are
+    (`full_fp32_on_cuda`). Neither the runtime (eager and cpu-tuned are
     5e-7 apart), the batch size (a compiled model's padded last batch included),
     torch.compile (1.4e-3 at fp16) nor the thumbnail decoder is part of it:
     nvImageCodec's CPU backend gives Pillow's pixels exactly on stored thumbnails,
@@ -236,25 +207,19 @@ def numerics_tag(dtype: torch.dtype, device: torch.device) -> str:
 
 def load_model(settings: EmbeddingSettings, weights: ResolvedWeights | None = None) -> EmbeddingModel:
     """The backbone without its classifier, with the configured weights (resolved once), ready for inference."""
-    backbone = _BACKBONES[settings.model]
+    spec = BACKBONE_SPECS[settings.model]
     weights = weights or resolve_weights(settings.weights)
-    if weights.seed is not None:
-        module, description = _random(backbone, weights.seed)
-    elif weights.path is not None:
-        module, description = _from_state_dict(backbone, weights.path, weights.identity)
-    else:
-        module, description = _pretrained(backbone, settings.model, weights.identity)
-    width = _remove_classifier(module, backbone.head)
-    if width != settings.width:
+    built = family_of(spec).create_model_and_preprocessing(spec, weights)
+    if built.width != settings.width:
         raise ModelConfigError(
-            f"{settings.model} without its classifier gives vectors of width {width}, not {settings.width}"
+            f"{settings.model} without its classifier gives vectors of width {built.width}, not {settings.width}"
         )
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.precision, device)
-    module = module.eval().to(device=device, dtype=dtype)
+    module = built.module.eval().to(device=device, dtype=dtype)
     runtime = resolve_runtime(settings.runtime, device)
     if device.type == "cuda" and dtype == torch.float32:
-        _full_fp32_on_cuda()
+        full_fp32_on_cuda()
     if device.type == "cuda":
         module = module.to(memory_format=torch.channels_last)
     elif runtime == "cpu-tuned":
@@ -267,21 +232,22 @@ def load_model(settings: EmbeddingSettings, weights: ResolvedWeights | None = No
     return EmbeddingModel(
         module=module,
         model_id=model_id_for(settings, weights),
-        weights_description=description,
+        weights_description=built.weights_description,
         is_random=weights.kind == "random",
         device=device,
         dtype=dtype,
-        width=width,
+        width=built.width,
         batch_size=batch_size,
         runtime=runtime,
-        normalization=backbone.normalization,
+        preprocessing=built.preprocessing,
         decoder=decoding.decoder,
         decoder_note=decoding.note,
         compiled=compiled,
+        has_text_tower=spec.text_tower,
     )
 
 
-def _full_fp32_on_cuda() -> None:
+def full_fp32_on_cuda() -> None:
     """fp32 on CUDA computes in fp32, so its vectors are those of fp32 on CPU (and share its model_id).
 
     cuDNN runs fp32 convolutions in TF32 by default, which moved ResNet50 vectors
@@ -290,28 +256,6 @@ def _full_fp32_on_cuda() -> None:
     """
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
-
-
-def pretrained_weights_cached(name: str = "DEFAULT", model: str = "resnet50") -> bool:
-    """Whether torchvision's weights file is already in the local torch hub cache."""
-    weights = _weights_enum(model, name)
-    filename = weights.url.rsplit("/", 1)[-1]
-    return (Path(torch.hub.get_dir()) / "checkpoints" / filename).is_file()
-
-
-def _remove_classifier(module: torch.nn.Module, head: str) -> int:
-    """Replaces the classifier with Identity; the embedding width."""
-    classifier = getattr(module, head)
-    width = classifier.in_features if isinstance(classifier, torch.nn.Linear) else _vit_hidden_dim(module)
-    setattr(module, head, torch.nn.Identity())
-    return int(width)
-
-
-def _vit_hidden_dim(module: torch.nn.Module) -> int:
-    # A ViT's heads are a Sequential; its width is the encoder's, which it keeps as an int attribute.
-    if not isinstance(module, VisionTransformer):
-        raise ModelConfigError(f"cannot tell the embedding width of a {type(module).__name__}")
-    return int(module.hidden_dim)
 
 
 def _tune_for_cpu(module: torch.nn.Module) -> torch.nn.Module:
@@ -336,50 +280,20 @@ def _tune_for_cpu(module: torch.nn.Module) -> torch.nn.Module:
     return module.to(memory_format=torch.channels_last)
 
 
-def _random(backbone: _Backbone, seed: int) -> tuple[torch.nn.Module, str]:
-    # Seed a forked RNG so building the model never disturbs the caller's random state.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        module = backbone.build(weights=None)
-    return module, f"RANDOM-initialised weights (seed {seed}): embeddings are not meaningful"
+def family_of(spec: BackboneSpec) -> BackboneFamily:
+    """The module that builds this backbone's family, imported only when a backbone of it is used."""
+    match spec.family:
+        case "resnet":
+            from imgemb_assets.core.embedding.backbones import resnet
 
+            return resnet
+        case "vit":
+            from imgemb_assets.core.embedding.backbones import vit
 
-def _from_state_dict(backbone: _Backbone, path: Path, identity: str) -> tuple[torch.nn.Module, str]:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict):
-        raise ModelConfigError(f"{path} holds a {type(state).__name__}, not a state dict")
-    module = backbone.build(weights=None)
-    # The classifier is dropped anyway, so a backbone-only state dict (saved
-    # after removing it) is accepted as well as a full one.
-    head = f"{backbone.head}."
-    body = {key: value for key, value in state.items() if not key.startswith(head)}
-    missing, unexpected = module.load_state_dict(body, strict=False)
-    missing_body = [key for key in missing if not key.startswith(head)]
-    if missing_body or unexpected:
-        raise ModelConfigError(
-            f"{path} is not a state dict of this backbone: missing {missing_body[:5]}, unexpected {unexpected[:5]}"
-        )
-    return module, f"state dict {path} ({identity})"
+            return vit
+        case "clip":
+            from imgemb_assets.core.embedding.backbones import clip
 
-
-def _pretrained(backbone: _Backbone, model: str, name: str) -> tuple[torch.nn.Module, str]:
-    weights = _weights_enum(model, name)
-    try:
-        module = backbone.build(weights=weights)
-    except Exception as exc:  # torchvision surfaces network and cache errors with many types
-        raise ModelConfigError(
-            f"could not load torchvision's pretrained {model} weights {weights.name} "
-            f"(they are downloaded once into {torch.hub.get_dir()}): {exc}. "
-            "Put them in that cache, set the weights to a state-dict path, "
-            "or set them to 'random' for explicitly random weights."
-        ) from exc
-    return module, f"pretrained torchvision weights {weights.name}"
-
-
-def _weights_enum(model: str, name: str) -> WeightsEnum:
-    enum = _BACKBONES[model].weights
-    try:
-        return enum.DEFAULT if name == "DEFAULT" else enum[name]
-    except KeyError as exc:
-        choices = ["DEFAULT", *enum.__members__, RANDOM_WEIGHTS, "<path to a state dict>"]
-        raise ModelConfigError(f"unknown {model} weights {name!r}; choose one of {choices}") from exc
+            return clip
+        case _:
+            assert_never(spec.family)

@@ -3,8 +3,8 @@
 from dagster import ConfigurableResource, EnvVar
 from pydantic import Field
 
+from imgemb_assets.core.embedding.backbones.specs import BackboneName
 from imgemb_assets.core.embedding.model_settings import (
-    BackboneName,
     DecoderName,
     EmbeddingSettings,
     PrecisionName,
@@ -17,9 +17,10 @@ class EmbeddingModelResource(ConfigurableResource):
     """The embedding model's settings; see `EmbeddingSettings` for what each value means."""
 
     weights: str = Field(
-        description="DEFAULT (torchvision's pretrained weights), a state-dict path, or random / random:<seed>."
+        description="DEFAULT (the library's pretrained weights), another pretrained name, a state-dict path, an "
+        "open_clip checkpoint folder (model open_clip_dir), or random / random:<seed>."
     )
-    model: BackboneName = Field(default="resnet50", description="torchvision backbone.")
+    model: BackboneName = Field(default="resnet50", description="Backbone (core/embedding/backbones/specs.py).")
     device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N.")
     batch_size: int | None = Field(default=None, description="Images per forward pass; default 256 on CUDA, 16 on CPU.")
     precision: PrecisionName = Field(default="auto", description="auto: fp16 + channels_last on CUDA, fp32 on CPU.")
