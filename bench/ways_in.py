@@ -56,7 +56,6 @@ from bench.ways_in_support import (
     ASSET_NODES_QUERY,
     LAUNCH_PARTITION_BACKFILL,
     PARTITION_KEYS_QUERY,
-    answers,
     decodable_ids,
     graphql,
     print_timeline,
@@ -407,6 +406,7 @@ def way_daemon_commands(corpus: Corpus, workdir: Path, args: argparse.Namespace,
 
 
 def way_ui(corpus: Corpus, workdir: Path, args: argparse.Namespace, result: WayResult) -> None:
+    from imgemb_support.dagster_webserver import webserver_answers
     from imgemb_support.moto_server import free_port
 
     shutil.copytree(corpus.root / "raw-images", workdir / "raw-images")
@@ -425,7 +425,7 @@ def way_ui(corpus: Corpus, workdir: Path, args: argparse.Namespace, result: WayR
             )  # fmt: skip
             sampler.roots.append(dev.pid)
             deadline = time.time() + 240
-            while not answers(f"http://127.0.0.1:{port}/server_info"):
+            while not webserver_answers(port):
                 if dev.poll() is not None or time.time() > deadline:
                     raise WayFailed(f"dagster dev did not answer; see {log}")
                 time.sleep(1)
