@@ -61,11 +61,18 @@ def user_shell_env(location: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("IMGEMB_")} | dict(location)
 
 
+def run_user_process(
+    args: list[str], env: Mapping[str, str], cwd: Path = REPO_ROOT, timeout_s: float = 600
+) -> subprocess.CompletedProcess[str]:
+    """Runs a command as a user would, as its own process; what it wrote. Fails the test if it fails."""
+    done = subprocess.run(args, cwd=cwd, env=dict(env), capture_output=True, text=True, timeout=timeout_s, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
 def run_user_command(args: list[str], env: Mapping[str, str], cwd: Path = REPO_ROOT) -> str:
     """Runs a command as a user would, as its own process; its standard output. Fails the test if it fails."""
-    done = subprocess.run(args, cwd=cwd, env=dict(env), capture_output=True, text=True, timeout=600, check=False)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done.stdout
+    return run_user_process(args, env, cwd).stdout
 
 
 def wait_for(what: str, check: Callable[[], bool], timeout_s: float, log: Path, poll_s: float = 1.0) -> None:
