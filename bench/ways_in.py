@@ -46,7 +46,8 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -56,7 +57,6 @@ from bench.ways_in_support import (
     ASSET_NODES_QUERY,
     LAUNCH_PARTITION_BACKFILL,
     PARTITION_KEYS_QUERY,
-    answers,
     decodable_ids,
     graphql,
     print_timeline,
@@ -140,6 +140,42 @@ def open_instance(env: Mapping[str, str]):  # a DagsterInstance
 
     os.environ["DAGSTER_HOME"] = env["DAGSTER_HOME"]
     return DagsterInstance.get()
+
+
+class DagsterWay:
+    """A Dagster way's instance, and when the way's first action came (its clock; None until it starts)."""
+
+    def __init__(self, instance) -> None:  # a DagsterInstance
+        self.instance = instance
+        self.t0: float | None = None
+
+    def start_clock(self) -> float:
+        self.t0 = time.time()
+        return self.t0
+
+    def record_readable(self, result: WayResult, readable: float, sampler: PssSampler) -> None:
+        """The clock stops at `readable`: the seconds since the first action, the runs and the peak PSS so far."""
+        assert self.t0 is not None, "the clock never started"
+        result.seconds = readable - self.t0
+        result.runs, result.failed_runs = runs_so_far(self.instance)
+        result.peak_pss_mb = sampler.peak_kb / 1024
+
+
+@contextmanager
+def dagster_way(env: Mapping[str, str], result: WayResult) -> Iterator[DagsterWay]:
+    """The way's instance, opened before any of its processes starts (so that they do not race to create its
+    storage); at the end, its timeline from the way's first action into `result`, and the instance disposed."""
+    way = DagsterWay(open_instance(env))
+    try:
+        yield way
+    finally:
+        if way.t0 is not None:
+            result.extra["timeline"] = timeline(way.instance, way.t0)
+        way.instance.dispose()
+
+
+def embeddings_table(env: Mapping[str, str]) -> str:
+    return f"{env['IMGEMB_LAKE_URI']}/image_embeddings"
 
 
 def record_when_quiet(instance, args: argparse.Namespace, result: WayResult) -> None:
@@ -229,6 +265,21 @@ class Commands(threading.Thread):
         return self.error
 
 
+def readme_commands(env: Mapping[str, str], workdir: Path, sampler: PssSampler) -> Commands:
+    """The README's two commands: `imgemb discover`, then `imgemb backfill-missing --asset image_embeddings`."""
+    imgemb = str(_BIN / "imgemb")
+    return Commands([[imgemb, "discover"], [imgemb, "backfill-missing", "--asset", "image_embeddings"]],
+                    env, workdir / "commands.log", sampler)  # fmt: skip
+
+
+def start_daemon(env: Mapping[str, str], instance, sampler: PssSampler, log: Path) -> subprocess.Popen:
+    """`dagster-daemon run -w workspace.yaml`, its processes sampled; returns once its heartbeat is in `instance`."""
+    daemon = start_group([str(_BIN / "dagster-daemon"), "run", "-w", str(_REPO / "workspace.yaml")], env, _REPO, log)
+    sampler.roots.append(daemon.pid)
+    wait_for_daemon(instance, daemon, log)
+    return daemon
+
+
 def wait_for_daemon(instance, process: subprocess.Popen, log: Path, timeout_s: float = 180) -> None:
     from imgemb_assets.dagster_wiring.backfills import daemon_is_running
 
@@ -295,27 +346,16 @@ def way_model(corpus: Corpus, workdir: Path, args: argparse.Namespace, result: W
 def way_cli(corpus: Corpus, workdir: Path, args: argparse.Namespace, result: WayResult) -> None:
     shutil.copytree(corpus.root / "raw-images", workdir / "raw-images")
     env = way_environment(corpus, workdir, args.sensor_interval, workdir / "raw-images")
-    imgemb = str(_BIN / "imgemb")
-    table = f"{env['IMGEMB_LAKE_URI']}/image_embeddings"
-    instance = open_instance(env)
-    t0: float | None = None
-    try:
-        with PssSampler() as sampler:
-            commands = Commands([[imgemb, "discover"], [imgemb, "backfill-missing", "--asset", "image_embeddings"]],
-                                env, workdir / "commands.log", sampler)  # fmt: skip
-            t0 = time.time()
-            commands.start()
-            readable, result.rows = wait_for_rows(table, corpus.expected_rows, args.timeout, commands.failed)
-            result.seconds = readable - t0
-            result.runs, result.failed_runs = runs_so_far(instance)
-            result.peak_pss_mb = sampler.peak_kb / 1024
-            commands.join(timeout=args.timeout)
-            result.extra["command_seconds"] = commands.seconds
-            result.extra["command_end_s"] = round(time.time() - t0, 2)
-    finally:
-        if t0 is not None:
-            result.extra["timeline"] = timeline(instance, t0)
-        instance.dispose()
+    table = embeddings_table(env)
+    with dagster_way(env, result) as way, PssSampler() as sampler:
+        commands = readme_commands(env, workdir, sampler)
+        t0 = way.start_clock()
+        commands.start()
+        readable, result.rows = wait_for_rows(table, corpus.expected_rows, args.timeout, commands.failed)
+        way.record_readable(result, readable, sampler)
+        commands.join(timeout=args.timeout)
+        result.extra["command_seconds"] = commands.seconds
+        result.extra["command_end_s"] = round(time.time() - t0, 2)
 
 
 def way_daemon(corpus: Corpus, workdir: Path, args: argparse.Namespace, result: WayResult) -> None:
@@ -325,150 +365,111 @@ def way_daemon(corpus: Corpus, workdir: Path, args: argparse.Namespace, result: 
     late = _late_prefix_name(corpus)
     shutil.copytree(landing / corpus.late_source, workdir / "late" / late)
     env = way_environment(corpus, workdir, args.sensor_interval, raw)
-    table = f"{env['IMGEMB_LAKE_URI']}/image_embeddings"
-    instance = open_instance(env)  # creates the instance's storage before two processes race to
-    t0: float | None = None
-    log = workdir / "daemon.log"
-    try:
-        with PssSampler() as sampler:
-            daemon = start_group(
-                [str(_BIN / "dagster-daemon"), "run", "-w", str(_REPO / "workspace.yaml")], env, _REPO, log
-            )
-            sampler.roots.append(daemon.pid)
-            wait_for_daemon(instance, daemon, log)
-            t0 = time.time()
-            for prefix in corpus.prefixes:  # one rename each: a prefix lands whole
-                os.rename(landing / prefix, raw / prefix)
-            readable, result.rows = wait_for_rows(
-                table, corpus.expected_rows, args.timeout, _died(daemon, "the daemon")
-            )
-            result.seconds = readable - t0
-            result.runs, result.failed_runs = runs_so_far(instance)
-            result.peak_pss_mb = sampler.peak_kb / 1024
-            # The new prefix lands once the first ones are done and nothing runs (an automation tick passed).
-            record_when_quiet(instance, args, result)
-            t1 = time.time()
-            os.rename(workdir / "late" / late, raw / late)
-            landed_readable, rows = wait_for_rows(
-                table, corpus.expected_rows + corpus.late_rows, args.timeout, _died(daemon, "the daemon")
-            )
-            result.extra["late_prefix"] = f"{late} (a copy of {corpus.late_source}: {corpus.late_rows} rows)"
-            result.extra["landing_to_readable_s"] = round(landed_readable - t1, 2)
-            result.extra["late_prefix_at_s"] = round(t1 - t0, 2)
-            runs_then, failed_then = runs_so_far(instance)
-            result.extra["late_runs"] = runs_then - result.extra["runs_when_quiet"]
-            result.extra["late_failed_runs"] = failed_then - result.extra["failed_runs_when_quiet"]
-            result.extra["peak_pss_mb_overall"] = round(sampler.peak_kb / 1024)
-            wait_for_runs_to_end(instance)
-            stop_group(daemon)
-    finally:
-        if t0 is not None:
-            result.extra["timeline"] = timeline(instance, t0)
-        instance.dispose()
+    table = embeddings_table(env)
+    with dagster_way(env, result) as way, PssSampler() as sampler:
+        instance = way.instance
+        daemon = start_daemon(env, instance, sampler, workdir / "daemon.log")
+        t0 = way.start_clock()
+        for prefix in corpus.prefixes:  # one rename each: a prefix lands whole
+            os.rename(landing / prefix, raw / prefix)
+        readable, result.rows = wait_for_rows(table, corpus.expected_rows, args.timeout, _died(daemon, "the daemon"))
+        way.record_readable(result, readable, sampler)
+        # The new prefix lands once the first ones are done and nothing runs (an automation tick passed).
+        record_when_quiet(instance, args, result)
+        t1 = time.time()
+        os.rename(workdir / "late" / late, raw / late)
+        landed_readable, rows = wait_for_rows(
+            table, corpus.expected_rows + corpus.late_rows, args.timeout, _died(daemon, "the daemon")
+        )
+        result.extra["late_prefix"] = f"{late} (a copy of {corpus.late_source}: {corpus.late_rows} rows)"
+        result.extra["landing_to_readable_s"] = round(landed_readable - t1, 2)
+        result.extra["late_prefix_at_s"] = round(t1 - t0, 2)
+        runs_then, failed_then = runs_so_far(instance)
+        result.extra["late_runs"] = runs_then - result.extra["runs_when_quiet"]
+        result.extra["late_failed_runs"] = failed_then - result.extra["failed_runs_when_quiet"]
+        result.extra["peak_pss_mb_overall"] = round(sampler.peak_kb / 1024)
+        wait_for_runs_to_end(instance)
+        stop_group(daemon)
 
 
 def way_daemon_commands(corpus: Corpus, workdir: Path, args: argparse.Namespace, result: WayResult) -> None:
     shutil.copytree(corpus.root / "raw-images", workdir / "raw-images")
     env = way_environment(corpus, workdir, args.sensor_interval, workdir / "raw-images")
-    imgemb = str(_BIN / "imgemb")
-    table = f"{env['IMGEMB_LAKE_URI']}/image_embeddings"
-    instance = open_instance(env)
-    t0: float | None = None
-    log = workdir / "daemon.log"
-    try:
-        with PssSampler() as sampler:
-            daemon = start_group(
-                [str(_BIN / "dagster-daemon"), "run", "-w", str(_REPO / "workspace.yaml")], env, _REPO, log
-            )
-            sampler.roots.append(daemon.pid)
-            wait_for_daemon(instance, daemon, log)
-            commands = Commands([[imgemb, "discover"], [imgemb, "backfill-missing", "--asset", "image_embeddings"]],
-                                env, workdir / "commands.log", sampler)  # fmt: skip
-            t0 = time.time()
-            commands.start()
-            died = _died(daemon, "the daemon")
-            readable, result.rows = wait_for_rows(
-                table, corpus.expected_rows, args.timeout, lambda: commands.failed() or died()
-            )
-            result.seconds = readable - t0
-            result.runs, result.failed_runs = runs_so_far(instance)
-            result.peak_pss_mb = sampler.peak_kb / 1024
-            commands.join(timeout=60)
-            result.extra["command_seconds"] = commands.seconds
-            result.extra["submitted"] = "submitted asset backfill" in (workdir / "commands.log").read_text()
-            # Whatever the commands or automation queued after the last row must not write a partition again.
-            record_when_quiet(instance, args, result)
-            wait_for_runs_to_end(instance)
-            stop_group(daemon)
-    finally:
-        if t0 is not None:
-            result.extra["timeline"] = timeline(instance, t0)
-        instance.dispose()
+    table = embeddings_table(env)
+    with dagster_way(env, result) as way, PssSampler() as sampler:
+        daemon = start_daemon(env, way.instance, sampler, workdir / "daemon.log")
+        commands = readme_commands(env, workdir, sampler)
+        way.start_clock()
+        commands.start()
+        died = _died(daemon, "the daemon")
+        readable, result.rows = wait_for_rows(
+            table, corpus.expected_rows, args.timeout, lambda: commands.failed() or died()
+        )
+        way.record_readable(result, readable, sampler)
+        commands.join(timeout=60)
+        result.extra["command_seconds"] = commands.seconds
+        result.extra["submitted"] = "submitted asset backfill" in (workdir / "commands.log").read_text()
+        # Whatever the commands or automation queued after the last row must not write a partition again.
+        record_when_quiet(way.instance, args, result)
+        wait_for_runs_to_end(way.instance)
+        stop_group(daemon)
 
 
 def way_ui(corpus: Corpus, workdir: Path, args: argparse.Namespace, result: WayResult) -> None:
+    from imgemb_support.dagster_webserver import webserver_answers
     from imgemb_support.moto_server import free_port
 
     shutil.copytree(corpus.root / "raw-images", workdir / "raw-images")
     env = way_environment(corpus, workdir, args.sensor_interval, workdir / "raw-images")
     imgemb = str(_BIN / "imgemb")
-    table = f"{env['IMGEMB_LAKE_URI']}/image_embeddings"
-    instance = open_instance(env)
-    t0: float | None = None
+    table = embeddings_table(env)
     log = workdir / "dagster-dev.log"
     port = free_port()
-    try:
-        with PssSampler() as sampler:
-            dev = start_group(
-                [str(_BIN / "dagster"), "dev", "-w", str(_REPO / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(port)],
-                env, _REPO, log,
-            )  # fmt: skip
-            sampler.roots.append(dev.pid)
-            deadline = time.time() + 240
-            while not answers(f"http://127.0.0.1:{port}/server_info"):
-                if dev.poll() is not None or time.time() > deadline:
-                    raise WayFailed(f"dagster dev did not answer; see {log}")
-                time.sleep(1)
-            wait_for_daemon(instance, dev, log)
-            graphql(port, ASSET_NODES_QUERY)  # the UI's page is open: its location is loaded
-            t0 = time.time()
-            commands = Commands([[imgemb, "discover"]], env, workdir / "commands.log", sampler)
-            commands.run()  # in this thread: the click comes after it
-            if commands.error:
-                raise WayFailed(commands.error)
-            t_click = time.time()
-            nodes = graphql(port, ASSET_NODES_QUERY)["assetNodes"]
-            keys = graphql(port, PARTITION_KEYS_QUERY, {"key": {"path": ["image_embeddings"]}})
-            partitions = keys["assetNodeOrError"]["partitionKeysByDimension"][0]["partitionKeys"]
-            every = [n["assetKey"] for n in nodes if n["isMaterializable"]]
-            partitioned = [n["assetKey"] for n in nodes if n["isMaterializable"] and n["isPartitioned"]]
-            launched, selection = None, "every materializable asset"
-            for assets, what in ((every, "every materializable asset"), (partitioned, "the partitioned assets")):
-                answer = graphql(port, LAUNCH_PARTITION_BACKFILL, {"backfillParams": {
-                    "assetSelection": assets, "partitionNames": partitions, "fromFailure": False, "tags": []}})  # fmt: skip
-                launched = answer["launchPartitionBackfill"]
-                if launched["__typename"] == "LaunchBackfillSuccess":
-                    selection = what
-                    break
-                result.extra.setdefault("refused", []).append(f"{what}: {json.dumps(launched)[:300]}")
-            if launched is None or launched["__typename"] != "LaunchBackfillSuccess":
-                raise WayFailed(f"launchPartitionBackfill refused: {result.extra.get('refused')}")
-            result.extra["backfill"] = launched["backfillId"]
-            result.extra["backfill_assets"] = f"{selection}: {len(assets)} assets x {len(partitions)} partitions"
-            result.extra["discover_s"] = round(t_click - t0, 2)
-            result.extra["click_s"] = round(time.time() - t_click, 2)
-            readable, result.rows = wait_for_rows(table, corpus.expected_rows, args.timeout, _died(dev, "dagster dev"))
-            result.seconds = readable - t0
-            result.runs, result.failed_runs = runs_so_far(instance)
-            result.peak_pss_mb = sampler.peak_kb / 1024
-            wait_for_runs_to_end(instance)
-            left = stop_group(dev)
-            if left:
-                result.extra["killed_after_sigterm"] = left
-    finally:
-        if t0 is not None:
-            result.extra["timeline"] = timeline(instance, t0)
-        instance.dispose()
+    with dagster_way(env, result) as way, PssSampler() as sampler:
+        dev = start_group(
+            [str(_BIN / "dagster"), "dev", "-w", str(_REPO / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(port)],
+            env, _REPO, log,
+        )  # fmt: skip
+        sampler.roots.append(dev.pid)
+        deadline = time.time() + 240
+        while not webserver_answers(port):
+            if dev.poll() is not None or time.time() > deadline:
+                raise WayFailed(f"dagster dev did not answer; see {log}")
+            time.sleep(1)
+        wait_for_daemon(way.instance, dev, log)
+        graphql(port, ASSET_NODES_QUERY)  # the UI's page is open: its location is loaded
+        t0 = way.start_clock()
+        commands = Commands([[imgemb, "discover"]], env, workdir / "commands.log", sampler)
+        commands.run()  # in this thread: the click comes after it
+        if commands.error:
+            raise WayFailed(commands.error)
+        t_click = time.time()
+        nodes = graphql(port, ASSET_NODES_QUERY)["assetNodes"]
+        keys = graphql(port, PARTITION_KEYS_QUERY, {"key": {"path": ["image_embeddings"]}})
+        partitions = keys["assetNodeOrError"]["partitionKeysByDimension"][0]["partitionKeys"]
+        every = [n["assetKey"] for n in nodes if n["isMaterializable"]]
+        partitioned = [n["assetKey"] for n in nodes if n["isMaterializable"] and n["isPartitioned"]]
+        launched, selection = None, "every materializable asset"
+        for assets, what in ((every, "every materializable asset"), (partitioned, "the partitioned assets")):
+            answer = graphql(port, LAUNCH_PARTITION_BACKFILL, {"backfillParams": {
+                "assetSelection": assets, "partitionNames": partitions, "fromFailure": False, "tags": []}})  # fmt: skip
+            launched = answer["launchPartitionBackfill"]
+            if launched["__typename"] == "LaunchBackfillSuccess":
+                selection = what
+                break
+            result.extra.setdefault("refused", []).append(f"{what}: {json.dumps(launched)[:300]}")
+        if launched is None or launched["__typename"] != "LaunchBackfillSuccess":
+            raise WayFailed(f"launchPartitionBackfill refused: {result.extra.get('refused')}")
+        result.extra["backfill"] = launched["backfillId"]
+        result.extra["backfill_assets"] = f"{selection}: {len(assets)} assets x {len(partitions)} partitions"
+        result.extra["discover_s"] = round(t_click - t0, 2)
+        result.extra["click_s"] = round(time.time() - t_click, 2)
+        readable, result.rows = wait_for_rows(table, corpus.expected_rows, args.timeout, _died(dev, "dagster dev"))
+        way.record_readable(result, readable, sampler)
+        wait_for_runs_to_end(way.instance)
+        left = stop_group(dev)
+        if left:
+            result.extra["killed_after_sigterm"] = left
 
 
 def way_daft(corpus: Corpus, workdir: Path, args: argparse.Namespace, result: WayResult) -> None:

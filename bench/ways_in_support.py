@@ -129,14 +129,6 @@ def table_rows(uri: str) -> int:
 # --- the webserver ------------------------------------------------------------------------------------------------
 
 
-def answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
 def graphql(port: int, query: str, variables: Mapping[str, object] | None = None) -> dict:
     request = urllib.request.Request(
         f"http://127.0.0.1:{port}/graphql",

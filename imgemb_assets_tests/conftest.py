@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 
@@ -39,11 +40,20 @@ def own_sales_dataset(small_dataset: SampleDataset, tmp_path: Path) -> SampleDat
 
 
 @pytest.fixture
+def location_instance_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Callable[[SampleDataset], DagsterInstance]]:
+    """Opens a test instance with a dataset's prefixes registered, the location's variables pointing at the
+    dataset and a lake in tmp_path (`code_location_instance`); closed at the end of the test."""
+    with ExitStack() as stack:
+        yield lambda dataset: stack.enter_context(code_location_instance(dataset, tmp_path / "lake", monkeypatch))
+
+
+@pytest.fixture
 def own_sales_instance(
-    own_sales_dataset: SampleDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[DagsterInstance]:
-    with code_location_instance(own_sales_dataset, tmp_path / "lake", monkeypatch) as instance:
-        yield instance
+    own_sales_dataset: SampleDataset, location_instance_for: Callable[[SampleDataset], DagsterInstance]
+) -> DagsterInstance:
+    return location_instance_for(own_sales_dataset)
 
 
 @pytest.fixture
@@ -56,17 +66,17 @@ def own_dataset(small_dataset: SampleDataset, tmp_path: Path) -> SampleDataset:
 
 @pytest.fixture
 def own_instance(
-    own_dataset: SampleDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[DagsterInstance]:
+    own_dataset: SampleDataset, location_instance_for: Callable[[SampleDataset], DagsterInstance]
+) -> DagsterInstance:
     """An instance with `own_dataset`'s prefixes registered and its `sales` table materialized (lake in tmp_path)."""
     from imgemb_assets.dagster_wiring.location.settings import LocationSettings
     from imgemb_assets.dagster_wiring.names import SALES_JOB_NAME
     from imgemb_assets.definitions import build_definitions
 
-    with code_location_instance(own_dataset, tmp_path / "lake", monkeypatch) as instance:
-        sales_job = build_definitions(LocationSettings()).resolve_job_def(SALES_JOB_NAME)
-        assert sales_job.execute_in_process(instance=instance).success
-        yield instance
+    instance = location_instance_for(own_dataset)
+    sales_job = build_definitions(LocationSettings()).resolve_job_def(SALES_JOB_NAME)
+    assert sales_job.execute_in_process(instance=instance).success
+    return instance
 
 
 # --- a real S3 API: moto's server in a subprocess on 127.0.0.1 -------------------

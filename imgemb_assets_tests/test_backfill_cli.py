@@ -16,7 +16,7 @@ from dagster import AssetKey, DagsterInstance
 from imgemb_assets.core.lake import tables
 from imgemb_assets.core.lake.lake import Lake
 from imgemb_assets.core.sample.dataset import SampleDataset
-from imgemb_support.location import REPO_ROOT, code_location_env, run_user_command, user_shell_env
+from imgemb_support.location import REPO_ROOT, code_location_env, run_readme_backfill, run_user_command, user_shell_env
 
 BIN = Path(sys.executable).parent
 
@@ -40,11 +40,9 @@ def test_the_readme_commands_embed_every_prefix_from_a_fresh_lake(
     prefixes = dataset.prefixes
     imgemb = str(BIN / "imgemb")
 
-    backfill = run_user_command([imgemb, "backfill-missing", "--asset", "image_embeddings"], env)
-    assert f"registered {len(prefixes)} new" in backfill
+    backfill = run_readme_backfill(env, prefixes)
     assert "sales: materialized first (sales has never been materialized)" in backfill
     assert f"sales and {len(prefixes)} prefixes" in backfill
-    assert "no daemon is running: materializing here" in backfill
     lake = Lake(str(tmp_path / "lake"))
     first = _counts(lake, prefixes)
     for prefix in prefixes:

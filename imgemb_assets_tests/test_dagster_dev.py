@@ -30,6 +30,7 @@ from imgemb_assets.core.lake import tables
 from imgemb_assets.core.lake.lake import Lake, LakeError
 from imgemb_assets.core.sample.dataset import SampleDataset
 from imgemb_assets.core.storage.s3 import S3Settings
+from imgemb_support.dagster_webserver import webserver_answers
 from imgemb_support.location import code_location_env, upload_tree, user_shell_env, wait_for
 from imgemb_support.moto_server import free_port
 
@@ -72,7 +73,7 @@ def dagster_dev(small_dataset: SampleDataset, bucket: str, tmp_path: Path) -> It
         )
     pgid = os.getpgid(process.pid)
     try:
-        wait_for("the webserver", lambda: _answers(f"http://127.0.0.1:{port}/server_info"), 180, log, poll_s=2)
+        wait_for("the webserver", lambda: webserver_answers(port), 180, log, poll_s=2)
         yield port, log, Lake(f"s3://{bucket}/delta", storage_options=S3Settings().delta_storage_options())
     finally:
         # Runs that automation started last are let finish first. With an embedding run on S3 in flight,
@@ -130,14 +131,6 @@ def _group_processes(pgid: int) -> list[str]:
     done = subprocess.run(["ps", "-eo", "pgid=,pid=,stat=,etime=,args="], capture_output=True, text=True, check=True)
     rows = [line.split(None, 4) for line in done.stdout.splitlines() if line.strip()]
     return [" ".join(row[1:])[:300] for row in rows if row[0] == str(pgid) and not row[2].startswith("Z")]
-
-
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
 def _embedded_rows(lake: Lake, prefix: str) -> int:

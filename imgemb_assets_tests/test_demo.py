@@ -12,24 +12,16 @@ import polars as pl
 import pytest
 
 from imgemb_assets.core.lake import tables
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from imgemb_support.location import run_user_process
 
 
 def _run_demo(data_dir: Path, torch_home: Path) -> str:
     # An empty torch cache and no weights setting: the offline case, which must fall back loudly.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("IMGEMB_", "DAGSTER_"))}
     env["TORCH_HOME"] = str(torch_home)
-    done = subprocess.run(
-        [sys.executable, "-m", "imgemb_assets.demo", "--data-dir", str(data_dir)],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
+    done = run_user_process(
+        [sys.executable, "-m", "imgemb_assets.demo", "--data-dir", str(data_dir)], env, timeout_s=900
     )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout + done.stderr
 
 

@@ -29,7 +29,7 @@ from imgemb_assets.dagster_wiring.location.settings import LocationSettings
 from imgemb_assets.dagster_wiring.names import RAW_IMAGES, S3_PREFIX_PARTITIONS_NAME, SEARCH_INDEX
 from imgemb_assets.dagster_wiring.sales.sensor import build_sales_change_sensor
 from imgemb_assets.definitions import build_definitions
-from imgemb_support.location import REPO_ROOT, code_location_env, run_user_command, user_shell_env
+from imgemb_support.location import REPO_ROOT, code_location_env, run_readme_backfill, run_user_command, user_shell_env
 from imgemb_support.postgres_server import PG_URL_VARIABLE, with_postgres_storage
 
 BIN = Path(sys.executable).parent
@@ -66,9 +66,7 @@ def test_the_readme_user_path_on_a_postgres_instance(
     prefixes = small_dataset.prefixes
     imgemb = str(BIN / "imgemb")
 
-    backfill = run_user_command([imgemb, "backfill-missing", "--asset", "image_embeddings"], env)
-    assert f"registered {len(prefixes)} new" in backfill
-    assert "no daemon is running: materializing here" in backfill
+    run_readme_backfill(env, prefixes)
     lake = Lake(str(tmp_path / "lake"))
     for prefix in prefixes:
         assert lake.read(tables.IMAGE_EMBEDDINGS, prefix).num_rows == small_dataset.expected_joined(prefix)

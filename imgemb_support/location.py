@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -61,11 +62,28 @@ def user_shell_env(location: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("IMGEMB_")} | dict(location)
 
 
+def run_user_process(
+    args: list[str], env: Mapping[str, str], cwd: Path = REPO_ROOT, timeout_s: float = 600
+) -> subprocess.CompletedProcess[str]:
+    """Runs a command as a user would, as its own process; what it wrote. Fails the test if it fails."""
+    done = subprocess.run(args, cwd=cwd, env=dict(env), capture_output=True, text=True, timeout=timeout_s, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
 def run_user_command(args: list[str], env: Mapping[str, str], cwd: Path = REPO_ROOT) -> str:
     """Runs a command as a user would, as its own process; its standard output. Fails the test if it fails."""
-    done = subprocess.run(args, cwd=cwd, env=dict(env), capture_output=True, text=True, timeout=600, check=False)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done.stdout
+    return run_user_process(args, env, cwd).stdout
+
+
+def run_readme_backfill(env: Mapping[str, str], prefixes: Sequence[str]) -> str:
+    """The README's `imgemb backfill-missing --asset image_embeddings` on an instance that has none of `prefixes`
+    registered and no daemon: it registers every one and materializes in its own process. Its output."""
+    imgemb = str(Path(sys.executable).with_name("imgemb"))
+    out = run_user_command([imgemb, "backfill-missing", "--asset", "image_embeddings"], env)
+    assert f"registered {len(prefixes)} new" in out
+    assert "no daemon is running: materializing here" in out
+    return out
 
 
 def wait_for(what: str, check: Callable[[], bool], timeout_s: float, log: Path, poll_s: float = 1.0) -> None:

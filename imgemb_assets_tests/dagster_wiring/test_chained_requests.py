@@ -33,6 +33,18 @@ def _requested(ticks: Ticks) -> dict[str, list[str]]:
     return {table: prefixes for table, prefixes in requested.items() if prefixes}
 
 
+def _report_listings(instance: DagsterInstance, dataset: SampleDataset, prefixes: Sequence[str]) -> None:
+    """What the discovery sensor reports for each of `prefixes`, new or with a changed listing."""
+    for prefix in prefixes:
+        _report_listing(instance, Path(dataset.raw_images_uri), prefix)
+
+
+@pytest.fixture
+def ticks(own_instance: DagsterInstance) -> Ticks:
+    """Automation's successive evaluations on `own_instance`, none made yet."""
+    return Ticks(own_instance)
+
+
 def _run_range(instance: DagsterInstance, prefixes: Sequence[str], assets: Sequence[str]) -> None:
     """One run of `assets` over the range of `prefixes`, as a backfill chunk or the discovery sensor launches it."""
     result = defs.resolve_implicit_global_asset_job_def().execute_in_process(
@@ -45,13 +57,11 @@ def _run_range(instance: DagsterInstance, prefixes: Sequence[str], assets: Seque
 
 
 def test_one_evaluation_requests_every_level_of_the_new_prefixes_and_one_run_of_them_all_leaves_nothing_to_run(
-    own_instance: DagsterInstance, own_dataset: SampleDataset
+    own_instance: DagsterInstance, own_dataset: SampleDataset, ticks: Ticks
 ) -> None:
     prefixes = own_dataset.prefixes
     assert len(prefixes) >= 2  # a run of several prefixes: Dagster's own same-run test saw only the last one
-    ticks = Ticks(own_instance)
-    for prefix in prefixes:
-        _report_listing(own_instance, Path(own_dataset.raw_images_uri), prefix)
+    _report_listings(own_instance, own_dataset, prefixes)
     # Every level of every new prefix in the same evaluation: nothing waits for the level above to run.
     assert _requested(ticks) == {table: prefixes for table in PREFIX_CHAIN_ASSETS}
 
@@ -61,12 +71,10 @@ def test_one_evaluation_requests_every_level_of_the_new_prefixes_and_one_run_of_
 
 
 def test_a_chain_run_in_two_runs_with_an_evaluation_between_runs_each_level_once(
-    own_instance: DagsterInstance, own_dataset: SampleDataset
+    own_instance: DagsterInstance, own_dataset: SampleDataset, ticks: Ticks
 ) -> None:
     prefixes = own_dataset.prefixes
-    ticks = Ticks(own_instance)
-    for prefix in prefixes:
-        _report_listing(own_instance, Path(own_dataset.raw_images_uri), prefix)
+    _report_listings(own_instance, own_dataset, prefixes)
     _requested(ticks)
     upper, lower = PREFIX_CHAIN_ASSETS[:3], PREFIX_CHAIN_ASSETS[3:]
     _run_range(own_instance, prefixes, upper)  # as a backfill splits a chain at a table of another partitioning
@@ -76,16 +84,15 @@ def test_a_chain_run_in_two_runs_with_an_evaluation_between_runs_each_level_once
 
 
 def test_a_change_reported_after_a_table_was_written_keeps_it_stale_even_between_two_evaluations(
-    own_instance: DagsterInstance, own_dataset: SampleDataset
+    own_instance: DagsterInstance, own_dataset: SampleDataset, ticks: Ticks
 ) -> None:
     prefixes = own_dataset.prefixes
-    ticks = Ticks(own_instance)
     _requested(ticks)
     _run_range(own_instance, prefixes, PREFIX_CHAIN_ASSETS)
     # The listing changes after the run wrote the manifest, before automation looks again: both
     # events fall between the same two evaluations, and the later one (the change) decides.
     changed = prefixes[0]
-    _report_listing(own_instance, Path(own_dataset.raw_images_uri), changed)
+    _report_listings(own_instance, own_dataset, [changed])
     assert _requested(ticks) == {table: [changed] for table in PREFIX_CHAIN_ASSETS}
 
     _run_range(own_instance, [changed], PREFIX_CHAIN_ASSETS)

@@ -15,7 +15,7 @@ from imgemb_assets.core.lake.lake import Lake
 from imgemb_assets.core.sample.dataset import SampleDataset
 from imgemb_assets.core.storage.s3 import S3Settings
 from imgemb_assets.dagster_wiring.names import S3_PREFIX_PARTITIONS_NAME
-from imgemb_support.location import code_location_env, dataset_on_s3, user_shell_env
+from imgemb_support.location import code_location_env, dataset_on_s3, run_user_process, user_shell_env
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -46,26 +46,8 @@ def test_asset_materialize_cli_runs_every_asset_for_one_partition(
         instance.add_dynamic_partitions(S3_PREFIX_PARTITIONS_NAME, [prefix])
     env = user_shell_env(location_env)
     dagster = Path(sys.executable).with_name("dagster")
-    done = subprocess.run(
-        [
-            str(dagster),
-            "asset",
-            "materialize",
-            "-m",
-            "imgemb_assets.definitions",
-            "--select",
-            "*",
-            "--partition",
-            prefix,
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
+    materialize = ["asset", "materialize", "-m", "imgemb_assets.definitions", "--select", "*", "--partition", prefix]
+    run_user_process([str(dagster), *materialize], env, cwd=tmp_path)
     assert lake.read(tables.RAW_IMAGE_MANIFEST).column("prefix").unique().to_pylist() == [prefix]
     assert lake.read(tables.DOWNSCALED_IMAGES, prefix).num_rows == len(small_dataset.image_ids[prefix])
     assert lake.read(tables.REJECTED_IMAGES, prefix).num_rows == len(small_dataset.broken_files[prefix])

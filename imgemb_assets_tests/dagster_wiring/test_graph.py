@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,17 +14,15 @@ from imgemb_assets.core.sample.dataset import SampleDataset
 from imgemb_assets.dagster_wiring.location.settings import LocationSettings
 from imgemb_assets.dagster_wiring.names import PREFIX_JOB_NAME, SALES_JOB_NAME
 from imgemb_assets.definitions import build_definitions
-from imgemb_support.location import code_location_instance
 
 defs = build_definitions(LocationSettings())
 
 
 @pytest.fixture
 def instance(
-    small_dataset: SampleDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[DagsterInstance]:
-    with code_location_instance(small_dataset, tmp_path / "lake", monkeypatch) as instance:
-        yield instance
+    small_dataset: SampleDataset, location_instance_for: Callable[[SampleDataset], DagsterInstance]
+) -> DagsterInstance:
+    return location_instance_for(small_dataset)
 
 
 def _run_all(instance: DagsterInstance, prefixes: list[str]) -> list[ExecuteInProcessResult]:

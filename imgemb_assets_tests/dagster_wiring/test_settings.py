@@ -55,18 +55,22 @@ def test_an_empty_variable_leaves_the_default_and_lower_case_names_are_not_setti
     assert settings == LocationSettings()
 
 
-def test_errors_name_the_variable_and_the_problem() -> None:
-    with pytest.raises(SettingsError, match="IMGEMB_ECS_GPU_RUN_TASK_KWARGS is not valid JSON"):
-        LocationSettings.from_environ({"IMGEMB_ECS_GPU_RUN_TASK_KWARGS": "{capacity"})
-    with pytest.raises(SettingsError, match="IMGEMB_K8S_GPU_NODE_SELECTOR must be a JSON object"):
-        LocationSettings.from_environ({"IMGEMB_K8S_GPU_NODE_SELECTOR": "[]"})
-    with pytest.raises(SettingsError, match="IMGEMB_MAX_PARTITIONS_PER_RUN must be >= 1, got '0'"):
-        LocationSettings.from_environ({"IMGEMB_MAX_PARTITIONS_PER_RUN": "0"})
-    with pytest.raises(SettingsError, match="IMGEMB_SENSOR_RECENT_PREFIXES must be >= 0"):
-        LocationSettings.from_environ({"IMGEMB_SENSOR_RECENT_PREFIXES": "-1"})
-    with pytest.raises(SettingsError, match="IMGEMB_VANISHED_PREFIXES must be one of 'keep' or 'remove'"):
-        LocationSettings.from_environ({"IMGEMB_VANISHED_PREFIXES": "drop"})
-    # code that builds settings gets the same errors
+@pytest.mark.parametrize(
+    ("environ", "error"),
+    [
+        ({"IMGEMB_ECS_GPU_RUN_TASK_KWARGS": "{capacity"}, "IMGEMB_ECS_GPU_RUN_TASK_KWARGS is not valid JSON"),
+        ({"IMGEMB_K8S_GPU_NODE_SELECTOR": "[]"}, "IMGEMB_K8S_GPU_NODE_SELECTOR must be a JSON object"),
+        ({"IMGEMB_MAX_PARTITIONS_PER_RUN": "0"}, "IMGEMB_MAX_PARTITIONS_PER_RUN must be >= 1, got '0'"),
+        ({"IMGEMB_SENSOR_RECENT_PREFIXES": "-1"}, "IMGEMB_SENSOR_RECENT_PREFIXES must be >= 0"),
+        ({"IMGEMB_VANISHED_PREFIXES": "drop"}, "IMGEMB_VANISHED_PREFIXES must be one of 'keep' or 'remove'"),
+    ],
+)
+def test_errors_name_the_variable_and_the_problem(environ: dict[str, str], error: str) -> None:
+    with pytest.raises(SettingsError, match=error):
+        LocationSettings.from_environ(environ)
+
+
+def test_code_that_builds_settings_gets_the_same_errors() -> None:
     with pytest.raises(SettingsError, match="IMGEMB_COMPACT_MIN_FILES must be >= 2"):
         LocationSettings(compact_min_files=1)
 
