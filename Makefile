@@ -15,9 +15,9 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-## The whole pipeline on a generated sample dataset in $(DEMO_DIR), through Dagster.
+## The whole pipeline on a generated sample dataset in $(DEMO_DIR), through Dagster; MODEL=clip_vit_b_32 for a CLIP.
 demo: $(STAMP)
-	$(BIN)/python -m imgemb_assets.demo --data-dir $(DEMO_DIR)
+	$(BIN)/python -m imgemb_assets.demo --data-dir $(DEMO_DIR) $(if $(MODEL),--model $(MODEL))
 
 ## The test suite, slow end-to-end tests included (CI runs this).
 test: $(STAMP)

@@ -17,9 +17,9 @@ DAGSTER_HOME for the instance that holds the partitions (`similar` reads the lak
     imgemb similar IMAGE_ID [--k 10] [--prefix P] [--sales-weight W] [--where EXPR]
     imgemb similar --image PATH_OR_S3_URI [--k 10] [--sales-weight W] [--where EXPR]
                                                  the images most like one in the lake, or like a new
-                                                 photo (embedded with IMGEMB_MODEL_WEIGHTS), from the
-                                                 index the refresh_search_index job keeps; with a sales
-                                                 weight, similar best-sellers first; with --where, only
+                                                 photo (embedded by IMGEMB_MODEL with IMGEMB_MODEL_WEIGHTS),
+                                                 from the index the refresh_search_index job keeps; with a
+                                                 sales weight, similar best-sellers first; with --where, only
                                                  images whose images_with_sales row matches EXPR (one SQL
                                                  boolean expression, e.g. "price < 50 AND category = 'shoes'")
 """
@@ -41,7 +41,7 @@ from imgemb_assets.core.lake import tables
 from imgemb_assets.core.storage.objects import open_object_store, partition_key_problem
 from imgemb_assets.core.storage.s3 import S3ConfigError, S3Settings
 from imgemb_assets.dagster_wiring.location.partitions import register_prefixes
-from imgemb_assets.dagster_wiring.location.settings import LocationSettings
+from imgemb_assets.dagster_wiring.location.settings import LocationSettings, SettingsError
 from imgemb_assets.dagster_wiring.names import S3_PREFIX_PARTITIONS_NAME
 
 if TYPE_CHECKING:
@@ -213,9 +213,8 @@ def _similar_command(args: argparse.Namespace) -> int:
     try:
         if args.image is not None:
             weights = required_env("IMGEMB_MODEL_WEIGHTS", os.environ)
-            found = similar_to_photo(
-                lake, _read_photo(args.image), weights, args.k, args.sales_weight, where=args.where
-            )
+            photo, model = _read_photo(args.image), _location_model()
+            found = similar_to_photo(lake, photo, weights, args.k, args.sales_weight, model=model, where=args.where)
             query = args.image
         else:
             found = similar_to_id(lake, args.image_id, args.k, args.prefix, args.sales_weight, where=args.where)
@@ -243,6 +242,14 @@ def _similar_command(args: argparse.Namespace) -> int:
         )
     print(_table_of(found))
     return 0
+
+
+def _location_model() -> str:
+    """The backbone the location embeds with (IMGEMB_MODEL): a photo is embedded by it too."""
+    try:
+        return LocationSettings.from_environ(os.environ).model
+    except SettingsError as exc:
+        raise CommandError(str(exc)) from exc
 
 
 def _lake_of(lake_uri: str) -> Lake:
@@ -351,7 +358,9 @@ def main(argv: list[str] | None = None) -> int:
         "similar", help="the images most like one in the lake (IMAGE_ID) or like a new photo (--image)"
     )
     similar.add_argument("image_id", nargs="?", metavar="IMAGE_ID", help="an image_id of image_embeddings")
-    similar.add_argument("--image", metavar="PATH_OR_S3_URI", help="a photo, embedded with IMGEMB_MODEL_WEIGHTS")
+    similar.add_argument(
+        "--image", metavar="PATH_OR_S3_URI", help="a photo, embedded by IMGEMB_MODEL with IMGEMB_MODEL_WEIGHTS"
+    )
     similar.add_argument("--k", type=int, default=10, help="how many images (default 10)")
     similar.add_argument("--prefix", help="the prefix of IMAGE_ID, when it is in several")
     similar.add_argument(

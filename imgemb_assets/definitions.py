@@ -40,7 +40,9 @@ _DOMAINS = (
 
 
 def default_resources(settings: LocationSettings | None = None) -> dict[str, Any]:
-    """The resources the location ships with: roots and weights from IMGEMB_* variables, defaults elsewhere."""
+    """The resources the location ships with: roots and weights from IMGEMB_* variables (read when a run starts),
+    the backbone from the settings (IMGEMB_MODEL, read when the location loads), defaults elsewhere."""
+    settings = settings or LocationSettings()
     return {
         "storage": StorageResource(
             raw_images_uri=EnvVar("IMGEMB_RAW_IMAGES_URI"),
@@ -48,9 +50,9 @@ def default_resources(settings: LocationSettings | None = None) -> dict[str, Any
             lake_uri=EnvVar("IMGEMB_LAKE_URI"),
             # Endpoint, region and credentials come from the standard AWS variables and chain.
             s3=ImgembS3Resource(),
-            partition_scheme=(settings or LocationSettings()).partition_scheme,
+            partition_scheme=settings.partition_scheme,
         ),
-        "embedding_model": EmbeddingModelResource(weights=EnvVar("IMGEMB_MODEL_WEIGHTS")),
+        "embedding_model": EmbeddingModelResource(weights=EnvVar("IMGEMB_MODEL_WEIGHTS"), model=settings.model),
         "image_limits": ImageLimitsResource(),
         "quality": QualityThresholds(),
         "similarity": SimilaritySettings(),

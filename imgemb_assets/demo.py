@@ -1,10 +1,12 @@
-"""The main job on the embedded default: `python -m imgemb_assets.demo [--data-dir DIR]`.
+"""The main job on the embedded default: `python -m imgemb_assets.demo [--data-dir DIR] [--model NAME]`.
 
 Generates a sample dataset in a local folder, registers its prefixes as
 partitions in a persistent Dagster instance inside that folder, materializes
 every asset for every partition through Dagster, checks the tables against the
 dataset, and prints a summary with the command that opens the UI on the same
 instance. Running it again reuses the dataset and gives the same tables.
+`--model` (or IMGEMB_MODEL) picks the backbone, ResNet50 by default; with a CLIP
+(`clip_vit_b_32`) the summary adds each prefix's zero-shot agreement.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import polars as pl
 from dagster import DagsterInstance, ExecuteInProcessResult
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
+from imgemb_assets.core.embedding.backbones.specs import BACKBONE_SPECS, BACKBONES
 from imgemb_assets.core.embedding.backbones.torchvision_weights import pretrained_weights_cached
 from imgemb_assets.core.ingest.partition_scheme import PartitionScheme
 from imgemb_assets.core.ingest.partitioned_root import PartitionedRoot
@@ -40,36 +43,74 @@ from imgemb_assets.dagster_wiring.names import (
 )
 from imgemb_assets.definitions import defs as location_definitions
 
+# The location's own default backbone: the demo names no other unless asked (its output then stays as it was).
+DEFAULT_MODEL = "resnet50"
+
 _RANDOM_WEIGHTS_BANNER = """
 !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
-!!  RANDOM WEIGHTS: torchvision's pretrained ResNet50 weights are not in the
+!!  RANDOM WEIGHTS: torchvision's pretrained {label} weights are not in the
 !!  local cache ({cache}) and this machine may be offline,
-!!  so the demo runs ResNet50 with RANDOM-initialised weights (seed 0).
+!!  so the demo runs {label} with RANDOM-initialised weights (seed 0).
 !!  The pipeline is exercised end to end, but the embeddings mean nothing.
 !!  For real embeddings: IMGEMB_MODEL_WEIGHTS=DEFAULT (downloads once) or a
-!!  path to a ResNet50 state-dict file.
+!!  path to a {label} state-dict file.
+!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
+"""
+
+_RANDOM_CLIP_WEIGHTS_BANNER = """
+!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
+!!  RANDOM WEIGHTS: IMGEMB_MODEL_WEIGHTS is unset and the demo downloads no
+!!  open_clip weights, so it runs {model} with RANDOM-initialised weights
+!!  (seed 0), image and text towers alike. The pipeline, the zero-shot
+!!  scores and the search run end to end, but the embeddings mean nothing.
+!!  For real embeddings: IMGEMB_MODEL_WEIGHTS=DEFAULT (open_clip's
+!!  {tag}, downloaded once into {cache})
+!!  or a checkpoint file.
 !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
 """
 
 
-def choose_weights(environ: Mapping[str, str]) -> tuple[str, bool]:
-    """The weights setting for the demo, and whether it fell back to random weights."""
+def choose_weights(environ: Mapping[str, str], model: str = DEFAULT_MODEL) -> tuple[str, bool]:
+    """The weights setting for the demo, and whether it fell back to random weights.
+
+    torchvision's pretrained weights are taken when they are in its cache; open_clip's are
+    never fetched by the demo (set IMGEMB_MODEL_WEIGHTS for them).
+    """
     configured = environ.get("IMGEMB_MODEL_WEIGHTS")
     if configured:
         return configured, False
-    if pretrained_weights_cached("DEFAULT"):
+    spec = BACKBONE_SPECS[model]
+    if spec.architecture is None:
+        raise SystemExit(f"{model} takes its architecture from a checkpoint folder: set IMGEMB_MODEL_WEIGHTS to one")
+    if spec.library == "torchvision" and pretrained_weights_cached("DEFAULT", model):
         return "DEFAULT", False
     return "random", True
 
 
-def demo_environment(data_dir: Path, dataset: SampleDataset, weights: str) -> dict[str, str]:
-    """The variables the code location reads, pointing at the demo folder."""
+def random_weights_banner(model: str) -> str:
+    """What the demo prints before running `model` with random weights: why, and how to get real ones."""
+    spec = BACKBONE_SPECS[model]
+    if spec.library == "open_clip":
+        from huggingface_hub import constants
+
+        return _RANDOM_CLIP_WEIGHTS_BANNER.format(model=model, tag=spec.default_weights, cache=constants.HF_HUB_CACHE)
+    import torch
+
+    label = "ResNet50" if model == "resnet50" else model
+    return _RANDOM_WEIGHTS_BANNER.format(label=label, cache=torch.hub.get_dir())
+
+
+def demo_environment(
+    data_dir: Path, dataset: SampleDataset, weights: str, model: str = DEFAULT_MODEL
+) -> dict[str, str]:
+    """The variables the code location reads, pointing at the demo folder (IMGEMB_MODEL unless the default)."""
     return {
         "DAGSTER_HOME": str(data_dir / "dagster_home"),
         "IMGEMB_RAW_IMAGES_URI": dataset.raw_images_uri,
         "IMGEMB_SALES_URI": dataset.sales_uri,
         "IMGEMB_LAKE_URI": str(data_dir / "lake"),
         "IMGEMB_MODEL_WEIGHTS": weights,
+        **({"IMGEMB_MODEL": model} if model != DEFAULT_MODEL else {}),
     }
 
 
@@ -184,6 +225,8 @@ def print_summary(
     print("\n".join(check_lines(results)))
     embedded, reused, seconds = embedding_throughput(results)
     weights = env["IMGEMB_MODEL_WEIGHTS"]
+    if "IMGEMB_MODEL" in env:
+        weights = f"{env['IMGEMB_MODEL']}, {weights}"
     if embedded:
         print(
             f"\nEmbedding step: {embedded} images in {seconds:.1f} s = {embedded / seconds:.1f} images/s ({weights} weights)"
@@ -195,6 +238,8 @@ def print_summary(
     for name in (*tables.ALL_TABLES, *tables.DERIVED_TABLES):
         print(f"  {name:20s} {lake.table_uri(name)}")
     print(search_index_line(results))
+    for line in zero_shot_lines(lake):
+        print(line)
     print(f"Wall time: {wall_s:.1f} s")
     exports = " ".join(f"{key}={shlex.quote(value)}" for key, value in env.items())
     example, prefix = pl.read_delta(lake.table_uri(tables.IMAGE_EMBEDDINGS), columns=["image_id", "prefix"]).row(0)
@@ -205,6 +250,32 @@ def print_summary(
     print("\nOpen the Dagster UI on the same instance (the runs above are there):")
     print(f"  {exports} dagster dev -w workspace.yaml")
     print(f"  or: make ui DEMO_DIR={shlex.quote(dataset.root)}")
+
+
+def zero_shot_lines(lake: Lake) -> list[str]:
+    """Each prefix's zero-shot agreement beside its kNN agreement, from the evaluation table; none without one."""
+    scored = pl.read_delta(lake.table_uri(tables.EMBEDDING_EVALUATION)).filter(
+        pl.col("zero_shot_agreement").is_not_null()
+    )
+    if scored.is_empty():
+        return []
+
+    def shown(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.3f}"
+
+    first = scored.row(0, named=True)
+    caveat = " (noise: random weights)" if scored["weights_are_random"].any() else ""
+    lines = [
+        f"Zero-shot categories: each image labelled by the nearest of {first['zero_shot_classes']} prompts "
+        f"'a photo of a <{first['label_column']}>', against its {first['label_column']}{caveat}:"
+    ]
+    for row in scored.sort(tables.PARTITION_COLUMN, "model_id").iter_rows(named=True):
+        lines.append(
+            f"  {row[tables.PARTITION_COLUMN]:12s} zero-shot agreement {shown(row['zero_shot_agreement'])} "
+            f"(chance {shown(row['zero_shot_agreement_chance'])}), kNN agreement {shown(row['knn_agreement'])} "
+            f"(chance {shown(row['knn_agreement_chance'])})  {row['model_id']}"
+        )
+    return lines
 
 
 def search_index_line(results: list[ExecuteInProcessResult]) -> str:
@@ -228,17 +299,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, default=Path("demo-data"), help="folder for data, lake and instance")
     parser.add_argument("--images-per-prefix", type=int, default=100)
+    parser.add_argument(
+        "--model",
+        choices=BACKBONES,
+        default=None,
+        help=f"the backbone (default: IMGEMB_MODEL if set, else {DEFAULT_MODEL}); clip_vit_b_32 adds zero-shot scores",
+    )
     args = parser.parse_args(argv)
     started = time.perf_counter()
+    model = args.model or os.environ.get("IMGEMB_MODEL") or DEFAULT_MODEL
+    if model not in BACKBONES:
+        parser.error(f"IMGEMB_MODEL={model!r} is none of {', '.join(BACKBONES)}")
     data_dir = args.data_dir.resolve()
+    weights, fell_back_to_random = choose_weights(os.environ, model)
     dataset = generate_sample_dataset(data_dir, images_per_prefix=args.images_per_prefix)
-    weights, fell_back_to_random = choose_weights(os.environ)
     if fell_back_to_random:
-        import torch
-
-        print(_RANDOM_WEIGHTS_BANNER.format(cache=torch.hub.get_dir()), file=sys.stderr, flush=True)
-    env = demo_environment(data_dir, dataset, weights)
+        print(random_weights_banner(model), file=sys.stderr, flush=True)
+    env = demo_environment(data_dir, dataset, weights, model)
     os.environ.update(env)  # read by Dagster's EnvVar when each run starts
+    os.environ["IMGEMB_MODEL"] = model  # read when the location loads; in `env` (printed) unless the default
     write_env_file(data_dir / "demo.env", env)
     prepare_dagster_home(Path(env["DAGSTER_HOME"]))
     with DagsterInstance.get() as instance:

@@ -1,4 +1,5 @@
-"""The README's main job: the demo runs end to end on a fresh folder, and a second run changes nothing."""
+"""The README's main job: the demo runs end to end on a fresh folder, and a second run changes nothing; with
+`--model clip_vit_b_32` it embeds with the CLIP (random weights, said so) and shows zero-shot agreement."""
 
 from __future__ import annotations
 
@@ -15,12 +16,12 @@ from imgemb_assets.core.lake import tables
 from imgemb_support.location import run_user_process
 
 
-def _run_demo(data_dir: Path, torch_home: Path) -> str:
+def _run_demo(data_dir: Path, torch_home: Path, *options: str) -> str:
     # An empty torch cache and no weights setting: the offline case, which must fall back loudly.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("IMGEMB_", "DAGSTER_"))}
     env["TORCH_HOME"] = str(torch_home)
     done = run_user_process(
-        [sys.executable, "-m", "imgemb_assets.demo", "--data-dir", str(data_dir)], env, timeout_s=900
+        [sys.executable, "-m", "imgemb_assets.demo", "--data-dir", str(data_dir), *options], env, timeout_s=900
     )
     return done.stdout + done.stderr
 
@@ -80,3 +81,36 @@ def test_demo_runs_twice_with_consistent_and_unchanged_tables(tmp_path: Path) ->
     assert _counts(data_dir / "lake") == first
     again = pl.read_delta(str(data_dir / "lake" / tables.IMAGE_EMBEDDINGS))
     assert again.sort("image_id").equals(embeddings.sort("image_id")), "same tables on a second run"
+
+
+def _demo_env(data_dir: Path) -> dict[str, str]:
+    """A user's shell after sourcing the demo's demo.env."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("IMGEMB_", "DAGSTER_"))}
+    return env | dict(shlex.split(line)[0].split("=", 1) for line in (data_dir / "demo.env").read_text().splitlines())
+
+
+@pytest.mark.slow
+def test_the_demo_runs_with_the_clip_model_and_shows_zero_shot_agreement_as_noise(tmp_path: Path) -> None:
+    data_dir = tmp_path / "demo"
+    output = _run_demo(data_dir, tmp_path / "torch", "--model", "clip_vit_b_32", "--images-per-prefix", "4")
+    assert "RANDOM WEIGHTS" in output and "runs clip_vit_b_32 with RANDOM-initialised weights" in output
+    assert "images/s (clip_vit_b_32, random weights)" in output
+    assert "Zero-shot categories: each image labelled by the nearest of 5 prompts" in output
+    assert "(noise: random weights)" in output
+    lake = data_dir / "lake"
+    embeddings = pl.read_delta(str(lake / tables.IMAGE_EMBEDDINGS))
+    assert embeddings["model_id"].unique().to_list() == ["open_clip/clip_vit_b_32/random-seed0/fp32"]
+    assert embeddings["embedding"].list.len().unique().to_list() == [512]
+    evaluation = pl.read_delta(str(lake / tables.EMBEDDING_EVALUATION))
+    assert evaluation.height == 3 and evaluation["zero_shot_classes"].to_list() == [5, 5, 5]
+    assert evaluation["zero_shot_agreement"].is_not_null().all()
+    assert evaluation["zero_shot_agreement_chance"].is_not_null().all()
+
+    # The location the UI and the CLI load from demo.env embeds with the same model: a photo query finds its index.
+    env = _demo_env(data_dir)
+    assert env["IMGEMB_MODEL"] == "clip_vit_b_32"
+    photo = next((data_dir / "raw-images").rglob("img_*.jpg"))
+    similar = subprocess.run([str(Path(sys.executable).with_name("imgemb")), "similar", "--image", str(photo), "--k", "2"],
+                             env=env, capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+    assert similar.returncode == 0, similar.stderr
+    assert "from the search index of model open_clip/clip_vit_b_32/random-seed0/fp32" in similar.stdout

@@ -1,6 +1,7 @@
 """Embedding throughput, model alone against the whole embed stage, side by side in one run.
 
-    python -m imgemb_assets.core.embedding_bench [--model resnet50] [--device auto] [--precision auto]
+    python -m imgemb_assets.core.embedding_bench [--model resnet50 [--model clip_vit_b_32 ...]]
+                                       [--device auto] [--precision auto]
                                        [--runtime auto] [--batch-size N] [--images 512] [--rounds 3]
                                        [--compile | --no-compile] [--decoder auto]
                                        [--corpus DIR] [--reference | --no-reference]
@@ -17,8 +18,17 @@ shared benchmark corpus) or, without it, from the generated sample images.
 Random-initialised weights: throughput does not depend on them. Ends with one
 JSON line. Needs torch, numpy and Pillow only.
 
-The pinned CPU reference: torchvision eager, fp32, batch 64, torch's default
-threads, in a fresh process whose malloc is untouched (runtime `eager`). On
+`--model` given more than once measures each backbone on the same thumbnails, their
+rounds interleaved (so a loaded machine slows all alike), and prints them side by
+side, e.g. a CLIP's image tower beside ResNet50:
+
+    python -m imgemb_assets.core.embedding_bench --model resnet50 --model clip_vit_b_32
+
+The JSON line then holds one summary per model under "models".
+
+The pinned CPU reference: the library's eager module (torchvision's, open_clip's for
+a CLIP), fp32, batch 64, torch's default threads, in a fresh process whose malloc is
+untouched (runtime `eager`), for each model measured. On
 CPU it is measured by default, in a subprocess whose rounds alternate with the
 configured model's, and the ratios are printed; `--reference` measures it
 alone, `--no-reference` skips it.
@@ -39,7 +49,7 @@ import numpy as np
 import torch
 
 from imgemb_assets.core.embedding.allocator import malloc_tuning_applied
-from imgemb_assets.core.embedding.backbones.specs import BACKBONES
+from imgemb_assets.core.embedding.backbones.specs import BACKBONE_SPECS, BACKBONES
 from imgemb_assets.core.embedding.inference import compiled_batch, decode_batch, embed_thumbnails, preprocess
 from imgemb_assets.core.embedding.model_settings import DECODERS, PRECISIONS, RUNTIMES, EmbeddingSettings
 from imgemb_assets.core.embedding.models import CompiledForward, EmbeddingModel, load_model
@@ -112,6 +122,9 @@ def embed_stage_images_per_second(model: EmbeddingModel, thumbnails: list[bytes]
     return len(thumbnails) / (time.perf_counter() - started)
 
 
+DEFAULT_MODEL = "resnet50"
+
+
 def reference_settings(model: str) -> EmbeddingSettings:
     """The pinned CPU reference: eager fp32, batch 64, no allocator tuning. Never change it."""
     return EmbeddingSettings(
@@ -121,7 +134,12 @@ def reference_settings(model: str) -> EmbeddingSettings:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--model", choices=BACKBONES, default="resnet50")
+    parser.add_argument(
+        "--model",
+        choices=BACKBONES,
+        action="append",
+        help=f"a backbone to measure; give it again to measure several side by side (default {DEFAULT_MODEL})",
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto")
     parser.add_argument("--runtime", choices=RUNTIMES, default="auto")
@@ -152,9 +170,9 @@ def _measure_round(model: EmbeddingModel, thumbnails: list[bytes]) -> dict[str, 
     }
 
 
-def _reference_worker(args: argparse.Namespace) -> None:
+def _reference_worker(args: argparse.Namespace, name: str) -> None:
     """Builds the pinned reference in this fresh process; one JSON line per `round` line on stdin."""
-    model = load_model(reference_settings(args.model))
+    model = load_model(reference_settings(name))
     if malloc_tuning_applied():  # the reference must run with the process's malloc as it comes
         raise SystemExit("the pinned reference process has a tuned malloc")
     thumbnails = _thumbnails(args, args.images)
@@ -168,9 +186,9 @@ def _reference_worker(args: argparse.Namespace) -> None:
 class _ReferenceProcess:
     """The pinned reference in a subprocess (so nothing this process tuned applies to it), a round at a time."""
 
-    def __init__(self, args: argparse.Namespace, images: int) -> None:
+    def __init__(self, args: argparse.Namespace, model: str, images: int) -> None:
         command = [sys.executable, "-m", "imgemb_assets.core.embedding_bench", "--reference-worker",
-                   "--model", args.model, "--images", str(images)]  # fmt: skip
+                   "--model", model, "--images", str(images)]  # fmt: skip
         if args.corpus:
             command += ["--corpus", str(args.corpus)]
         self._process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -201,78 +219,133 @@ def _print_rounds(label: str, rounds: list[dict[str, float]]) -> None:
         print(f"{label + ' ' + kind.replace('_', '-'):36s}{values:>40s}")
 
 
+class _ModelBench:
+    """One backbone as configured, with its pinned reference alongside on CPU; measured a round at a time."""
+
+    def __init__(self, args: argparse.Namespace, name: str, images: int) -> None:
+        self.name = name
+        settings = EmbeddingSettings(
+            weights="random", device=args.device, batch_size=args.batch_size, model=name,
+            precision=args.precision, compile=args.compile, runtime=args.runtime, decoder=args.decoder,
+        )  # fmt: skip
+        started = time.perf_counter()
+        self.model = load_model(settings)
+        self.load_seconds = time.perf_counter() - started
+        self.images = max(images, self.model.batch_size)
+        # The reference is a CPU baseline: it is measured when the model runs on CPU.
+        on_cpu = self.model.device.type == "cpu" and not args.no_reference
+        self.alongside = _ReferenceProcess(args, name, self.images) if on_cpu else None
+        self.thumbnails = _thumbnails(args, self.images)
+        self.rounds = args.rounds
+        self.ours: list[dict[str, float]] = []
+        self.theirs: list[dict[str, float]] = []
+
+    def round(self) -> None:
+        self.ours.append(_measure_round(self.model, self.thumbnails))
+        if self.alongside is not None:
+            self.theirs.append(self.alongside.round())
+
+    def close(self) -> None:
+        if self.alongside is not None:
+            self.alongside.close()
+
+    def summary(self) -> dict[str, object]:
+        model = self.model
+        model_only = max(r["model_only"] for r in self.ours)
+        embed_stage = max(r["embed_stage"] for r in self.ours)
+        summary: dict[str, object] = {
+            "device": str(model.device) if model.device.type == "cpu" else torch.cuda.get_device_name(model.device),
+            "precision": str(model.dtype).removeprefix("torch."),
+            "model": self.name,
+            "runtime": model.runtime,
+            "malloc_tuned": malloc_tuning_applied(),
+            "load_s": round(self.load_seconds, 2),
+            "batch_size": model.batch_size,
+            "images": self.images,
+            "rounds": self.rounds,
+            "torch_threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(),
+            "model_only_img_s": round(model_only, 2),
+            "embed_stage_img_s": round(embed_stage, 2),
+            "ratio": round(embed_stage / model_only, 3),
+            "thumbnail_kb": round(float(np.mean([len(t) for t in self.thumbnails])) / 1024, 1),
+            **model.runtime_metadata(),
+        }
+        if self.theirs:
+            reference_model_only = max(r["model_only"] for r in self.theirs)
+            reference_embed_stage = max(r["embed_stage"] for r in self.theirs)
+            summary |= {
+                "reference_model_only_img_s": round(reference_model_only, 2),
+                "reference_embed_stage_img_s": round(reference_embed_stage, 2),
+                "model_only_vs_reference": round(model_only / reference_model_only, 2),
+                "embed_stage_vs_reference": round(embed_stage / reference_embed_stage, 2),
+            }
+        return summary
+
+
+def _reference_only(args: argparse.Namespace, name: str, images: int) -> dict[str, object]:
+    reference = _ReferenceProcess(args, name, images)
+    rounds = [reference.round() for _ in range(args.rounds)]
+    reference.close()
+    _print_rounds("reference" if len(args.model or ()) <= 1 else f"{name} reference", rounds)
+    return {
+        "reference": f"{BACKBONE_SPECS[name].library} eager fp32 batch 64, default threads, untouched malloc, fresh process",
+        "model": name, "images": images, "torch_threads": reference.torch_threads,
+        "model_only_img_s": round(max(r["model_only"] for r in rounds), 2),
+        "embed_stage_img_s": round(max(r["embed_stage"] for r in rounds), 2),
+    }  # fmt: skip
+
+
+def side_by_side(summaries: list[dict[str, object]]) -> list[str]:
+    """One line per model: its images/s model-only and embed-stage, and the reference's where measured."""
+    lines = [f"{'model':16s}{'width':>7s}{'batch':>7s}{'model-only':>12s}{'embed-stage':>13s}{'ratio':>7s}"
+             f"{'ref model-only':>16s}{'ref embed-stage':>17s}"]  # fmt: skip
+    for summary in summaries:
+        reference = [summary.get("reference_model_only_img_s"), summary.get("reference_embed_stage_img_s")]
+        shown = [f"{value:.1f}" if isinstance(value, float) else "-" for value in reference]
+        lines.append(
+            f"{summary['model']!s:16s}{summary.get('embedding_width', '-')!s:>7s}{summary['batch_size']!s:>7s}"
+            f"{summary['model_only_img_s']:>12.1f}{summary['embed_stage_img_s']:>13.1f}{summary['ratio']:>7.2f}"
+            f"{shown[0]:>16s}{shown[1]:>17s}"
+        )
+    return lines
+
+
 def main(argv: list[str] | None = None) -> dict[str, object]:
     args = _parser().parse_args(argv)
+    names = list(dict.fromkeys(args.model or [DEFAULT_MODEL]))
     if args.reference_worker:
-        _reference_worker(args)
+        _reference_worker(args, names[0])
         return {}
     images = max(args.images, 64)
     if args.reference:
-        reference = _ReferenceProcess(args, images)
-        rounds = [reference.round() for _ in range(args.rounds)]
-        reference.close()
-        summary_ref: dict[str, object] = {
-            "reference": "torchvision eager fp32 batch 64, default threads, untouched malloc, fresh process",
-            "model": args.model, "images": images, "torch_threads": reference.torch_threads,
-            "model_only_img_s": round(max(r["model_only"] for r in rounds), 2),
-            "embed_stage_img_s": round(max(r["embed_stage"] for r in rounds), 2),
-        }  # fmt: skip
-        _print_rounds("reference", rounds)
-        print(json.dumps(summary_ref))
-        return summary_ref
-    settings = EmbeddingSettings(
-        weights="random", device=args.device, batch_size=args.batch_size, model=args.model,
-        precision=args.precision, compile=args.compile, runtime=args.runtime, decoder=args.decoder,
-    )  # fmt: skip
-    started = time.perf_counter()
-    model = load_model(settings)
-    load_seconds = time.perf_counter() - started
-    images = max(images, model.batch_size)
-    # The reference is a CPU baseline: it is measured when the model runs on CPU.
-    alongside = _ReferenceProcess(args, images) if model.device.type == "cpu" and not args.no_reference else None
-    thumbnails = _thumbnails(args, images)
-    ours, theirs = [], []
+        summaries = [_reference_only(args, name, images) for name in names]
+        return _print_summaries(summaries)
+    benches = [_ModelBench(args, name, images) for name in names]
     for _round in range(args.rounds):
-        ours.append(_measure_round(model, thumbnails))
-        if alongside is not None:
-            theirs.append(alongside.round())
-    if alongside is not None:
-        alongside.close()
-    model_only = max(r["model_only"] for r in ours)
-    embed_stage = max(r["embed_stage"] for r in ours)
-    summary: dict[str, object] = {
-        "device": str(model.device) if model.device.type == "cpu" else torch.cuda.get_device_name(model.device),
-        "precision": str(model.dtype).removeprefix("torch."),
-        "model": args.model,
-        "runtime": model.runtime,
-        "malloc_tuned": malloc_tuning_applied(),
-        "load_s": round(load_seconds, 2),
-        "batch_size": model.batch_size,
-        "images": images,
-        "rounds": args.rounds,
-        "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "model_only_img_s": round(model_only, 2),
-        "embed_stage_img_s": round(embed_stage, 2),
-        "ratio": round(embed_stage / model_only, 3),
-        "thumbnail_kb": round(float(np.mean([len(t) for t in thumbnails])) / 1024, 1),
-        **model.runtime_metadata(),
-    }
-    if theirs:
-        reference_model_only = max(r["model_only"] for r in theirs)
-        reference_embed_stage = max(r["embed_stage"] for r in theirs)
-        summary |= {
-            "reference_model_only_img_s": round(reference_model_only, 2),
-            "reference_embed_stage_img_s": round(reference_embed_stage, 2),
-            "model_only_vs_reference": round(model_only / reference_model_only, 2),
-            "embed_stage_vs_reference": round(embed_stage / reference_embed_stage, 2),
-        }
+        for bench in benches:  # interleaved: a machine that slows down mid-run slows every model alike
+            bench.round()
+    for bench in benches:
+        bench.close()
     print(f"{'':36s}{'img/s per round':>40s}")
-    _print_rounds(model.runtime, ours)
-    if theirs:
-        _print_rounds("reference", theirs)
-    print(json.dumps(summary))
-    return summary
+    several = len(benches) > 1
+    for bench in benches:
+        label = f"{bench.name} {bench.model.runtime}" if several else bench.model.runtime
+        _print_rounds(label, bench.ours)
+        if bench.theirs:
+            _print_rounds(f"{bench.name} reference" if several else "reference", bench.theirs)
+    summaries = [bench.summary() | ({"embedding_width": bench.model.width} if several else {}) for bench in benches]
+    if several:
+        print()
+        print("\n".join(side_by_side(summaries)))
+    return _print_summaries(summaries)
+
+
+def _print_summaries(summaries: list[dict[str, object]]) -> dict[str, object]:
+    """The one JSON line that ends the output: the summary of one model, or {"models": [...]} for several."""
+    result: dict[str, object] = summaries[0] if len(summaries) == 1 else {"models": summaries}
+    print(json.dumps(result))
+    return result
 
 
 if __name__ == "__main__":

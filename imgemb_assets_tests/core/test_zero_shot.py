@@ -1,23 +1,32 @@
 """Zero-shot agreement on constructed vectors whose nearest prompt is known, so a broken score fails a test:
 the agreement, its chance level (labels shuffled, as for kNN agreement), the noise label of random weights,
-the prompts, and what is left out.
+the prompts, and what is left out; a partition scored per model from a source of class vectors, and the
+evaluation step's source refusing, in one line and without building a text tower, what it cannot pair.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
 
+from imgemb_assets.core.embedding.model_settings import EmbeddingSettings
 from imgemb_assets.core.evaluation.scores import (
     NOISE_LABEL,
     ZERO_SHOT_PROMPT_TEMPLATE,
+    ZeroShotClasses,
     evaluate_embeddings,
+    evaluate_partition,
     zero_shot_agreement,
     zero_shot_prompts,
 )
+from imgemb_assets.core.evaluation.zero_shot import StepZeroShot
+from imgemb_assets.core.lake import tables
+from imgemb_assets.core.lake.embedding_column import embedding_array
+from imgemb_assets.core.lake.lake import Lake
 
 CLASSES = ["bags", "hats", "shoes"]
 # One text vector per class prompt: three axes of a 4-d space.
@@ -150,3 +159,76 @@ def test_the_evaluation_shows_the_zero_shot_score_beside_knn_agreement() -> None
     knn = next(n for n, line in enumerate(lines) if line.startswith("| kNN agreement"))
     assert lines[knn + 1] == "| zero-shot agreement, 3 prompts | 1.000 (chance 0.333) (noise: random weights) |"
     assert shown.metadata()["zero_shot_agreement"] == 1.0 and shown.metadata()["zero_shot_caveat"] == NOISE_LABEL
+
+
+def _partition(rows: list[tuple[str, np.ndarray, str | None]]) -> pa.Table:
+    """An image_embeddings partition: (model_id, vector, category) per image."""
+    return pa.table(
+        {
+            "model_id": [model_id for model_id, _, _ in rows],
+            "embedding": embedding_array(np.stack([vector for _, vector, _ in rows])),
+            "category": [label for _, _, label in rows],
+        }
+    )
+
+
+def test_a_partition_is_scored_per_model_from_the_source_and_a_reason_is_kept() -> None:
+    clip, other, resnet = "open_clip/m/random-seed0/fp32", "open_clip/m/random-seed1/fp32", "torchvision/r/x/fp32"
+    rows = [(model_id, _towards(n % 3), CLASSES[n % 3]) for model_id in (clip, other, resnet) for n in range(6)]
+    asked: list[str] = []
+
+    def source(model_id: str) -> ZeroShotClasses | str | None:
+        asked.append(model_id)
+        if model_id == clip:
+            return ZeroShotClasses(clip, tuple(CLASSES), CLASS_VECTORS)
+        return "not these weights" if model_id == other else None
+
+    evaluation = evaluate_partition(_partition(rows), "p", "category", zero_shot=source)
+
+    assert sorted(asked) == sorted([clip, other, resnet])
+    by_model = {row["model_id"]: row for row in evaluation.table.to_pylist()}
+    assert by_model[clip]["zero_shot_agreement"] == 1.0 and by_model[clip]["zero_shot_classes"] == 3
+    assert by_model[clip]["zero_shot_agreement_chance"] == pytest.approx(1 / 3)
+    for model_id in (other, resnet):
+        values = [by_model[model_id][f"zero_shot_{name}"] for name in ("agreement", "agreement_chance", "classes")]
+        assert values == [None, None, None]
+    assert evaluation.zero_shot_skipped == {other: "not these weights"}
+    assert "zero-shot not scored: not these weights" in evaluation.by_model[other].markdown()
+    assert "zero-shot" not in evaluation.by_model[resnet].markdown()
+    # Without the label column there is nothing to agree with: the source is not asked.
+    asked.clear()
+    evaluate_partition(_partition(rows).drop_columns(["category"]), "p", "category", zero_shot=source)
+    assert asked == []
+
+
+def test_the_step_source_pairs_only_the_configured_text_tower_and_builds_nothing_to_refuse(tmp_path: Path) -> None:
+    lake = Lake(str(tmp_path / "lake"))
+    resnet = StepZeroShot(EmbeddingSettings(weights="random", model="resnet50", device="cpu"), lake, "category")
+    assert resnet("torchvision/resnet50/random-seed0/fp32") is None  # no text tower anywhere: nothing to say
+    refusal = resnet("open_clip/clip_vit_b_32/random-seed0/fp32")
+    assert isinstance(refusal, str) and "resnet50, which has no text tower" in refusal
+
+    clip_seed1 = EmbeddingSettings(weights="random:1", model="clip_vit_b_32", device="cpu")
+    other_weights = StepZeroShot(clip_seed1, lake, "category")("open_clip/clip_vit_b_32/random-seed0/fp32")
+    assert isinstance(other_weights, str) and "open_clip/clip_vit_b_32/random-seed1/fp32" in other_weights
+    no_sales = StepZeroShot(clip_seed1, lake, "category")("open_clip/clip_vit_b_32/random-seed1/fp32")
+    assert no_sales == "no sales table to take the classes from"
+    lake.overwrite(tables.SALES, pa.table({"image_id": ["a"], "sales": [1.0]}))
+    source = StepZeroShot(clip_seed1, lake, "category")
+    assert source("open_clip/clip_vit_b_32/random-seed1/fp32") == (
+        "no column 'category' in the sales table to take the classes from"
+    )
+    assert source.text_tower_builds == 0
+
+
+def test_an_evaluation_table_written_before_the_zero_shot_columns_takes_them(tmp_path: Path) -> None:
+    lake = Lake(str(tmp_path / "lake"))
+    schema = tables.EMBEDDING_EVALUATION_SCHEMA
+    before = pa.schema([column for column in schema if not column.name.startswith("zero_shot_")])
+    row = {"model_id": "m", "weights_are_random": True, "vectors": 6, "labelled_sampled": 6, "labels": 3}
+    lake.write_partition(tables.EMBEDDING_EVALUATION, pa.Table.from_pylist([row | {"prefix": "a"}], before), "a")
+    scored = row | {"prefix": "b", "zero_shot_agreement": 0.5, "zero_shot_agreement_chance": 0.25}
+    lake.write_partition(tables.EMBEDDING_EVALUATION, pa.Table.from_pylist([scored], schema), "b")
+    assert lake.schema(tables.EMBEDDING_EVALUATION).names == schema.names
+    read = {r["prefix"]: r for r in lake.read(tables.EMBEDDING_EVALUATION).to_pylist()}
+    assert read["a"]["zero_shot_agreement"] is None and read["b"]["zero_shot_agreement"] == 0.5

@@ -10,7 +10,7 @@ import pytest
 from dagster import AssetKey, Definitions, DynamicPartitionsDefinition
 
 from imgemb_assets.core.lake import tables
-from imgemb_assets.dagster_wiring.location.settings import LocationSettings
+from imgemb_assets.dagster_wiring.location.settings import LocationSettings, SettingsError
 from imgemb_assets.dagster_wiring.names import RAW_IMAGES, SALES_EXPORT, SEARCH_INDEX
 from imgemb_assets.definitions import build_definitions
 from imgemb_support.location import user_shell_env
@@ -119,3 +119,18 @@ def test_the_embedding_code_version_names_the_backbone_and_the_weights(tmp_path:
     ]
     assert versions[0] == "resnet50/random-seed0" and versions[3].startswith("resnet50/state-dict-sha256-")
     assert len(set(versions)) == len(versions)
+
+
+def test_imgemb_model_sets_the_backbone_the_location_embeds_and_evaluates_with(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Read when the location loads, as the weights are for the code version: the UI and automation agree."""
+    monkeypatch.setenv("IMGEMB_MODEL_WEIGHTS", "random")
+    location = build_definitions(LocationSettings.from_environ({"IMGEMB_MODEL": "clip_vit_b_32"}))
+    assert location.resources is not None and location.resources["embedding_model"].model == "clip_vit_b_32"
+    graph = location.resolve_asset_graph()
+    for asset in (tables.IMAGE_EMBEDDINGS, tables.EMBEDDING_EVALUATION):
+        assert graph.get(AssetKey(asset)).code_version == "clip_vit_b_32/random-seed0"
+    assert defs.resources is not None and defs.resources["embedding_model"].model == "resnet50"
+    with pytest.raises(SettingsError, match="IMGEMB_MODEL must be one of .*'clip_vit_b_32'.*got 'clip'"):
+        LocationSettings.from_environ({"IMGEMB_MODEL": "clip"})

@@ -129,6 +129,10 @@ def test_embedding_rows_carry_sales_columns_vectors_and_model_id(
     (evaluated,) = _metadata(results, tables.EMBEDDING_EVALUATION)
     assert "random, untrained weights" in evaluated["warning"] and "random, untrained weights" in evaluated["summary"]
     assert evaluated["silhouette"] == round(evaluation["silhouette"], 4)
+    # ResNet50 has no text tower: null zero-shot columns, no zero-shot row, nothing to explain.
+    assert (evaluation["zero_shot_agreement"], evaluation["zero_shot_agreement_chance"]) == (None, None)
+    assert evaluation["zero_shot_classes"] is None
+    assert not [key for key in evaluated if key.startswith("zero_shot")] and "zero-shot" not in evaluated["summary"]
 
 
 def test_rerunning_a_partition_replaces_it_without_duplicates(

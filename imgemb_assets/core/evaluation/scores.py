@@ -9,9 +9,11 @@ The article's quantitative evaluation, on bounded samples so it stays cheap:
 - zero-shot agreement, for a model with a text tower paired with its image
   tower (CLIP): the share of images whose nearest class prompt ("a photo of a
   {value}", one per label value, encoded by the text tower) is their own label,
-  next to the share shuffled labels would give (`zero_shot_agreement`). The
-  caller encodes the prompts (this module has no model) and sets
-  `EmbeddingEvaluation.zero_shot`, which the markdown and metadata then show.
+  next to the share shuffled labels would give (`zero_shot_agreement`). This
+  module has no model: `evaluate_partition` takes the encoded prompts per
+  model_id from a `ZeroShotSource` (`zero_shot.StepZeroShot` builds them with
+  the text tower) and sets `EmbeddingEvaluation.zero_shot`, which the markdown
+  and metadata then show.
 
 Rules for awkward inputs, so every result says what it measured:
 - vectors that are not finite or have zero length (no direction) are left out;
@@ -29,8 +31,8 @@ meaningless when the caller says the weights are random.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Final
 
 import numpy as np
@@ -449,41 +451,80 @@ def _shown(value: float | None) -> str:
 
 
 @dataclass(frozen=True)
+class ZeroShotClasses:
+    """The class prompts of a label column, encoded by the text tower paired with image vectors of `model_id`.
+
+    `classes`: the label values (as text) the prompts were made from, in the order of `vectors`' rows.
+    """
+
+    model_id: str
+    classes: tuple[str, ...]
+    vectors: np.ndarray  # (len(classes), width), the text tower's vectors of the prompts
+
+
+# Per model_id of a partition: its class vectors, the reason (one line) they cannot be had, or None for a model
+# that has no text tower and none was asked for (a ResNet): that model gets no zero-shot score and no note.
+ZeroShotSource = Callable[[str], "ZeroShotClasses | str | None"]
+
+
+@dataclass(frozen=True)
 class PartitionEvaluation:
-    """One partition's evaluation per model: rows of EMBEDDING_EVALUATION_SCHEMA, and each model's result."""
+    """One partition's evaluation per model: rows of EMBEDDING_EVALUATION_SCHEMA, and each model's result.
+
+    zero_shot_skipped: model_id -> why its vectors got no zero-shot score, for a model that could have one.
+    """
 
     table: pa.Table
     by_model: dict[str, EmbeddingEvaluation]
+    zero_shot_skipped: dict[str, str] = field(default_factory=dict)
 
 
 def evaluate_partition(
-    embeddings: pa.Table, prefix: str, label_column: str | None, settings: EvaluationSettings = EvaluationSettings()
+    embeddings: pa.Table,
+    prefix: str,
+    label_column: str | None,
+    settings: EvaluationSettings = EvaluationSettings(),
+    zero_shot: ZeroShotSource | None = None,
 ) -> PartitionEvaluation:
     """Each model's vectors of one partition (`model_id`, `embedding` and the label column if present), scored
-    apart: vectors of two models are never compared. Without the label column, only the similarity distribution."""
+    apart: vectors of two models are never compared. Without the label column, only the similarity distribution.
+
+    With `zero_shot` and the label column, each model's vectors are also labelled by the nearest class prompt
+    of the class vectors `zero_shot(model_id)` gives (`zero_shot_agreement`); a reason it gives instead is
+    kept in `zero_shot_skipped` and in that model's notes.
+    """
     has_labels = label_column is not None and label_column in embeddings.column_names
     results: dict[str, EmbeddingEvaluation] = {}
+    skipped: dict[str, str] = {}
     for model_id in sorted(set(embeddings.column("model_id").to_pylist())):
         rows = embeddings.filter(pc.equal(embeddings.column("model_id"), model_id))
         labels = rows.column(label_column) if has_labels else [None] * rows.num_rows
-        results[model_id] = evaluate_embeddings(
-            vectors_of(rows.column("embedding")),
-            labels,
-            weights_are_random=model_id_has_random_weights(model_id),
-            settings=settings,
-        )
+        vectors = vectors_of(rows.column("embedding"))
+        weights_are_random = model_id_has_random_weights(model_id)
+        result = evaluate_embeddings(vectors, labels, weights_are_random=weights_are_random, settings=settings)
+        classes = zero_shot(model_id) if zero_shot is not None and has_labels else None
+        if isinstance(classes, str):
+            skipped[model_id] = classes
+            result = replace(result, notes=(*result.notes, f"zero-shot not scored: {classes}"))
+        elif classes is not None:
+            scored = zero_shot_agreement(
+                vectors, classes.vectors, classes.classes, labels, weights_are_random=weights_are_random
+            )
+            result = replace(result, zero_shot=scored)
+        results[model_id] = result
     table = pa.Table.from_pylist(
         [_evaluation_row(prefix, model_id, label_column if has_labels else None, result)
          for model_id, result in results.items()],
         schema=EMBEDDING_EVALUATION_SCHEMA,
     )  # fmt: skip
-    return PartitionEvaluation(table, results)
+    return PartitionEvaluation(table, results, skipped)
 
 
 def _evaluation_row(
     prefix: str, model_id: str, label_column: str | None, result: EmbeddingEvaluation
 ) -> dict[str, object]:
     quantiles = result.similarity_quantiles
+    zero_shot = result.zero_shot
     return {
         PARTITION_COLUMN: prefix,
         "model_id": model_id,
@@ -498,4 +539,7 @@ def _evaluation_row(
         "similarity_p5": quantiles.get(0.05),
         "similarity_p50": quantiles.get(0.5),
         "similarity_p95": quantiles.get(0.95),
+        "zero_shot_agreement": zero_shot.agreement if zero_shot else None,
+        "zero_shot_agreement_chance": zero_shot.chance if zero_shot else None,
+        "zero_shot_classes": zero_shot.classes if zero_shot else None,
     }

@@ -155,6 +155,13 @@ EMBEDDING_EVALUATION_SCHEMA: Final = pa.schema(
         pa.field("similarity_p5", pa.float64(), nullable=True),
         pa.field("similarity_p50", pa.float64(), nullable=True),
         pa.field("similarity_p95", pa.float64(), nullable=True),
+        # A CLIP's image vectors against its paired text tower's prompts, one per label value of the whole
+        # sales table ("a photo of a {value}"): the share whose nearest prompt is their own label, and that
+        # share under shuffled labels. Null for a model without a text tower paired with these vectors, and
+        # in rows written before these columns (appended last: a merge adds them to an existing table).
+        pa.field("zero_shot_agreement", pa.float64(), nullable=True),
+        pa.field("zero_shot_agreement_chance", pa.float64(), nullable=True),
+        pa.field("zero_shot_classes", pa.int64(), nullable=True),  # prompts scored against
     ]
 )
 

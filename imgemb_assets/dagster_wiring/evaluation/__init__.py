@@ -1,1 +1,1 @@
-"""The evaluation wiring: embedding_evaluation. Imports `names`, `location`, `search` (its resource) and the core."""
+"""The evaluation wiring: embedding_evaluation. Imports `names`, `location`, `embedding` and `search` (their resources) and the core."""

@@ -9,6 +9,8 @@
     IMGEMB_K8S_GPU_TOLERATIONS      JSON list, the embedding pod's tolerations
     IMGEMB_ECS_GPU_RUN_TASK_KWARGS  JSON object merged into the embedding task's run_task call
                                     (for example a GPU capacity provider strategy)
+    IMGEMB_MODEL                    the embedding_model resource's backbone unless run config names another
+                                    (default resnet50; clip_vit_b_32, ... as in core/embedding/backbones/specs.py)
     IMGEMB_PARTITION_SCHEME         how the raw-images root is cut into partitions (default folders: one per
                                     first-level folder, loose objects in 16 hash buckets); folders:N,
                                     folders:N,hash:B, hash:B, optionally ,loose:L (core/ingest/partition_scheme.py)
@@ -54,6 +56,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
+from imgemb_assets.core.embedding.backbones.specs import BackboneName
 from imgemb_assets.core.ingest.partition_scheme import DEFAULT_SCHEME_TEXT, PartitionScheme, PartitionSchemeError
 from imgemb_assets.core.lake import maintenance_defaults
 
@@ -106,6 +109,9 @@ class LocationSettings(BaseSettings):
     # the workers must be started with the same URLs, or they never see the steps.
     celery_broker_url: str | None = None
     celery_backend_url: str | None = None
+    # Read when the location loads, like the weights for the code version: the UI, the sensors and
+    # automation then embed (and mark stale) with the same backbone as the runs a user launches.
+    model: BackboneName = "resnet50"
     # Parsed (and so validated) here, kept as its canonical text for the storage resource.
     partition_scheme: str = DEFAULT_SCHEME_TEXT
     # Discovery from the bucket's event notifications instead of listings (sensors.py, core/ingest/notifications.py).

@@ -12,7 +12,8 @@ class SimilaritySettings(ConfigurableResource):
     evaluation_label_column: str = Field(
         default="category",
         description="The sales column whose values the evaluation asks the embeddings to separate "
-        "(silhouette, kNN label agreement); without it only the similarity distribution is reported.",
+        "(silhouette, kNN label agreement, and for a CLIP zero-shot agreement with one prompt per value); "
+        "without it only the similarity distribution is reported.",
     )
     near_duplicate_threshold: float = Field(
         default=DEFAULT_SIMILARITY_THRESHOLD,
