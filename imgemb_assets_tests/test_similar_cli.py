@@ -310,7 +310,7 @@ def clip_env(two_clip_lake: tuple[Lake, dict[str, dict[str, np.ndarray]]]) -> di
 
 @pytest.mark.slow
 def test_imgemb_similar_text_answers_from_the_index_of_the_weights_asked_for(
-    two_clip_lake: tuple[Lake, dict[str, dict[str, np.ndarray]]], clip_env: dict[str, str]
+    two_clip_lake: tuple[Lake, dict[str, dict[str, np.ndarray]]], clip_env: dict[str, str], tmp_path: Path
 ) -> None:
     lake, _ = two_clip_lake
     out = run_user_command([IMGEMB, "similar", "--text", "red running shoes", "--k", "3", "--device", "cpu"], clip_env)
@@ -327,6 +327,13 @@ def test_imgemb_similar_text_answers_from_the_index_of_the_weights_asked_for(
     assert f"among those where category = 'shoes', from the search index of model {CLIP_1}" in out
     _, rows = _parsed(out)
     assert {r["prefix"] for r in rows} == {"p1"} and {r["category"] for r in rows} == {"shoes"} and len(rows) == 2
+
+    # --image takes the same options: a photo embedded by random:1's image tower is answered from its index.
+    photo = tmp_path / "red.png"
+    photo.write_bytes(_png(Image.new("RGB", (40, 30), "red")))
+    args = ["--image", str(photo), "--model", "clip_vit_b_32", "--weights", "random:1", "--device", "cpu"]
+    out = run_user_command([IMGEMB, "similar", *args, "--k", "2"], clip_env)
+    assert f"2 images most similar to {photo}, from the search index of model {CLIP_1}" in out
 
 
 @pytest.mark.parametrize(
