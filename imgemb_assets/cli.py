@@ -15,13 +15,19 @@ DAGSTER_HOME for the instance that holds the partitions (`similar` reads the lak
                                                  daemon running, as one asset backfill it executes;
                                                  without one, here, one run at a time
     imgemb similar IMAGE_ID [--k 10] [--prefix P] [--sales-weight W] [--where EXPR]
-    imgemb similar --image PATH_OR_S3_URI [--k 10] [--sales-weight W] [--where EXPR]
-                                                 the images most like one in the lake, or like a new
-                                                 photo (embedded by IMGEMB_MODEL with IMGEMB_MODEL_WEIGHTS),
-                                                 from the index the refresh_search_index job keeps; with a
-                                                 sales weight, similar best-sellers first; with --where, only
-                                                 images whose images_with_sales row matches EXPR (one SQL
-                                                 boolean expression, e.g. "price < 50 AND category = 'shoes'")
+    imgemb similar --image PATH_OR_S3_URI [--weights WEIGHTS] [--model M] [--device D] [--k 10] [--sales-weight W] [--where EXPR]
+    imgemb similar --text TEXT [--weights WEIGHTS] [--model M] [--device D] [--k 10] [--sales-weight W] [--where EXPR]
+                                                 the images most like one in the lake, like a new photo
+                                                 (embedded with --weights, default IMGEMB_MODEL_WEIGHTS,
+                                                 by --model, default IMGEMB_MODEL), or matching a text
+                                                 (encoded by the text tower of those weights' CLIP,
+                                                 --model default clip_vit_b_32; open_clip_dir for a
+                                                 checkpoint folder), from the index the
+                                                 refresh_search_index job keeps for that model; with a
+                                                 sales weight, similar best-sellers first; with --where,
+                                                 only images whose images_with_sales row matches EXPR
+                                                 (one SQL boolean expression, e.g.
+                                                 "price < 50 AND category = 'shoes'")
 """
 
 from __future__ import annotations
@@ -30,10 +36,12 @@ import argparse
 import os
 import sys
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dagster import DagsterInstance
 
+from imgemb_assets.core.embedding.backbones.specs import BACKBONES, has_text_tower
 from imgemb_assets.core.ingest.partition_scheme import PartitionScheme
 from imgemb_assets.core.ingest.partitioned_root import PartitionedRoot
 from imgemb_assets.core.ingest.scheme_record import SchemeMismatchError, require_scheme
@@ -196,26 +204,45 @@ def _status_command(args: argparse.Namespace) -> int:
 
 
 def _similar_command(args: argparse.Namespace) -> int:
-    # usearch, pyarrow and (for --image) torch load here only: the other commands never pay for them.
+    # usearch, pyarrow and (for --image and --text) torch load here only: the other commands never pay for them.
     from imgemb_assets.core.embedding.model_settings import model_id_has_random_weights
     from imgemb_assets.core.search.similar import (
         SimilarError,
         candidate_count,
         similar_to_id,
         similar_to_photo,
+        similar_to_text,
     )
 
-    if (args.image_id is None) == (args.image is None):
-        raise CommandError("give an IMAGE_ID or --image PATH_OR_S3_URI (one of the two)")
-    if args.image is not None and args.prefix is not None:
-        raise CommandError("--prefix names the prefix of an IMAGE_ID; a photo given with --image has none")
+    _check_similar_query(args)
     lake = _lake_of(required_env("IMGEMB_LAKE_URI", os.environ))
     try:
         if args.image is not None:
-            weights = required_env("IMGEMB_MODEL_WEIGHTS", os.environ)
-            photo, model = _read_photo(args.image), _location_model()
-            found = similar_to_photo(lake, photo, weights, args.k, args.sales_weight, model=model, where=args.where)
+            weights = _query_weights(args)
+            found = similar_to_photo(
+                lake,
+                _read_photo(args.image),
+                weights,
+                args.k,
+                args.sales_weight,
+                device=args.device,
+                model=_query_model(args, weights, text=False),
+                where=args.where,
+            )
             query = args.image
+        elif args.text is not None:
+            weights = _query_weights(args)
+            found = similar_to_text(
+                lake,
+                args.text,
+                weights,
+                args.k,
+                args.sales_weight,
+                device=args.device,
+                model=_query_model(args, weights, text=True),
+                where=args.where,
+            )
+            query = f"the text {args.text!r}"
         else:
             found = similar_to_id(lake, args.image_id, args.k, args.prefix, args.sales_weight, where=args.where)
             query = args.image_id if args.prefix is None else f"{args.image_id} (prefix {args.prefix})"
@@ -232,8 +259,12 @@ def _similar_command(args: argparse.Namespace) -> int:
         print(f"only {found.matching} of the indexed images match --where {found.where}")
     if model_id_has_random_weights(found.model_id):
         print(
-            "warning: this model's weights are random (never trained): similar here means similar colours and "
-            "layout, not similar products"
+            "warning: this model's weights are random (never trained): "
+            + (
+                "a text's answer is noise"
+                if args.text is not None
+                else "similar here means similar colours and layout, not similar products"
+            )
         )
     if args.sales_weight > 0:
         print(
@@ -250,6 +281,49 @@ def _location_model() -> str:
         return LocationSettings.from_environ(os.environ).model
     except SettingsError as exc:
         raise CommandError(str(exc)) from exc
+
+
+def _check_similar_query(args: argparse.Namespace) -> None:
+    """One query of the three kinds, with only the options that kind takes; CommandError in one line if not."""
+    given = [args.image_id is not None, args.image is not None, args.text is not None]
+    if sum(given) != 1:
+        raise CommandError("give one of IMAGE_ID, --image PATH_OR_S3_URI or --text TEXT")
+    if args.prefix is not None and args.image_id is None:
+        what = "a photo given with --image" if args.image is not None else "a text given with --text"
+        raise CommandError(f"--prefix names the prefix of an IMAGE_ID; {what} has none")
+    chosen = [f"--{name}" for name in ("weights", "model", "device") if getattr(args, name) is not None]
+    if args.image_id is not None and chosen:
+        raise CommandError(
+            f"{', '.join(chosen)}: only for a query by photo (--image) or by text (--text); an IMAGE_ID is answered "
+            "from the index of the model that embedded it"
+        )
+    if args.device is None:
+        args.device = "auto"
+
+
+def _query_weights(args: argparse.Namespace) -> str:
+    """--weights, else IMGEMB_MODEL_WEIGHTS: the weights the code location embeds with."""
+    if args.weights is not None:
+        return str(args.weights)
+    weights = os.environ.get("IMGEMB_MODEL_WEIGHTS")
+    if not weights:
+        raise CommandError(
+            "IMGEMB_MODEL_WEIGHTS is not set: give the weights the images were embedded with (--weights)"
+        )
+    return weights
+
+
+def _query_model(args: argparse.Namespace, weights: str, text: bool) -> str:
+    """--model, else open_clip_dir for a checkpoint folder, else the location's model (IMGEMB_MODEL, default
+    resnet50), except that a text needs a CLIP: clip_vit_b_32 when the location's model has no text tower."""
+    if args.model is not None:
+        return str(args.model)
+    if Path(weights).is_dir():
+        return "open_clip_dir"
+    location_model = _location_model()
+    if text and not has_text_tower(location_model):
+        return "clip_vit_b_32"
+    return location_model
 
 
 def _lake_of(lake_uri: str) -> Lake:
@@ -355,12 +429,27 @@ def main(argv: list[str] | None = None) -> int:
     )
     status.add_argument("--asset", choices=PARTITIONED_ASSETS, default=tables.IMAGE_EMBEDDINGS)
     similar = commands.add_parser(
-        "similar", help="the images most like one in the lake (IMAGE_ID) or like a new photo (--image)"
+        "similar",
+        help="the images most like one in the lake (IMAGE_ID), like a new photo (--image) or matching a text (--text)",
     )
     similar.add_argument("image_id", nargs="?", metavar="IMAGE_ID", help="an image_id of image_embeddings")
+    similar.add_argument("--image", metavar="PATH_OR_S3_URI", help="a photo, embedded with the query model")
     similar.add_argument(
-        "--image", metavar="PATH_OR_S3_URI", help="a photo, embedded by IMGEMB_MODEL with IMGEMB_MODEL_WEIGHTS"
+        "--text", metavar="TEXT", help='a text, e.g. "red running shoes", encoded by the query CLIP\'s text tower'
     )
+    similar.add_argument(
+        "--weights",
+        metavar="WEIGHTS",
+        help="the query model's weights (--image, --text), as IMGEMB_MODEL_WEIGHTS takes them; default "
+        "IMGEMB_MODEL_WEIGHTS: they must be those the indexed images were embedded with",
+    )
+    similar.add_argument(
+        "--model",
+        metavar="MODEL",
+        help=f"the query model's backbone ({', '.join(BACKBONES)}); default open_clip_dir when the weights are a "
+        "folder, else IMGEMB_MODEL (default resnet50), and clip_vit_b_32 for --text when that has no text tower",
+    )
+    similar.add_argument("--device", help="where the query model runs: auto (default), cpu, cuda or cuda:N")
     similar.add_argument("--k", type=int, default=10, help="how many images (default 10)")
     similar.add_argument("--prefix", help="the prefix of IMAGE_ID, when it is in several")
     similar.add_argument(

@@ -1,6 +1,10 @@
 """`imgemb similar` and `core.similar` on the sample data: by an image_id, by a new photo (its own file, a
 mirrored copy), similar best-sellers, and the errors a person can act on, each exit status 2; `--where` on a
-catalogue whose answers are known: it narrows the answer, says when nothing matches, refuses bad expressions.
+catalogue whose answers are known: it narrows the answer, says when nothing matches, refuses bad expressions;
+`--text` on a lake holding the indexes of two random-initialised clip_vit_b_32 (seeds 1 and 2): the text is
+encoded by the real text tower of the weights asked for and answered from that model's index only, filtered by
+`--where`, and refused in one line (no text tower, unknown model, other weights, a ResNet lake, an empty text)
+before any model is loaded. A real pairing (a CLIP trained on shapes) is core/test_text_pairing.py's.
 
 The end-to-end test embeds two prefixes with random weights (`random`), builds the index with the
 refresh_search_index job in-process, and runs the installed `imgemb` command as a user would.
@@ -14,6 +18,7 @@ import subprocess
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -21,6 +26,8 @@ import pytest
 from dagster import DagsterInstance
 from PIL import Image, ImageOps
 
+from imgemb_assets.core.embedding import text_encoder
+from imgemb_assets.core.embedding.model_settings import EmbeddingSettings
 from imgemb_assets.core.lake import tables
 from imgemb_assets.core.lake.embedding_column import embedding_array
 from imgemb_assets.core.lake.lake import Lake
@@ -33,6 +40,7 @@ from imgemb_assets.core.search.similar import (
     sales_percentile_ranks,
     similar_to_id,
     similar_to_photo,
+    similar_to_text,
 )
 from imgemb_assets.core.storage.s3 import S3Settings
 from imgemb_assets.dagster_wiring.location.settings import LocationSettings
@@ -45,6 +53,9 @@ IMGEMB = str(Path(sys.executable).parent / "imgemb")
 MODEL_A = "torchvision/resnet50/random-seed0/fp32"  # IMGEMB_MODEL_WEIGHTS=random on CPU
 MODEL_B = "torchvision/resnet50/random-seed1/fp32"
 RESNET50_WIDTH = 2048
+CLIP_1 = "open_clip/clip_vit_b_32/random-seed1/fp32"  # clip_vit_b_32 with weights random:1 on CPU
+CLIP_2 = "open_clip/clip_vit_b_32/random-seed2/fp32"
+CLIP_WIDTH = 512
 
 
 # --- ranking, on numbers worked out by hand -------------------------------------------
@@ -202,6 +213,165 @@ def test_a_photo_query_is_filtered_too(tmp_path: Path) -> None:
         i.image_id for i in everything if i.sales["category"] == "shoes" and i.sales["price"] > 0
     ]
     assert (len(shoes), shoes.matching, shoes.model_id) == (3, 3, MODEL_A)
+
+
+# --- --text: the text tower paired with the index's model ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_clip_lake(tmp_path_factory: pytest.TempPathFactory) -> tuple[Lake, dict[str, dict[str, np.ndarray]]]:
+    """A catalogue indexed for two CLIPs: random:1's vectors in prefix p1 (c1_00..c1_11), random:2's in p2
+    (c2_00..c2_11); odd images are shoes, each costs its number. The lake, and model_id -> image_id -> vector."""
+    lake = Lake(str(tmp_path_factory.mktemp("clip-lake") / "lake"))
+    rng = np.random.default_rng(7)
+    vectors: dict[str, dict[str, np.ndarray]] = {}
+    for model_id, prefix, tag in ((CLIP_1, "p1", "c1"), (CLIP_2, "p2", "c2")):
+        rows = [(f"{tag}_{i:02d}", "shoes" if i % 2 else "hats", float(i)) for i in range(12)]
+        written = rng.standard_normal((len(rows), CLIP_WIDTH)).astype(np.float32)
+        write_catalogue(lake, prefix, rows, written, model_id)
+        vectors[model_id] = {image_id: vector for (image_id, _, _), vector in zip(rows, written)}
+    refresh_search_indexes(lake)
+    return lake, vectors
+
+
+def _by_cosine(query: np.ndarray, vectors: Mapping[str, np.ndarray]) -> list[tuple[str, float]]:
+    """Every image_id with its cosine to `query`, most similar first: the answer worked out without the index."""
+    cosine = {i: float(v @ query / (np.linalg.norm(v) * np.linalg.norm(query))) for i, v in vectors.items()}
+    return sorted(cosine.items(), key=lambda item: -item[1])
+
+
+def test_a_text_is_encoded_by_the_paired_tower_and_answered_from_its_models_index(
+    two_clip_lake: tuple[Lake, dict[str, dict[str, np.ndarray]]],
+) -> None:
+    lake, vectors = two_clip_lake
+    for seed, model_id, prefix in ((1, CLIP_1, "p1"), (2, CLIP_2, "p2")):
+        found = similar_to_text(lake, "red running shoes", weights=f"random:{seed}", k=5, device="cpu")
+        encoder = text_encoder.load_text_encoder(
+            EmbeddingSettings(weights=f"random:{seed}", model="clip_vit_b_32", device="cpu")
+        )
+        assert found.model_id == encoder.model_id == model_id
+        assert {image.prefix for image in found} == {prefix}  # the other CLIP's index is never asked
+        expected = _by_cosine(encoder.encode(["red running shoes"])[0], vectors[model_id])[:5]
+        assert [image.image_id for image in found] == [image_id for image_id, _ in expected]
+        assert [image.similarity for image in found] == pytest.approx([cosine for _, cosine in expected], abs=1e-5)
+
+
+def test_where_filters_a_text_query(two_clip_lake: tuple[Lake, dict[str, dict[str, np.ndarray]]]) -> None:
+    lake, _ = two_clip_lake
+    everything = similar_to_text(lake, "red running shoes", "random:1", k=12, device="cpu")
+    shoes = similar_to_text(lake, "red running shoes", "random:1", k=3, device="cpu", where="category = 'shoes'")
+    assert [i.image_id for i in shoes] == [i.image_id for i in everything if i.sales["category"] == "shoes"][:3]
+    assert (shoes.model_id, shoes.where, shoes.matching) == (CLIP_1, "category = 'shoes'", 6)
+
+
+def test_text_queries_that_cannot_be_answered_are_refused_in_one_line_before_a_model_loads(
+    two_clip_lake: tuple[Lake, dict[str, dict[str, np.ndarray]]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_model(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a text tower was loaded for a query that is refused")
+
+    monkeypatch.setattr(text_encoder, "load_text_encoder", no_model)
+    lake, _ = two_clip_lake
+    resnet_lake = Lake(str(tmp_path / "resnet"))
+    write_fan_catalogue(resnet_lake, MODEL_A)
+    clip_3 = "open_clip/clip_vit_b_32/random-seed3/fp32"
+    refusals = [
+        (lake, {"model": "resnet50"}, "resnet50 has no text tower: text needs a CLIP model (clip_vit_b_32, open_clip_dir)"),
+        (lake, {"model": "clip_vit_b_16"}, "the model settings are invalid: unknown model 'clip_vit_b_16'; choose one of ("),
+        (lake, {"text": " "}, "the text query is empty"),
+        (lake, {"where": "colour = 'red'"}, "cannot filter by \"colour = 'red'\": images_with_sales has no sales column 'colour'"),
+        (
+            lake,
+            {"weights": "random:3"},
+            f"no search index for clip_vit_b_32 with weights 'random:3' (model_id '{clip_3}') under {lake.root_uri}; "
+            f"indexes exist for ['{CLIP_1}', '{CLIP_2}']",
+        ),
+        (Lake(str(tmp_path / "empty")), {}, "no search index under"),
+        (
+            resnet_lake,
+            {},
+            f"no search index under {resnet_lake.root_uri} can answer a text: indexes exist for ['{MODEL_A}'], of "
+            "models without a text tower; text needs a CLIP model (clip_vit_b_32, open_clip_dir)",
+        ),
+    ]  # fmt: skip
+    for asked, changes, message in refusals:
+        query: dict[str, Any] = {"text": "red running shoes", "weights": "random:1", "device": "cpu"} | changes
+        with pytest.raises(SimilarError) as refused:
+            similar_to_text(asked, **query)
+        assert str(refused.value).startswith(message) and "\n" not in str(refused.value), (changes, refused.value)
+
+
+@pytest.fixture
+def clip_env(two_clip_lake: tuple[Lake, dict[str, dict[str, np.ndarray]]]) -> dict[str, str]:
+    # The weights by default: those the code location embeds with.
+    lake, _ = two_clip_lake
+    return user_shell_env({"IMGEMB_LAKE_URI": lake.root_uri, "IMGEMB_MODEL_WEIGHTS": "random:2"})
+
+
+@pytest.mark.slow
+def test_imgemb_similar_text_answers_from_the_index_of_the_weights_asked_for(
+    two_clip_lake: tuple[Lake, dict[str, dict[str, np.ndarray]]], clip_env: dict[str, str], tmp_path: Path
+) -> None:
+    lake, _ = two_clip_lake
+    out = run_user_command([IMGEMB, "similar", "--text", "red running shoes", "--k", "3", "--device", "cpu"], clip_env)
+    assert f"3 images most similar to the text 'red running shoes', from the search index of model {CLIP_2}" in out
+    assert "warning: this model's weights are random (never trained): a text's answer is noise" in out
+    _, rows = _parsed(out)
+    api = similar_to_text(lake, "red running shoes", "random:2", k=3, device="cpu")
+    assert [(r["prefix"], r["image_id"], r["similarity"]) for r in rows] == [
+        (i.prefix, i.image_id, f"{i.similarity:.4f}") for i in api
+    ]
+
+    args = ["--text", "red running shoes", "--weights", "random:1", "--model", "clip_vit_b_32"]
+    out = run_user_command([IMGEMB, "similar", *args, "--k", "2", "--where", "category = 'shoes'"], clip_env)
+    assert f"among those where category = 'shoes', from the search index of model {CLIP_1}" in out
+    _, rows = _parsed(out)
+    assert {r["prefix"] for r in rows} == {"p1"} and {r["category"] for r in rows} == {"shoes"} and len(rows) == 2
+
+    # --image takes the same options: a photo embedded by random:1's image tower is answered from its index.
+    photo = tmp_path / "red.png"
+    photo.write_bytes(_png(Image.new("RGB", (40, 30), "red")))
+    args = ["--image", str(photo), "--model", "clip_vit_b_32", "--weights", "random:1", "--device", "cpu"]
+    out = run_user_command([IMGEMB, "similar", *args, "--k", "2"], clip_env)
+    assert f"2 images most similar to {photo}, from the search index of model {CLIP_1}" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--text", "red running shoes", "--model", "resnet50"],
+            "resnet50 has no text tower: text needs a CLIP model (clip_vit_b_32, open_clip_dir)",
+        ),
+        (["--text", "red running shoes", "--model", "clip_vit_b_16"], "the model settings are invalid: unknown model 'clip_vit_b_16'"),
+        (
+            ["--text", "red running shoes", "--weights", "random:3"],
+            "no search index for clip_vit_b_32 with weights 'random:3' (model_id 'open_clip/clip_vit_b_32/random-seed3/fp32')",
+        ),
+        (["--text", ""], "the text query is empty"),
+        (["--text", "red running shoes", "--where", "price <"], "cannot filter by 'price <': it is not one SQL expression"),
+        (["c1_00", "--text", "red running shoes"], "give one of IMAGE_ID, --image PATH_OR_S3_URI or --text TEXT"),
+        (["--text", "red running shoes", "--prefix", "p1"], "--prefix names the prefix of an IMAGE_ID; a text given with --text has none"),
+        (["c1_00", "--weights", "random:1"], "--weights: only for a query by photo (--image) or by text (--text)"),
+    ],
+)  # fmt: skip
+def test_imgemb_similar_text_refusals_are_one_line(clip_env: dict[str, str], args: list[str], message: str) -> None:
+    line = _fails([IMGEMB, "similar", *args], clip_env)
+    assert line.startswith(f"error: {message}"), line
+    if "random:3" in args:
+        assert f"indexes exist for ['{CLIP_1}', '{CLIP_2}']" in line
+
+
+def test_imgemb_similar_text_on_a_resnet_lake_is_refused_naming_its_model(catalogue_env: dict[str, str]) -> None:
+    line = _fails([IMGEMB, "similar", "--text", "red running shoes", "--weights", "random"], catalogue_env)
+    assert (
+        line.startswith("error: no search index under ")
+        and f"can answer a text: indexes exist for ['{MODEL_A}']" in line
+    )
+    unset = {key: value for key, value in catalogue_env.items() if key != "IMGEMB_MODEL_WEIGHTS"}
+    assert _fails([IMGEMB, "similar", "--text", "red running shoes"], unset).startswith(
+        "error: IMGEMB_MODEL_WEIGHTS is not set: give the weights the images were embedded with (--weights)"
+    )
 
 
 # --- end to end: the installed command on the sample data -----------------------------

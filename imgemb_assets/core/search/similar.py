@@ -1,20 +1,30 @@
-"""Similar-image search for people: by an image_id already in the lake, or by a new photo.
+"""Similar-image search for people: by an image_id already in the lake, by a new photo, or by a text.
 
 The Python API behind `imgemb similar`, for notebooks:
 
     from imgemb_assets.core.lake.lake import Lake
-    from imgemb_assets.core.search.similar import similar_to_id, similar_to_photo
+    from imgemb_assets.core.search.similar import similar_to_id, similar_to_photo, similar_to_text
 
     lake = Lake("s3://bucket/lake", storage_options=...)
     similar_to_id(lake, "img_0001", k=10)
     similar_to_photo(lake, open("new.jpg", "rb").read(), weights="DEFAULT", sales_weight=0.3)
     similar_to_id(lake, "img_0001", where="price < 50 AND category = 'shoes'")
+    similar_to_text(lake, "red running shoes", weights="DEFAULT", model="clip_vit_b_32")
 
-Both answer from the search index that the `refresh_search_index` job keeps
+All answer from the search index that the `refresh_search_index` job keeps
 under the lake root, one per model_id (`core/search/index.py`): a query is only
-ever compared with vectors of the model that made it. Both go through
-`similar_to_vector`, which answers any query vector of a model (an image
+ever compared with vectors of the model that made it. Photos and texts go
+through `similar_to_vector`, which answers any query vector of a model (an image
 tower's, or a text tower's paired with it) from that model's index.
+
+A text is encoded by the text tower of the CLIP whose weights are given
+(`core/embedding/text_encoder.py`); the tower's model_id is the one its image
+tower writes, so the text is answered from the index of exactly that model_id
+and from no other: a text vector compared with image vectors of other weights
+would be answered, and be nonsense. A model without a text tower, an unknown
+model, an empty text, a bad filter, a lake without an index, a lake whose
+indexes are all of models without a text tower, and a lake without the index
+of the tower's model_id are each refused in one line before any model is loaded.
 
 Filtering (`where="price < 50 AND category = 'shoes'"`, `imgemb similar --where`):
 one SQL boolean expression over image_id, prefix and the sales columns of
@@ -41,7 +51,7 @@ most similar images are the candidates, each scored
 best scores are returned. With w = 0 the score is the similarity and the order
 is the index's.
 
-torch is imported by `similar_to_photo` only: a lookup by id needs no model.
+torch is imported by `similar_to_photo` and `similar_to_text` only: a lookup by id needs no model.
 """
 
 from __future__ import annotations
@@ -54,6 +64,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from imgemb_assets.core.embedding.backbones.specs import BACKBONES, NoTextTower, has_text_tower, require_text_tower
 from imgemb_assets.core.embedding.model_settings import (
     PRECISIONS,
     EmbeddingSettings,
@@ -220,6 +231,86 @@ def similar_to_photo(
     return similar_to_vector(lake, vector, embedding_model.model_id, k, sales_weight, where=sales_filter, index=index)
 
 
+# --- by a text ---------------------------------------------------------------------
+
+
+def similar_to_text(
+    lake: Lake,
+    text: str,
+    weights: str,
+    k: int = 10,
+    sales_weight: float = 0.0,
+    device: str = "auto",
+    model: str = "clip_vit_b_32",
+    where: str | SalesFilter | None = None,
+) -> SimilarImages:
+    """The k indexed images that best match a text, encoded by the text tower paired with the index's model.
+
+    `model` and `weights` (`EmbeddingSettings.weights`: a pretrained tag, a checkpoint
+    file, `random[:<seed>]`, or a checkpoint folder for `open_clip_dir`) name one CLIP
+    checkpoint; its text tower encodes the text, and the answer comes from the index of
+    the model_id its image tower writes, which must be under the lake. With `where`,
+    only images it lets through are answered. Raises SimilarError, in one line, before
+    any model is loaded for everything a look at the lake can tell (see the module docstring).
+    """
+    _check_query_settings(k, sales_weight)
+    if not text.strip():
+        raise SimilarError("the text query is empty: say what to look for, e.g. 'red running shoes'")
+    text_settings(weights, device, model)
+    sales_filter = checked_filter(lake, where)
+    stored = stored_model_ids(lake)
+    refuse_indexes_without_text(lake, stored)
+    settings, resolved = settings_matching_an_index(lake, weights, device, model, stored=stored)
+    from imgemb_assets.core.embedding.models import model_id_for  # torch: only here
+    from imgemb_assets.core.embedding.text_encoder import load_text_encoder
+
+    index = load_index_for_query(lake, model_id_for(settings, resolved))
+    try:
+        encoder = load_text_encoder(settings, resolved)
+    except ModelConfigError as exc:
+        raise SimilarError(f"the text tower cannot be loaded: {exc}") from exc
+    (vector,) = encoder.encode([text])
+    return similar_to_vector(lake, vector, encoder.model_id, k, sales_weight, where=sales_filter, index=index)
+
+
+def text_settings(weights: str, device: str = "auto", model: str = "clip_vit_b_32") -> EmbeddingSettings:
+    """Settings of a model that can encode text, checked without torch; SimilarError in one line if not.
+
+    An unknown model is refused as the settings refuse it; a known one without a text
+    tower (a ResNet, a ViT trained on labels) is refused naming it and the CLIP models.
+    """
+    if model in BACKBONES:
+        try:
+            require_text_tower(model)
+        except NoTextTower as exc:
+            raise SimilarError(str(exc)) from exc
+    try:
+        return EmbeddingSettings(weights=weights, device=device, model=model)
+    except ModelConfigError as exc:
+        raise SimilarError(f"the model settings are invalid: {exc}") from exc
+
+
+def refuse_indexes_without_text(lake: Lake, stored: Sequence[str]) -> None:
+    """SimilarError when the lake has indexes and none is of a model with a text tower: no text can be answered.
+
+    Whatever CLIP weights a text query names, its model_id is none of them; saying so
+    names the models the lake was embedded with rather than only the weights to try.
+    """
+    if stored and not any(has_text_tower(backbone_of(model_id)) for model_id in stored):
+        with_text = ", ".join(name for name in BACKBONES if has_text_tower(name))
+        raise SimilarError(
+            f"no search index under {lake.root_uri} can answer a text: indexes exist for {list(stored)}, of models "
+            f"without a text tower; text needs a CLIP model ({with_text}): embed the images with one and run the "
+            f"{REFRESH_JOB} job"
+        )
+
+
+def backbone_of(model_id: str) -> str:
+    """The backbone name in a recorded `model_id` (`<library>/<model>/<weights identity>/<numerics>`)."""
+    parts = model_id.split("/")
+    return parts[1] if len(parts) > 1 else model_id
+
+
 # --- by a query vector (an image tower's, or a text tower's paired with it) ------------
 
 
@@ -319,18 +410,18 @@ def thumbnail_of_photo(photo: bytes, limits: ImageLimits = ImageLimits()) -> byt
 
 
 def settings_matching_an_index(
-    lake: Lake, weights: str, device: str = "auto", model: str = "resnet50"
+    lake: Lake, weights: str, device: str = "auto", model: str = "resnet50", stored: Sequence[str] | None = None
 ) -> tuple[EmbeddingSettings, ResolvedWeights]:
     """Settings for these weights whose model_id has an index under the lake, and the weights resolved (a
     state-dict file hashed once, whatever the precisions tried); SimilarError naming the indexes that exist.
 
     The precision is part of the model_id (`numerics_tag`): an index built with
     fp32 vectors on CPU is queried with fp32 on a GPU too (its `auto` would be
-    fp16, another model_id), rather than refused.
+    fp16, another model_id), rather than refused. `stored`: the lake's index model_ids, when the caller read them.
     """
-    from imgemb_assets.core.embedding.models import model_id_for  # torch: only for a photo
+    from imgemb_assets.core.embedding.models import model_id_for  # torch: only for a photo or a text
 
-    stored = stored_model_ids(lake)
+    stored = stored_model_ids(lake) if stored is None else stored
     if not stored:
         raise SimilarError(f"no search index under {lake.root_uri}: run the {REFRESH_JOB} job")
     tried: list[str] = []
@@ -349,7 +440,7 @@ def settings_matching_an_index(
         tried.append(model_id)
     raise SimilarError(
         f"no search index for {model} with weights {weights!r} (model_id {tried[0]!r}) under {lake.root_uri}; "
-        f"indexes exist for {stored}: query with the weights those were embedded with, or embed the images with "
+        f"indexes exist for {list(stored)}: query with the weights those were embedded with, or embed the images with "
         f"these weights and run the {REFRESH_JOB} job"
     )
 
@@ -458,15 +549,19 @@ __all__ = [
     "SimilarError",
     "SimilarImage",
     "SimilarImages",
+    "backbone_of",
     "candidate_count",
     "checked_filter",
     "load_index_for_query",
     "rank_with_sales",
+    "refuse_indexes_without_text",
     "sales_of",
     "sales_percentile_ranks",
     "settings_matching_an_index",
     "similar_to_id",
     "similar_to_photo",
+    "similar_to_text",
     "similar_to_vector",
+    "text_settings",
     "thumbnail_of_photo",
 ]

@@ -25,7 +25,9 @@ size gets the thumbnail resized on the device (inference.preprocess).
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import logging
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final
 
@@ -116,17 +118,41 @@ def _build_clip(spec: BackboneSpec, weights: ResolvedWeights) -> tuple[Any, str]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(weights.seed or 0)
         if weights.seed is not None:
-            clip = open_clip.create_model(name, load_weights=False)
+            with _quiet_random_init():
+                clip = open_clip.create_model(name, load_weights=False)
             description = f"RANDOM-initialised weights (seed {weights.seed}): embeddings are not meaningful"
         elif weights.kind == "pretrained":
             clip = _pretrained(spec, name, weights_id(spec, weights))
             description = f"pretrained open_clip weights {name}/{weights_id(spec, weights)}"
         else:
-            clip = open_clip.create_model(name, load_weights=False)
+            with _quiet_random_init():
+                clip = open_clip.create_model(name, load_weights=False)
             path = weights.checkpoint.weights_file if weights.checkpoint is not None else weights.path
             _load_checkpoint(clip, path, spec)
             description = f"open_clip checkpoint {weights.path} ({weights.identity})"
     return clip.eval(), description
+
+
+class _RandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded for model")
+
+
+@contextmanager
+def _quiet_random_init() -> Iterator[None]:
+    """Without open_clip's root-logger warning that a model built without pretrained weights is random.
+
+    It comes also when a checkpoint is loaded right after, and in a command's output it
+    is a stray `WARNING:root:` line; the project labels the weights itself (the weights
+    description, the model_id, `imgemb similar`'s warning for random ones).
+    """
+    quiet = _RandomInitWarning()
+    root = logging.getLogger()
+    root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
 
 
 def _load_checkpoint(clip: torch.nn.Module, path: Path | None, spec: BackboneSpec) -> None:
