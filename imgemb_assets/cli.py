@@ -35,7 +35,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -208,6 +208,7 @@ def _similar_command(args: argparse.Namespace) -> int:
     from imgemb_assets.core.embedding.model_settings import model_id_has_random_weights
     from imgemb_assets.core.search.similar import (
         SimilarError,
+        SimilarImages,
         candidate_count,
         similar_to_id,
         similar_to_photo,
@@ -217,32 +218,22 @@ def _similar_command(args: argparse.Namespace) -> int:
     _check_similar_query(args)
     lake = _lake_of(required_env("IMGEMB_LAKE_URI", os.environ))
     try:
-        if args.image is not None:
+        if args.image_id is None:
+            # A photo or a text: embedded here by the query model, then answered from that model's index.
+            by_text = args.text is not None
             weights = _query_weights(args)
-            found = similar_to_photo(
+            search: Callable[..., SimilarImages] = similar_to_text if by_text else similar_to_photo
+            found = search(
                 lake,
-                _read_photo(args.image),
+                args.text if by_text else _read_photo(args.image),
                 weights,
                 args.k,
                 args.sales_weight,
                 device=args.device,
-                model=_query_model(args, weights, text=False),
+                model=_query_model(args, weights, text=by_text),
                 where=args.where,
             )
-            query = args.image
-        elif args.text is not None:
-            weights = _query_weights(args)
-            found = similar_to_text(
-                lake,
-                args.text,
-                weights,
-                args.k,
-                args.sales_weight,
-                device=args.device,
-                model=_query_model(args, weights, text=True),
-                where=args.where,
-            )
-            query = f"the text {args.text!r}"
+            query = f"the text {args.text!r}" if by_text else args.image
         else:
             found = similar_to_id(lake, args.image_id, args.k, args.prefix, args.sales_weight, where=args.where)
             query = args.image_id if args.prefix is None else f"{args.image_id} (prefix {args.prefix})"

@@ -205,21 +205,30 @@ def numerics_tag(dtype: torch.dtype, device: torch.device) -> str:
     return f"{name}-{device.type}" if dtype == torch.bfloat16 else name
 
 
+def require_width(settings: EmbeddingSettings, width: int, what: str) -> None:
+    """ModelConfigError unless a built tower's vectors have the width the settings (and the table) expect."""
+    if width != settings.width:
+        raise ModelConfigError(f"{what} gives vectors of width {width}, not {settings.width}")
+
+
+def placement(settings: EmbeddingSettings) -> tuple[torch.device, torch.dtype]:
+    """Where and at what precision a tower of these settings runs (fp32 on CUDA kept off TF32, as ids assume)."""
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.precision, device)
+    if device.type == "cuda" and dtype == torch.float32:
+        full_fp32_on_cuda()
+    return device, dtype
+
+
 def load_model(settings: EmbeddingSettings, weights: ResolvedWeights | None = None) -> EmbeddingModel:
     """The backbone without its classifier, with the configured weights (resolved once), ready for inference."""
     spec = BACKBONE_SPECS[settings.model]
     weights = weights or resolve_weights(settings.weights)
     built = family_of(spec).create_model_and_preprocessing(spec, weights)
-    if built.width != settings.width:
-        raise ModelConfigError(
-            f"{settings.model} without its classifier gives vectors of width {built.width}, not {settings.width}"
-        )
-    device = resolve_device(settings.device)
-    dtype = resolve_dtype(settings.precision, device)
+    require_width(settings, built.width, f"{settings.model} without its classifier")
+    device, dtype = placement(settings)
     module = built.module.eval().to(device=device, dtype=dtype)
     runtime = resolve_runtime(settings.runtime, device)
-    if device.type == "cuda" and dtype == torch.float32:
-        full_fp32_on_cuda()
     if device.type == "cuda":
         module = module.to(memory_format=torch.channels_last)
     elif runtime == "cpu-tuned":

@@ -28,11 +28,10 @@ from imgemb_assets.core.embedding.backbones.family import TextTowerFamily
 from imgemb_assets.core.embedding.backbones.specs import BACKBONE_SPECS, BackboneSpec, NoTextTower, require_text_tower
 from imgemb_assets.core.embedding.model_settings import (
     EmbeddingSettings,
-    ModelConfigError,
     ResolvedWeights,
     resolve_weights,
 )
-from imgemb_assets.core.embedding.models import full_fp32_on_cuda, model_id_for, resolve_device, resolve_dtype
+from imgemb_assets.core.embedding.models import model_id_for, placement, require_width
 
 # Texts per forward pass: prompts are short (77 tokens at most), so a pass of 256 stays small on any device.
 TEXT_BATCH_SIZE: Final = 256
@@ -81,14 +80,8 @@ def load_text_encoder(settings: EmbeddingSettings, weights: ResolvedWeights | No
     spec = BACKBONE_SPECS[settings.model]
     weights = weights or resolve_weights(settings.weights)
     built = _text_family_of(spec).create_text_tower(spec, weights)
-    if built.width != settings.width:
-        raise ModelConfigError(
-            f"{settings.model}'s text tower gives vectors of width {built.width}, not {settings.width}"
-        )
-    device = resolve_device(settings.device)
-    dtype = resolve_dtype(settings.precision, device)
-    if device.type == "cuda" and dtype == torch.float32:
-        full_fp32_on_cuda()
+    require_width(settings, built.width, f"{settings.model}'s text tower")
+    device, dtype = placement(settings)
     return TextEncoder(
         module=built.module.eval().to(device=device, dtype=dtype),
         tokenize=built.tokenize,
