@@ -22,7 +22,7 @@ from imgemb_assets.core.ingest.discovery import DiscoveryCursor
 from imgemb_assets.core.lake import tables
 from imgemb_assets.core.lake.lake import Lake
 from imgemb_assets.core.sample.dataset import SampleDataset
-from imgemb_assets.core.search.index import load_index
+from imgemb_assets.core.search.index.persistence import load_index
 from imgemb_assets.dagster_wiring.jobs import PREFIX_JOB_NAME, SEARCH_INDEX_JOB_NAME
 from imgemb_assets.dagster_wiring.lifecycle import PARTITIONED_TABLES, REMOVE_VANISHED_JOB_NAME
 from imgemb_assets.dagster_wiring.partitions import S3_PREFIX_PARTITIONS_NAME, s3_prefix_partitions

@@ -10,7 +10,7 @@ The Python API behind `imgemb similar`, for notebooks:
     similar_to_photo(lake, open("new.jpg", "rb").read(), weights="DEFAULT", sales_weight=0.3)
 
 Both answer from the search index that the `refresh_search_index` job keeps
-under the lake root, one per model_id (`core/search/index.py`): a query is only
+under the lake root, one per model_id (`core/search/index/`): a query is only
 ever compared with vectors of the model that made it.
 
 Ranking: with `sales_weight` w > 0 ("similar best-sellers"), the max(5k, 50)
@@ -45,15 +45,10 @@ from imgemb_assets.core.embedding.model_settings import (
 from imgemb_assets.core.imaging.images import ImageLimits, ImageRejected, downscale, refuse_oversized_file
 from imgemb_assets.core.lake import tables
 from imgemb_assets.core.lake.lake import Lake, LakeError
-from imgemb_assets.core.search.index import (
-    IndexMissing,
-    Neighbour,
-    SearchIndex,
-    SearchIndexError,
-    UnknownImageId,
-    load_index,
-    stored_model_ids,
-)
+from imgemb_assets.core.search.index.errors import IndexMissing, SearchIndexError, UnknownImageId
+from imgemb_assets.core.search.index.persistence import load_index
+from imgemb_assets.core.search.index.search_index import Neighbour, SearchIndex
+from imgemb_assets.core.search.index.stored import stored_model_ids
 
 # Candidates re-ranked when sales count: enough that a best-seller a little less
 # similar than the k most similar can still rise into the k returned.
