@@ -40,7 +40,8 @@ from imgemb_assets.core.ingest.thumbnails import (
     thumbnail_recipe,
 )
 from imgemb_assets.core.lake import tables
-from imgemb_assets.core.lake.lake import Lake, all_of
+from imgemb_assets.core.lake.commits import all_of
+from imgemb_assets.core.lake.lake import Lake
 from imgemb_assets.core.quality.checks import (
     CheckOutcome,
     duplicate_image_ids,

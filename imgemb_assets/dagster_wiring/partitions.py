@@ -4,7 +4,8 @@ from collections.abc import Sequence
 
 from dagster import DagsterInstance, DynamicPartitionsDefinition
 
-from imgemb_assets.core.lake.lake import PartitionRemovedError, Precondition
+from imgemb_assets.core.lake.commits import Precondition
+from imgemb_assets.core.lake.errors import PartitionRemovedError
 
 S3_PREFIX_PARTITIONS_NAME = "s3_prefix"
 

@@ -40,7 +40,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from imgemb_assets.core.lake.embedding_column import EMBEDDING_TYPE, embedding_array
-from imgemb_assets.core.lake.lake import Lake, partition_value
+from imgemb_assets.core.lake.lake import Lake
+from imgemb_assets.core.lake.partition_values import partition_value
 from imgemb_assets.core.storage.arrow_filesystem import arrow_location
 from imgemb_assets.core.storage.objects import local_path_of
 

@@ -31,7 +31,8 @@ from typing import Any, Final
 import pyarrow.fs as pafs
 from usearch.index import Index as UsearchIndex
 
-from imgemb_assets.core.lake.lake import Lake, partition_value
+from imgemb_assets.core.lake.lake import Lake
+from imgemb_assets.core.lake.partition_values import partition_value
 from imgemb_assets.core.search.index.errors import (
     IndexCommitConflict,
     IndexMissing,
