@@ -62,7 +62,7 @@ from imgemb_assets.core.search.index.search_index import SearchIndex
 # Imported here, before any job runs, so that the first refresh job does not pay for
 # importing usearch and the refresh code and the two job times compare the work alone.
 from imgemb_assets.core.search.refresh import refresh_search_indexes
-from imgemb_assets.core.storage.objects import open_object_store
+from imgemb_assets.core.storage.open_store import open_object_store
 from imgemb_assets.dagster_wiring.backfills import QUIET_CONSOLE
 from imgemb_assets.dagster_wiring.jobs import PREFIX_JOB_NAME, SALES_JOB_NAME, SEARCH_INDEX_JOB_NAME
 from imgemb_assets.dagster_wiring.partitions import S3_PREFIX_PARTITIONS_NAME

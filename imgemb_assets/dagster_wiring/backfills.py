@@ -37,7 +37,8 @@ from dagster._core.utils import make_new_backfill_id
 from imgemb_assets.core.ingest.discovery import listing_fingerprint
 from imgemb_assets.core.lake import tables
 from imgemb_assets.core.sales.join import list_sales_files
-from imgemb_assets.core.storage.objects import ObjectStore, partition_key_problem
+from imgemb_assets.core.storage.names import partition_key_problem
+from imgemb_assets.core.storage.objects import ObjectStore
 from imgemb_assets.dagster_wiring.assets import RAW_IMAGES, SALES_FILES_FINGERPRINT_KEY
 from imgemb_assets.dagster_wiring.jobs import SALES_JOB_NAME
 from imgemb_assets.dagster_wiring.new_prefix_runs import LAUNCHED_BY_TAG

@@ -26,7 +26,7 @@ from dagster import (
 
 from imgemb_assets.core.ingest.discovery import fingerprint_prefixes
 from imgemb_assets.core.ingest.partitioned_root import PartitionedRoot
-from imgemb_assets.core.storage.objects import partition_key_problem
+from imgemb_assets.core.storage.names import partition_key_problem
 from imgemb_assets.dagster_wiring.assets import LISTING_FINGERPRINT_KEY, RAW_IMAGES
 from imgemb_assets.dagster_wiring.partitions import S3_PREFIX_PARTITIONS_NAME
 from imgemb_assets.dagster_wiring.resources import StorageResource

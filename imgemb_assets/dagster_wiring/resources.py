@@ -20,7 +20,8 @@ from imgemb_assets.core.ingest.partitioned_root import PartitionedRoot
 from imgemb_assets.core.ingest.scheme_record import require_scheme
 from imgemb_assets.core.lake.lake import Lake
 from imgemb_assets.core.search.near_duplicates import DEFAULT_SIMILARITY_THRESHOLD, ShareJumpRule
-from imgemb_assets.core.storage.objects import ObjectStore, open_object_store
+from imgemb_assets.core.storage.objects import ObjectStore
+from imgemb_assets.core.storage.open_store import open_object_store
 from imgemb_assets.core.storage.s3 import S3Settings
 from imgemb_assets.dagster_wiring.retries import permanent_failures
 

@@ -26,14 +26,10 @@ from imgemb_assets.core.ingest.partitioned_root import PartitionedRoot
 from imgemb_assets.core.ingest.thumbnails import downscale_partition
 from imgemb_assets.core.lake.lake import Lake
 from imgemb_assets.core.lake.tables import REJECTED_IMAGES_SCHEMA
-from imgemb_assets.core.storage.objects import (
-    ObjectMissing,
-    ObjectRefused,
-    S3ObjectStore,
-    StorageError,
-    open_object_store,
-)
+from imgemb_assets.core.storage.objects import ObjectMissing, ObjectRefused, StorageError
+from imgemb_assets.core.storage.open_store import open_object_store
 from imgemb_assets.core.storage.s3 import S3ConfigError, S3Settings, split_s3_uri
+from imgemb_assets.core.storage.s3_store import S3ObjectStore
 from imgemb_support.fault_proxy import running_fault_proxy
 from imgemb_support.moto_server import MOTO_CREDENTIALS
 

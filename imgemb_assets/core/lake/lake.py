@@ -49,7 +49,7 @@ from imgemb_assets.core.lake.partition_layout import (
 from imgemb_assets.core.lake.partition_values import partition_predicate, partition_value, quote_identifier, sql_string
 from imgemb_assets.core.lake.tables import PARTITION_COLUMN, PARTITION_STORAGE_COLUMN
 from imgemb_assets.core.storage.arrow_filesystem import arrow_location
-from imgemb_assets.core.storage.objects import local_path_of
+from imgemb_assets.core.storage.names import local_path_of
 from imgemb_assets.core.storage.s3 import (
     S3AccessDenied,
     S3ConfigError,

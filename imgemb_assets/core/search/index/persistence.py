@@ -65,7 +65,7 @@ from imgemb_assets.core.search.index.segments import (
 )
 from imgemb_assets.core.storage.arrow_filesystem import ArrowLocation, UnsupportedLocation, arrow_location
 from imgemb_assets.core.storage.conditional_write import ConcurrentWrite, read_versioned, write_if_unchanged
-from imgemb_assets.core.storage.objects import local_path_of
+from imgemb_assets.core.storage.names import local_path_of
 
 INDEX_FOLDER: Final = "_search_index"
 # A load that finds a named file gone re-reads the manifest (a save retired it past the grace
