@@ -21,6 +21,7 @@ from PIL import Image
 
 from imgemb_assets.core.ingest.discovery import DiscoveryCursor, partition_fingerprint, plan_discovery
 from imgemb_assets.core.ingest.manifest import build_manifest
+from imgemb_assets.core.ingest.notifications import sqs_client
 from imgemb_assets.core.ingest.partition_scheme import PartitionScheme
 from imgemb_assets.core.ingest.partitioned_root import PartitionedRoot
 from imgemb_assets.core.ingest.thumbnails import downscale_partition
@@ -156,6 +157,18 @@ def test_one_config_feeds_boto3_and_delta(s3_env: dict[str, str]) -> None:
     assert explicit.delta_storage_options()["AWS_ENDPOINT_URL"] == "http://other:9000"
     assert explicit.delta_storage_options()["AWS_REGION"] == "eu-west-1"
     assert explicit.client().meta.config.retries == {"total_max_attempts": 9, "mode": "adaptive"}
+
+
+def test_the_s3_and_sqs_clients_take_the_same_retries_pool_and_timeouts() -> None:
+    settings = S3Settings(
+        max_attempts=3, retry_mode="adaptive", max_pool_connections=7, connect_timeout_s=2.5, read_timeout_s=9.0
+    )
+    queue = sqs_client(settings, "http://127.0.0.1:9/123456789012/events")
+    for client in (settings.client(), queue):
+        config = client.meta.config
+        assert config.retries == {"total_max_attempts": 3, "mode": "adaptive"}
+        assert (config.max_pool_connections, config.connect_timeout, config.read_timeout) == (7, 2.5, 9.0)
+    assert settings.botocore_config(ignore_configured_endpoint_urls=True).ignore_configured_endpoint_urls is True
 
 
 def test_allow_http_follows_the_variable_or_the_endpoint_scheme() -> None:
