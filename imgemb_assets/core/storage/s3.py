@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Final
 
 import boto3
@@ -89,6 +89,11 @@ class S3Settings:
             raise S3ConfigError(f"max pool connections must be at least 1, got {self.max_pool_connections}")
         if self.connect_timeout_s <= 0 or self.read_timeout_s <= 0:
             raise S3ConfigError("connect and read timeouts must be positive")
+
+    @classmethod
+    def from_attributes(cls, source: object) -> S3Settings:
+        """The settings from `source`'s attributes of the same names (a config object that mirrors every field)."""
+        return cls(**{setting.name: getattr(source, setting.name) for setting in fields(cls)})
 
     def resolved_endpoint(self, environ: Mapping[str, str] | None = None) -> str | None:
         env = os.environ if environ is None else environ
