@@ -1,11 +1,11 @@
 """The lake (`Lake`): Delta Lake tables under a lake root: replace one partition, replace a whole table, read back.
 
 A partitioned table is physically partitioned by `prefix_partition`, a short
-value derived from the prefix (`partition_value`), so that any prefix S3 accepts
+value derived from the prefix (`partition_values.py`), so that any prefix S3 accepts
 makes a valid folder name; Lake adds that column on write and drops it on read,
 and `prefix` stays a data column to filter by. A table created before keeps its
-layout (partitioned by `prefix` itself), read from its metadata, until it is
-migrated with `Lake.migrate_partitioning` (`partition_layout.py`). Each commit is
+layout (partitioned by `prefix` itself, `partition_layout.py`), read from its
+metadata, until it is migrated with `Lake.migrate_partitioning`. Each commit is
 retried against concurrent writers (`commits.py`); a streamed write's data files are
 written by pyarrow (`data_files.py`).
 """
