@@ -39,8 +39,8 @@ import botocore.client
 
 from bench import print_summary
 from imgemb_assets.core.ingest.notifications import acknowledge, drain_queue, partitions_touched, sqs_client
-from imgemb_assets.core.storage.objects import S3ObjectStore
 from imgemb_assets.core.storage.s3 import S3Settings
+from imgemb_assets.core.storage.s3_store import S3ObjectStore
 from imgemb_support.moto_preloaded import running_preloaded_moto_server
 from imgemb_support.moto_server import client_environment
 from imgemb_support.s3_notifications import create_event_queue, moto_sqs_client, queue_depth

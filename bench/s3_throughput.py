@@ -19,7 +19,7 @@ from bench import print_summary
 from imgemb_assets.core.ingest.manifest import build_manifest
 from imgemb_assets.core.ingest.thumbnails import downscale_partition
 from imgemb_assets.core.sample.dataset import generate_sample_dataset
-from imgemb_assets.core.storage.objects import open_object_store
+from imgemb_assets.core.storage.open_store import open_object_store
 from imgemb_assets.core.storage.s3 import S3Settings
 from imgemb_support.moto_server import client_environment, running_moto_server
 

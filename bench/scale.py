@@ -202,7 +202,7 @@ def measure_lake(report: Report, lake: LakeState, repeat: int) -> None:
 def full_fingerprints(report: Report, corpus: Corpus) -> str:
     """Every prefix fingerprinted (what the sensor's cursor holds once all are known); the cursor."""
     from imgemb_assets.core.ingest.discovery import DiscoveryCursor, plan_discovery
-    from imgemb_assets.core.storage.objects import open_object_store
+    from imgemb_assets.core.storage.open_store import open_object_store
     from imgemb_assets.core.storage.s3 import S3Settings
     from imgemb_assets.dagster_wiring.ingest.discovery_sensor import DEFAULT_RECENT_PREFIXES
 
@@ -340,7 +340,7 @@ def measure_new_prefixes_tick(report: Report, setting: Setting, instance: Any, o
 
 def measure_backfill_plan(report: Report, setting: Setting, instance: Any) -> None:
     from imgemb_assets.core.lake import tables
-    from imgemb_assets.core.storage.objects import open_object_store
+    from imgemb_assets.core.storage.open_store import open_object_store
     from imgemb_assets.core.storage.s3 import S3Settings
     from imgemb_assets.dagster_wiring.backfills import plan_backfill
 

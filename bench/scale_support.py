@@ -254,7 +254,7 @@ def build_lake(work_dir: Path, corpus: Corpus, share: float, log: Any = print) -
     from imgemb_assets.core.lake import tables
     from imgemb_assets.core.lake.lake import Lake
     from imgemb_assets.core.sales.join import list_sales_files, read_sales
-    from imgemb_assets.core.storage.objects import LocalObjectStore
+    from imgemb_assets.core.storage.local_store import LocalObjectStore
 
     root = work_dir / f"lake-{len(corpus.prefixes)}-{share:g}"
     params = {"corpus": corpus.root, "prefixes": len(corpus.prefixes), "share": share, "version": 1}

@@ -55,20 +55,14 @@ from bench.search_index import dataset, latencies_ms, partitions_of
 from imgemb_assets.core.evaluation.scores import evaluate_embeddings
 from imgemb_assets.core.lake import tables
 from imgemb_assets.core.lake.lake import Lake
-from imgemb_assets.core.search.index import (
-    INDEX_FOLDER,
-    PartitionVectors,
-    SearchIndex,
-    load_index,
-    read_partition_models,
-    save_index,
-    stored_index_bytes,
-)
+from imgemb_assets.core.search.index.partitions import PartitionVectors, read_partition_models
+from imgemb_assets.core.search.index.persistence import INDEX_FOLDER, load_index, save_index, stored_index_bytes
+from imgemb_assets.core.search.index.search_index import SearchIndex
 
 # Imported here, before any job runs, so that the first refresh job does not pay for
 # importing usearch and the refresh code and the two job times compare the work alone.
 from imgemb_assets.core.search.refresh import refresh_search_indexes
-from imgemb_assets.core.storage.objects import open_object_store
+from imgemb_assets.core.storage.open_store import open_object_store
 from imgemb_assets.dagster_wiring.backfills import QUIET_CONSOLE
 from imgemb_assets.dagster_wiring.names import (
     PREFIX_JOB_NAME,

@@ -28,8 +28,9 @@ local lake folder (or, `--persist-on s3`, a moto S3 server subprocess, where eve
 an HTTP request): the full save, a load, and the save after `--persist-changed`
 partitions changed (plus a load of that), with the files each wrote or opened, counted
 through a pyarrow filesystem wrapped around the real one. `--module` names another
-module with the same API (an earlier copy of `imgemb_assets.core.search.index` on
-PYTHONPATH, say) to measure the same steps before a change, on the same machine.
+module with the same API as `imgemb_assets.core.search.index.persistence` (`save_index`,
+`load_index`, `_index_folder`; an earlier copy on PYTHONPATH, say) to measure the same
+steps before a change, on the same machine.
 
 Prints a table and ends with one JSON line.
 """
@@ -54,7 +55,8 @@ import numpy as np
 import pyarrow.fs as pafs
 
 from imgemb_assets.core.lake.lake import Lake
-from imgemb_assets.core.search.index import PartitionVectors, SearchIndex
+from imgemb_assets.core.search.index.partitions import PartitionVectors
+from imgemb_assets.core.search.index.search_index import SearchIndex
 from imgemb_support.counting_filesystem import CountingHandler
 
 _PARTITIONS = 10
@@ -216,7 +218,7 @@ def bench_size(size: int, width: int, kind: str, queries_count: int, latency_cou
 
 @contextmanager
 def counted_files(module: ModuleType) -> Iterator[CountingHandler]:
-    """Route the index module's file access through a CountingHandler for the duration.
+    """Route the persistence module's file access through a CountingHandler for the duration.
 
     `_index_folder` is private, but the one place both the old and the new layout
     open their files from: patching it counts what they really open, not what a
@@ -290,7 +292,7 @@ def bench_persistence(
     rng = np.random.default_rng(1)
     vectors = rng.standard_normal((partitions * per_partition, width), dtype=np.float32)
     sources = [
-        module.PartitionVectors(
+        PartitionVectors(
             f"p{n:05d}",
             "f1",
             [f"p{n:05d}-{i}" for i in range(per_partition)],
@@ -298,7 +300,7 @@ def bench_persistence(
         )
         for n in range(partitions)
     ]
-    index = module.SearchIndex.build("bench", width, sources, ann_threshold=10**12)  # exact: the vectors' files only
+    index = SearchIndex.build("bench", width, sources, ann_threshold=10**12)  # exact: the vectors' files only
     del sources, vectors
     rows: list[PersistenceRow] = []
     with lake_on(storage) as lake:
@@ -337,7 +339,7 @@ def bench_persistence(
         del index
         again = loaded("load")
         replaced = [
-            module.PartitionVectors(
+            PartitionVectors(
                 f"p{n:05d}",
                 "f2",
                 [f"p{n:05d}-{i}" for i in range(per_partition)],
@@ -373,8 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--module",
-        default="imgemb_assets.core.search.index",
-        help="the index module to measure persistence of (another copy with the same API, for a before/after)",
+        default="imgemb_assets.core.search.index.persistence",
+        help="the persistence module to measure (another copy with the same API, for a before/after)",
     )
     args = parser.parse_args(argv)
     started = time.perf_counter()

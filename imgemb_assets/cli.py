@@ -46,7 +46,8 @@ from imgemb_assets.core.ingest.partition_scheme import PartitionScheme
 from imgemb_assets.core.ingest.partitioned_root import PartitionedRoot
 from imgemb_assets.core.ingest.scheme_record import SchemeMismatchError, require_scheme
 from imgemb_assets.core.lake import tables
-from imgemb_assets.core.storage.objects import open_object_store, partition_key_problem
+from imgemb_assets.core.storage.names import partition_key_problem
+from imgemb_assets.core.storage.open_store import open_object_store
 from imgemb_assets.core.storage.s3 import S3ConfigError, S3Settings
 from imgemb_assets.dagster_wiring.location.partitions import register_prefixes
 from imgemb_assets.dagster_wiring.location.settings import LocationSettings, SettingsError

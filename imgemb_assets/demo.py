@@ -31,7 +31,7 @@ from imgemb_assets.core.ingest.partitioned_root import PartitionedRoot
 from imgemb_assets.core.lake import tables
 from imgemb_assets.core.lake.lake import Lake
 from imgemb_assets.core.sample.dataset import SampleDataset, generate_sample_dataset
-from imgemb_assets.core.storage.objects import open_object_store
+from imgemb_assets.core.storage.open_store import open_object_store
 from imgemb_assets.dagster_wiring.backfills import QUIET_CONSOLE
 from imgemb_assets.dagster_wiring.location.partitions import register_prefixes
 from imgemb_assets.dagster_wiring.names import (

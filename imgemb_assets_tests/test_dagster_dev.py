@@ -27,7 +27,8 @@ from dagster._core.instance.ref import InstanceRef
 from dagster_graphql import DagsterGraphQLClient
 
 from imgemb_assets.core.lake import tables
-from imgemb_assets.core.lake.lake import Lake, LakeError
+from imgemb_assets.core.lake.errors import LakeError
+from imgemb_assets.core.lake.lake import Lake
 from imgemb_assets.core.sample.dataset import SampleDataset
 from imgemb_assets.core.storage.s3 import S3Settings
 from imgemb_support.dagster_webserver import webserver_answers

@@ -29,9 +29,9 @@ from imgemb_assets.core.embedding.model_settings import EmbeddingSettings
 from imgemb_assets.core.embedding.models import model_id_for
 from imgemb_assets.core.embedding.staging import PartitionStaging, staging_root_uri
 from imgemb_assets.core.imaging.synthetic import synthetic_photo
-from imgemb_assets.core.lake import lake as lake_module
-from imgemb_assets.core.lake import tables
-from imgemb_assets.core.lake.lake import Lake, LakeError
+from imgemb_assets.core.lake import commits, tables
+from imgemb_assets.core.lake.errors import LakeError
+from imgemb_assets.core.lake.lake import Lake
 from imgemb_assets.core.sample.dataset import SampleDataset, write_sales_export
 from imgemb_assets.dagster_wiring.embedding import step as embedding_step
 from imgemb_assets.dagster_wiring.location.settings import LocationSettings
@@ -94,14 +94,14 @@ def test_a_failed_commit_keeps_the_staged_vectors_and_the_rerun_embeds_nothing_a
     prefix = own_dataset.prefixes[0]
     total = own_dataset.expected_joined(prefix)
     lake = Lake(str(tmp_path / "lake"))
-    commit_with_retries = lake_module._commit_with_retries
+    commit_with_retries = commits.commit_with_retries
 
     def commit_refused(commit, what: str, precondition=None) -> None:
         if what.endswith(f"of {tables.IMAGE_EMBEDDINGS}"):
             raise LakeError("the commit was refused (test)")  # a permanent failure: no step retry
         commit_with_retries(commit, what, precondition)
 
-    monkeypatch.setattr(lake_module, "_commit_with_retries", commit_refused)
+    monkeypatch.setattr(commits, "commit_with_retries", commit_refused)
     success, _ = _run_prefix(own_instance, prefix)
     assert not success
     # Nothing of the partition was committed (a streamed first write may have created the table empty).
@@ -109,7 +109,7 @@ def test_a_failed_commit_keeps_the_staged_vectors_and_the_rerun_embeds_nothing_a
     staging = PartitionStaging(lake, tables.IMAGE_EMBEDDINGS, prefix, _model_id())
     assert len(staging.staged_files()) == -(-total // BATCH_SIZE)  # one file per model batch
 
-    monkeypatch.setattr(lake_module, "_commit_with_retries", commit_with_retries)
+    monkeypatch.setattr(commits, "commit_with_retries", commit_with_retries)
     success, run_id = _run_prefix(own_instance, prefix)
     assert success
     metadata = _embedding_metadata(own_instance)

@@ -17,7 +17,7 @@ from dagster._core.definitions.partitions.utils.base import INVALID_PARTITION_SU
 from imgemb_assets.core.lake import tables
 from imgemb_assets.core.lake.lake import Lake
 from imgemb_assets.core.sample.dataset import generate_sample_dataset
-from imgemb_assets.core.storage.objects import partition_key_problem, shown_name
+from imgemb_assets.core.storage.names import partition_key_problem, shown_name
 from imgemb_assets.dagster_wiring.names import S3_PREFIX_PARTITIONS_NAME
 from imgemb_support.location import code_location_env, user_shell_env
 

@@ -32,7 +32,8 @@ from imgemb_assets.core.lake import tables
 from imgemb_assets.core.lake.embedding_column import embedding_array
 from imgemb_assets.core.lake.lake import Lake
 from imgemb_assets.core.sample.dataset import SampleDataset
-from imgemb_assets.core.search.index import Neighbour, load_index
+from imgemb_assets.core.search.index.persistence import load_index
+from imgemb_assets.core.search.index.search_index import Neighbour
 from imgemb_assets.core.search.refresh import refresh_search_indexes
 from imgemb_assets.core.search.similar import (
     SimilarError,

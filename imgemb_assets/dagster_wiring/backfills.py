@@ -37,7 +37,8 @@ from dagster._core.utils import make_new_backfill_id
 from imgemb_assets.core.ingest.discovery import listing_fingerprint
 from imgemb_assets.core.lake import tables
 from imgemb_assets.core.sales.join import list_sales_files
-from imgemb_assets.core.storage.objects import ObjectStore, partition_key_problem
+from imgemb_assets.core.storage.names import partition_key_problem
+from imgemb_assets.core.storage.objects import ObjectStore
 from imgemb_assets.dagster_wiring.location.recorded_metadata import recorded_fingerprint
 from imgemb_assets.dagster_wiring.location.staleness import PartitionStatus, partition_status
 from imgemb_assets.dagster_wiring.location.unfinished_runs import unfinished_runs_by_prefix

@@ -21,7 +21,7 @@ from PIL import Image
 from imgemb_assets.core.imaging.images import ImageLimits
 from imgemb_assets.core.ingest.manifest import build_manifest
 from imgemb_assets.core.ingest.thumbnails import downscale_partition
-from imgemb_assets.core.storage.objects import LocalObjectStore
+from imgemb_assets.core.storage.local_store import LocalObjectStore
 from imgemb_support.bad_inputs import TEST_MAX_IMAGE_BYTES, bad_input_cases, write_cases
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -145,7 +145,7 @@ from pathlib import Path
 from imgemb_assets.core.ingest.discovery import DiscoveryCursor, plan_discovery
 from imgemb_assets.core.ingest.manifest import build_manifest
 from imgemb_assets.core.ingest.thumbnails import downscale_partition
-from imgemb_assets.core.storage.objects import LocalObjectStore
+from imgemb_assets.core.storage.local_store import LocalObjectStore
 
 store = LocalObjectStore(Path(sys.argv[1]))
 plan = plan_discovery(store, DiscoveryCursor(), recent=5)
@@ -225,7 +225,7 @@ def test_fixing_permissions_changes_the_fingerprint(world_readable_root: Path) -
     (root / "p" / "a.jpg").chmod(0o000)
     script = (
         "import sys; from pathlib import Path; from imgemb_assets.core.ingest.discovery import listing_fingerprint; "
-        "from imgemb_assets.core.storage.objects import LocalObjectStore; "
+        "from imgemb_assets.core.storage.local_store import LocalObjectStore; "
         "print(listing_fingerprint(LocalObjectStore(Path(sys.argv[1])).list_objects('p')))"
     )
     locked = _run_unprivileged(script, str(root))

@@ -35,7 +35,8 @@ from imgemb_assets.core.imaging.contact_sheet import (
     rejected_images_sheet,
     sheet_markdown,
 )
-from imgemb_assets.core.storage.objects import LocalObjectStore, ObjectInfo
+from imgemb_assets.core.storage.local_store import LocalObjectStore
+from imgemb_assets.core.storage.objects import ObjectInfo
 
 _RED = (220, 30, 30)
 _GREEN = (30, 200, 60)

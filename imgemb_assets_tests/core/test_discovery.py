@@ -16,7 +16,9 @@ from imgemb_assets.core.ingest.discovery import (
 )
 from imgemb_assets.core.ingest.partition_scheme import PartitionScheme
 from imgemb_assets.core.ingest.partitioned_root import PartitionedRoot
-from imgemb_assets.core.storage.objects import LocalObjectStore, ObjectInfo, StorageError, open_object_store
+from imgemb_assets.core.storage.local_store import LocalObjectStore
+from imgemb_assets.core.storage.objects import ObjectInfo, StorageError
+from imgemb_assets.core.storage.open_store import open_object_store
 
 
 def _tree(root: Path, files: dict[str, bytes]) -> None:

@@ -26,9 +26,15 @@ from hypothesis import strategies as st
 from imgemb_assets.core.lake import tables
 from imgemb_assets.core.lake.embedding_column import embedding_array, vectors_of
 from imgemb_assets.core.lake.lake import Lake
-from imgemb_assets.core.search import index as search_index
 from imgemb_assets.core.search import refresh as index_refresh
-from imgemb_assets.core.search.index import IndexCommitConflict, index_folder_uri, load_index, stored_model_ids
+from imgemb_assets.core.search.index import manifest as index_manifest
+from imgemb_assets.core.search.index import persistence as index_persistence
+from imgemb_assets.core.search.index import segments as index_segments
+from imgemb_assets.core.search.index.errors import IndexCommitConflict, SearchIndexError
+from imgemb_assets.core.search.index.partitions import PartitionVectors
+from imgemb_assets.core.search.index.persistence import INDEX_FOLDER, index_folder_uri, load_index, save_index
+from imgemb_assets.core.search.index.search_index import SearchIndex
+from imgemb_assets.core.search.index.stored import stored_model_ids
 from imgemb_assets.core.search.near_duplicates import DEFAULT_SIMILARITY_THRESHOLD, find_near_duplicates
 from imgemb_assets.core.search.refresh import JOURNAL_NAME, refresh_search_indexes
 from imgemb_assets.core.storage.s3 import S3Settings
@@ -70,7 +76,7 @@ def embed(
 
 def with_graphs(monkeypatch: pytest.MonkeyPatch) -> None:
     """Indexes the refresh builds from now on use a usearch graph from 10 vectors (not 50,000)."""
-    monkeypatch.setattr(index_refresh, "SearchIndex", functools.partial(search_index.SearchIndex, ann_threshold=10))
+    monkeypatch.setattr(index_refresh, "SearchIndex", functools.partial(SearchIndex, ann_threshold=10))
 
 
 def remove(lake: Lake, prefix: str) -> None:
@@ -234,7 +240,7 @@ def test_damage_is_one_error_naming_the_file_and_the_next_refresh_rebuilds_the_i
     embed(lake, P2, seed=2)
     refresh_search_indexes(lake)
     damaged = _damage(lake, MODEL_A, how)
-    with pytest.raises(search_index.SearchIndexError, match=damaged.replace(".", r"\.")):
+    with pytest.raises(SearchIndexError, match=damaged.replace(".", r"\.")):
         load_index(lake, MODEL_A)
     refresh = refresh_search_indexes(lake)
     assert list(refresh.rebuilt) == [MODEL_A] and damaged in refresh.rebuilt[MODEL_A]
@@ -283,7 +289,7 @@ def test_a_refresh_that_loses_the_index_race_starts_over_from_the_winners_commit
     def other_refresh_after_a_change() -> None:
         embed(any_lake, P3, seed=3)
         with monkeypatch.context() as inner:
-            inner.setattr(index_refresh, "save_index", search_index.save_index)
+            inner.setattr(index_refresh, "save_index", save_index)
             refresh_search_indexes(any_lake)
 
     # The first refresh has loaded the index and updated it in memory when the other one commits.
@@ -325,13 +331,13 @@ def test_two_saves_from_one_load_commit_once_and_the_index_stays_readable(
     embed(any_lake, P2, seed=2)
     refresh_search_indexes(any_lake)
     first, second = load_index(any_lake, MODEL_A), load_index(any_lake, MODEL_A)
-    monkeypatch.setattr(search_index, "_MAX_SEGMENTS", 1)  # the second save compacts: the old segment is retired
+    monkeypatch.setattr(index_segments, "_MAX_SEGMENTS", 1)  # the second save compacts: the old segment is retired
     vectors = np.random.default_rng(3).random((5, WIDTH), dtype=np.float32)
-    second.update([search_index.PartitionVectors(P3, "f3", [f"n{i}" for i in range(5)], vectors)], removed=[P1])
-    search_index.save_index(second, any_lake)
+    second.update([PartitionVectors(P3, "f3", [f"n{i}" for i in range(5)], vectors)], removed=[P1])
+    save_index(second, any_lake)
     first.update(removed=[P2])
     with pytest.raises(IndexCommitConflict, match="another writer"):
-        search_index.save_index(first, any_lake)
+        save_index(first, any_lake)
     assert load_index(any_lake, MODEL_A).partition_counts() == {P2: 12, P3: 5}
 
 
@@ -350,9 +356,9 @@ def test_a_load_that_read_the_old_manifest_finds_its_files_after_a_save_replaced
         writer = load_index(any_lake, MODEL_A)
         writer.update(removed=[P1])
         writer._ann.file = None  # type: ignore[union-attr]  # a rebuilt graph: a new file, the old one retired
-        search_index.save_index(writer, any_lake)
+        save_index(writer, any_lake)
 
-    _run_before_first(search_index, "_read_graph_file", monkeypatch, a_writer_replaces_the_graph)
+    _run_before_first(index_persistence, "_read_graph_file", monkeypatch, a_writer_replaces_the_graph)
     reader = load_index(any_lake, MODEL_A)  # read the old manifest, then its graph after the save
     assert set(reader.partition_counts()) == {P1, P2}
 
@@ -365,7 +371,7 @@ def test_retired_files_stay_for_the_grace_then_go(lake: Lake, monkeypatch: pytes
     embed(lake, P1, seed=11)
     refresh_search_indexes(lake)
     assert old_segment.exists()  # retired, not deleted: a reader of the old manifest may still read it
-    monkeypatch.setattr(search_index, "RETIRED_GRACE_S", 0.0)
+    monkeypatch.setattr(index_manifest, "RETIRED_GRACE_S", 0.0)
     embed(lake, P2, seed=2)
     refresh_search_indexes(lake)
     assert not old_segment.exists()
@@ -379,13 +385,13 @@ def test_the_orphan_of_a_killed_save_is_deleted_after_the_grace(
     refresh_search_indexes(any_lake)
     # What a save killed between its segment and its manifest leaves: a file nothing names.
     orphan = "segments/0123456789abcdef0123456789abcdef.parquet"
-    folder = search_index._index_folder(any_lake, MODEL_A)
+    folder = index_persistence._index_folder(any_lake, MODEL_A)
     with folder.filesystem.open_output_stream(folder.file(orphan)) as stream:
         stream.write(b"PAR1 half a segment")
     embed(any_lake, P2, seed=2)
     refresh_search_indexes(any_lake)
     assert _exists(folder, orphan)  # younger than the grace: maybe a save still under way
-    monkeypatch.setattr(search_index, "RETIRED_GRACE_S", 0.0)
+    monkeypatch.setattr(index_manifest, "RETIRED_GRACE_S", 0.0)
     embed(any_lake, P3, seed=3)
     refresh_search_indexes(any_lake)
     assert not _exists(folder, orphan)
@@ -411,7 +417,7 @@ def _delete_folder(lake: Lake, uri: str) -> None:
 def test_the_journal_is_written_last_and_names_the_fingerprints_it_committed(lake: Lake) -> None:
     embed(lake, P1, seed=1)
     refresh_search_indexes(lake)
-    journal = Path(lake.root_uri) / search_index.INDEX_FOLDER / JOURNAL_NAME
+    journal = Path(lake.root_uri) / INDEX_FOLDER / JOURNAL_NAME
     assert journal.exists() and P1 in journal.read_text()
 
 

@@ -14,7 +14,9 @@ import pyarrow as pa
 import pytest
 from deltalake import DeltaTable, write_deltalake
 
-from imgemb_assets.core.lake.lake import InputChangedError, Lake, LakeError, partition_predicate, partition_value
+from imgemb_assets.core.lake.errors import InputChangedError, LakeError
+from imgemb_assets.core.lake.lake import Lake
+from imgemb_assets.core.lake.partition_values import partition_predicate, partition_value
 from imgemb_assets.core.lake.tables import PARTITION_STORAGE_COLUMN, REJECTED_IMAGES, REJECTED_IMAGES_SCHEMA
 from imgemb_support.rows import rejected_rows
 

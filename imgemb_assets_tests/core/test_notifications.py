@@ -20,7 +20,7 @@ from imgemb_assets.core.ingest.notifications import (
     queue_region_and_endpoint,
     sqs_client,
 )
-from imgemb_assets.core.storage.objects import partition_key_of
+from imgemb_assets.core.storage.names import partition_key_of
 from imgemb_assets.core.storage.s3 import S3Settings
 from imgemb_support.s3_notifications import create_event_queue, moto_sqs_client, queue_depth
 

@@ -22,7 +22,7 @@ from imgemb_assets.core.ingest.partitioned_root import PartitionedRoot
 from imgemb_assets.core.ingest.scheme_record import SchemeMismatchError, recorded_scheme, require_scheme
 from imgemb_assets.core.lake.lake import Lake
 from imgemb_assets.core.lake.tables import RAW_IMAGE_MANIFEST, RAW_IMAGE_MANIFEST_SCHEMA
-from imgemb_assets.core.storage.objects import LocalObjectStore
+from imgemb_assets.core.storage.local_store import LocalObjectStore
 
 
 def _tree(root: Path, keys: list[str]) -> None:

@@ -15,9 +15,11 @@ from hypothesis import strategies as st
 
 from imgemb_assets.core.ingest.discovery import DiscoveryCursor, plan_discovery
 from imgemb_assets.core.ingest.manifest import build_manifest
-from imgemb_assets.core.lake.lake import Lake, LakeError
+from imgemb_assets.core.lake.errors import LakeError
+from imgemb_assets.core.lake.lake import Lake
 from imgemb_assets.core.lake.tables import RAW_IMAGE_MANIFEST, REJECTED_IMAGES, REJECTED_IMAGES_SCHEMA
-from imgemb_assets.core.storage.objects import LocalObjectStore, partition_key_problem, shown_name
+from imgemb_assets.core.storage.local_store import LocalObjectStore
+from imgemb_assets.core.storage.names import partition_key_problem, shown_name
 
 # An S3 key is at most 1024 bytes of UTF-8: the prefix, '/', and an object name.
 MAX_PREFIX_BYTES = 1000

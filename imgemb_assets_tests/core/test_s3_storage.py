@@ -11,7 +11,9 @@ import traceback
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import asdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import SimpleNamespace
 
 import pyarrow as pa
 import pytest
@@ -21,19 +23,17 @@ from PIL import Image
 
 from imgemb_assets.core.ingest.discovery import DiscoveryCursor, partition_fingerprint, plan_discovery
 from imgemb_assets.core.ingest.manifest import build_manifest
+from imgemb_assets.core.ingest.notifications import sqs_client
 from imgemb_assets.core.ingest.partition_scheme import PartitionScheme
 from imgemb_assets.core.ingest.partitioned_root import PartitionedRoot
 from imgemb_assets.core.ingest.thumbnails import downscale_partition
 from imgemb_assets.core.lake.lake import Lake
 from imgemb_assets.core.lake.tables import REJECTED_IMAGES_SCHEMA
-from imgemb_assets.core.storage.objects import (
-    ObjectMissing,
-    ObjectRefused,
-    S3ObjectStore,
-    StorageError,
-    open_object_store,
-)
+from imgemb_assets.core.storage.objects import ObjectMissing, ObjectRefused, StorageError
+from imgemb_assets.core.storage.open_store import open_object_store
 from imgemb_assets.core.storage.s3 import S3ConfigError, S3Settings, split_s3_uri
+from imgemb_assets.core.storage.s3_store import S3ObjectStore
+from imgemb_assets.dagster_wiring.resources import ImgembS3Resource
 from imgemb_support.fault_proxy import running_fault_proxy
 from imgemb_support.moto_server import MOTO_CREDENTIALS
 
@@ -160,6 +160,31 @@ def test_one_config_feeds_boto3_and_delta(s3_env: dict[str, str]) -> None:
     assert explicit.delta_storage_options()["AWS_ENDPOINT_URL"] == "http://other:9000"
     assert explicit.delta_storage_options()["AWS_REGION"] == "eu-west-1"
     assert explicit.client().meta.config.retries == {"total_max_attempts": 9, "mode": "adaptive"}
+
+
+def test_the_s3_and_sqs_clients_take_the_same_retries_pool_and_timeouts() -> None:
+    settings = S3Settings(
+        max_attempts=3, retry_mode="adaptive", max_pool_connections=7, connect_timeout_s=2.5, read_timeout_s=9.0
+    )
+    queue = sqs_client(settings, "http://127.0.0.1:9/123456789012/events")
+    for client in (settings.client(), queue):
+        config = client.meta.config
+        assert config.retries == {"total_max_attempts": 3, "mode": "adaptive"}
+        assert (config.max_pool_connections, config.connect_timeout, config.read_timeout) == (7, 2.5, 9.0)
+    assert settings.botocore_config(ignore_configured_endpoint_urls=True).ignore_configured_endpoint_urls is True
+
+
+def test_settings_are_read_from_a_config_that_mirrors_every_field() -> None:
+    settings = S3Settings(
+        endpoint_url="http://minio:9000", region_name="eu-west-3", profile_name="ci", aws_access_key_id="key",
+        aws_secret_access_key="secret", aws_session_token="token", allow_http=False, max_attempts=2,
+        retry_mode="adaptive", max_pool_connections=4, connect_timeout_s=1.5, read_timeout_s=7.0,
+    )  # fmt: skip
+    assert S3Settings.from_attributes(SimpleNamespace(**asdict(settings))) == settings
+    # the Dagster resource that mirrors them, every field set
+    assert ImgembS3Resource(**asdict(settings)).settings() == settings
+    with pytest.raises(AttributeError, match="region_name"):
+        S3Settings.from_attributes(SimpleNamespace(endpoint_url=None))  # a field it lacks is an error, not a default
 
 
 def test_allow_http_follows_the_variable_or_the_endpoint_scheme() -> None:

@@ -29,7 +29,7 @@ from imgemb_assets.core.sales.join import (
     validate_sales,
     written_sales_columns,
 )
-from imgemb_assets.core.storage.objects import open_object_store
+from imgemb_assets.core.storage.open_store import open_object_store
 from imgemb_support.rows import downscaled_rows
 
 

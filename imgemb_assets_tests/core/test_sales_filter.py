@@ -13,7 +13,8 @@ import pytest
 
 from imgemb_assets.core.lake import tables
 from imgemb_assets.core.lake.lake import Lake
-from imgemb_assets.core.search.index import SearchIndex, load_index
+from imgemb_assets.core.search.index.persistence import load_index
+from imgemb_assets.core.search.index.search_index import SearchIndex
 from imgemb_assets.core.search.sales_filter import SalesFilterError, matching_images, parse_sales_filter
 from imgemb_assets.core.search.similar import SimilarError, similar_to_id, similar_to_vector
 from imgemb_support.rows import CATALOGUE_SALES_SCHEMA, downscaled_rows, write_catalogue, write_fan_catalogue
@@ -92,7 +93,7 @@ def test_a_value_the_expression_cannot_take_is_refused_when_evaluated(tmp_path: 
 
 @pytest.mark.parametrize("ann_threshold", [10_000, 100], ids=["exact", "hnsw"])
 def test_search_among_gives_the_true_nearest_of_the_allowed_images(ann_threshold: int) -> None:
-    from imgemb_assets.core.search.index import PartitionVectors
+    from imgemb_assets.core.search.index.partitions import PartitionVectors
 
     rng = np.random.default_rng(0)
     prefixes = {p: rng.normal(size=(150, WIDTH)).astype(np.float32) for p in ("p1", "p2")}

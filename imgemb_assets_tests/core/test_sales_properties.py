@@ -38,7 +38,7 @@ from imgemb_assets.core.lake.tables import (
     images_with_sales_schema,
 )
 from imgemb_assets.core.sales.join import SalesError, join_with_sales, read_sales
-from imgemb_assets.core.storage.objects import open_object_store
+from imgemb_assets.core.storage.open_store import open_object_store
 from imgemb_support.rows import downscaled_rows
 
 _EPOCH = dt.datetime(1970, 1, 1)

@@ -18,26 +18,22 @@ import pyarrow.fs as pafs
 import pytest
 
 from imgemb_assets.core.lake.lake import Lake
-from imgemb_assets.core.search import index as search_index_module
-from imgemb_assets.core.search.index import (
+from imgemb_assets.core.search.index import manifest as index_manifest
+from imgemb_assets.core.search.index import persistence as index_persistence
+from imgemb_assets.core.search.index.errors import (
     AmbiguousImageId,
-    AnnParameters,
     IndexMissing,
     InvalidPartition,
     ModelMismatch,
-    PartitionVectors,
-    SearchIndex,
     SearchIndexError,
     UnknownImageId,
-    index_folder_uri,
-    index_metadata,
-    load_index,
-    read_partition_models,
-    recall_at_k,
-    save_index,
-    stored_index_bytes,
-    stored_model_ids,
 )
+from imgemb_assets.core.search.index.graph import AnnParameters
+from imgemb_assets.core.search.index.metrics import index_metadata, recall_at_k
+from imgemb_assets.core.search.index.partitions import PartitionVectors, read_partition_models
+from imgemb_assets.core.search.index.persistence import index_folder_uri, load_index, save_index, stored_index_bytes
+from imgemb_assets.core.search.index.search_index import SearchIndex
+from imgemb_assets.core.search.index.stored import stored_model_ids
 from imgemb_assets.core.storage.s3 import S3Settings
 from imgemb_support.counting_filesystem import CountingHandler
 
@@ -332,8 +328,8 @@ def test_partition_vectors_read_from_a_delta_table_keep_to_one_model(tmp_path: P
 
 @contextmanager
 def files_opened(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
-    """The files the index module opens for reading meanwhile, through its real filesystem."""
-    original = search_index_module._index_folder
+    """The files the index's persistence opens for reading meanwhile, through its real filesystem."""
+    original = index_persistence._index_folder
     opened: list[str] = []
 
     def counting_folder(lake: Lake, model_id: str) -> Any:
@@ -342,7 +338,7 @@ def files_opened(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
         handler.read = opened
         return type(folder)(pafs.PyFileSystem(handler), folder.path, folder.is_local, folder.storage_options)
 
-    read_versioned = search_index_module.read_versioned
+    read_versioned = index_persistence.read_versioned
 
     def counting_read_versioned(location: Any, name: str) -> Any:
         # the manifest is read with its version, outside the pyarrow filesystem
@@ -350,8 +346,8 @@ def files_opened(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
         return read_versioned(location, name)
 
     with monkeypatch.context() as patch:
-        patch.setattr(search_index_module, "_index_folder", counting_folder)
-        patch.setattr(search_index_module, "read_versioned", counting_read_versioned)
+        patch.setattr(index_persistence, "_index_folder", counting_folder)
+        patch.setattr(index_persistence, "read_versioned", counting_read_versioned)
         yield opened
 
 
@@ -373,7 +369,7 @@ def small_partitions(
 @pytest.fixture(autouse=True)
 def files_retired_are_deleted_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """These tests count the files a save leaves without the readers' grace; test_index_refresh.py tests the grace."""
-    monkeypatch.setattr(search_index_module, "RETIRED_GRACE_S", 0.0)
+    monkeypatch.setattr(index_manifest, "RETIRED_GRACE_S", 0.0)
 
 
 def stored_files(lake: Lake, model_id: str = MODEL) -> set[str]:

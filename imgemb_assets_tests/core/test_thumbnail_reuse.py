@@ -17,7 +17,7 @@ from imgemb_assets.core.ingest.thumbnails import (
     downscale_partition,
     thumbnail_recipe,
 )
-from imgemb_assets.core.storage.objects import LocalObjectStore
+from imgemb_assets.core.storage.local_store import LocalObjectStore
 
 
 class _CountingStore(LocalObjectStore):

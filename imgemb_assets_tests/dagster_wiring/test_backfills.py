@@ -15,7 +15,7 @@ from dagster import AssetKey, DagsterEventType, DagsterInstance, instance_for_te
 from imgemb_assets.core.lake import tables
 from imgemb_assets.core.lake.lake import Lake
 from imgemb_assets.core.sample.dataset import SampleDataset, generate_sample_dataset
-from imgemb_assets.core.storage.objects import open_object_store
+from imgemb_assets.core.storage.open_store import open_object_store
 from imgemb_assets.dagster_wiring.backfills import plan_backfill, run_chunks, run_in_process
 from imgemb_assets.dagster_wiring.location.settings import LocationSettings
 from imgemb_assets.dagster_wiring.names import S3_PREFIX_PARTITIONS_NAME

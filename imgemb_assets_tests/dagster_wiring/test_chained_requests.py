@@ -18,7 +18,7 @@ from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PART
 from imgemb_assets.core.lake import tables
 from imgemb_assets.core.lake.lake import Lake
 from imgemb_assets.core.sample.dataset import SampleDataset
-from imgemb_assets.core.storage.objects import open_object_store
+from imgemb_assets.core.storage.open_store import open_object_store
 from imgemb_assets.dagster_wiring.backfills import plan_backfill
 from imgemb_assets.dagster_wiring.ingest.discovery_sensor import build_raw_prefix_sensor
 from imgemb_assets.dagster_wiring.location.resources import ImgembS3Resource, StorageResource

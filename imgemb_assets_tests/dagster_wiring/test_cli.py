@@ -85,7 +85,7 @@ def test_credentials_written_into_an_s3_uri_are_refused_in_one_line_that_does_no
 
 
 def test_a_lake_or_store_uri_with_credentials_is_refused_without_repeating_them() -> None:
-    from imgemb_assets.core.storage.objects import open_object_store
+    from imgemb_assets.core.storage.open_store import open_object_store
     from imgemb_assets.core.storage.s3 import S3ConfigError
 
     key, secret = SECRET_URI_PARTS

@@ -8,7 +8,7 @@ registered); held after the check passed (its commit already on its way), the re
 rows after it. Either way no row of the removed prefix is left in any table.
 
 Real Delta tables, a real instance, runs executed in process on two threads; the one thing injected
-is the hold at the lake's commit (`_commit_with_retries`), where the race is.
+is the hold at the lake's commit (`commits.commit_with_retries`), where the race is.
 """
 
 from __future__ import annotations
@@ -24,8 +24,7 @@ from typing import Any
 import pytest
 from dagster import AssetKey, DagsterInstance, ExecuteInProcessResult, RunsFilter, instance_for_test
 
-from imgemb_assets.core.lake import lake as lake_module
-from imgemb_assets.core.lake import tables
+from imgemb_assets.core.lake import commits, tables
 from imgemb_assets.core.lake.lake import Lake
 from imgemb_assets.core.sample.dataset import SampleDataset
 from imgemb_assets.dagster_wiring.ingest.vanished_prefixes import PARTITIONED_TABLES, removal_request
@@ -62,7 +61,7 @@ class CommitHold:
     used: bool = False
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        original = lake_module._commit_with_retries
+        original = commits.commit_with_retries
 
         def held(commit: Callable[[], None], what: str, precondition: Callable[[], None] | None = None) -> None:
             if self.used or what != f"partition {self.prefix!r} of {self.table}":
@@ -73,7 +72,7 @@ class CommitHold:
                 return original(commit, what, precondition)
             return original(commit, what, self._checked_then_held(precondition))
 
-        monkeypatch.setattr(lake_module, "_commit_with_retries", held)
+        monkeypatch.setattr(commits, "commit_with_retries", held)
 
     def _checked_then_held(self, precondition: Callable[[], None] | None) -> Callable[[], None]:
         first = True

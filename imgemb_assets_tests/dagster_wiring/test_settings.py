@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from imgemb_assets.core.lake.lake import TARGET_FILE_BYTES
+from imgemb_assets.core.lake.data_files import TARGET_FILE_BYTES
 from imgemb_assets.core.lake.maintenance import MaintenanceSettings
 from imgemb_assets.dagster_wiring.ingest.discovery_sensor import DEFAULT_MAX_NEW_PREFIXES, DEFAULT_RECENT_PREFIXES
 from imgemb_assets.dagster_wiring.location.settings import DEFAULT_MINIMUM_INTERVAL_S, LocationSettings, SettingsError

@@ -14,7 +14,9 @@ from dagster._core.loader import LoadingContextForTest
 from imgemb_assets.core.lake import tables
 from imgemb_assets.core.lake.lake import Lake
 from imgemb_assets.core.sample.dataset import SampleDataset
-from imgemb_assets.core.search.index import ModelMismatch, index_folder_uri, load_index, stored_model_ids
+from imgemb_assets.core.search.index.errors import ModelMismatch
+from imgemb_assets.core.search.index.persistence import index_folder_uri, load_index
+from imgemb_assets.core.search.index.stored import stored_model_ids
 from imgemb_assets.dagster_wiring.location.settings import LocationSettings
 from imgemb_assets.dagster_wiring.names import (
     NEAR_DUPLICATE_SHARE_CHECK,

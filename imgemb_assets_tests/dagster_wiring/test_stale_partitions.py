@@ -28,7 +28,7 @@ from imgemb_assets.core.ingest.discovery import listing_fingerprint
 from imgemb_assets.core.lake import tables
 from imgemb_assets.core.lake.lake import Lake
 from imgemb_assets.core.sample.dataset import SampleDataset
-from imgemb_assets.core.storage.objects import LocalObjectStore
+from imgemb_assets.core.storage.local_store import LocalObjectStore
 from imgemb_assets.dagster_wiring.backfills import plan_backfill
 from imgemb_assets.dagster_wiring.location.settings import LocationSettings
 from imgemb_assets.dagster_wiring.location.staleness import PartitionStatus, status_in_graph

@@ -22,7 +22,7 @@ from imgemb_assets.core.ingest.discovery import DiscoveryCursor
 from imgemb_assets.core.lake import tables
 from imgemb_assets.core.lake.lake import Lake
 from imgemb_assets.core.sample.dataset import SampleDataset
-from imgemb_assets.core.search.index import load_index
+from imgemb_assets.core.search.index.persistence import load_index
 from imgemb_assets.dagster_wiring.ingest.discovery_sensor import build_raw_prefix_sensor
 from imgemb_assets.dagster_wiring.ingest.vanished_prefixes import PARTITIONED_TABLES
 from imgemb_assets.dagster_wiring.location.partitions import s3_prefix_partitions

@@ -40,9 +40,10 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from imgemb_assets.core.lake.embedding_column import EMBEDDING_TYPE, embedding_array
-from imgemb_assets.core.lake.lake import Lake, partition_value
+from imgemb_assets.core.lake.lake import Lake
+from imgemb_assets.core.lake.partition_values import partition_value
 from imgemb_assets.core.storage.arrow_filesystem import arrow_location
-from imgemb_assets.core.storage.objects import local_path_of
+from imgemb_assets.core.storage.names import local_path_of
 
 # Under the lake root, beside the tables (`_` keeps it out of any table name).
 STAGING_FOLDER: Final = "_staging"

@@ -41,9 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 from urllib.parse import unquote_plus, urlsplit
 
-from botocore.config import Config
-
-from imgemb_assets.core.storage.s3 import S3ConfigError, S3Settings, split_s3_uri
+from imgemb_assets.core.storage.s3 import DEFAULT_REGION, S3ConfigError, S3Settings, split_s3_uri
 
 # SQS hands out at most 10 messages per ReceiveMessage and deletes at most 10 per DeleteMessageBatch.
 SQS_BATCH: Final = 10
@@ -56,7 +54,6 @@ DEFAULT_RECEIVE_THREADS: Final = 4
 ACKNOWLEDGE_THREADS: Final = 4
 UNCOVERED_SAMPLE: Final = 10
 
-_DEFAULT_REGION: Final = "us-east-1"
 # https://sqs.<region>.amazonaws.com/<account>/<name>, and the legacy https://<region>.queue.amazonaws.com/...
 _AWS_QUEUE_HOST: Final = re.compile(
     r"^(?:sqs\.(?P<region>[a-z0-9-]+)|(?P<legacy>[a-z0-9-]+)\.queue|queue)\.amazonaws\.com(?:\.cn)?$"
@@ -86,7 +83,7 @@ def queue_region_and_endpoint(queue_url: str) -> tuple[str | None, str | None]:
     match = _AWS_QUEUE_HOST.match(parts.hostname or "")
     if match is None:
         return None, f"{parts.scheme}://{parts.netloc}"
-    return match.group("region") or match.group("legacy") or _DEFAULT_REGION, None
+    return match.group("region") or match.group("legacy") or DEFAULT_REGION, None
 
 
 def sqs_client(settings: S3Settings, queue_url: str) -> Any:
@@ -103,15 +100,9 @@ def sqs_client(settings: S3Settings, queue_url: str) -> Any:
     return session.client(
         "sqs",
         endpoint_url=override or endpoint,
-        region_name=region or session.region_name or os.environ.get("AWS_REGION") or _DEFAULT_REGION,
-        config=Config(
-            retries={"total_max_attempts": settings.max_attempts, "mode": settings.retry_mode},
-            max_pool_connections=settings.max_pool_connections,
-            connect_timeout=settings.connect_timeout_s,
-            read_timeout=settings.read_timeout_s,
-            # An AWS queue with AWS_ENDPOINT_URL pointing at MinIO: SQS must still go to AWS.
-            ignore_configured_endpoint_urls=endpoint is None and override is None,
-        ),
+        region_name=region or session.region_name or os.environ.get("AWS_REGION") or DEFAULT_REGION,
+        # An AWS queue with AWS_ENDPOINT_URL pointing at MinIO: SQS must still go to AWS.
+        config=settings.botocore_config(ignore_configured_endpoint_urls=endpoint is None and override is None),
     )
 
 

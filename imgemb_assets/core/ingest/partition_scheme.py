@@ -34,7 +34,7 @@ import re
 from dataclasses import dataclass
 from typing import Final
 
-from imgemb_assets.core.storage.objects import partition_key_problem
+from imgemb_assets.core.storage.names import partition_key_problem
 
 # The first segment of every loose-object bucket's key; a folder of that name is no partition.
 LOOSE_FOLDER: Final = "(loose)"

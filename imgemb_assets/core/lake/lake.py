@@ -1,41 +1,55 @@
-"""Delta Lake tables under a lake root: replace one partition, replace a whole table, read back.
+"""The lake (`Lake`): Delta Lake tables under a lake root: replace one partition, replace a whole table, read back.
 
 A partitioned table is physically partitioned by `prefix_partition`, a short
-value derived from the prefix (`partition_value`), so that any prefix S3 accepts
+value derived from the prefix (`partition_values.py`), so that any prefix S3 accepts
 makes a valid folder name; Lake adds that column on write and drops it on read,
 and `prefix` stays a data column to filter by. A table created before keeps its
-layout (partitioned by `prefix` itself), read from its metadata, until it is
-migrated with `Lake.migrate_partitioning`.
+layout (partitioned by `prefix` itself, `partition_layout.py`), read from its
+metadata, until it is migrated with `Lake.migrate_partitioning`. Each commit is
+retried against concurrent writers (`commits.py`); a streamed write's data files are
+written by pyarrow (`data_files.py`).
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import json
-import random
-import re
 import tempfile
-import time
-import unicodedata
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Concatenate, Final, ParamSpec, TypeAlias, TypeVar
-from urllib.parse import quote
+from typing import Concatenate, ParamSpec, TypeAlias, TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from deltalake import DeltaTable, QueryBuilder, WriterProperties, write_deltalake
-from deltalake.exceptions import CommitFailedError, TableNotFoundError
+from deltalake.exceptions import TableNotFoundError
 from deltalake.transaction import AddAction, RemoveAction
 
-from imgemb_assets.core.lake import maintenance_defaults
+# Called through its module, so that a test can hold or refuse a commit where it happens.
+from imgemb_assets.core.lake import commits
+from imgemb_assets.core.lake.commits import Precondition
+from imgemb_assets.core.lake.data_files import (
+    MAX_ROW_GROUP_ROWS,
+    TARGET_FILE_BYTES,
+    DataFiles,
+    same_columns,
+    without_column,
+)
+from imgemb_assets.core.lake.errors import InputChangedError, LakeError
+from imgemb_assets.core.lake.partition_layout import (
+    layout_column_of,
+    partition_filter,
+    partition_filter_tuple,
+    require_folder_fits,
+    require_single_partition,
+    with_storage_column,
+)
+from imgemb_assets.core.lake.partition_values import partition_predicate, partition_value, quote_identifier, sql_string
 from imgemb_assets.core.lake.tables import PARTITION_COLUMN, PARTITION_STORAGE_COLUMN
 from imgemb_assets.core.storage.arrow_filesystem import arrow_location
-from imgemb_assets.core.storage.objects import local_path_of
+from imgemb_assets.core.storage.names import local_path_of
 from imgemb_assets.core.storage.s3 import (
     S3AccessDenied,
     S3ConfigError,
@@ -43,90 +57,9 @@ from imgemb_assets.core.storage.s3 import (
     refuse_credentials_in_uri,
 )
 
-# Two writers of the same partition: delta-rs commits one and fails the other
-# with CommitFailedError; the loser rewrites on top of the winner's version.
-_COMMIT_ATTEMPTS: Final = 6
-_COMMIT_RETRY_BASE_S: Final = 0.2
-# Bound the writer's memory: parquet row groups of at most this many rows, and
-# files of about this size (a 2048-float embedding row is 8 KiB).
-MAX_ROW_GROUP_ROWS: Final = 16_384
-TARGET_FILE_BYTES: Final = maintenance_defaults.TARGET_FILE_BYTES  # compaction aims at the same size
-# A prefix is its own partition value when it is this short and uses only
-# characters delta-rs leaves as they are in a folder name; others get a stem and a hash.
-_PLAIN_VALUE: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
-_UNPLAIN_RUN: Final = re.compile(r"[^A-Za-z0-9._-]+")
-_STEM_CHARS: Final = 32
-_HASH_HEX_CHARS: Final = 20  # 80 bits: no two of a billion prefixes share a value, in practice
-# The longest folder or file name a local file system takes (ext4, xfs, APFS, NTFS).
-_MAX_NAME_BYTES: Final = 255
-
 # Something that can be written more than once: a table, or a function that
 # opens a fresh stream of record batches (a retried commit replays it).
 Rows: TypeAlias = pa.Table | Callable[[], pa.RecordBatchReader]
-
-
-class LakeError(Exception):
-    """A table cannot be written or read as asked; the message says which and why."""
-
-
-class CommitConflictError(LakeError):
-    """Concurrent writers of the same partition kept winning; nothing of this write was committed."""
-
-
-class InputChangedError(CommitConflictError):
-    """The partition a write was computed from was rewritten meanwhile; nothing of this write was committed."""
-
-
-class PartitionRemovedError(LakeError):
-    """The partition was removed (its prefix vanished) while this write was computed; nothing was committed.
-
-    Unlike InputChangedError, a retry cannot succeed: nothing will ask for the partition again.
-    """
-
-
-# Called just before each commit attempt; raises InputChangedError (a retry reads the new input) or
-# PartitionRemovedError (the partition is gone) to abandon the write.
-Precondition = Callable[[], None]
-
-
-def all_of(*preconditions: Precondition) -> Precondition:
-    def check() -> None:
-        for precondition in preconditions:
-            precondition()
-
-    return check
-
-
-def partition_predicate(partition_key: str, column: str = PARTITION_COLUMN) -> str:
-    """A Delta predicate matching exactly one value of `column`.
-
-    The key is a SQL string literal with quotes doubled, so no key can close the
-    literal and widen the predicate.
-    """
-    return f"{column} = {sql_string(partition_key)}"
-
-
-def sql_string(value: str) -> str:
-    """A SQL string literal of `value`, quotes doubled: no value can close the literal and widen a predicate."""
-    escaped = value.replace("'", "''")
-    return f"'{escaped}'"
-
-
-def partition_value(prefix: str) -> str:
-    """The physical partition value of a prefix: stable, at most 64 ASCII characters, a folder name on any file system.
-
-    A short prefix of letters, digits and `._-` is its own value, so the usual
-    (date) prefixes keep readable folders and their keys are read from the log
-    alone. Any other prefix becomes a readable stem, `~` (in no plain value, so
-    the two kinds never meet) and a hash of the whole prefix.
-    """
-    if _PLAIN_VALUE.fullmatch(prefix):
-        return prefix
-    folded = unicodedata.normalize("NFKD", prefix).encode("ascii", "ignore").decode()  # café -> cafe
-    stem = _UNPLAIN_RUN.sub("_", folded)[:_STEM_CHARS]
-    digest = hashlib.sha256(prefix.encode("utf-8", "surrogatepass")).hexdigest()[:_HASH_HEX_CHARS]
-    return f"{stem}~{digest}"
-
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -201,22 +134,22 @@ class Lake:
         if not partition_key:
             raise LakeError(f"an empty prefix is no partition of {name} (it would stand for the whole root)")
         if isinstance(data, pa.Table):
-            _require_single_partition(data, partition_key)
+            require_single_partition(data, partition_key)
         self._ensure_local_parent()
         layout_column = self._layout_column(name)
         if layout_column == PARTITION_COLUMN:
-            self._require_folder_fits(name, partition_key)
+            require_folder_fits(self.root_uri, name, partition_key)
             value = partition_key
         else:
             value = partition_value(partition_key)
 
         commit = self._overwrite_where(
             name,
-            lambda: _with_storage_column(data, layout_column, value),
+            lambda: with_storage_column(data if isinstance(data, pa.Table) else data(), layout_column, value),
             partition_predicate(value, layout_column),
             layout_column,
         )
-        _commit_with_retries(commit, f"partition {partition_key!r} of {name}", precondition)
+        commits.commit_with_retries(commit, f"partition {partition_key!r} of {name}", precondition)
 
     @_refusing_denied_access
     def replace_partitions(self, name: str, data: pa.Table, partition_keys: Sequence[str]) -> None:
@@ -238,7 +171,7 @@ class Lake:
         layout_column = self._layout_column(name)
         if layout_column == PARTITION_COLUMN:
             for key in keys:
-                self._require_folder_fits(name, key)
+                require_folder_fits(self.root_uri, name, key)
             values, rows = keys, data
         else:
             values = [partition_value(key) for key in keys]
@@ -248,7 +181,7 @@ class Lake:
             )
         listed = ", ".join(sql_string(value) for value in values)
         commit = self._overwrite_where(name, lambda: rows, f"{layout_column} IN ({listed})", layout_column)
-        _commit_with_retries(commit, f"{len(keys)} partitions of {name}")
+        commits.commit_with_retries(commit, f"{len(keys)} partitions of {name}")
 
     def _overwrite_where(
         self, name: str, rows: Callable[[], pa.Table | pa.RecordBatchReader], predicate: str, layout_column: str
@@ -277,7 +210,7 @@ class Lake:
         Readers of earlier versions go on reading them until a vacuum past the retention removes the files.
         """
         return self._delete_where(
-            name, lambda table: _partition_filter(table, partition_key), f"partition {partition_key!r} of {name}"
+            name, lambda table: partition_filter(table, partition_key), f"partition {partition_key!r} of {name}"
         )
 
     @_refusing_denied_access
@@ -288,7 +221,7 @@ class Lake:
         listed = ", ".join(sql_string(value) for value in dict.fromkeys(values))
         return self._delete_where(
             name,
-            lambda table: f"{_quote_identifier(column)} IN ({listed})",
+            lambda table: f"{quote_identifier(column)} IN ({listed})",
             f"rows of {name} whose {column} is one of {len(values)} values",
         )
 
@@ -306,7 +239,7 @@ class Lake:
             metrics = table.delete(predicate(table))
             deleted = int(metrics.get("num_deleted_rows") or 0)
 
-        _commit_with_retries(commit, what)
+        commits.commit_with_retries(commit, what)
         return deleted
 
     @_refusing_denied_access
@@ -335,17 +268,22 @@ class Lake:
             table: DeltaTable | None = self._open(name)
         except LakeError:
             table = None  # created just before the commit: a write killed before it leaves no table
-        layout_column = PARTITION_STORAGE_COLUMN if table is None else _layout_column_of(table)
+        layout_column = PARTITION_STORAGE_COLUMN if table is None else layout_column_of(table)
         if table is not None:
-            stored_schema = _without(pa.schema(table.schema().to_arrow()), PARTITION_STORAGE_COLUMN)
-            if not _same_columns(stored_schema, schema):
+            stored_schema = without_column(pa.schema(table.schema().to_arrow()), PARTITION_STORAGE_COLUMN)
+            if not same_columns(stored_schema, schema):
                 return self._write_spooled(name, batches, schema, partition_key, precondition)
         if layout_column == PARTITION_COLUMN:
-            self._require_folder_fits(name, partition_key)
+            require_folder_fits(self.root_uri, name, partition_key)
             value = partition_key
         else:
             value = partition_value(partition_key)
-        written = _DataFiles(self, name, layout_column, value, _without(schema, layout_column))
+        written = DataFiles(
+            arrow_location(self.table_uri(name), self.current_storage_options()),
+            layout_column,
+            value,
+            without_column(schema, layout_column),
+        )
         try:
             rows = written.write(batches, partition_key)
             if table is None:
@@ -361,7 +299,7 @@ class Lake:
                     partition_filters=[(layout_column, "=", value)],
                 )
 
-            _commit_with_retries(commit, f"partition {partition_key!r} of {name}", precondition)
+            commits.commit_with_retries(commit, f"partition {partition_key!r} of {name}", precondition)
         except BaseException:
             written.delete()  # never committed: nothing names them
             raise
@@ -392,7 +330,7 @@ class Lake:
             path = f"{spool}/{name}.parquet"
             with pq.ParquetWriter(path, schema) as writer:
                 for batch in batches:
-                    _require_single_partition(batch, partition_key)
+                    require_single_partition(batch, partition_key)
                     writer.write_batch(batch)
                     rows += batch.num_rows
 
@@ -415,7 +353,7 @@ class Lake:
             return frozenset()
         if partition_key is None:
             return frozenset(table.file_uris())
-        return frozenset(table.file_uris(file_pruning_predicate=[_partition_filter_tuple(table, partition_key)]))
+        return frozenset(table.file_uris(file_pruning_predicate=[partition_filter_tuple(table, partition_key)]))
 
     @_refusing_denied_access
     def partition_fingerprints(self, name: str) -> dict[str, str]:
@@ -429,7 +367,7 @@ class Lake:
             table = self._open(name)
         except LakeError:
             return {}
-        column = _layout_column_of(table)
+        column = layout_column_of(table)
         actions = pa.table(table.get_add_actions(flatten=True)).select(["path", f"partition.{column}"]).to_pydict()
         files: dict[str, list[str]] = {}
         for path, value in zip(actions["path"], actions[f"partition.{column}"], strict=True):
@@ -524,8 +462,8 @@ class Lake:
         table = self._open(name)
         if columns is None:
             columns = [field_.name for field_ in table.schema().fields if field_.name != PARTITION_STORAGE_COLUMN]
-        selected = ", ".join(_quote_identifier(column) for column in columns)
-        where = "" if partition_key is None else f" WHERE {_partition_filter(table, partition_key)}"
+        selected = ", ".join(quote_identifier(column) for column in columns)
+        where = "" if partition_key is None else f" WHERE {partition_filter(table, partition_key)}"
         # One scan partition: the engine otherwise reads ahead a row group (up to 128 MB) per core at
         # once, which doubled a streamed read's memory; the steps consume one batch at a time anyway.
         engine = QueryBuilder(
@@ -549,7 +487,9 @@ class Lake:
     @_refusing_denied_access
     def schema(self, name: str) -> pa.Schema:
         """The table's columns as `read` returns them (never `prefix_partition`), from its log: no data is read."""
-        return without_view_types(_without(pa.schema(self._open(name).schema().to_arrow()), PARTITION_STORAGE_COLUMN))
+        return without_view_types(
+            without_column(pa.schema(self._open(name).schema().to_arrow()), PARTITION_STORAGE_COLUMN)
+        )
 
     @_refusing_denied_access
     def partition_keys(self, name: str) -> list[str]:
@@ -558,7 +498,7 @@ class Lake:
             table = self._open(name)
         except LakeError:
             return []
-        column = _layout_column_of(table)
+        column = layout_column_of(table)
         values = {partition[column] for partition in table.partitions()}
         if column == PARTITION_COLUMN:
             return sorted(values)
@@ -575,21 +515,9 @@ class Lake:
     def _layout_column(self, name: str) -> str:
         """The column a table is physically partitioned by: its own for an existing table, today's for a new one."""
         try:
-            return _layout_column_of(self._open(name))
+            return layout_column_of(self._open(name))
         except LakeError:
             return PARTITION_STORAGE_COLUMN
-
-    def _require_folder_fits(self, name: str, partition_key: str) -> None:
-        # delta-rs percent-encodes the value into a folder name, and panics where
-        # the file system refuses it: say what to do instead.
-        folder = f"{PARTITION_COLUMN}={quote(partition_key, safe='')}"
-        if len(folder.encode()) > _MAX_NAME_BYTES:
-            raise LakeError(
-                f"{name} was created partitioned by {PARTITION_COLUMN!r}, and prefix {partition_key!r} is too long "
-                f"for a folder name there ({len(folder.encode())} bytes once encoded, at most {_MAX_NAME_BYTES}); "
-                f"migrate the table once with Lake({self.root_uri!r}).migrate_partitioning({name!r}) "
-                f"(or `python -m imgemb_assets.core.lake.lake migrate <lake uri> {name}`), then materialize again"
-            )
 
     def _open(self, name: str) -> DeltaTable:
         # One load of the table's log; checking `exists` first would read it twice.
@@ -604,64 +532,6 @@ class Lake:
             Path(local).mkdir(parents=True, exist_ok=True)
 
 
-def _commit_with_retries(commit: Callable[[], None], what: str, precondition: Precondition | None = None) -> None:
-    """Run `commit` until it wins against concurrent writers of the same partition, checking `precondition` first each time."""
-    for attempt in range(1, _COMMIT_ATTEMPTS + 1):
-        if precondition is not None:
-            precondition()
-        try:
-            commit()
-            return
-        except CommitFailedError as exc:
-            if attempt == _COMMIT_ATTEMPTS:
-                raise CommitConflictError(
-                    f"{what} kept conflicting with concurrent writers after {attempt} attempts; "
-                    "nothing of this write was committed"
-                ) from exc
-            time.sleep(_COMMIT_RETRY_BASE_S * attempt * (1 + random.random()))
-
-
-def _layout_column_of(table: DeltaTable) -> str:
-    columns = table.metadata().partition_columns
-    return PARTITION_COLUMN if columns == [PARTITION_COLUMN] else PARTITION_STORAGE_COLUMN
-
-
-def _partition_filter(table: DeltaTable, partition_key: str) -> str:
-    column = _layout_column_of(table)
-    if column == PARTITION_COLUMN:
-        return partition_predicate(partition_key)
-    # the physical value prunes the files; `prefix` makes the answer exact whatever the hash
-    return f"{partition_predicate(partition_value(partition_key), column)} AND {partition_predicate(partition_key)}"
-
-
-def _partition_filter_tuple(table: DeltaTable, partition_key: str) -> tuple[str, str, str]:
-    """The partition's physical folder as a delta-rs partition filter (no data file is opened)."""
-    column = _layout_column_of(table)
-    return (column, "=", partition_key if column == PARTITION_COLUMN else partition_value(partition_key))
-
-
-def _with_storage_column(data: Rows, column: str, value: str) -> pa.Table | pa.RecordBatchReader:
-    """The rows to write, with the physical partition column added when the layout has one."""
-    rows = data if isinstance(data, pa.Table) else data()
-    if column == PARTITION_COLUMN:
-        return rows
-    if column in rows.schema.names:
-        raise LakeError(f"{column!r} is written by Lake itself; the rows must not carry it")
-    field_ = pa.field(column, pa.string(), nullable=False)
-    if isinstance(rows, pa.Table):
-        return rows.append_column(field_, pa.array([value] * rows.num_rows, pa.string()))
-    schema = rows.schema.append(field_)
-    batches = (
-        pa.RecordBatch.from_arrays([*batch.columns, pa.array([value] * batch.num_rows, pa.string())], schema=schema)
-        for batch in rows
-    )
-    return pa.RecordBatchReader.from_batches(schema, batches)
-
-
-def _quote_identifier(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
 def without_view_types(schema: pa.Schema) -> pa.Schema:
     """The query engine returns string_view / binary_view columns; the schemas here use string / binary."""
     fields = []
@@ -672,119 +542,3 @@ def without_view_types(schema: pa.Schema) -> pa.Schema:
             field_ = field_.with_type(pa.binary())
         fields.append(field_)
     return pa.schema(fields, metadata=schema.metadata)
-
-
-def _require_single_partition(data: pa.Table | pa.RecordBatch, partition_key: str) -> None:
-    # A row with another key would land outside the predicate and survive the
-    # next overwrite of its own partition: refuse it instead.
-    if data.num_rows == 0:
-        return
-    keys = pc.unique(data.column(PARTITION_COLUMN)).to_pylist()
-    if keys != [partition_key]:
-        raise LakeError(f"rows for partition {partition_key!r} carry {PARTITION_COLUMN} values {keys}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m imgemb_assets.core.lake.lake migrate <lake uri> [table ...]`: today's partition layout for old tables."""
-    import argparse
-
-    from imgemb_assets.core.storage.s3 import S3Settings
-
-    parser = argparse.ArgumentParser(prog="python -m imgemb_assets.core.lake.lake", description=main.__doc__)
-    parser.add_argument("command", choices=["migrate"])
-    parser.add_argument("lake_uri")
-    parser.add_argument("tables", nargs="*", help="default: every partitioned table of the pipeline")
-    args = parser.parse_args(argv)
-    from imgemb_assets.core.lake import tables
-
-    options = S3Settings().delta_storage_options() if args.lake_uri.startswith("s3://") else None
-    lake = Lake(args.lake_uri, storage_options=options)
-    names = args.tables or [name for name in tables.ALL_TABLES if name != tables.SALES]
-    for name in names:
-        if not lake.exists(name):
-            print(f"{name}: no table")
-        else:
-            migrated = lake.migrate_partitioning(name)
-            print(f"{name}: {'migrated' if migrated else 'already partitioned by ' + PARTITION_STORAGE_COLUMN}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
-
-
-class _DataFiles:
-    """Parquet data files written by pyarrow into one partition folder of a table, for one transaction."""
-
-    def __init__(self, lake: Lake, name: str, layout_column: str, value: str, file_schema: pa.Schema) -> None:
-        self._location = arrow_location(lake.table_uri(name), lake.current_storage_options())
-        self._layout_column = layout_column
-        self._value = value
-        self._file_schema = file_schema
-        # delta-rs's own folder naming: the value percent-encoded.
-        self._folder = f"{layout_column}={quote(value, safe='')}"
-        self.actions: list[AddAction] = []
-        self._created: list[str] = []  # every file opened, committed or not
-
-    def write(self, batches: Iterable[pa.RecordBatch], partition_key: str) -> int:
-        """Write the batches into files of about TARGET_FILE_BYTES each; the row count."""
-        if self._location.is_local:
-            self._location.filesystem.create_dir(self._location.file(self._folder), recursive=True)
-        rows = file_rows = file_bytes = 0
-        writer: pq.ParquetWriter | None = None
-        try:
-            for batch in batches:
-                _require_single_partition(batch, partition_key)
-                if writer is None:
-                    writer = self._open_file()
-                    file_rows = file_bytes = 0
-                columns = [batch.column(field_.name) for field_ in self._file_schema]
-                writer.write_batch(pa.RecordBatch.from_arrays(columns, schema=self._file_schema))
-                file_rows += batch.num_rows
-                file_bytes += batch.nbytes
-                rows += batch.num_rows
-                if file_bytes >= TARGET_FILE_BYTES:
-                    writer.close()
-                    writer = None
-                    self._add(self._created[-1], file_rows)
-        finally:
-            if writer is not None:
-                writer.close()
-        if writer is not None:
-            self._add(self._created[-1], file_rows)
-        return rows
-
-    def _open_file(self) -> pq.ParquetWriter:
-        relative = f"{self._folder}/part-imgemb-{uuid.uuid4()}.parquet"
-        self._created.append(relative)
-        return pq.ParquetWriter(self._location.file(relative), self._file_schema, filesystem=self._location.filesystem)
-
-    def _add(self, relative: str, rows: int) -> None:
-        size = self._location.filesystem.get_file_info(self._location.file(relative)).size
-        self.actions.append(
-            AddAction(
-                path=quote(relative, safe="/="),
-                size=size,
-                partition_values={self._layout_column: self._value},
-                modification_time=int(time.time() * 1000),
-                data_change=True,
-                stats=json.dumps({"numRecords": rows}),
-            )
-        )
-
-    def delete(self) -> None:
-        for relative in self._created:
-            try:
-                self._location.filesystem.delete_file(self._location.file(relative))
-            except OSError:
-                pass  # left for vacuum: no version of the table names it
-
-
-def _without(schema: pa.Schema, column: str) -> pa.Schema:
-    index = schema.get_field_index(column)
-    return schema if index < 0 else schema.remove(index)
-
-
-def _same_columns(stored: pa.Schema, written: pa.Schema) -> bool:
-    """Whether the stored table has exactly the written columns and types (nullability aside)."""
-    return [(f.name, f.type) for f in stored] == [(f.name, f.type) for f in written]

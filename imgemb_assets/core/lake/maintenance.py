@@ -53,7 +53,9 @@ from deltalake import CommitProperties, DeltaTable, WriterProperties
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 
 # One definition of the row-group size Lake writes; compaction writes the same.
-from imgemb_assets.core.lake.lake import MAX_ROW_GROUP_ROWS, Lake, LakeError
+from imgemb_assets.core.lake.data_files import MAX_ROW_GROUP_ROWS
+from imgemb_assets.core.lake.errors import LakeError
+from imgemb_assets.core.lake.lake import Lake
 
 # The defaults (the file size compaction aims at among them) live in a deltalake-free module,
 # which the location's settings (dagster_wiring/location/settings.py) share.

@@ -26,7 +26,8 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from imgemb_assets.core.lake.lake import Lake, LakeError
+from imgemb_assets.core.lake.errors import LakeError
+from imgemb_assets.core.lake.lake import Lake
 from imgemb_assets.core.lake.tables import (
     IMAGE_EMBEDDINGS,
     IMAGES_WITH_SALES,

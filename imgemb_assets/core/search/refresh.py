@@ -39,21 +39,11 @@ import pyarrow.compute as pc
 
 from imgemb_assets.core.lake import tables
 from imgemb_assets.core.lake.lake import Lake
-from imgemb_assets.core.search.index import (
-    IndexCommitConflict,
-    IndexMissing,
-    PartitionVectors,
-    SearchIndex,
-    SearchIndexError,
-    UpdateReport,
-    index_folder_uri,
-    index_root,
-    load_index,
-    read_partition_models,
-    save_index,
-    set_damaged_index_aside,
-    stored_indexes,
-)
+from imgemb_assets.core.search.index.errors import IndexCommitConflict, IndexMissing, SearchIndexError
+from imgemb_assets.core.search.index.partitions import PartitionVectors, read_partition_models
+from imgemb_assets.core.search.index.persistence import index_folder_uri, index_root, load_index, save_index
+from imgemb_assets.core.search.index.search_index import SearchIndex, UpdateReport
+from imgemb_assets.core.search.index.stored import set_damaged_index_aside, stored_indexes
 from imgemb_assets.core.search.near_duplicates import DEFAULT_SIMILARITY_THRESHOLD, NearDuplicates, find_near_duplicates
 from imgemb_assets.core.storage.conditional_write import ConcurrentWrite, Versioned, read_versioned, write_if_unchanged
 

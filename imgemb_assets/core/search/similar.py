@@ -75,15 +75,10 @@ from imgemb_assets.core.embedding.model_settings import (
 from imgemb_assets.core.imaging.images import ImageLimits, ImageRejected, downscale, refuse_oversized_file
 from imgemb_assets.core.lake import tables
 from imgemb_assets.core.lake.lake import Lake, LakeError
-from imgemb_assets.core.search.index import (
-    IndexMissing,
-    Neighbour,
-    SearchIndex,
-    SearchIndexError,
-    UnknownImageId,
-    load_index,
-    stored_model_ids,
-)
+from imgemb_assets.core.search.index.errors import IndexMissing, SearchIndexError, UnknownImageId
+from imgemb_assets.core.search.index.persistence import load_index
+from imgemb_assets.core.search.index.search_index import Neighbour, SearchIndex
+from imgemb_assets.core.search.index.stored import stored_model_ids
 from imgemb_assets.core.search.sales_filter import (
     FILTER_TABLE,
     SalesFilter,

@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-from imgemb_assets.core.storage.objects import local_path_of
+from imgemb_assets.core.storage.names import local_path_of
 
 
 class UnsupportedLocation(ValueError):

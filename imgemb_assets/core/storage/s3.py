@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Final
 
 import boto3
@@ -26,7 +26,8 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 RETRY_MODES: Final = ("standard", "adaptive")
-_DEFAULT_REGION: Final = "us-east-1"
+# The region a client uses when neither the settings, the environment nor a profile names one.
+DEFAULT_REGION: Final = "us-east-1"
 _TRUE_VALUES: Final = frozenset({"1", "true", "yes", "on"})
 
 
@@ -89,6 +90,11 @@ class S3Settings:
         if self.connect_timeout_s <= 0 or self.read_timeout_s <= 0:
             raise S3ConfigError("connect and read timeouts must be positive")
 
+    @classmethod
+    def from_attributes(cls, source: object) -> S3Settings:
+        """The settings from `source`'s attributes of the same names (a config object that mirrors every field)."""
+        return cls(**{setting.name: getattr(source, setting.name) for setting in fields(cls)})
+
     def resolved_endpoint(self, environ: Mapping[str, str] | None = None) -> str | None:
         env = os.environ if environ is None else environ
         return self.endpoint_url or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None
@@ -108,13 +114,19 @@ class S3Settings:
         return session.client(
             "s3",
             endpoint_url=self.resolved_endpoint(),
-            region_name=session.region_name or _DEFAULT_REGION,
-            config=Config(
-                retries={"total_max_attempts": self.max_attempts, "mode": self.retry_mode},
-                max_pool_connections=self.max_pool_connections,
-                connect_timeout=self.connect_timeout_s,
-                read_timeout=self.read_timeout_s,
-            ),
+            region_name=session.region_name or DEFAULT_REGION,
+            config=self.botocore_config(),
+        )
+
+    def botocore_config(self, **options: Any) -> Config:
+        """botocore's retries, connection pool and timeouts from these settings, with `options` added, for any AWS
+        client built from them (S3 here, SQS for the bucket's event queue)."""
+        return Config(
+            retries={"total_max_attempts": self.max_attempts, "mode": self.retry_mode},
+            max_pool_connections=self.max_pool_connections,
+            connect_timeout=self.connect_timeout_s,
+            read_timeout=self.read_timeout_s,
+            **options,
         )
 
     def delta_storage_options(self, environ: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -133,7 +145,7 @@ class S3Settings:
 
     def _delta_settings(self, session: boto3.session.Session, env: Mapping[str, str]) -> dict[str, str]:
         options = {
-            "AWS_REGION": session.region_name or _DEFAULT_REGION,
+            "AWS_REGION": session.region_name or DEFAULT_REGION,
             # delta-rs retries throttling, 5xx, resets and timeouts itself, with
             # its own policy (10 retries within 3 minutes), kept as it is.
             "timeout": f"{round(self.read_timeout_s * 1000)}ms",

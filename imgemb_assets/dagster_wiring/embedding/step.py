@@ -22,7 +22,9 @@ from imgemb_assets.core.embedding.drift import (
 )
 from imgemb_assets.core.embedding.progress import PROGRESS_INTERVAL_S, Progress
 from imgemb_assets.core.lake import tables
-from imgemb_assets.core.lake.lake import Lake, PartitionRemovedError, all_of
+from imgemb_assets.core.lake.commits import all_of
+from imgemb_assets.core.lake.errors import PartitionRemovedError
+from imgemb_assets.core.lake.lake import Lake
 from imgemb_assets.core.quality.checks import CheckOutcome, embedding_values
 from imgemb_assets.dagster_wiring.location.partition_steps import AssetReport, CheckReport
 from imgemb_assets.dagster_wiring.location.partitions import still_registered

@@ -36,7 +36,8 @@ from imgemb_assets.core.ingest.thumbnails import (
     thumbnail_recipe,
 )
 from imgemb_assets.core.lake import tables
-from imgemb_assets.core.lake.lake import Lake, all_of
+from imgemb_assets.core.lake.commits import all_of
+from imgemb_assets.core.lake.lake import Lake
 from imgemb_assets.core.quality.checks import manifest_accounted_for
 from imgemb_assets.core.storage.objects import ObjectStore
 from imgemb_assets.dagster_wiring.ingest.resources import ImageLimitsResource

@@ -25,7 +25,7 @@ from dagster import (
 
 from imgemb_assets.core.ingest.discovery import fingerprint_prefixes
 from imgemb_assets.core.ingest.partitioned_root import PartitionedRoot
-from imgemb_assets.core.storage.objects import partition_key_problem
+from imgemb_assets.core.storage.names import partition_key_problem
 from imgemb_assets.dagster_wiring.ingest.discovery_sensor import known_prefixes
 from imgemb_assets.dagster_wiring.location.resources import StorageResource
 from imgemb_assets.dagster_wiring.names import (

@@ -5,7 +5,8 @@ from typing import Any
 
 from dagster import AutomationCondition, BackfillPolicy, DagsterInstance, DynamicPartitionsDefinition
 
-from imgemb_assets.core.lake.lake import PartitionRemovedError, Precondition
+from imgemb_assets.core.lake.errors import PartitionRemovedError
+from imgemb_assets.core.lake.lake import Precondition
 from imgemb_assets.dagster_wiring.location.automation import FOLLOWS_UPSTREAM
 from imgemb_assets.dagster_wiring.location.retries import STEP_RETRY_POLICY
 from imgemb_assets.dagster_wiring.location.settings import LocationSettings

@@ -10,7 +10,8 @@ from imgemb_assets.core.ingest.partition_scheme import DEFAULT_SCHEME_TEXT, Part
 from imgemb_assets.core.ingest.partitioned_root import PartitionedRoot
 from imgemb_assets.core.ingest.scheme_record import require_scheme
 from imgemb_assets.core.lake.lake import Lake
-from imgemb_assets.core.storage.objects import ObjectStore, open_object_store
+from imgemb_assets.core.storage.objects import ObjectStore
+from imgemb_assets.core.storage.open_store import open_object_store
 from imgemb_assets.core.storage.s3 import S3Settings
 from imgemb_assets.dagster_wiring.location.retries import permanent_failures
 
@@ -45,20 +46,7 @@ class ImgembS3Resource(ConfigurableResource):
     )
 
     def settings(self) -> S3Settings:
-        return S3Settings(
-            endpoint_url=self.endpoint_url,
-            region_name=self.region_name,
-            profile_name=self.profile_name,
-            aws_access_key_id=self.aws_access_key_id,
-            aws_secret_access_key=self.aws_secret_access_key,
-            aws_session_token=self.aws_session_token,
-            allow_http=self.allow_http,
-            max_attempts=self.max_attempts,
-            retry_mode=self.retry_mode,
-            max_pool_connections=self.max_pool_connections,
-            connect_timeout_s=self.connect_timeout_s,
-            read_timeout_s=self.read_timeout_s,
-        )
+        return S3Settings.from_attributes(self)
 
     def get_client(self) -> Any:
         return self.settings().client()

@@ -18,7 +18,7 @@ from dagster import Backoff, Failure, Jitter, RetryPolicy
 from imgemb_assets.core.embedding.model_settings import ModelConfigError
 from imgemb_assets.core.ingest.partition_scheme import PartitionSchemeError
 from imgemb_assets.core.ingest.scheme_record import SchemeMismatchError
-from imgemb_assets.core.lake.lake import CommitConflictError, LakeError
+from imgemb_assets.core.lake.errors import CommitConflictError, LakeError
 from imgemb_assets.core.sales.join import SalesError
 from imgemb_assets.core.storage.objects import StorageError
 from imgemb_assets.core.storage.s3 import S3ConfigError

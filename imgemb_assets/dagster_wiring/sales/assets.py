@@ -23,7 +23,7 @@ from dagster import (
 
 from imgemb_assets.core.ingest.discovery import listing_fingerprint
 from imgemb_assets.core.lake import tables
-from imgemb_assets.core.lake.lake import all_of
+from imgemb_assets.core.lake.commits import all_of
 from imgemb_assets.core.quality.checks import CheckOutcome, duplicate_image_ids, sales_coverage
 from imgemb_assets.core.sales.join import join_with_sales, list_sales_files, read_sales
 from imgemb_assets.dagster_wiring.location.automation import FOLLOWS_SOURCE

@@ -1,7 +1,7 @@
 """The search index and the near-duplicate table, kept in step with `image_embeddings` by one step.
 
 `image_search_index` is one index per model_id under `<lake>/_search_index/`
-(`core/search/index.py`), updated a partition at a time (`core/search/refresh.py`).
+(`core/search/index/`), updated a partition at a time (`core/search/refresh.py`).
 `near_duplicates` holds, for each partition that changed, its image pairs above
 the similarity resource's threshold against the whole index of the same model;
 its check warns when a partition's share of images with a near duplicate jumps.
@@ -133,7 +133,8 @@ def build_similarity_assets(model_code_version: str) -> AssetsDefinition:
 
 def _index_metadata(lake: Lake, refresh: "IndexRefresh") -> dict[str, Any]:
     """The largest model's numbers at the top (the one a person queries), every model in a table."""
-    from imgemb_assets.core.search.index import index_metadata, stored_index_bytes
+    from imgemb_assets.core.search.index.metrics import index_metadata
+    from imgemb_assets.core.search.index.persistence import stored_index_bytes
 
     metadata: dict[str, Any] = {
         "partitions_read": len(refresh.partitions_read),
