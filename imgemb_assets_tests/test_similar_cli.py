@@ -32,13 +32,13 @@ from imgemb_assets.core.lake import tables
 from imgemb_assets.core.lake.embedding_column import embedding_array
 from imgemb_assets.core.lake.lake import Lake
 from imgemb_assets.core.sample.dataset import SampleDataset
+from imgemb_assets.core.search.answers import sales_percentile_ranks
 from imgemb_assets.core.search.index.persistence import load_index
 from imgemb_assets.core.search.index.search_index import Neighbour
 from imgemb_assets.core.search.refresh import refresh_search_indexes
 from imgemb_assets.core.search.similar import (
     SimilarError,
     rank_with_sales,
-    sales_percentile_ranks,
     similar_to_id,
     similar_to_photo,
     similar_to_text,

@@ -14,16 +14,15 @@ import pyarrow as pa
 import pytest
 
 from imgemb_assets.core.embedding.model_settings import EmbeddingSettings
-from imgemb_assets.core.evaluation.scores import (
+from imgemb_assets.core.evaluation.scores import evaluate_embeddings, evaluate_partition
+from imgemb_assets.core.evaluation.zero_shot import StepZeroShot
+from imgemb_assets.core.evaluation.zero_shot_agreement import (
     NOISE_LABEL,
     ZERO_SHOT_PROMPT_TEMPLATE,
     ZeroShotClasses,
-    evaluate_embeddings,
-    evaluate_partition,
     zero_shot_agreement,
     zero_shot_prompts,
 )
-from imgemb_assets.core.evaluation.zero_shot import StepZeroShot
 from imgemb_assets.core.lake import tables
 from imgemb_assets.core.lake.embedding_column import embedding_array
 from imgemb_assets.core.lake.lake import Lake

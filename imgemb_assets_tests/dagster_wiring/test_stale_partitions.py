@@ -23,7 +23,7 @@ from dagster import (
 from dagster._core.definitions.asset_daemon_cursor import AssetDaemonCursor
 from PIL import Image
 
-from imgemb_assets import cli
+from imgemb_assets.cli import main as cli
 from imgemb_assets.core.ingest.discovery import listing_fingerprint
 from imgemb_assets.core.lake import tables
 from imgemb_assets.core.lake.lake import Lake

@@ -16,7 +16,7 @@ from dagster import AssetKey, DagsterInstance, ExecuteInProcessResult
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
 from imgemb_assets.core.embedding import text_encoder
-from imgemb_assets.core.evaluation.scores import NOISE_LABEL
+from imgemb_assets.core.evaluation.zero_shot_agreement import NOISE_LABEL
 from imgemb_assets.core.lake import tables
 from imgemb_assets.core.lake.lake import Lake
 from imgemb_assets.core.sample.dataset import SampleDataset

@@ -18,7 +18,11 @@ import pyarrow.compute as pc
 
 from imgemb_assets.core.embedding.backbones.specs import ModelConfigError, has_text_tower
 from imgemb_assets.core.embedding.model_settings import EmbeddingSettings, ResolvedWeights, resolve_weights
-from imgemb_assets.core.evaluation.scores import ZERO_SHOT_PROMPT_TEMPLATE, ZeroShotClasses, zero_shot_prompts
+from imgemb_assets.core.evaluation.zero_shot_agreement import (
+    ZERO_SHOT_PROMPT_TEMPLATE,
+    ZeroShotClasses,
+    zero_shot_prompts,
+)
 from imgemb_assets.core.lake import tables
 from imgemb_assets.core.lake.lake import Lake
 

@@ -28,7 +28,7 @@ from imgemb_assets.dagster_wiring.location.table_metadata import table_metadata
 from imgemb_assets.dagster_wiring.search.resources import SimilaritySettings
 
 if TYPE_CHECKING:
-    from imgemb_assets.core.evaluation.scores import ZeroShotSource
+    from imgemb_assets.core.evaluation.zero_shot_agreement import ZeroShotSource
 
 
 def build_evaluation_asset(policy: BackfillPolicy, model_code_version: str) -> AssetsDefinition:
