@@ -33,7 +33,7 @@ from imgemb_assets.core.storage.objects import ObjectMissing, ObjectRefused, Sto
 from imgemb_assets.core.storage.open_store import open_object_store
 from imgemb_assets.core.storage.s3 import S3ConfigError, S3Settings, split_s3_uri
 from imgemb_assets.core.storage.s3_store import S3ObjectStore
-from imgemb_assets.dagster_wiring.resources import ImgembS3Resource
+from imgemb_assets.dagster_wiring.location.resources import ImgembS3Resource
 from imgemb_support.fault_proxy import running_fault_proxy
 from imgemb_support.moto_server import MOTO_CREDENTIALS
 
