@@ -19,8 +19,6 @@ from imgemb_assets.core.search.index.search_index import Neighbour
 # Candidates re-ranked when sales count: enough that a best-seller a little less
 # similar than the k most similar can still rise into the k returned.
 CANDIDATE_FACTOR: Final = 5
-
-
 MIN_CANDIDATES: Final = 50
 
 
