@@ -28,7 +28,8 @@ from imgemb_assets.dagster_wiring.sales.definitions import build_sales_defs
 from imgemb_assets.dagster_wiring.search.definitions import build_search_defs
 from imgemb_assets.dagster_wiring.search.resources import SimilaritySettings
 
-# Each builds one domain's assets, checks, jobs, sensors and schedules; in the order of the domains.
+# Each builds one domain's assets, checks, jobs, sensors and schedules from the settings and the embedding
+# model's code version (that of the assets made from its vectors); in the order of the domains.
 _DOMAINS = (
     build_ingest_defs,
     build_sales_defs,
@@ -62,8 +63,10 @@ def default_resources(settings: LocationSettings | None = None) -> dict[str, Any
 def build_definitions(settings: LocationSettings, resources: Mapping[str, Any] | None = None) -> Definitions:
     """The location's definitions; `resources` replace those of `default_resources()` they name (tests)."""
     location_resources = {**default_resources(settings), **(resources or {})}
+    # Once per load: the weights' identity may hash a checkpoint of hundreds of MB.
+    model_code_version = location_resources["embedding_model"].code_version()
     return Definitions.merge(
-        *(build_domain_defs(settings, location_resources) for build_domain_defs in _DOMAINS),
+        *(build_domain_defs(settings, model_code_version) for build_domain_defs in _DOMAINS),
         Definitions(
             sensors=[build_automation_sensor(settings.automation_interval_s())],
             executor=location_executor(settings),

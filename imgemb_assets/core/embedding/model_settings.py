@@ -144,6 +144,12 @@ def model_id_has_random_weights(model_id: str) -> bool:
     return len(parts) > 2 and parts[2].startswith(_RANDOM_IDENTITY_PREFIX)
 
 
+def backbone_of_model_id(model_id: str) -> str | None:
+    """The backbone name a recorded `model_id` was written by (its second part), None when it has none."""
+    parts = model_id.split("/")
+    return parts[1] if len(parts) > 1 else None
+
+
 @dataclass(frozen=True)
 class ResolvedWeights:
     """A weights setting resolved once (a state-dict file hashed once): what it names and how to load it.

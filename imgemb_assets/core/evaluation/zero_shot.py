@@ -12,12 +12,17 @@ no torch and builds nothing.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING
 
 import pyarrow.compute as pc
 
 from imgemb_assets.core.embedding.backbones.specs import ModelConfigError, has_text_tower
-from imgemb_assets.core.embedding.model_settings import EmbeddingSettings, ResolvedWeights, resolve_weights
+from imgemb_assets.core.embedding.model_settings import (
+    EmbeddingSettings,
+    ResolvedWeights,
+    backbone_of_model_id,
+    resolve_weights,
+)
 from imgemb_assets.core.evaluation.zero_shot_agreement import (
     ZERO_SHOT_PROMPT_TEMPLATE,
     ZeroShotClasses,
@@ -28,15 +33,6 @@ from imgemb_assets.core.lake.lake import Lake
 
 if TYPE_CHECKING:
     import torch
-
-# A model_id is `<library>/<model>/<weights identity>/<numerics>` (models.model_id_for).
-_MODEL_PART: Final = 1
-
-
-def backbone_of(model_id: str) -> str | None:
-    """The backbone name a recorded model_id was written by, None when the id has no such part."""
-    parts = model_id.split("/")
-    return parts[_MODEL_PART] if len(parts) > _MODEL_PART else None
 
 
 class StepZeroShot:
@@ -60,7 +56,7 @@ class StepZeroShot:
     def __call__(self, model_id: str) -> ZeroShotClasses | str | None:
         configured = self._settings.model
         if not has_text_tower(configured):
-            written_by = backbone_of(model_id)
+            written_by = backbone_of_model_id(model_id)
             if written_by is None or not has_text_tower(written_by):
                 return None  # a model without a text tower, as configured: nothing to say
             return (

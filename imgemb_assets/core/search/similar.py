@@ -68,6 +68,7 @@ from imgemb_assets.core.embedding.model_settings import (
     EmbeddingSettings,
     ModelConfigError,
     ResolvedWeights,
+    backbone_of_model_id,
     resolve_weights,
 )
 from imgemb_assets.core.imaging.images import ImageLimits, ImageRejected, downscale, refuse_oversized_file
@@ -261,19 +262,13 @@ def refuse_indexes_without_text(lake: Lake, stored: Sequence[str]) -> None:
     Whatever CLIP weights a text query names, its model_id is none of them; saying so
     names the models the lake was embedded with rather than only the weights to try.
     """
-    if stored and not any(has_text_tower(backbone_of(model_id)) for model_id in stored):
+    if stored and not any(has_text_tower(backbone_of_model_id(model_id) or "") for model_id in stored):
         with_text = ", ".join(name for name in BACKBONES if has_text_tower(name))
         raise SimilarError(
             f"no search index under {lake.root_uri} can answer a text: indexes exist for {list(stored)}, of models "
             f"without a text tower; text needs a CLIP model ({with_text}): embed the images with one and run the "
             f"{REFRESH_JOB} job"
         )
-
-
-def backbone_of(model_id: str) -> str:
-    """The backbone name in a recorded `model_id` (`<library>/<model>/<weights identity>/<numerics>`)."""
-    parts = model_id.split("/")
-    return parts[1] if len(parts) > 1 else model_id
 
 
 # --- by a query vector (an image tower's, or a text tower's paired with it) ------------
@@ -449,7 +444,6 @@ def _ranked(lake: Lake, neighbours: Sequence[Neighbour], k: int, sales_weight: f
 
 __all__ = [
     "SimilarError",
-    "backbone_of",
     "checked_filter",
     "load_index_for_query",
     "refuse_indexes_without_text",

@@ -1,8 +1,5 @@
 """The evaluation domain's definitions: the `embedding_evaluation` asset."""
 
-from collections.abc import Mapping
-from typing import Any
-
 from dagster import Definitions
 
 from imgemb_assets.dagster_wiring.evaluation.assets import build_evaluation_asset
@@ -10,6 +7,5 @@ from imgemb_assets.dagster_wiring.location.partitions import prefix_backfill_pol
 from imgemb_assets.dagster_wiring.location.settings import LocationSettings
 
 
-def build_evaluation_defs(settings: LocationSettings, resources: Mapping[str, Any]) -> Definitions:
-    model_code_version = resources["embedding_model"].code_version()
+def build_evaluation_defs(settings: LocationSettings, model_code_version: str) -> Definitions:
     return Definitions(assets=[build_evaluation_asset(prefix_backfill_policy(settings), model_code_version)])

@@ -1,8 +1,5 @@
 """The ingest domain's definitions: its assets, the chain jobs, discovery and the rolling reconciliation."""
 
-from collections.abc import Mapping
-from typing import Any
-
 from dagster import Definitions
 
 from imgemb_assets.dagster_wiring.ingest.assets import build_ingest_assets
@@ -13,7 +10,7 @@ from imgemb_assets.dagster_wiring.location.partitions import prefix_backfill_pol
 from imgemb_assets.dagster_wiring.location.settings import LocationSettings
 
 
-def build_ingest_defs(settings: LocationSettings, resources: Mapping[str, Any]) -> Definitions:
+def build_ingest_defs(settings: LocationSettings, model_code_version: str) -> Definitions:
     """Listing, thumbnails and the discovery of prefixes; the vanished-prefix job comes with the discovery sensor."""
     return Definitions(
         assets=build_ingest_assets(prefix_backfill_policy(settings)),

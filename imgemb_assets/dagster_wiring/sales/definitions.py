@@ -1,8 +1,5 @@
 """The sales domain's definitions: the sales table, the join, their jobs and the sales sensor."""
 
-from collections.abc import Mapping
-from typing import Any
-
 from dagster import Definitions
 
 from imgemb_assets.dagster_wiring.location.partitions import prefix_backfill_policy
@@ -12,7 +9,7 @@ from imgemb_assets.dagster_wiring.sales.jobs import refresh_sales_job, rejoin_sa
 from imgemb_assets.dagster_wiring.sales.sensor import build_sales_change_sensor
 
 
-def build_sales_defs(settings: LocationSettings, resources: Mapping[str, Any]) -> Definitions:
+def build_sales_defs(settings: LocationSettings, model_code_version: str) -> Definitions:
     return Definitions(
         assets=build_sales_assets(prefix_backfill_policy(settings)),
         jobs=[refresh_sales_job, rejoin_sales_job],
