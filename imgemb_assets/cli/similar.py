@@ -139,7 +139,7 @@ def _read_photo(location: str) -> bytes:
     """The bytes of a local file or an s3:// object (the standard AWS variables reach S3)."""
     from botocore.exceptions import BotoCoreError, ClientError
 
-    from imgemb_assets.core.storage.objects import ObjectMissing, StorageError
+    from imgemb_assets.core.storage.errors import ObjectMissing, StorageError
 
     if location.startswith("s3://"):
         bucket = location[len("s3://") :].split("/", 1)[0]

@@ -16,8 +16,9 @@ from imgemb_assets.core.ingest.discovery import (
 )
 from imgemb_assets.core.ingest.partition_scheme import PartitionScheme
 from imgemb_assets.core.ingest.partitioned_root import PartitionedRoot
+from imgemb_assets.core.storage.errors import StorageError
 from imgemb_assets.core.storage.local_store import LocalObjectStore
-from imgemb_assets.core.storage.objects import ObjectInfo, StorageError
+from imgemb_assets.core.storage.objects import ObjectInfo
 from imgemb_assets.core.storage.open_store import open_object_store
 
 

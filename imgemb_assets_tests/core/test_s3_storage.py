@@ -29,7 +29,7 @@ from imgemb_assets.core.ingest.partitioned_root import PartitionedRoot
 from imgemb_assets.core.ingest.thumbnails import downscale_partition
 from imgemb_assets.core.lake.lake import Lake
 from imgemb_assets.core.lake.tables import REJECTED_IMAGES_SCHEMA
-from imgemb_assets.core.storage.objects import ObjectMissing, ObjectRefused, StorageError
+from imgemb_assets.core.storage.errors import ObjectMissing, ObjectRefused, StorageError
 from imgemb_assets.core.storage.open_store import open_object_store
 from imgemb_assets.core.storage.s3 import S3ConfigError, S3Settings, split_s3_uri
 from imgemb_assets.core.storage.s3_store import S3ObjectStore

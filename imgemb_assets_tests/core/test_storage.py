@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from imgemb_assets.core.storage.errors import ObjectRefused, StorageError
 from imgemb_assets.core.storage.local_store import LocalObjectStore
 from imgemb_assets.core.storage.names import partition_key_of, partition_key_problem
-from imgemb_assets.core.storage.objects import ObjectRefused, StorageError
 from imgemb_assets.core.storage.open_store import open_object_store
 
 

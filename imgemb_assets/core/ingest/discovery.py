@@ -22,8 +22,9 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from imgemb_assets.core.ingest.partition_scheme import PartitionScheme, folder_problem
 from imgemb_assets.core.ingest.partitioned_root import PartitionedRoot, UnitListing
+from imgemb_assets.core.storage.errors import StorageError
 from imgemb_assets.core.storage.names import partition_key_problem
-from imgemb_assets.core.storage.objects import ObjectInfo, ObjectStore, StorageError
+from imgemb_assets.core.storage.objects import ObjectInfo, ObjectStore
 
 # A prefix whose listing fails for one of these is reported and tried again next
 # tick; the other prefixes go on. Anything else is a bug and fails the tick.

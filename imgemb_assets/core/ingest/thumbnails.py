@@ -31,7 +31,8 @@ from imgemb_assets.core.imaging.images import (
     refuse_oversized_file,
 )
 from imgemb_assets.core.lake.tables import DOWNSCALED_IMAGES_SCHEMA, PARTITION_COLUMN, REJECTED_IMAGES_SCHEMA
-from imgemb_assets.core.storage.objects import ObjectMissing, ObjectRefused, ObjectStore
+from imgemb_assets.core.storage.errors import ObjectMissing, ObjectRefused
+from imgemb_assets.core.storage.objects import ObjectStore
 
 # Bumped when the way a thumbnail is made changes, so that stored thumbnails are made again.
 THUMBNAIL_RECIPE_VERSION: Final = 1

@@ -12,16 +12,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
+from imgemb_assets.core.storage.errors import ObjectMissing, ObjectRefused, StorageError
 from imgemb_assets.core.storage.names import NOT_UTF8, local_path_of, partition_key_problem, shown_name, unshown_path
-from imgemb_assets.core.storage.objects import (
-    FolderListing,
-    FolderPage,
-    ObjectInfo,
-    ObjectMissing,
-    ObjectRefused,
-    PrefixListing,
-    StorageError,
-)
+from imgemb_assets.core.storage.objects import FolderListing, FolderPage, ObjectInfo, PrefixListing
 
 # Read local files in chunks when fingerprinting, so a large file never sits in memory twice.
 _HASH_CHUNK_BYTES: Final = 1 << 20

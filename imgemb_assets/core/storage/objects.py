@@ -1,5 +1,6 @@
 """What every object store offers (the `ObjectStore` protocol), what its listings return (`ObjectInfo`, the
-listings of partition folders and of one folder), and what it refuses with (`StorageError` and its kinds).
+listings of partition folders and of one folder). What it refuses with (`StorageError` and its kinds) is in
+`errors.py`.
 
 Assets only see this protocol and `open_object_store` (`open_store.py`), so a scheme
 slots in beside `local_store.py` and `s3_store.py` without touching them.
@@ -84,15 +85,3 @@ class ObjectStore(Protocol):
     def refusal(self, uri: str) -> str | None:
         """Why a listed object is never read, when that is known without reading it (else None)."""
         ...
-
-
-class StorageError(Exception):
-    """An object or root cannot be used; the message says which and why."""
-
-
-class ObjectMissing(StorageError):
-    """A listed object is gone (deleted since the listing)."""
-
-
-class ObjectRefused(StorageError):
-    """A listed object that is not read (a link, an archived or denied object, ...); the message is the reason."""

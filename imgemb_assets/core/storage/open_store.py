@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from urllib.parse import urlparse
 
+from imgemb_assets.core.storage.errors import StorageError
 from imgemb_assets.core.storage.local_store import LocalObjectStore
 from imgemb_assets.core.storage.names import local_path_of
-from imgemb_assets.core.storage.objects import ObjectStore, StorageError
+from imgemb_assets.core.storage.objects import ObjectStore
 from imgemb_assets.core.storage.s3 import S3Settings, split_s3_uri
 from imgemb_assets.core.storage.s3_store import S3ObjectStore
 

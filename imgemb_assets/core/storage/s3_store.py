@@ -10,16 +10,9 @@ from typing import Any, Final
 
 from botocore.exceptions import ClientError, IncompleteReadError, ReadTimeoutError, ResponseStreamingError
 
+from imgemb_assets.core.storage.errors import ObjectMissing, ObjectRefused, StorageError
 from imgemb_assets.core.storage.names import partition_key_problem
-from imgemb_assets.core.storage.objects import (
-    FolderListing,
-    FolderPage,
-    ObjectInfo,
-    ObjectMissing,
-    ObjectRefused,
-    PrefixListing,
-    StorageError,
-)
+from imgemb_assets.core.storage.objects import FolderListing, FolderPage, ObjectInfo, PrefixListing
 
 # S3 answers to a GET that concern that one object, not the caller's identity or
 # settings (an expired token or a skewed clock fails every object and stays a failure).

@@ -20,7 +20,7 @@ from imgemb_assets.core.ingest.partition_scheme import PartitionSchemeError
 from imgemb_assets.core.ingest.scheme_record import SchemeMismatchError
 from imgemb_assets.core.lake.errors import CommitConflictError, LakeError
 from imgemb_assets.core.sales.join import SalesError
-from imgemb_assets.core.storage.objects import StorageError
+from imgemb_assets.core.storage.errors import StorageError
 from imgemb_assets.core.storage.s3 import S3ConfigError
 
 # 2 s, 4 s, 8 s (each +-50%): long enough for throttling to ease.
