@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -119,6 +120,28 @@ def test_the_embedding_code_version_names_the_backbone_and_the_weights(tmp_path:
     ]
     assert versions[0] == "resnet50/random-seed0" and versions[3].startswith("resnet50/state-dict-sha256-")
     assert len(set(versions)) == len(versions)
+
+
+def test_embedding_resource_fields_are_the_settings_fields_and_pass_every_value() -> None:
+    """The resource hands each field to EmbeddingSettings by name: a setting one side lacks would be lost."""
+    from imgemb_assets.core.embedding.model_settings import EmbeddingSettings
+    from imgemb_assets.dagster_wiring.embedding.resources import EmbeddingModelResource
+
+    assert set(EmbeddingModelResource.model_fields) == {field.name for field in dataclasses.fields(EmbeddingSettings)}
+    chosen = EmbeddingSettings(
+        weights="random:3",
+        device="cpu",
+        batch_size=7,
+        model="resnet18",
+        precision="fp32",
+        compile=False,
+        runtime="eager",
+        decoder="pillow",
+    )
+    assert EmbeddingModelResource(**dataclasses.asdict(chosen)).settings() == chosen
+    # every value above differs from its default, so a field not passed on would show
+    defaults = EmbeddingSettings(weights="random")
+    assert all(getattr(chosen, name) != getattr(defaults, name) for name in EmbeddingModelResource.model_fields)
 
 
 def test_imgemb_model_sets_the_backbone_the_location_embeds_and_evaluates_with(

@@ -1,6 +1,9 @@
 """The `embedding_model` resource: which backbone and weights embed, on what device, in what precision."""
 
-from dagster import ConfigurableResource, EnvVar
+import dataclasses
+from typing import Final
+
+import dagster as dg
 from pydantic import Field
 
 from imgemb_assets.core.embedding.backbones.specs import BackboneName
@@ -13,7 +16,7 @@ from imgemb_assets.core.embedding.model_settings import (
 )
 
 
-class EmbeddingModelResource(ConfigurableResource):
+class EmbeddingModelResource(dg.ConfigurableResource):
     """The embedding model's settings; see `EmbeddingSettings` for what each value means."""
 
     weights: str = Field(
@@ -45,17 +48,13 @@ class EmbeddingModelResource(ConfigurableResource):
 
         Read when the location loads: the weights variable, if unset there, gives `unset`.
         """
-        weights = self.weights.get_value() if isinstance(self.weights, EnvVar) else self.weights
+        weights = self.weights.get_value() if isinstance(self.weights, dg.EnvVar) else self.weights
         return model_code_version(self.model, weights or "unset")
 
     def settings(self) -> EmbeddingSettings:
-        return EmbeddingSettings(
-            weights=self.weights,
-            device=self.device,
-            batch_size=self.batch_size,
-            model=self.model,
-            precision=self.precision,
-            compile=self.compile,
-            runtime=self.runtime,
-            decoder=self.decoder,
-        )
+        # The resource's fields are EmbeddingSettings' own, by name: a setting added there must be added here too,
+        # or this fails at once (test_embedding_resource_fields keeps the two the same).
+        return EmbeddingSettings(**{name: getattr(self, name) for name in _SETTING_NAMES})
+
+
+_SETTING_NAMES: Final = tuple(setting.name for setting in dataclasses.fields(EmbeddingSettings))
