@@ -18,7 +18,7 @@ import dataclasses
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, ParamSpec
 
 import pyarrow as pa
 
@@ -33,6 +33,8 @@ from imgemb_assets.core.imaging.images import (
 from imgemb_assets.core.lake.tables import DOWNSCALED_IMAGES_SCHEMA, PARTITION_COLUMN, REJECTED_IMAGES_SCHEMA
 from imgemb_assets.core.storage.errors import ObjectMissing, ObjectRefused
 from imgemb_assets.core.storage.objects import ObjectStore
+
+_StreamArgs = ParamSpec("_StreamArgs")
 
 # Bumped when the way a thumbnail is made changes, so that stored thumbnails are made again.
 THUMBNAIL_RECIPE_VERSION: Final = 1
@@ -127,26 +129,6 @@ class DownscaledPartition:
     newly_rejected: frozenset[str] = frozenset()  # uris of the rejections decided by this write (not reused)
 
 
-def downscale_partition(
-    store: ObjectStore,
-    manifest: pa.Table,
-    limits: ImageLimits = ImageLimits(),
-    max_workers: int | None = None,
-    stored: StoredThumbnails | None = None,
-    on_done: Callable[[int], None] | None = None,
-) -> DownscaledPartition:
-    """Every manifest row ends in exactly one of the two tables returned (the whole partition in memory: tests, tools)."""
-    batches, tally = downscale_partition_stream(store, manifest, limits, max_workers, stored, on_done)
-    images = pa.Table.from_batches(list(batches), schema=DOWNSCALED_IMAGES_SCHEMA)
-    return DownscaledPartition(
-        images=images,
-        rejected=tally.rejected(),
-        decoded=tally.decoded,
-        reused=tally.reused,
-        newly_rejected=frozenset(tally.newly_rejected),
-    )
-
-
 def downscale_partition_stream(
     store: ObjectStore,
     manifest: pa.Table,
@@ -168,6 +150,29 @@ def downscale_partition_stream(
     stored = stored or StoredThumbnails.none()
     tally = DownscaleTally()
     return _thumbnail_batches(store, manifest, limits, max_workers, stored, on_done, objects_per_batch, tally), tally
+
+
+def _whole_partition(
+    stream: Callable[_StreamArgs, tuple[Iterator[pa.RecordBatch], DownscaleTally]],
+) -> Callable[_StreamArgs, DownscaledPartition]:
+    """`stream` with its batches gathered into one table: the same arguments, the whole partition in memory."""
+
+    def whole(*args: _StreamArgs.args, **kwargs: _StreamArgs.kwargs) -> DownscaledPartition:
+        batches, tally = stream(*args, **kwargs)
+        images = pa.Table.from_batches(list(batches), schema=DOWNSCALED_IMAGES_SCHEMA)
+        return DownscaledPartition(
+            images=images,
+            rejected=tally.rejected(),
+            decoded=tally.decoded,
+            reused=tally.reused,
+            newly_rejected=frozenset(tally.newly_rejected),
+        )
+
+    return whole
+
+
+# Every manifest row ends in exactly one of the two tables returned (the whole partition in memory: tests, tools).
+downscale_partition = _whole_partition(downscale_partition_stream)
 
 
 def _thumbnail_batches(
