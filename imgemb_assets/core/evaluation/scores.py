@@ -52,10 +52,6 @@ RANDOM_WEIGHTS_WARNING: Final = (
     "The scores below describe noise, not the images: do not use them to judge the embeddings."
 )
 QUANTILES: Final = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
-# 20 blocks of 3 UTF-8 bytes: with 12 bins the chart stays near 1 KB.
-_BAR_WIDTH: Final = 20
-# Eighths of a character cell, for bars finer than whole blocks.
-_BAR_EIGHTHS: Final = " ▏▎▍▌▋▊▉"
 
 
 @dataclass(frozen=True)
@@ -272,6 +268,12 @@ def _knn_agreement(
     members = Counter(sample_labels.tolist())
     chance = float(np.mean([(members[label] - 1) / (len(sample) - 1) for label in sample_labels[queries]]))
     return agreement, chance
+
+
+# 20 blocks of 3 UTF-8 bytes: with 12 bins the chart stays near 1 KB.
+_BAR_WIDTH: Final = 20
+# Eighths of a character cell, for bars finer than whole blocks.
+_BAR_EIGHTHS: Final = " ▏▎▍▌▋▊▉"
 
 
 def _histogram_lines(counts: Sequence[int], edges: Sequence[float]) -> list[str]:

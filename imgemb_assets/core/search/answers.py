@@ -16,11 +16,6 @@ from imgemb_assets.core.lake.errors import LakeError
 from imgemb_assets.core.lake.lake import Lake
 from imgemb_assets.core.search.index.search_index import Neighbour
 
-# Candidates re-ranked when sales count: enough that a best-seller a little less
-# similar than the k most similar can still rise into the k returned.
-CANDIDATE_FACTOR: Final = 5
-MIN_CANDIDATES: Final = 50
-
 
 @dataclass(frozen=True)
 class SimilarImage:
@@ -45,6 +40,12 @@ class SimilarImages(list[SimilarImage]):
         self.model_id = model_id
         self.where = where
         self.matching = matching
+
+
+# Candidates re-ranked when sales count: enough that a best-seller a little less
+# similar than the k most similar can still rise into the k returned.
+CANDIDATE_FACTOR: Final = 5
+MIN_CANDIDATES: Final = 50
 
 
 def candidate_count(k: int) -> int:

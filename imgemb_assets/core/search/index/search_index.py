@@ -47,18 +47,11 @@ from imgemb_assets.core.search.index.graph import (
 )
 from imgemb_assets.core.search.index.partitions import IndexedPartition, PartitionVectors
 
-# Exact search below this many vectors, HNSW at and above it (see the module docstring):
-# below it an exact query takes under about 40 ms, exactly and with nothing to build;
-# above it exact search grows linearly while HNSW stays near 1 ms.
-DEFAULT_ANN_THRESHOLD: Final = 50_000
-# Once the graph holds fewer than this fraction of the threshold, exact search is fast
-# again: the graph is dropped (a gap between the two, so that one partition coming and
-# going does not build and drop the graph each time).
-_ANN_DROP_FRACTION: Final = 0.5
-
 
 @dataclass(frozen=True)
 class Neighbour:
+    """One indexed image a query found, and how alike the two are."""
+
     image_id: str
     prefix: str
     similarity: float  # cosine similarity, 1.0 for the same direction
@@ -88,6 +81,16 @@ class IndexUpdatePlan:
 
     to_read: tuple[str, ...]  # new or changed partitions
     to_remove: tuple[str, ...]  # indexed partitions that are gone
+
+
+# Exact search below this many vectors, HNSW at and above it (see the module docstring):
+# below it an exact query takes under about 40 ms, exactly and with nothing to build;
+# above it exact search grows linearly while HNSW stays near 1 ms.
+DEFAULT_ANN_THRESHOLD: Final = 50_000
+# Once the graph holds fewer than this fraction of the threshold, exact search is fast
+# again: the graph is dropped (a gap between the two, so that one partition coming and
+# going does not build and drop the graph each time).
+_ANN_DROP_FRACTION: Final = 0.5
 
 
 class SearchIndex:
