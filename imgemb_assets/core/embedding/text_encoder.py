@@ -51,8 +51,7 @@ class TextEncoder:
     model_id: str
     weights_description: str
     is_random: bool
-    device: torch.device
-    dtype: torch.dtype
+    device: torch.device  # where the token ids go; the module is placed there in the settings' precision
     width: int
     context_length: int
     batch_size: int = TEXT_BATCH_SIZE
@@ -89,7 +88,6 @@ def load_text_encoder(settings: EmbeddingSettings, weights: ResolvedWeights | No
         weights_description=built.weights_description,
         is_random=weights.kind == "random",
         device=device,
-        dtype=dtype,
         width=built.width,
         context_length=built.context_length,
     )

@@ -112,6 +112,19 @@ class BackboneSpec:
         return name.lower().replace("-", "_")
 
 
+def _open_clip_spec(
+    name: str,
+    architecture: str | None,
+    default_weights: str | None,
+    width: int | None,
+    preprocessing: Preprocessing | None,
+) -> BackboneSpec:
+    """An open_clip CLIP: its tags name the weights, its image tower has no classifier, and it embeds text."""
+    return BackboneSpec(
+        name, "clip", "open_clip", architecture, None, default_weights, None, width, preprocessing, text_tower=True
+    )
+
+
 BACKBONE_SPECS: Final[dict[str, BackboneSpec]] = {
     "resnet50": BackboneSpec(
         "resnet50", "resnet", "torchvision", "resnet50", "ResNet50_Weights", "IMAGENET1K_V2", head="fc", width=2048
@@ -126,32 +139,12 @@ BACKBONE_SPECS: Final[dict[str, BackboneSpec]] = {
     # embedding, clip-retrieval), 512-d vectors, cheap on a CPU (a 224 px image is 49 patches of 32 px, where
     # ViT-B-16 has 196). DEFAULT is the pairing open_clip's own README starts from, laion2b_s34b_b79k;
     # `openai` (QuickGELU, set by the family) and open_clip's other ViT-B-32 tags are accepted by name.
-    "clip_vit_b_32": BackboneSpec(
-        "clip_vit_b_32",
-        "clip",
-        "open_clip",
-        "ViT-B-32",
-        weights=None,
-        default_weights="laion2b_s34b_b79k",
-        head=None,
-        width=512,
-        preprocessing=OPENAI_CLIP_AT_THUMBNAIL_SIZE,
-        text_tower=True,
+    "clip_vit_b_32": _open_clip_spec(
+        "clip_vit_b_32", "ViT-B-32", "laion2b_s34b_b79k", width=512, preprocessing=OPENAI_CLIP_AT_THUMBNAIL_SIZE
     ),
     # Any open_clip CLIP whose architecture comes with its weights: a folder in open_clip's `local-dir:` layout
     # (open_clip_config.json beside one weights file; see backbones/checkpoint_dir.py).
-    "open_clip_dir": BackboneSpec(
-        "open_clip_dir",
-        "clip",
-        "open_clip",
-        architecture=None,
-        weights=None,
-        default_weights=None,
-        head=None,
-        width=None,
-        preprocessing=None,
-        text_tower=True,
-    ),
+    "open_clip_dir": _open_clip_spec("open_clip_dir", None, None, width=None, preprocessing=None),
 }
 
 
