@@ -50,6 +50,7 @@ import boto3
 import pytest
 import yaml
 from dagster import AssetKey, DagsterEventType, DagsterInstance, DagsterRun, DagsterRunStatus
+from dagster._cli.job import _create_run as create_run_from_remote_job  # private: `dagster job launch`'s own
 from dagster._core.launcher.base import WorkerStatus
 from dagster._core.remote_representation.external import RemoteJob
 from dagster._core.workspace.context import WorkspaceProcessContext, WorkspaceRequestContext
@@ -260,26 +261,9 @@ def _launch_prefix_run(instance: DagsterInstance, workspace: WorkspaceRequestCon
     location = workspace.get_code_location("imgemb")
     [repository] = location.get_repositories().values()
     job: RemoteJob = repository.get_full_job(PREFIX_JOB_NAME)
-    plan = location.get_execution_plan(job, {}, step_keys_to_execute=None, known_state=None, instance=instance)
-    run = instance.create_run(
-        job_name=job.name,
-        run_id=None,
-        run_config={},
-        resolved_op_selection=None,
-        step_keys_to_execute=None,
-        op_selection=None,
-        status=None,
-        root_run_id=None,
-        parent_run_id=None,
-        tags={**job.tags, "dagster/partition": prefix},
-        job_snapshot=job.job_snapshot,
-        execution_plan_snapshot=plan.execution_plan_snapshot,
-        parent_job_snapshot=job.parent_job_snapshot,
-        remote_job_origin=job.get_remote_origin(),
-        job_code_origin=job.get_python_origin(),
-        asset_selection=None,
-        asset_check_selection=None,
-        asset_graph=repository.asset_graph,
+    # How `dagster job launch` creates a run from the code server's job (its plan, snapshots and origins).
+    run = create_run_from_remote_job(
+        instance, location, repository, job, {}, {"dagster/partition": prefix}, op_selection=None, run_id=None
     )
     queued = instance.submit_run(run.run_id, workspace)
     assert queued.status == DagsterRunStatus.QUEUED

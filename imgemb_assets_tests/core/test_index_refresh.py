@@ -36,7 +36,7 @@ from imgemb_assets.core.search.index.persistence import INDEX_FOLDER, index_fold
 from imgemb_assets.core.search.index.search_index import SearchIndex
 from imgemb_assets.core.search.index.stored import stored_model_ids
 from imgemb_assets.core.search.near_duplicates import DEFAULT_SIMILARITY_THRESHOLD, find_near_duplicates
-from imgemb_assets.core.search.refresh import JOURNAL_NAME, refresh_search_indexes
+from imgemb_assets.core.search.refresh import JOURNAL_NAME, IndexRefresh, refresh_search_indexes
 from imgemb_assets.core.storage.s3 import S3Settings
 from imgemb_assets_tests.core.test_near_duplicates import ExactIndex
 from imgemb_support.rows import EMBEDDINGS_SCHEMA
@@ -77,6 +77,12 @@ def embed(
 def with_graphs(monkeypatch: pytest.MonkeyPatch) -> None:
     """Indexes the refresh builds from now on use a usearch graph from 10 vectors (not 50,000)."""
     monkeypatch.setattr(index_refresh, "SearchIndex", functools.partial(SearchIndex, ann_threshold=10))
+
+
+def embed_and_refresh(lake: Lake, prefix: str, seed: int, **options: Any) -> None:
+    """`embed`, then a refresh that indexes it."""
+    embed(lake, prefix, seed, **options)
+    refresh_search_indexes(lake)
 
 
 def remove(lake: Lake, prefix: str) -> None:
@@ -145,8 +151,7 @@ def fail_once(target: Any, name: str, monkeypatch: pytest.MonkeyPatch, error: Ba
 def test_pairs_lost_after_the_index_save_are_written_by_the_retry(
     any_lake: Lake, fault: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    embed(any_lake, P1, seed=1)
-    refresh_search_indexes(any_lake)
+    embed_and_refresh(any_lake, P1, seed=1)
     embed(any_lake, P2, seed=2)
     if fault == "near_duplicates write":
         fail_once(Lake, "replace_partitions", monkeypatch, OSError("transient write error"))
@@ -175,8 +180,7 @@ def test_a_non_finite_vector_is_left_out_of_pairs_and_the_refresh_succeeds(lake:
 def test_a_new_models_index_whose_first_save_failed_is_built_by_the_retry(
     lake: Lake, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    embed(lake, P1, seed=1)
-    refresh_search_indexes(lake)
+    embed_and_refresh(lake, P1, seed=1)
     embed(lake, P2, seed=2, models=(MODEL_A, MODEL_B))
     fail_once(index_refresh, "save_index", monkeypatch, OSError("transient write error"),
               when=lambda index, _lake: index.model_id == MODEL_B)  # fmt: skip
@@ -191,8 +195,7 @@ def test_a_new_models_index_whose_first_save_failed_is_built_by_the_retry(
 
 def test_a_deleted_index_folder_is_rebuilt_while_another_models_exists(any_lake: Lake) -> None:
     embed(any_lake, P1, seed=1)
-    embed(any_lake, P2, seed=2, models=(MODEL_B,))
-    refresh_search_indexes(any_lake)
+    embed_and_refresh(any_lake, P2, seed=2, models=(MODEL_B,))
     _delete_folder(any_lake, index_folder_uri(any_lake, MODEL_B))
     refresh = refresh_search_indexes(any_lake)
     assert set(refresh.rebuilt) == {MODEL_B} and "holds no index any more" in refresh.rebuilt[MODEL_B]
@@ -237,8 +240,7 @@ def test_damage_is_one_error_naming_the_file_and_the_next_refresh_rebuilds_the_i
 ) -> None:
     with_graphs(monkeypatch)  # a graph file to damage
     embed(lake, P1, seed=1)
-    embed(lake, P2, seed=2)
-    refresh_search_indexes(lake)
+    embed_and_refresh(lake, P2, seed=2)
     damaged = _damage(lake, MODEL_A, how)
     with pytest.raises(SearchIndexError, match=damaged.replace(".", r"\.")):
         load_index(lake, MODEL_A)
@@ -250,8 +252,7 @@ def test_damage_is_one_error_naming_the_file_and_the_next_refresh_rebuilds_the_i
 
 
 def test_a_damaged_folder_no_model_claims_is_set_aside_once(lake: Lake) -> None:
-    embed(lake, P1, seed=1)
-    refresh_search_indexes(lake)
+    embed_and_refresh(lake, P1, seed=1)
     stray = Path(index_folder_uri(lake, "gone-model"))
     stray.mkdir(parents=True)
     (stray / "manifest.json").write_text("{not json")
@@ -279,23 +280,31 @@ def _run_before_first(target: Any, name: str, monkeypatch: pytest.MonkeyPatch, o
     monkeypatch.setattr(target, name, patched)
 
 
+def _refresh_that_loses_a_race(
+    lake: Lake, monkeypatch: pytest.MonkeyPatch, step: str, change: Callable[[], None]
+) -> IndexRefresh:
+    """A refresh of P2 during which another one, just before the first's first call of `index_refresh.<step>`,
+    makes `change` and commits its own refresh."""
+    embed_and_refresh(lake, P1, seed=1)
+    embed(lake, P2, seed=2)
+    real_step = getattr(index_refresh, step)
+
+    def other_refresh_after_a_change() -> None:
+        change()
+        with monkeypatch.context() as inner:
+            inner.setattr(index_refresh, step, real_step)
+            refresh_search_indexes(lake)
+
+    _run_before_first(index_refresh, step, monkeypatch, other_refresh_after_a_change)
+    monkeypatch.setattr(index_refresh.time, "sleep", lambda seconds: None)
+    return refresh_search_indexes(lake)
+
+
 def test_a_refresh_that_loses_the_index_race_starts_over_from_the_winners_commit(
     any_lake: Lake, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    embed(any_lake, P1, seed=1)
-    refresh_search_indexes(any_lake)
-    embed(any_lake, P2, seed=2)
-
-    def other_refresh_after_a_change() -> None:
-        embed(any_lake, P3, seed=3)
-        with monkeypatch.context() as inner:
-            inner.setattr(index_refresh, "save_index", save_index)
-            refresh_search_indexes(any_lake)
-
     # The first refresh has loaded the index and updated it in memory when the other one commits.
-    _run_before_first(index_refresh, "save_index", monkeypatch, other_refresh_after_a_change)
-    monkeypatch.setattr(index_refresh.time, "sleep", lambda seconds: None)
-    refresh = refresh_search_indexes(any_lake)
+    refresh = _refresh_that_loses_a_race(any_lake, monkeypatch, "save_index", lambda: embed(any_lake, P3, seed=3))
     assert refresh.attempts == 2
     assert_in_step(any_lake)
 
@@ -303,23 +312,9 @@ def test_a_refresh_that_loses_the_index_race_starts_over_from_the_winners_commit
 def test_a_refresh_whose_journal_lost_the_race_writes_its_pairs_again(
     lake: Lake, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    embed(lake, P1, seed=1)
-    refresh_search_indexes(lake)
-    embed(lake, P2, seed=2)
-
-    real_write = index_refresh.write_near_duplicates
-
-    def other_refresh_after_a_change() -> None:
-        # P2 rewritten and committed by another refresh after the first one found P2's pairs:
-        # those pairs, written next, are stale
-        embed(lake, P2, seed=22)
-        with monkeypatch.context() as inner:
-            inner.setattr(index_refresh, "write_near_duplicates", real_write)
-            refresh_search_indexes(lake)
-
-    _run_before_first(index_refresh, "write_near_duplicates", monkeypatch, other_refresh_after_a_change)
-    monkeypatch.setattr(index_refresh.time, "sleep", lambda seconds: None)
-    refresh = refresh_search_indexes(lake)
+    # P2 rewritten and committed by another refresh after the first one found P2's pairs: those pairs, written
+    # next, are stale
+    refresh = _refresh_that_loses_a_race(lake, monkeypatch, "write_near_duplicates", lambda: embed(lake, P2, seed=22))
     assert refresh.attempts == 2 and P2 in refresh.partitions_read
     assert_in_step(lake)
 
@@ -328,8 +323,7 @@ def test_two_saves_from_one_load_commit_once_and_the_index_stays_readable(
     any_lake: Lake, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     embed(any_lake, P1, seed=1)
-    embed(any_lake, P2, seed=2)
-    refresh_search_indexes(any_lake)
+    embed_and_refresh(any_lake, P2, seed=2)
     first, second = load_index(any_lake, MODEL_A), load_index(any_lake, MODEL_A)
     monkeypatch.setattr(index_segments, "_MAX_SEGMENTS", 1)  # the second save compacts: the old segment is retired
     vectors = np.random.default_rng(3).random((5, WIDTH), dtype=np.float32)
@@ -349,8 +343,7 @@ def test_a_load_that_read_the_old_manifest_finds_its_files_after_a_save_replaced
 ) -> None:
     with_graphs(monkeypatch)
     embed(any_lake, P1, seed=1)
-    embed(any_lake, P2, seed=2)
-    refresh_search_indexes(any_lake)
+    embed_and_refresh(any_lake, P2, seed=2)
 
     def a_writer_replaces_the_graph() -> None:
         writer = load_index(any_lake, MODEL_A)
@@ -364,16 +357,13 @@ def test_a_load_that_read_the_old_manifest_finds_its_files_after_a_save_replaced
 
 
 def test_retired_files_stay_for_the_grace_then_go(lake: Lake, monkeypatch: pytest.MonkeyPatch) -> None:
-    embed(lake, P1, seed=1)
-    refresh_search_indexes(lake)
+    embed_and_refresh(lake, P1, seed=1)
     folder = Path(index_folder_uri(lake, MODEL_A))
     (old_segment,) = (folder / "segments").iterdir()
-    embed(lake, P1, seed=11)
-    refresh_search_indexes(lake)
+    embed_and_refresh(lake, P1, seed=11)
     assert old_segment.exists()  # retired, not deleted: a reader of the old manifest may still read it
     monkeypatch.setattr(index_manifest, "RETIRED_GRACE_S", 0.0)
-    embed(lake, P2, seed=2)
-    refresh_search_indexes(lake)
+    embed_and_refresh(lake, P2, seed=2)
     assert not old_segment.exists()
     assert_in_step(lake)
 
@@ -381,19 +371,16 @@ def test_retired_files_stay_for_the_grace_then_go(lake: Lake, monkeypatch: pytes
 def test_the_orphan_of_a_killed_save_is_deleted_after_the_grace(
     any_lake: Lake, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    embed(any_lake, P1, seed=1)
-    refresh_search_indexes(any_lake)
+    embed_and_refresh(any_lake, P1, seed=1)
     # What a save killed between its segment and its manifest leaves: a file nothing names.
     orphan = "segments/0123456789abcdef0123456789abcdef.parquet"
     folder = index_persistence._index_folder(any_lake, MODEL_A)
     with folder.filesystem.open_output_stream(folder.file(orphan)) as stream:
         stream.write(b"PAR1 half a segment")
-    embed(any_lake, P2, seed=2)
-    refresh_search_indexes(any_lake)
+    embed_and_refresh(any_lake, P2, seed=2)
     assert _exists(folder, orphan)  # younger than the grace: maybe a save still under way
     monkeypatch.setattr(index_manifest, "RETIRED_GRACE_S", 0.0)
-    embed(any_lake, P3, seed=3)
-    refresh_search_indexes(any_lake)
+    embed_and_refresh(any_lake, P3, seed=3)
     assert not _exists(folder, orphan)
     assert_in_step(any_lake)
 
@@ -415,8 +402,7 @@ def _delete_folder(lake: Lake, uri: str) -> None:
 
 
 def test_the_journal_is_written_last_and_names_the_fingerprints_it_committed(lake: Lake) -> None:
-    embed(lake, P1, seed=1)
-    refresh_search_indexes(lake)
+    embed_and_refresh(lake, P1, seed=1)
     journal = Path(lake.root_uri) / INDEX_FOLDER / JOURNAL_NAME
     assert journal.exists() and P1 in journal.read_text()
 

@@ -44,14 +44,8 @@ def test_booleans_take_the_usual_spellings(raw: str, expected: bool) -> None:
 
 
 def test_an_empty_variable_leaves_the_default_and_lower_case_names_are_not_settings() -> None:
-    settings = LocationSettings.from_environ(
-        {
-            "IMGEMB_GPU_COUNT": "",
-            "IMGEMB_CELERY_BROKER_URL": "",
-            "IMGEMB_K8S_GPU_TOLERATIONS": "",
-            "imgemb_executor": "k8s",
-        }
-    )
+    empty = dict.fromkeys(("IMGEMB_GPU_COUNT", "IMGEMB_CELERY_BROKER_URL", "IMGEMB_K8S_GPU_TOLERATIONS"), "")
+    settings = LocationSettings.from_environ({**empty, "imgemb_executor": "k8s"})
     assert settings == LocationSettings()
 
 
