@@ -12,7 +12,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from dagster import Definitions, EnvVar, definitions
+import dagster as dg
 
 from imgemb_assets.dagster_wiring.embedding.definitions import build_embedding_defs
 from imgemb_assets.dagster_wiring.embedding.resources import EmbeddingModelResource
@@ -46,28 +46,28 @@ def default_resources(settings: LocationSettings | None = None) -> dict[str, Any
     settings = settings or LocationSettings()
     return {
         "storage": StorageResource(
-            raw_images_uri=EnvVar("IMGEMB_RAW_IMAGES_URI"),
-            sales_uri=EnvVar("IMGEMB_SALES_URI"),
-            lake_uri=EnvVar("IMGEMB_LAKE_URI"),
+            raw_images_uri=dg.EnvVar("IMGEMB_RAW_IMAGES_URI"),
+            sales_uri=dg.EnvVar("IMGEMB_SALES_URI"),
+            lake_uri=dg.EnvVar("IMGEMB_LAKE_URI"),
             # Endpoint, region and credentials come from the standard AWS variables and chain.
             s3=ImgembS3Resource(),
             partition_scheme=settings.partition_scheme,
         ),
-        "embedding_model": EmbeddingModelResource(weights=EnvVar("IMGEMB_MODEL_WEIGHTS"), model=settings.model),
+        "embedding_model": EmbeddingModelResource(weights=dg.EnvVar("IMGEMB_MODEL_WEIGHTS"), model=settings.model),
         "image_limits": ImageLimitsResource(),
         "quality": QualityThresholds(),
         "similarity": SimilaritySettings(),
     }
 
 
-def build_definitions(settings: LocationSettings, resources: Mapping[str, Any] | None = None) -> Definitions:
+def build_definitions(settings: LocationSettings, resources: Mapping[str, Any] | None = None) -> dg.Definitions:
     """The location's definitions; `resources` replace those of `default_resources()` they name (tests)."""
     location_resources = {**default_resources(settings), **(resources or {})}
     # Once per load: the weights' identity may hash a checkpoint of hundreds of MB.
     model_code_version = location_resources["embedding_model"].code_version()
-    return Definitions.merge(
+    return dg.Definitions.merge(
         *(build_domain_defs(settings, model_code_version) for build_domain_defs in _DOMAINS),
-        Definitions(
+        dg.Definitions(
             sensors=[build_automation_sensor(settings.automation_interval_s())],
             executor=location_executor(settings),
             resources=location_resources,
@@ -75,6 +75,6 @@ def build_definitions(settings: LocationSettings, resources: Mapping[str, Any] |
     )
 
 
-@definitions
-def defs() -> Definitions:
+@dg.definitions
+def defs() -> dg.Definitions:
     return build_definitions(LocationSettings.from_environ(os.environ))

@@ -20,8 +20,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import cast
 
+import dagster as dg
 import polars as pl
-from dagster import DagsterInstance, ExecuteInProcessResult
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
 from imgemb_assets.core.embedding.backbones.specs import BACKBONE_SPECS, BACKBONES
@@ -125,14 +125,14 @@ def prepare_dagster_home(path: Path) -> None:
         config.write_text(_SHIPPED_INSTANCE_CONFIG.read_text())
 
 
-def register_partitions(instance: DagsterInstance, raw_images_uri: str) -> list[str]:
+def register_partitions(instance: dg.DagsterInstance, raw_images_uri: str) -> list[str]:
     # The demo's root holds first-level folders only: the default scheme's partitions are its folders.
     prefixes = PartitionedRoot(open_object_store(raw_images_uri), PartitionScheme()).current_partitions()
     register_prefixes(instance, prefixes)
     return prefixes
 
 
-def materialize_all(instance: DagsterInstance, prefixes: list[str]) -> list[ExecuteInProcessResult]:
+def materialize_all(instance: dg.DagsterInstance, prefixes: list[str]) -> list[dg.ExecuteInProcessResult]:
     defs = location_definitions()  # as Dagster loads the code location
     print("materializing sales ...", flush=True)
     results = [defs.resolve_job_def(SALES_JOB_NAME).execute_in_process(instance=instance, run_config=QUIET_CONSOLE)]
@@ -151,7 +151,7 @@ def materialize_all(instance: DagsterInstance, prefixes: list[str]) -> list[Exec
     return results
 
 
-def embedding_throughput(results: list[ExecuteInProcessResult]) -> tuple[int, int, float]:
+def embedding_throughput(results: list[dg.ExecuteInProcessResult]) -> tuple[int, int, float]:
     """(images embedded, vectors reused, seconds spent embedding) over all runs, from the asset's metadata."""
     embedded, reused, seconds = 0, 0, 0.0
     for result in results:
@@ -165,7 +165,7 @@ def embedding_throughput(results: list[ExecuteInProcessResult]) -> tuple[int, in
     return embedded, reused, seconds
 
 
-def check_lines(results: list[ExecuteInProcessResult]) -> list[str]:
+def check_lines(results: list[dg.ExecuteInProcessResult]) -> list[str]:
     """One line per asset check evaluated in the runs: outcome, check, asset, partition, what it found."""
     lines = []
     for result in results:
@@ -212,7 +212,7 @@ def consistency_problems(lake: Lake, dataset: SampleDataset) -> list[str]:
 
 
 def print_summary(
-    lake: Lake, dataset: SampleDataset, results: list[ExecuteInProcessResult], env: dict[str, str], wall_s: float
+    lake: Lake, dataset: SampleDataset, results: list[dg.ExecuteInProcessResult], env: dict[str, str], wall_s: float
 ) -> None:
     with pl.Config(tbl_rows=100, tbl_cols=20, fmt_str_lengths=120, tbl_hide_dataframe_shape=True):
         print("\nRows per table and prefix:")
@@ -278,7 +278,7 @@ def zero_shot_lines(lake: Lake) -> list[str]:
     return lines
 
 
-def search_index_line(results: list[ExecuteInProcessResult]) -> str:
+def search_index_line(results: list[dg.ExecuteInProcessResult]) -> str:
     for result in results:
         for event in result.get_asset_materialization_events():
             materialization = event.step_materialization_data.materialization
@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["IMGEMB_MODEL"] = model  # read when the location loads; in `env` (printed) unless the default
     write_env_file(data_dir / "demo.env", env)
     prepare_dagster_home(Path(env["DAGSTER_HOME"]))
-    with DagsterInstance.get() as instance:
+    with dg.DagsterInstance.get() as instance:
         prefixes = register_partitions(instance, dataset.raw_images_uri)
         print(f"partitions of {S3_PREFIX_PARTITIONS_NAME}: {prefixes}", flush=True)
         results = materialize_all(instance, prefixes)

@@ -38,7 +38,7 @@ import sys
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from dagster import DagsterInstance
+import dagster as dg
 
 from imgemb_assets.cli.common import CommandError, lake_of, required_env
 from imgemb_assets.cli.similar import similar_command
@@ -65,7 +65,7 @@ _INSTANCE_COMMANDS = frozenset({"discover", "backfill-missing", "status"})
 
 
 def discover(
-    instance: DagsterInstance, raw_images_uri: str, register: bool = True, environ: Mapping[str, str] | None = None
+    instance: dg.DagsterInstance, raw_images_uri: str, register: bool = True, environ: Mapping[str, str] | None = None
 ) -> tuple[list[str], list[str]]:
     """Registers every partition of the root (or only finds the new ones) and reports the changed ones; (new, all).
 
@@ -121,12 +121,12 @@ def discover(
 
 
 def _discover_command(args: argparse.Namespace) -> int:
-    with DagsterInstance.get() as instance:
+    with dg.DagsterInstance.get() as instance:
         _discover_and_report(instance)
     return 0
 
 
-def _discover_and_report(instance: DagsterInstance, register: bool = True) -> None:
+def _discover_and_report(instance: dg.DagsterInstance, register: bool = True) -> None:
     added, prefixes = discover(instance, required_env("IMGEMB_RAW_IMAGES_URI", os.environ), register)
     print(f"{len(prefixes)} partitions; {'registered' if register else 'would register'} {len(added)} new: {added}")
 
@@ -143,7 +143,7 @@ def _backfill_missing_command(args: argparse.Namespace) -> int:
 
     settings = LocationSettings.from_environ(os.environ)
     sales_store = open_object_store(required_env("IMGEMB_SALES_URI", os.environ), S3Settings())
-    with DagsterInstance.get() as instance:
+    with dg.DagsterInstance.get() as instance:
         if not args.no_discover:
             # A prefix that was never registered is missing too; a dry run changes nothing.
             _discover_and_report(instance, register=not args.dry_run)
@@ -177,7 +177,7 @@ def _status_command(args: argparse.Namespace) -> int:
     from imgemb_assets.dagster_wiring.backfills import chain_up_to, not_current_by_step
 
     shown = 20
-    with DagsterInstance.get() as instance:
+    with dg.DagsterInstance.get() as instance:
         registered = list(instance.get_dynamic_partitions(S3_PREFIX_PARTITIONS_NAME))
         print(f"{len(registered)} registered prefixes")
         for status in not_current_by_step(instance, chain_up_to(args.asset), registered):

@@ -27,7 +27,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
-from dagster import AssetKey, DagsterInstance, Definitions
+import dagster as dg
 from dagster._core.definitions.assets.graph.asset_graph_subset import AssetGraphSubset
 from dagster._core.definitions.events import AssetKeyPartitionKey
 from dagster._core.execution.backfill import BulkActionsFilter, BulkActionStatus, PartitionBackfill
@@ -95,9 +95,9 @@ def chain_up_to(target: str) -> list[tuple[str, ...]]:
     raise ValueError(f"{target!r} is not a partitioned table; choose one of {[t for g in PREFIX_CHAIN for t in g]}")
 
 
-def sales_staleness(instance: DagsterInstance, sales_store: ObjectStore) -> str | None:
+def sales_staleness(instance: dg.DagsterInstance, sales_store: ObjectStore) -> str | None:
     """Why `sales` must be read again before joining (missing, or its files changed), or None."""
-    if not instance.get_latest_materialization_event(AssetKey(tables.SALES)):
+    if not instance.get_latest_materialization_event(dg.AssetKey(tables.SALES)):
         return "sales has never been materialized"
     recorded = recorded_fingerprint(instance, tables.SALES, SALES_FILES_FINGERPRINT_KEY)
     if recorded != listing_fingerprint(list_sales_files(sales_store)):
@@ -106,7 +106,7 @@ def sales_staleness(instance: DagsterInstance, sales_store: ObjectStore) -> str 
 
 
 def not_current_by_step(
-    instance: DagsterInstance, steps: Sequence[tuple[str, ...]], prefixes: Sequence[str]
+    instance: dg.DagsterInstance, steps: Sequence[tuple[str, ...]], prefixes: Sequence[str]
 ) -> list[PartitionStatus]:
     """For each step of the chain, the prefixes its table lacks or wrote before its upstream last changed."""
     statuses = []
@@ -118,7 +118,7 @@ def not_current_by_step(
 
 
 def plan_backfill(
-    instance: DagsterInstance, target: str, sales_store: ObjectStore, *, skip_unfinished_runs: bool = False
+    instance: dg.DagsterInstance, target: str, sales_store: ObjectStore, *, skip_unfinished_runs: bool = False
 ) -> BackfillPlan:
     """What to run for `target`; with `skip_unfinished_runs`, prefixes a queued or running run writes are left to it.
 
@@ -156,7 +156,7 @@ def plan_backfill(
     )
 
 
-def daemon_is_running(instance: DagsterInstance) -> bool:
+def daemon_is_running(instance: dg.DagsterInstance) -> bool:
     """Whether a daemon with a backfill loop wrote a heartbeat recently."""
     heartbeat = instance.get_daemon_heartbeats().get("BACKFILL")
     return heartbeat is not None and time.time() - heartbeat.timestamp < _DAEMON_HEARTBEAT_MAX_AGE_S
@@ -200,7 +200,7 @@ class RunOutcome:
     with_sales: bool = False
 
 
-def refresh_sales_in_process(instance: DagsterInstance, defs: Definitions) -> RunOutcome:
+def refresh_sales_in_process(instance: dg.DagsterInstance, defs: dg.Definitions) -> RunOutcome:
     result = defs.resolve_job_def(SALES_JOB_NAME).execute_in_process(
         instance=instance, tags=_TAGS, run_config=QUIET_CONSOLE, raise_on_error=False
     )
@@ -208,7 +208,7 @@ def refresh_sales_in_process(instance: DagsterInstance, defs: Definitions) -> Ru
 
 
 def run_in_process(
-    instance: DagsterInstance, defs: Definitions, plan: BackfillPlan, max_per_run: int
+    instance: dg.DagsterInstance, defs: dg.Definitions, plan: BackfillPlan, max_per_run: int
 ) -> Iterator[RunOutcome]:
     """Executes the plan here, one run at a time; stops after a run whose sales step did not succeed."""
     chunks = run_chunks(plan, list(instance.get_dynamic_partitions(S3_PREFIX_PARTITIONS_NAME)), max_per_run)
@@ -221,7 +221,7 @@ def run_in_process(
         with_sales = plan.refresh_sales and index == 0
         result = assets_job.execute_in_process(
             instance=instance,
-            asset_selection=[AssetKey(table) for table in ((tables.SALES,) if with_sales else ()) + chunk.tables],
+            asset_selection=[dg.AssetKey(table) for table in ((tables.SALES,) if with_sales else ()) + chunk.tables],
             tags={
                 **_TAGS,
                 ASSET_PARTITION_RANGE_START_TAG: chunk.prefixes[0],
@@ -235,10 +235,10 @@ def run_in_process(
             return  # every later chunk would join a missing or unusable sales table
 
 
-def submit_asset_backfill(instance: DagsterInstance, defs: Definitions, plan: BackfillPlan) -> str:
+def submit_asset_backfill(instance: dg.DagsterInstance, defs: dg.Definitions, plan: BackfillPlan) -> str:
     """Adds the plan's prefixes as one asset backfill for the daemon; its id. Refresh `sales` first."""
     wanted = {
-        AssetKeyPartitionKey(AssetKey(table), prefix)
+        AssetKeyPartitionKey(dg.AssetKey(table), prefix)
         for prefix, prefix_tables in plan.tables_by_prefix.items()
         for table in prefix_tables
     }
@@ -258,19 +258,19 @@ def submit_asset_backfill(instance: DagsterInstance, defs: Definitions, plan: Ba
     return backfill_id
 
 
-def _targeted_by_running_backfills(instance: DagsterInstance, target: str) -> set[str]:
+def _targeted_by_running_backfills(instance: dg.DagsterInstance, target: str) -> set[str]:
     """Prefixes whose `target` partition a backfill still in progress will write."""
     targeted: set[str] = set()
     running = instance.get_backfills(filters=BulkActionsFilter(statuses=[BulkActionStatus.REQUESTED]))
     for backfill in running:
         data = backfill.asset_backfill_data
-        if data is None or AssetKey(target) not in data.target_subset.partitions_subsets_by_asset_key:
+        if data is None or dg.AssetKey(target) not in data.target_subset.partitions_subsets_by_asset_key:
             continue
-        targeted |= set(data.target_subset.partitions_subsets_by_asset_key[AssetKey(target)].get_partition_keys())
+        targeted |= set(data.target_subset.partitions_subsets_by_asset_key[dg.AssetKey(target)].get_partition_keys())
     return targeted
 
 
-def _targeted_by_unfinished_runs(instance: DagsterInstance, target: str, registered: Sequence[str]) -> set[str]:
+def _targeted_by_unfinished_runs(instance: dg.DagsterInstance, target: str, registered: Sequence[str]) -> set[str]:
     """Prefixes whose `target` partition a queued or running run will write (one the discovery sensor launched
     for new prefixes, automation's, the UI's): a backfill of them now would write them a second time."""
     return set(unfinished_runs_by_prefix(instance, registered, [target]))

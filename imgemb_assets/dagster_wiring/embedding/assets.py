@@ -8,7 +8,7 @@ first prefix that needs it.
 # `context` when the asset is defined.
 from collections.abc import Iterator, Mapping
 
-from dagster import AssetCheckSpec, AssetExecutionContext, AssetsDefinition, BackfillPolicy, asset
+import dagster as dg
 
 from imgemb_assets.core.lake import tables
 from imgemb_assets.dagster_wiring.embedding.resources import EmbeddingModelResource
@@ -20,10 +20,12 @@ from imgemb_assets.dagster_wiring.location.retries import permanent_failures
 from imgemb_assets.dagster_wiring.names import EMBEDDING_DRIFT_CHECK, EMBEDDING_VALUES_CHECK, GPU_POOL
 
 
-def build_embedding_asset(policy: BackfillPolicy, gpu_tags: Mapping[str, str], code_version: str) -> AssetsDefinition:
+def build_embedding_asset(
+    policy: dg.BackfillPolicy, gpu_tags: Mapping[str, str], code_version: str
+) -> dg.AssetsDefinition:
     """The embedding asset: the only step in the `gpu` pool, carrying the GPU request in its tags."""
 
-    @asset(
+    @dg.asset(
         **per_prefix_asset(policy),
         name=tables.IMAGE_EMBEDDINGS,
         code_version=code_version,
@@ -33,12 +35,12 @@ def build_embedding_asset(policy: BackfillPolicy, gpu_tags: Mapping[str, str], c
         pool=GPU_POOL,
         op_tags=dict(gpu_tags),
         check_specs=[
-            AssetCheckSpec(
+            dg.AssetCheckSpec(
                 EMBEDDING_VALUES_CHECK,
                 asset=tables.IMAGE_EMBEDDINGS,
                 description="Every vector has the model's width and only finite values.",
             ),
-            AssetCheckSpec(
+            dg.AssetCheckSpec(
                 EMBEDDING_DRIFT_CHECK,
                 asset=tables.IMAGE_EMBEDDINGS,
                 description="Mean shift, per-dimension variance shift and centroid cosine against the previous "
@@ -48,7 +50,7 @@ def build_embedding_asset(policy: BackfillPolicy, gpu_tags: Mapping[str, str], c
         description="ResNet50 (classifier removed) embedding of every joined image, with its sales columns.",
     )
     def image_embeddings(
-        context: AssetExecutionContext,
+        context: dg.AssetExecutionContext,
         storage: StorageResource,
         embedding_model: EmbeddingModelResource,
         quality: QualityThresholds,

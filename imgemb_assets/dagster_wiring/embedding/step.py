@@ -11,7 +11,7 @@ succeeds, so a step killed mid-partition resumes where it was on the rerun.
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final
 
-from dagster import AssetCheckSeverity, AssetExecutionContext
+import dagster as dg
 
 from imgemb_assets.core.embedding.drift import (
     MOMENTS_BATCH_ROWS,
@@ -47,7 +47,7 @@ _COUNT_READ_ROWS: Final = 65_536
 
 
 def embed_prefix(
-    context: AssetExecutionContext,
+    context: dg.AssetExecutionContext,
     lake: Lake,
     prefix: str,
     model: "SharedModel",
@@ -138,7 +138,7 @@ def embed_prefix(
         CheckReport(
             EMBEDDING_DRIFT_CHECK,
             drift_against_previous_partition(lake, prefix, run.model_id, run.moments, quality),
-            AssetCheckSeverity.WARN,
+            dg.AssetCheckSeverity.WARN,
         ),
     ]
     return [AssetReport(tables.IMAGE_EMBEDDINGS, metadata, checks)]

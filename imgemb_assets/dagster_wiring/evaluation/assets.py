@@ -16,7 +16,7 @@ resource's, used only for vectors of exactly its model_id, built at most once pe
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
-from dagster import AssetExecutionContext, AssetsDefinition, BackfillPolicy, MetadataValue, asset
+import dagster as dg
 
 from imgemb_assets.core.lake import tables
 from imgemb_assets.core.lake.lake import Lake
@@ -31,8 +31,8 @@ if TYPE_CHECKING:
     from imgemb_assets.core.evaluation.zero_shot_agreement import ZeroShotSource
 
 
-def build_evaluation_asset(policy: BackfillPolicy, model_code_version: str) -> AssetsDefinition:
-    @asset(
+def build_evaluation_asset(policy: dg.BackfillPolicy, model_code_version: str) -> dg.AssetsDefinition:
+    @dg.asset(
         **per_prefix_asset(policy),
         name=tables.EMBEDDING_EVALUATION,
         deps=[tables.IMAGE_EMBEDDINGS],
@@ -45,7 +45,7 @@ def build_evaluation_asset(policy: BackfillPolicy, model_code_version: str) -> A
         "embedding_model's text-tower prompts, one per value). Meaningless for random weights, and labelled so.",
     )
     def embedding_evaluation(
-        context: AssetExecutionContext,
+        context: dg.AssetExecutionContext,
         storage: StorageResource,
         similarity: SimilaritySettings,
         embedding_model: EmbeddingModelResource,
@@ -65,7 +65,7 @@ def build_evaluation_asset(policy: BackfillPolicy, model_code_version: str) -> A
 
 
 def _evaluate_prefix(
-    context: AssetExecutionContext, lake: Lake, prefix: str, label: str, zero_shot: "ZeroShotSource"
+    context: dg.AssetExecutionContext, lake: Lake, prefix: str, label: str, zero_shot: "ZeroShotSource"
 ) -> Sequence[AssetReport]:
     from imgemb_assets.core.evaluation.scores import evaluate_partition
 
@@ -84,7 +84,7 @@ def _evaluate_prefix(
         prefix_key = f"{model_id}/" if several else ""
         metadata[f"{prefix_key}model_id"] = model_id
         for key, value in result.metadata().items():
-            metadata[prefix_key + key] = MetadataValue.md(str(value)) if key == "summary" else value
+            metadata[prefix_key + key] = dg.MetadataValue.md(str(value)) if key == "summary" else value
         if model_id in evaluation.zero_shot_skipped:
             reason = evaluation.zero_shot_skipped[model_id]
             metadata[f"{prefix_key}zero_shot_not_scored"] = reason

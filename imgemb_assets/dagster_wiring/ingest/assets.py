@@ -13,17 +13,8 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from typing import Any, Final
 
+import dagster as dg
 import pyarrow as pa
-from dagster import (
-    AssetCheckSpec,
-    AssetExecutionContext,
-    AssetsDefinition,
-    AssetSpec,
-    BackfillPolicy,
-    MetadataValue,
-    asset,
-    multi_asset,
-)
 
 from imgemb_assets.core.embedding.progress import Progress
 from imgemb_assets.core.imaging.contact_sheet import RejectedObject, markdown_bytes, rejected_images_sheet
@@ -56,7 +47,7 @@ from imgemb_assets.dagster_wiring.names import LISTING_FINGERPRINT_KEY, MANIFEST
 
 # What the pipeline reads but does not write: the discovery sensor reports a new
 # materialization of it when a prefix's objects change, and automation follows.
-raw_images = AssetSpec(
+raw_images = dg.AssetSpec(
     RAW_IMAGES,
     partitions_def=s3_prefix_partitions,
     group_name="images",
@@ -66,13 +57,13 @@ raw_images = AssetSpec(
 )
 
 
-def build_ingest_assets(policy: BackfillPolicy) -> list[AssetsDefinition | AssetSpec]:
+def build_ingest_assets(policy: dg.BackfillPolicy) -> list[dg.AssetsDefinition | dg.AssetSpec]:
     """The ingest assets; runs cover the prefixes `policy` allows."""
     return [raw_images, _raw_image_manifest(policy), _downscaled_images(policy)]
 
 
-def _raw_image_manifest(policy: BackfillPolicy) -> AssetsDefinition:
-    @asset(
+def _raw_image_manifest(policy: dg.BackfillPolicy) -> dg.AssetsDefinition:
+    @dg.asset(
         **per_prefix_asset(policy, FOLLOWS_SOURCE),
         name=tables.RAW_IMAGE_MANIFEST,
         deps=[raw_images],
@@ -80,7 +71,7 @@ def _raw_image_manifest(policy: BackfillPolicy) -> AssetsDefinition:
         group_name="images",
         description="One row per object under the partition's prefix of the raw-images root.",
     )
-    def raw_image_manifest(context: AssetExecutionContext, storage: StorageResource) -> Iterator[StepEvent]:
+    def raw_image_manifest(context: dg.AssetExecutionContext, storage: StorageResource) -> Iterator[StepEvent]:
         with permanent_failures():
             lake = storage.lake_for_partitions()  # written with this partition scheme, or refused
         # One per step: a unit (a split folder, the loose objects) is listed once for all its partitions.
@@ -117,22 +108,22 @@ _FROM_THE_MANIFEST: Final[dict[str, Any]] = {
 }
 
 
-def _downscaled_images(policy: BackfillPolicy) -> AssetsDefinition:
-    @multi_asset(
+def _downscaled_images(policy: dg.BackfillPolicy) -> dg.AssetsDefinition:
+    @dg.multi_asset(
         specs=[
-            AssetSpec(
+            dg.AssetSpec(
                 tables.DOWNSCALED_IMAGES,
                 description="Each decodable image, oriented, RGB and resized to 224x224, stored as JPEG bytes.",
                 **_FROM_THE_MANIFEST,
             ),
-            AssetSpec(
+            dg.AssetSpec(
                 tables.REJECTED_IMAGES,
                 description="Each manifest object that could not become a thumbnail, with the reason.",
                 **_FROM_THE_MANIFEST,
             ),
         ],
         check_specs=[
-            AssetCheckSpec(
+            dg.AssetCheckSpec(
                 MANIFEST_ACCOUNTED_FOR_CHECK,
                 asset=tables.DOWNSCALED_IMAGES,
                 description="Every manifest object is in exactly one of downscaled_images and rejected_images.",
@@ -145,7 +136,7 @@ def _downscaled_images(policy: BackfillPolicy) -> AssetsDefinition:
         retry_policy=STEP_RETRY_POLICY,
     )
     def downscaled_images(
-        context: AssetExecutionContext, storage: StorageResource, image_limits: ImageLimitsResource
+        context: dg.AssetExecutionContext, storage: StorageResource, image_limits: ImageLimitsResource
     ) -> Iterator[StepEvent]:
         lake, store, limits = storage.lake(), storage.raw_images(), image_limits.limits()
         recipe = thumbnail_recipe(limits)
@@ -198,7 +189,7 @@ def _downscaled_images(policy: BackfillPolicy) -> AssetsDefinition:
                         tables.REJECTED_IMAGES,
                         rejected.num_rows,
                         tables.REJECTED_IMAGES_SCHEMA,
-                        reasons=MetadataValue.md(_reasons_markdown(rejected)),
+                        reasons=dg.MetadataValue.md(_reasons_markdown(rejected)),
                         # of this write's new rejections: a reused one is not read again for its preview
                         **_rejected_contact_sheet(rejected, frozenset(tally.newly_rejected), manifest, store),
                     ),
@@ -247,7 +238,7 @@ def _rejected_contact_sheet(
         for row in rejected.select(["image_id", "uri", "reason"]).to_pylist()
     ]
     sheet = rejected_images_sheet(objects, store.read_bytes)
-    return {"contact_sheet": MetadataValue.md(sheet), "contact_sheet_bytes": markdown_bytes(sheet)}
+    return {"contact_sheet": dg.MetadataValue.md(sheet), "contact_sheet_bytes": markdown_bytes(sheet)}
 
 
 def _reasons_markdown(rejected: pa.Table) -> str:

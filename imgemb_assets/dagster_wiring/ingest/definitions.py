@@ -1,6 +1,6 @@
 """The ingest domain's definitions: its assets, the chain jobs, discovery and the rolling reconciliation."""
 
-from dagster import Definitions
+import dagster as dg
 
 from imgemb_assets.dagster_wiring.ingest.assets import build_ingest_assets
 from imgemb_assets.dagster_wiring.ingest.discovery_sensor import build_raw_prefix_sensor
@@ -10,9 +10,9 @@ from imgemb_assets.dagster_wiring.location.partitions import prefix_backfill_pol
 from imgemb_assets.dagster_wiring.location.settings import LocationSettings
 
 
-def build_ingest_defs(settings: LocationSettings, model_code_version: str) -> Definitions:
+def build_ingest_defs(settings: LocationSettings, model_code_version: str) -> dg.Definitions:
     """Listing, thumbnails and the discovery of prefixes; the vanished-prefix job comes with the discovery sensor."""
-    return Definitions(
+    return dg.Definitions(
         assets=build_ingest_assets(prefix_backfill_policy(settings)),
         jobs=[embed_prefix_job, new_prefixes_job],
         sensors=[

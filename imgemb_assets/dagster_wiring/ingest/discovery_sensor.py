@@ -20,16 +20,7 @@ reports them or requests their removal (`vanished_prefixes.py`).
 
 from collections.abc import Mapping, Sequence
 
-from dagster import (
-    AssetMaterialization,
-    DagsterInstance,
-    DefaultSensorStatus,
-    RunRequest,
-    SensorDefinition,
-    SensorEvaluationContext,
-    SensorResult,
-    sensor,
-)
+import dagster as dg
 
 from imgemb_assets.core.ingest.discovery import (
     DiscoveryCursor,
@@ -66,7 +57,7 @@ DEFAULT_MAX_PARTITIONS_PER_RUN: int = LocationSettings.model_fields["max_partiti
 _ROOT_OBJECTS_SHOWN = 10
 
 
-def known_prefixes(instance: DagsterInstance, registered: Sequence[str]) -> KnownPrefixes:
+def known_prefixes(instance: dg.DagsterInstance, registered: Sequence[str]) -> KnownPrefixes:
     """The registered prefixes, each with the fingerprint of its last `raw_images` report, else of its last manifest.
 
     The manifest's fingerprint stands in for a prefix never reported (a sensor
@@ -85,14 +76,16 @@ def known_prefixes(instance: DagsterInstance, registered: Sequence[str]) -> Know
     return KnownPrefixes(frozenset(registered), fingerprints_of)
 
 
-def report_changed_listings(instance: DagsterInstance, changed: Mapping[str, str]) -> None:
+def report_changed_listings(instance: dg.DagsterInstance, changed: Mapping[str, str]) -> None:
     """Report `raw_images` changed for these partitions (-> new fingerprint), as the sensor does, from outside a tick."""
     for prefix, fingerprint in sorted(changed.items()):
         instance.report_runless_asset_event(_raw_images_changed(prefix, fingerprint))
 
 
-def _raw_images_changed(prefix: str, fingerprint: str) -> AssetMaterialization:
-    return AssetMaterialization(asset_key=RAW_IMAGES, partition=prefix, metadata={LISTING_FINGERPRINT_KEY: fingerprint})
+def _raw_images_changed(prefix: str, fingerprint: str) -> dg.AssetMaterialization:
+    return dg.AssetMaterialization(
+        asset_key=RAW_IMAGES, partition=prefix, metadata={LISTING_FINGERPRINT_KEY: fingerprint}
+    )
 
 
 def build_raw_prefix_sensor(
@@ -103,7 +96,7 @@ def build_raw_prefix_sensor(
     events_queue_url: str | None = None,
     max_root_pages: int | None = DEFAULT_MAX_ROOT_PAGES,
     max_partitions_per_run: int = DEFAULT_MAX_PARTITIONS_PER_RUN,
-) -> SensorDefinition:
+) -> dg.SensorDefinition:
     """The discovery sensor; its interval, the recent prefixes it re-lists, the new ones it takes per tick, what
     becomes of vanished prefixes (`keep` or `remove`) and the SQS queue of the bucket's events are settings.
 
@@ -112,10 +105,10 @@ def build_raw_prefix_sensor(
     deletes the messages (see `_tick_from_events`).
     """
 
-    @sensor(
+    @dg.sensor(
         name="raw_prefix_sensor",
         minimum_interval_seconds=minimum_interval_seconds,
-        default_status=DefaultSensorStatus.RUNNING,
+        default_status=dg.DefaultSensorStatus.RUNNING,
         jobs=[remove_vanished_prefixes_job, new_prefixes_job],
         description=(
             "Registers new prefixes of the raw-images root as s3_prefix partitions and reports raw_images changed "
@@ -123,7 +116,7 @@ def build_raw_prefix_sensor(
             "automation materializes them."
         ),
     )
-    def raw_prefix_sensor(context: SensorEvaluationContext, storage: StorageResource) -> SensorResult:
+    def raw_prefix_sensor(context: dg.SensorEvaluationContext, storage: StorageResource) -> dg.SensorResult:
         # The cursor holds only the vanished prefixes last reported: what the sensor knows
         # of each prefix is in the instance (see known_prefixes).
         last = DiscoveryCursor.from_json(context.cursor)
@@ -151,7 +144,7 @@ def build_raw_prefix_sensor(
         if tuple(vanished) != last_vanished:
             _report_vanished(context, vanished, len(registered), vanished_policy)
         removable = vanished_policy == "remove" and vanished and removal_refusal(vanished, len(registered)) is None
-        return SensorResult(
+        return dg.SensorResult(
             run_requests=([removal_request(vanished)] if removable else [])
             + _new_prefix_runs(context, plan.new_prefixes, max_partitions_per_run),
             dynamic_partitions_requests=(
@@ -166,7 +159,7 @@ def build_raw_prefix_sensor(
     return raw_prefix_sensor
 
 
-def _new_prefix_runs(context: SensorEvaluationContext, new: Sequence[str], max_per_run: int) -> list[RunRequest]:
+def _new_prefix_runs(context: dg.SensorEvaluationContext, new: Sequence[str], max_per_run: int) -> list[dg.RunRequest]:
     """The runs of the new prefixes' chain this tick launches (see new_prefix_runs.py), logged."""
     if not new:
         return []
@@ -182,13 +175,13 @@ def _new_prefix_runs(context: SensorEvaluationContext, new: Sequence[str], max_p
 
 
 def _tick_from_events(
-    context: SensorEvaluationContext,
+    context: dg.SensorEvaluationContext,
     storage: StorageResource,
     queue_url: str,
     registered: Sequence[str],
     cursor: str | None,
     max_partitions_per_run: int,
-) -> SensorResult:
+) -> dg.SensorResult:
     """A discovery tick that lists nothing: the partitions touched by the queued S3 events are registered and reported.
 
     A reported partition carries no listing fingerprint (nothing was listed): the manifest step
@@ -206,11 +199,11 @@ def _tick_from_events(
         context.log.warning(f"{drained.malformed} queued messages were no S3 event this tick; deleted unread")
     known = set(registered)
     new = [key for key in touched.counts if key not in known]
-    result = SensorResult(
+    result = dg.SensorResult(
         dynamic_partitions_requests=[s3_prefix_partitions.build_add_request(new)] if new else [],
         run_requests=_new_prefix_runs(context, new, max_partitions_per_run),
         asset_events=[
-            AssetMaterialization(asset_key=RAW_IMAGES, partition=key, metadata={S3_EVENTS_KEY: count})
+            dg.AssetMaterialization(asset_key=RAW_IMAGES, partition=key, metadata={S3_EVENTS_KEY: count})
             for key, count in touched.counts.items()
         ],
         cursor=cursor,  # the vanished prefixes need a listing: left as the last listing tick found them
@@ -223,7 +216,7 @@ def _tick_from_events(
     return result
 
 
-def _report_root_objects(context: SensorEvaluationContext, names: Sequence[str]) -> None:
+def _report_root_objects(context: dg.SensorEvaluationContext, names: Sequence[str]) -> None:
     """One line per tick, however many there are."""
     if names:
         context.log.warning(uncovered_objects_line(names))
@@ -240,7 +233,9 @@ def uncovered_objects_line(names: Sequence[str], count: int | None = None) -> st
     )
 
 
-def _report_vanished(context: SensorEvaluationContext, vanished: Sequence[str], registered: int, policy: str) -> None:
+def _report_vanished(
+    context: dg.SensorEvaluationContext, vanished: Sequence[str], registered: int, policy: str
+) -> None:
     """Said once per change of the set of vanished prefixes, not on every tick."""
     if not vanished:
         context.log.info("no registered prefix is missing from the root any more")
@@ -258,7 +253,7 @@ def _report_vanished(context: SensorEvaluationContext, vanished: Sequence[str], 
 
 
 def _report_unusable_prefixes(
-    context: SensorEvaluationContext, refused: Mapping[str, str], listing_errors: Mapping[str, str]
+    context: dg.SensorEvaluationContext, refused: Mapping[str, str], listing_errors: Mapping[str, str]
 ) -> None:
     for name, reason in sorted(refused.items()):
         context.log.warning(f"prefix {name!r} is not registered and its objects are in no partition: {reason}")

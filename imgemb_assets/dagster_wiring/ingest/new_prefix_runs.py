@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from dagster import AssetCheckKey, AssetKey, DagsterInstance, RunRequest, RunsFilter
+import dagster as dg
 from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 from dagster._core.storage.dagster_run import NOT_FINISHED_STATUSES
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
@@ -49,21 +49,21 @@ class SalesReadiness:
     reason: str
 
 
-def _sales_in_progress(instance: DagsterInstance) -> bool:
-    for record in instance.get_run_records(RunsFilter(statuses=NOT_FINISHED_STATUSES)):
+def _sales_in_progress(instance: dg.DagsterInstance) -> bool:
+    for record in instance.get_run_records(dg.RunsFilter(statuses=NOT_FINISHED_STATUSES)):
         selection = record.dagster_run.asset_selection
-        if selection is not None and AssetKey(tables.SALES) in selection:
+        if selection is not None and dg.AssetKey(tables.SALES) in selection:
             return True
     return False
 
 
-def _unique_ids_check_failed(instance: DagsterInstance) -> bool:
-    check = AssetCheckKey(AssetKey(tables.SALES), UNIQUE_IMAGE_IDS_CHECK)
+def _unique_ids_check_failed(instance: dg.DagsterInstance) -> bool:
+    check = dg.AssetCheckKey(dg.AssetKey(tables.SALES), UNIQUE_IMAGE_IDS_CHECK)
     executions = instance.event_log_storage.get_asset_check_execution_history(check, limit=1)
     return bool(executions) and executions[0].status == AssetCheckExecutionRecordStatus.FAILED
 
 
-def sales_readiness(instance: DagsterInstance) -> SalesReadiness:
+def sales_readiness(instance: dg.DagsterInstance) -> SalesReadiness:
     if _sales_in_progress(instance):
         return SalesReadiness(False, False, "a run refreshing sales is queued or in progress")
     written = latest_unpartitioned_id(instance, tables.SALES)
@@ -79,7 +79,7 @@ def sales_readiness(instance: DagsterInstance) -> SalesReadiness:
 
 def new_prefix_run_requests(
     new_prefixes: Sequence[str], max_per_run: int, readiness: SalesReadiness
-) -> list[RunRequest]:
+) -> list[dg.RunRequest]:
     """One run per `max_per_run` new prefixes (in registration order), each the whole chain over its range."""
     if not new_prefixes or not readiness.usable:
         return []
@@ -89,11 +89,11 @@ def new_prefix_run_requests(
         with_sales = readiness.refresh and start == 0
         assets = ((tables.SALES,) if with_sales else ()) + PREFIX_CHAIN_ASSETS
         requests.append(
-            RunRequest(
+            dg.RunRequest(
                 # The same chunk is never launched twice, should a tick be evaluated again.
                 run_key=f"new-prefixes:{chunk[0]}..{chunk[-1]}",
                 job_name=NEW_PREFIXES_JOB_NAME,
-                asset_selection=[AssetKey(asset) for asset in assets],
+                asset_selection=[dg.AssetKey(asset) for asset in assets],
                 tags={
                     LAUNCHED_BY_TAG: LAUNCHED_BY_DISCOVERY,
                     ASSET_PARTITION_RANGE_START_TAG: chunk[0],

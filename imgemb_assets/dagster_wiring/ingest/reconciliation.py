@@ -13,15 +13,7 @@ other change; nothing is keyed on a fingerprint seen before.
 
 from collections.abc import Sequence
 
-from dagster import (
-    AssetMaterialization,
-    DefaultSensorStatus,
-    SensorDefinition,
-    SensorEvaluationContext,
-    SensorResult,
-    SkipReason,
-    sensor,
-)
+import dagster as dg
 
 from imgemb_assets.core.ingest.discovery import fingerprint_prefixes
 from imgemb_assets.core.ingest.partitioned_root import PartitionedRoot
@@ -49,11 +41,11 @@ def _in_a_folder(root: PartitionedRoot, partition_key: str) -> bool:
     return root.scheme.is_partition_key(partition_key) and root.scheme.place_of(partition_key).folder is not None
 
 
-def build_reconciliation_sensor(minimum_interval_seconds: int, prefixes_per_tick: int) -> SensorDefinition:
-    @sensor(
+def build_reconciliation_sensor(minimum_interval_seconds: int, prefixes_per_tick: int) -> dg.SensorDefinition:
+    @dg.sensor(
         name=RECONCILIATION_SENSOR_NAME,
         minimum_interval_seconds=minimum_interval_seconds,
-        default_status=DefaultSensorStatus.RUNNING,
+        default_status=dg.DefaultSensorStatus.RUNNING,
         description=(
             f"Re-lists {prefixes_per_tick} registered prefixes per tick, in turn, and reports raw_images changed "
             "for each whose listing differs from the last one reported (changed, emptied or deleted); "
@@ -61,8 +53,8 @@ def build_reconciliation_sensor(minimum_interval_seconds: int, prefixes_per_tick
         ),
     )
     def full_reconciliation_sensor(
-        context: SensorEvaluationContext, storage: StorageResource
-    ) -> SensorResult | SkipReason:
+        context: dg.SensorEvaluationContext, storage: StorageResource
+    ) -> dg.SensorResult | dg.SkipReason:
         # A key an earlier version registered ('' from '<root>//') is never listed: it would list the whole root.
         root = storage.partitioned_root()
         registered = [
@@ -72,7 +64,7 @@ def build_reconciliation_sensor(minimum_interval_seconds: int, prefixes_per_tick
         ]
         window = next_window(registered, context.cursor or None, prefixes_per_tick)
         if not window:
-            return SkipReason("no registered prefixes")
+            return dg.SkipReason("no registered prefixes")
         # Batched event-log queries for the whole window (one per prefix cost 4 s a tick on
         # PostgreSQL): the last report, else the manifest's fingerprint, as discovery compares.
         reported = known_prefixes(context.instance, window).fingerprints_of(window)
@@ -80,9 +72,9 @@ def build_reconciliation_sensor(minimum_interval_seconds: int, prefixes_per_tick
         for prefix, error in errors.items():  # one prefix that cannot be listed does not stop the others
             context.log.warning(f"prefix {prefix!r} could not be listed (tried again next pass): {error}")
         changed = {prefix: fp for prefix, fp in fingerprints.items() if fp != reported.get(prefix)}
-        return SensorResult(
+        return dg.SensorResult(
             asset_events=[
-                AssetMaterialization(asset_key=RAW_IMAGES, partition=prefix, metadata={LISTING_FINGERPRINT_KEY: fp})
+                dg.AssetMaterialization(asset_key=RAW_IMAGES, partition=prefix, metadata={LISTING_FINGERPRINT_KEY: fp})
                 for prefix, fp in changed.items()
             ],
             cursor=window[-1],

@@ -1,12 +1,12 @@
 """The `image_limits` resource: what an original image may cost before it is rejected instead of decoded."""
 
-from dagster import ConfigurableResource
+import dagster as dg
 from pydantic import Field
 
 from imgemb_assets.core.imaging.images import DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_IMAGE_BYTES, ImageLimits
 
 
-class ImageLimitsResource(ConfigurableResource):
+class ImageLimitsResource(dg.ConfigurableResource):
     """What an original image may cost before it is rejected (with the reason) instead of decoded."""
 
     max_image_bytes: int = Field(

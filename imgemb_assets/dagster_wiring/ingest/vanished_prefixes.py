@@ -33,7 +33,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Final
 
-from dagster import Config, Failure, MetadataValue, OpExecutionContext, Output, RunRequest, job, op
+import dagster as dg
 from dagster._core.storage.dagster_run import ACTIVE_RUN_STATUSES
 from pydantic import Field
 
@@ -69,17 +69,17 @@ def removal_refusal(vanished: Sequence[str], registered_count: int) -> str | Non
     return None
 
 
-def removal_request(vanished: Sequence[str]) -> RunRequest:
+def removal_request(vanished: Sequence[str]) -> dg.RunRequest:
     """A run of remove_vanished_prefixes for these prefixes; the same set is requested once."""
     digest = hashlib.sha256("\0".join(sorted(vanished)).encode("utf-8", "surrogatepass")).hexdigest()[:16]
-    return RunRequest(
+    return dg.RunRequest(
         run_key=f"{REMOVE_VANISHED_JOB_NAME}:{digest}",
         job_name=REMOVE_VANISHED_JOB_NAME,
         run_config={"ops": {"remove_prefixes": {"config": {"prefixes": sorted(vanished)}}}},
     )
 
 
-class RemovePrefixesConfig(Config):
+class RemovePrefixesConfig(dg.Config):
     prefixes: list[str]
     wait_for_runs_s: float = Field(
         default=DEFAULT_WAIT_FOR_RUNS_S,
@@ -88,10 +88,10 @@ class RemovePrefixesConfig(Config):
     )
 
 
-@op(name="remove_prefixes")
+@dg.op(name="remove_prefixes")
 def remove_prefixes(
-    context: OpExecutionContext, config: RemovePrefixesConfig, storage: StorageResource
-) -> Output[None]:
+    context: dg.OpExecutionContext, config: RemovePrefixesConfig, storage: StorageResource
+) -> dg.Output[None]:
     lake = storage.lake()
     still_there = set(storage.partitioned_root().current_partitions())
     # The order the runs' ranges were cut from, read before any partition leaves it.
@@ -123,20 +123,20 @@ def remove_prefixes(
     if emptied:
         context.log.info(f"removed {len(emptied)} vanished prefixes: {shown(emptied)}")
     if busy:
-        raise Failure(
+        raise dg.Failure(
             description=f"{len(busy)} prefixes were unregistered but their rows are left, as runs still write them "
             f"after {config.wait_for_runs_s:g} s: {_runs_shown(busy)}; run {REMOVE_VANISHED_JOB_NAME} again with the "
             "same prefixes once those runs have ended",
             metadata={
-                "prefixes_removed": MetadataValue.json(emptied),
-                "prefixes_left_to_runs": MetadataValue.json(sorted(busy)),
+                "prefixes_removed": dg.MetadataValue.json(emptied),
+                "prefixes_left_to_runs": dg.MetadataValue.json(sorted(busy)),
             },
         )
-    return Output(
+    return dg.Output(
         None,
         metadata={
-            "prefixes_removed": MetadataValue.json(emptied),
-            "prefixes_left": MetadataValue.json(kept),
+            "prefixes_removed": dg.MetadataValue.json(emptied),
+            "prefixes_left": dg.MetadataValue.json(kept),
             **{f"rows_removed/{name}": rows for name, rows in rows_removed.items()},
             "near_duplicates_removed_with_their_other_side": pairs_removed,
         },
@@ -144,7 +144,7 @@ def remove_prefixes(
 
 
 def _wait_for_writers(
-    context: OpExecutionContext, prefixes: Sequence[str], order: Sequence[str], timeout_s: float
+    context: dg.OpExecutionContext, prefixes: Sequence[str], order: Sequence[str], timeout_s: float
 ) -> dict[str, set[str]]:
     """Waits until no running run writes any of `prefixes`; those still written after `timeout_s` -> run ids.
 
@@ -169,7 +169,7 @@ def _wait_for_writers(
         time.sleep(min(_RUNS_POLL_S, max(0.0, deadline - time.monotonic())))
 
 
-def _registered(context: OpExecutionContext, prefix: str) -> bool:
+def _registered(context: dg.OpExecutionContext, prefix: str) -> bool:
     return context.instance.has_dynamic_partition(S3_PREFIX_PARTITIONS_NAME, prefix)
 
 
@@ -177,7 +177,7 @@ def _runs_shown(busy: Mapping[str, set[str]]) -> str:
     return "; ".join(f"{prefix!r} by run {', '.join(sorted(runs))}" for prefix, runs in sorted(busy.items())[:_SHOWN])
 
 
-@job(
+@dg.job(
     name=REMOVE_VANISHED_JOB_NAME,
     description="Removes prefixes that no longer hold objects from every partitioned table and from the instance "
     "(requested by the discovery sensor when IMGEMB_VANISHED_PREFIXES=remove).",

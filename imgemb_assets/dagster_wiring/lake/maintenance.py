@@ -20,32 +20,7 @@ runs are in progress is skipped.
 
 from typing import Final
 
-from dagster import (
-    AssetKey,
-    AssetObservation,
-    Config,
-    DagsterInstance,
-    DagsterRun,
-    DagsterRunStatus,
-    DefaultScheduleStatus,
-    Failure,
-    In,
-    JobDefinition,
-    MetadataValue,
-    Nothing,
-    OpDefinition,
-    OpExecutionContext,
-    Out,
-    RunRequest,
-    RunsFilter,
-    ScheduleDefinition,
-    ScheduleEvaluationContext,
-    SkipReason,
-    in_process_executor,
-    job,
-    op,
-    schedule,
-)
+import dagster as dg
 from pydantic import Field
 
 from imgemb_assets.core.lake import tables
@@ -55,7 +30,7 @@ from imgemb_assets.dagster_wiring.location.settings import LocationSettings
 from imgemb_assets.dagster_wiring.names import GUARD_OP_NAME, MAINTENANCE_JOB_NAME, MAINTENANCE_SCHEDULE_NAME
 
 # Runs that may be writing now. Queued runs are not: a run queue may hold them for hours.
-_BUSY_STATUSES: Final = (DagsterRunStatus.STARTING, DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING)
+_BUSY_STATUSES: Final = (dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING)
 _RUNS_NAMED: Final = 10
 _PATHS_LOGGED: Final = 50
 
@@ -73,32 +48,34 @@ def maintenance_settings(location: LocationSettings) -> MaintenanceSettings:
     )
 
 
-def busy_runs(instance: DagsterInstance, except_run_id: str | None = None) -> list[DagsterRun]:
+def busy_runs(instance: dg.DagsterInstance, except_run_id: str | None = None) -> list[dg.DagsterRun]:
     """Runs of this instance starting, running or being canceled, but the one named."""
-    runs = instance.get_runs(filters=RunsFilter(statuses=list(_BUSY_STATUSES)), limit=_RUNS_NAMED + 1)
+    runs = instance.get_runs(filters=dg.RunsFilter(statuses=list(_BUSY_STATUSES)), limit=_RUNS_NAMED + 1)
     return [run for run in runs if run.run_id != except_run_id]
 
 
-def _named(runs: list[DagsterRun]) -> str:
+def _named(runs: list[dg.DagsterRun]) -> str:
     return ", ".join(f"{run.job_name} ({run.run_id})" for run in runs[:_RUNS_NAMED])
 
 
-class GuardConfig(Config):
+class GuardConfig(dg.Config):
     ignore_active_runs: bool = Field(
         default=False,
         description="Maintain the tables even while other runs are in progress (when none of them writes the lake).",
     )
 
 
-@op(name=GUARD_OP_NAME, out=Out(Nothing), description="Fails while other runs of this instance are in progress.")
-def no_other_runs(context: OpExecutionContext, config: GuardConfig) -> None:
+@dg.op(
+    name=GUARD_OP_NAME, out=dg.Out(dg.Nothing), description="Fails while other runs of this instance are in progress."
+)
+def no_other_runs(context: dg.OpExecutionContext, config: GuardConfig) -> None:
     others = busy_runs(context.instance, context.run_id)
     if not others:
         return
     if config.ignore_active_runs:
         context.log.warning(f"maintaining the lake while other runs are in progress, as asked: {_named(others)}")
         return
-    raise Failure(
+    raise dg.Failure(
         description=(
             f"{len(others)}{'+' if len(others) > _RUNS_NAMED else ''} other run(s) in progress: {_named(others)}. "
             "Lake maintenance does not race the partition writers: launch it again when they are done, "
@@ -108,35 +85,35 @@ def no_other_runs(context: OpExecutionContext, config: GuardConfig) -> None:
     )
 
 
-def observation(report: MaintenanceReport, settings: MaintenanceSettings) -> AssetObservation:
-    return AssetObservation(
-        asset_key=AssetKey(report.table),
+def observation(report: MaintenanceReport, settings: MaintenanceSettings) -> dg.AssetObservation:
+    return dg.AssetObservation(
+        asset_key=dg.AssetKey(report.table),
         description="lake maintenance: compaction, checkpoint, vacuum",
         metadata={
-            "files_before": MetadataValue.int(report.files_before),
-            "files_after": MetadataValue.int(report.files_after),
-            "partitions_compacted": MetadataValue.int(report.partitions_compacted),
-            "partitions_skipped": MetadataValue.int(report.partitions_skipped),
-            "files_compacted_away": MetadataValue.int(report.files_compacted_away),
-            "files_compacted_into": MetadataValue.int(report.files_compacted_into),
-            "files_vacuumed": MetadataValue.int(report.files_vacuumed),
-            "bytes_vacuumed": MetadataValue.int(report.bytes_vacuumed),
-            "checkpoint_version": MetadataValue.int(report.checkpoint_version),
-            "version_before": MetadataValue.int(report.version_before),
-            "version_after": MetadataValue.int(report.version_after),
-            "vacuum_retention_hours": MetadataValue.int(settings.vacuum_retention_hours),
-            "seconds": MetadataValue.float(round(report.seconds, 3)),
+            "files_before": dg.MetadataValue.int(report.files_before),
+            "files_after": dg.MetadataValue.int(report.files_after),
+            "partitions_compacted": dg.MetadataValue.int(report.partitions_compacted),
+            "partitions_skipped": dg.MetadataValue.int(report.partitions_skipped),
+            "files_compacted_away": dg.MetadataValue.int(report.files_compacted_away),
+            "files_compacted_into": dg.MetadataValue.int(report.files_compacted_into),
+            "files_vacuumed": dg.MetadataValue.int(report.files_vacuumed),
+            "bytes_vacuumed": dg.MetadataValue.int(report.bytes_vacuumed),
+            "checkpoint_version": dg.MetadataValue.int(report.checkpoint_version),
+            "version_before": dg.MetadataValue.int(report.version_before),
+            "version_after": dg.MetadataValue.int(report.version_after),
+            "vacuum_retention_hours": dg.MetadataValue.int(settings.vacuum_retention_hours),
+            "seconds": dg.MetadataValue.float(round(report.seconds, 3)),
         },
     )
 
 
-def _table_op(name: str, settings: MaintenanceSettings) -> OpDefinition:
-    @op(
+def _table_op(name: str, settings: MaintenanceSettings) -> dg.OpDefinition:
+    @dg.op(
         name=maintenance_op_name(name),
-        ins={"ready": In(Nothing)},
+        ins={"ready": dg.In(dg.Nothing)},
         description=f"Compacts, checkpoints and vacuums the {name} table, if it exists.",
     )
-    def maintain(context: OpExecutionContext, storage: StorageResource) -> None:
+    def maintain(context: dg.OpExecutionContext, storage: StorageResource) -> None:
         lake = storage.lake()
         if not lake.exists(name):
             context.log.info(f"{name}: no table yet, nothing to maintain")
@@ -153,12 +130,12 @@ def _table_op(name: str, settings: MaintenanceSettings) -> OpDefinition:
     return maintain
 
 
-def build_maintenance_job(settings: MaintenanceSettings) -> JobDefinition:
+def build_maintenance_job(settings: MaintenanceSettings) -> dg.JobDefinition:
     table_ops = [_table_op(name, settings) for name in (*tables.ALL_TABLES, *tables.DERIVED_TABLES)]
 
-    @job(
+    @dg.job(
         name=MAINTENANCE_JOB_NAME,
-        executor_def=in_process_executor,
+        executor_def=dg.in_process_executor,
         description=(
             "Compacts partitions with many small files, checkpoints each table's log and vacuums files no version "
             f"within {settings.vacuum_retention_hours} hours references (killed writes' included). "
@@ -173,21 +150,23 @@ def build_maintenance_job(settings: MaintenanceSettings) -> JobDefinition:
     return lake_maintenance
 
 
-def build_maintenance_schedule(location: LocationSettings) -> ScheduleDefinition:
-    @schedule(
+def build_maintenance_schedule(location: LocationSettings) -> dg.ScheduleDefinition:
+    @dg.schedule(
         name=MAINTENANCE_SCHEDULE_NAME,
         cron_schedule=location.maintenance_cron,
         execution_timezone="UTC",
         job=build_maintenance_job(maintenance_settings(location)),
-        default_status=DefaultScheduleStatus.STOPPED,
+        default_status=dg.DefaultScheduleStatus.STOPPED,
         description=(
             f"Lake maintenance at {location.maintenance_cron!r} (UTC), skipped while other runs are in progress."
         ),
     )
-    def lake_maintenance_schedule(context: ScheduleEvaluationContext) -> RunRequest | SkipReason:
+    def lake_maintenance_schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest | dg.SkipReason:
         others = busy_runs(context.instance)
         if others:
-            return SkipReason(f"other runs are in progress, lake maintenance waits for the next tick: {_named(others)}")
-        return RunRequest()
+            return dg.SkipReason(
+                f"other runs are in progress, lake maintenance waits for the next tick: {_named(others)}"
+            )
+        return dg.RunRequest()
 
     return lake_maintenance_schedule

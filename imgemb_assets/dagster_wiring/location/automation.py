@@ -33,12 +33,7 @@ partition, which of these conditions held.
 
 from typing import Final
 
-from dagster import (
-    AssetSelection,
-    AutomationCondition,
-    AutomationConditionSensorDefinition,
-    DefaultSensorStatus,
-)
+import dagster as dg
 
 from imgemb_assets.dagster_wiring.names import AUTOMATION_SENSOR_NAME
 
@@ -46,7 +41,7 @@ DEFAULT_RETRY_FAILED_CRON: Final = "0 * * * *"
 
 STALE_LABEL: Final = "stale: missing, or an upstream changed since its last update"
 
-_NOT_BUSY: Final = ~AutomationCondition.in_progress() & ~AutomationCondition.any_deps_in_progress()
+_NOT_BUSY: Final = ~dg.AutomationCondition.in_progress() & ~dg.AutomationCondition.any_deps_in_progress()
 
 # Stale from the latest change of an upstream table (or source) until an update later than it.
 # Each side of `since` is a bare operand (or one dep operator over one), so Dagster
@@ -59,39 +54,39 @@ _NOT_BUSY: Final = ~AutomationCondition.in_progress() & ~AutomationCondition.any
 # chain came out stale again and ran twice. An upstream table rewritten while a downstream
 # step still reads its old rows is the writes' concern, not this rule's: each commit checks
 # that the partition it read is unchanged (Lake.unchanged_since) and retries otherwise.
-_UPDATED: Final = AutomationCondition.newly_updated()
-_UPSTREAM_UPDATED: Final = AutomationCondition.any_deps_match(AutomationCondition.newly_updated())
-_STALE: Final = (AutomationCondition.newly_missing().since(_UPDATED) | _UPSTREAM_UPDATED.since(_UPDATED)).with_label(
+_UPDATED: Final = dg.AutomationCondition.newly_updated()
+_UPSTREAM_UPDATED: Final = dg.AutomationCondition.any_deps_match(dg.AutomationCondition.newly_updated())
+_STALE: Final = (dg.AutomationCondition.newly_missing().since(_UPDATED) | _UPSTREAM_UPDATED.since(_UPDATED)).with_label(
     STALE_LABEL
 )
 # An upstream table requested on this evaluation makes this one stale once it updates:
 # request it now, so a new or changed prefix's whole chain goes out in one evaluation
 # (one run per prefix, or one backfill whose runs take the chain together).
-_UPSTREAM_REQUESTED_NOW: Final = AutomationCondition.any_deps_match(AutomationCondition.will_be_requested()).with_label(
-    "an upstream table is requested on this evaluation"
-)
+_UPSTREAM_REQUESTED_NOW: Final = dg.AutomationCondition.any_deps_match(
+    dg.AutomationCondition.will_be_requested()
+).with_label("an upstream table is requested on this evaluation")
 
 
-def _retry_due(retry_failed_cron: str) -> AutomationCondition:
+def _retry_due(retry_failed_cron: str) -> dg.AutomationCondition:
     return (
-        ~AutomationCondition.execution_failed()
+        ~dg.AutomationCondition.execution_failed()
         # Dagster types cron_tick_passed for asset keys and since_last_handled for any key: the same at run time
-        | AutomationCondition.cron_tick_passed(retry_failed_cron).since_last_handled()  # type: ignore[misc, operator]
+        | dg.AutomationCondition.cron_tick_passed(retry_failed_cron).since_last_handled()  # type: ignore[misc, operator]
     ).with_label(f"not failed, or failed and the retry cron {retry_failed_cron!r} ticked")
 
 
-def follows_source(retry_failed_cron: str = DEFAULT_RETRY_FAILED_CRON) -> AutomationCondition:
+def follows_source(retry_failed_cron: str = DEFAULT_RETRY_FAILED_CRON) -> dg.AutomationCondition:
     """For tables read from a source (external assets: nothing materializes them, sensors report them)."""
     return (_STALE & _retry_due(retry_failed_cron) & _NOT_BUSY).with_label("stale, and its source is readable")
 
 
-def follows_upstream(retry_failed_cron: str = DEFAULT_RETRY_FAILED_CRON) -> AutomationCondition:
+def follows_upstream(retry_failed_cron: str = DEFAULT_RETRY_FAILED_CRON) -> dg.AutomationCondition:
     """For tables computed from other tables."""
     return (
         (_STALE | _UPSTREAM_REQUESTED_NOW)
         & _retry_due(retry_failed_cron)
-        & ~AutomationCondition.any_deps_missing()
-        & AutomationCondition.all_deps_blocking_checks_passed()
+        & ~dg.AutomationCondition.any_deps_missing()
+        & dg.AutomationCondition.all_deps_blocking_checks_passed()
         & _NOT_BUSY
     ).with_label("stale, and its upstream tables are ready")
 
@@ -100,11 +95,11 @@ FOLLOWS_SOURCE: Final = follows_source()
 FOLLOWS_UPSTREAM: Final = follows_upstream()
 
 
-def build_automation_sensor(minimum_interval_seconds: int) -> AutomationConditionSensorDefinition:
-    return AutomationConditionSensorDefinition(
+def build_automation_sensor(minimum_interval_seconds: int) -> dg.AutomationConditionSensorDefinition:
+    return dg.AutomationConditionSensorDefinition(
         AUTOMATION_SENSOR_NAME,
-        target=AssetSelection.all(),
-        default_status=DefaultSensorStatus.RUNNING,
+        target=dg.AssetSelection.all(),
+        default_status=dg.DefaultSensorStatus.RUNNING,
         minimum_interval_seconds=minimum_interval_seconds,
         # One backfill per tick for many partitions: chunked by the assets' BackfillPolicy.
         emit_backfills=True,

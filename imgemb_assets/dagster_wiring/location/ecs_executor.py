@@ -8,7 +8,7 @@ launch type into step tasks.
 
 from typing import Any
 
-from dagster import DagsterInvariantViolationError, ExecutorDefinition
+import dagster as dg
 from dagster._core.execution.retries import RetryMode
 from dagster._core.execution.step_dependency_config import StepDependencyConfig
 from dagster._core.executor.base import Executor
@@ -27,7 +27,7 @@ class CapacityProviderEcsStepHandler(EcsStepHandler):
         return super()._run_task(**run_task_kwargs)
 
 
-def ecs_capacity_provider_executor() -> ExecutorDefinition:
+def ecs_capacity_provider_executor() -> dg.ExecutorDefinition:
     """dagster-aws's `ecs_executor` (same name, config and behaviour), whose step tasks may use capacity providers.
 
     The step handler copies the launch type of the run's own task (`FARGATE` when it has none) into
@@ -44,7 +44,7 @@ def ecs_capacity_provider_executor() -> ExecutorDefinition:
         # The body of dagster-aws's ecs_executor, with the handler above.
         run_launcher = init_context.instance.run_launcher
         if not isinstance(run_launcher, EcsRunLauncher):
-            raise DagsterInvariantViolationError(
+            raise dg.DagsterInvariantViolationError(
                 "the ecs executor needs runs launched in ECS tasks by the EcsRunLauncher"
             )
         config = init_context.executor_config
@@ -65,7 +65,7 @@ def ecs_capacity_provider_executor() -> ExecutorDefinition:
             step_dependency_config=StepDependencyConfig.from_config(config.get("step_dependency_config")),  # type: ignore[arg-type]
         )
 
-    return ExecutorDefinition(
+    return dg.ExecutorDefinition(
         name=ecs_executor.name,
         config_schema=ecs_executor.config_schema,  # type: ignore[arg-type]  # Dagster's own executor's schema, as it is
         requirements=ecs_executor.get_requirements,

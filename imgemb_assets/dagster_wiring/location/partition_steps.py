@@ -20,18 +20,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from dagster import (
-    AssetCheckEvaluation,
-    AssetCheckSeverity,
-    AssetExecutionContext,
-    AssetKey,
-    AssetMaterialization,
-    AssetRecordsFilter,
-    DagsterInstance,
-    Failure,
-    MaterializeResult,
-    Output,
-)
+import dagster as dg
 from dagster._core.definitions.asset_checks.asset_check_evaluation import (
     AssetCheckEvaluationTargetMaterializationData,
 )
@@ -50,7 +39,7 @@ class CheckReport:
 
     name: str
     outcome: CheckOutcome
-    severity: AssetCheckSeverity = AssetCheckSeverity.ERROR
+    severity: dg.AssetCheckSeverity = dg.AssetCheckSeverity.ERROR
 
 
 @dataclass(frozen=True)
@@ -63,14 +52,14 @@ class AssetReport:
 
 
 PrefixWork = Callable[[str], Sequence[AssetReport]]
-StepEvent = MaterializeResult | AssetMaterialization | AssetCheckEvaluation | Output
+StepEvent = dg.MaterializeResult | dg.AssetMaterialization | dg.AssetCheckEvaluation | dg.Output
 
 
 class PrefixesFailed(Exception):
     """Some prefixes of the step's range failed (each for a reason a retry may change); the rest were written."""
 
 
-def materialize_prefixes(context: AssetExecutionContext, work: PrefixWork) -> Iterator[StepEvent]:
+def materialize_prefixes(context: dg.AssetExecutionContext, work: PrefixWork) -> Iterator[StepEvent]:
     """Runs `work` for every prefix of the step's range and yields Dagster's events for each prefix."""
     prefixes = list(context.partition_keys)
     reports: dict[str, Sequence[AssetReport]] = {}
@@ -90,7 +79,7 @@ def materialize_prefixes(context: AssetExecutionContext, work: PrefixWork) -> It
         # Removed after its commit: Dagster takes no event for a deleted partition, and the removal
         # waited for this run to end before deleting what it wrote.
         del reports[prefix]
-        failures[prefix] = Failure(
+        failures[prefix] = dg.Failure(
             description=f"prefix {prefix!r} was removed (remove_vanished_prefixes) while this run wrote it; "
             "what it wrote is deleted with it",
             allow_retries=False,
@@ -101,44 +90,44 @@ def materialize_prefixes(context: AssetExecutionContext, work: PrefixWork) -> It
     yield from _reported_with_outputs(context, reports)
 
 
-def _still_registered(instance: DagsterInstance, prefix: str) -> bool:
+def _still_registered(instance: dg.DagsterInstance, prefix: str) -> bool:
     return instance.has_dynamic_partition(S3_PREFIX_PARTITIONS_NAME, prefix)
 
 
 def _refuses_every_prefix(error: Exception) -> bool:
-    return isinstance(error, Failure) and isinstance(error.__cause__, S3AccessDenied)
+    return isinstance(error, dg.Failure) and isinstance(error.__cause__, S3AccessDenied)
 
 
 def _reported_with_outputs(
-    context: AssetExecutionContext, reports: Mapping[str, Sequence[AssetReport]]
+    context: dg.AssetExecutionContext, reports: Mapping[str, Sequence[AssetReport]]
 ) -> Iterator[StepEvent]:
     for prefix, report in _each_report(reports):
         context.add_asset_metadata(dict(report.metadata), asset_key=report.asset, partition_key=prefix)
     for asset_key in context.selected_asset_keys:
-        yield MaterializeResult(asset_key=asset_key)
+        yield dg.MaterializeResult(asset_key=asset_key)
     yield from _check_evaluations(context.instance, reports)
     # A check's output must be emitted even though its results are reported per prefix above.
     for output_name in context.assets_def.check_specs_by_output_name:
-        yield Output(None, output_name=output_name)
+        yield dg.Output(None, output_name=output_name)
 
 
 def _reported_one_by_one(
-    instance: DagsterInstance, reports: Mapping[str, Sequence[AssetReport]]
+    instance: dg.DagsterInstance, reports: Mapping[str, Sequence[AssetReport]]
 ) -> Iterator[StepEvent]:
     for prefix, report in _each_report(reports):
-        yield AssetMaterialization(asset_key=report.asset, partition=prefix, metadata=dict(report.metadata))
+        yield dg.AssetMaterialization(asset_key=report.asset, partition=prefix, metadata=dict(report.metadata))
     yield from _check_evaluations(instance, reports)
 
 
 def _check_evaluations(
-    instance: DagsterInstance, reports: Mapping[str, Sequence[AssetReport]]
-) -> Iterator[AssetCheckEvaluation]:
+    instance: dg.DagsterInstance, reports: Mapping[str, Sequence[AssetReport]]
+) -> Iterator[dg.AssetCheckEvaluation]:
     """Each prefix's check results, tied to the materialization just reported (as the UI expects)."""
     for prefix, report in _each_report(reports):
         target = _latest_materialization(instance, report.asset, prefix) if report.checks else None
         for check in report.checks:
-            yield AssetCheckEvaluation(
-                asset_key=AssetKey(report.asset),
+            yield dg.AssetCheckEvaluation(
+                asset_key=dg.AssetKey(report.asset),
                 check_name=check.name,
                 passed=check.outcome.passed,
                 severity=check.severity,
@@ -156,12 +145,12 @@ def _each_report(reports: Mapping[str, Sequence[AssetReport]]) -> Iterator[tuple
 
 
 def _latest_materialization(
-    instance: DagsterInstance, asset: str, prefix: str
+    instance: dg.DagsterInstance, asset: str, prefix: str
 ) -> AssetCheckEvaluationTargetMaterializationData | None:
     # The events yielded before this point are already stored: a step's events are
     # written as it yields them.
     records = instance.fetch_materializations(
-        AssetRecordsFilter(asset_key=AssetKey(asset), asset_partitions=[prefix]), limit=1
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[prefix]), limit=1
     ).records
     if not records:
         return None
@@ -177,11 +166,11 @@ def _failure_naming(failures: Mapping[str, Exception], total: int) -> Exception:
         f"{len(failures)} of {total} prefixes failed and were not written: {shown}{more}. "
         f"The other {total - len(failures)} were written and reported."
     )
-    retryable = [exc for exc in failures.values() if not (isinstance(exc, Failure) and not exc.allow_retries)]
+    retryable = [exc for exc in failures.values() if not (isinstance(exc, dg.Failure) and not exc.allow_retries)]
     if retryable:
         return PrefixesFailed(message)
-    return Failure(description=message, metadata={"failed_prefixes": sorted(failures)}, allow_retries=False)
+    return dg.Failure(description=message, metadata={"failed_prefixes": sorted(failures)}, allow_retries=False)
 
 
 def _reason(exc: Exception) -> str:
-    return exc.description if isinstance(exc, Failure) and exc.description else f"{type(exc).__name__}: {exc}"
+    return exc.description if isinstance(exc, dg.Failure) and exc.description else f"{type(exc).__name__}: {exc}"

@@ -3,7 +3,7 @@
 from collections.abc import Sequence
 from typing import Any
 
-from dagster import AutomationCondition, BackfillPolicy, DagsterInstance, DynamicPartitionsDefinition
+import dagster as dg
 
 from imgemb_assets.core.lake.errors import PartitionRemovedError
 from imgemb_assets.core.lake.lake import Precondition
@@ -12,15 +12,17 @@ from imgemb_assets.dagster_wiring.location.retries import STEP_RETRY_POLICY
 from imgemb_assets.dagster_wiring.location.settings import LocationSettings
 from imgemb_assets.dagster_wiring.names import S3_PREFIX_PARTITIONS_NAME
 
-s3_prefix_partitions = DynamicPartitionsDefinition(name=S3_PREFIX_PARTITIONS_NAME)
+s3_prefix_partitions = dg.DynamicPartitionsDefinition(name=S3_PREFIX_PARTITIONS_NAME)
 
 
-def prefix_backfill_policy(settings: LocationSettings) -> BackfillPolicy:
+def prefix_backfill_policy(settings: LocationSettings) -> dg.BackfillPolicy:
     """Runs of a partitioned asset cover at most `settings.max_partitions_per_run` prefixes."""
-    return BackfillPolicy.multi_run(max_partitions_per_run=settings.max_partitions_per_run)
+    return dg.BackfillPolicy.multi_run(max_partitions_per_run=settings.max_partitions_per_run)
 
 
-def per_prefix_asset(policy: BackfillPolicy, automation: AutomationCondition = FOLLOWS_UPSTREAM) -> dict[str, Any]:
+def per_prefix_asset(
+    policy: dg.BackfillPolicy, automation: dg.AutomationCondition = FOLLOWS_UPSTREAM
+) -> dict[str, Any]:
     """What every asset with one partition per prefix passes to `@asset`: its partitions, runs, automation, retries."""
     return {
         "partitions_def": s3_prefix_partitions,
@@ -30,7 +32,7 @@ def per_prefix_asset(policy: BackfillPolicy, automation: AutomationCondition = F
     }
 
 
-def register_prefixes(instance: DagsterInstance, prefixes: Sequence[str], register: bool = True) -> list[str]:
+def register_prefixes(instance: dg.DagsterInstance, prefixes: Sequence[str], register: bool = True) -> list[str]:
     """The prefixes not yet registered as partitions, registered (unless `register` is false: a dry run)."""
     known = set(instance.get_dynamic_partitions(S3_PREFIX_PARTITIONS_NAME))
     added = [prefix for prefix in dict.fromkeys(prefixes) if prefix not in known]
@@ -39,7 +41,7 @@ def register_prefixes(instance: DagsterInstance, prefixes: Sequence[str], regist
     return added
 
 
-def still_registered(instance: DagsterInstance, prefix: str) -> Precondition:
+def still_registered(instance: dg.DagsterInstance, prefix: str) -> Precondition:
     """A write precondition: the prefix is still a registered partition (checked before each commit attempt).
 
     remove_vanished_prefixes unregisters a prefix before it deletes its rows, and waits for the runs

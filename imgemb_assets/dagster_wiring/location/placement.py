@@ -14,7 +14,7 @@ import os
 import socket
 from typing import Any
 
-from dagster import ExecutorDefinition, in_process_executor, multiprocess_executor
+import dagster as dg
 
 from imgemb_assets.dagster_wiring.location.settings import LocationSettings
 
@@ -60,7 +60,7 @@ def celery_executor_config(settings: LocationSettings) -> dict[str, Any]:
     return config
 
 
-def location_executor(settings: LocationSettings) -> ExecutorDefinition:
+def location_executor(settings: LocationSettings) -> dg.ExecutorDefinition:
     # The cloud executors are imported only when chosen: each costs about a second
     # at every load of the code location.
     if settings.executor == "celery":
@@ -79,5 +79,5 @@ def location_executor(settings: LocationSettings) -> ExecutorDefinition:
 
         return k8s_job_executor
     if settings.executor == "multiprocess":
-        return multiprocess_executor
-    return in_process_executor
+        return dg.multiprocess_executor
+    return dg.in_process_executor

@@ -2,7 +2,7 @@
 
 from typing import Any, Literal
 
-from dagster import ConfigurableResource
+import dagster as dg
 from pydantic import Field
 
 from imgemb_assets.core.embedding.drift import DriftThresholds
@@ -16,7 +16,7 @@ from imgemb_assets.core.storage.s3 import S3Settings
 from imgemb_assets.dagster_wiring.location.retries import permanent_failures
 
 
-class ImgembS3Resource(ConfigurableResource):
+class ImgembS3Resource(dg.ConfigurableResource):
     """How to reach S3: endpoint, region, credentials, retries, connection pool.
 
     The fields dagster-aws's `S3Resource` names the same way mean the same here;
@@ -52,7 +52,7 @@ class ImgembS3Resource(ConfigurableResource):
         return self.settings().client()
 
 
-class StorageResource(ConfigurableResource):
+class StorageResource(dg.ConfigurableResource):
     """The three roots: raw images (one folder or S3 prefix per partition), sales parquet, Delta lake.
 
     Each root is a local path or an s3:// URI; `s3` says how to reach S3.
@@ -98,7 +98,7 @@ class StorageResource(ConfigurableResource):
             return Lake(self.lake_uri)
 
 
-class QualityThresholds(ConfigurableResource):
+class QualityThresholds(dg.ConfigurableResource):
     """Thresholds of the asset checks."""
 
     min_sales_coverage: float = Field(

@@ -12,8 +12,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Final
 
+import dagster as dg
 from botocore.exceptions import ClientError
-from dagster import Backoff, Failure, Jitter, RetryPolicy
 
 from imgemb_assets.core.embedding.model_settings import ModelConfigError
 from imgemb_assets.core.ingest.partition_scheme import PartitionSchemeError
@@ -24,7 +24,9 @@ from imgemb_assets.core.storage.errors import StorageError
 from imgemb_assets.core.storage.s3 import S3ConfigError
 
 # 2 s, 4 s, 8 s (each +-50%): long enough for throttling to ease.
-STEP_RETRY_POLICY: Final = RetryPolicy(max_retries=3, delay=2, backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS)
+STEP_RETRY_POLICY: Final = dg.RetryPolicy(
+    max_retries=3, delay=2, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS
+)
 
 _PERMANENT_ERRORS: Final = (
     SalesError,
@@ -49,11 +51,11 @@ def permanent_failures() -> Iterator[None]:
     except S3ConfigError as exc:
         # Already one line naming the bucket or setting and what to do (S3AccessDenied among them):
         # it is the failure's whole message.
-        raise Failure(description=str(exc), allow_retries=False) from exc
+        raise dg.Failure(description=str(exc), allow_retries=False) from exc
     except _PERMANENT_ERRORS as exc:
-        raise Failure(description=f"{type(exc).__name__}: {exc}", allow_retries=False) from exc
+        raise dg.Failure(description=f"{type(exc).__name__}: {exc}", allow_retries=False) from exc
     except ClientError as exc:
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         if status in _TRANSIENT_HTTP_STATUS:
             raise
-        raise Failure(description=f"S3 refused the request (HTTP {status}): {exc}", allow_retries=False) from exc
+        raise dg.Failure(description=f"S3 refused the request (HTTP {status}): {exc}", allow_retries=False) from exc

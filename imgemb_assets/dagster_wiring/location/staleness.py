@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from dagster import AssetKey, DagsterEventType, DagsterInstance, Definitions
+import dagster as dg
 
 
 @dataclass(frozen=True)
@@ -30,21 +30,21 @@ class PartitionStatus:
         return sorted({*self.missing, *self.stale})
 
 
-def latest_update_ids(instance: DagsterInstance, asset: str) -> Mapping[str, int]:
+def latest_update_ids(instance: dg.DagsterInstance, asset: str) -> Mapping[str, int]:
     """Prefix -> storage id of the asset's latest materialization of it (reported ones included)."""
     return instance.event_log_storage.get_latest_storage_id_by_partition(
-        AssetKey(asset), DagsterEventType.ASSET_MATERIALIZATION
+        dg.AssetKey(asset), dg.DagsterEventType.ASSET_MATERIALIZATION
     )
 
 
-def latest_unpartitioned_id(instance: DagsterInstance, asset: str) -> int | None:
+def latest_unpartitioned_id(instance: dg.DagsterInstance, asset: str) -> int | None:
     """Storage id of an unpartitioned asset's latest materialization (reported ones included), or None."""
-    records = instance.fetch_materializations(AssetKey(asset), limit=1).records
+    records = instance.fetch_materializations(dg.AssetKey(asset), limit=1).records
     return records[0].storage_id if records else None
 
 
 def partition_status(
-    instance: DagsterInstance,
+    instance: dg.DagsterInstance,
     asset: str,
     partitioned_upstream: Iterable[str],
     unpartitioned_upstream: Iterable[str],
@@ -71,11 +71,11 @@ def partition_status(
 
 
 def status_in_graph(
-    instance: DagsterInstance, defs: Definitions, asset: str, prefixes: Iterable[str]
+    instance: dg.DagsterInstance, defs: dg.Definitions, asset: str, prefixes: Iterable[str]
 ) -> PartitionStatus:
     """`partition_status` with the asset's upstream assets taken from the location's asset graph."""
     graph = defs.resolve_asset_graph()
-    parents = [graph.get(key) for key in graph.get(AssetKey(asset)).parent_keys]
+    parents = [graph.get(key) for key in graph.get(dg.AssetKey(asset)).parent_keys]
     return partition_status(
         instance,
         asset,

@@ -2,8 +2,8 @@
 
 from typing import Any
 
+import dagster as dg
 import pyarrow as pa
-from dagster import MetadataValue, TableColumn, TableColumnConstraints, TableSchema
 
 from imgemb_assets.core.lake.lake import Lake
 
@@ -13,16 +13,16 @@ def table_metadata(lake: Lake, name: str, rows: int, schema: pa.Schema, **extra:
     return {
         "dagster/row_count": rows,
         "dagster/column_schema": column_schema_of(schema),
-        "table_uri": MetadataValue.path(lake.table_uri(name)),
+        "table_uri": dg.MetadataValue.path(lake.table_uri(name)),
         **extra,
     }
 
 
-def column_schema_of(schema: pa.Schema) -> TableSchema:
+def column_schema_of(schema: pa.Schema) -> dg.TableSchema:
     """The Arrow schema as Dagster's column schema: each column's Arrow type, and whether it may be null."""
-    return TableSchema(
+    return dg.TableSchema(
         columns=[
-            TableColumn(field.name, str(field.type), constraints=TableColumnConstraints(nullable=field.nullable))
+            dg.TableColumn(field.name, str(field.type), constraints=dg.TableColumnConstraints(nullable=field.nullable))
             for field in schema
         ]
     )

@@ -9,7 +9,7 @@ asset selection (every asset of its job when it has none). Used by
 
 from collections.abc import Collection, Mapping, Sequence
 
-from dagster import AssetKey, DagsterInstance, DagsterRunStatus, RunsFilter
+import dagster as dg
 from dagster._core.storage.dagster_run import NOT_FINISHED_STATUSES, DagsterRun
 from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_END_TAG,
@@ -19,11 +19,11 @@ from dagster._core.storage.tags import (
 
 
 def unfinished_runs_by_prefix(
-    instance: DagsterInstance,
+    instance: dg.DagsterInstance,
     order: Sequence[str],
     assets: Collection[str],
     exclude_run_ids: Collection[str] = (),
-    statuses: Sequence[DagsterRunStatus] = NOT_FINISHED_STATUSES,
+    statuses: Sequence[dg.DagsterRunStatus] = NOT_FINISHED_STATUSES,
 ) -> dict[str, set[str]]:
     """For each prefix that runs in `statuses` (by default queued or running) write, those runs' ids.
 
@@ -33,9 +33,9 @@ def unfinished_runs_by_prefix(
     any partition was deleted, or a range spanning a deleted prefix would no longer cover it.
     """
     position = {prefix: index for index, prefix in enumerate(order)}
-    keys = {AssetKey(asset) for asset in assets}
+    keys = {dg.AssetKey(asset) for asset in assets}
     writers: dict[str, set[str]] = {}
-    for record in instance.get_run_records(RunsFilter(statuses=list(statuses))):
+    for record in instance.get_run_records(dg.RunsFilter(statuses=list(statuses))):
         run = record.dagster_run
         if run.run_id in exclude_run_ids or not _writes_any(run, keys):
             continue
@@ -44,7 +44,7 @@ def unfinished_runs_by_prefix(
     return writers
 
 
-def _writes_any(run: DagsterRun, keys: set[AssetKey]) -> bool:
+def _writes_any(run: DagsterRun, keys: set[dg.AssetKey]) -> bool:
     # No asset selection: a job's own assets, which may be any of them.
     return run.asset_selection is None or not keys.isdisjoint(run.asset_selection)
 

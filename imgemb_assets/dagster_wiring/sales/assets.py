@@ -8,18 +8,7 @@ Rows come from `imgemb_assets.core.sales`; `location/automation.py` says when ea
 # `context` when the asset is defined.
 from collections.abc import Iterator, Sequence
 
-from dagster import (
-    AssetCheckResult,
-    AssetCheckSeverity,
-    AssetCheckSpec,
-    AssetExecutionContext,
-    AssetsDefinition,
-    AssetSpec,
-    BackfillPolicy,
-    MaterializeResult,
-    MetadataValue,
-    asset,
-)
+import dagster as dg
 
 from imgemb_assets.core.ingest.discovery import listing_fingerprint
 from imgemb_assets.core.lake import tables
@@ -47,7 +36,7 @@ from imgemb_assets.dagster_wiring.names import (
 
 # What the pipeline reads but does not write: the sales sensor reports a new
 # materialization of it when the files change, and automation follows.
-sales_export = AssetSpec(
+sales_export = dg.AssetSpec(
     SALES_EXPORT,
     group_name="sales",
     kinds={"parquet"},
@@ -55,15 +44,15 @@ sales_export = AssetSpec(
 )
 
 
-def build_sales_assets(policy: BackfillPolicy) -> list[AssetsDefinition | AssetSpec]:
+def build_sales_assets(policy: dg.BackfillPolicy) -> list[dg.AssetsDefinition | dg.AssetSpec]:
     """The sales assets; the join's runs cover the prefixes `policy` allows."""
     return [sales_export, sales, _images_with_sales(policy)]
 
 
 def _check_result(
-    check_name: str, outcome: CheckOutcome, severity: AssetCheckSeverity = AssetCheckSeverity.ERROR
-) -> AssetCheckResult:
-    return AssetCheckResult(
+    check_name: str, outcome: CheckOutcome, severity: dg.AssetCheckSeverity = dg.AssetCheckSeverity.ERROR
+) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(
         check_name=check_name,
         passed=outcome.passed,
         severity=severity,
@@ -72,14 +61,14 @@ def _check_result(
     )
 
 
-@asset(
+@dg.asset(
     deps=[sales_export],
     kinds={"delta"},
     group_name="sales",
     automation_condition=FOLLOWS_SOURCE,
     retry_policy=STEP_RETRY_POLICY,
     check_specs=[
-        AssetCheckSpec(
+        dg.AssetCheckSpec(
             UNIQUE_IMAGE_IDS_CHECK,
             asset=tables.SALES,
             blocking=True,
@@ -88,7 +77,7 @@ def _check_result(
     ],
     description="Every parquet file under the sales root, validated: string image_id, numeric sales, other columns kept.",
 )
-def sales(storage: StorageResource) -> MaterializeResult:
+def sales(storage: StorageResource) -> dg.MaterializeResult:
     store = storage.sales()
     lake = storage.lake()
     with permanent_failures():
@@ -98,13 +87,13 @@ def sales(storage: StorageResource) -> MaterializeResult:
         table = read_sales(store, lake, files)  # the files listed above, so the metadata names what was read
         lake.overwrite(tables.SALES, table)
     duplicates = duplicate_image_ids(table)
-    return MaterializeResult(
+    return dg.MaterializeResult(
         metadata=table_metadata(
             lake,
             tables.SALES,
             table.num_rows,
             table.schema,
-            source_files=MetadataValue.json([obj.uri for obj in files]),
+            source_files=dg.MetadataValue.json([obj.uri for obj in files]),
             **{
                 DUPLICATED_IMAGE_IDS_KEY: duplicates.metadata["duplicated_ids"],
                 SALES_FILES_FINGERPRINT_KEY: listing_fingerprint(files),
@@ -114,15 +103,15 @@ def sales(storage: StorageResource) -> MaterializeResult:
     )
 
 
-def _images_with_sales(policy: BackfillPolicy) -> AssetsDefinition:
-    @asset(
+def _images_with_sales(policy: dg.BackfillPolicy) -> dg.AssetsDefinition:
+    @dg.asset(
         **per_prefix_asset(policy),
         name=tables.IMAGES_WITH_SALES,
         deps=[tables.DOWNSCALED_IMAGES, sales],
         kinds={"delta"},
         group_name="embeddings",
         check_specs=[
-            AssetCheckSpec(
+            dg.AssetCheckSpec(
                 SALES_COVERAGE_CHECK,
                 asset=tables.IMAGES_WITH_SALES,
                 description="Share of the partition's images with a sales row; warns below the quality threshold.",
@@ -131,7 +120,7 @@ def _images_with_sales(policy: BackfillPolicy) -> AssetsDefinition:
         description="Inner join of the partition's thumbnails with sales on image_id.",
     )
     def images_with_sales(
-        context: AssetExecutionContext, storage: StorageResource, quality: QualityThresholds
+        context: dg.AssetExecutionContext, storage: StorageResource, quality: QualityThresholds
     ) -> Iterator[StepEvent]:
         lake = storage.lake()
         with permanent_failures():
@@ -154,7 +143,7 @@ def _images_with_sales(policy: BackfillPolicy) -> AssetsDefinition:
                 AssetReport(
                     tables.IMAGES_WITH_SALES,
                     table_metadata(lake, tables.IMAGES_WITH_SALES, joined.num_rows, schema),
-                    [CheckReport(SALES_COVERAGE_CHECK, coverage, AssetCheckSeverity.WARN)],
+                    [CheckReport(SALES_COVERAGE_CHECK, coverage, dg.AssetCheckSeverity.WARN)],
                 )
             ]
 

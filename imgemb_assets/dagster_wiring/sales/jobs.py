@@ -1,18 +1,18 @@
 """The sales jobs: refresh the sales table, and re-join a prefix with it."""
 
-from dagster import AssetSelection, define_asset_job
+import dagster as dg
 
 from imgemb_assets.core.lake import tables
 from imgemb_assets.dagster_wiring.names import REJOIN_JOB_NAME, SALES_JOB_NAME
 
-refresh_sales_job = define_asset_job(
+refresh_sales_job = dg.define_asset_job(
     SALES_JOB_NAME,
-    selection=AssetSelection.assets(tables.SALES),
+    selection=dg.AssetSelection.assets(tables.SALES),
     description="Re-read and validate the sales export into the sales Delta table.",
 )
 
-rejoin_sales_job = define_asset_job(
+rejoin_sales_job = dg.define_asset_job(
     REJOIN_JOB_NAME,
-    selection=AssetSelection.assets(tables.IMAGES_WITH_SALES, tables.IMAGE_EMBEDDINGS),
+    selection=dg.AssetSelection.assets(tables.IMAGES_WITH_SALES, tables.IMAGE_EMBEDDINGS),
     description="Re-join one prefix with the current sales table; stored vectors are reused, not recomputed.",
 )

@@ -14,19 +14,9 @@ import random
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
+import dagster as dg
 import pyarrow as pa
 import pyarrow.compute as pc
-from dagster import (
-    AssetCheckResult,
-    AssetCheckSeverity,
-    AssetCheckSpec,
-    AssetExecutionContext,
-    AssetsDefinition,
-    AssetSpec,
-    MaterializeResult,
-    MetadataValue,
-    multi_asset,
-)
 
 from imgemb_assets.core.embedding.model_settings import model_id_has_random_weights
 from imgemb_assets.core.lake import tables
@@ -52,11 +42,11 @@ _RANDOM_PAIRS_WARNING: Final = (
 )
 
 
-def build_similarity_assets(model_code_version: str) -> AssetsDefinition:
-    @multi_asset(
+def build_similarity_assets(model_code_version: str) -> dg.AssetsDefinition:
+    @dg.multi_asset(
         name="update_search_index",
         specs=[
-            AssetSpec(
+            dg.AssetSpec(
                 SEARCH_INDEX,
                 deps=[tables.IMAGE_EMBEDDINGS],
                 automation_condition=FOLLOWS_UPSTREAM,
@@ -67,7 +57,7 @@ def build_similarity_assets(model_code_version: str) -> AssetsDefinition:
                 "50,000 vectors, usearch HNSW above), updated for the partitions of image_embeddings that changed. "
                 "Query it with `imgemb similar`.",
             ),
-            AssetSpec(
+            dg.AssetSpec(
                 tables.NEAR_DUPLICATES,
                 deps=[SEARCH_INDEX],
                 automation_condition=FOLLOWS_UPSTREAM,
@@ -79,7 +69,7 @@ def build_similarity_assets(model_code_version: str) -> AssetsDefinition:
             ),
         ],
         check_specs=[
-            AssetCheckSpec(
+            dg.AssetCheckSpec(
                 NEAR_DUPLICATE_SHARE_CHECK,
                 asset=tables.NEAR_DUPLICATES,
                 description="Warns when a changed partition's share of images with a near duplicate is more than "
@@ -92,8 +82,8 @@ def build_similarity_assets(model_code_version: str) -> AssetsDefinition:
         pool=SEARCH_INDEX_POOL,
     )
     def update_search_index(
-        context: AssetExecutionContext, storage: StorageResource, similarity: SimilaritySettings
-    ) -> Iterator[MaterializeResult | AssetCheckResult]:
+        context: dg.AssetExecutionContext, storage: StorageResource, similarity: SimilaritySettings
+    ) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
         from imgemb_assets.core.search.refresh import refresh_search_indexes
 
         lake = storage.lake()
@@ -112,14 +102,14 @@ def build_similarity_assets(model_code_version: str) -> AssetsDefinition:
             f"{len(refresh.partitions_read)} partitions read, {len(refresh.partitions_removed)} removed, "
             f"{pairs} near-duplicate pairs written, in {refresh.seconds:.1f} s"
         )
-        yield MaterializeResult(asset_key=SEARCH_INDEX, metadata=_index_metadata(lake, refresh))
+        yield dg.MaterializeResult(asset_key=SEARCH_INDEX, metadata=_index_metadata(lake, refresh))
         # Read once, for the row count and the check; absent while no partition was ever embedded.
         all_pairs = (
             lake.read(tables.NEAR_DUPLICATES) if lake.exists(tables.NEAR_DUPLICATES)
             else tables.NEAR_DUPLICATES_SCHEMA.empty_table()
         )  # fmt: skip
         random_models = sorted(model_id for model_id in refresh.models if model_id_has_random_weights(model_id))
-        yield MaterializeResult(
+        yield dg.MaterializeResult(
             asset_key=tables.NEAR_DUPLICATES,
             metadata=table_metadata(lake, tables.NEAR_DUPLICATES, all_pairs.num_rows, tables.NEAR_DUPLICATES_SCHEMA,
                                     pairs_written=pairs, threshold=similarity.near_duplicate_threshold,
@@ -142,7 +132,7 @@ def _index_metadata(lake: Lake, refresh: "IndexRefresh") -> dict[str, Any]:
         "refresh_seconds": round(refresh.seconds, 3),
         "refresh_attempts": refresh.attempts,
         "models": len(refresh.models),
-        "indexes_rebuilt": MetadataValue.json(refresh.rebuilt),
+        "indexes_rebuilt": dg.MetadataValue.json(refresh.rebuilt),
     }
     if not refresh.models:  # nothing embedded yet
         return metadata | {"vectors_indexed": 0}
@@ -160,8 +150,8 @@ def _index_metadata(lake: Lake, refresh: "IndexRefresh") -> dict[str, Any]:
             "vectors_updated": main.update.vectors_added,
             "index_update_seconds": round(main.update.seconds, 3),
             "stored_bytes": stored[main_id],
-            "indexes": MetadataValue.md("\n".join(rows)),
-            "neighbours_sheet": MetadataValue.md(sheet),
+            "indexes": dg.MetadataValue.md("\n".join(rows)),
+            "neighbours_sheet": dg.MetadataValue.md(sheet),
             "neighbours_sheet_bytes": len(sheet.encode()),
         }
     )
@@ -197,7 +187,7 @@ def _thumbnails(lake: Lake, wanted: set[tuple[str, str]]) -> dict[tuple[str, str
 
 def _share_check(
     table: pa.Table, refresh: "IndexRefresh", found: Mapping[str, Mapping[str, Any]], similarity: SimilaritySettings
-) -> AssetCheckResult:
+) -> dg.AssetCheckResult:
     """`table`: every near-duplicate row, all models."""
     from imgemb_assets.core.search.near_duplicates import near_duplicate_share_check, near_duplicate_shares
 
@@ -211,15 +201,15 @@ def _share_check(
             checked += 1
             if not outcome.passed:
                 jumped.append(f"{prefix} ({outcome.description})")
-    return AssetCheckResult(
+    return dg.AssetCheckResult(
         check_name=NEAR_DUPLICATE_SHARE_CHECK,
         asset_key=tables.NEAR_DUPLICATES,
         passed=not jumped,
-        severity=AssetCheckSeverity.WARN,
+        severity=dg.AssetCheckSeverity.WARN,
         description=f"{len(jumped)} of {checked} changed partitions jumped"
         if jumped
         else f"{checked} changed partitions checked",
-        metadata={"partitions_checked": checked, "jumped": MetadataValue.json(jumped[:20])},
+        metadata={"partitions_checked": checked, "jumped": dg.MetadataValue.json(jumped[:20])},
     )
 
 

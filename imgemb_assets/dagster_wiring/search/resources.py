@@ -1,12 +1,12 @@
 """The `similarity` resource: the near-duplicate threshold and share rule, and the evaluation's label column."""
 
-from dagster import ConfigurableResource
+import dagster as dg
 from pydantic import Field
 
 from imgemb_assets.core.search.near_duplicates import DEFAULT_SIMILARITY_THRESHOLD, ShareJumpRule
 
 
-class SimilaritySettings(ConfigurableResource):
+class SimilaritySettings(dg.ConfigurableResource):
     """What the search index, near-duplicate and evaluation assets use (`dagster_wiring/search/assets.py`, `dagster_wiring/evaluation/assets.py`)."""
 
     evaluation_label_column: str = Field(
