@@ -45,14 +45,6 @@ from imgemb_assets.core.storage.s3 import DEFAULT_REGION, S3ConfigError, S3Setti
 
 # SQS hands out at most 10 messages per ReceiveMessage and deletes at most 10 per DeleteMessageBatch.
 SQS_BATCH: Final = 10
-DEFAULT_MAX_MESSAGES: Final = 10_000
-# Received messages stay hidden from other readers this long: enough for a tick to
-# read, act and acknowledge. A tick that dies first leaves them to reappear after it.
-DEFAULT_VISIBILITY_TIMEOUT_S: Final = 300
-# Receives in flight at once: each is a round trip (tens of ms on AWS), 1,000 of them for 10,000 messages.
-DEFAULT_RECEIVE_THREADS: Final = 4
-ACKNOWLEDGE_THREADS: Final = 4
-UNCOVERED_SAMPLE: Final = 10
 
 # https://sqs.<region>.amazonaws.com/<account>/<name>, and the legacy https://<region>.queue.amazonaws.com/...
 _AWS_QUEUE_HOST: Final = re.compile(
@@ -214,6 +206,13 @@ def _decoded_key(raw: Any) -> str:
 
 # --- draining a queue --------------------------------------------------------
 
+DEFAULT_MAX_MESSAGES: Final = 10_000
+# Received messages stay hidden from other readers this long: enough for a tick to
+# read, act and acknowledge. A tick that dies first leaves them to reappear after it.
+DEFAULT_VISIBILITY_TIMEOUT_S: Final = 300
+# Receives in flight at once: each is a round trip (tens of ms on AWS), 1,000 of them for 10,000 messages.
+DEFAULT_RECEIVE_THREADS: Final = 4
+
 
 @dataclass(frozen=True)
 class QueueDrain:
@@ -355,6 +354,10 @@ def _sequence_number(sequencer: str | None) -> int:
 # --- acknowledging -----------------------------------------------------------
 
 
+# Delete requests in flight at once, when a drain holds more than one batch of 10.
+ACKNOWLEDGE_THREADS: Final = 4
+
+
 @dataclass(frozen=True)
 class Acknowledged:
     deleted: int
@@ -385,6 +388,9 @@ def acknowledge(client: Any, queue_url: str, drained: QueueDrain | Iterable[str]
 
 
 # --- keys to partitions ------------------------------------------------------
+
+# Keys in no partition named in a tick's log: enough to recognise the kind of stray object.
+UNCOVERED_SAMPLE: Final = 10
 
 
 @dataclass(frozen=True)
