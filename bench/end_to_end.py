@@ -42,7 +42,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
@@ -66,27 +66,30 @@ class EndToEnd:
         return self.images / self.seconds
 
 
+@dataclass
 class PssSampler:
-    """Peak of the summed proportional set size of a process and all its descendants."""
+    """Peak of the summed proportional set size of the processes in `roots` and all their descendants,
+    sampled every `interval_s` while `running()` is entered (callers add roots as they start processes)."""
 
-    def __init__(self, interval_s: float = 1.0) -> None:
-        self.interval_s = interval_s
-        self.roots: list[int] = []
-        self.peak_kb = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+    interval_s: float = 1.0
+    roots: list[int] = field(default_factory=list)
+    peak_kb: int = 0
 
-    def __enter__(self) -> PssSampler:
-        self._thread.start()
-        return self
+    @contextmanager
+    def running(self) -> Iterator[PssSampler]:
+        stop = threading.Event()
 
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+        def sample_until_stopped() -> None:
+            while not stop.wait(self.interval_s):
+                self.peak_kb = max(self.peak_kb, sum(_pss_kb(pid) for pid in _descendants(self.roots)))
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.peak_kb = max(self.peak_kb, sum(_pss_kb(pid) for pid in _descendants(self.roots)))
+        sampler = threading.Thread(target=sample_until_stopped, daemon=True)
+        sampler.start()
+        try:
+            yield self
+        finally:
+            stop.set()
+            sampler.join()
 
 
 def _children_of() -> dict[int, list[int]]:
@@ -197,7 +200,7 @@ def end_to_end(corpus: Path, with_daemon: bool, discover_first: bool, timeout_s:
     with tempfile.TemporaryDirectory(prefix="imgemb-e2e-") as tmp:
         env = user_environment(corpus, Path(tmp))
         imgemb = str(_BIN / "imgemb")
-        with PssSampler() as sampler:
+        with PssSampler().running() as sampler:
             daemon = running_daemon(env, sampler, Path(tmp) / "daemon.log") if with_daemon else _nothing()
             with daemon:
                 started = time.time()

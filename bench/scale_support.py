@@ -224,16 +224,9 @@ def _upload(client: Any, uploads: Sequence[tuple[Path, str]]) -> None:
 
 
 @dataclass(frozen=True)
-class PrefixWritten:
-    """One materialized prefix: its listing's fingerprint and each table's row count."""
-
-    prefix: str
-    fingerprint: str
-    rows: dict[str, int]
-
-
-@dataclass(frozen=True)
 class LakeState:
+    """A lake with a share of the corpus materialized, as `build_lake` left it."""
+
     uri: str
     written: list[PrefixWritten]
     sales_fingerprint: str
@@ -241,6 +234,15 @@ class LakeState:
     seconds: float  # to write it (the runs that wrote part of it, summed)
     commit_ms_first: float  # mean time of one Delta commit over the first and the last 100 prefixes
     commit_ms_last: float
+
+
+@dataclass(frozen=True)
+class PrefixWritten:
+    """One materialized prefix: its listing's fingerprint and each table's row count."""
+
+    prefix: str
+    fingerprint: str
+    rows: dict[str, int]
 
 
 def materialized_prefixes(corpus: Corpus, share: float) -> list[str]:

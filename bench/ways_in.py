@@ -324,7 +324,7 @@ def wait_until_quiet(instance, quiet_s: float, timeout_s: float) -> float:
 def way_model(corpus: Corpus, workdir: Path, args: argparse.Namespace, result: WayResult) -> None:
     """The pinned reference bench.end_to_end uses (same command), in a process whose PSS is sampled."""
     log = workdir / "model.log"
-    with PssSampler() as sampler:
+    with PssSampler().running() as sampler:
         process = start_group(
             [sys.executable, "-m", "imgemb_assets.core.embedding_bench", "--reference", "--images", "128", "--rounds", "2",
              "--corpus", str(corpus.root / "raw-images")],
@@ -347,7 +347,7 @@ def way_cli(corpus: Corpus, workdir: Path, args: argparse.Namespace, result: Way
     shutil.copytree(corpus.root / "raw-images", workdir / "raw-images")
     env = way_environment(corpus, workdir, args.sensor_interval, workdir / "raw-images")
     table = embeddings_table(env)
-    with dagster_way(env, result) as way, PssSampler() as sampler:
+    with dagster_way(env, result) as way, PssSampler().running() as sampler:
         commands = readme_commands(env, workdir, sampler)
         t0 = way.start_clock()
         commands.start()
@@ -366,7 +366,7 @@ def way_daemon(corpus: Corpus, workdir: Path, args: argparse.Namespace, result: 
     shutil.copytree(landing / corpus.late_source, workdir / "late" / late)
     env = way_environment(corpus, workdir, args.sensor_interval, raw)
     table = embeddings_table(env)
-    with dagster_way(env, result) as way, PssSampler() as sampler:
+    with dagster_way(env, result) as way, PssSampler().running() as sampler:
         instance = way.instance
         daemon = start_daemon(env, instance, sampler, workdir / "daemon.log")
         t0 = way.start_clock()
@@ -396,7 +396,7 @@ def way_daemon_commands(corpus: Corpus, workdir: Path, args: argparse.Namespace,
     shutil.copytree(corpus.root / "raw-images", workdir / "raw-images")
     env = way_environment(corpus, workdir, args.sensor_interval, workdir / "raw-images")
     table = embeddings_table(env)
-    with dagster_way(env, result) as way, PssSampler() as sampler:
+    with dagster_way(env, result) as way, PssSampler().running() as sampler:
         daemon = start_daemon(env, way.instance, sampler, workdir / "daemon.log")
         commands = readme_commands(env, workdir, sampler)
         way.start_clock()
@@ -425,7 +425,7 @@ def way_ui(corpus: Corpus, workdir: Path, args: argparse.Namespace, result: WayR
     table = embeddings_table(env)
     log = workdir / "dagster-dev.log"
     port = free_port()
-    with dagster_way(env, result) as way, PssSampler() as sampler:
+    with dagster_way(env, result) as way, PssSampler().running() as sampler:
         dev = start_group(
             [str(_BIN / "dagster"), "dev", "-w", str(_REPO / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(port)],
             env, _REPO, log,
@@ -479,7 +479,7 @@ def way_daft(corpus: Corpus, workdir: Path, args: argparse.Namespace, result: Wa
     out = workdir / "delta" / "images-sales-embeddings"
     log = workdir / "daft.log"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    with PssSampler() as sampler:
+    with PssSampler().running() as sampler:
         t0 = time.time()
         process = start_group(
             [args.daft_python, str(_DAFT_SCRIPT), "--data", str(data), "--out", str(out)], env, _REPO, log
