@@ -13,12 +13,15 @@ refresh_search_index job in-process, and runs the installed `imgemb` command as 
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import subprocess
 import sys
 from collections.abc import Mapping
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import pyarrow as pa
@@ -26,6 +29,7 @@ import pytest
 from dagster import DagsterInstance
 from PIL import Image, ImageOps
 
+from imgemb_assets.cli.main import main as imgemb_main
 from imgemb_assets.core.embedding import text_encoder
 from imgemb_assets.core.embedding.model_settings import EmbeddingSettings
 from imgemb_assets.core.lake import tables
@@ -404,7 +408,7 @@ def test_imgemb_similar_finds_neighbours_by_id_and_by_photo_and_explains_what_it
     (query_file,) = (raw / first).glob(f"{query}.*")
 
     # Before the job ran there is no index: both kinds of query say which job to run.
-    assert "run the refresh_search_index job" in _fails([IMGEMB, "similar", query], env)
+    assert "run the refresh_search_index job" in _fails_as_a_command([IMGEMB, "similar", query], env)
     assert "run the refresh_search_index job" in _fails([IMGEMB, "similar", "--image", str(query_file)], env)
 
     result = (
@@ -514,7 +518,27 @@ def _mirror_misses(lake: Lake, raw: Path, embedded: Mapping[str, list[str]], tmp
 
 
 def _fails(args: list[str], env: Mapping[str, str]) -> str:
-    """The one line a failing command prints: it must exit with status 2 and print no traceback."""
+    """The one line a failing `imgemb` command prints: it must exit with status 2 and print no traceback.
+
+    The command's own `main` runs here, in the test's process, with the command's environment, not in a process of its
+    own: each refusal is found before any model or lake is opened, so a new process would only add its ~4 s of imports.
+    `_fails_as_a_command` runs the installed script, for the refusals a process of its own must show as well.
+    """
+    assert Path(args[0]).name == "imgemb", args
+    out, err = io.StringIO(), io.StringIO()
+    with mock.patch.dict(os.environ, env, clear=True), redirect_stdout(out), redirect_stderr(err):
+        try:
+            status = imgemb_main(args[1:])
+        except SystemExit as exit:
+            status = exit.code
+    assert status == 2, (status, out.getvalue()[-2000:], err.getvalue()[-2000:])
+    lines = err.getvalue().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and not out.getvalue(), err.getvalue()[-2000:]
+    return lines[0]
+
+
+def _fails_as_a_command(args: list[str], env: Mapping[str, str]) -> str:
+    """`_fails` through the installed script in a process of its own: its exit status and stderr as a shell sees them."""
     done = subprocess.run(args, env=dict(env), capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 2, (done.returncode, done.stdout[-2000:], done.stderr[-2000:])
     lines = done.stderr.strip().splitlines()
