@@ -48,6 +48,7 @@ from pathlib import Path
 import polars as pl
 
 from bench import print_summary
+from imgemb_support.location import as_from_a_terminal
 
 _REPO = Path(__file__).resolve().parents[1]
 _BIN = Path(sys.executable).parent
@@ -149,7 +150,7 @@ def running_daemon(env: Mapping[str, str], sampler: PssSampler, log: Path) -> It
     instance = DagsterInstance.get()  # creates the instance's storage before two processes race to
     with log.open("w") as out:
         daemon = subprocess.Popen(
-            [str(_BIN / "dagster-daemon"), "run", "-w", str(_REPO / "workspace.yaml")],
+            as_from_a_terminal([str(_BIN / "dagster-daemon"), "run", "-w", str(_REPO / "workspace.yaml")]),
             env=dict(env), cwd=_REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
         sampler.roots.append(daemon.pid)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import polars as pl
 
+from imgemb_support.location import as_from_a_terminal
+
 # Every process group started by a way; stopped at the end of the way, and again at exit.
 _GROUPS: list[subprocess.Popen] = []
 
@@ -22,7 +24,12 @@ def start_group(command: Sequence[str], env: Mapping[str, str], cwd: Path, log: 
     """A process in its own process group (so one signal reaches every child), output to `log`."""
     with log.open("ab") as out:
         process = subprocess.Popen(
-            list(command), env=dict(env), cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            as_from_a_terminal(list(command)),
+            env=dict(env),
+            cwd=cwd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     _GROUPS.append(process)
     return process

@@ -28,7 +28,7 @@ from imgemb_assets.core.ingest.partition_scheme import PartitionScheme
 from imgemb_assets.core.lake.lake import Lake
 from imgemb_assets.core.sample.dataset import SampleDataset, generate_sample_dataset
 from imgemb_assets.dagster_wiring.names import AUTOMATION_SENSOR_NAME
-from imgemb_support.location import code_location_env, user_shell_env, wait_for
+from imgemb_support.location import as_from_a_terminal, code_location_env, user_shell_env, wait_for
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -68,7 +68,7 @@ def daemon_env(dataset: SampleDataset, tmp_path: Path, monkeypatch: pytest.Monke
 def running_daemon(env: dict[str, str], log: Path) -> Iterator[None]:
     with log.open("w") as out:
         process = subprocess.Popen(
-            [str(BIN / "dagster-daemon"), "run", "-w", "workspace.yaml"],
+            as_from_a_terminal([str(BIN / "dagster-daemon"), "run", "-w", "workspace.yaml"]),
             cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     try:

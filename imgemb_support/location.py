@@ -22,6 +22,19 @@ from imgemb_assets.dagster_wiring.location.partitions import register_prefixes
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+# A program started in the background of a non-interactive shell (`cmd &`, nohup, a CI runner's script) inherits
+# SIGINT ignored, and Python keeps an inherited ignore. `dagster dev` handles SIGTERM with its SIGINT handler, so it
+# then ignores SIGTERM too and never stops (seen as test_dagster_dev's teardown failing in full runs only).
+_WITH_SIGINT_AT_ITS_DEFAULT = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execvp(sys.argv[1], sys.argv[1:])"
+)
+
+
+def as_from_a_terminal(command: list[str]) -> list[str]:
+    """`command` started as a terminal starts it, with SIGINT at its default action whatever the tests inherited."""
+    return [sys.executable, "-c", _WITH_SIGINT_AT_ITS_DEFAULT, *command]
+
+
 def code_location_env(dataset: SampleDataset, lake: str | Path, dagster_home: Path | None = None) -> dict[str, str]:
     """The IMGEMB_* variables (and DAGSTER_HOME) a user sets to run the code location on `dataset`."""
     env = {
