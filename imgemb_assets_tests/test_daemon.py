@@ -111,17 +111,16 @@ def test_a_submitted_backfill_then_nothing_then_a_dropped_prefix(daemon_env: dic
         assert all(run.is_success for run in runs), [(run.job_name, run.status) for run in runs]
         assert len(runs) <= 1 + math.ceil(len(first_two) / MAX_PER_RUN), [run.tags for run in runs]
 
-        # What follows the embeddings (the search index, the evaluation) is requested by automation as a
-        # backfill that the backfill daemon launches on its own loop: let it launch and end first.
-        # Two automation ticks after the backfill, then nothing in flight or waiting to launch.
+        # What follows the embeddings (the search index, the evaluation) is requested by automation once the
+        # backfill daemon, on its own 30 s loop, marks the backfill done: automation leaves assets alone while
+        # a backfill that targets them is pending. So the two automation ticks are counted from the moment
+        # nothing is pending or in flight (counted from the backfill's last run, both could pass while it was
+        # still pending, and the downstream run then came during the up-to-date check below).
+        wait_for("the backfill to be marked done", lambda: _settled(instance), 400, log)
         ticks_after_backfill = _automation_ticks(instance)
         wait_for(
             "the downstream work",
-            lambda: (
-                _automation_ticks(instance) >= ticks_after_backfill + 2
-                and not _unfinished(instance)
-                and not _backfills_pending(instance)
-            ),
+            lambda: _automation_ticks(instance) >= ticks_after_backfill + 2 and _settled(instance),
             400,
             log,
         )
@@ -161,6 +160,11 @@ def _drop_loose_photos(root: Path, count: int) -> list[str]:
     for photo, name in zip(photos, names, strict=True):
         shutil.copy(photo, root / name)
     return names
+
+
+def _settled(instance: DagsterInstance) -> bool:
+    """No run queued or in flight, and no backfill waiting to launch one."""
+    return not _unfinished(instance) and not _backfills_pending(instance)
 
 
 def _backfills_pending(instance: DagsterInstance) -> bool:
