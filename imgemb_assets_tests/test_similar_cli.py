@@ -521,28 +521,30 @@ def _fails(args: list[str], env: Mapping[str, str]) -> str:
     """The one line a failing `imgemb` command prints: it must exit with status 2 and print no traceback.
 
     The command's own `main` runs here, in the test's process, with the command's environment, not in a process of its
-    own: each refusal is found before any model or lake is opened, so a new process would only add its ~4 s of imports.
-    `_fails_as_a_command` runs the installed script, for the refusals a process of its own must show as well.
+    own, which would only add its ~4 s of imports to each refusal. `_fails_as_a_command` runs the installed script,
+    for the refusals a process of its own must show as well.
     """
     assert Path(args[0]).name == "imgemb", args
     out, err = io.StringIO(), io.StringIO()
     with mock.patch.dict(os.environ, env, clear=True), redirect_stdout(out), redirect_stderr(err):
         try:
             status = imgemb_main(args[1:])
-        except SystemExit as exit:
-            status = exit.code
-    assert status == 2, (status, out.getvalue()[-2000:], err.getvalue()[-2000:])
-    lines = err.getvalue().strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and not out.getvalue(), err.getvalue()[-2000:]
-    return lines[0]
+        except SystemExit as stopped:
+            status = stopped.code
+    return _the_one_error_line(status, out.getvalue(), err.getvalue())
 
 
 def _fails_as_a_command(args: list[str], env: Mapping[str, str]) -> str:
     """`_fails` through the installed script in a process of its own: its exit status and stderr as a shell sees them."""
     done = subprocess.run(args, env=dict(env), capture_output=True, text=True, timeout=600, check=False)
-    assert done.returncode == 2, (done.returncode, done.stdout[-2000:], done.stderr[-2000:])
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and not done.stdout, done.stderr[-2000:]
+    return _the_one_error_line(done.returncode, done.stdout, done.stderr)
+
+
+def _the_one_error_line(status: object, stdout: str, stderr: str) -> str:
+    """A refusal's exit: status 2, nothing on stdout, and exactly one `error: ` line on stderr (no traceback)."""
+    assert status == 2, (status, stdout[-2000:], stderr[-2000:])
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and not stdout, stderr[-2000:]
     return lines[0]
 
 
